@@ -1,0 +1,65 @@
+"""surge: event-driven high-concurrency applications.
+
+Typed events on a bus, handlers that react to them, and one code base on
+every transport: in-process memory, SQLite, Redis Streams, NATS JetStream.
+"""
+
+from ._app import App, Subscription
+from ._clock import Clock, RealClock, VirtualClock
+from ._codec import Codec, JsonCodec, MsgpackCodec
+from ._config import Retry
+from ._context import Context
+from ._errors import (
+    Closed,
+    ConfigurationError,
+    DecodeError,
+    HandlerTimeout,
+    MessageTooLarge,
+    Overloaded,
+    RequestTimeout,
+    RetryLater,
+    SurgeError,
+    TransportError,
+    UnknownTopic,
+)
+from ._event import Envelope, Event, derive_id, new_id
+from ._middleware import Middleware
+from ._stats import AppStats, SubscriptionStats
+from ._transport import DeadLetter, Delivery, Transport
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "App",
+    "AppStats",
+    "Clock",
+    "Closed",
+    "Codec",
+    "ConfigurationError",
+    "Context",
+    "DeadLetter",
+    "DecodeError",
+    "Delivery",
+    "Envelope",
+    "Event",
+    "HandlerTimeout",
+    "JsonCodec",
+    "MessageTooLarge",
+    "Middleware",
+    "MsgpackCodec",
+    "Overloaded",
+    "RealClock",
+    "RequestTimeout",
+    "Retry",
+    "RetryLater",
+    "Subscription",
+    "SubscriptionStats",
+    "SurgeError",
+    "Transport",
+    "TransportError",
+    "UnknownTopic",
+    "VirtualClock",
+    "__version__",
+    "derive_id",
+    "new_id",
+)

@@ -1,0 +1,597 @@
+"""The application: subscriptions, publishing, request/reply and lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import multiprocessing
+import operator
+import os
+import random
+import signal
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, Literal, TypeVar, overload
+
+import msgspec
+
+from ._clock import Clock, RealClock
+from ._codec import Codec, codec_for
+from ._config import Retry
+from ._dispatch import ASYNC, INLINE, PROCESS, THREAD, Runner
+from ._errors import Closed, ConfigurationError, Overloaded, RequestTimeout, UnknownTopic
+from ._event import Envelope, Event, derive_id, event_type, new_id
+from ._middleware import Middleware
+from ._stats import AppStats, SubscriptionStats
+from ._transport import DeadLetter, Transport, topic_matches
+from .transports import MemoryTransport, open_transport
+
+__all__ = ("App", "Subscription")
+
+log = logging.getLogger("surge")
+
+E = TypeVar("E", bound=Event)
+F = TypeVar("F", bound=Callable[..., Any])
+
+Executor = Literal["async", "thread", "process", "inline"]
+
+
+class Subscription(msgspec.Struct, frozen=True, kw_only=True):
+    """A handler bound to topics, with how it is run. Made by ``App.on``."""
+
+    name: str
+    topics: tuple[str, ...]
+    types: dict[str, type[Event]]
+    handler: Callable[..., Any]
+    kind: str
+    wants_ctx: bool
+    concurrency: int
+    prefetch: int
+    key: Callable[[Any], Hashable] | None
+    retry: Retry
+    timeout: float | None
+
+
+class App:
+    """An event-driven application.
+
+    Handlers subscribe with :meth:`on`; :meth:`publish` sends events; the app
+    runs inside ``async with app:`` or with :meth:`run`. Options:
+
+    ``transport``        a URL (``memory://``, ``sqlite:///f.db``, ...) or a
+                         transport object
+    ``concurrency``      default in-flight limit per subscription
+    ``retry``            default :class:`Retry` per subscription
+    ``shutdown_timeout`` seconds in-flight handlers get to finish on stop
+    ``threads``          size of the pool that runs sync handlers
+    ``processes``        size of the pool that runs ``executor="process"``
+    ``middleware``       :class:`Middleware` hooks, outermost first
+    ``clock``            a :class:`Clock`; tests pass a ``VirtualClock``
+    ``seed``             seeds retry jitter, for reproducible runs
+    """
+
+    def __init__(
+        self,
+        name: str = "app",
+        *,
+        transport: str | Transport = "memory://",
+        concurrency: int = 100,
+        retry: Retry | None = None,
+        shutdown_timeout: float = 10.0,
+        threads: int | None = None,
+        processes: int | None = None,
+        middleware: Sequence[Middleware] = (),
+        clock: Clock | None = None,
+        codec: str | Codec = "msgpack",
+        seed: int | None = None,
+    ) -> None:
+        if not name or "/" in name or " " in name:
+            raise ConfigurationError(f"app name {name!r}: use letters, digits, '.', '-', '_'")
+        self.name = name
+        self.clock: Clock = clock or RealClock()
+        self._transport_spec = transport
+        self._transport: Transport | None = transport if not isinstance(transport, str) else None
+        self.concurrency = concurrency
+        self.retry = retry or Retry()
+        self.shutdown_timeout = shutdown_timeout
+        self.codec = codec_for(codec) if isinstance(codec, str) else codec
+        self._threads = threads or min(32, (os.cpu_count() or 1) + 4)
+        self._processes = processes or os.cpu_count() or 1
+        self._middleware: tuple[Middleware, ...] = tuple(middleware)
+        self._rng = random.Random(seed)
+        self._subs: dict[str, Subscription] = {}
+        self._runners: dict[str, Runner] = {}
+        self._threadpool: ThreadPoolExecutor | None = None
+        self._procpool: ProcessPoolExecutor | None = None
+        self._pending: dict[str, tuple[asyncio.Future[Any], type[Event]]] = {}
+        self._inbox = f"_surge.reply.{name}.{new_id()[-12:]}"
+        self._inbox_task: asyncio.Task[None] | None = None
+        self._state: Literal["new", "running", "stopping", "stopped"] = "new"
+        self._wall = self.clock.time
+        self._fast_put: Callable[[Sequence[Envelope]], None] | None = None
+        self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
+        self._stop_requested: asyncio.Event | None = None
+        self._on_start: list[Callable[[], Awaitable[None]]] = []
+        self._on_stop: list[Callable[[], Awaitable[None]]] = []
+
+    # --- declaring -----------------------------------------------------------
+    @property
+    def transport(self) -> Transport:
+        if self._transport is None:
+            assert isinstance(self._transport_spec, str)
+            self._transport = open_transport(self._transport_spec, clock=self.clock)
+        return self._transport
+
+    @property
+    def subscriptions(self) -> dict[str, Subscription]:
+        return dict(self._subs)
+
+    def on(
+        self,
+        *topics: type[Event] | str,
+        name: str | None = None,
+        concurrency: int | None = None,
+        key: Callable[[Any], Hashable] | str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+        inline: bool = False,
+        prefetch: int | None = None,
+    ) -> Callable[[F], F]:
+        """Subscribe the decorated function to ``topics`` (event types or
+        topic names and patterns such as ``"orders.*"``).
+
+        The handler takes ``(event)`` or ``(event, ctx)``. Coroutine functions
+        run on the loop; plain functions in the thread pool, or on the loop
+        itself with ``inline=True`` (only for handlers that never block), or
+        in the process pool with ``executor="process"`` (module-level
+        functions whose events and results pickle; no ``ctx``).
+        ``key`` (a callable or an attribute name) keeps events with the same
+        key in order. The handler publishes what it returns: an event, a
+        sequence of events, or None.
+        """
+        if not topics:
+            raise ConfigurationError("app.on() needs at least one event type or topic")
+        names: list[str] = []
+        types: dict[str, type[Event]] = {}
+        for t in topics:
+            if isinstance(t, str):
+                names.append(t)
+            elif isinstance(t, type) and issubclass(t, Event):
+                names.append(t.__topic__)
+                types[t.__topic__] = t
+            else:
+                raise ConfigurationError(f"app.on({t!r}): give Event subclasses or topic names")
+        key_fn: Callable[[Any], Hashable] | None
+        key_fn = operator.attrgetter(key) if isinstance(key, str) else key
+        conc = concurrency if concurrency is not None else self.concurrency
+        if conc < 1:
+            raise ConfigurationError("concurrency must be at least 1")
+
+        def decorate(fn: F) -> F:
+            kind = _kind_of(fn, executor, inline)
+            sub_name = f"{self.name}.{name or fn.__qualname__}"
+            if sub_name in self._subs:
+                raise ConfigurationError(
+                    f"two subscriptions named {sub_name!r}: pass name= to tell them apart"
+                )
+            if self._state != "new":
+                raise ConfigurationError("subscribe before the app starts")
+            wants_ctx = _positional_arity(fn) >= 2
+            if kind == PROCESS and wants_ctx:
+                raise ConfigurationError(
+                    f"{fn.__qualname__}: process handlers take (event) only; a context "
+                    "cannot cross to another process"
+                )
+            if kind == PROCESS and ("<locals>" in fn.__qualname__ or fn.__name__ == "<lambda>"):
+                raise ConfigurationError(
+                    f"{fn.__qualname__}: a process handler must be a module-level function"
+                )
+            limit = conc
+            if kind == THREAD:
+                limit = min(conc, self._threads)
+            elif kind == PROCESS:
+                limit = min(conc, self._processes)
+            self._subs[sub_name] = Subscription(
+                name=sub_name, topics=tuple(names), types=types, handler=fn, kind=kind,
+                wants_ctx=wants_ctx, concurrency=limit,
+                prefetch=prefetch or max(2 * limit, 256), key=key_fn,
+                retry=retry or self.retry, timeout=timeout,
+            )
+            return fn
+
+        return decorate
+
+    def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Run ``fn`` once the app has started."""
+        self._on_start.append(fn)
+        return fn
+
+    def on_stop(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Run ``fn`` when the app begins to stop."""
+        self._on_stop.append(fn)
+        return fn
+
+    # --- publishing ----------------------------------------------------------
+    def _envelope(
+        self, event: Event, key: str | None, headers: dict[str, str] | None
+    ) -> Envelope:
+        if not isinstance(event, Event):
+            raise TypeError(f"publish takes an Event, not {type(event).__name__}")
+        return Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
+
+    async def publish(
+        self, event: Event, *, key: str | None = None, headers: dict[str, str] | None = None
+    ) -> str:
+        """Publish ``event`` to every subscription of its topic; its id.
+
+        Waits while the transport's buffers are full (backpressure).
+        """
+        if self._state is not _RUNNING:
+            raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
+        if not isinstance(event, Event):
+            raise TypeError(f"publish takes an Event, not {type(event).__name__}")
+        env = Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
+        if self._middleware:
+            await self._publish_envelopes([env])
+        elif self._fast_put is not None:
+            # A transport that is not durable has published an envelope once
+            # it accepted it: try the synchronous path, wait only when full.
+            try:
+                self._fast_put((env,))
+            except Overloaded:
+                await self._publish((env,))
+        else:
+            await self._publish((env,))
+        return env.id
+
+    def publish_nowait(
+        self, event: Event, *, key: str | None = None, headers: dict[str, str] | None = None
+    ) -> str:
+        """Publish without waiting; raises :class:`Overloaded` when full."""
+        env = self._envelope(event, key, headers)
+        if self._state != "running":
+            raise Closed(f"app {self.name!r} is {self._state}")
+        for mw in self._middleware:
+            mw.before_publish(env)
+        self.transport.publish_nowait((env,))
+        for mw in reversed(self._middleware):
+            mw.after_publish(env)
+        return env.id
+
+    async def _publish_envelopes(self, envs: list[Envelope]) -> None:
+        """Publish events made by handlers: middleware, then reply routing."""
+        for env in envs:
+            for mw in self._middleware:
+                mw.before_publish(env)
+        extra: list[Envelope] = []
+        for env in envs:
+            h = env.headers
+            if h is not None and h.get("surge-expect") == env.topic:
+                reply_to = h.get("surge-reply-to")
+                if reply_to == self._inbox:
+                    self._resolve(env)
+                elif reply_to:
+                    extra.append(Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event))
+        await self.transport.publish(envs + extra if extra else envs)
+        for env in envs:
+            for mw in reversed(self._middleware):
+                mw.after_publish(env)
+
+    # --- request / reply -----------------------------------------------------
+    async def request(self, event: Event, *, expect: type[E], timeout: float = 5.0) -> E:
+        """Publish ``event`` and wait for the first ``expect`` event that
+        handling it (directly or downstream) publishes.
+
+        Raises :class:`RequestTimeout` after ``timeout`` seconds.
+        """
+        env = self._envelope(event, None, None)
+        if self._state != "running":
+            raise Closed(f"app {self.name!r} is {self._state}")
+        env.headers = {
+            "surge-correlation-id": env.id,
+            "surge-reply-to": self._inbox,
+            "surge-expect": expect.__topic__,
+        }
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[env.id] = (fut, expect)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._publish_envelopes([env])
+                result: E = await fut
+                return result
+        except TimeoutError:
+            raise RequestTimeout(
+                f"no {expect.__topic__} reply to {env.topic} {env.id} within {timeout}s"
+            ) from None
+        finally:
+            self._pending.pop(env.id, None)
+
+    @property
+    def pending_requests(self) -> int:
+        """Requests waiting for their reply (futures held)."""
+        return len(self._pending)
+
+    def _resolve(self, env: Envelope) -> None:
+        corr = (env.headers or {}).get("surge-correlation-id")
+        entry = self._pending.get(corr or "")
+        if entry is None:
+            return
+        fut, expect = entry
+        if fut.done():
+            return
+        ev = env.event
+        if ev is None:
+            try:
+                ev = self.codec.decode_event(env.body or b"", expect, topic=env.topic)
+            except Exception as exc:
+                fut.set_exception(exc)
+                return
+        fut.set_result(ev)
+
+    async def _inbox_loop(self) -> None:
+        async for batch in self.transport.consume(self._inbox, prefetch=1000):
+            for d in batch:
+                self._resolve(d.envelope)
+            await self.transport.ack(batch)
+
+    # --- decoding -----------------------------------------------------------
+    def _decode(self, env: Envelope, sub: Subscription) -> Event:
+        tp = sub.types.get(env.topic) or event_type(env.topic)
+        if tp is None:
+            raise UnknownTopic(f"no event type is declared for topic {env.topic!r}",
+                               topic=env.topic)
+        return self.codec.decode_event(env.body or b"", tp, topic=env.topic)
+
+    # --- executors -----------------------------------------------------------
+    def _thread_pool(self) -> ThreadPoolExecutor:
+        if self._threadpool is None:
+            self._threadpool = ThreadPoolExecutor(self._threads, thread_name_prefix="surge")
+        return self._threadpool
+
+    def _process_pool(self) -> ProcessPoolExecutor:
+        if self._procpool is None:
+            # spawn: no fork of a process that holds a running loop and threads
+            ctx = multiprocessing.get_context("spawn")
+            self._procpool = ProcessPoolExecutor(self._processes, mp_context=ctx)
+        return self._procpool
+
+    # --- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        """Connect the transport, declare every group and start consuming."""
+        if self._state == "running":
+            return
+        if self._state == "stopping":
+            raise Closed("the app is stopping")
+        self._stop_requested = asyncio.Event()
+        transport = self.transport
+        await transport.start()
+        for sub in self._subs.values():
+            await transport.declare(sub.name, sub.topics)
+        await transport.declare(self._inbox, (self._inbox,))
+        self._state = _RUNNING
+        self._publish = transport.publish
+        self._fast_put = None if transport.durable else transport.publish_nowait
+        self._wall = self.clock.time
+        for sub in self._subs.values():
+            runner = self._runners[sub.name] = Runner(self, sub)
+            runner.start()
+        self._inbox_task = asyncio.get_running_loop().create_task(self._inbox_loop())
+        for fn in self._on_start:
+            await fn()
+
+    async def stop(self, *, drain: bool = False) -> None:
+        """Stop taking events, let handlers in flight finish within
+        ``shutdown_timeout``, hand back the rest, and close the transport.
+
+        With ``drain=True``, first wait (within the same deadline) until the
+        transport holds nothing more for this app to handle.
+        """
+        if self._state != "running":
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.shutdown_timeout
+        if drain:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.drain()
+            except TimeoutError:
+                log.warning("drain did not finish within %.1fs", self.shutdown_timeout)
+        self._state = "stopping"
+        for fn in self._on_stop:
+            await fn()
+        runners = list(self._runners.values())
+        for r in runners:
+            await r.stop_intake()
+        try:
+            async with asyncio.timeout_at(deadline):
+                for r in runners:
+                    await r.wait_idle()
+        except TimeoutError:
+            left = sum(r.running for r in runners)
+            log.warning(
+                "%d handlers still running after %.1fs; cancelling them and handing their "
+                "events back", left, self.shutdown_timeout,
+            )
+            for r in runners:
+                await r.cancel_workers()
+        for r in runners:
+            await r.close()
+        if self._inbox_task is not None:
+            self._inbox_task.cancel()
+            await asyncio.gather(self._inbox_task, return_exceptions=True)
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(Closed("the app stopped before the reply came"))
+        if isinstance(self.transport, MemoryTransport) and not self.transport.idle:
+            stats = [await self.transport.stats(s) for s in self._subs]
+            backlog = sum(s.backlog + s.scheduled for s in stats)
+            if backlog:
+                log.warning("memory:// is not durable: %d undelivered events are dropped",
+                            backlog)
+        await self.transport.close()
+        if self._threadpool is not None:
+            self._threadpool.shutdown(wait=False, cancel_futures=True)
+            self._threadpool = None
+        if self._procpool is not None:
+            self._procpool.shutdown(wait=True, cancel_futures=True)
+            self._procpool = None
+        self._runners.clear()
+        self._state = "stopped"
+
+    async def __aenter__(self) -> App:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    async def drain(self) -> None:
+        """Wait until every published event has been handled or settled and
+        nothing is scheduled (retries included)."""
+        transport = self.transport
+        wait_idle = getattr(transport, "wait_idle", None)
+        if wait_idle is None:
+            raise NotImplementedError(f"{type(transport).__name__} cannot tell when it is idle")
+        while True:
+            await wait_idle()
+            for r in self._runners.values():
+                await r.wait_idle()
+            if getattr(transport, "idle", True) and not any(
+                r._workers or r._acks for r in self._runners.values()
+            ):
+                return
+
+    def request_stop(self) -> None:
+        """Ask :meth:`serve` to stop (safe from signal handlers)."""
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def serve(self) -> None:
+        """Run until :meth:`request_stop` (SIGINT / SIGTERM under :meth:`run`)."""
+        async with self:
+            assert self._stop_requested is not None
+            await self._stop_requested.wait()
+
+    def run(self, *, install_signals: bool = True) -> None:
+        """Run the app on a new event loop (uvloop when installed) until
+        SIGINT or SIGTERM, then stop gracefully."""
+
+        async def main() -> None:
+            if install_signals:
+                loop = asyncio.get_running_loop()
+                for sig in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(sig, self.request_stop)
+            await self.serve()
+
+        run_loop(main())
+
+    # --- introspection and dead letters -------------------------------------
+    def statistics(self) -> AppStats:
+        """A snapshot of every subscription's counters."""
+        subs = {}
+        for name in self._subs:
+            r = self._runners.get(name)
+            if r is None:
+                subs[name] = SubscriptionStats()
+                continue
+            subs[name] = SubscriptionStats(
+                received=r.received, succeeded=r.succeeded, failed=r.failed,
+                retried=r.retried, dead_lettered=r.dead_lettered, in_flight=r.running,
+                queued=r.in_flight - r._workers, stuck_threads=r.timed_out_threads,
+            )
+        return AppStats(subscriptions=subs, pending_requests=len(self._pending))
+
+    def _group(self, subscription: str | Callable[..., Any] | None) -> str | None:
+        if subscription is None:
+            return None
+        if callable(subscription):
+            for s in self._subs.values():
+                if s.handler is subscription:
+                    return s.name
+            raise ConfigurationError(f"{subscription!r} is not a handler of this app")
+        if subscription in self._subs:
+            return subscription
+        full = f"{self.name}.{subscription}"
+        if full in self._subs:
+            return full
+        raise ConfigurationError(
+            f"no subscription {subscription!r}; subscriptions: {sorted(self._subs)}"
+        )
+
+    async def dead_letters(
+        self, subscription: str | Callable[..., Any] | None = None
+    ) -> list[DeadLetter]:
+        """Dead letters of one subscription, or of all."""
+        group = self._group(subscription)
+        if group is None:
+            letters = await self.transport.dead_letters(None)
+            return [d for d in letters if d.group in self._subs]
+        return await self.transport.dead_letters(group)
+
+    async def replay(
+        self, subscription: str | Callable[..., Any], ids: Sequence[str] | None = None
+    ) -> int:
+        """Deliver dead letters (all, or ``ids``) to their subscription again."""
+        group = self._group(subscription)
+        assert group is not None
+        return await self.transport.replay(group, ids)
+
+    async def purge(
+        self, subscription: str | Callable[..., Any], ids: Sequence[str] | None = None
+    ) -> int:
+        """Delete dead letters (all, or ``ids``) of a subscription."""
+        group = self._group(subscription)
+        assert group is not None
+        return await self.transport.purge(group, ids)
+
+    def __repr__(self) -> str:
+        return f"<App {self.name!r} {self._state} subscriptions={len(self._subs)}>"
+
+
+_RUNNING: Literal["running"] = "running"
+
+
+async def _not_running(envelopes: Sequence[Envelope]) -> None:
+    raise Closed("the app is not running")
+
+
+def _kind_of(fn: Callable[..., Any], executor: Executor | None, inline: bool) -> str:
+    is_async = inspect.iscoroutinefunction(fn)
+    if executor is None:
+        if is_async:
+            return ASYNC
+        return INLINE if inline else THREAD
+    if executor == "async" and not is_async:
+        raise ConfigurationError(f"{fn.__qualname__} is not a coroutine function")
+    if executor in (THREAD, PROCESS, INLINE) and is_async:
+        raise ConfigurationError(f"{fn.__qualname__} is async; executor={executor!r} runs "
+                                 "plain functions")
+    if executor not in (ASYNC, THREAD, PROCESS, INLINE):
+        raise ConfigurationError(f"unknown executor {executor!r}")
+    return executor
+
+
+def _positional_arity(fn: Callable[..., Any]) -> int:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 1
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    if any(p.kind == inspect.Parameter.VAR_POSITIONAL for p in params):
+        return 2
+    return sum(1 for p in params if p.kind in kinds)
+
+
+@overload
+def run_loop(main: Awaitable[None]) -> None: ...
+@overload
+def run_loop(main: Awaitable[Any]) -> Any: ...
+def run_loop(main: Awaitable[Any]) -> Any:
+    """Run ``main`` on a new loop: uvloop when it is installed."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)  # type: ignore[arg-type]
+    return uvloop.run(main)

@@ -1,0 +1,441 @@
+"""The consumer of one subscription: lanes, bounded concurrency, settling.
+
+A runner pulls batches from its transport group (at most ``prefetch``
+unsettled) and hands each delivery to a worker coroutine. Without a key any
+idle worker takes the next delivery; with a key, ``hash(key) % concurrency``
+picks a lane and one worker drains a lane in order. Workers are started on
+demand (doubling while work waits) and stop when their queue is empty, so an
+idle subscription costs nothing and a no-op handler runs without a task per
+event. After the handler succeeds its events are published, then the
+delivery is acknowledged in a batch; a failure is retried with a delayed
+nack or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import traceback
+from collections import deque
+from collections.abc import Callable, Hashable
+from concurrent.futures import Executor
+from typing import TYPE_CHECKING, Any
+
+from ._config import Retry
+from ._context import Context
+from ._errors import DecodeError, HandlerTimeout, RetryLater
+from ._event import Envelope, Event, derive_id
+from ._transport import DeadLetter, Delivery
+
+if TYPE_CHECKING:
+    from ._app import App, Subscription
+
+__all__ = ("Runner",)
+
+log = logging.getLogger("surge")
+
+ASYNC, INLINE, THREAD, PROCESS = "async", "inline", "thread", "process"
+
+
+class Runner:
+    """Consumes one subscription's group and runs its handler."""
+
+    def __init__(self, app: App, sub: Subscription) -> None:
+        self.app = app
+        self.sub = sub
+        self.transport = app.transport
+        self.group = sub.name
+        self.concurrency = sub.concurrency
+        self.keyed = sub.key is not None
+        self._queue: deque[Delivery] = deque()  # unkeyed: shared by workers
+        self._lanes: dict[int, deque[Delivery]] = {}  # keyed: one deque per busy lane
+        self._workers = 0
+        self._starting = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._acks: list[Delivery] = []
+        self._ack_waiter: asyncio.Future[None] | None = None
+        self._idle: asyncio.Future[None] | None = None
+        self._consumer: asyncio.Task[None] | None = None
+        self._acker: asyncio.Task[None] | None = None
+        self._stopping = False
+        # counters, read by statistics()
+        self.received = 0
+        self.succeeded = 0
+        self.failed = 0
+        self.retried = 0
+        self.dead_lettered = 0
+        self.running = 0
+        self.timed_out_threads = 0
+
+    # --- lifecycle -----------------------------------------------------------
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._consumer = loop.create_task(self._consume(), name=f"surge-consume-{self.group}")
+        self._acker = loop.create_task(self._ack_loop(), name=f"surge-ack-{self.group}")
+
+    async def stop_intake(self) -> None:
+        """Stop fetching; hand back deliveries fetched but not started."""
+        self._stopping = True
+        if self._consumer is not None:
+            self._consumer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._consumer
+        waiting = list(self._queue)
+        self._queue.clear()
+        for lane in self._lanes.values():
+            waiting.extend(lane)
+            lane.clear()
+        for d in waiting:
+            await self.transport.nack(d, 0.0)
+
+    @property
+    def in_flight(self) -> int:
+        return self._workers + len(self._queue) + sum(len(q) for q in self._lanes.values())
+
+    async def wait_idle(self) -> None:
+        while self._workers or self._acks:
+            self._idle = asyncio.get_running_loop().create_future()
+            await self._idle
+
+    async def cancel_workers(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def close(self) -> None:
+        await self._flush_acks()
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
+
+    # --- intake --------------------------------------------------------------
+    async def _consume(self) -> None:
+        batches = self.transport.consume(self.group, prefetch=self.sub.prefetch)
+        try:
+            async for batch in batches:
+                self.received += len(batch)
+                if self.keyed:
+                    for d in batch:
+                        self._push_keyed(d)
+                else:
+                    self._queue.extend(batch)
+                    if not self._starting and self._workers < self.concurrency:
+                        self._spawn(self._work_shared)
+        finally:
+            aclose = getattr(batches, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._workers += 1
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(fn(*args))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _push_keyed(self, d: Delivery) -> None:
+        try:
+            key = self._key_of(d)
+        except DecodeError:
+            key = d.envelope.id  # undecodable: any lane; the handler path dead-letters it
+        lane_id = hash(key) % self.concurrency
+        lane = self._lanes.get(lane_id)
+        if lane is None:
+            lane = self._lanes[lane_id] = deque()
+            lane.append(d)
+            self._spawn(self._work_lane, lane_id, lane)
+        else:
+            lane.append(d)
+
+    def _key_of(self, d: Delivery) -> Hashable:
+        key_fn = self.sub.key
+        if key_fn is None:
+            return d.envelope.key
+        return key_fn(self._event(d))
+
+    # --- workers -------------------------------------------------------------
+    async def _work_shared(self) -> None:
+        self._starting -= 1
+        queue = self._queue
+        popleft = queue.popleft
+        handle = self._handle
+        sub = self.sub
+        # The fast path (a plain async handler of a decoded event) is inlined
+        # here; everything else goes through _handle.
+        fast = sub.kind == ASYNC and not sub.wants_ctx and sub.timeout is None
+        fn = sub.handler
+        try:
+            while queue:
+                d = popleft()
+                if queue and not self._starting and self._workers < self.concurrency:
+                    # Work is waiting and nobody is coming for it: add workers,
+                    # doubling, so a burst reaches full concurrency quickly.
+                    n = min(len(queue), self.concurrency - self._workers, self._workers)
+                    for _ in range(n):
+                        self._spawn(self._work_shared)
+                ev = d.envelope.event
+                if not fast or ev is None or self.app._middleware:
+                    await handle(d)
+                    continue
+                self.running += 1
+                try:
+                    result = await fn(ev)
+                    if result is not None:
+                        await self._publish_children(d, result, None)
+                except Exception as exc:
+                    self.running -= 1
+                    await self._failed(d, exc, None)
+                    continue
+                except asyncio.CancelledError:
+                    self.running -= 1
+                    if self._stopping:
+                        await asyncio.shield(self.transport.nack(d, 0.0))
+                    raise
+                self.running -= 1
+                self.succeeded += 1
+                self._acks.append(d)
+                waiter = self._ack_waiter
+                if waiter is not None:
+                    self._ack_waiter = None
+                    waiter.set_result(None)
+        finally:
+            self._worker_done()
+
+    async def _work_lane(self, lane_id: int, lane: deque[Delivery]) -> None:
+        self._starting -= 1
+        handle = self._handle
+        try:
+            while lane:
+                await handle(lane.popleft())
+        finally:
+            if self._lanes.get(lane_id) is lane:
+                del self._lanes[lane_id]
+            self._worker_done()
+
+    def _worker_done(self) -> None:
+        self._workers -= 1
+        if not self._workers and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
+
+    # --- handling ------------------------------------------------------------
+    def _event(self, d: Delivery) -> Event:
+        env = d.envelope
+        ev = env.event
+        if ev is None:
+            ev = env.event = self.app._decode(env, self.sub)
+        return ev  # type: ignore[no-any-return]
+
+    async def _handle(self, d: Delivery) -> None:
+        sub = self.sub
+        app = self.app
+        self.running += 1
+        ctx: Context | None = None
+        try:
+            ev = d.envelope.event
+            if ev is None:
+                ev = self._event(d)
+            if sub.wants_ctx or app._middleware:
+                ctx = Context(app, d, self.group)
+                for mw in app._middleware:
+                    mw.before_handle(ctx)
+            kind = sub.kind
+            fn = sub.handler
+            if kind == ASYNC:
+                if sub.timeout is None:
+                    result = await (fn(ev, ctx) if sub.wants_ctx else fn(ev))
+                else:
+                    try:
+                        async with asyncio.timeout(sub.timeout):
+                            result = await (fn(ev, ctx) if sub.wants_ctx else fn(ev))
+                    except TimeoutError:
+                        raise HandlerTimeout(
+                            f"{self.group} took longer than {sub.timeout}s on {d.envelope.id}"
+                        ) from None
+            elif kind == INLINE:
+                result = fn(ev, ctx) if sub.wants_ctx else fn(ev)
+            else:
+                result = await self._off_loop(d, ev, ctx)
+            if ctx is not None:
+                for mw in reversed(app._middleware):
+                    mw.after_handle(ctx, result)
+                if ctx._out:
+                    await self._publish_children(d, result, ctx._out)
+                    result = None
+            if result is not None:
+                await self._publish_children(d, result, None)
+        except asyncio.CancelledError:
+            self.running -= 1
+            if self._stopping:
+                # Shutdown deadline passed: hand the delivery back untouched.
+                await asyncio.shield(self.transport.nack(d, 0.0))
+            raise
+        except BaseException as exc:
+            self.running -= 1
+            if not isinstance(exc, Exception):
+                raise
+            await self._failed(d, exc, ctx)
+            return
+        self.running -= 1
+        self.succeeded += 1
+        self._acks.append(d)
+        waiter = self._ack_waiter
+        if waiter is not None:
+            self._ack_waiter = None
+            waiter.set_result(None)
+
+    async def _off_loop(self, d: Delivery, ev: Event, ctx: Context | None) -> Any:
+        sub = self.sub
+        app = self.app
+        loop = asyncio.get_running_loop()
+        executor: Executor
+        if sub.kind == THREAD:
+            executor = app._thread_pool()
+            args: tuple[Any, ...] = (ev, ctx) if sub.wants_ctx else (ev,)
+        else:
+            executor = app._process_pool()
+            args = (ev,)
+        hold = getattr(app.clock, "hold", None)
+        if hold is not None:
+            hold()
+        fut = loop.run_in_executor(executor, sub.handler, *args)
+        if hold is not None:
+            fut.add_done_callback(lambda _: app.clock.release())  # type: ignore[attr-defined]
+        if sub.timeout is None:
+            return await fut
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), sub.timeout)
+        except TimeoutError:
+            # A thread cannot be cancelled: it keeps its pool slot until it
+            # returns, and whatever it returns is dropped. Count it so the
+            # lost capacity shows in statistics().
+            self.timed_out_threads += 1
+            fut.add_done_callback(self._thread_finished)
+            raise HandlerTimeout(
+                f"{self.group} took longer than {sub.timeout}s on {d.envelope.id}; "
+                "its thread runs on until it returns"
+            ) from None
+
+    def _thread_finished(self, fut: asyncio.Future[Any]) -> None:
+        self.timed_out_threads -= 1
+        if not fut.cancelled():
+            fut.exception()  # retrieved, so asyncio does not log it
+
+    async def _publish_children(
+        self, d: Delivery, result: Any,
+        extra: list[tuple[Event, str | None, dict[str, str] | None]] | None,
+    ) -> None:
+        parent = d.envelope
+        items: list[tuple[Event, str | None, dict[str, str] | None]] = []
+        if extra:
+            items.extend(extra)
+        if result is not None:
+            if isinstance(result, Event):
+                items.append((result, None, None))
+            elif isinstance(result, (list, tuple)):
+                for r in result:
+                    if not isinstance(r, Event):
+                        raise TypeError(
+                            f"handler {self.group} returned {type(r).__name__}; "
+                            "return an Event, a sequence of Events, or None"
+                        )
+                    items.append((r, None, None))
+            else:
+                raise TypeError(
+                    f"handler {self.group} returned {type(result).__name__}; "
+                    "return an Event, a sequence of Events, or None"
+                )
+        inherited = _inherit(parent.headers)
+        now = self.app.clock.time()
+        envs = []
+        for i, (ev, key, headers) in enumerate(items):
+            h = inherited
+            if headers:
+                h = {**(inherited or {}), **headers}
+            envs.append(Envelope(derive_id(parent.id, i), ev.__topic__, key, now, h, ev))
+        await self.app._publish_envelopes(envs)
+
+    async def _failed(self, d: Delivery, exc: Exception, ctx: Context | None) -> None:
+        sub = self.sub
+        app = self.app
+        env = d.envelope
+        self.failed += 1
+        if app._middleware:
+            if ctx is None:
+                ctx = Context(app, d, self.group)
+            for mw in reversed(app._middleware):
+                mw.on_error(ctx, exc)
+        retry: Retry = sub.retry
+        if isinstance(exc, DecodeError):
+            retryable = False
+        elif isinstance(exc, RetryLater):
+            retryable = True
+        else:
+            retryable = retry.retries(exc)
+        if retryable and d.attempt < retry.attempts:
+            delay = exc.delay if isinstance(exc, RetryLater) and exc.delay is not None else None
+            if delay is None:
+                delay = retry.delay(d.attempt, app._rng)
+            self.retried += 1
+            log.warning(
+                "handler %s failed on event %s (%s, attempt %d of %d): %r; retrying in %.3fs",
+                self.group, env.id, env.topic, d.attempt, retry.attempts, exc, delay,
+                extra={"event_id": env.id, "topic": env.topic, "subscription": self.group,
+                       "attempt": d.attempt},
+            )
+            await self.transport.nack(d, delay)
+            return
+        self.dead_lettered += 1
+        log.error(
+            "handler %s failed on event %s (%s, attempt %d): %r; dead-lettered",
+            self.group, env.id, env.topic, d.attempt, exc,
+            exc_info=not isinstance(exc, DecodeError),
+            extra={"event_id": env.id, "topic": env.topic, "subscription": self.group,
+                   "attempt": d.attempt},
+        )
+        if env.body is not None:
+            body = env.body
+        else:
+            try:
+                body = app.codec.encode_event(env.event)
+            except Exception:  # an event that will not encode still leaves a record
+                body = b""
+        record = DeadLetter(
+            id=env.id, group=self.group, topic=env.topic, key=env.key, headers=env.headers,
+            body=body, error_type=type(exc).__qualname__, error=str(exc),
+            traceback="".join(traceback.format_exception(exc)),
+            attempts=d.attempt, first_attempt_at=d.first_time or env.time,
+            failed_at=app.clock.time(),
+        )
+        await self.transport.dead_letter(d, record)
+
+    # --- acks ----------------------------------------------------------------
+    async def _ack_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self._acks:
+                self._ack_waiter = loop.create_future()
+                await self._ack_waiter
+            await self._flush_acks()
+
+    async def _flush_acks(self) -> None:
+        if self._acks:
+            batch = self._acks
+            self._acks = []
+            await self.transport.ack(batch)
+            if not self._workers and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+
+
+_PROPAGATED = ("surge-correlation-id", "surge-reply-to", "surge-expect", "traceparent",
+               "tracestate")
+
+
+def _inherit(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """The headers a child event inherits from its parent."""
+    if not headers:
+        return None
+    out = {k: v for k, v in headers.items() if k in _PROPAGATED}
+    return out or None

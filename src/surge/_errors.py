@@ -1,0 +1,95 @@
+"""The errors surge raises.
+
+Every error derives from :class:`SurgeError`; leaves also derive from the
+builtin that fits, so ``except TimeoutError`` catches a request timeout::
+
+    SurgeError
+    ├── ConfigurationError (ValueError)    an app or option that cannot work
+    ├── DecodeError (ValueError)           a payload that does not fit its type
+    │   └── UnknownTopic (LookupError)     a topic no event type is declared for
+    ├── MessageTooLarge (ValueError)       an encoded event over the size limit
+    ├── Overloaded                         a bounded buffer is full (``*_nowait``)
+    ├── Closed (RuntimeError)              the app or transport is not running
+    ├── TransportError (ConnectionError)   a broker's own failure, translated
+    ├── HandlerTimeout (TimeoutError)      a handler ran past its ``timeout=``
+    └── RequestTimeout (TimeoutError)      ``app.request`` got no reply in time
+
+:class:`RetryLater` is not an error: a handler raises it to ask for another
+attempt after a given delay.
+"""
+
+from __future__ import annotations
+
+__all__ = (
+    "Closed",
+    "ConfigurationError",
+    "DecodeError",
+    "HandlerTimeout",
+    "MessageTooLarge",
+    "Overloaded",
+    "RequestTimeout",
+    "RetryLater",
+    "SurgeError",
+    "TransportError",
+    "UnknownTopic",
+)
+
+
+class SurgeError(Exception):
+    """The root of every error surge raises."""
+
+
+class ConfigurationError(SurgeError, ValueError):
+    """An application, subscription or option that cannot work as given."""
+
+
+class DecodeError(SurgeError, ValueError):
+    """A payload that is not valid for its declared event type.
+
+    ``field`` is the JSON path of the offending field (``$.amount``) when the
+    decoder could name one, ``topic`` the topic the payload was addressed to.
+    """
+
+    def __init__(self, message: str, *, topic: str = "", field: str | None = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.field = field
+
+
+class UnknownTopic(DecodeError, LookupError):
+    """A payload addressed to a topic that no event type is declared for."""
+
+
+class MessageTooLarge(SurgeError, ValueError):
+    """An encoded event larger than the transport's ``max_message_size``."""
+
+
+class Overloaded(SurgeError):
+    """A bounded buffer is full; the ``_nowait`` call would have had to wait."""
+
+
+class Closed(SurgeError, RuntimeError):
+    """The app or transport is not running (not started, or shut down)."""
+
+
+class TransportError(SurgeError, ConnectionError):
+    """A transport failed to reach or use its broker or file."""
+
+
+class HandlerTimeout(SurgeError, TimeoutError):
+    """A handler ran longer than its subscription's ``timeout``."""
+
+
+class RequestTimeout(SurgeError, TimeoutError):
+    """``App.request`` received no reply within its timeout."""
+
+
+class RetryLater(Exception):  # noqa: N818 - a request to the runtime, not an error
+    """Raised by a handler to ask for another attempt after ``delay`` seconds.
+
+    The attempt still counts against the subscription's ``Retry.attempts``.
+    """
+
+    def __init__(self, delay: float | None = None, reason: str = "") -> None:
+        super().__init__(reason or f"retry later ({delay}s)")
+        self.delay = delay

@@ -1,0 +1,127 @@
+"""Events, the envelope that carries them, and event ids."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from typing import Any, ClassVar
+
+import msgspec
+
+__all__ = ("Envelope", "Event", "derive_id", "event_type", "id_at", "is_derived", "new_id", "topic_of")
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True):
+    """Base class of every event: a frozen, typed msgspec Struct.
+
+    The topic defaults to the class name; set ``__topic__`` in the class body
+    to choose another (``__topic__ = "orders.placed"``).
+    """
+
+    __topic__: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__topic__" not in cls.__dict__:
+            cls.__topic__ = cls.__name__
+        _TYPES[cls.__topic__] = cls
+
+
+_TYPES: dict[str, type[Event]] = {}
+
+
+def event_type(topic: str) -> type[Event] | None:
+    """The most recently defined event class for ``topic``, if any."""
+    return _TYPES.get(topic)
+
+
+def topic_of(event_type: type[Event]) -> str:
+    """The topic an event type is published on."""
+    return event_type.__topic__
+
+
+class Envelope(msgspec.Struct, gc=False):
+    """What travels on a transport: an event and where it came from.
+
+    In process the ``event`` is passed as an object; on the wire it is
+    encoded into ``body`` and decoded again, against the type declared by the
+    subscription, at the consuming edge.
+    """
+
+    id: str
+    topic: str
+    key: str | None = None
+    time: float = 0.0
+    headers: dict[str, str] | None = None
+    event: Any = None
+    body: bytes | None = None
+
+
+# --- ids ---------------------------------------------------------------------
+# UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then 74 bits that start
+# random each millisecond and count up within it, so ids from one process are
+# strictly increasing and ids across processes sort by time.
+
+_VERSION_VARIANT = (0x7 << 76) | (0x2 << 62)
+# Ids derived from another (handler outputs, trigger firings) are UUIDv8:
+# the same inputs always give the same id, and only such ids can repeat, so
+# a transport may skip its dedup check for any other id.
+_DERIVED_VARIANT = (0x8 << 76) | (0x2 << 62)
+_RAND_MASK = (1 << 74) - 1
+_LOW62 = (1 << 62) - 1
+_last_ms = 0
+_base = 0
+_seq = 0
+_time_ns = time.time_ns
+
+
+def new_id() -> str:
+    """A new time-sortable event id: a UUIDv7 as 32 lowercase hex digits."""
+    global _base, _seq
+    _seq += 1
+    # Reading the clock costs as much as the rest; every 32nd id is enough
+    # to keep the millisecond prefix within a fraction of a millisecond.
+    if not _seq & 31:
+        ms = _time_ns() // 1_000_000
+        if ms > _last_ms:
+            _refresh(ms)
+    return "%032x" % (_base + _seq)  # noqa: UP031 - measured faster than f-strings
+
+
+def _refresh(ms: int) -> None:
+    global _last_ms, _base, _seq
+    _last_ms = ms
+    rand = int.from_bytes(os.urandom(10), "big") & _RAND_MASK
+    # The low bits count up from a random start within the millisecond;
+    # clearing their top bits leaves room to count without carrying.
+    _base = (ms << 80) | _VERSION_VARIANT | ((rand >> 62) << 64) | (rand & (_LOW62 >> 24))
+    _seq = 0
+
+
+_refresh(_time_ns() // 1_000_000)
+
+
+def derive_id(parent: str, position: int | str) -> str:
+    """The id of the ``position``-th event published while handling ``parent``.
+
+    It keeps the parent's time prefix (so it sorts beside its parent) and is
+    otherwise a hash, so a redelivered handler republishes the same ids and a
+    transport's dedup window drops the copies.
+    """
+    digest = hashlib.blake2b(f"{parent}/{position}".encode(), digest_size=10).digest()
+    tail = int.from_bytes(digest, "big") & _RAND_MASK
+    value = (int(parent[:12], 16) << 80) | _DERIVED_VARIANT
+    value |= ((tail >> 62) << 64) | (tail & _LOW62)
+    return f"{value:032x}"
+
+
+def is_derived(event_id: str) -> bool:
+    """Whether ``event_id`` was derived (and so may be published again)."""
+    return event_id[12:13] == "8"
+
+
+def id_at(name: str, when: float) -> str:
+    """A deterministic id for something scheduled at ``when`` (epoch seconds)."""
+    ms = int(when * 1000)
+    return derive_id(f"{ms:012x}{name}", "at")

@@ -1,0 +1,29 @@
+"""Frozen snapshots of the runtime's counters."""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ("AppStats", "SubscriptionStats")
+
+
+class SubscriptionStats(msgspec.Struct, frozen=True, kw_only=True):
+    """One subscription's counters since the app started."""
+
+    received: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    """Failed attempts (each retry's failure counts)."""
+    retried: int = 0
+    dead_lettered: int = 0
+    in_flight: int = 0
+    """Handlers running now."""
+    queued: int = 0
+    """Deliveries fetched and waiting for a worker."""
+    stuck_threads: int = 0
+    """Threads still running a handler that timed out."""
+
+
+class AppStats(msgspec.Struct, frozen=True, kw_only=True):
+    subscriptions: dict[str, SubscriptionStats]
+    pending_requests: int = 0
