@@ -10,9 +10,10 @@ import operator
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from typing import Any, Literal, TypeVar, overload
+from datetime import datetime
+from typing import Any, Literal, TypeVar
 
 import msgspec
 
@@ -24,7 +25,7 @@ from ._errors import Closed, ConfigurationError, Overloaded, RequestTimeout, Unk
 from ._event import Envelope, Event, derive_id, event_type, new_id
 from ._middleware import Middleware
 from ._stats import AppStats, SubscriptionStats
-from ._transport import DeadLetter, Transport, topic_matches
+from ._transport import DeadLetter, Transport
 from .transports import MemoryTransport, open_transport
 
 __all__ = ("App", "Subscription")
@@ -32,6 +33,7 @@ __all__ = ("App", "Subscription")
 log = logging.getLogger("surge")
 
 E = TypeVar("E", bound=Event)
+T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 Executor = Literal["async", "thread", "process", "inline"]
@@ -112,6 +114,7 @@ class App:
         self._fast_put: Callable[[Sequence[Envelope]], None] | None = None
         self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
         self._stop_requested: asyncio.Event | None = None
+        self._http: Any = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
@@ -194,10 +197,17 @@ class App:
             elif kind == PROCESS:
                 limit = min(conc, self._processes)
             self._subs[sub_name] = Subscription(
-                name=sub_name, topics=tuple(names), types=types, handler=fn, kind=kind,
-                wants_ctx=wants_ctx, concurrency=limit,
-                prefetch=prefetch or max(2 * limit, 256), key=key_fn,
-                retry=retry or self.retry, timeout=timeout,
+                name=sub_name,
+                topics=tuple(names),
+                types=types,
+                handler=fn,
+                kind=kind,
+                wants_ctx=wants_ctx,
+                concurrency=limit,
+                prefetch=prefetch or max(2 * limit, 256),
+                key=key_fn,
+                retry=retry or self.retry,
+                timeout=timeout,
             )
             return fn
 
@@ -213,21 +223,68 @@ class App:
         self._on_stop.append(fn)
         return fn
 
+    # --- triggers (implemented in _triggers) and HTTP (in surge.http) ------
+    def every(
+        self,
+        *,
+        seconds: float = 0,
+        minutes: float = 0,
+        hours: float = 0,
+        name: str | None = None,
+        **options: Any,
+    ) -> Callable[[F], F]:
+        """Run the decorated handler every interval (see ``surge._triggers``)."""
+        from ._triggers import every
+
+        return every(self, seconds=seconds + 60 * minutes + 3600 * hours, name=name, **options)
+
+    def cron(
+        self, expression: str, *, tz: str = "UTC", name: str | None = None, **options: Any
+    ) -> Callable[[F], F]:
+        """Run the decorated handler on a cron schedule (see ``surge._triggers``)."""
+        from ._triggers import cron
+
+        return cron(self, expression, tz=tz, name=name, **options)
+
+    def when(self, condition: Any, *, name: str | None = None, **options: Any) -> Callable[[F], F]:
+        """Run the decorated handler when ``condition`` holds over the event
+        stream (``surge.count``, ``surge.sequence``, ``surge.absence``)."""
+        from ._triggers import when
+
+        return when(self, condition, name=name, **options)
+
+    @property
+    def http(self) -> Any:
+        """The HTTP ingress of this app (``surge.http``), made on first use."""
+        if self._http is None:
+            from .http import Ingress
+
+            self._http = Ingress(self)
+        return self._http
+
     # --- publishing ----------------------------------------------------------
-    def _envelope(
-        self, event: Event, key: str | None, headers: dict[str, str] | None
-    ) -> Envelope:
+    def _envelope(self, event: Event, key: str | None, headers: dict[str, str] | None) -> Envelope:
         if not isinstance(event, Event):
             raise TypeError(f"publish takes an Event, not {type(event).__name__}")
         return Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
 
     async def publish(
-        self, event: Event, *, key: str | None = None, headers: dict[str, str] | None = None
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        delay: float | None = None,
+        at: datetime | float | None = None,
     ) -> str:
         """Publish ``event`` to every subscription of its topic; its id.
 
-        Waits while the transport's buffers are full (backpressure).
+        Waits while the transport's buffers are full (backpressure). With
+        ``delay`` (seconds) or ``at`` (a datetime or epoch seconds), no
+        subscription receives it before then.
         """
+        if delay is not None or at is not None:
+            return await self._publish_later(event, key, headers, delay, at)
         if self._state is not _RUNNING:
             raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
         if not isinstance(event, Event):
@@ -244,6 +301,32 @@ class App:
                 await self._publish((env,))
         else:
             await self._publish((env,))
+        return env.id
+
+    async def _publish_later(
+        self,
+        event: Event,
+        key: str | None,
+        headers: dict[str, str] | None,
+        delay: float | None,
+        at: datetime | float | None,
+    ) -> str:
+        env = self._envelope(event, key, headers)
+        if self._state != "running":
+            raise Closed(f"app {self.name!r} is {self._state}")
+        if at is not None:
+            if delay is not None:
+                raise ConfigurationError("give delay= or at=, not both")
+            if isinstance(at, datetime):
+                if at.tzinfo is None:
+                    raise ConfigurationError("at= needs an aware datetime (with tzinfo)")
+                env.not_before = at.timestamp()
+            else:
+                env.not_before = float(at)
+        else:
+            assert delay is not None
+            env.not_before = env.time + delay
+        await self._publish_envelopes([env])
         return env.id
 
     def publish_nowait(
@@ -273,7 +356,9 @@ class App:
                 if reply_to == self._inbox:
                     self._resolve(env)
                 elif reply_to:
-                    extra.append(Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event))
+                    extra.append(
+                        Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event)
+                    )
         await self.transport.publish(envs + extra if extra else envs)
         for env in envs:
             for mw in reversed(self._middleware):
@@ -340,8 +425,9 @@ class App:
     def _decode(self, env: Envelope, sub: Subscription) -> Event:
         tp = sub.types.get(env.topic) or event_type(env.topic)
         if tp is None:
-            raise UnknownTopic(f"no event type is declared for topic {env.topic!r}",
-                               topic=env.topic)
+            raise UnknownTopic(
+                f"no event type is declared for topic {env.topic!r}", topic=env.topic
+            )
         return self.codec.decode_event(env.body or b"", tp, topic=env.topic)
 
     # --- executors -----------------------------------------------------------
@@ -369,7 +455,7 @@ class App:
         await transport.start()
         for sub in self._subs.values():
             await transport.declare(sub.name, sub.topics)
-        await transport.declare(self._inbox, (self._inbox,))
+        await transport.declare(self._inbox, (self._inbox,), ephemeral=True)
         self._state = _RUNNING
         self._publish = transport.publish
         self._fast_put = None if transport.durable else transport.publish_nowait
@@ -412,7 +498,9 @@ class App:
             left = sum(r.running for r in runners)
             log.warning(
                 "%d handlers still running after %.1fs; cancelling them and handing their "
-                "events back", left, self.shutdown_timeout,
+                "events back",
+                left,
+                self.shutdown_timeout,
             )
             for r in runners:
                 await r.cancel_workers()
@@ -428,8 +516,7 @@ class App:
             stats = [await self.transport.stats(s) for s in self._subs]
             backlog = sum(s.backlog + s.scheduled for s in stats)
             if backlog:
-                log.warning("memory:// is not durable: %d undelivered events are dropped",
-                            backlog)
+                log.warning("memory:// is not durable: %d undelivered events are dropped", backlog)
         await self.transport.close()
         if self._threadpool is not None:
             self._threadpool.shutdown(wait=False, cancel_futures=True)
@@ -497,9 +584,14 @@ class App:
                 subs[name] = SubscriptionStats()
                 continue
             subs[name] = SubscriptionStats(
-                received=r.received, succeeded=r.succeeded, failed=r.failed,
-                retried=r.retried, dead_lettered=r.dead_lettered, in_flight=r.running,
-                queued=r.in_flight - r._workers, stuck_threads=r.timed_out_threads,
+                received=r.received,
+                succeeded=r.succeeded,
+                failed=r.failed,
+                retried=r.retried,
+                dead_lettered=r.dead_lettered,
+                in_flight=r.running,
+                queued=r.in_flight - r._workers,
+                stuck_threads=r.timed_out_threads,
             )
         return AppStats(subscriptions=subs, pending_requests=len(self._pending))
 
@@ -566,8 +658,9 @@ def _kind_of(fn: Callable[..., Any], executor: Executor | None, inline: bool) ->
     if executor == "async" and not is_async:
         raise ConfigurationError(f"{fn.__qualname__} is not a coroutine function")
     if executor in (THREAD, PROCESS, INLINE) and is_async:
-        raise ConfigurationError(f"{fn.__qualname__} is async; executor={executor!r} runs "
-                                 "plain functions")
+        raise ConfigurationError(
+            f"{fn.__qualname__} is async; executor={executor!r} runs plain functions"
+        )
     if executor not in (ASYNC, THREAD, PROCESS, INLINE):
         raise ConfigurationError(f"unknown executor {executor!r}")
     return executor
@@ -584,14 +677,10 @@ def _positional_arity(fn: Callable[..., Any]) -> int:
     return sum(1 for p in params if p.kind in kinds)
 
 
-@overload
-def run_loop(main: Awaitable[None]) -> None: ...
-@overload
-def run_loop(main: Awaitable[Any]) -> Any: ...
-def run_loop(main: Awaitable[Any]) -> Any:
+def run_loop(main: Coroutine[Any, Any, T]) -> T:
     """Run ``main`` on a new loop: uvloop when it is installed."""
     try:
         import uvloop
     except ImportError:
-        return asyncio.run(main)  # type: ignore[arg-type]
+        return asyncio.run(main)
     return uvloop.run(main)

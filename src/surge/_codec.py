@@ -31,6 +31,7 @@ class _Wire(msgspec.Struct, array_like=True, gc=False):
     time: float
     headers: dict[str, str] | None
     body: bytes
+    not_before: float | None = None
 
 
 class Codec:
@@ -67,14 +68,17 @@ class Codec:
                 field=match.group(1) if match else None,
             ) from None
         except msgspec.DecodeError as exc:
-            raise DecodeError(f"{topic or event_type.__name__}: malformed payload: {exc}",
-                              topic=topic) from None
+            raise DecodeError(
+                f"{topic or event_type.__name__}: malformed payload: {exc}", topic=topic
+            ) from None
         return result
 
     def encode_envelope(self, env: Envelope) -> bytes:
         """The envelope with its event encoded, ready for a transport."""
         body = env.body if env.event is None else self.encode_event(env.event)
-        data = self._encode(_Wire(env.id, env.topic, env.key, env.time, env.headers, body or b""))
+        data = self._encode(
+            _Wire(env.id, env.topic, env.key, env.time, env.headers, body or b"", env.not_before)
+        )
         if len(data) > self.max_message_size:
             raise MessageTooLarge(
                 f"event {env.id} on {env.topic!r} is {len(data)} bytes encoded; "
@@ -88,7 +92,7 @@ class Codec:
             w: _Wire = self._wire_decoder.decode(data)
         except msgspec.MsgspecError as exc:
             raise DecodeError(f"malformed envelope: {exc}") from None
-        return Envelope(w.id, w.topic, w.key, w.time, w.headers, None, w.body)
+        return Envelope(w.id, w.topic, w.key, w.time, w.headers, None, w.body, w.not_before)
 
     @property
     def _wire_decoder(self) -> Any:
@@ -105,7 +109,7 @@ class MsgpackCodec(Codec):
 
     def __init__(self, *, max_message_size: int = 1 << 20) -> None:
         super().__init__(max_message_size=max_message_size)
-        self._encode = msgspec.msgpack.Encoder().encode  # type: ignore[method-assign]
+        self._encode = msgspec.msgpack.Encoder().encode  # type: ignore[method-assign,assignment]
 
     def _decoder(self, tp: type[Any]) -> Any:
         return msgspec.msgpack.Decoder(tp)
@@ -118,7 +122,7 @@ class JsonCodec(Codec):
 
     def __init__(self, *, max_message_size: int = 1 << 20) -> None:
         super().__init__(max_message_size=max_message_size)
-        self._encode = msgspec.json.Encoder().encode  # type: ignore[method-assign]
+        self._encode = msgspec.json.Encoder().encode  # type: ignore[method-assign,assignment]
 
     def _decoder(self, tp: type[Any]) -> Any:
         return msgspec.json.Decoder(tp)

@@ -35,9 +35,9 @@ class Retry(msgspec.Struct, frozen=True, kw_only=True):
 
     def delay(self, attempt: int, rng: random.Random | None = None) -> float:
         """Seconds to wait after failed attempt number ``attempt`` (from 1)."""
-        base = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+        base: float = min(self.max_backoff, self.backoff * 2.0 ** (attempt - 1))
         if self.jitter and base:
-            r = (rng or random).uniform(-self.jitter, self.jitter)
+            r: float = (rng or random).uniform(-self.jitter, self.jitter)
             base *= 1 + r
         return base
 

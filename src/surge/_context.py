@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ._event import Envelope, Event
 
@@ -69,10 +69,15 @@ class Context:
     def log(self) -> logging.LoggerAdapter[logging.Logger]:
         """A logger whose lines carry the event id, topic and subscription."""
         env = self.delivery.envelope
-        return logging.LoggerAdapter(log, {
-            "event_id": env.id, "topic": env.topic, "subscription": self.subscription,
-            "attempt": self.delivery.attempt,
-        })
+        return logging.LoggerAdapter(
+            log,
+            {
+                "event_id": env.id,
+                "topic": env.topic,
+                "subscription": self.subscription,
+                "attempt": self.delivery.attempt,
+            },
+        )
 
     def publish(
         self, event: Event, *, key: str | None = None, headers: dict[str, str] | None = None
@@ -87,5 +92,3 @@ class Context:
 
     def __repr__(self) -> str:
         return f"<Context {self.subscription} {self.delivery!r}>"
-
-

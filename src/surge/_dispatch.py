@@ -324,7 +324,9 @@ class Runner:
             fut.exception()  # retrieved, so asyncio does not log it
 
     async def _publish_children(
-        self, d: Delivery, result: Any,
+        self,
+        d: Delivery,
+        result: Any,
         extra: list[tuple[Event, str | None, dict[str, str] | None]] | None,
     ) -> None:
         parent = d.envelope
@@ -381,19 +383,37 @@ class Runner:
             self.retried += 1
             log.warning(
                 "handler %s failed on event %s (%s, attempt %d of %d): %r; retrying in %.3fs",
-                self.group, env.id, env.topic, d.attempt, retry.attempts, exc, delay,
-                extra={"event_id": env.id, "topic": env.topic, "subscription": self.group,
-                       "attempt": d.attempt},
+                self.group,
+                env.id,
+                env.topic,
+                d.attempt,
+                retry.attempts,
+                exc,
+                delay,
+                extra={
+                    "event_id": env.id,
+                    "topic": env.topic,
+                    "subscription": self.group,
+                    "attempt": d.attempt,
+                },
             )
             await self.transport.nack(d, delay)
             return
         self.dead_lettered += 1
         log.error(
             "handler %s failed on event %s (%s, attempt %d): %r; dead-lettered",
-            self.group, env.id, env.topic, d.attempt, exc,
+            self.group,
+            env.id,
+            env.topic,
+            d.attempt,
+            exc,
             exc_info=not isinstance(exc, DecodeError),
-            extra={"event_id": env.id, "topic": env.topic, "subscription": self.group,
-                   "attempt": d.attempt},
+            extra={
+                "event_id": env.id,
+                "topic": env.topic,
+                "subscription": self.group,
+                "attempt": d.attempt,
+            },
         )
         if env.body is not None:
             body = env.body
@@ -403,10 +423,17 @@ class Runner:
             except Exception:  # an event that will not encode still leaves a record
                 body = b""
         record = DeadLetter(
-            id=env.id, group=self.group, topic=env.topic, key=env.key, headers=env.headers,
-            body=body, error_type=type(exc).__qualname__, error=str(exc),
+            id=env.id,
+            group=self.group,
+            topic=env.topic,
+            key=env.key,
+            headers=env.headers,
+            body=body,
+            error_type=type(exc).__qualname__,
+            error=str(exc),
             traceback="".join(traceback.format_exception(exc)),
-            attempts=d.attempt, first_attempt_at=d.first_time or env.time,
+            attempts=d.attempt,
+            first_attempt_at=d.first_time or env.time,
             failed_at=app.clock.time(),
         )
         await self.transport.dead_letter(d, record)
@@ -429,8 +456,13 @@ class Runner:
                 self._idle.set_result(None)
 
 
-_PROPAGATED = ("surge-correlation-id", "surge-reply-to", "surge-expect", "traceparent",
-               "tracestate")
+_PROPAGATED = (
+    "surge-correlation-id",
+    "surge-reply-to",
+    "surge-expect",
+    "traceparent",
+    "tracestate",
+)
 
 
 def _inherit(headers: dict[str, str] | None) -> dict[str, str] | None:

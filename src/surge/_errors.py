@@ -84,7 +84,7 @@ class RequestTimeout(SurgeError, TimeoutError):
     """``App.request`` received no reply within its timeout."""
 
 
-class RetryLater(Exception):  # noqa: N818 - a request to the runtime, not an error
+class RetryLater(Exception):
     """Raised by a handler to ask for another attempt after ``delay`` seconds.
 
     The attempt still counts against the subscription's ``Retry.attempts``.

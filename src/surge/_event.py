@@ -5,27 +5,51 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, dataclass_transform
 
 import msgspec
 
-__all__ = ("Envelope", "Event", "derive_id", "event_type", "id_at", "is_derived", "new_id", "topic_of")
+__all__ = (
+    "Envelope",
+    "Event",
+    "derive_id",
+    "event_type",
+    "id_at",
+    "is_derived",
+    "new_id",
+    "topic_of",
+)
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True):
-    """Base class of every event: a frozen, typed msgspec Struct.
+if TYPE_CHECKING:
+    # What type checkers see: a frozen, keyword-only dataclass-like base, so
+    # user subclasses need no ``frozen=True`` of their own to type-check.
+    @dataclass_transform(
+        frozen_default=True, kw_only_default=True, field_specifiers=(msgspec.field,)
+    )
+    class Event:
+        """Base class of every event: a frozen, typed msgspec Struct."""
 
-    The topic defaults to the class name; set ``__topic__`` in the class body
-    to choose another (``__topic__ = "orders.placed"``).
-    """
+        __topic__: ClassVar[str]
 
-    __topic__: ClassVar[str] = ""
+        def __init_subclass__(cls, **kwargs: Any) -> None: ...
 
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if "__topic__" not in cls.__dict__:
-            cls.__topic__ = cls.__name__
-        _TYPES[cls.__topic__] = cls
+else:
+
+    class Event(msgspec.Struct, frozen=True, kw_only=True):
+        """Base class of every event: a frozen, typed msgspec Struct.
+
+        The topic defaults to the class name; set ``__topic__`` in the class body
+        to choose another (``__topic__ = "orders.placed"``).
+        """
+
+        __topic__: ClassVar[str] = ""
+
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            super().__init_subclass__(**kwargs)
+            if "__topic__" not in cls.__dict__:
+                cls.__topic__ = cls.__name__
+            _TYPES[cls.__topic__] = cls
 
 
 _TYPES: dict[str, type[Event]] = {}
@@ -56,6 +80,8 @@ class Envelope(msgspec.Struct, gc=False):
     headers: dict[str, str] | None = None
     event: Any = None
     body: bytes | None = None
+    not_before: float | None = None
+    """Wall-clock time (epoch seconds) before which no group may receive it."""
 
 
 # --- ids ---------------------------------------------------------------------
@@ -86,7 +112,7 @@ def new_id() -> str:
         ms = _time_ns() // 1_000_000
         if ms > _last_ms:
             _refresh(ms)
-    return "%032x" % (_base + _seq)  # noqa: UP031 - measured faster than f-strings
+    return "%032x" % (_base + _seq)
 
 
 def _refresh(ms: int) -> None:

@@ -74,11 +74,12 @@ class Transport(Protocol):
 
     async def start(self) -> None: ...
 
-    async def declare(self, group: str, topics: Sequence[str]) -> None:
+    async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
         """Create ``group`` (idempotent): from now on it receives ``topics``.
 
         Topics are exact names or patterns: ``*`` matches one dot-separated
-        token, a final ``>`` matches one or more.
+        token, a final ``>`` matches one or more. An ``ephemeral`` group (a
+        process's reply inbox) is deleted, with what it holds, by ``close``.
         """
         ...
 
@@ -87,7 +88,9 @@ class Transport(Protocol):
 
         When it returns, the envelopes are as durable as the transport
         promises. An envelope whose id was published within the dedup window
-        is dropped silently.
+        is dropped silently (only derived ids, UUIDv8, can repeat; see
+        ``surge._event.is_derived``). No group receives an envelope before
+        its ``not_before`` time.
         """
         ...
 

@@ -21,8 +21,15 @@ __all__ = ("MemoryTransport",)
 
 class _Group:
     __slots__ = (
-        "capacity", "consumers", "dead", "name", "patterns", "queue", "scheduled",
-        "space_waiters", "unacked",
+        "capacity",
+        "consumers",
+        "dead",
+        "name",
+        "patterns",
+        "queue",
+        "scheduled",
+        "space_waiters",
+        "unacked",
     )
 
     def __init__(self, name: str, patterns: list[str], capacity: int) -> None:
@@ -68,7 +75,11 @@ class MemoryTransport:
     durable = False
 
     def __init__(
-        self, url: str = "memory://", *, capacity: int = 10_000, dedup_window: int = 100_000,
+        self,
+        url: str = "memory://",
+        *,
+        capacity: int = 10_000,
+        dedup_window: int = 100_000,
         clock: Clock | None = None,
     ) -> None:
         if capacity < 1:
@@ -88,7 +99,7 @@ class MemoryTransport:
     async def start(self) -> None:
         self._closed = False
 
-    async def declare(self, group: str, topics: Sequence[str]) -> None:
+    async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(group, list(topics), self.capacity)
@@ -100,8 +111,7 @@ class MemoryTransport:
         groups = self._routes.get(topic)
         if groups is None:
             groups = self._routes[topic] = tuple(
-                g for g in self._groups.values()
-                if any(topic_matches(p, topic) for p in g.patterns)
+                g for g in self._groups.values() if any(topic_matches(p, topic) for p in g.patterns)
             )
         return groups
 
@@ -127,6 +137,8 @@ class MemoryTransport:
             groups = routes.get(env.topic)
             if groups is None:
                 groups = self._route(env.topic)
+            if env.not_before is not None and self._later(env, groups):
+                continue
             for g in groups:
                 while len(g.queue) >= g.capacity:
                     fut = asyncio.get_running_loop().create_future()
@@ -154,6 +166,8 @@ class MemoryTransport:
                     raise Overloaded(f"group {g.name!r} holds {g.capacity} undelivered events")
             if env.id[12] == "8" and not self._fresh(env.id):
                 return
+            if env.not_before is not None and self._later(env, groups):
+                return
             for g in groups:
                 g.queue.append(Delivery(env, g.name))
                 if g.consumers:
@@ -175,6 +189,8 @@ class MemoryTransport:
             groups = routes.get(env.topic)
             if groups is None:
                 groups = self._route(env.topic)
+            if env.not_before is not None and self._later(env, groups):
+                continue
             for g in groups:
                 g.queue.append(Delivery(env, g.name))
                 if g.consumers:
@@ -201,6 +217,29 @@ class MemoryTransport:
                 g.wake_publishers()
             yield batch
 
+    def _later(self, env: Envelope, groups: tuple[_Group, ...]) -> bool:
+        """Schedule ``env`` for its ``not_before`` time, if that is ahead."""
+        assert env.not_before is not None
+        delay = env.not_before - self.clock.time()
+        if delay <= 0:
+            return False
+        for g in groups:
+            self._schedule(g, Delivery(env, g.name, 0), delay)
+        return True
+
+    def _schedule(self, g: _Group, delivery: Delivery, delay: float) -> None:
+        g.scheduled += 1
+
+        def due() -> None:
+            self._timers.discard(handle)
+            g.scheduled -= 1
+            delivery.attempt += 1
+            g.queue.append(delivery)
+            g.wake_consumers()
+
+        handle = self.clock.call_later(max(0.0, delay), due)
+        self._timers.add(handle)
+
     def _settled(self, g: _Group) -> None:
         if g.consumers:
             g.wake_consumers()
@@ -223,17 +262,7 @@ class MemoryTransport:
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._groups[delivery.group]
         g.unacked -= 1
-        g.scheduled += 1
-
-        def requeue() -> None:
-            self._timers.discard(handle)
-            g.scheduled -= 1
-            delivery.attempt += 1
-            g.queue.append(delivery)
-            g.wake_consumers()
-
-        handle = self.clock.call_later(max(0.0, delay), requeue)
-        self._timers.add(handle)
+        self._schedule(g, delivery, delay)
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         g = self._groups[delivery.group]
