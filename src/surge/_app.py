@@ -174,7 +174,7 @@ class App:
 
         def decorate(fn: F) -> F:
             kind = _kind_of(fn, executor, inline)
-            sub_name = f"{self.name}.{name or fn.__qualname__}"
+            sub_name = f"{self.name}.{name or fn.__qualname__.rsplit('<locals>.', 1)[-1]}"
             if sub_name in self._subs:
                 raise ConfigurationError(
                     f"two subscriptions named {sub_name!r}: pass name= to tell them apart"

@@ -50,6 +50,7 @@ class Runner:
         self.keyed = sub.key is not None
         self._queue: deque[Delivery] = deque()  # unkeyed: shared by workers
         self._lanes: dict[int, deque[Delivery]] = {}  # keyed: one deque per busy lane
+        self._waiting_lanes: deque[tuple[int, deque[Delivery]]] = deque()
         self._workers = 0
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -86,6 +87,7 @@ class Runner:
         for lane in self._lanes.values():
             waiting.extend(lane)
             lane.clear()
+        self._waiting_lanes.clear()
         for d in waiting:
             await self.transport.nack(d, 0.0)
 
@@ -114,15 +116,23 @@ class Runner:
     # --- intake --------------------------------------------------------------
     async def _consume(self) -> None:
         batches = self.transport.consume(self.group, prefetch=self.sub.prefetch)
+        keyed = self.keyed
+        queue = self._queue
         try:
             async for batch in batches:
                 self.received += len(batch)
-                if self.keyed:
+                if keyed:
                     for d in batch:
                         self._push_keyed(d)
                 else:
-                    self._queue.extend(batch)
-                    if not self._starting and self._workers < self.concurrency:
+                    # An envelope key (publish(key=...)) orders too, even
+                    # when the subscription itself names no key.
+                    for d in batch:
+                        if d.envelope.key is None:
+                            queue.append(d)
+                        else:
+                            self._push_keyed(d)
+                    if queue and not self._starting and self._workers < self.concurrency:
                         self._spawn(self._work_shared)
         finally:
             aclose = getattr(batches, "aclose", None)
@@ -146,7 +156,10 @@ class Runner:
         if lane is None:
             lane = self._lanes[lane_id] = deque()
             lane.append(d)
-            self._spawn(self._work_lane, lane_id, lane)
+            if self._workers < self.concurrency:
+                self._spawn(self._work_lane, lane_id, lane)
+            else:  # unkeyed workers hold every slot: the lane waits for one
+                self._waiting_lanes.append((lane_id, lane))
         else:
             lane.append(d)
 
@@ -217,6 +230,8 @@ class Runner:
 
     def _worker_done(self) -> None:
         self._workers -= 1
+        if self._waiting_lanes and not self._stopping:
+            self._spawn(self._work_lane, *self._waiting_lanes.popleft())
         if not self._workers and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
