@@ -20,7 +20,7 @@ __all__ = ("Faults", "FaultyTransport", "Harness", "InjectedFault")
 E = TypeVar("E", bound=Event)
 
 
-class InjectedFault(Exception):  # noqa: N818 - named for what it is in a test's output
+class InjectedFault(Exception):
     """The failure a :class:`Faults` plan injects into a handler."""
 
 
