@@ -1,0 +1,477 @@
+"""In-process dispatch: surge's memory transport against bare baselines, in one run.
+
+Usage: ``python -m benchmarks.inproc [--events N] [--repeat R] [--cpu C]``
+
+Every scenario moves the same pre-built ``surge.Event`` instances (one per
+event, made once before anything is timed, so construction costs nobody) to a
+no-op handler:
+
+``surge_async``          ``await app.publish(ev)`` per event, async handler
+``surge_async_nowait``   ``app.publish_nowait(ev)``, ``await app.publish`` when Overloaded
+``surge_inline``         ``await app.publish(ev)``, sync ``inline=True`` handler
+``surge_inline_nowait``  ``publish_nowait`` to the inline handler
+``queue``                bare ``asyncio.Queue(maxsize=1024)`` producer and consumer
+                         coroutines, the consumer awaiting a no-op coroutine per item
+``pyee_async``           pyee ``AsyncIOEventEmitter.emit`` to an async handler
+                         (a task per event), then ``wait_for_complete()``
+``pyee_sync``            pyee ``EventEmitter.emit`` to a sync handler
+
+A surge measurement runs from the first publish until ``app.drain()``
+returns (every event handled and acknowledged). Each scenario gets a fresh
+event loop per measurement and an untimed warm-up on that loop. Rounds are
+interleaved: each round runs every (loop, scenario) once, in an order that
+rotates from round to round, so drift on a shared machine hits all alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import surge
+
+__all__ = ("Tick", "machine_info", "main", "pin_cpu")
+
+Extra = dict[str, Any]
+Scenario = Callable[[Sequence["Tick"], Sequence["Tick"]], Coroutine[Any, Any, tuple[float, Extra]]]
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+RESULTS = Path(__file__).parent / "results"
+
+
+class Tick(surge.Event):
+    """The no-op event every scenario carries."""
+
+    n: int
+
+
+# --- surge ---------------------------------------------------------------------
+async def _feed(app: surge.App, events: Sequence[Tick]) -> int:
+    publish = app.publish
+    for ev in events:
+        await publish(ev)
+    return 0
+
+
+async def _feed_nowait(app: surge.App, events: Sequence[Tick]) -> int:
+    """``publish_nowait`` as a producer uses it: fall back to waiting when full."""
+    publish_nowait = app.publish_nowait
+    fallbacks = 0
+    for ev in events:
+        try:
+            publish_nowait(ev)
+        except surge.Overloaded:
+            fallbacks += 1
+            await app.publish(ev)
+    return fallbacks
+
+
+def _handled(app: surge.App) -> int:
+    return sum(s.succeeded for s in app.statistics().subscriptions.values())
+
+
+async def _surge(
+    events: Sequence[Tick], warm: Sequence[Tick], *, inline: bool, nowait: bool
+) -> tuple[float, Extra]:
+    app = surge.App("bench")
+    if inline:
+
+        @app.on(Tick, inline=True)
+        def handle_sync(ev: Tick) -> None:
+            return None
+
+    else:
+
+        @app.on(Tick)
+        async def handle(ev: Tick) -> None:
+            return None
+
+    feed = _feed_nowait if nowait else _feed
+    async with app:
+        await feed(app, warm)
+        await app.drain()
+        gc.collect()
+        t0 = time.perf_counter()
+        fallbacks = await feed(app, events)
+        await app.drain()
+        seconds = time.perf_counter() - t0
+        handled = _handled(app)
+    expected = len(warm) + len(events)
+    if handled != expected:
+        raise RuntimeError(f"surge handled {handled} of {expected} events")
+    return seconds, {"overloaded_fallbacks": fallbacks} if nowait else {}
+
+
+async def surge_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    return await _surge(events, warm, inline=False, nowait=False)
+
+
+async def surge_async_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    return await _surge(events, warm, inline=False, nowait=True)
+
+
+async def surge_inline(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    return await _surge(events, warm, inline=True, nowait=False)
+
+
+async def surge_inline_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    return await _surge(events, warm, inline=True, nowait=True)
+
+
+# --- baselines -------------------------------------------------------------------
+async def _noop(ev: Tick) -> None:
+    return None
+
+
+async def _queue_once(events: Sequence[Tick]) -> float:
+    q: asyncio.Queue[Tick] = asyncio.Queue(maxsize=1024)
+    n = len(events)
+    handler = _noop
+
+    async def consumer() -> int:
+        get = q.get
+        done = 0
+        for _ in range(n):
+            ev = await get()
+            await handler(ev)
+            done += 1
+        return done
+
+    async def producer() -> None:
+        put = q.put
+        for ev in events:
+            await put(ev)
+
+    t0 = time.perf_counter()
+    task = asyncio.get_running_loop().create_task(consumer())
+    await producer()
+    done = await task
+    seconds = time.perf_counter() - t0
+    if done != n:
+        raise RuntimeError(f"queue consumer handled {done} of {n}")
+    return seconds
+
+
+async def queue(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    await _queue_once(warm)
+    gc.collect()
+    return await _queue_once(events), {}
+
+
+async def pyee_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    from pyee.asyncio import AsyncIOEventEmitter
+
+    ee = AsyncIOEventEmitter()
+    ee.add_listener("Tick", _noop)
+
+    async def once(evs: Sequence[Tick]) -> float:
+        emit = ee.emit
+        t0 = time.perf_counter()
+        for ev in evs:
+            emit("Tick", ev)
+        await ee.wait_for_complete()
+        return time.perf_counter() - t0
+
+    await once(warm)
+    gc.collect()
+    return await once(events), {}
+
+
+async def pyee_sync(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+    from pyee import EventEmitter
+
+    ee = EventEmitter()
+
+    def handler(ev: Tick) -> None:
+        return None
+
+    ee.add_listener("Tick", handler)
+
+    def once(evs: Sequence[Tick]) -> float:
+        emit = ee.emit
+        t0 = time.perf_counter()
+        for ev in evs:
+            emit("Tick", ev)
+        return time.perf_counter() - t0
+
+    once(warm)
+    gc.collect()
+    return once(events), {}
+
+
+SCENARIOS: dict[str, Scenario] = {
+    "surge_async": surge_async,
+    "surge_async_nowait": surge_async_nowait,
+    "surge_inline": surge_inline,
+    "surge_inline_nowait": surge_inline_nowait,
+    "queue": queue,
+    "pyee_async": pyee_async,
+    "pyee_sync": pyee_sync,
+}
+
+# (numerator, denominator, what the ratio is held against)
+RATIOS: tuple[tuple[str, str, str], ...] = (
+    ("surge_async", "queue", "bar >= 0.5, goal >= 1.0"),
+    ("surge_async_nowait", "queue", "variant of the above"),
+    ("surge_async", "pyee_async", ""),
+    ("surge_inline", "pyee_sync", "goal >= 1.0"),
+    ("surge_inline_nowait", "pyee_sync", "variant of the above"),
+    ("surge_inline", "queue", ""),
+)
+
+
+# --- machine and running -------------------------------------------------------
+def loop_factories() -> dict[str, LoopFactory]:
+    """The loops to measure on: the default asyncio loop, and uvloop if installed."""
+    loops: dict[str, LoopFactory] = {"asyncio": asyncio.SelectorEventLoop}
+    try:
+        import uvloop
+    except ImportError:
+        return loops
+    loops["uvloop"] = uvloop.new_event_loop
+    return loops
+
+
+def pin_cpu(cpu: int) -> list[int] | None:
+    """Pin this process to ``cpu`` (negative: leave it); the CPUs it may use after."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    if cpu >= 0:
+        os.sched_setaffinity(0, {cpu})
+    return sorted(os.sched_getaffinity(0))
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return version(pkg)
+    except PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    return {
+        "when_utc": datetime.now(UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "python": sys.version.split()[0],
+        "implementation": platform.python_implementation(),
+        "kernel": platform.release(),
+        "platform": platform.platform(),
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "packages": {p: _version(p) for p in ("surge", "msgspec", "uvloop", "pyee")},
+    }
+
+
+def _run_one(
+    factory: LoopFactory, fn: Scenario, events: Sequence[Tick], warm: Sequence[Tick]
+) -> tuple[float, Extra]:
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(fn(events, warm))
+
+
+def _summary(values: Sequence[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def measure(
+    events: Sequence[Tick],
+    warm: Sequence[Tick],
+    repeat: int,
+    loops: dict[str, LoopFactory],
+    scenarios: dict[str, Scenario],
+    progress: Callable[[str], None],
+) -> dict[str, dict[str, dict[str, Any]]]:
+    """Rates per loop and scenario: ``rates`` (one per round), ``extra`` per round."""
+    cells = [(lp, sc) for lp in loops for sc in scenarios]
+    out: dict[str, dict[str, dict[str, Any]]] = {
+        lp: {sc: {"rates": [], "extra": []} for sc in scenarios} for lp in loops
+    }
+    n = len(events)
+    for r in range(repeat):
+        shift = r % len(cells)
+        for lp, sc in cells[shift:] + cells[:shift]:
+            seconds, extra = _run_one(loops[lp], scenarios[sc], events, warm)
+            rate = n / seconds
+            out[lp][sc]["rates"].append(rate)
+            out[lp][sc]["extra"].append(extra)
+            progress(f"round {r + 1}/{repeat}  {lp:8} {sc:20} {rate:>12,.0f} events/s")
+    for per_loop in out.values():
+        for cell in per_loop.values():
+            cell.update(_summary(cell["rates"]))
+    return out
+
+
+def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """surge/baseline per loop: of the medians, and the median of per-round ratios."""
+    rows = []
+    for lp, per_loop in results.items():
+        for num, den, against in RATIOS:
+            if num not in per_loop or den not in per_loop:
+                continue
+            a, b = per_loop[num], per_loop[den]
+            per_round = [x / y for x, y in zip(a["rates"], b["rates"], strict=True)]
+            rows.append(
+                {
+                    "loop": lp,
+                    "ratio": f"{num}/{den}",
+                    "of_medians": a["median"] / b["median"],
+                    "median_of_rounds": statistics.median(per_round),
+                    "rounds_min": min(per_round),
+                    "rounds_max": max(per_round),
+                    "per_round": per_round,
+                    "against": against,
+                }
+            )
+    return rows
+
+
+def _print_tables(
+    results: dict[str, dict[str, dict[str, Any]]], rows: list[dict[str, Any]], title: str
+) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    # Wide enough for the ratio names when printing to a file or pipe.
+    console = Console(width=max(Console().width, 118))
+    t = Table(title=title)
+    for col in ("loop", "scenario", "median events/s", "min", "max", "spread"):
+        t.add_column(col, justify="left" if col in ("loop", "scenario") else "right")
+    for lp, per_loop in results.items():
+        for sc, cell in per_loop.items():
+            spread = (cell["max"] - cell["min"]) / cell["median"]
+            t.add_row(
+                lp,
+                sc,
+                f"{cell['median']:,.0f}",
+                f"{cell['min']:,.0f}",
+                f"{cell['max']:,.0f}",
+                f"{spread:.0%}",
+            )
+    console.print(t)
+    r = Table(title="surge / baseline")
+    for col in (
+        "loop",
+        "ratio",
+        "of medians",
+        "median of rounds",
+        "rounds min-max",
+        "held against",
+    ):
+        r.add_column(col, justify="left" if col in ("loop", "ratio", "held against") else "right")
+    for row in rows:
+        r.add_row(
+            row["loop"],
+            row["ratio"],
+            f"{row['of_medians']:.2f}",
+            f"{row['median_of_rounds']:.2f}",
+            f"{row['rounds_min']:.2f}-{row['rounds_max']:.2f}",
+            row["against"],
+        )
+    console.print(r)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.inproc", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--events", type=int, default=200_000, help="events per measurement")
+    parser.add_argument("--repeat", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--warmup", type=int, default=2_000, help="untimed events first")
+    parser.add_argument("--cpu", type=int, default=0, help="CPU to pin to; -1 leaves affinity")
+    parser.add_argument(
+        "--loops", default="asyncio,uvloop", help="comma-separated: asyncio, uvloop"
+    )
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run"
+    )
+    parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.repeat < 1 or args.warmup < 1:
+        parser.error("--events, --repeat and --warmup must be at least 1")
+
+    available = loop_factories()
+    loops = {}
+    for name in args.loops.split(","):
+        if name not in available:
+            parser.error(f"loop {name!r} is not available (have: {', '.join(available)})")
+        loops[name] = available[name]
+    scenarios = {}
+    for name in args.scenarios.split(","):
+        if name not in SCENARIOS:
+            parser.error(f"unknown scenario {name!r} (have: {', '.join(SCENARIOS)})")
+        scenarios[name] = SCENARIOS[name]
+
+    cpus = pin_cpu(args.cpu)
+    events = [Tick(n=i) for i in range(args.events)]
+    warm = events[: args.warmup]
+    # The events live for the whole run: keep them out of every collection.
+    gc.collect()
+    gc.freeze()
+
+    info = machine_info()
+    started = time.perf_counter()
+    results = measure(
+        events,
+        warm,
+        args.repeat,
+        loops,
+        scenarios,
+        lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    rows = ratios(results)
+    info["loadavg_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    record = {
+        "benchmark": "inproc",
+        "command": " ".join(["python -m benchmarks.inproc", *(argv or sys.argv[1:])]),
+        "events": args.events,
+        "warmup": args.warmup,
+        "repeat": args.repeat,
+        "pinned_cpus": cpus,
+        "loops": {lp: f"{f.__module__}.{getattr(f, '__qualname__', f)}" for lp, f in loops.items()},
+        "machine": info,
+        "wall_seconds": time.perf_counter() - started,
+        "results": results,
+        "ratios": rows,
+    }
+    out = args.out
+    if out is None:
+        RESULTS.mkdir(exist_ok=True)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        out = RESULTS / f"inproc-{stamp}.json"
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    pinned = f"pinned to CPU {cpus}" if cpus is not None else "not pinned"
+    _print_tables(
+        results,
+        rows,
+        f"{args.events:,} no-op events, median of {args.repeat} interleaved rounds, {pinned}",
+    )
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
