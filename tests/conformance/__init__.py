@@ -1,0 +1,1 @@
+"""One suite, every transport: the promises of ``surge.Transport``."""

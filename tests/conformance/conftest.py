@@ -1,0 +1,119 @@
+"""The transports the conformance suite runs against.
+
+To add a transport, write a ``Case`` and add it to ``CASES`` (see the two
+below): ``url`` gives the URL of a fresh, empty store for one test (it gets
+pytest's ``tmp_path`` and may call ``pytest.skip`` when, say, no server
+listens), ``options`` go to every ``open_transport`` call, and the flags say
+which optional promises the transport makes, so tests of the others skip::
+
+    CASES.append(Case("redis", url=_redis_url, realtime=True, leases=True,
+                      lease_options={"lease": 0.5}, shared=True))
+
+Every test gets ``transport_factory``: a ``Factory`` whose ``open(**options)``
+opens a transport on the test's store with the test's clock, ``started()``
+one that is closed on exit, and ``app()`` an App on a new transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import surge
+from surge.transports import open_transport
+
+
+@dataclass(frozen=True)
+class Case:
+    """One transport under test, and which optional promises it makes."""
+
+    id: str
+    url: Callable[[Path], str]
+    options: dict[str, Any] = field(default_factory=dict)
+    realtime: bool = False
+    """Runs on a real loop and clock (sockets, servers), not the virtual one."""
+    shared: bool = False
+    """Two transports opened on one URL see the same groups and events."""
+    leases: bool = False
+    """A delivery its consumer never settles comes back (visibility timeout)."""
+    lease_options: dict[str, Any] = field(default_factory=dict)
+    """Options that make a lease short and never extended, for that test."""
+    bounded: bool = False
+    """``publish_nowait`` raises Overloaded past ``bounded_options``' capacity."""
+    bounded_options: dict[str, Any] = field(default_factory=dict)
+    bounded_capacity: int = 0
+
+
+CASES: list[Case] = [
+    Case(
+        "memory",
+        url=lambda _: "memory://",
+        bounded=True,
+        bounded_options={"capacity": 2},
+        bounded_capacity=2,
+    ),
+    Case(
+        "sqlite",
+        url=lambda tmp: f"sqlite:///{tmp / 'conformance.db'}",
+        options={"synchronous": "normal"},
+        shared=True,
+        leases=True,
+        lease_options={"lease": 2.0, "heartbeat": 0},
+    ),
+]
+
+
+class Factory:
+    """Opens transports on one test's store, with the test's clock."""
+
+    def __init__(self, case: Case, url: str, clock: surge.Clock) -> None:
+        self.case = case
+        self.url = url
+        self.clock = clock
+        self.opened: list[surge.Transport] = []
+
+    def open(self, **options: Any) -> surge.Transport:
+        """A new transport (not started) on this test's store."""
+        t = open_transport(self.url, clock=self.clock, **{**self.case.options, **options})
+        self.opened.append(t)
+        return t
+
+    @asynccontextmanager
+    async def started(self, **options: Any) -> AsyncIterator[surge.Transport]:
+        """A started transport, closed on exit."""
+        t = self.open(**options)
+        await t.start()
+        try:
+            yield t
+        finally:
+            await t.close()
+
+    def app(self, name: str = "conf", **options: Any) -> surge.App:
+        """An App on a new transport of this store."""
+        return surge.App(name, transport=self.open(), clock=self.clock, **options)
+
+
+def _param(case: Case) -> Any:
+    return pytest.param(case, id=case.id, marks=[pytest.mark.realtime] if case.realtime else [])
+
+
+@pytest.fixture(params=[_param(c) for c in CASES])
+def case(request: pytest.FixtureRequest) -> Case:
+    c: Case = request.param
+    return c
+
+
+@pytest.fixture
+def clock(case: Case) -> surge.Clock:
+    """The virtual clock the test's loop runs on, or the real one."""
+    return surge.RealClock() if case.realtime else surge.VirtualClock()
+
+
+@pytest.fixture
+def transport_factory(case: Case, clock: surge.Clock, tmp_path: Path) -> Factory:
+    return Factory(case, case.url(tmp_path), clock)
