@@ -26,6 +26,7 @@ from ._event import Envelope, Event, derive_id, new_id
 from ._middleware import Middleware
 from ._stats import AppStats, SubscriptionStats
 from ._transport import DeadLetter, Delivery, Transport
+from ._triggers import Condition, ConditionMet, Tick, absence, count, sequence
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = (
     "Clock",
     "Closed",
     "Codec",
+    "Condition",
+    "ConditionMet",
     "ConfigurationError",
     "Context",
     "DeadLetter",
@@ -55,11 +58,15 @@ __all__ = (
     "Subscription",
     "SubscriptionStats",
     "SurgeError",
+    "Tick",
     "Transport",
     "TransportError",
     "UnknownTopic",
     "VirtualClock",
     "__version__",
+    "absence",
+    "count",
     "derive_id",
     "new_id",
+    "sequence",
 )
