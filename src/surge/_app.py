@@ -126,6 +126,14 @@ class App:
             self._transport = open_transport(self._transport_spec, clock=self.clock)
         return self._transport
 
+    def use_transport(self, transport: str | Transport) -> None:
+        """Run on ``transport`` (a URL or a transport object) instead of the
+        one given to the constructor; only while the app is not running."""
+        if self._state in ("running", "stopping"):
+            raise ConfigurationError("choose the transport before the app starts")
+        self._transport_spec = transport
+        self._transport = None if isinstance(transport, str) else transport
+
     @property
     def subscriptions(self) -> dict[str, Subscription]:
         return dict(self._subs)

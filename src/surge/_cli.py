@@ -1,0 +1,432 @@
+"""The ``surge`` command: run an app, run the demo, look after dead letters.
+
+::
+
+    surge run module:app [--transport URL] [--workers N] [--http HOST:PORT]
+    surge demo [--events N] [--producers N] [--transport URL]
+    surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
+
+Commands that live in optional modules (``surge load``, ``surge top``) are
+found lazily: the CLI works without them, and names what to install when one
+needs an extra that is missing.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.util
+import logging
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import click
+import msgspec
+from rich.console import Console
+from rich.table import Table
+
+from ._errors import ConfigurationError, SurgeError
+
+if TYPE_CHECKING:
+    from ._app import App
+    from ._transport import DeadLetter
+
+__all__ = ("load_app", "main")
+
+T = TypeVar("T")
+
+# name -> (module, attribute, what it does): commands other modules provide
+_LAZY: dict[str, tuple[str, str, str]] = {
+    "load": ("surge.http._load", "load", "Drive HTTP load at a running app."),
+    "top": ("surge.observe._top", "top", "A live terminal view of a running app."),
+}
+
+
+class _Group(click.Group):
+    """A group that also offers the commands of optional modules, imported
+    only when such a command is asked for."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        names = set(super().list_commands(ctx))
+        for name, (module, _, _) in _LAZY.items():
+            if _module_exists(module):
+                names.add(name)
+        return sorted(names)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        cmd = super().get_command(ctx, cmd_name)
+        if cmd is not None or cmd_name not in _LAZY:
+            return cmd
+        module, attr, help_text = _LAZY[cmd_name]
+        if not _module_exists(module):
+            return None
+        try:
+            found = getattr(importlib.import_module(module), attr)
+        except ImportError as exc:
+            return _unavailable(cmd_name, help_text, f"{exc}; try: pip install 'surge[http]'")
+        except Exception as exc:  # a broken optional module must not break the CLI
+            return _unavailable(cmd_name, help_text, f"{type(exc).__name__}: {exc}")
+        if not isinstance(found, click.Command):
+            return _unavailable(cmd_name, help_text, f"{module}.{attr} is not a click command")
+        return found
+
+
+def _module_exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _unavailable(name: str, help_text: str, reason: str) -> click.Command:
+    def fail() -> None:
+        raise click.ClickException(f"surge {name} is unavailable: {reason}")
+
+    return click.Command(name, callback=fail, help=f"{help_text} (unavailable: {reason})")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="surge", prog_name="surge")
+def main() -> None:
+    """surge: event-driven high-concurrency applications."""
+
+
+# --- loading an app -----------------------------------------------------------
+def load_app(ref: str) -> App:
+    """The :class:`~surge.App` named by ``ref`` (``"package.module:attr"``),
+    imported with the current directory on ``sys.path``."""
+    from ._app import App
+
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise ConfigurationError(f"app reference {ref!r}: write it as 'module:attribute'")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            raise ConfigurationError(
+                f"app reference {ref!r}: no module named {exc.name!r} "
+                f"(looked in {cwd} and on sys.path)"
+            ) from None
+        raise
+    obj: Any = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ConfigurationError(
+                f"app reference {ref!r}: module {module_name!r} has no attribute {attr!r}"
+            ) from None
+    if not isinstance(obj, App):
+        raise ConfigurationError(
+            f"app reference {ref!r} names a {type(obj).__name__}, not a surge.App"
+        )
+    return obj
+
+
+def _load(ref: str, transport: str | None) -> App:
+    try:
+        app = load_app(ref)
+        if transport is not None:
+            app.use_transport(transport)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    return app
+
+
+def _transport_url(app: App, override: str | None) -> str:
+    if override is not None:
+        return override
+    spec = app._transport_spec
+    return spec if isinstance(spec, str) else spec.url
+
+
+def _host_port(value: str | None) -> tuple[str, int] | None:
+    if value is None:
+        return None
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit():
+        raise click.BadParameter(f"{value!r}: write it as HOST:PORT, e.g. 127.0.0.1:8000")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
+    from ._app import run_loop
+
+    async def main() -> T:
+        return await coro_fn()
+
+    return run_loop(main())
+
+
+# --- surge run ----------------------------------------------------------------
+@main.command()
+@click.argument("app_ref", metavar="MODULE:APP")
+@click.option("--transport", "-t", metavar="URL", help="Override the app's transport.")
+@click.option(
+    "--workers",
+    "-w",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Worker processes (needs a transport they share: sqlite, redis, nats).",
+)
+@click.option("--http", "http", metavar="HOST:PORT", help="Also serve the app's HTTP ingress.")
+def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> None:
+    """Run the app MODULE:APP until SIGINT or SIGTERM, then stop gracefully."""
+    address = _host_port(http)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    app = _load(app_ref, transport)
+    url = _transport_url(app, transport)
+    if workers > 1:
+        if url.split("://", 1)[0] == "memory":
+            raise click.ClickException(
+                f"--workers {workers} needs a transport that processes share, and {url} "
+                "lives inside one process: use --transport sqlite:///app.db (one machine) or "
+                "redis:// / nats:// (many), or run with --workers 1"
+            )
+        try:
+            supervisor = importlib.import_module("surge._supervisor")
+        except ImportError as exc:
+            raise click.ClickException(
+                f"--workers is unavailable: the supervisor module cannot be imported ({exc})"
+            ) from None
+        try:
+            code = supervisor.run_workers(app_ref, url, workers, http=address)
+        except ConfigurationError as exc:
+            raise click.ClickException(str(exc)) from None
+        sys.exit(code)
+    try:
+        if address is not None:
+            _serve_http(app, *address)
+        else:
+            app.run()
+    except SurgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+def _serve_http(app: App, host: str, port: int) -> None:
+    try:
+        serve = importlib.import_module("surge.http").serve
+    except (ImportError, AttributeError) as exc:
+        raise click.ClickException(
+            f"--http needs surge's HTTP ingress: pip install 'surge[http]' ({exc})"
+        ) from None
+    result = serve(app, host=host, port=port)
+    if isinstance(result, Awaitable):
+        _run(lambda: result)
+
+
+# --- surge demo ---------------------------------------------------------------
+@main.command()
+@click.option("--events", "-n", type=click.IntRange(min=1), default=100_000, show_default=True)
+@click.option("--producers", "-p", type=click.IntRange(min=1), default=1_000, show_default=True)
+@click.option("--transport", "-t", metavar="URL", default="memory://", show_default=True)
+@click.option("--progress/--no-progress", default=True, help="Show the live progress bars.")
+def demo(events: int, producers: int, transport: str, progress: bool) -> None:
+    """Flood the example order pipeline (surge.examples.shop) and report
+    throughput, latency and whether every order arrived exactly once."""
+    from ._demo import run_demo
+
+    try:
+        report = run_demo(
+            events=events, producers=producers, transport=transport, progress=progress
+        )
+    except SurgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if not report.ok:
+        sys.exit(1)
+
+
+# --- surge dlq ----------------------------------------------------------------
+@main.group()
+def dlq() -> None:
+    """Inspect, replay or purge dead letters (without running any handler)."""
+
+
+def _dlq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--transport", "-t", metavar="URL", help="Override the app's transport.")(fn)
+    fn = click.option(
+        "--id", "ids", multiple=True, metavar="ID", help="Only this dead letter (repeatable)."
+    )(fn)
+    fn = click.option("--subscription", "-s", metavar="NAME", help="Only this subscription.")(fn)
+    return click.argument("app_ref", metavar="MODULE:APP")(fn)
+
+
+async def _letters(app: App, subscription: str | None, ids: Sequence[str]) -> list[DeadLetter]:
+    letters = await app.dead_letters(subscription)
+    if ids:
+        wanted = set(ids)
+        letters = [d for d in letters if d.id in wanted]
+    return letters
+
+
+def _with_transport(app_ref: str, transport: str | None, work: Callable[[App], Awaitable[T]]) -> T:
+    """Open the app's transport (declaring nothing, consuming nothing), run
+    ``work``, close it."""
+    app = _load(app_ref, transport)
+
+    async def go() -> T:
+        await app.transport.start()
+        try:
+            return await work(app)
+        finally:
+            await app.transport.close()
+
+    try:
+        return _run(go)
+    except SurgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+
+
+def _when(ts: float) -> str:
+    if not ts:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def _short(group: str, app: App) -> str:
+    prefix = f"{app.name}."
+    return group[len(prefix) :] if group.startswith(prefix) else group
+
+
+@dlq.command("list")
+@_dlq_options
+def dlq_list(
+    app_ref: str, subscription: str | None, ids: tuple[str, ...], transport: str | None
+) -> None:
+    """List dead letters: id, subscription, topic, error, attempts, when."""
+    console = Console()
+
+    async def work(app: App) -> None:
+        letters = await _letters(app, subscription, ids)
+        if not letters:
+            console.print("no dead letters")
+            return
+        table = Table(box=None, pad_edge=False)
+        for col in ("id", "subscription", "topic", "error", "attempts", "failed at (UTC)"):
+            table.add_column(
+                col, no_wrap=col == "id", justify="right" if col == "attempts" else "left"
+            )
+        for d in letters:
+            table.add_row(
+                d.id,
+                _short(d.group, app),
+                d.topic,
+                d.error_type,
+                str(d.attempts),
+                _when(d.failed_at),
+            )
+        console.print(table)
+        console.print(f"{len(letters)} dead letter{'s' if len(letters) != 1 else ''}")
+
+    _with_transport(app_ref, transport, work)
+
+
+def _body_text(body: bytes) -> str:
+    """The body as indented JSON when it decodes as msgpack or JSON."""
+    for decode in (msgspec.msgpack.decode, msgspec.json.decode):
+        try:
+            value = decode(body)
+        except (msgspec.DecodeError, ValueError):
+            continue
+        try:
+            return msgspec.json.format(msgspec.json.encode(value), indent=2).decode()
+        except (TypeError, ValueError):
+            break
+    return repr(body)
+
+
+@dlq.command("show")
+@_dlq_options
+def dlq_show(
+    app_ref: str, subscription: str | None, ids: tuple[str, ...], transport: str | None
+) -> None:
+    """Show dead letters in full: headers, body, error and traceback."""
+    console = Console()
+
+    async def work(app: App) -> None:
+        letters = await _letters(app, subscription, ids)
+        if not letters:
+            console.print("no dead letters")
+        for d in letters:
+            console.rule(f"[bold]{d.id}[/bold]")
+            table = Table.grid(padding=(0, 2))
+            table.add_column(style="bold")
+            table.add_column()
+            table.add_row("subscription", d.group)
+            table.add_row("topic", d.topic)
+            table.add_row("key", d.key or "-")
+            table.add_row("attempts", str(d.attempts))
+            table.add_row("first attempt", _when(d.first_attempt_at))
+            table.add_row("failed at", _when(d.failed_at))
+            table.add_row("error", f"{d.error_type}: {d.error}")
+            table.add_row("headers", msgspec.json.encode(d.headers or {}).decode())
+            console.print(table)
+            console.print("[bold]body[/bold]")
+            console.print(_body_text(d.body), markup=False, highlight=False)
+            console.print("[bold]traceback[/bold]")
+            console.print(d.traceback.rstrip() or "-", markup=False, highlight=False)
+
+    _with_transport(app_ref, transport, work)
+
+
+async def _settle(
+    app: App,
+    subscription: str | None,
+    ids: Sequence[str],
+    action: Callable[[str, Sequence[str] | None], Awaitable[int]],
+) -> dict[str, int]:
+    """Apply ``action`` per subscription that holds matching dead letters."""
+    letters = await _letters(app, subscription, ids)
+    groups: dict[str, list[str]] = {}
+    for d in letters:
+        groups.setdefault(d.group, []).append(d.id)
+    done: dict[str, int] = {}
+    for group, group_ids in groups.items():
+        done[group] = await action(group, group_ids if ids else None)
+    return done
+
+
+def _settle_command(verb: str, past: str) -> Callable[..., None]:
+    def command(
+        app_ref: str,
+        subscription: str | None,
+        ids: tuple[str, ...],
+        transport: str | None,
+        all_: bool,
+    ) -> None:
+        if not ids and not all_:
+            raise click.UsageError("say which: --id ID (repeatable) or --all")
+        console = Console()
+
+        async def work(app: App) -> dict[str, int]:
+            fn = app.replay if verb == "replay" else app.purge
+            return await _settle(app, subscription, ids, fn)
+
+        done = _with_transport(app_ref, transport, work)
+        total = sum(done.values())
+        for group, n in sorted(done.items()):
+            console.print(f"{group}: {n} {past}")
+        console.print(f"{total} dead letter{'s' if total != 1 else ''} {past}")
+        if ids and total < len(set(ids)):
+            raise click.ClickException(f"{len(set(ids)) - total} of the given ids were not found")
+
+    return command
+
+
+_ALL = click.option("--all", "all_", is_flag=True, help="Every dead letter that matches.")
+
+dlq.command(
+    "replay", help="Deliver dead letters to their subscription again (next run consumes them)."
+)(_ALL(_dlq_options(_settle_command("replay", "replayed"))))
+dlq.command("purge", help="Delete dead letters for good.")(
+    _ALL(_dlq_options(_settle_command("purge", "purged")))
+)

@@ -1,0 +1,3 @@
+"""Runnable example applications (``surge run surge.examples.shop:app``)."""
+
+__all__ = ()
