@@ -45,10 +45,21 @@ import surge
 __all__ = ("Tick", "machine_info", "main", "pin_cpu")
 
 Extra = dict[str, Any]
-Scenario = Callable[[Sequence["Tick"], Sequence["Tick"]], Coroutine[Any, Any, tuple[float, Extra]]]
+Span = tuple[float, float]  # (wall seconds, CPU seconds of this process)
+Scenario = Callable[[Sequence["Tick"], Sequence["Tick"]], Coroutine[Any, Any, tuple[Span, Extra]]]
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def _now() -> Span:
+    return time.perf_counter(), time.process_time()
+
+
+def _since(t0: Span) -> Span:
+    """Wall and CPU time since ``t0``. Pinned to one CPU, the CPU time leaves
+    out the time other processes on that CPU took from us."""
+    return time.perf_counter() - t0[0], time.process_time() - t0[1]
 
 
 class Tick(surge.Event):
@@ -84,7 +95,7 @@ def _handled(app: surge.App) -> int:
 
 async def _surge(
     events: Sequence[Tick], warm: Sequence[Tick], *, inline: bool, nowait: bool
-) -> tuple[float, Extra]:
+) -> tuple[Span, Extra]:
     app = surge.App("bench")
     if inline:
 
@@ -103,10 +114,10 @@ async def _surge(
         await feed(app, warm)
         await app.drain()
         gc.collect()
-        t0 = time.perf_counter()
+        t0 = _now()
         fallbacks = await feed(app, events)
         await app.drain()
-        seconds = time.perf_counter() - t0
+        seconds = _since(t0)
         handled = _handled(app)
     expected = len(warm) + len(events)
     if handled != expected:
@@ -114,19 +125,19 @@ async def _surge(
     return seconds, {"overloaded_fallbacks": fallbacks} if nowait else {}
 
 
-async def surge_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def surge_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     return await _surge(events, warm, inline=False, nowait=False)
 
 
-async def surge_async_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def surge_async_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     return await _surge(events, warm, inline=False, nowait=True)
 
 
-async def surge_inline(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def surge_inline(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     return await _surge(events, warm, inline=True, nowait=False)
 
 
-async def surge_inline_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def surge_inline_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     return await _surge(events, warm, inline=True, nowait=True)
 
 
@@ -135,7 +146,7 @@ async def _noop(ev: Tick) -> None:
     return None
 
 
-async def _queue_once(events: Sequence[Tick]) -> float:
+async def _queue_once(events: Sequence[Tick]) -> Span:
     q: asyncio.Queue[Tick] = asyncio.Queue(maxsize=1024)
     n = len(events)
     handler = _noop
@@ -154,42 +165,42 @@ async def _queue_once(events: Sequence[Tick]) -> float:
         for ev in events:
             await put(ev)
 
-    t0 = time.perf_counter()
+    t0 = _now()
     task = asyncio.get_running_loop().create_task(consumer())
     await producer()
     done = await task
-    seconds = time.perf_counter() - t0
+    seconds = _since(t0)
     if done != n:
         raise RuntimeError(f"queue consumer handled {done} of {n}")
     return seconds
 
 
-async def queue(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def queue(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     await _queue_once(warm)
     gc.collect()
     return await _queue_once(events), {}
 
 
-async def pyee_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def pyee_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     from pyee.asyncio import AsyncIOEventEmitter
 
     ee = AsyncIOEventEmitter()
     ee.add_listener("Tick", _noop)
 
-    async def once(evs: Sequence[Tick]) -> float:
+    async def once(evs: Sequence[Tick]) -> Span:
         emit = ee.emit
-        t0 = time.perf_counter()
+        t0 = _now()
         for ev in evs:
             emit("Tick", ev)
         await ee.wait_for_complete()
-        return time.perf_counter() - t0
+        return _since(t0)
 
     await once(warm)
     gc.collect()
     return await once(events), {}
 
 
-async def pyee_sync(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float, Extra]:
+async def pyee_sync(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     from pyee import EventEmitter
 
     ee = EventEmitter()
@@ -199,12 +210,12 @@ async def pyee_sync(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[float
 
     ee.add_listener("Tick", handler)
 
-    def once(evs: Sequence[Tick]) -> float:
+    def once(evs: Sequence[Tick]) -> Span:
         emit = ee.emit
-        t0 = time.perf_counter()
+        t0 = _now()
         for ev in evs:
             emit("Tick", ev)
-        return time.perf_counter() - t0
+        return _since(t0)
 
     once(warm)
     gc.collect()
@@ -223,11 +234,11 @@ SCENARIOS: dict[str, Scenario] = {
 
 # (numerator, denominator, what the ratio is held against)
 RATIOS: tuple[tuple[str, str, str], ...] = (
-    ("surge_async", "queue", "bar >= 0.5, goal >= 1.0"),
-    ("surge_async_nowait", "queue", "variant of the above"),
+    ("surge_async", "queue", "bar 0.5, goal 1.0"),
+    ("surge_async_nowait", "queue", "variant"),
     ("surge_async", "pyee_async", ""),
-    ("surge_inline", "pyee_sync", "goal >= 1.0"),
-    ("surge_inline_nowait", "pyee_sync", "variant of the above"),
+    ("surge_inline", "pyee_sync", "goal 1.0"),
+    ("surge_inline_nowait", "pyee_sync", "variant"),
     ("surge_inline", "queue", ""),
 )
 
@@ -271,6 +282,23 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def _git_revision() -> str | None:
+    """The commit measured, with ``+dirty`` when src/ differs from it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "src"], cwd=root, capture_output=True, text=True
+        ).stdout.strip()
+    except OSError:
+        return None
+    return f"{rev}+dirty" if rev and dirty else rev or None
+
+
 def machine_info() -> dict[str, Any]:
     """What the figures were measured on."""
     return {
@@ -283,12 +311,14 @@ def machine_info() -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "packages": {p: _version(p) for p in ("surge", "msgspec", "uvloop", "pyee")},
+        "surge_revision": _git_revision(),
+        "surge_path": str(Path(surge.__file__).parent),
     }
 
 
 def _run_one(
     factory: LoopFactory, fn: Scenario, events: Sequence[Tick], warm: Sequence[Tick]
-) -> tuple[float, Extra]:
+) -> tuple[Span, Extra]:
     with asyncio.Runner(loop_factory=factory) as runner:
         return runner.run(fn(events, warm))
 
@@ -305,47 +335,53 @@ def measure(
     scenarios: dict[str, Scenario],
     progress: Callable[[str], None],
 ) -> dict[str, dict[str, dict[str, Any]]]:
-    """Rates per loop and scenario: ``rates`` (one per round), ``extra`` per round."""
+    """Per loop and scenario: ``rates`` (events per wall second, one per round),
+    ``cpu_rates`` (events per CPU second of this process), ``extra`` per round,
+    and the median, min and max of each."""
     cells = [(lp, sc) for lp in loops for sc in scenarios]
     out: dict[str, dict[str, dict[str, Any]]] = {
-        lp: {sc: {"rates": [], "extra": []} for sc in scenarios} for lp in loops
+        lp: {sc: {"rates": [], "cpu_rates": [], "extra": []} for sc in scenarios} for lp in loops
     }
     n = len(events)
     for r in range(repeat):
         shift = r % len(cells)
         for lp, sc in cells[shift:] + cells[:shift]:
-            seconds, extra = _run_one(loops[lp], scenarios[sc], events, warm)
-            rate = n / seconds
-            out[lp][sc]["rates"].append(rate)
-            out[lp][sc]["extra"].append(extra)
-            progress(f"round {r + 1}/{repeat}  {lp:8} {sc:20} {rate:>12,.0f} events/s")
+            (wall, cpu), extra = _run_one(loops[lp], scenarios[sc], events, warm)
+            cell = out[lp][sc]
+            cell["rates"].append(n / wall)
+            cell["cpu_rates"].append(n / max(cpu, 1e-9))
+            cell["extra"].append(extra)
+            progress(
+                f"round {r + 1}/{repeat}  {lp:8} {sc:20} {n / wall:>12,.0f} events/s"
+                f" (CPU-time {n / max(cpu, 1e-9):>12,.0f})"
+            )
     for per_loop in out.values():
         for cell in per_loop.values():
-            cell.update(_summary(cell["rates"]))
+            cell["wall"] = _summary(cell["rates"])
+            cell["cpu"] = _summary(cell["cpu_rates"])
     return out
 
 
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """surge/baseline per loop: of the medians, and the median of per-round ratios."""
+    """surge/baseline per loop: of the medians, and the median (and range) of
+    the per-round ratios, for wall-clock and CPU-time rates."""
     rows = []
     for lp, per_loop in results.items():
         for num, den, against in RATIOS:
             if num not in per_loop or den not in per_loop:
                 continue
             a, b = per_loop[num], per_loop[den]
-            per_round = [x / y for x, y in zip(a["rates"], b["rates"], strict=True)]
-            rows.append(
-                {
-                    "loop": lp,
-                    "ratio": f"{num}/{den}",
-                    "of_medians": a["median"] / b["median"],
+            row: dict[str, Any] = {"loop": lp, "ratio": f"{num}/{den}", "against": against}
+            for basis, key in (("wall", "rates"), ("cpu", "cpu_rates")):
+                per_round = [x / y for x, y in zip(a[key], b[key], strict=True)]
+                row[basis] = {
+                    "of_medians": a[basis]["median"] / b[basis]["median"],
                     "median_of_rounds": statistics.median(per_round),
                     "rounds_min": min(per_round),
                     "rounds_max": max(per_round),
                     "per_round": per_round,
-                    "against": against,
                 }
-            )
+            rows.append(row)
     return rows
 
 
@@ -356,42 +392,73 @@ def _print_tables(
     from rich.table import Table
 
     # Wide enough for the ratio names when printing to a file or pipe.
-    console = Console(width=max(Console().width, 118))
+    console = Console(width=max(Console().width, 132))
     t = Table(title=title)
-    for col in ("loop", "scenario", "median events/s", "min", "max", "spread"):
+    cols = (
+        "loop",
+        "scenario",
+        "events/s median",
+        "min-max",
+        "spread",
+        "CPU-time median",
+        "min-max",
+    )
+    for col in cols:
         t.add_column(col, justify="left" if col in ("loop", "scenario") else "right")
     for lp, per_loop in results.items():
         for sc, cell in per_loop.items():
-            spread = (cell["max"] - cell["min"]) / cell["median"]
+            w, c = cell["wall"], cell["cpu"]
             t.add_row(
                 lp,
                 sc,
-                f"{cell['median']:,.0f}",
-                f"{cell['min']:,.0f}",
-                f"{cell['max']:,.0f}",
-                f"{spread:.0%}",
+                f"{w['median']:,.0f}",
+                f"{w['min']:,.0f}-{w['max']:,.0f}",
+                f"{(w['max'] - w['min']) / w['median']:.0%}",
+                f"{c['median']:,.0f}",
+                f"{c['min']:,.0f}-{c['max']:,.0f}",
             )
     console.print(t)
-    r = Table(title="surge / baseline")
-    for col in (
+    r = Table(title="surge / baseline (wall clock; CPU time)")
+    rcols = (
         "loop",
         "ratio",
         "of medians",
         "median of rounds",
         "rounds min-max",
+        "CPU: of medians",
+        "CPU: of rounds",
         "held against",
-    ):
-        r.add_column(col, justify="left" if col in ("loop", "ratio", "held against") else "right")
+    )
+    for col in rcols:
+        left = col in ("loop", "ratio", "held against")
+        r.add_column(col, justify="left" if left else "right", no_wrap=col == "ratio")
     for row in rows:
+        w, c = row["wall"], row["cpu"]
         r.add_row(
             row["loop"],
             row["ratio"],
-            f"{row['of_medians']:.2f}",
-            f"{row['median_of_rounds']:.2f}",
-            f"{row['rounds_min']:.2f}-{row['rounds_max']:.2f}",
+            f"{w['of_medians']:.2f}",
+            f"{w['median_of_rounds']:.2f}",
+            f"{w['rounds_min']:.2f}-{w['rounds_max']:.2f}",
+            f"{c['of_medians']:.2f}",
+            f"{c['median_of_rounds']:.2f}",
             row["against"],
         )
     console.print(r)
+
+
+def _profile(
+    name: str, factory: LoopFactory, fn: Scenario, events: Sequence[Tick], warm: Sequence[Tick]
+) -> None:
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    (wall, _), _ = _run_one(factory, fn, events, warm)
+    prof.disable()
+    print(f"--- {name}: {len(events) / wall:,.0f} events/s under the profiler")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -409,6 +476,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset to run"
     )
     parser.add_argument("--out", type=Path, default=None, help="JSON results file")
+    parser.add_argument(
+        "--profile",
+        metavar="SCENARIO",
+        help="run SCENARIO once per loop under cProfile and print where the time goes",
+    )
     args = parser.parse_args(argv)
     if args.events < 1 or args.repeat < 1 or args.warmup < 1:
         parser.error("--events, --repeat and --warmup must be at least 1")
@@ -431,6 +503,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # The events live for the whole run: keep them out of every collection.
     gc.collect()
     gc.freeze()
+    if args.profile:
+        if args.profile not in SCENARIOS:
+            parser.error(f"unknown scenario {args.profile!r} (have: {', '.join(SCENARIOS)})")
+        for lp, factory in loops.items():
+            _profile(lp, factory, SCENARIOS[args.profile], events, warm)
+        return 0
 
     info = machine_info()
     started = time.perf_counter()
