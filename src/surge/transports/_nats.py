@@ -1,0 +1,950 @@
+"""NATS JetStream: a stream per app, a durable pull consumer per group.
+
+Layout on the server, for ``stream="surge"`` (the default):
+
+==========================  ================================================
+stream ``surge``            subjects ``surge.<topic>`` (topic dots are subject
+                            tokens, so ``orders.*`` / ``orders.>`` are NATS
+                            wildcards) and ``surge_replay.<group>``; file
+                            storage, interest retention (a message goes once
+                            every group that wanted it has acked it)
+consumer per group          durable, pull, explicit acks; AckWait is the
+                            lease; filter subjects = the group's topics plus
+                            its own replay subject
+stream ``surge_dlq``        dead letters, ``surge_dlq.<group>`` (JetStream
+                            has no dead-letter queue of its own)
+==========================  ================================================
+
+Why it is built this way:
+
+- Publishing fires many messages, each with a reply inbox, and awaits all
+  the acks (``publish_async`` style) with a bounded number outstanding, so
+  ``await publish()`` returns when JetStream stored the batch. ``Nats-Msg-Id``
+  carries the event id, so a republish after a lost ack, or a redelivered
+  handler republishing derived ids, is dropped by the server within
+  ``dedup_window``.
+- Pulling keeps pull requests outstanding for at most ``prefetch`` messages
+  in total (credit counted down per message, and by the server's
+  ``Nats-Pending-Messages`` when a request expires); idle heartbeats let a
+  silent pull be detected and reissued, so a consumer resumes by itself
+  after a reconnect or a server restart.
+- Deliveries held by this process get an in-progress ack every third of the
+  lease, so a slow handler is not redelivered to another worker.
+- ``not_before``: JetStream cannot hold a message back, so a delivery that
+  arrives early is NAKed with a delay for the remainder and not handed out.
+  That delivery still counts in ``num_delivered``; the attempt handed to the
+  runner subtracts the deferrals (counted here when this process deferred
+  it, otherwise inferred from the stored time being before ``not_before``).
+- Replay republishes a dead letter to ``surge_replay.<group>``: a topic
+  subject would fan it out to every group, the replay subject reaches only
+  the consumer of the group that gave up on it.
+- MaxDeliver is only a safety net (``max_deliver``, default 100) against a
+  message that kills its worker every time; retries and dead letters are the
+  runner's.
+
+Needs nats-server 2.10 or later (consumers with several filter subjects).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import ssl
+import urllib.parse
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import msgspec
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from .._clock import Clock, RealClock
+from .._codec import Codec, MsgpackCodec
+from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
+from .._event import Envelope
+from .._transport import DeadLetter, Delivery, TransportStats
+
+__all__ = ("NatsTransport",)
+
+log = logging.getLogger("surge.nats")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+_DEAD = msgspec.msgpack.Decoder(DeadLetter)
+_ENCODE = msgspec.msgpack.Encoder().encode
+
+
+def consumer_name(group: str) -> str:
+    """A valid, stable durable name (and subject token) for ``group``."""
+    digest = hashlib.blake2b(group.encode(), digest_size=4).hexdigest()
+    return f"{_UNSAFE.sub('_', group)[:48]}-{digest}"
+
+
+def _ack_meta(reply: str) -> tuple[int, int, float]:
+    """(num_delivered, stream sequence, stored time) from an ack subject."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
+    # the v2 form with domain and account hash tokens after ACK.
+    t = reply.split(".")
+    if len(t) == 9:
+        return int(t[4]), int(t[5]), int(t[7]) / 1e9
+    return int(t[6]), int(t[7]), int(t[9]) / 1e9
+
+
+class _Group:
+    """One consumer group as this process sees it."""
+
+    __slots__ = (
+        "buffer",
+        "deferred",
+        "durable",
+        "ephemeral",
+        "errors",
+        "last_seen",
+        "name",
+        "outstanding",
+        "prefetch",
+        "recreate",
+        "scheduled",
+        "stalled",
+        "sub",
+        "subjects",
+        "topics",
+        "unsettled",
+        "waiter",
+    )
+
+    def __init__(self, name: str, ephemeral: bool) -> None:
+        self.name = name
+        self.durable = consumer_name(name)
+        self.ephemeral = ephemeral
+        self.topics: list[str] = []
+        self.subjects: list[str] = []
+        self.sub: Subscription | None = None
+        self.buffer: deque[Delivery] = deque()
+        self.unsettled: set[str] = set()
+        self.deferred: dict[int, int] = {}  # stream seq -> not_before deferrals
+        self.scheduled: dict[int, float] = {}  # stream seq -> due (wall clock)
+        self.outstanding = 0
+        self.prefetch = 0
+        self.last_seen = 0.0
+        self.stalled = False
+        self.recreate = False
+        self.errors = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def wake(self) -> None:
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+
+class NatsTransport:
+    """Groups as durable JetStream pull consumers on one stream.
+
+    Options: ``stream`` (name, and subject prefix), ``lease`` (AckWait, s),
+    ``dedup_window`` (s), ``max_pending`` (publish acks outstanding),
+    ``max_deliver``, ``max_ack_pending`` (per consumer, all workers),
+    ``heartbeat`` (s, idle heartbeat of pulls), credentials ``user`` /
+    ``password`` / ``token`` (or in the URL), ``nkeys_seed``, ``creds`` (a
+    ``.creds`` file), TLS via a ``tls://`` URL or ``tls`` (an SSLContext) or
+    ``tls_ca`` / ``tls_cert`` / ``tls_key`` files; ``extend_leases``
+    (in-progress acks for held deliveries), ``codec``, ``clock``.
+
+    Simple options may also come in the URL's query, and win there:
+    ``nats://host:4222?stream=shop&lease=10``.
+    """
+
+    durable = True
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        *,
+        stream: str = "surge",
+        lease: float = 30.0,
+        dedup_window: float = 120.0,
+        max_pending: int = 4096,
+        max_deliver: int = 100,
+        max_ack_pending: int = 20_000,
+        heartbeat: float = 1.0,
+        ack_timeout: float = 5.0,
+        publish_timeout: float = 60.0,
+        ephemeral_ttl: float = 60.0,
+        user: str | None = None,
+        password: str | None = None,
+        token: str | None = None,
+        nkeys_seed: str | None = None,
+        creds: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        connect_timeout: float = 5.0,
+        extend_leases: bool = True,
+        name: str | None = None,
+        codec: Codec | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        url, _, query = url.partition("?")
+        q = dict(urllib.parse.parse_qsl(query))
+        try:
+            stream = q.pop("stream", stream)
+            lease = float(q.pop("lease", lease))
+            dedup_window = float(q.pop("dedup_window", dedup_window))
+            heartbeat = float(q.pop("heartbeat", heartbeat))
+            max_pending = int(q.pop("max_pending", max_pending))
+            max_deliver = int(q.pop("max_deliver", max_deliver))
+            max_ack_pending = int(q.pop("max_ack_pending", max_ack_pending))
+        except ValueError as exc:
+            raise ConfigurationError(f"bad option in the NATS URL query {query!r}: {exc}") from None
+        if q:
+            raise ConfigurationError(f"unknown options in the NATS URL: {sorted(q)}")
+        if _UNSAFE.search(stream):
+            raise ConfigurationError(f"stream name {stream!r}: use letters, digits, _ and -")
+        if lease <= 0 or heartbeat <= 0 or max_pending < 1:
+            raise ConfigurationError("lease, heartbeat and max_pending must be positive")
+        self.url = url
+        self.stream = stream
+        self.dlq_stream = f"{stream}_dlq"
+        self.lease = lease
+        self.dedup_window = dedup_window
+        self.max_pending = max_pending
+        self.max_deliver = max_deliver
+        self.max_ack_pending = max_ack_pending
+        self.heartbeat = heartbeat
+        self.ack_timeout = ack_timeout
+        self.publish_timeout = publish_timeout
+        self.ephemeral_ttl = ephemeral_ttl
+        self.extend_leases = extend_leases
+        self.codec: Codec = codec or MsgpackCodec()
+        self.clock: Clock = clock or RealClock()
+        self._connect: dict[str, Any] = {
+            "servers": [s.strip() for s in url.split(",")],
+            "user": user,
+            "password": password,
+            "token": token,
+            "nkeys_seed": nkeys_seed,
+            "user_credentials": creds,
+            "tls": tls or _ssl_context(url, tls_ca, tls_cert, tls_key),
+            "connect_timeout": connect_timeout,
+            "name": name,
+        }
+        self._nc: Client | None = None
+        self._js: Any = None
+        self._groups: dict[str, _Group] = {}
+        self._closed = True
+        self._connected = False
+        # publishing: token -> (future, subject, payload, headers)
+        self._acks: dict[str, tuple[asyncio.Future[None], str, bytes, dict[str, str]]] = {}
+        self._ack_prefix = ""
+        self._ack_sub: Subscription | None = None
+        self._next_token = 0
+        self._space: deque[asyncio.Future[None]] = deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._keeper: asyncio.Task[None] | None = None
+        self._busy = True  # cleared only by wait_idle's observation
+
+    # --- connection ------------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        """Connected, and no consumer's pulls have gone silent."""
+        return (
+            not self._closed
+            and self._connected
+            and not any(g.stalled for g in self._groups.values() if g.sub is not None)
+        )
+
+    def _nats(self) -> Client:
+        if self._nc is None or self._closed:
+            raise Closed("transport is closed")
+        return self._nc
+
+    async def start(self) -> None:
+        if not self._closed:
+            return
+        opts = {k: v for k, v in self._connect.items() if v is not None}
+        try:
+            self._nc = await nats.connect(
+                **opts,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                ping_interval=5,
+                max_outstanding_pings=2,
+                error_cb=self._on_error,
+                disconnected_cb=self._on_disconnect,
+                reconnected_cb=self._on_reconnect,
+            )
+        except (nats.errors.Error, OSError, TimeoutError) as exc:
+            raise TransportError(f"cannot connect to NATS at {_safe(self.url)}: {exc!r}") from exc
+        nc = self._nc
+        self._closed = False
+        self._connected = True
+        version = nc.connected_server_version
+        if (version.major, version.minor) < (2, 10):
+            await nc.close()
+            self._closed = True
+            raise TransportError(
+                f"nats-server {version} at {_safe(self.url)} is too old: surge needs 2.10 or later"
+            )
+        self._js = nc.jetstream()
+        try:
+            await self._ensure_stream(
+                self.stream, [f"{self.stream}.>", f"{self.stream}_replay.>"], interest=True
+            )
+            await self._ensure_stream(self.dlq_stream, [f"{self.stream}_dlq.>"], interest=False)
+            self._ack_prefix = nc.new_inbox() + "."
+            self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
+        except nats.errors.Error as exc:
+            raise _translate(exc, "setting up JetStream") from exc
+        self._keeper = asyncio.get_running_loop().create_task(
+            self._keep_leases(), name="surge-nats-leases"
+        )
+
+    async def _ensure_stream(self, name: str, subjects: list[str], *, interest: bool) -> None:
+        config = StreamConfig(
+            name=name,
+            subjects=subjects,
+            storage=StorageType.FILE,
+            retention=RetentionPolicy.INTEREST if interest else RetentionPolicy.LIMITS,
+            duplicate_window=self.dedup_window,
+        )
+        try:
+            info = await self._js.stream_info(name)
+        except nats.js.errors.NotFoundError:
+            try:
+                await self._js.add_stream(config)
+            except nats.js.errors.BadRequestError as exc:
+                raise TransportError(f"cannot create stream {name!r}: {exc.description}") from exc
+            return
+        if set(info.config.subjects or ()) != set(subjects) or (
+            info.config.duplicate_window != self.dedup_window
+        ):
+            config.retention = info.config.retention  # retention cannot change on update
+            await self._js.update_stream(config)
+
+    async def _on_error(self, exc: Exception) -> None:
+        log.warning("NATS connection error (%s): %r", _safe(self.url), exc)
+
+    async def _on_disconnect(self) -> None:
+        if not self._closed:
+            self._connected = False
+            log.warning("lost connection to NATS at %s; reconnecting", _safe(self.url))
+
+    async def _on_reconnect(self) -> None:
+        self._connected = True
+        log.warning("reconnected to NATS at %s", _safe(self.url))
+        # Pull requests may have died with the old connection (or server):
+        # forget their credit and ask again.
+        for g in self._groups.values():
+            g.outstanding = 0
+            g.wake()
+        # Publishes whose acks were lost are resent now rather than after
+        # ack_timeout, under the same Nats-Msg-Id.
+        self._resend(list(self._acks))
+
+    # --- groups ----------------------------------------------------------------
+    def _subject(self, topic: str) -> str:
+        return f"{self.stream}.{topic}"
+
+    async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
+        self._nats()
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(group, ephemeral)
+        new = [t for t in topics if t not in g.topics]
+        if new or not g.subjects:
+            g.topics.extend(new)
+            for t in new:
+                if not t or any(c in t for c in " \t\r\n") or ".." in t:
+                    raise ConfigurationError(f"topic {t!r} is not a valid NATS subject")
+            g.subjects = [self._subject(t) for t in g.topics]
+            g.subjects.append(f"{self.stream}_replay.{g.durable}")
+            await self._ensure_consumer(g)
+
+    async def _ensure_consumer(self, g: _Group) -> None:
+        config = ConsumerConfig(
+            durable_name=None if g.ephemeral else g.durable,
+            name=g.durable,
+            ack_policy=AckPolicy.EXPLICIT,
+            ack_wait=self.lease,
+            max_deliver=self.max_deliver,
+            deliver_policy=DeliverPolicy.NEW,
+            filter_subjects=g.subjects,
+            max_ack_pending=self.max_ack_pending,
+            inactive_threshold=self.ephemeral_ttl if g.ephemeral else None,
+        )
+        try:
+            try:
+                await self._js.add_consumer(self.stream, config)
+            except nats.js.errors.BadRequestError:
+                # It exists with settings we may not change (its deliver
+                # policy, say): keep those, update what we can.
+                info = await self._js.consumer_info(self.stream, g.durable)
+                old = info.config
+                old.filter_subject = None
+                old.filter_subjects = sorted(set(old.filter_subjects or ()) | set(g.subjects))
+                old.ack_wait = self.lease
+                await self._js.add_consumer(self.stream, old)
+        except nats.errors.Error as exc:
+            raise _translate(exc, f"declaring group {g.name!r}") from exc
+        g.recreate = False
+
+    def _group(self, name: str) -> _Group:
+        g = self._groups.get(name)
+        if g is None:
+            raise ConfigurationError(f"group {name!r} was not declared")
+        return g
+
+    # --- publishing --------------------------------------------------------------
+    def _encode(self, envelopes: Sequence[Envelope]) -> list[tuple[str, bytes, dict[str, str]]]:
+        encode = self.codec.encode_envelope
+        stream = self.stream
+        return [
+            (f"{stream}.{env.topic}", encode(env), {"Nats-Msg-Id": env.id}) for env in envelopes
+        ]
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self._nats()
+        items = self._encode(envelopes)  # encoding errors before anything is sent
+        self._busy = True
+        futs = []
+        for subject, data, headers in items:
+            while len(self._acks) >= self.max_pending:
+                await self._wait_space()
+            futs.append(await self._send(subject, data, headers))
+        await self._confirm(futs)
+
+    def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
+        self._nats()
+        if len(self._acks) + len(envelopes) > self.max_pending or self._space:
+            raise Overloaded(f"{len(self._acks)} publishes await JetStream acks")
+        items = self._encode(envelopes)
+        self._busy = True
+        task = asyncio.get_running_loop().create_task(self._publish_items(items))
+        self._tasks.add(task)
+        task.add_done_callback(self._published)
+
+    async def _publish_items(self, items: list[tuple[str, bytes, dict[str, str]]]) -> None:
+        await self._confirm([await self._send(s, d, h) for s, d, h in items])
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("publish_nowait could not publish: %r", task.exception())
+
+    async def _wait_space(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._space.append(fut)
+        await fut
+        self._nats()
+
+    async def _send(
+        self, subject: str, data: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[None]:
+        self._next_token += 1
+        token = str(self._next_token)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[token] = (fut, subject, data, headers)
+        await self._put(token, subject, data, headers)
+        return fut
+
+    async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        nc = self._nats()
+        try:
+            await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
+        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
+            pass  # disconnected with a full buffer: _confirm resends after a reconnect
+        except nats.errors.BadSubjectError:
+            self._settle(token, ConfigurationError(f"{subject!r} is not a valid NATS subject"))
+        except nats.errors.MaxPayloadError:
+            self._settle(token, TransportError(f"a message on {subject!r} exceeds max_payload"))
+        except nats.errors.Error as exc:
+            self._settle(token, _translate(exc, f"publishing to {subject!r}"))
+
+    def _settle(self, token: str, error: BaseException | None) -> None:
+        entry = self._acks.pop(token, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        if not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+        space = self._space
+        while space and len(self._acks) < self.max_pending:
+            w = space.popleft()
+            if not w.done():
+                w.set_result(None)
+                break
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._ack_prefix) :]
+        data = msg.data
+        if data and b'"error"' not in data:
+            self._settle(token, None)
+            return
+        if not data:
+            status = (msg.headers or {}).get("Status")
+            if status == "503":
+                self._settle(token, TransportError(f"no JetStream stream {self.stream!r} answers"))
+            return  # anything else: leave it to the resend after ack_timeout
+        err = json.loads(data).get("error", {})
+        self._settle(
+            token, TransportError(f"JetStream refused a publish: {err.get('description', err)}")
+        )
+
+    async def _confirm(self, futs: list[asyncio.Future[None]]) -> None:
+        """Wait for the acks of ``futs``, resending under the same msg id."""
+        if not futs:
+            return
+        deadline = self.clock.monotonic() + self.publish_timeout
+        waiting = set(futs)
+        while True:
+            done, waiting = await asyncio.wait(waiting, timeout=self.ack_timeout)
+            for f in done:
+                f.result()  # raises the first error
+            if not waiting:
+                return
+            if self.clock.monotonic() >= deadline:
+                raise TransportError(
+                    f"JetStream did not acknowledge {len(waiting)} publishes within "
+                    f"{self.publish_timeout}s (server at {_safe(self.url)} unreachable?)"
+                )
+            self._nats()
+            tokens = [t for t, e in self._acks.items() if e[0] in waiting]
+            log.warning(
+                "%d publishes unacknowledged after %.1fs; resending", len(tokens), self.ack_timeout
+            )
+            self._resend(tokens)
+
+    def _resend(self, tokens: list[str]) -> None:
+        if not tokens or not self._connected:
+            return
+
+        async def resend() -> None:
+            for t in tokens:
+                e = self._acks.get(t)
+                if e is not None and not self._closed:
+                    await self._put(t, e[1], e[2], e[3])
+
+        task = asyncio.get_running_loop().create_task(resend())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- consuming ---------------------------------------------------------------
+    async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
+        g = self._group(group)
+        if g.sub is not None:
+            raise ConfigurationError(f"group {group!r} is already consumed by this transport")
+        if prefetch < 1:
+            raise ConfigurationError("prefetch must be at least 1")
+        nc = self._nats()
+        g.prefetch = prefetch
+        inbox = nc.new_inbox()
+
+        async def on_msg(msg: Msg) -> None:
+            await self._on_delivery(g, msg)
+
+        try:
+            g.sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1)
+        except nats.errors.Error as exc:
+            raise _translate(exc, f"consuming {group!r}") from exc
+        g.last_seen = self.clock.monotonic()
+        g.outstanding = 0
+        loop = asyncio.get_running_loop()
+        silence = 2 * self.heartbeat + 1.0
+        try:
+            while not self._closed:
+                if g.buffer:
+                    batch = list(g.buffer)
+                    g.buffer.clear()
+                    g.unsettled.update(d.token for d in batch)
+                    yield batch
+                    continue
+                try:
+                    await self._pull(g, inbox)
+                except Closed:
+                    return
+                except (nats.errors.Error, TransportError) as exc:
+                    g.errors += 1
+                    log.warning("pull for %s failed: %r; retrying", g.name, exc)
+                if g.errors:
+                    # back off while the server or the consumer is unhappy
+                    await self.clock.sleep(min(0.05 * 2 ** min(g.errors, 6), 2.0))
+                    if g.buffer:
+                        continue
+                fut = g.waiter = loop.create_future()
+                try:
+                    async with asyncio.timeout(self.heartbeat):
+                        await fut
+                except TimeoutError:
+                    pass
+                if g.outstanding and self.clock.monotonic() - g.last_seen > silence:
+                    # No message and no heartbeat: the pull died with a
+                    # connection or a server; ask again.
+                    if not g.stalled:
+                        log.warning(
+                            "consumer %s got no heartbeat for %.1fs; pulling again",
+                            g.name,
+                            silence,
+                        )
+                    g.stalled = True
+                    g.outstanding = 0
+        finally:
+            sub, g.sub = g.sub, None
+            g.outstanding = 0
+            g.wake()
+            if sub is not None and not self._closed:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    async def _pull(self, g: _Group, inbox: str) -> None:
+        if g.recreate:
+            await self._ensure_consumer(g)
+        free = g.prefetch - len(g.unsettled) - len(g.buffer) - g.outstanding
+        if free <= 0 or (g.outstanding and free < max(1, g.prefetch // 4)):
+            return
+        nc = self._nats()
+        if not nc.is_connected:
+            return
+        request = {
+            "batch": free,
+            "expires": int(self.heartbeat * 5e9),
+            "idle_heartbeat": int(self.heartbeat * 1e9),
+        }
+        g.outstanding += free
+        await nc.publish(
+            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{g.durable}",
+            json.dumps(request).encode(),
+            reply=inbox,
+        )
+
+    async def _on_delivery(self, g: _Group, msg: Msg) -> None:
+        g.last_seen = self.clock.monotonic()
+        g.stalled = False
+        reply = msg.reply
+        if not reply:
+            self._on_status(g, msg.headers or {})
+            return
+        g.errors = 0
+        if g.outstanding:
+            g.outstanding -= 1
+        try:
+            delivered, seq, stored = _ack_meta(reply)
+        except (ValueError, IndexError):
+            log.error("unparseable JetStream ack subject %r on %s", reply, g.name)
+            return
+        try:
+            env = self.codec.decode_envelope(msg.data)
+        except DecodeError:
+            # Not ours (published by something else): hand it on as an
+            # undecodable event, so the runner dead-letters it with a reason.
+            topic = msg.subject.partition(".")[2]
+            env = Envelope(f"nats-{self.stream}-{seq}", topic, None, stored, None, None, msg.data)
+        deferrals = g.deferred.pop(seq, 0)
+        g.scheduled.pop(seq, None)
+        nb = env.not_before
+        if nb is not None:
+            wait = nb - self.clock.time()
+            if wait > 0:
+                g.deferred[seq] = deferrals + 1
+                g.scheduled[seq] = nb
+                await self._send_ack(reply, b'-NAK {"delay": %d}' % int(wait * 1e9 + 1e6))
+                self._check_pull(g)
+                return
+            if not deferrals and stored < nb:
+                deferrals = 1  # deferred by another process, most likely
+        g.buffer.append(Delivery(env, g.name, max(1, delivered - deferrals), reply))
+        g.wake()
+
+    def _check_pull(self, g: _Group) -> None:
+        if g.outstanding <= 0:
+            g.wake()
+
+    def _on_status(self, g: _Group, headers: dict[str, str]) -> None:
+        status = headers.get("Status", "")
+        if status == "100":
+            return  # idle heartbeat
+        pending = headers.get("Nats-Pending-Messages")
+        if pending is not None:
+            g.outstanding = max(0, g.outstanding - int(pending))
+        else:
+            g.outstanding = 0
+        if status not in ("404", "408"):
+            desc = headers.get("Description", "")
+            g.errors += 1
+            if "deleted" in desc.lower() or "not found" in desc.lower() or status == "503":
+                g.recreate = True
+            log.warning("pull for %s answered %s %s", g.name, status, desc)
+        g.wake()
+
+    # --- settling ----------------------------------------------------------------
+    async def _send_ack(self, reply: str, payload: bytes) -> None:
+        nc = self._nc
+        if nc is None or nc.is_closed:
+            return
+        try:
+            await nc.publish(reply, payload)
+        except nats.errors.Error as exc:
+            # The server redelivers after the lease: at-least-once holds.
+            log.warning("could not send %r for %s: %r", payload[:4], reply, exc)
+
+    def _release(self, d: Delivery) -> _Group | None:
+        g = self._groups.get(d.group)
+        if g is not None:
+            g.unsettled.discard(d.token)
+        return g
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        last: _Group | None = None
+        for d in deliveries:
+            g = self._release(d)
+            await self._send_ack(d.token, b"+ACK")
+            if g is not last and last is not None:
+                last.wake()
+            last = g
+        if last is not None:
+            last.wake()
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        g = self._release(delivery)
+        if delay > 0:
+            if g is not None:
+                g.scheduled[_ack_meta(delivery.token)[1]] = self.clock.time() + delay
+            await self._send_ack(delivery.token, b'-NAK {"delay": %d}' % int(delay * 1e9))
+        else:
+            await self._send_ack(delivery.token, b"-NAK")
+        if g is not None:
+            g.wake()
+
+    async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
+        _, seq, _ = _ack_meta(delivery.token)
+        durable = consumer_name(delivery.group)
+        # Written before the original is settled; a crash in between makes a
+        # second record with the same msg id, which the server drops.
+        await self._store_dead(durable, record, f"dlq.{durable}.{record.id}.{seq}")
+        g = self._release(delivery)
+        await self._send_ack(delivery.token, b"+TERM")
+        if g is not None:
+            g.wake()
+
+    async def _store_dead(self, durable: str, record: DeadLetter, msg_id: str) -> None:
+        self._nats()
+        fut = await self._send(
+            f"{self.stream}_dlq.{durable}", _ENCODE(record), {"Nats-Msg-Id": msg_id}
+        )
+        await self._confirm([fut])
+
+    async def _keep_leases(self) -> None:
+        """Send in-progress acks for every delivery this process holds."""
+        while not self._closed and self.extend_leases:
+            await self.clock.sleep(self.lease / 3)
+            for g in self._groups.values():
+                for reply in list(g.unsettled):
+                    await self._send_ack(reply, b"+WPI")
+
+    # --- dead letters ------------------------------------------------------------
+    async def _read_dead(self, subject: str) -> list[tuple[int, DeadLetter]]:
+        out: list[tuple[int, DeadLetter]] = []
+        seq = 1
+        try:
+            while True:
+                try:
+                    raw = await self._js.get_msg(
+                        self.dlq_stream, seq=seq, subject=subject, next=True
+                    )
+                except nats.js.errors.NotFoundError:
+                    return out
+                try:
+                    out.append((raw.seq, _DEAD.decode(raw.data or b"")))
+                except msgspec.DecodeError:
+                    log.error("undecodable dead letter %d in %s", raw.seq, self.dlq_stream)
+                seq = raw.seq + 1
+        except nats.errors.Error as exc:
+            raise _translate(exc, "reading dead letters") from exc
+
+    async def _known(self, group: str) -> str:
+        durable = consumer_name(group)
+        if group not in self._groups:
+            try:
+                await self._js.consumer_info(self.stream, durable)
+            except nats.js.errors.NotFoundError:
+                raise ConfigurationError(f"no group {group!r} on stream {self.stream!r}") from None
+        return durable
+
+    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
+        self._nats()
+        if group is None:
+            subject = f"{self.stream}_dlq.>"
+        else:
+            subject = f"{self.stream}_dlq.{await self._known(group)}"
+        letters = [d for _, d in await self._read_dead(subject)]
+        return sorted(letters, key=lambda d: d.failed_at)
+
+    async def _chosen(self, group: str, ids: Sequence[str] | None) -> list[tuple[int, DeadLetter]]:
+        self._nats()
+        durable = await self._known(group)
+        found = await self._read_dead(f"{self.stream}_dlq.{durable}")
+        if ids is not None:
+            wanted = set(ids)
+            found = [(s, d) for s, d in found if d.id in wanted]
+        return found
+
+    async def _delete_dead(self, seqs: list[int]) -> None:
+        try:
+            for s in seqs:
+                with contextlib.suppress(nats.js.errors.NotFoundError):
+                    await self._js.delete_msg(self.dlq_stream, s)
+        except nats.errors.Error as exc:
+            raise _translate(exc, "deleting dead letters") from exc
+
+    async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
+        chosen = await self._chosen(group, ids)
+        subject = f"{self.stream}_replay.{consumer_name(group)}"
+        now = self.clock.time()
+        futs = []
+        for seq, rec in chosen:
+            env = Envelope(rec.id, rec.topic, rec.key, now, rec.headers, None, rec.body)
+            # a msg id of its own: the original id may still be in the window
+            headers = {"Nats-Msg-Id": f"{rec.id}.replay.{seq}"}
+            futs.append(await self._send(subject, self.codec.encode_envelope(env), headers))
+        await self._confirm(futs)
+        await self._delete_dead([s for s, _ in chosen])
+        return len(chosen)
+
+    async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
+        chosen = await self._chosen(group, ids)
+        await self._delete_dead([s for s, _ in chosen])
+        return len(chosen)
+
+    # --- state -------------------------------------------------------------------
+    async def stats(self, group: str) -> TransportStats:
+        self._nats()
+        durable = await self._known(group)
+        try:
+            info = await self._js.consumer_info(self.stream, durable)
+            subject = f"{self.stream}_dlq.{durable}"
+            dlq = await self._js.stream_info(self.dlq_stream, subjects_filter=subject)
+        except nats.errors.Error as exc:
+            raise _translate(exc, f"reading the state of {group!r}") from exc
+        g = self._groups.get(group)
+        scheduled = 0
+        if g is not None:
+            # Entries another process took over are never seen again here:
+            # forget them a lease after they were due.
+            stale = self.clock.time() - self.lease
+            for seq in [s for s, due in g.scheduled.items() if due < stale]:
+                del g.scheduled[seq]
+            scheduled = len(g.scheduled)
+        dead = (dlq.state.subjects or {}).get(subject, 0)
+        return TransportStats(
+            info.num_pending or 0, max(0, (info.num_ack_pending or 0) - scheduled), scheduled, dead
+        )
+
+    @property
+    def idle(self) -> bool:
+        """Nothing published or handed out since :meth:`wait_idle` saw every
+        group empty."""
+        return not self._busy
+
+    async def _all_settled(self) -> bool:
+        if self._acks or self._tasks:
+            return False
+        for g in self._groups.values():
+            if g.buffer or g.unsettled:
+                return False
+        for g in list(self._groups.values()):
+            info = await self._js.consumer_info(self.stream, g.durable)
+            if info.num_pending or info.num_ack_pending:
+                return False
+        return True
+
+    async def wait_idle(self) -> None:
+        """Return once every group of this transport holds nothing: nothing
+        undelivered, unacknowledged or scheduled (asks the server)."""
+        while True:
+            self._busy = False
+            try:
+                settled = await self._all_settled()
+            except nats.errors.Error as exc:
+                raise _translate(exc, "reading consumer state") from exc
+            if settled and not self._busy:
+                return
+            self._busy = True
+            await self.clock.sleep(0.02)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        nc = self._nc
+        assert nc is not None
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=self.ack_timeout)
+        self._closed = True
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        for g in self._groups.values():
+            g.wake()
+            if g.ephemeral:
+                with contextlib.suppress(nats.errors.Error):
+                    await self._js.delete_consumer(self.stream, g.durable)
+        for fut, *_ in self._acks.values():
+            if not fut.done():
+                fut.set_exception(Closed("transport closed before JetStream acknowledged"))
+        self._acks.clear()
+        for w in self._space:
+            if not w.done():
+                w.set_result(None)
+        self._space.clear()
+        try:
+            await nc.flush(timeout=2)
+        except (nats.errors.Error, TimeoutError):
+            log.warning("could not flush the last acks to NATS before closing")
+        with contextlib.suppress(nats.errors.Error):
+            await nc.close()
+        self._groups.clear()
+
+
+def _ssl_context(
+    url: str, ca: str | None, cert: str | None, key: str | None
+) -> ssl.SSLContext | None:
+    if not (ca or cert or url.startswith("tls://")):
+        return None
+    ctx = ssl.create_default_context(cafile=ca)
+    if cert:
+        ctx.load_cert_chain(cert, key)
+    return ctx
+
+
+def _safe(url: str) -> str:
+    """``url`` without credentials, for logs and errors."""
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
+def _translate(exc: Exception, doing: str) -> Exception:
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return Closed(f"NATS connection closed while {doing}")
+    desc = getattr(exc, "description", None) or repr(exc)
+    return TransportError(f"NATS failed while {doing}: {desc}")

