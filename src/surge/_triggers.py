@@ -163,7 +163,7 @@ class _Interval:
     process agrees on them whenever it started."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
+        self.seconds = float(seconds)
 
     def _slot(self, k: int) -> float:
         return k * self.seconds

@@ -1,0 +1,314 @@
+"""Timer triggers: exact slots on the virtual clock, DST, misfire, one firing
+per slot however many workers fire it."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import pytest
+
+import surge
+from surge import VirtualClock
+from surge._event import Envelope
+from surge.transports import MemoryTransport
+
+PARIS = ZoneInfo("Europe/Paris")
+NEW_YEAR = 1_767_225_600.0  # 2026-01-01T00:00Z
+
+
+def paris(y: int, m: int, d: int, hh: int = 0, mm: int = 0) -> float:
+    return datetime(y, m, d, hh, mm, tzinfo=PARIS).timestamp()
+
+
+def utc(y: int, m: int, d: int, hh: int = 0, mm: int = 0) -> float:
+    return datetime(y, m, d, hh, mm, tzinfo=UTC).timestamp()
+
+
+@pytest.fixture
+def clock(request: pytest.FixtureRequest) -> VirtualClock:
+    """A virtual clock starting at the test's chosen epoch (New Year 2026)."""
+    return VirtualClock(start=getattr(request, "param", NEW_YEAR))
+
+
+class Beat(surge.Event):
+    at: float
+
+
+async def test_every_fires_on_the_epoch_grid_at_exact_times(clock: VirtualClock) -> None:
+    """every(seconds=5) fires at each multiple of 5 s, at exactly that virtual time."""
+    app = surge.App("t", clock=clock)
+    fired: list[tuple[float, float]] = []
+
+    @app.every(seconds=5)
+    async def tick(t: surge.Tick) -> None:
+        fired.append((t.scheduled, clock.time()))
+
+    async with app:
+        await clock.sleep(23)
+    assert [s - NEW_YEAR for s, _ in fired] == [5, 10, 15, 20]
+    assert all(now == pytest.approx(s, abs=1e-6) for s, now in fired)
+
+
+@pytest.mark.parametrize("clock", [NEW_YEAR + 2.5], indirect=True)
+async def test_every_slots_do_not_depend_on_the_start_time(clock: VirtualClock) -> None:
+    """A worker started mid-period fires on the same grid as any other."""
+    app = surge.App("t", clock=clock)
+    fired: list[float] = []
+
+    @app.every(minutes=1, name="minutely")
+    def tick(t: surge.Tick) -> None:
+        fired.append(t.scheduled)
+
+    async with app:
+        await clock.sleep(150)
+    assert [s - NEW_YEAR for s in fired] == [60, 120]
+
+
+@pytest.mark.parametrize("clock", [paris(2026, 3, 28, 23, 50)], indirect=True)
+async def test_cron_across_spring_forward(clock: VirtualClock) -> None:
+    """Clocks go forward in Paris on 2026-03-29: half-hourly jobs keep real
+    30-minute steps, and a daily 02:30 job (a time that does not exist that
+    day) fires at 03:00 CEST, then at 02:30 the next day."""
+    app = surge.App("t", clock=clock)
+    halves: list[float] = []
+    daily: list[float] = []
+    hourly: list[float] = []
+
+    @app.cron("*/30 * * * *", tz="Europe/Paris")
+    async def half(t: surge.Tick) -> None:
+        halves.append(t.scheduled)
+
+    @app.cron("30 2 * * *", tz="Europe/Paris")
+    async def nightly(t: surge.Tick) -> None:
+        assert clock.time() == pytest.approx(t.scheduled, abs=1e-6)
+        daily.append(t.scheduled)
+
+    @app.every(hours=1)
+    async def hour(t: surge.Tick) -> None:
+        hourly.append(t.scheduled)
+
+    async with app:
+        await clock.sleep(4 * 3600 - 5)  # until 04:45 CEST
+        assert halves == [
+            paris(2026, 3, 29, 0, 0),
+            paris(2026, 3, 29, 0, 30),
+            paris(2026, 3, 29, 1, 0),
+            paris(2026, 3, 29, 1, 30),
+            paris(2026, 3, 29, 3, 0),  # 02:00 and 02:30 do not exist
+            paris(2026, 3, 29, 3, 30),
+            paris(2026, 3, 29, 4, 0),
+            paris(2026, 3, 29, 4, 30),
+        ]
+        assert [b - a for a, b in itertools.pairwise(halves)] == [1800.0] * 7
+        assert hourly == [utc(2026, 3, 28, 23)] + [utc(2026, 3, 29, h) for h in range(3)]
+        await clock.sleep(86_400)
+    assert daily == [utc(2026, 3, 29, 1, 0), paris(2026, 3, 30, 2, 30)]
+    assert daily == [paris(2026, 3, 29, 3, 0), utc(2026, 3, 30, 0, 30)]
+
+
+@pytest.mark.parametrize("clock", [paris(2026, 10, 25, 1, 50)], indirect=True)
+async def test_cron_across_fall_back(clock: VirtualClock) -> None:
+    """Clocks go back in Paris on 2026-10-25 (03:00 CEST -> 02:00 CET): an
+    hourly job fires in both 02:00 hours, a daily 02:30 job fires once."""
+    app = surge.App("t", clock=clock)
+    hourly: list[float] = []
+    daily: list[float] = []
+
+    @app.cron("0 * * * *", tz="Europe/Paris")
+    async def top(t: surge.Tick) -> None:
+        hourly.append(t.scheduled)
+
+    @app.cron("30 2 * * *", tz="Europe/Paris")
+    async def nightly(t: surge.Tick) -> None:
+        daily.append(t.scheduled)
+
+    async with app:
+        await clock.sleep(3 * 3600)
+        assert hourly == [
+            utc(2026, 10, 25, 0, 0),  # 02:00 CEST
+            utc(2026, 10, 25, 1, 0),  # 02:00 CET
+            utc(2026, 10, 25, 2, 0),  # 03:00 CET
+        ]
+        await clock.sleep(86_400)
+    assert daily == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
+
+
+async def _run_worker(
+    transport: MemoryTransport,
+    clock: VirtualClock,
+    seconds: float,
+    fired: list[float],
+    **options: object,
+) -> None:
+    app = surge.App("w", clock=clock, transport=transport)
+
+    @app.every(seconds=10, name="ten", **options)  # type: ignore[arg-type]
+    async def ten(t: surge.Tick) -> None:
+        fired.append(t.scheduled - NEW_YEAR)
+
+    async with app:
+        await clock.sleep(seconds)
+
+
+@pytest.mark.parametrize(
+    ("options", "expected"),
+    [
+        ({}, [10, 20, 90, 100]),
+        ({"misfire": "skip"}, [10, 20, 90, 100]),
+        ({"misfire": "catch_up"}, [10, 20, 30, 40, 50, 60, 70, 80, 90, 100]),
+        ({"misfire": "catch_up", "max_catch_up": 3}, [10, 20, 60, 70, 80, 90, 100]),
+    ],
+)
+async def test_misfire_after_downtime(
+    clock: VirtualClock, options: dict[str, object], expected: list[float]
+) -> None:
+    """After 60 s with no worker, skip fires only future slots; catch_up
+    first fires the missed ones since the last firing, the latest
+    max_catch_up of them."""
+    transport = MemoryTransport(clock=clock)
+    fired: list[float] = []
+    await _run_worker(transport, clock, 25, fired, **options)
+    assert fired == [10, 20]
+    await clock.sleep(60)  # nothing runs from t=25 to t=85
+    await _run_worker(transport, clock, 20, fired, **options)
+    assert fired == expected
+
+
+async def test_catch_up_with_no_history_fires_nothing_missed(clock: VirtualClock) -> None:
+    """A trigger that never fired has nothing to catch up on its first start."""
+    fired: list[float] = []
+    await clock.sleep(100)
+    await _run_worker(MemoryTransport(clock=clock), clock, 15, fired, misfire="catch_up")
+    assert fired == [110]
+
+
+class _CountingTransport(MemoryTransport):
+    """Counts the trigger firings offered to the transport, duplicates included."""
+
+    offered = 0
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.offered += sum(e.topic.startswith("_surge.trigger.") for e in envelopes)
+        await super().publish(envelopes)
+
+
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_each_slot_fires_once_on_many_workers(clock: VirtualClock, workers: int) -> None:
+    """N apps on one transport all fire every slot of a 1 s trigger; over 60
+    virtual seconds each slot is handled exactly once."""
+    transport = _CountingTransport(clock=clock)
+    handled: list[tuple[float, int]] = []
+    apps = []
+    for n in range(workers):
+        app = surge.App("w", clock=clock, transport=transport)
+
+        def register(app: surge.App, n: int) -> None:
+            @app.every(seconds=1, name="second")
+            async def second(t: surge.Tick) -> None:
+                handled.append((t.scheduled - NEW_YEAR, n))
+
+        register(app, n)
+        apps.append(app)
+    for app in apps:
+        await app.start()
+    await clock.sleep(60.5)
+    for app in apps:
+        await app.stop()
+    assert sorted(s for s, _ in handled) == [float(s) for s in range(1, 61)]
+    assert transport.offered == workers * 60
+
+
+class Reported(surge.Event):
+    slot: float
+
+
+async def test_trigger_handlers_take_no_argument_a_tick_or_a_context(
+    clock: VirtualClock,
+) -> None:
+    """Handlers of (), (tick) and (tick, ctx) all run; what they return or
+    publish is published like any handler's."""
+    app = surge.App("t", clock=clock)
+    seen: list[str] = []
+    reports: list[float] = []
+
+    @app.every(seconds=10)
+    def bare() -> None:
+        seen.append("bare")
+
+    @app.every(seconds=10)
+    async def with_tick(t: surge.Tick) -> Reported:
+        seen.append(f"tick {t.trigger}")
+        return Reported(slot=t.scheduled)
+
+    @app.every(seconds=10)
+    async def with_ctx(t: surge.Tick, ctx: surge.Context) -> None:
+        seen.append(f"ctx {ctx.envelope.time == t.scheduled}")
+        assert t.at.timestamp() == t.scheduled
+
+    @app.on(Reported)
+    async def report(ev: Reported) -> None:
+        reports.append(ev.slot - NEW_YEAR)
+
+    async with app:
+        await clock.sleep(15)
+    assert sorted(seen) == [
+        "bare",
+        "ctx True",
+        "tick test_trigger_handlers_take_no_argument_a_tick_or_a_context._locals_.with_tick",
+    ]
+    assert reports == [10]
+
+
+async def test_a_failing_trigger_handler_is_retried(clock: VirtualClock) -> None:
+    """A firing is an event: a failed handler is retried like any other."""
+    app = surge.App("t", clock=clock, retry=surge.Retry(attempts=3, backoff=0.5))
+    attempts: list[int] = []
+
+    @app.every(seconds=10, name="flaky")
+    async def flaky(t: surge.Tick, ctx: surge.Context) -> None:
+        attempts.append(ctx.attempt)
+        if ctx.attempt == 1:
+            raise RuntimeError("first time fails")
+
+    async with app:
+        await clock.sleep(12)
+    assert attempts == [1, 2]
+
+
+def test_bad_trigger_options_raise_configuration_error() -> None:
+    """Bad periods, cron expressions, time zones and misfire policies are
+    refused when the trigger is declared."""
+    app = surge.App("t")
+    with pytest.raises(surge.ConfigurationError, match="positive"):
+        app.every(seconds=0)
+    with pytest.raises(surge.ConfigurationError, match="cron expression"):
+        app.cron("61 * * * *")
+    with pytest.raises(surge.ConfigurationError, match="time zone"):
+        app.cron("* * * * *", tz="Mars/Olympus")
+    with pytest.raises(surge.ConfigurationError, match="misfire"):
+        app.every(seconds=1, misfire="later")
+    with pytest.raises(surge.ConfigurationError, match="max_catch_up"):
+        app.every(seconds=1, misfire="catch_up", max_catch_up=0)
+
+
+def test_cron_without_croniter_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without croniter installed, cron() says which pip install fixes it."""
+    monkeypatch.setitem(sys.modules, "croniter", None)
+    with pytest.raises(ImportError, match=r"pip install 'surge\[cron\]'"):
+        surge.App("t").cron("* * * * *")
+
+
+def test_trigger_topics_are_plain_tokens() -> None:
+    """A trigger declared in a function gets a topic without '<' or '>'."""
+    app = surge.App("t")
+
+    @app.every(seconds=1)
+    def inner() -> None:
+        pass
+
+    (sub,) = app.subscriptions.values()
+    assert sub.topics == ("_surge.trigger.t.test_trigger_topics_are_plain_tokens._locals_.inner",)
