@@ -65,7 +65,8 @@ class _Group(click.Group):
         try:
             found = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
-            return _unavailable(cmd_name, help_text, f"{exc}; try: pip install 'surge[http]'")
+            hint = "; try: pip install 'surge[http]'" if module.startswith("surge.http") else ""
+            return _unavailable(cmd_name, help_text, f"{exc}{hint}")
         except Exception as exc:  # a broken optional module must not break the CLI
             return _unavailable(cmd_name, help_text, f"{type(exc).__name__}: {exc}")
         if not isinstance(found, click.Command):
@@ -286,6 +287,12 @@ def _with_transport(app_ref: str, transport: str | None, work: Callable[[App], A
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
+def _console() -> Console:
+    console = Console()
+    # Piped output keeps whole ids and tracebacks rather than 80 columns.
+    return console if console.is_terminal else Console(width=160)
+
+
 def _when(ts: float) -> str:
     if not ts:
         return "-"
@@ -303,7 +310,7 @@ def dlq_list(
     app_ref: str, subscription: str | None, ids: tuple[str, ...], transport: str | None
 ) -> None:
     """List dead letters: id, subscription, topic, error, attempts, when."""
-    console = Console()
+    console = _console()
 
     async def work(app: App) -> None:
         letters = await _letters(app, subscription, ids)
@@ -350,7 +357,7 @@ def dlq_show(
     app_ref: str, subscription: str | None, ids: tuple[str, ...], transport: str | None
 ) -> None:
     """Show dead letters in full: headers, body, error and traceback."""
-    console = Console()
+    console = _console()
 
     async def work(app: App) -> None:
         letters = await _letters(app, subscription, ids)
@@ -405,7 +412,7 @@ def _settle_command(verb: str, past: str) -> Callable[..., None]:
     ) -> None:
         if not ids and not all_:
             raise click.UsageError("say which: --id ID (repeatable) or --all")
-        console = Console()
+        console = _console()
 
         async def work(app: App) -> dict[str, int]:
             fn = app.replay if verb == "replay" else app.purge

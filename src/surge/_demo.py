@@ -195,17 +195,32 @@ async def _demo(
         for name, st in app.statistics().subscriptions.items():
             bar.update(tasks[name], completed=st.succeeded)
 
+    drainable = getattr(app.transport, "wait_idle", None) is not None
     async with app:
         start = clock.monotonic()
         flood = asyncio.gather(*(produce(p) for p in range(producers)))
         all_in = asyncio.ensure_future(tracker.complete.wait())
+        # On a transport that can tell when it holds nothing more, "settled"
+        # ends the wait exactly; elsewhere only the stall timeout does.
+        settled: asyncio.Future[None] | None = None
         last_seen = (-1, start)
         with bar:
             while True:
-                await asyncio.wait((flood, all_in) if not flood.done() else (all_in,), timeout=0.1)
+                waits: set[asyncio.Future[Any]] = {all_in}
+                if not flood.done():
+                    waits.add(flood)
+                elif drainable:
+                    if settled is None:
+                        settled = asyncio.ensure_future(app.drain())
+                    waits.add(settled)
+                await asyncio.wait(waits, timeout=0.1)
                 refresh()
                 accounted = tracker.unique + dead_now()
-                if flood.done() and (accounted >= events or flood.exception() is not None):
+                if flood.done() and (
+                    accounted >= events
+                    or flood.exception() is not None
+                    or (settled is not None and settled.done())
+                ):
                     break
                 now = clock.monotonic()
                 if published + accounted != last_seen[0]:
@@ -214,16 +229,16 @@ async def _demo(
                     console.print(f"[red]no progress for {stall_timeout:.0f}s; giving up[/red]")
                     break
             elapsed = clock.monotonic() - start
-            all_in.cancel()
-            if not flood.done():
-                flood.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await flood
-            else:
+            for fut in (all_in, settled, flood):
+                if fut is not None and not fut.done():
+                    fut.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await fut
+            if not flood.cancelled():
                 await flood  # re-raises a producer's error
             refresh()
-        if getattr(app.transport, "wait_idle", None) is not None:
-            # Late copies, if any, arrive before we count duplicates.
+        if drainable:
+            # Late copies, if any, arrive before duplicates are counted.
             try:
                 await asyncio.wait_for(app.drain(), stall_timeout)
             except TimeoutError:

@@ -1,0 +1,100 @@
+"""The demo: a flood through the shop example, counted end to end."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from click.testing import CliRunner
+from rich.console import Console
+
+import surge
+from surge._cli import main
+from surge._demo import demo, order_amount, print_report
+from surge.examples import shop
+
+
+def _quiet() -> Console:
+    return Console(file=io.StringIO(), width=120)
+
+
+@pytest.mark.realtime
+async def test_demo_delivers_every_order_once_and_reports() -> None:
+    """2,000 orders cross every stage; lost and duplicates are counted as 0."""
+    report = await demo(events=2_000, producers=100, console=_quiet(), progress=False)
+    reviewed = sum(1 for i in range(2_000) if order_amount(i) >= shop.REVIEW_THRESHOLD)
+    stages = {s.name: s for s in report.stages}
+    assert report.lost == 0
+    assert report.duplicates == 0
+    assert report.delivered == 2_000
+    assert report.dead_lettered == 0
+    assert stages["reserve_stock"].handled == 2_000
+    assert stages["score_fraud"].handled == reviewed > 0
+    assert stages["score_fraud"].executor == "process"
+    assert stages["approve"].handled == 2_000 - reviewed
+    assert stages["charge_and_ship"].handled == 2_000
+    assert stages["charge_and_ship"].executor == "thread"
+    assert stages["charge_and_ship"].retried > 0  # the flaky gateway was retried
+    assert stages["delivered"].handled == 2_000
+    assert 0 < report.latency_p50 <= report.latency_p95 <= report.latency_p99
+    assert report.ok
+
+    out = _quiet()
+    print_report(report, out)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert "lost: 0" in text
+    assert "events/s" in text
+    for label in ("p50", "p95", "p99"):
+        assert label in text
+    for name in stages:
+        assert name in text
+
+
+@pytest.mark.realtime
+async def test_demo_counts_orders_that_never_arrive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage that silently drops orders makes the demo report them lost."""
+    real = shop.charge_and_ship
+
+    def drop_some(ev: shop.OrderScored, ctx: surge.Context) -> shop.OrderShipped | None:
+        if ev.order_id.endswith("7"):
+            return None
+        return real(ev, ctx)
+
+    monkeypatch.setattr(shop, "charge_and_ship", drop_some)
+    report = await demo(events=500, producers=50, console=_quiet(), progress=False)
+    assert report.lost == 50
+    assert report.delivered == 450
+    assert not report.ok
+    out = _quiet()
+    print_report(report, out)
+    assert "lost: 50" in out.file.getvalue()  # type: ignore[attr-defined]
+
+
+def test_demo_command_prints_report_and_exits_zero() -> None:
+    """`surge demo` with a small flood prints the report and exits 0."""
+    result = CliRunner().invoke(
+        main, ["demo", "--events", "1000", "--producers", "50", "--no-progress"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "1,000 orders from 50 producers on memory://" in result.output
+    assert "lost: 0" in result.output
+
+
+def test_demo_command_rejects_zero_events() -> None:
+    """`surge demo --events 0` is a usage error, not an empty run."""
+    result = CliRunner().invoke(main, ["demo", "--events", "0"])
+    assert result.exit_code == 2
+    assert "--events" in result.output
+
+
+def test_demo_command_exits_nonzero_when_orders_are_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`surge demo` exits 1 and prints the lost count when orders go missing."""
+    real = shop.charge_and_ship
+
+    def drop_some(ev: shop.OrderScored, ctx: surge.Context) -> shop.OrderShipped | None:
+        return None if ev.order_id.endswith("3") else real(ev, ctx)
+
+    monkeypatch.setattr(shop, "charge_and_ship", drop_some)
+    result = CliRunner().invoke(main, ["demo", "-n", "200", "-p", "20", "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "lost: 20" in result.output
