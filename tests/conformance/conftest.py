@@ -27,6 +27,8 @@ import pytest
 import surge
 from surge.transports import open_transport
 
+from .._servers import shared_nats_url, shared_redis_url
+
 
 @dataclass(frozen=True)
 class Case:
@@ -66,6 +68,32 @@ CASES: list[Case] = [
         lease_options={"lease": 2.0, "heartbeat": 0},
     ),
 ]
+
+# NATS JetStream: one nats-server for the whole session, started on first use
+# by tests/_servers.py, and a fresh stream (named in the URL) per test.
+CASES.append(
+    Case(
+        "nats",
+        url=shared_nats_url,
+        realtime=True,
+        shared=True,
+        leases=True,
+        lease_options={"lease": 1.0, "extend_leases": False},
+    )
+)
+
+# Redis Streams: one redis-server for the whole session, started on first use
+# by tests/_servers.py, and a fresh key prefix (named in the URL) per test.
+CASES.append(
+    Case(
+        "redis",
+        url=shared_redis_url,
+        realtime=True,
+        shared=True,
+        leases=True,
+        lease_options={"lease": 0.5, "heartbeat": 0},
+    )
+)
 
 
 class Factory:

@@ -229,7 +229,11 @@ class NatsTransport:
         self.max_pending = max_pending
         self.max_deliver = max_deliver
         self.max_ack_pending = max_ack_pending
-        self.heartbeat = heartbeat
+        # A pull request lives at most half a lease: a consumer that stops
+        # asking (its process hangs) stops receiving before its deliveries
+        # time out and go elsewhere. Heartbeats come 4 times per request.
+        self.pull_expires = min(5 * heartbeat, lease / 2)
+        self.heartbeat = min(heartbeat, self.pull_expires / 4)
         self.ack_timeout = ack_timeout
         self.publish_timeout = publish_timeout
         self.ephemeral_ttl = ephemeral_ttl
@@ -572,7 +576,7 @@ class NatsTransport:
         g.last_seen = self.clock.monotonic()
         g.outstanding = 0
         loop = asyncio.get_running_loop()
-        silence = 2 * self.heartbeat + 1.0
+        silence = 3 * self.heartbeat + 0.5
         try:
             while not self._closed:
                 if g.buffer:
@@ -629,7 +633,7 @@ class NatsTransport:
             return
         request = {
             "batch": free,
-            "expires": int(self.heartbeat * 5e9),
+            "expires": int(self.pull_expires * 1e9),
             "idle_heartbeat": int(self.heartbeat * 1e9),
         }
         g.outstanding += free
@@ -760,10 +764,24 @@ class NatsTransport:
         while not self._closed and self.extend_leases:
             await self.clock.sleep(self.lease / 3)
             for g in self._groups.values():
-                for reply in list(g.unsettled):
+                held = [*g.unsettled, *(d.token for d in g.buffer)]
+                for reply in held:
                     await self._send_ack(reply, b"+WPI")
 
     # --- dead letters ------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[None]:
+        """Connected for the block: reopened for it if this transport is
+        closed (reading dead letters or stats after the app stopped)."""
+        if not self._closed:
+            yield
+            return
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.close()
+
     async def _read_dead(self, subject: str) -> list[tuple[int, DeadLetter]]:
         out: list[tuple[int, DeadLetter]] = []
         seq = 1
@@ -793,16 +811,15 @@ class NatsTransport:
         return durable
 
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
-        self._nats()
-        if group is None:
-            subject = f"{self.stream}_dlq.>"
-        else:
-            subject = f"{self.stream}_dlq.{await self._known(group)}"
-        letters = [d for _, d in await self._read_dead(subject)]
+        async with self._session():
+            if group is None:
+                subject = f"{self.stream}_dlq.>"
+            else:
+                subject = f"{self.stream}_dlq.{await self._known(group)}"
+            letters = [d for _, d in await self._read_dead(subject)]
         return sorted(letters, key=lambda d: d.failed_at)
 
     async def _chosen(self, group: str, ids: Sequence[str] | None) -> list[tuple[int, DeadLetter]]:
-        self._nats()
         durable = await self._known(group)
         found = await self._read_dead(f"{self.stream}_dlq.{durable}")
         if ids is not None:
@@ -819,6 +836,10 @@ class NatsTransport:
             raise _translate(exc, "deleting dead letters") from exc
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
+        async with self._session():
+            return await self._replay(group, ids)
+
+    async def _replay(self, group: str, ids: Sequence[str] | None) -> int:
         chosen = await self._chosen(group, ids)
         subject = f"{self.stream}_replay.{consumer_name(group)}"
         now = self.clock.time()
@@ -833,20 +854,21 @@ class NatsTransport:
         return len(chosen)
 
     async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
-        chosen = await self._chosen(group, ids)
-        await self._delete_dead([s for s, _ in chosen])
+        async with self._session():
+            chosen = await self._chosen(group, ids)
+            await self._delete_dead([s for s, _ in chosen])
         return len(chosen)
 
     # --- state -------------------------------------------------------------------
     async def stats(self, group: str) -> TransportStats:
-        self._nats()
-        durable = await self._known(group)
-        try:
-            info = await self._js.consumer_info(self.stream, durable)
-            subject = f"{self.stream}_dlq.{durable}"
-            dlq = await self._js.stream_info(self.dlq_stream, subjects_filter=subject)
-        except nats.errors.Error as exc:
-            raise _translate(exc, f"reading the state of {group!r}") from exc
+        subject = f"{self.stream}_dlq.{consumer_name(group)}"
+        async with self._session():
+            durable = await self._known(group)
+            try:
+                info = await self._js.consumer_info(self.stream, durable)
+                dlq = await self._js.stream_info(self.dlq_stream, subjects_filter=subject)
+            except nats.errors.Error as exc:
+                raise _translate(exc, f"reading the state of {group!r}") from exc
         g = self._groups.get(group)
         scheduled = 0
         if g is not None:
