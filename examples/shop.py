@@ -1,0 +1,1 @@
+../src/surge/examples/shop.py
