@@ -1,0 +1,44 @@
+"""The limits an HTTP ingress and its server enforce."""
+
+from __future__ import annotations
+
+import msgspec
+
+from .._errors import ConfigurationError
+
+__all__ = ("Limits",)
+
+
+class Limits(msgspec.Struct, frozen=True, kw_only=True):
+    """What one server process admits before it refuses.
+
+    ``max_in_flight``   requests on routes being handled at once; past it the
+                        ingress answers 503 with ``Retry-After`` at once
+    ``max_body``        request body bytes; past it 413 (read no further)
+    ``max_header``      bytes of request line and headers; past it 431
+    ``header_timeout``  seconds a client gets to send a whole request (line,
+                        headers and body) once it starts one or connects;
+                        slower connections are closed (slowloris)
+    ``keep_alive``      seconds an idle keep-alive connection is kept
+    ``max_requests_per_connection``
+                        requests served on one connection before it is closed
+    ``graceful_timeout`` seconds requests in flight get to finish on shutdown
+    ``backlog``         the listening socket's accept queue
+    """
+
+    max_in_flight: int = 1000
+    max_body: int = 1 << 20
+    max_header: int = 16 * 1024
+    header_timeout: float = 10.0
+    keep_alive: float = 5.0
+    max_requests_per_connection: int = 10_000
+    graceful_timeout: float = 10.0
+    backlog: int = 4096
+
+    def __post_init__(self) -> None:
+        for name in ("max_in_flight", "max_body", "max_header", "max_requests_per_connection"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"Limits.{name} must be at least 1")
+        for name in ("header_timeout", "keep_alive", "graceful_timeout"):
+            if getattr(self, name) <= 0:
+                raise ConfigurationError(f"Limits.{name} must be positive")

@@ -1,0 +1,359 @@
+"""The ingress: an ASGI application that turns HTTP requests into events.
+
+Plain ASGI rather than a framework: the hot path is a dict lookup, one
+``receive``, one msgspec decode, one publish and two ``send`` calls, and
+every status this module answers is decided here, where it can be tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .._errors import Closed, ConfigurationError, MessageTooLarge, RequestTimeout
+from .._event import Event
+from ._config import Limits
+from ._metrics import Metrics, RouteStats
+
+if TYPE_CHECKING:
+    from .._app import App
+
+__all__ = ("ASGIApp", "HttpStats", "Ingress", "Route")
+
+log = logging.getLogger("surge.http")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+RESERVED = ("/healthz", "/readyz", "/metrics")
+_JSON = (b"content-type", b"application/json")
+_CLOSE = (b"connection", b"close")
+_RETRY = (b"retry-after", b"1")
+_BUSY = b'{"error":"overloaded: too many requests in flight, retry later"}'
+_PROMETHEUS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+
+
+class Route(msgspec.Struct, frozen=True, kw_only=True):
+    """A path that publishes its decoded body as ``publish`` and answers 202,
+    or, with ``reply``, waits up to ``timeout`` for that event and answers
+    200 with it."""
+
+    method: str
+    path: str
+    publish: type[Event]
+    reply: type[Event] | None = None
+    timeout: float = 5.0
+
+
+class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of the ingress's counters."""
+
+    in_flight: int
+    requests: dict[str, dict[int, int]]
+    """``"POST /orders"`` -> status -> count."""
+
+
+class _Reject(Exception):
+    """Ends a request early with ``status`` (raised on the error paths only)."""
+
+    def __init__(self, status: int, error: str, *, close: bool = False, **extra: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.body = msgspec.json.encode({"error": error, **extra})
+        self.close = close
+
+
+class _Bound:
+    """A route with what its hot path needs at hand."""
+
+    __slots__ = ("decoder", "reply", "route", "stats", "timeout", "topic")
+
+    def __init__(self, route: Route, stats: RouteStats) -> None:
+        self.route = route
+        self.stats = stats
+        self.decoder = msgspec.json.Decoder(route.publish)
+        self.reply = route.reply
+        self.timeout = route.timeout
+        self.topic = route.publish.__topic__
+
+
+class Ingress:
+    """The HTTP face of an app (``app.http``): routes, health and metrics.
+
+    An ASGI application: ``surge.http.serve(app, host, port)`` serves it with
+    uvicorn in the app's own process and loop, and any ASGI server can mount
+    it (with the lifespan protocol it starts and stops the app).
+    """
+
+    def __init__(self, app: App, *, limits: Limits | None = None) -> None:
+        self.app = app
+        self._routes: dict[tuple[str, str], _Bound] = {}
+        self._stats: dict[tuple[str, str], RouteStats] = {}
+        self._paths: dict[str, list[str]] = {}
+        self.metrics = Metrics(app, self._stats)
+        self._stopping = False
+        self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self.configure(limits or Limits())
+        self._now = app.clock.monotonic
+        for path in RESERVED:
+            self._paths[path] = ["GET"]
+        app.on_stop(self._on_app_stop)
+
+    # --- declaring -----------------------------------------------------------
+    def configure(self, limits: Limits) -> None:
+        """Apply ``limits`` (the server's share is read when it starts)."""
+        self.limits = limits
+        self._max_in_flight = limits.max_in_flight
+        self._max_body = limits.max_body
+
+    def post(
+        self,
+        path: str,
+        *,
+        publish: type[Event],
+        reply: type[Event] | None = None,
+        timeout: float = 5.0,
+    ) -> Route:
+        """``POST path``: decode the JSON body into ``publish`` and publish it;
+        answer 202 ``{"id": ...}``, or with ``reply`` the reply event (200)."""
+        return self.route("POST", path, publish=publish, reply=reply, timeout=timeout)
+
+    def put(
+        self,
+        path: str,
+        *,
+        publish: type[Event],
+        reply: type[Event] | None = None,
+        timeout: float = 5.0,
+    ) -> Route:
+        """Like :meth:`post`, for ``PUT``."""
+        return self.route("PUT", path, publish=publish, reply=reply, timeout=timeout)
+
+    def route(
+        self,
+        method: str,
+        path: str,
+        *,
+        publish: type[Event],
+        reply: type[Event] | None = None,
+        timeout: float = 5.0,
+    ) -> Route:
+        """Declare a route; see :meth:`post`."""
+        method = method.upper()
+        if not path.startswith("/"):
+            raise ConfigurationError(f"route path {path!r} must start with '/'")
+        if path in RESERVED:
+            raise ConfigurationError(f"{path} is the ingress's own endpoint")
+        if (method, path) in self._routes:
+            raise ConfigurationError(f"{method} {path} is declared twice")
+        for name, tp in (("publish", publish), ("reply", reply)):
+            if tp is not None and not (isinstance(tp, type) and issubclass(tp, Event)):
+                raise ConfigurationError(f"{name}= takes an Event subclass, not {tp!r}")
+        if timeout <= 0:
+            raise ConfigurationError("timeout must be positive")
+        route = Route(method=method, path=path, publish=publish, reply=reply, timeout=timeout)
+        self._routes[(method, path)] = _Bound(route, self._stats_for(method, path))
+        self._paths.setdefault(path, []).append(method)
+        return route
+
+    @property
+    def routes(self) -> list[Route]:
+        return [b.route for b in self._routes.values()]
+
+    def statistics(self) -> HttpStats:
+        """Requests answered per route and status, and requests in flight."""
+        return HttpStats(
+            in_flight=self.metrics.in_flight,
+            requests={f"{s.method} {s.path}": dict(s.statuses) for s in self._stats.values()},
+        )
+
+    @property
+    def ready(self) -> bool:
+        """The app is running and not stopping."""
+        return getattr(self.app, "_state", None) == "running" and not self._stopping
+
+    def _stats_for(self, method: str, path: str) -> RouteStats:
+        stats = self._stats.get((method, path))
+        if stats is None:
+            stats = self._stats[(method, path)] = RouteStats(method, path)
+        return stats
+
+    # --- lifecycle hooks used by the server ----------------------------------
+    def _on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        self._shutdown_hooks.append(hook)
+        return lambda: self._shutdown_hooks.remove(hook)
+
+    async def _on_app_stop(self) -> None:
+        # Refuse new work, then let servers finish the requests in flight:
+        # handlers still run while on_stop hooks do, so replies still come.
+        self._stopping = True
+        for hook in list(self._shutdown_hooks):
+            await hook()
+
+    def _started(self) -> None:
+        self._stopping = False
+
+    # --- ASGI ------------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self._other(scope, receive, send)
+            return
+        start = self._now()
+        bound = self._routes.get((scope["method"], scope["path"]))
+        if bound is None:
+            await self._builtin(scope, receive, send, start)
+            return
+        metrics = self.metrics
+        if metrics.in_flight >= self._max_in_flight:
+            # Refuse at once and drop the connection: a queue here would only
+            # grow latency for everyone, and an open socket costs a descriptor.
+            await _answer(send, 503, _BUSY, (_JSON, _RETRY, _CLOSE))
+            bound.stats.observe(503, self._now() - start)
+            return
+        metrics.in_flight += 1
+        try:
+            status = await self._handle(bound, scope, receive, send)
+        finally:
+            metrics.in_flight -= 1
+        bound.stats.observe(status, self._now() - start)
+
+    async def _handle(self, bound: _Bound, scope: Scope, receive: Receive, send: Send) -> int:
+        try:
+            body = await self._read(scope, receive)
+            try:
+                event = bound.decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                message = str(exc)
+                _, at, where = message.rpartition(" - at `")
+                field = where.rstrip("`") if at else "$"
+                raise _Reject(422, message, field=field) from None
+            except msgspec.DecodeError as exc:
+                raise _Reject(400, f"the body is not valid JSON: {exc}") from None
+            if bound.reply is None:
+                event_id = await self.app.publish(event)
+                await _answer(send, 202, b'{"id":"%s"}' % event_id.encode(), (_JSON,))
+                return 202
+            try:
+                reply = await self.app.request(event, expect=bound.reply, timeout=bound.timeout)
+            except RequestTimeout:
+                raise _Reject(
+                    504, f"no {bound.reply.__topic__} reply within {bound.timeout}s"
+                ) from None
+            await _answer(send, 200, msgspec.json.encode(reply), (_JSON,))
+            return 200
+        except _Reject as rej:
+            headers = (_JSON, _CLOSE) if rej.close else (_JSON,)
+            await _answer(send, rej.status, rej.body, headers)
+            return rej.status
+        except Closed:
+            await _answer(send, 503, b'{"error":"the app is not running"}', (_JSON, _RETRY, _CLOSE))
+            return 503
+        except MessageTooLarge as exc:
+            await _answer(send, 413, msgspec.json.encode({"error": str(exc)}), (_JSON,))
+            return 413
+        except Exception:
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            await _answer(send, 500, b'{"error":"internal error"}', (_JSON, _CLOSE))
+            return 500
+
+    async def _read(self, scope: Scope, receive: Receive) -> bytes:
+        limit = self._max_body
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    raise _Reject(400, "Content-Length is not a number", close=True) from None
+                if declared > limit:
+                    # Refuse before reading any of it; closing the connection
+                    # is the only way not to read the rest.
+                    raise _Reject(
+                        413, f"the body is larger than {limit} bytes", close=True
+                    ) from None
+                break
+        message = await receive()
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            if message["type"] == "http.disconnect":
+                raise _Reject(400, "the client went away", close=True)
+            return body
+        chunks = [body]
+        size = len(body)
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _Reject(400, "the client went away", close=True)
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _Reject(413, f"the body is larger than {limit} bytes", close=True)
+            chunks.append(chunk)
+        if size > limit:
+            raise _Reject(413, f"the body is larger than {limit} bytes", close=True)
+        return b"".join(chunks)
+
+    async def _builtin(self, scope: Scope, receive: Receive, send: Send, start: float) -> None:
+        path: str = scope["path"]
+        method: str = scope["method"]
+        methods = self._paths.get(path)
+        if methods is None:
+            status = 404
+            await _answer(send, 404, b'{"error":"no such route"}', (_JSON,))
+            path = "(unmatched)"
+        elif method not in methods and not (method == "HEAD" and "GET" in methods):
+            status = 405
+            allow = (b"allow", ", ".join(methods).encode())
+            await _answer(send, 405, b'{"error":"method not allowed"}', (_JSON, allow))
+        elif path == "/healthz":
+            status = 200
+            await _answer(send, 200, b'{"status":"ok"}', (_JSON,))
+        elif path == "/readyz":
+            if self.ready:
+                status = 200
+                await _answer(send, 200, b'{"status":"ready"}', (_JSON,))
+            else:
+                status = 503
+                state = getattr(self.app, "_state", "unknown")
+                why = "stopping" if self._stopping else state
+                body = msgspec.json.encode({"status": "not ready", "reason": why})
+                await _answer(send, 503, body, (_JSON, _RETRY))
+        else:
+            status = 200
+            await _answer(send, 200, self.metrics.render(), (_PROMETHEUS,))
+        self._stats_for(method if methods else "-", path).observe(status, self._now() - start)
+
+    async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            return  # websockets: not served; the server closes the socket
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.app.start()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.app.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

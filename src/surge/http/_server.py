@@ -1,0 +1,365 @@
+"""Serving the ingress with uvicorn in the app's own process and loop.
+
+uvicorn's httptools protocol is kept and extended by a subclass, because the
+hardening the ingress needs sits below ASGI:
+
+* a whole request (line, headers, body) must arrive within
+  ``Limits.header_timeout`` of its first byte, or of the connection opening;
+  uvicorn only times out idle keep-alive connections, so a slowloris client
+  that trickles header bytes would hold its socket forever. One sweep per
+  server closes overdue connections (with a 408) instead of one timer per
+  request on the hot path.
+* httptools has no header size cap (it buffers whatever arrives) and uvicorn
+  adds none, so the subclass counts header bytes and answers 431 past
+  ``Limits.max_header``, both while headers are still arriving and, exactly,
+  once they are complete.
+* a connection serves at most ``Limits.max_requests_per_connection``
+  requests, then closes (``connection: close`` on the last answer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import httptools
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from ._config import Limits
+from ._ingress import ASGIApp
+
+if TYPE_CHECKING:
+    from .._app import App
+
+__all__ = ("Server", "bind_socket", "run", "serve")
+
+log = logging.getLogger("surge.http")
+
+
+class _HeaderOverflow(Exception):
+    pass
+
+
+def _canned(status: int, reason: str, body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+        b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+    )
+
+
+_431 = _canned(431, "Request Header Fields Too Large", b'{"error":"request headers too large"}')
+_408 = _canned(408, "Request Timeout", b'{"error":"request not received in time"}')
+
+
+class _Protocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with deadlines and header limits.
+
+    ``max_header`` and ``max_requests`` are set on a subclass per server.
+    """
+
+    max_header = 16 * 1024
+    max_requests = 10_000
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        # The deadline starts at connect: a client that never sends counts too.
+        self.began: float | None = self.loop.time()
+        self._head = 0
+        self._chunk = 0
+        self._in_head = True
+        self._overflow = False
+        self._served = 0
+
+    def data_received(self, data: bytes) -> None:
+        self._unset_keepalive_if_required()
+        self._chunk = len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError:
+            if self._overflow:
+                self._refuse(_431)
+            else:
+                self.send_400_response("Invalid HTTP request received.")
+            return
+        if self._in_head:
+            # No complete head yet: all of this chunk belongs to it.
+            self._head += self._chunk
+            if self._head > self.max_header:
+                self._refuse(_431)
+
+    def _refuse(self, response: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._in_head = True
+        self._head = 0
+        if self.began is None:
+            self.began = self.loop.time()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        if self._head + self._chunk > self.max_header:
+            # Only a head that may be too large is measured exactly.
+            size = len(self.url) + sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > self.max_header:
+                self._overflow = True
+                raise _HeaderOverflow
+        super().on_headers_complete()
+        self._served += 1
+        if self._served >= self.max_requests and self.cycle is not None:
+            self.cycle.keep_alive = False
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.began = None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.began = None
+        on_lost = _ON_LOST.get(self.server_state)
+        if on_lost is not None:
+            on_lost()
+
+
+# server_state -> callback run after each connection closes (Server.wait_idle)
+_ON_LOST: dict[Any, Callable[[], None]] = {}
+
+
+def bind_socket(
+    host: str = "127.0.0.1", port: int = 8000, *, reuse_port: bool = True, backlog: int = 4096
+) -> socket.socket:
+    """A listening TCP socket; with ``reuse_port`` (SO_REUSEPORT) several
+    processes may bind the same port and the kernel spreads connections."""
+    host = host or "0.0.0.0"
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose
+    # proto says TCP, and accepted sockets inherit it; without it Nagle and
+    # delayed ACKs hold each answer's second write back by ~40 ms.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port and hasattr(socket, "SO_REUSEPORT"):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Server:
+    """One uvicorn server for an app's ingress, in the running loop.
+
+    ``async with Server(app, port=0) as server:`` listens (``server.url``)
+    until the block ends or the app stops; it does not start the app (see
+    :func:`serve`). ``asgi`` wraps or replaces ``app.http``.
+    """
+
+    def __init__(
+        self,
+        app: App,
+        host: str = "127.0.0.1",
+        port: int = 8000,
+        *,
+        limits: Limits | None = None,
+        sock: socket.socket | None = None,
+        reuse_port: bool = True,
+        asgi: ASGIApp | None = None,
+    ) -> None:
+        self.app = app
+        self.ingress = app.http
+        if limits is not None:
+            self.ingress.configure(limits)
+        self.limits: Limits = self.ingress.limits
+        self.host = host
+        self.port = port
+        self._sock = sock
+        self._reuse_port = reuse_port
+        self._asgi: ASGIApp = asgi or self.ingress
+        self._uvicorn: uvicorn.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self._stopping: asyncio.Task[None] | None = None
+        self._idle = asyncio.Event()
+        self._unhook: Callable[[], None] | None = None
+
+    @property
+    def url(self) -> str:
+        host = self.host or "127.0.0.1"
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """Connections open now."""
+        return len(self._uvicorn.server_state.connections) if self._uvicorn else 0
+
+    async def start(self) -> None:
+        """Bind (unless given a socket) and start accepting connections."""
+        limits = self.limits
+        if self._sock is None:
+            self._sock = bind_socket(
+                self.host, self.port, reuse_port=self._reuse_port, backlog=limits.backlog
+            )
+        self.port = self._sock.getsockname()[1]
+        protocol = type(
+            "_SurgeProtocol",
+            (_Protocol,),
+            {"max_header": limits.max_header, "max_requests": limits.max_requests_per_connection},
+        )
+        config = uvicorn.Config(
+            self._asgi,
+            http=protocol,
+            ws="none",
+            lifespan="off",
+            loop="none",
+            interface="asgi3",
+            proxy_headers=False,
+            server_header=False,
+            access_log=False,
+            log_level="warning",
+            backlog=limits.backlog,
+            timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
+            timeout_graceful_shutdown=limits.graceful_timeout,  # type: ignore[arg-type]
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        await server.startup(sockets=[self._sock])
+        self._uvicorn = server
+        _ON_LOST[server.server_state] = self._connection_lost
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(server.main_loop(), name="surge.http.tick"),
+            loop.create_task(self._sweep(server), name="surge.http.deadlines"),
+        ]
+        self._unhook = self.ingress._on_shutdown(self.stop)
+        self.ingress._started()
+
+    async def _sweep(self, server: uvicorn.Server) -> None:
+        timeout = self.limits.header_timeout
+        period = min(max(timeout / 4, 0.05), 1.0)
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for conn in list(server.server_state.connections):
+                began = getattr(conn, "began", None)
+                if began is not None and now - began > timeout:
+                    conn.began = None  # type: ignore[union-attr]
+                    conn.transport.write(_408)
+                    conn.transport.close()
+
+    def _connection_lost(self) -> None:
+        if self._uvicorn is not None and not self._uvicorn.server_state.connections:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Wait until no connection is open."""
+        while self.connections:
+            self._idle.clear()
+            await self._idle.wait()
+
+    async def stop(self) -> None:
+        """Stop accepting, let requests in flight finish (within
+        ``Limits.graceful_timeout``), close every connection."""
+        if self._stopping is None:
+            self._stopping = asyncio.get_running_loop().create_task(self._stop())
+        await asyncio.shield(self._stopping)
+
+    async def _stop(self) -> None:
+        server = self._uvicorn
+        if server is None:
+            self._stopped.set()
+            return
+        if self._unhook is not None:
+            self._unhook()
+            self._unhook = None
+        server.should_exit = True
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await server.shutdown(sockets=[self._sock] if self._sock else None)
+        finally:
+            _ON_LOST.pop(server.server_state, None)
+            self._stopped.set()
+
+    async def wait_stopped(self) -> None:
+        await self._stopped.wait()
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+async def serve(
+    app: App,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    sock: socket.socket | None = None,
+    reuse_port: bool = True,
+    ready: Callable[[Server], object] | None = None,
+    **limits: Any,
+) -> None:
+    """Serve ``app.http`` on ``host:port`` until the app is asked to stop.
+
+    Starts the app if it is not running (and then stops it at the end);
+    ``limits`` are :class:`Limits` fields. ``ready`` is called with the
+    :class:`Server` once it listens (its ``port`` is the bound one).
+    """
+    given = Limits(**limits) if limits else None
+    server = Server(app, host, port, limits=given, sock=sock, reuse_port=reuse_port)
+    started = getattr(app, "_state", None) != "running"
+    if started:
+        await app.start()
+    try:
+        await server.start()
+        if ready is not None:
+            ready(server)
+        stop_requested = getattr(app, "_stop_requested", None)
+        waits = [asyncio.ensure_future(server.wait_stopped())]
+        if stop_requested is not None:
+            waits.append(asyncio.ensure_future(stop_requested.wait()))
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+    finally:
+        await server.stop()
+        if started:
+            await app.stop()
+
+
+def run(app: App, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
+    """Serve ``app`` (see :func:`serve`) on a new loop until SIGINT/SIGTERM."""
+    from .._app import run_loop
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, app.request_stop)
+        await serve(app, host, port, **options)
+
+    run_loop(main())
