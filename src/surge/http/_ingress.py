@@ -282,6 +282,8 @@ class Ingress:
         if not message.get("more_body", False):
             if message["type"] == "http.disconnect":
                 raise _Reject(400, "the client went away", close=True)
+            if len(body) > limit:
+                raise _Reject(413, f"the body is larger than {limit} bytes", close=True)
             return body
         chunks = [body]
         size = len(body)

@@ -1,0 +1,352 @@
+"""The HTTP ingress over a real socket: every status it answers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import msgspec
+import pytest
+
+import surge
+from surge.http import Limits, Server, fetch, serve
+from surge.http._client import Connection, build_request
+
+pytestmark = pytest.mark.realtime
+
+
+class Order(surge.Event):
+    order_id: str
+    amount: float
+
+
+class Paid(surge.Event):
+    order_id: str
+
+
+class Slow(surge.Event):
+    order_id: str
+
+
+class Held:
+    """Requests parked in the ``slow`` handler until ``gate`` opens."""
+
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+        self.entered = 0
+        self.all_in = asyncio.Event()
+        self.expect = 1
+
+    async def wait_for(self, n: int) -> None:
+        self.expect = n
+        if self.entered >= n:
+            return
+        self.all_in.clear()
+        await asyncio.wait_for(self.all_in.wait(), 10)
+
+
+def make_app(*, before: Any = None, **options: Any) -> tuple[surge.App, list[Order], Held]:
+    app = surge.App("shop", **options)
+    if before is not None:
+        app.on_stop(before)
+    seen: list[Order] = []
+    held = Held()
+
+    @app.on(Order)
+    async def charge(event: Order) -> Paid | None:
+        seen.append(event)
+        return None if event.order_id == "silent" else Paid(order_id=event.order_id)
+
+    @app.on(Slow)
+    async def slow(event: Slow) -> Paid:
+        held.entered += 1
+        if held.entered >= held.expect:
+            held.all_in.set()
+        await held.gate.wait()
+        return Paid(order_id=event.order_id)
+
+    app.http.post("/orders", publish=Order)
+    app.http.post("/pay", publish=Order, reply=Paid, timeout=0.3)
+    app.http.post("/slow", publish=Slow, reply=Paid, timeout=20)
+    return app, seen, held
+
+
+@asynccontextmanager
+async def serving(app: surge.App, **limits: Any) -> AsyncIterator[Server]:
+    async with app, Server(app, port=0, limits=Limits(**limits) if limits else None) as server:
+        yield server
+
+
+async def test_publish_route_answers_202_with_the_event_id() -> None:
+    """POST on a publish route answers 202 {"id"} and the handler gets the decoded event."""
+    app, seen, _ = make_app()
+    async with serving(app) as server:
+        r = await fetch(server.url + "/orders", "POST", json={"order_id": "a1", "amount": 9.5})
+        await app.drain()
+    assert r.status == 202
+    assert r.headers["content-type"] == "application/json"
+    assert re.fullmatch(r"[0-9a-f]{32}", r.json()["id"])
+    assert seen == [Order(order_id="a1", amount=9.5)]
+
+
+async def test_reply_route_answers_200_with_the_reply_event() -> None:
+    """A route with reply= waits for the reply event and answers it as JSON."""
+    app, _, _ = make_app()
+    async with serving(app) as server:
+        r = await fetch(server.url + "/pay", "POST", json={"order_id": "b2", "amount": 1})
+    assert (r.status, r.json()) == (200, {"order_id": "b2"})
+
+
+async def test_reply_that_never_comes_answers_504() -> None:
+    """No reply within the route's timeout answers 504."""
+    app, _, _ = make_app()
+    async with serving(app) as server:
+        r = await fetch(server.url + "/pay", "POST", json={"order_id": "silent", "amount": 1})
+    assert r.status == 504
+    assert "Paid" in r.json()["error"]
+
+
+async def test_body_that_does_not_fit_answers_422_with_the_field() -> None:
+    """A JSON body of the wrong shape answers 422 naming the field and the reason."""
+    app, seen, _ = make_app()
+    async with serving(app) as server:
+        url = server.url + "/orders"
+        bad_type = await fetch(url, "POST", json={"order_id": "x", "amount": "no"})
+        missing = await fetch(server.url + "/orders", "POST", json={"amount": 1})
+    assert bad_type.status == 422
+    assert bad_type.json()["field"] == "$.amount"
+    assert "Expected `float`, got `str`" in bad_type.json()["error"]
+    assert missing.status == 422
+    assert "order_id" in missing.json()["error"]
+    assert seen == []
+
+
+async def test_body_that_is_not_json_answers_400() -> None:
+    """A body that is not JSON at all answers 400 and publishes nothing."""
+    app, seen, _ = make_app()
+    async with serving(app) as server:
+        r = await fetch(server.url + "/orders", "POST", body=b"order=1&amount=2")
+        empty = await fetch(server.url + "/orders", "POST", body=b"")
+    assert (r.status, empty.status) == (400, 400)
+    assert "not valid JSON" in r.json()["error"]
+    assert seen == []
+
+
+async def test_past_max_in_flight_answers_503_at_once_with_retry_after() -> None:
+    """With max_in_flight requests held, the next one gets 503 + Retry-After, not a queue."""
+    app, _, held = make_app()
+    async with serving(app, max_in_flight=2) as server:
+        parked = [
+            asyncio.create_task(fetch(server.url + "/slow", "POST", json={"order_id": str(i)}))
+            for i in range(2)
+        ]
+        await held.wait_for(2)
+        assert app.http.statistics().in_flight == 2
+        refused = await fetch(server.url + "/slow", "POST", json={"order_id": "late"})
+        assert refused.status == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
+        held.gate.set()
+        answers = await asyncio.gather(*parked)
+    assert [a.status for a in answers] == [200, 200]
+
+
+async def test_declared_body_over_max_body_answers_413_before_reading_it() -> None:
+    """A Content-Length over max_body answers 413 and closes without waiting for the body."""
+    app, seen, _ = make_app()
+    async with serving(app, max_body=1024) as server:
+        conn = await Connection.open("127.0.0.1", server.port)
+        head = b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-length: 2097152\r\n\r\n"
+        r = await asyncio.wait_for(conn.send(head), 5)
+        assert r.status == 413
+        assert r.headers["connection"] == "close"
+    assert seen == []
+
+
+async def test_streamed_body_over_max_body_answers_413() -> None:
+    """A chunked body that grows past max_body answers 413 even with no Content-Length."""
+    app, seen, _ = make_app()
+    async with serving(app, max_body=1024) as server:
+        conn = await Connection.open("127.0.0.1", server.port)
+        head = b"POST /orders HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+        chunk = b"200\r\n" + b" " * 512 + b"\r\n"
+        r = await asyncio.wait_for(conn.send(head + chunk * 4 + b"0\r\n\r\n"), 5)
+    assert r.status == 413
+    assert seen == []
+
+
+async def test_body_of_exactly_max_body_is_accepted() -> None:
+    """The body limit is inclusive: max_body bytes are read and decoded."""
+    app, _, _ = make_app()
+    body = msgspec.json.encode({"order_id": "x", "amount": 1})
+    async with serving(app, max_body=len(body)) as server:
+        r = await fetch(server.url + "/orders", "POST", body=body)
+    assert r.status == 202
+
+
+@pytest.mark.parametrize("pieces", [1, 8])
+async def test_headers_over_max_header_answer_431(pieces: int) -> None:
+    """Request headers past max_header answer 431, whether they come in one piece or many."""
+    app, seen, _ = make_app()
+    async with serving(app, max_header=4096) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        head = b"GET /healthz HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 8000 + b"\r\n\r\n"
+        step = len(head) // pieces + 1
+        try:
+            for i in range(0, len(head), step):
+                writer.write(head[i : i + step])
+                await writer.drain()
+        except ConnectionError:
+            pass  # the server may refuse before the last piece
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 431 ")
+    assert seen == []
+
+
+async def test_headers_under_max_header_are_served() -> None:
+    """Headers just under max_header are served normally."""
+    app, _, _ = make_app()
+    async with serving(app, max_header=4096) as server:
+        r = await fetch(server.url + "/healthz", headers={"x-big": "a" * 3000})
+    assert r.status == 200
+
+
+async def test_health_endpoints_report_liveness_and_readiness() -> None:
+    """/healthz is 200 whenever served; /readyz is 503 until the app runs, then 200."""
+    app, _, _ = make_app()
+    async with Server(app, port=0) as server:
+        live = await fetch(server.url + "/healthz")
+        not_ready = await fetch(server.url + "/readyz")
+        async with app:
+            ready = await fetch(server.url + "/readyz")
+    assert (live.status, live.json()) == (200, {"status": "ok"})
+    assert not_ready.status == 503
+    assert not_ready.json()["reason"] == "new"
+    assert (ready.status, ready.json()) == (200, {"status": "ready"})
+
+
+async def test_metrics_count_requests_by_status_and_export_subscriptions() -> None:
+    """/metrics is Prometheus text with per-route counts, latency and subscription counters."""
+    app, _, _ = make_app()
+    async with serving(app) as server:
+        for _ in range(3):
+            await fetch(server.url + "/orders", "POST", json={"order_id": "m", "amount": 1})
+        await fetch(server.url + "/orders", "POST", body=b"{")
+        await app.drain()
+        text = (await fetch(server.url + "/metrics")).body.decode()
+    assert 'surge_http_requests_total{method="POST",route="/orders",status="202"} 3.0' in text
+    assert 'surge_http_requests_total{method="POST",route="/orders",status="400"} 1.0' in text
+    assert 'surge_http_request_duration_seconds_count{method="POST",route="/orders"} 4.0' in text
+    assert 'surge_subscription_received_total{app="shop",subscription="shop.charge"} 3.0' in text
+    assert "surge_http_in_flight 0.0" in text
+
+
+async def test_unknown_path_answers_404_and_wrong_method_405() -> None:
+    """A path with no route answers 404; a known path with another method 405 with Allow."""
+    app, _, _ = make_app()
+    async with serving(app) as server:
+        missing = await fetch(server.url + "/nope")
+        wrong = await fetch(server.url + "/orders")
+    assert missing.status == 404
+    assert (wrong.status, wrong.headers["allow"]) == (405, "POST")
+
+
+async def test_connection_closes_after_max_requests_per_connection() -> None:
+    """The last request a connection may carry is answered with connection: close."""
+    app, _, _ = make_app()
+    async with serving(app, max_requests_per_connection=3) as server:
+        conn = await Connection.open("127.0.0.1", server.port)
+        request = build_request("GET", "127.0.0.1", server.port, "/healthz")
+        answers = [await conn.send(request) for _ in range(3)]
+        assert [a.status for a in answers] == [200, 200, 200]
+        assert "connection" not in answers[1].headers
+        assert answers[2].headers["connection"] == "close"
+        with pytest.raises(ConnectionError):
+            await asyncio.wait_for(conn.send(request), 5)
+
+
+async def test_serve_starts_the_app_and_stops_it_on_request_stop() -> None:
+    """serve() starts a stopped app, serves it, and stops both when asked."""
+    app, _, _ = make_app()
+    listening: asyncio.Future[Server] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(serve(app, "127.0.0.1", 0, ready=listening.set_result))
+    server = await asyncio.wait_for(listening, 5)
+    r = await fetch(server.url + "/pay", "POST", json={"order_id": "s", "amount": 1})
+    assert r.status == 200
+    app.request_stop()
+    await asyncio.wait_for(task, 10)
+    assert repr(app).startswith("<App 'shop' stopped")
+    with pytest.raises(ConnectionRefusedError):
+        await fetch(server.url + "/healthz", timeout=2)
+
+
+async def test_app_stop_lets_requests_in_flight_finish() -> None:
+    """Stopping the app closes the server gracefully: a request waiting for its reply gets it."""
+    readiness: list[bool] = []
+
+    async def stop_began() -> None:
+        # Runs just before the ingress's own stop hook: open the gate once
+        # the server has begun to shut down.
+        def release() -> None:
+            readiness.append(app.http.ready)
+            held.gate.set()
+
+        asyncio.get_running_loop().call_soon(release)
+
+    app, _, held = make_app(before=stop_began)
+    await app.start()
+    server = Server(app, port=0)
+    await server.start()
+    pending = asyncio.create_task(fetch(server.url + "/slow", "POST", json={"order_id": "g"}))
+    await held.wait_for(1)
+    await asyncio.wait_for(app.stop(), 10)
+    r = await asyncio.wait_for(pending, 10)
+    assert readiness == [False]
+    assert (r.status, r.json()) == (200, {"order_id": "g"})
+
+
+async def test_lifespan_starts_and_stops_the_app_under_another_server() -> None:
+    """Mounted under any ASGI server, the lifespan protocol starts and stops the app."""
+    app, _, _ = make_app()
+    inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    outbox: list[str] = []
+    for kind in ("lifespan.startup", "lifespan.shutdown"):
+        inbox.put_nowait({"type": kind})
+
+    async def receive() -> dict[str, Any]:
+        message = await inbox.get()
+        if message["type"] == "lifespan.shutdown":
+            outbox.append("ready" if app.http.ready else "not ready")
+        return message
+
+    async def send(message: Any) -> None:
+        outbox.append(message["type"])
+
+    await app.http({"type": "lifespan"}, receive, send)
+    assert outbox == ["lifespan.startup.complete", "ready", "lifespan.shutdown.complete"]
+    assert repr(app).startswith("<App 'shop' stopped")
+
+
+def test_limits_reject_impossible_values() -> None:
+    """Limits that cannot work raise ConfigurationError."""
+    with pytest.raises(surge.ConfigurationError):
+        Limits(max_in_flight=0)
+    with pytest.raises(surge.ConfigurationError):
+        Limits(header_timeout=0)
+
+
+def test_routes_reject_bad_declarations() -> None:
+    """Reserved paths, duplicate routes and non-event types are refused at declaration."""
+    app, _, _ = make_app()
+    with pytest.raises(surge.ConfigurationError):
+        app.http.post("/healthz", publish=Order)
+    with pytest.raises(surge.ConfigurationError):
+        app.http.post("/orders", publish=Order)
+    with pytest.raises(surge.ConfigurationError):
+        app.http.post("/x", publish=dict)  # type: ignore[arg-type]
+    with pytest.raises(surge.ConfigurationError):
+        app.http.post("relative", publish=Order)
