@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+import signal
 import subprocess
 import sys
 import textwrap
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -297,3 +299,36 @@ def test_optional_commands_load_lazily_and_never_break_the_cli(
     assert "surge_missing_dependency_xyz" in failed.output
     assert runner.invoke(main, ["absent"]).exit_code == 2
     assert isinstance(main, click.Group)
+
+
+def test_run_with_http_serves_until_sigterm(
+    write_app: Callable[[str], str], tmp_path: Path
+) -> None:
+    """`surge run --http HOST:0` says where it listens, answers, and exits 0 on SIGTERM."""
+    pytest.importorskip("uvicorn")
+    name = write_app("import surge\napp = surge.App('webby')\n")
+    log = tmp_path / "stderr.log"
+    with (
+        log.open("w") as stderr,
+        subprocess.Popen(
+            [sys.executable, "-m", "surge", "run", f"{name}:app", "--http", "127.0.0.1:0"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        ) as proc,
+    ):
+        try:
+            assert proc.stdout is not None
+            line = proc.stdout.readline()  # blocks until the server listens
+            assert line.startswith("serving HTTP on http://127.0.0.1:"), log.read_text()
+            url = line.split()[-1]
+            with urllib.request.urlopen(f"{url}/healthz", timeout=10) as resp:
+                assert resp.status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()

@@ -215,14 +215,20 @@ def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> 
 
 def _serve_http(app: App, host: str, port: int) -> None:
     try:
-        serve = importlib.import_module("surge.http").serve
-    except (ImportError, AttributeError) as exc:
+        http = importlib.import_module("surge.http")
+    except ImportError as exc:
         raise click.ClickException(
             f"--http needs surge's HTTP ingress: pip install 'surge[http]' ({exc})"
         ) from None
-    result = serve(app, host=host, port=port)
-    if isinstance(result, Awaitable):
-        _run(lambda: result)
+    run_http = getattr(http, "run", None)
+    if run_http is None:
+        raise click.ClickException("--http is unavailable: surge.http has no run()")
+
+    def ready(server: Any) -> None:
+        # the bound port: --http HOST:0 picks a free one
+        click.echo(f"serving HTTP on http://{host}:{server.port}")
+
+    run_http(app, host, port, ready=ready)
 
 
 # --- surge demo ---------------------------------------------------------------
