@@ -332,3 +332,26 @@ def test_run_with_http_serves_until_sigterm(
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_workers_hand_app_transport_and_http_to_the_supervisor(
+    write_app: Callable[[str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """--workers N on a shared transport calls run_workers and exits with its code."""
+    supervisor = pytest.importorskip("surge._supervisor")
+    calls: list[tuple[object, ...]] = []
+
+    def fake_run_workers(
+        app_ref: str, url: str, workers: int, *, http: tuple[str, int] | None = None
+    ) -> int:
+        calls.append((app_ref, url, workers, http))
+        return 3
+
+    monkeypatch.setattr(supervisor, "run_workers", fake_run_workers)
+    name = write_app(TINY)
+    url = f"sqlite:///{tmp_path / 'w.db'}"
+    result = CliRunner().invoke(
+        main, ["run", f"{name}:app", "-t", url, "-w", "3", "--http", "0.0.0.0:8080"]
+    )
+    assert calls == [(f"{name}:app", url, 3, ("0.0.0.0", 8080))]
+    assert result.exit_code == 3
