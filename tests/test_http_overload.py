@@ -1,0 +1,185 @@
+"""The ingress under abuse: a flood past its in-flight bound, and slowloris."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import resource
+import sys
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+import surge
+from surge.http import Limits, Server, run_load
+from surge.http._ingress import ASGIApp
+
+pytestmark = pytest.mark.realtime
+
+
+class Order(surge.Event):
+    order_id: str
+
+
+class Done(surge.Event):
+    order_id: str
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class CountRefusals:
+    """Wraps the ingress; sets ``reached`` once ``target`` requests got 503."""
+
+    def __init__(self, inner: ASGIApp, target: int) -> None:
+        self.inner = inner
+        self.target = target
+        self.refused = 0
+        self.reached = asyncio.Event()
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        async def counting(message: Any) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 503:
+                self.refused += 1
+                if self.refused >= self.target:
+                    self.reached.set()
+            await send(message)
+
+        await self.inner(scope, receive, counting)
+
+
+@pytest.mark.timeout(90)
+async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
+    tmp_path: Path,
+) -> None:
+    """10,000 concurrent connections against 1,000 in flight: 9,000 get 503 at once, the
+    1,000 admitted finish, none hangs, and descriptors return to their baseline."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < min(hard, 16_000):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 16_000), hard))
+    total, admitted = 10_000, 1_000
+    app = surge.App("flood")
+    gate = asyncio.Event()
+
+    @app.on(Order, concurrency=admitted)
+    async def hold(event: Order) -> Done:
+        await gate.wait()
+        return Done(order_id=event.order_id)
+
+    app.http.post("/orders", publish=Order, reply=Done, timeout=60)
+    counter = CountRefusals(app.http, total - admitted)
+    async with app:
+        server = Server(app, port=0, limits=Limits(max_in_flight=admitted), asgi=counter)
+        await server.start()
+        baseline = open_fds()
+        client = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            "from surge.http._load import load; load()",
+            f"{server.url}/orders",
+            f"--requests={total}",
+            f"--concurrency={total}",
+            "--timeout=40",
+            '--body={"order_id": "{i}"}',
+            f"--chart={tmp_path / 'chart.html'}",
+            "--json",
+            stdout=asyncio.subprocess.PIPE,
+        )
+        try:
+            # Every excess request is refused while the admitted ones are held.
+            await asyncio.wait_for(counter.reached.wait(), 60)
+            at_peak = open_fds()
+            held = app.http.statistics().in_flight
+        finally:
+            gate.set()
+            out, _ = await asyncio.wait_for(client.communicate(), 60)
+        await asyncio.wait_for(server.wait_idle(), 20)
+        after = open_fds()
+        await server.stop()
+    report = msgspec.json.decode(out)
+    assert report["errors"] == {}
+    assert report["statuses"] == {"200": admitted, "503": total - admitted}
+    assert held == admitted
+    # One descriptor per open connection at most, and all of them given back.
+    assert at_peak <= baseline + total + 16
+    assert after <= baseline + 2
+    # Refusals are immediate: the refused part of the latency distribution
+    # (everything below p90) never waited for the held requests.
+    assert report["p50"] < 20
+
+
+@pytest.mark.timeout(60)
+async def test_slowloris_connections_are_closed_while_normal_requests_are_served() -> None:
+    """500 clients trickling headers are closed (408 or reset) by the header deadline; normal
+    requests keep being answered meanwhile."""
+    deadline = 1.0
+    app = surge.App("loris")
+    handled = 0
+
+    @app.on(Order)
+    async def take(event: Order) -> None:
+        nonlocal handled
+        handled += 1
+
+    app.http.post("/orders", publish=Order)
+    loop = asyncio.get_running_loop()
+    all_open = asyncio.Event()
+    opened = 0
+    lorises = 500
+
+    async def loris() -> tuple[float, bytes]:
+        nonlocal opened
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        start = loop.time()
+        writer.write(b"POST /orders HTTP/1.1\r\nhost: x\r\n")
+        opened += 1
+        if opened == lorises:
+            all_open.set()
+        answer = b""
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(reader.read(4096), 0.2)
+                except ConnectionResetError:
+                    # Closed while our bytes were unread: the kernel resets
+                    # rather than ends the connection, the 408 may be lost.
+                    return loop.time() - start, answer or b"reset"
+                except TimeoutError:
+                    if not answer:
+                        # Another header line: progress that must not reset the deadline.
+                        writer.write(b"x-slow: 1\r\n")
+                    continue
+                if not chunk:
+                    return loop.time() - start, answer
+                answer += chunk
+        finally:
+            writer.close()
+
+    limits = Limits(header_timeout=deadline)
+    async with app, Server(app, port=0, limits=limits) as server:
+        tasks = [asyncio.create_task(loris()) for _ in range(lorises)]
+        await asyncio.wait_for(all_open.wait(), 20)
+        served = await run_load(
+            f"{server.url}/orders", 300, 10, body=b'{"order_id": "n"}', timeout=5
+        )
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 30)
+        await app.drain()
+    assert served.statuses == {202: 300}
+    assert handled == 300
+    closed_after = sorted(t for t, _ in results)
+    assert closed_after[0] >= deadline * 0.9
+    assert closed_after[-1] < deadline + 3.0
+    assert [a for _, a in results if not a.startswith((b"HTTP/1.1 408 ", b"reset"))] == []
+
+
+async def test_a_connection_that_sends_nothing_is_closed_by_the_deadline() -> None:
+    """An idle new connection (no request byte at all) is closed after header_timeout."""
+    app = surge.App("idle")
+    async with app, Server(app, port=0, limits=Limits(header_timeout=0.3)) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 408 ")
