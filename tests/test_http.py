@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,7 +14,7 @@ import msgspec
 import pytest
 
 import surge
-from surge.http import Limits, Server, fetch, serve
+from surge.http import Limits, Server, bind_socket, fetch, serve
 from surge.http._client import Connection, build_request
 
 pytestmark = pytest.mark.realtime
@@ -350,3 +352,52 @@ def test_routes_reject_bad_declarations() -> None:
         app.http.post("/x", publish=dict)
     with pytest.raises(surge.ConfigurationError):
         app.http.post("relative", publish=Order)
+
+
+_WORKER = """
+import asyncio, sys
+import surge
+from surge._app import run_loop
+from surge.http import serve
+
+app = surge.App("worker")
+
+@app.on_stop
+async def bye() -> None:
+    print("stopping", flush=True)
+
+def ready(server):
+    print(server.port, flush=True)
+
+run_loop(serve(app, "127.0.0.1", 0, ready=ready))
+print("stopped", flush=True)
+"""
+
+
+async def test_serve_in_a_process_stops_gracefully_on_sigterm() -> None:
+    """serve() run bare (as a worker process does) turns SIGTERM into a graceful stop."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER, stdout=asyncio.subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    port = int(await asyncio.wait_for(proc.stdout.readline(), 20))
+    r = await fetch(f"http://127.0.0.1:{port}/readyz")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    assert r.status == 200
+    assert proc.returncode == 0
+    assert out.decode().split() == ["stopping", "stopped"]
+
+
+async def test_servers_share_a_port_with_so_reuseport() -> None:
+    """Two servers (as two workers would) bind the same port with SO_REUSEPORT; a plain
+    bind of a taken port fails."""
+    first_app, _, _ = make_app()
+    second_app = surge.App("other")
+    async with serving(first_app) as first:
+        async with second_app, Server(second_app, port=first.port) as second:
+            assert second.port == first.port
+            r = await fetch(second.url + "/healthz")
+        with pytest.raises(OSError, match="in use"):
+            bind_socket("127.0.0.1", first.port, reuse_port=False)
+    assert r.status == 200

@@ -20,10 +20,10 @@ hardening the ingress needs sits below ASGI:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import signal
 import socket
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -319,6 +319,7 @@ async def serve(
     sock: socket.socket | None = None,
     reuse_port: bool = True,
     ready: Callable[[Server], object] | None = None,
+    install_signals: bool | None = None,
     **limits: Any,
 ) -> None:
     """Serve ``app.http`` on ``host:port`` until the app is asked to stop.
@@ -326,12 +327,16 @@ async def serve(
     Starts the app if it is not running (and then stops it at the end);
     ``limits`` are :class:`Limits` fields. ``ready`` is called with the
     :class:`Server` once it listens (its ``port`` is the bound one).
+    SIGINT and SIGTERM ask the app to stop when ``install_signals`` is true;
+    by default, only where nobody else handles them (the main thread, with
+    Python's default handlers), so a worker process stops gracefully.
     """
     given = Limits(**limits) if limits else None
     server = Server(app, host, port, limits=given, sock=sock, reuse_port=reuse_port)
     started = getattr(app, "_state", None) != "running"
     if started:
         await app.start()
+    installed = _install_signals(app, install_signals)
     try:
         await server.start()
         if ready is not None:
@@ -346,20 +351,33 @@ async def serve(
             for w in waits:
                 w.cancel()
     finally:
+        loop = asyncio.get_running_loop()
+        for sig in installed:
+            loop.remove_signal_handler(sig)
         await server.stop()
         if started:
             await app.stop()
+
+
+def _install_signals(app: App, install: bool | None) -> list[int]:
+    if install is False or threading.current_thread() is not threading.main_thread():
+        return []
+    loop = asyncio.get_running_loop()
+    installed: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if install or current in (signal.SIG_DFL, signal.default_int_handler):
+            try:
+                loop.add_signal_handler(sig, app.request_stop)
+            except (NotImplementedError, RuntimeError):  # pragma: no cover - not Unix
+                continue
+            installed.append(sig)
+    return installed
 
 
 def run(app: App, host: str = "127.0.0.1", port: int = 8000, **options: Any) -> None:
     """Serve ``app`` (see :func:`serve`) on a new loop until SIGINT/SIGTERM."""
     from .._app import run_loop
 
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, app.request_stop)
-        await serve(app, host, port, **options)
-
-    run_loop(main())
+    options.setdefault("install_signals", True)
+    run_loop(serve(app, host, port, **options))
