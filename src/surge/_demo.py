@@ -116,8 +116,10 @@ async def demo(
     """Run the shop app in this process and flood it with ``events`` orders
     from ``producers`` concurrent coroutines; what was measured.
 
-    Gives up waiting when no order is accounted for during ``stall_timeout``
-    seconds after the last publish, and reports the missing ones as lost.
+    The run ends when every order is shipped or dead-lettered, or when the
+    transport has settled (nothing queued, in flight or scheduled; memory://
+    can tell), or after ``stall_timeout`` seconds without progress; orders
+    that never arrived are reported as lost.
     """
     if events < 1 or producers < 1:
         raise ValueError("events and producers must be at least 1")
