@@ -1,0 +1,475 @@
+"""A Jepsen-style crash checker for transports shared by several processes.
+
+The recipe (any transport several processes share: sqlite, redis, nats)::
+
+    result = await run_crash(url, tmp_path, events=20_000, kills=20, workers=2)
+    print(result)          # the figures
+    result.check()         # lost == 0, unexpected == 0, duplicates bounded, nothing pending
+
+What happens:
+
+- A :class:`surge._supervisor.Supervisor` runs ``workers`` processes of
+  :data:`app` (this module, ``_jepsen:app``). Its handler appends a line
+  ``h,<n>,<pid>,<attempt>`` to a records file *before returning*, so the ack
+  always comes after the record. One ``write(2)`` of a short line with
+  ``O_APPEND`` is atomic and survives the process's SIGKILL (the page cache
+  is the kernel's, not the process's), so no fsync is needed: these tests
+  kill processes, not the machine.
+- Producers (in the test process) publish events numbered ``0..events-1``
+  and keep the numbers whose ``publish`` returned: the acknowledged ones.
+- A killer SIGKILLs a random worker at random moments while it handles
+  (after it has recorded at least one event since its start) and the
+  supervisor restarts it.
+- Then the transport is drained (its stats show nothing in the backlog,
+  pending or scheduled) and :func:`check` compares the records with the
+  acknowledged numbers.
+
+A duplicate is a second handling of an event. Only deliveries in flight at a
+kill can be handled twice, and a worker holds at most ``prefetch``
+unsettled deliveries, so ``kills * prefetch`` bounds the duplicates.
+
+The worker app reads its knobs from the environment (see
+:func:`worker_env`), since the supervisor starts it by reference.
+
+Waiting on another process's state (the records file, the transport's
+stats) has no event to wait on in this process: :func:`wait_for` polls at a
+short interval with a hard deadline, and is the only place here that does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import surge
+from surge._supervisor import Supervisor
+from surge.transports import TransportStats, open_transport
+
+__all__ = (
+    "GROUP",
+    "CrashResult",
+    "Numbered",
+    "Record",
+    "app",
+    "check",
+    "drain",
+    "kill_workers",
+    "produce",
+    "read_acked",
+    "read_records",
+    "run_crash",
+    "wait_for",
+    "worker_env",
+)
+
+
+class Numbered(surge.Event):
+    """An event that carries its unique number."""
+
+    n: int
+
+
+# --- the worker app ---------------------------------------------------------------
+def _env_float(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+CONCURRENCY = int(_env_float("JEPSEN_CONCURRENCY", 8))
+PREFETCH = int(_env_float("JEPSEN_PREFETCH", 16))
+_RECORDS = os.environ.get("JEPSEN_RECORDS")
+_HOLD_FIRST = _env_float("JEPSEN_HOLD_FIRST", 0.0)  # seconds, on attempt 1 only
+_DELAY = _env_float("JEPSEN_DELAY", 0.0)  # seconds of awaiting per event
+_SPIN = int(_env_float("JEPSEN_SPIN", 0))  # pure-Python loop iterations per event
+_STARTS = os.environ.get("JEPSEN_STARTS") == "1"  # also record when handling starts
+
+app = surge.App("jepsen", shutdown_timeout=_env_float("JEPSEN_SHUTDOWN", 10.0))
+GROUP = "jepsen.handle"
+_fd: int | None = None
+
+
+def _record(kind: str, n: int, attempt: int) -> None:
+    global _fd
+    if _RECORDS is None:
+        return
+    if _fd is None:
+        _fd = os.open(_RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    os.write(_fd, f"{kind},{n},{os.getpid()},{attempt}\n".encode())
+
+
+def spin(iterations: int) -> int:
+    """A fixed amount of pure-Python CPU work (holds the GIL throughout)."""
+    x = 0
+    for i in range(iterations):
+        x = (x + i * i) % 1_000_003
+    return x
+
+
+@app.on(Numbered, concurrency=CONCURRENCY, prefetch=PREFETCH)
+async def handle(event: Numbered, ctx: surge.Context) -> None:
+    if _STARTS:
+        _record("s", event.n, ctx.attempt)
+    if _HOLD_FIRST and ctx.attempt == 1:
+        await asyncio.sleep(_HOLD_FIRST)
+    if _DELAY:
+        await asyncio.sleep(_DELAY)
+    if _SPIN:
+        spin(_SPIN)
+    _record("h", event.n, ctx.attempt)
+
+
+def worker_env(
+    records: Path,
+    *,
+    concurrency: int = 8,
+    prefetch: int = 16,
+    hold_first: float = 0.0,
+    delay: float = 0.0,
+    spin: int = 0,
+    starts: bool = False,
+    shutdown_timeout: float = 10.0,
+) -> dict[str, str]:
+    """The environment for workers of :data:`app` (for ``Supervisor(env=)``)."""
+    env = dict(os.environ)
+    env.update(
+        JEPSEN_RECORDS=str(records),
+        JEPSEN_CONCURRENCY=str(concurrency),
+        JEPSEN_PREFETCH=str(prefetch),
+        JEPSEN_HOLD_FIRST=str(hold_first),
+        JEPSEN_DELAY=str(delay),
+        JEPSEN_SPIN=str(spin),
+        JEPSEN_STARTS="1" if starts else "0",
+        JEPSEN_SHUTDOWN=str(shutdown_timeout),
+    )
+    return env
+
+
+# --- records --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Record:
+    """One line of the records file: ``kind`` is ``h`` (handled) or ``s`` (started)."""
+
+    kind: str
+    n: int
+    pid: int
+    attempt: int
+
+
+def read_records(path: Path, kind: str | None = "h") -> list[Record]:
+    """The records in ``path`` (of one ``kind``, or all when None)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        k, n, pid, attempt = line.split(",")
+        if kind is None or k == kind:
+            out.append(Record(k, int(n), int(pid), int(attempt)))
+    return out
+
+
+def read_acked(path: Path) -> list[int]:
+    """Numbers recorded (one per line) by a publisher after ``publish`` returned."""
+    if not path.exists():
+        return []
+    # a SIGKILL can cut the last line short: only whole lines count
+    text = path.read_text()
+    lines = text.split("\n")
+    return [int(x) for x in lines[:-1] if x]
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]],
+    *,
+    timeout: float,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> float:
+    """Poll ``predicate`` until true; seconds taken. Raises TimeoutError."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    while True:
+        ok = predicate()
+        if not isinstance(ok, bool):
+            ok = await ok
+        if ok:
+            return loop.time() - start
+        if loop.time() - start > timeout:
+            raise TimeoutError(f"{what} did not hold within {timeout}s")
+        await asyncio.sleep(interval)
+
+
+# --- producers, killer, drain -----------------------------------------------------
+async def produce(
+    url: str,
+    numbers: Iterable[int],
+    acked: list[int],
+    *,
+    concurrency: int = 8,
+    rate: float | None = None,
+) -> None:
+    """Publish a :class:`Numbered` per number; append each to ``acked`` once
+    its ``publish`` returned. ``rate`` (events/s) paces the whole run."""
+    queue = list(numbers)
+    producer = surge.App("jepsen-producer", transport=url)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    it = iter(enumerate(queue))
+
+    async def one() -> None:
+        for i, n in it:
+            if rate is not None:
+                ahead = start + i / rate - loop.time()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            await producer.publish(Numbered(n=n))
+            acked.append(n)
+
+    async with producer:
+        await asyncio.gather(*(one() for _ in range(concurrency)))
+
+
+async def kill_workers(
+    sup: Supervisor,
+    records: Path,
+    *,
+    kills: int,
+    rng: random.Random,
+    max_delay: float = 0.3,
+    deadline: float = 120.0,
+) -> int:
+    """SIGKILL a random worker ``kills`` times, each at a random moment while
+    it handles (it has recorded an event since it started); the count done."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    done = 0
+    while done < kills and loop.time() < end:
+        await sup.wait_ready()
+        pid = rng.choice(sup.ready_pids)
+        offset = _size(records)
+        try:
+            await wait_for(
+                _handled_by(records, offset, pid),
+                timeout=max(0.1, end - loop.time()),
+                interval=0.02,
+                what=f"worker {pid} handling",
+            )
+        except TimeoutError:
+            break
+        await asyncio.sleep(rng.uniform(0, max_delay))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            done += 1
+        await sup.wait_restarted(pid)
+    return done
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _handled_by(path: Path, offset: int, pid: int) -> Callable[[], bool]:
+    """Whether ``pid`` recorded a handled event past ``offset`` in ``path``."""
+    mark = f",{pid},".encode()
+
+    def seen() -> bool:
+        with path.open("rb") as f:
+            f.seek(offset)
+            return any(line.startswith(b"h,") and mark in line for line in f)
+
+    return seen
+
+
+async def group_stats(url: str, group: str = GROUP) -> TransportStats:
+    """The transport's stats of ``group``, read through a fresh connection."""
+    transport = open_transport(url)
+    await transport.start()
+    try:
+        return await transport.stats(group)
+    finally:
+        await transport.close()
+
+
+async def drain(
+    url: str,
+    records: Path,
+    acked: Iterable[int],
+    *,
+    group: str = GROUP,
+    timeout: float = 60.0,
+) -> TransportStats:
+    """Wait until every acked event is handled and ``group`` holds nothing."""
+    want = set(acked)
+    transport = open_transport(url)
+    await transport.start()
+    last: list[TransportStats] = []
+
+    async def settled() -> bool:
+        st = await transport.stats(group)
+        last[:] = [st]
+        if st.backlog or st.pending or st.scheduled:
+            return False
+        return want <= {r.n for r in read_records(records)}
+
+    try:
+        with contextlib.suppress(TimeoutError):
+            await wait_for(settled, timeout=timeout, interval=0.05, what="drain")
+    finally:
+        await transport.close()
+    return last[0]
+
+
+# --- the verdict ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class CrashResult:
+    """The figures of one crash run. :meth:`check` asserts the promises."""
+
+    published: int
+    acked: int
+    handled: int
+    deliveries: int
+    lost: int
+    unexpected: int
+    duplicates: int
+    kills: int
+    duplicate_bound: int
+    left: int
+    seconds: float = 0.0
+    lost_sample: list[int] = field(default_factory=list)
+
+    def check(self) -> None:
+        assert self.lost == 0, f"lost acknowledged events: {self.lost_sample} ({self})"
+        assert self.unexpected == 0, f"handled events never published ({self})"
+        assert self.duplicates <= self.duplicate_bound, f"too many duplicates ({self})"
+        assert self.left == 0, f"deliveries left on the transport ({self})"
+
+    def __str__(self) -> str:
+        return (
+            f"published={self.published} acked={self.acked} handled={self.handled} "
+            f"deliveries={self.deliveries} lost={self.lost} unexpected={self.unexpected} "
+            f"duplicates={self.duplicates} (bound {self.duplicate_bound}) kills={self.kills} "
+            f"left={self.left} seconds={self.seconds:.1f}"
+        )
+
+
+def check(
+    published: Iterable[int],
+    acked: Iterable[int],
+    records: Sequence[Record],
+    *,
+    kills: int,
+    bound_per_kill: int,
+    left: int,
+    seconds: float = 0.0,
+) -> CrashResult:
+    """Compare handled ``records`` with what was published and acknowledged."""
+    pub = set(published)
+    ack = set(acked)
+    counts = Counter(r.n for r in records)
+    handled = set(counts)
+    lost = sorted(ack - handled)
+    return CrashResult(
+        published=len(pub),
+        acked=len(ack),
+        handled=len(handled),
+        deliveries=len(records),
+        lost=len(lost),
+        unexpected=len(handled - pub),
+        duplicates=sum(c - 1 for c in counts.values()),
+        kills=kills,
+        duplicate_bound=kills * bound_per_kill,
+        left=left,
+        seconds=seconds,
+        lost_sample=lost[:10],
+    )
+
+
+async def run_crash(
+    url: str,
+    tmp: Path,
+    *,
+    events: int = 20_000,
+    kills: int = 20,
+    workers: int = 2,
+    seed: int = 0,
+    concurrency: int = 8,
+    prefetch: int = 16,
+    rate: float | None = None,
+    producers: int = 8,
+    max_delay: float = 0.3,
+    drain_timeout: float = 60.0,
+) -> CrashResult:
+    """Publish ``events`` numbered events while killing workers ``kills``
+    times; drain; the figures. See the module docstring."""
+    rng = random.Random(seed)
+    records = tmp / "records.txt"
+    sup = Supervisor(
+        "_jepsen:app",
+        url,
+        workers,
+        shutdown_timeout=5.0,
+        backoff=0.05,
+        backoff_cap=0.5,
+        stable_after=0.5,
+        env=worker_env(records, concurrency=concurrency, prefetch=prefetch),
+    )
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    running = loop.create_task(sup.run())
+    acked: list[int] = []
+    try:
+        await sup.wait_ready()
+        producing = loop.create_task(
+            produce(url, range(events), acked, concurrency=producers, rate=rate)
+        )
+        done = await kill_workers(sup, records, kills=kills, rng=rng, max_delay=max_delay)
+        await producing
+        stats = await drain(url, records, acked, timeout=drain_timeout)
+    finally:
+        sup.request_stop()
+        await running
+    left = stats.backlog + stats.pending + stats.scheduled
+    return check(
+        range(events),
+        acked,
+        read_records(records),
+        kills=done,
+        bound_per_kill=prefetch,
+        left=left,
+        seconds=loop.time() - start,
+    )
+
+
+# --- a publisher process, for kill loops against the committing process ------------------
+async def _publish_forever(url: str, start: int, acked_path: Path) -> None:
+    fd = os.open(acked_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    producer = surge.App("jepsen-publisher", transport=url)
+    ready = False
+    async with producer:
+        n = start
+        while True:
+            await producer.publish(Numbered(n=n))
+            os.write(fd, f"{n}\n".encode())
+            if not ready:
+                # the parent kills only after the first acknowledged publish
+                os.write(1, b"R")
+                ready = True
+            n += 1
+
+
+def _main(argv: Sequence[str]) -> int:
+    if len(argv) != 4 or argv[0] != "publish":
+        print("usage: python _jepsen.py publish URL START ACKED_PATH", file=sys.stderr)
+        return 2
+    asyncio.run(_publish_forever(argv[1], int(argv[2]), Path(argv[3])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
