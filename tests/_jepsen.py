@@ -9,7 +9,7 @@ The recipe (any transport several processes share: sqlite, redis, nats)::
 What happens:
 
 - A :class:`surge._supervisor.Supervisor` runs ``workers`` processes of
-  :data:`app` (this module, ``_jepsen:app``). Its handler appends a line
+  :data:`app` (this module, :data:`APP_REF`). Its handler appends a line
   ``h,<n>,<pid>,<attempt>`` to a records file *before returning*, so the ack
   always comes after the record. One ``write(2)`` of a short line with
   ``O_APPEND`` is atomic and survives the process's SIGKILL (the page cache
@@ -54,6 +54,7 @@ from surge._supervisor import Supervisor
 from surge.transports import TransportStats, open_transport
 
 __all__ = (
+    "APP_REF",
     "GROUP",
     "CrashResult",
     "Numbered",
@@ -61,6 +62,7 @@ __all__ = (
     "app",
     "check",
     "drain",
+    "group_stats",
     "kill_workers",
     "produce",
     "read_acked",
@@ -92,6 +94,8 @@ _STARTS = os.environ.get("JEPSEN_STARTS") == "1"  # also record when handling st
 
 app = surge.App("jepsen", shutdown_timeout=_env_float("JEPSEN_SHUTDOWN", 10.0))
 GROUP = "jepsen.handle"
+APP_REF = f"{__name__}:app"
+"""The reference a supervisor starts workers of this app by."""
 _fd: int | None = None
 
 
@@ -125,6 +129,15 @@ async def handle(event: Numbered, ctx: surge.Context) -> None:
     _record("h", event.n, ctx.attempt)
 
 
+@app.on_stop
+async def _report_stale() -> None:
+    # Settles refused because the lease had passed to another consumer; a
+    # transport that counts them says so (sqlite: ``stale_settles``).
+    stale = getattr(app.transport, "stale_settles", None)
+    if isinstance(stale, int):
+        _record("x", stale, 0)
+
+
 def worker_env(
     records: Path,
     *,
@@ -154,7 +167,8 @@ def worker_env(
 # --- records --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Record:
-    """One line of the records file: ``kind`` is ``h`` (handled) or ``s`` (started)."""
+    """One line of the records file: ``kind`` is ``h`` (handled), ``s``
+    (started) or ``x`` (stale settles counted by the worker at its stop: ``n``)."""
 
     kind: str
     n: int
@@ -304,25 +318,31 @@ async def drain(
     group: str = GROUP,
     timeout: float = 60.0,
 ) -> TransportStats:
-    """Wait until every acked event is handled and ``group`` holds nothing."""
+    """Wait until ``group`` holds nothing (backlog, leases, retries) and every
+    acked event is recorded; the group's stats at the end (also on timeout)."""
     want = set(acked)
     transport = open_transport(url)
     await transport.start()
-    last: list[TransportStats] = []
-
-    async def settled() -> bool:
-        st = await transport.stats(group)
-        last[:] = [st]
-        if st.backlog or st.pending or st.scheduled:
-            return False
-        return want <= {r.n for r in read_records(records)}
-
     try:
+        wait_idle = getattr(transport, "wait_idle", None)
+        if wait_idle is not None:
+            # the transport's own wait (sqlite: it watches the file for us)
+            await transport.declare(group, (Numbered.__topic__,))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(timeout):
+                    await wait_idle()
+
+        async def settled() -> bool:
+            st = await transport.stats(group)
+            if st.backlog or st.pending or st.scheduled:
+                return False
+            return want <= {r.n for r in read_records(records)}
+
         with contextlib.suppress(TimeoutError):
             await wait_for(settled, timeout=timeout, interval=0.05, what="drain")
+        return await transport.stats(group)
     finally:
         await transport.close()
-    return last[0]
 
 
 # --- the verdict ----------------------------------------------------------------------
@@ -410,7 +430,7 @@ async def run_crash(
     rng = random.Random(seed)
     records = tmp / "records.txt"
     sup = Supervisor(
-        "_jepsen:app",
+        APP_REF,
         url,
         workers,
         shutdown_timeout=5.0,
