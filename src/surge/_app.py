@@ -465,6 +465,7 @@ class App:
             await transport.declare(sub.name, sub.topics)
         await transport.declare(self._inbox, (self._inbox,), ephemeral=True)
         self._state = _RUNNING
+        self._runners.clear()
         self._publish = transport.publish
         self._fast_put = None if transport.durable else transport.publish_nowait
         self._wall = self.clock.time
@@ -532,7 +533,6 @@ class App:
         if self._procpool is not None:
             self._procpool.shutdown(wait=True, cancel_futures=True)
             self._procpool = None
-        self._runners.clear()
         self._state = "stopped"
 
     async def __aenter__(self) -> App:

@@ -31,7 +31,8 @@ class Faults(msgspec.Struct, frozen=True, kw_only=True):
     handling raises :class:`InjectedFault` before the handler runs.
     ``fail_rate``, ``duplicate_rate``, ``delay_rate``: probability per
     delivery of failing it, delivering it a second time, or holding it back
-    for up to ``max_delay`` seconds (virtual) first.
+    for up to ``max_delay`` seconds (virtual) first. ``groups`` limits the
+    transport faults (duplicate, delay) to those subscriptions (full names).
     """
 
     fail: frozenset[int] = frozenset()
@@ -39,6 +40,7 @@ class Faults(msgspec.Struct, frozen=True, kw_only=True):
     duplicate_rate: float = 0.0
     delay_rate: float = 0.0
     max_delay: float = 1.0
+    groups: frozenset[str] = frozenset()
 
 
 class FaultyTransport(MemoryTransport):
@@ -55,6 +57,10 @@ class FaultyTransport(MemoryTransport):
         f = self.faults
         rng = self.rng
         g = self._groups.get(group)
+        if f.groups and group not in f.groups:
+            async for batch in super().consume(group, prefetch=prefetch):
+                yield batch
+            return
         async for batch in super().consume(group, prefetch=prefetch):
             assert g is not None
             out = []
