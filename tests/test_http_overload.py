@@ -106,9 +106,9 @@ async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
     # One descriptor per open connection at most, and all of them given back.
     assert at_peak <= baseline + total + 16
     assert after <= baseline + 2
-    # Refusals are immediate: the refused part of the latency distribution
-    # (everything below p90) never waited for the held requests.
-    assert report["p50"] < 20
+    # The refusals all came while the admitted requests were still held, so
+    # none of them queued behind those; and no request waited unboundedly.
+    assert report["max"] < 30
 
 
 @pytest.mark.timeout(60)

@@ -1,0 +1,217 @@
+"""HTTP ingress throughput against a bare uvicorn + starlette baseline.
+
+One run measures, each server in its own process and driven by ``wrk``
+(``apt-get install wrk``), or by surge's own load generator when wrk is
+missing:
+
+  (a) bare uvicorn + starlette "hello world"     GET /
+  (b) surge ingress, fire-and-forget (202)       POST /orders -> a no-op handler
+  (c) surge request/reply through a no-op handler POST /pay -> reply event (200)
+
+and prints requests/s, p99 and the ratios b/a and c/a. Every server runs
+uvicorn with httptools on uvloop, with access logs off.
+
+    python benchmarks/http_bench.py [--duration 10] [--connections 100] [--rounds 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BODY = '{"order_id": "o-1", "amount": 9.5}'
+PATHS = {"a": ("GET", "/"), "b": ("POST", "/orders"), "c": ("POST", "/pay")}
+NAMES = {
+    "a": "bare uvicorn+starlette hello world",
+    "b": "surge ingress, publish (202)",
+    "c": "surge request/reply, no-op handler (200)",
+}
+
+
+# --- the servers, each run in its own process ---------------------------------
+def serve_starlette(port: int) -> None:
+    import uvicorn
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    async def hello(request: object) -> PlainTextResponse:
+        return PlainTextResponse("Hello, world!")
+
+    app = Starlette(routes=[Route("/", hello)])
+    uvicorn.run(
+        app,
+        host="127.0.0.1",
+        port=port,
+        http="httptools",
+        loop="uvloop",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        proxy_headers=False,  # as surge's server: no per-request header rewriting
+    )
+
+
+def serve_surge(port: int) -> None:
+    import surge
+    from surge.http import run
+
+    class OrderPlaced(surge.Event):
+        order_id: str
+        amount: float
+
+    class OrderPaid(surge.Event):
+        order_id: str
+
+    class PayRequested(surge.Event):
+        order_id: str
+        amount: float
+
+    app = surge.App("bench")
+
+    @app.on(OrderPlaced)
+    async def noop(event: OrderPlaced) -> None:
+        return None
+
+    @app.on(PayRequested)
+    async def pay(event: PayRequested) -> OrderPaid:
+        return OrderPaid(order_id=event.order_id)
+
+    app.http.post("/orders", publish=OrderPlaced)
+    app.http.post("/pay", publish=PayRequested, reply=OrderPaid, timeout=10)
+    run(app, "127.0.0.1", port, max_in_flight=100_000)
+
+
+# --- driving them ---------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port}")
+
+
+def run_wrk(url: str, method: str, duration: float, connections: int) -> tuple[float, float]:
+    with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as script:
+        if method == "POST":
+            script.write(
+                f'wrk.method = "POST"\nwrk.body = {BODY!r}\n'
+                'wrk.headers["Content-Type"] = "application/json"\n'
+            )
+    try:
+        out = subprocess.run(
+            [
+                "wrk",
+                "-t1",
+                f"-c{connections}",
+                f"-d{max(1, round(duration))}s",
+                "--latency",
+                "-s",
+                script.name,
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    finally:
+        os.unlink(script.name)
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    value, unit = re.search(r"\s99%\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    p99 = float(value) * {"us": 1e-6, "ms": 1e-3, "s": 1.0}[unit]
+    if "Non-2xx" in out:
+        raise RuntimeError(f"{url} answered errors:\n{out}")
+    return rps, p99
+
+
+def run_builtin(url: str, method: str, duration: float, connections: int) -> tuple[float, float]:
+    from surge._app import run_loop
+    from surge.http import run_load
+
+    body = BODY.encode() if method == "POST" else None
+    # about duration seconds at a first guess of 5,000 req/s
+    report = run_loop(run_load(url, int(5000 * duration), connections, body=body, method=method))
+    return report.rps, report.p99
+
+
+def measure(key: str, args: argparse.Namespace) -> tuple[float, float]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve", key, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        wait_listening(port, proc)
+        method, path = PATHS[key]
+        url = f"http://127.0.0.1:{port}{path}"
+        drive = run_wrk if shutil.which("wrk") and not args.builtin else run_builtin
+        drive(url, method, min(2.0, args.duration), args.connections)  # warm-up
+        return drive(url, method, args.duration, args.connections)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    parser.add_argument("--connections", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=1, help="repeat a, b, c; report medians")
+    parser.add_argument("--builtin", action="store_true", help="use surge's load generator")
+    parser.add_argument("--serve", choices=("a", "b", "c"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        (serve_starlette if args.serve == "a" else serve_surge)(args.port)
+        return
+    tool = "wrk -t1" if shutil.which("wrk") and not args.builtin else "surge load"
+    print(
+        f"{tool}, {args.connections} connections, {args.duration:.0f}s x {args.rounds} round(s), "
+        f"{os.cpu_count()} CPUs",
+        flush=True,
+    )
+    results: dict[str, list[tuple[float, float]]] = {k: [] for k in PATHS}
+    for _ in range(args.rounds):
+        for key in PATHS:
+            results[key].append(measure(key, args))
+    rps = {k: statistics.median(r for r, _ in v) for k, v in results.items()}
+    p99 = {k: statistics.median(p for _, p in v) for k, v in results.items()}
+    print(f"\n{'':4}{'server':44}{'req/s':>10}{'p99 ms':>10}{'vs a':>8}")
+    for key in PATHS:
+        ratio = rps[key] / rps["a"]
+        print(f"({key}) {NAMES[key]:44}{rps[key]:>10,.0f}{p99[key] * 1000:>10.2f}{ratio:>8.2f}")
+    print(f"\nb/a = {rps['b'] / rps['a']:.2f}   (bar 0.5, goal 0.7)")
+    print(f"c/a = {rps['c'] / rps['a']:.2f}   (goal 0.5)")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    asyncio.set_event_loop_policy(None)
+    main()
