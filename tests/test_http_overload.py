@@ -183,3 +183,22 @@ async def test_a_connection_that_sends_nothing_is_closed_by_the_deadline() -> No
         answer = await asyncio.wait_for(reader.read(), 5)
         writer.close()
     assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+async def test_connections_past_max_connections_are_answered_503_and_closed() -> None:
+    """Past max_connections a new connection gets 503 + Retry-After and is closed, while
+    the connections already open keep being served."""
+    app = surge.App("capped")
+    async with app, Server(app, port=0, limits=Limits(max_connections=3)) as server:
+        kept = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(3)]
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        refused = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        kept_reader, kept_writer = kept[0]
+        kept_writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        served = await asyncio.wait_for(kept_reader.readuntil(b'{"status":"ok"}'), 5)
+        for _, w in kept:
+            w.close()
+    assert refused.startswith(b"HTTP/1.1 503 ")
+    assert b"retry-after: 1\r\n" in refused
+    assert served.startswith(b"HTTP/1.1 200 ")

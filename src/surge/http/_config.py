@@ -24,6 +24,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
                         requests served on one connection before it is closed
     ``graceful_timeout`` seconds requests in flight get to finish on shutdown
     ``backlog``         the listening socket's accept queue
+    ``max_connections`` open connections; past it a new one is answered 503
+                        and closed at once, so a flood cannot exhaust file
+                        descriptors (default: the descriptor limit less 128)
     """
 
     max_in_flight: int = 1000
@@ -34,11 +37,27 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     max_requests_per_connection: int = 10_000
     graceful_timeout: float = 10.0
     backlog: int = 4096
+    max_connections: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight", "max_body", "max_header", "max_requests_per_connection"):
             if getattr(self, name) < 1:
                 raise ConfigurationError(f"Limits.{name} must be at least 1")
+        if self.max_connections is not None and self.max_connections < 1:
+            raise ConfigurationError("Limits.max_connections must be at least 1")
         for name in ("header_timeout", "keep_alive", "graceful_timeout"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Limits.{name} must be positive")
+
+    def connection_cap(self) -> int:
+        """``max_connections``, or what the process's descriptor limit allows."""
+        if self.max_connections is not None:
+            return self.max_connections
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not on Windows
+            return 10_000
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return 1_000_000
+        return max(16, soft - 128)

@@ -15,6 +15,9 @@ hardening the ingress needs sits below ASGI:
   once they are complete.
 * a connection serves at most ``Limits.max_requests_per_connection``
   requests, then closes (``connection: close`` on the last answer).
+* past ``Limits.max_connections`` open connections, a new one is answered
+  503 and closed before anything is read, so a flood costs no more file
+  descriptors than the process can spare.
 """
 
 from __future__ import annotations
@@ -46,25 +49,33 @@ class _HeaderOverflow(Exception):
     pass
 
 
-def _canned(status: int, reason: str, body: bytes) -> bytes:
+def _canned(status: int, reason: str, body: bytes, extra: bytes = b"") -> bytes:
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-        b"connection: close\r\n\r\n%s" % (status, reason.encode(), len(body), body)
+        b"%sconnection: close\r\n\r\n%s" % (status, reason.encode(), len(body), extra, body)
     )
 
 
 _431 = _canned(431, "Request Header Fields Too Large", b'{"error":"request headers too large"}')
 _408 = _canned(408, "Request Timeout", b'{"error":"request not received in time"}')
+_503 = _canned(
+    503,
+    "Service Unavailable",
+    b'{"error":"overloaded: too many connections"}',
+    b"retry-after: 1\r\n",
+)
 
 
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines and header limits.
 
-    ``max_header`` and ``max_requests`` are set on a subclass per server.
+    ``max_header``, ``max_requests`` and ``max_connections`` are set on a
+    subclass per server.
     """
 
     max_header = 16 * 1024
     max_requests = 10_000
+    max_connections = 10_000
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -75,6 +86,9 @@ class _Protocol(HttpToolsProtocol):
         self._in_head = True
         self._overflow = False
         self._served = 0
+        if len(self.connections) > self.max_connections:
+            self.began = None
+            self._refuse(_503)
 
     def data_received(self, data: bytes) -> None:
         self._unset_keepalive_if_required()
@@ -220,7 +234,11 @@ class Server:
         protocol = type(
             "_SurgeProtocol",
             (_Protocol,),
-            {"max_header": limits.max_header, "max_requests": limits.max_requests_per_connection},
+            {
+                "max_header": limits.max_header,
+                "max_requests": limits.max_requests_per_connection,
+                "max_connections": limits.connection_cap(),
+            },
         )
         config = uvicorn.Config(
             self._asgi,
