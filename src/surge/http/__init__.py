@@ -1,8 +1,20 @@
 """HTTP for surge apps: the ingress, its server, and a load generator.
 
-``app.http.post("/orders", publish=OrderPlaced)`` turns requests into
-events; :func:`serve` runs the ingress with uvicorn in the app's process;
-:func:`run_load` (``surge load``) floods any HTTP endpoint and reports.
+Routes turn requests into events::
+
+    app.http.post("/orders", publish=OrderPlaced)            # 202 {"id": ...}
+    app.http.post("/pay", publish=OrderPlaced, reply=OrderPaid, timeout=2)
+                                                             # 200 reply, 504 on timeout
+
+A body that is not JSON answers 400, one that does not fit the event type
+422 (with the field); ``GET /healthz``, ``/readyz`` and ``/metrics``
+(Prometheus) come with every ingress. :func:`serve` (async) or :func:`run`
+(blocking) serve ``app.http`` with uvicorn in the app's own process and
+loop, under :class:`Limits` (requests in flight, body and header sizes,
+header deadline, keep-alive); :class:`Server` is the same as an ``async
+with`` block. :func:`run_load` (``surge load``) floods any HTTP endpoint
+and reports throughput and latency percentiles.
+
 Needs the ``http`` extra: ``pip install 'surge[http]'``.
 """
 
