@@ -1,0 +1,1047 @@
+"""Redis Streams: ``redis://host:port/db`` and ``rediss://`` (TLS).
+
+Layout (every key starts with ``prefix``, ``surge`` by default)::
+
+    {prefix}:groups        hash  group -> its topic patterns ("\\n"-joined)
+    {prefix}:groups:v      int   bumped by every declare that changes the hash
+    {prefix}:s:{group}     stream, read by the Redis consumer group ``group``
+    {prefix}:z:{group}     sorted set of delayed entries (retries, not_before)
+    {prefix}:d:{group}     stream of the group's dead letters
+    {prefix}:dd:{id}       dedup marker of a derived event id (SET NX EX)
+
+Why one stream per *subscription* rather than one per topic. The transport
+promise is per group: each group receives every envelope whose topic matches
+one of its patterns. With a stream per topic, a pattern group (``orders.*``)
+would have to discover new topic streams and read many of them, a retry or
+a replay would need a per-group stream anyway (putting it back on the topic
+stream would redeliver it to every group), and trimming could only remove
+what the slowest of several groups had acknowledged. With a stream per group
+the publisher resolves the route once (topic -> groups, cached per registry
+version) and each group reads exactly one stream. An acknowledged entry has
+no other reader, so ``ack`` deletes it (XACK + XDEL): acknowledged history
+never accumulates and there is nothing else to trim. ``max_len`` adds a hard
+cap (``XADD MAXLEN ~``) for deployments that prefer dropping the oldest
+backlog to unbounded memory when consumers stay away.
+
+Publishing is a group commit: concurrent ``publish`` calls are gathered by
+one flusher into a single Lua call that, atomically, checks the registry
+version (a stale route makes it refuse, reload and retry, so a group declared
+before the publish always receives it), drops derived ids seen within
+``dedup_window`` seconds (``SET NX EX``) and XADDs (or ZADDs, for a future
+``not_before``) to every matching group. ``await publish`` returns when its
+batch is in Redis (as durable as Redis's AOF setting makes it).
+
+Consuming: ``XREADGROUP COUNT <room> BLOCK`` with at most ``prefetch``
+unsettled deliveries. A delivery idle for longer than ``lease`` seconds
+belongs to a dead consumer: it is taken over (XPENDING IDLE + XCLAIM, which
+also yields its delivery count for ``attempt``). A live consumer resets the
+idle time of what it holds every ``heartbeat`` seconds (XCLAIM JUSTID), so a
+slow handler is not run twice. ``nack(delay)`` moves the entry atomically
+into the group's sorted set (XACK + XDEL + ZADD, in Lua); a mover moves due
+entries back into the stream (ZRANGEBYSCORE + XADD + ZREM, in Lua). Each
+script checks XACK's reply first, so a retried settle never duplicates.
+
+Order: within one consumer, the dispatcher's lanes keep one key in order.
+Several consumers of one group share its stream, so two events of one key
+may run at once on two processes: per-key order across processes would need
+streams partitioned by key hash, each owned by one consumer, which this
+transport does not do yet (run one worker per keyed subscription).
+
+Reconnects: every loop catches the broker's errors, logs a WARNING, marks the
+transport unhealthy (``healthy``, ``last_error``) and retries with a backoff
+capped at one second; acks and settles are retried until they succeed. A
+publish keeps retrying for ``reconnect_timeout`` seconds, then raises
+:class:`~surge.TransportError`. Redis Cluster is not supported (the scripts
+touch keys of several slots).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import socket
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
+import redis.asyncio as aredis
+import redis.exceptions as rexc
+from redis.asyncio.retry import Retry as _RedisRetry
+from redis.backoff import NoBackoff
+
+from .._clock import Clock, RealClock
+from .._codec import Codec, MsgpackCodec
+from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
+from .._event import Envelope
+from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
+
+__all__ = ("RedisTransport",)
+
+log = logging.getLogger("surge.redis")
+
+# Options that may be given in the URL's query string (``?lease=5``).
+_URL_OPTIONS: dict[str, Callable[[str], Any]] = {
+    "prefix": str,
+    "lease": float,
+    "heartbeat": float,
+    "block": float,
+    "dedup_window": float,
+    "max_len": int,
+    "batch": int,
+    "buffer": int,
+    "poll": float,
+    "reconnect_timeout": float,
+}
+
+_PUBLISH = """
+local v = redis.call('GET', KEYS[1]) or ''
+if v ~= ARGV[1] then return -1 end
+local window = ARGV[2]
+local maxlen = ARGV[3]
+local i = 4
+local added = 0
+local n_args = #ARGV
+while i <= n_args do
+  local kind = ARGV[i]
+  local dkey = ARGV[i + 1]
+  local n = tonumber(ARGV[i + 3])
+  local payload = ARGV[i + 4 + n]
+  local fresh = true
+  if dkey ~= '' then
+    fresh = redis.call('SET', dkey, '1', 'NX', 'EX', window)
+  end
+  if fresh then
+    for j = 1, n do
+      local key = ARGV[i + 3 + j]
+      if kind == 's' then
+        if maxlen == '' then
+          redis.call('XADD', key, '*', 'e', payload)
+        else
+          redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', payload)
+        end
+      else
+        redis.call('ZADD', key, ARGV[i + 2], '1:0::' .. payload)
+      end
+    end
+    added = added + 1
+  end
+  i = i + 5 + n
+end
+return added
+"""
+
+_DECLARE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local seen = {}
+local list = {}
+if cur then
+  for p in string.gmatch(cur, '[^\\n]+') do
+    if not seen[p] then seen[p] = true; table.insert(list, p) end
+  end
+end
+local changed = not cur
+for i = 2, #ARGV do
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    table.insert(list, ARGV[i])
+    changed = true
+  end
+end
+if changed then
+  redis.call('HSET', KEYS[1], ARGV[1], table.concat(list, '\\n'))
+  redis.call('INCR', KEYS[2])
+end
+redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
+return redis.call('GET', KEYS[2])
+"""
+
+# KEYS: stream, zset; ARGV: group, token, delayed?, score, attempt, first_time
+_NACK = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if #e == 0 then return 0 end
+local f = e[1][2]
+local payload
+for k = 1, #f, 2 do if f[k] == 'e' then payload = f[k + 1] end end
+if not payload then return 0 end
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', ARGV[5], 'f', ARGV[6])
+else
+  local member = ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[2] .. ':' .. payload
+  redis.call('ZADD', KEYS[2], ARGV[4], member)
+end
+return 1
+"""
+
+# KEYS: stream, dead stream; ARGV: group, token, record, envelope id
+_DEAD = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[3], 'i', ARGV[4])
+return 1
+"""
+
+# KEYS: zset, stream; ARGV: now, limit
+_MOVE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  local p1 = string.find(m, ':', 1, true)
+  local p2 = string.find(m, ':', p1 + 1, true)
+  local p3 = string.find(m, ':', p2 + 1, true)
+  redis.call('XADD', KEYS[2], '*', 'e', string.sub(m, p3 + 1),
+             'a', string.sub(m, 1, p1 - 1), 'f', string.sub(m, p1 + 1, p2 - 1))
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or ''}
+"""
+
+# KEYS: stream; ARGV: group, consumer
+_FORGET = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return #p
+"""
+
+_CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+_dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+_dead_encoder = msgspec.msgpack.Encoder()
+
+
+def _raw(response: Any, **options: Any) -> Any:
+    return response
+
+
+async def _cmd(r: aredis.Redis, *args: Any) -> Any:
+    """A command whose raw reply we parse ourselves (see ``_raw``)."""
+    return await r.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+class _Group:
+    """What this process knows of one declared group."""
+
+    __slots__ = (
+        "consuming",
+        "dead",
+        "due",
+        "ephemeral",
+        "held",
+        "name",
+        "patterns",
+        "room",
+        "stream",
+        "wake",
+        "zset",
+    )
+
+    def __init__(self, name: str, prefix: str, patterns: list[str], ephemeral: bool) -> None:
+        self.name = name
+        self.patterns = patterns
+        self.ephemeral = ephemeral
+        self.stream = f"{prefix}:s:{name}"
+        self.zset = f"{prefix}:z:{name}"
+        self.dead = f"{prefix}:d:{name}"
+        self.held: dict[bytes, Delivery] = {}  # unsettled deliveries of this consumer
+        self.room: asyncio.Future[None] | None = None  # a consumer waiting for room
+        self.wake: asyncio.Event | None = None  # wakes the maintenance task
+        self.due = 0.0  # when the sorted set next needs the mover (epoch s)
+        self.consuming = False
+
+    def settled(self, token: Any) -> None:
+        self.held.pop(token, None)
+        room = self.room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+
+class _Pending:
+    """One publish call waiting in the flusher's buffer."""
+
+    __slots__ = ("future", "items")
+
+    def __init__(
+        self, items: list[tuple[str, bytes, str, float | None]], future: asyncio.Future[None] | None
+    ) -> None:
+        self.items = items
+        self.future = future
+
+
+class RedisTransport:
+    """Redis Streams, one stream and consumer group per subscription.
+
+    Options (also accepted in the URL's query string, ``redis://h/0?lease=5``):
+    ``prefix`` of every key; ``lease`` seconds after which an unsettled
+    delivery of a silent consumer is taken over; ``heartbeat`` seconds
+    between lease extensions (default ``lease / 3``; 0 turns them off);
+    ``block`` seconds a read waits for entries; ``dedup_window`` seconds a
+    derived id is remembered; ``max_len`` caps each group's stream
+    (approximately; the oldest entries go first); ``batch`` envelopes per
+    round trip; ``buffer`` envelopes waiting to be written before ``publish``
+    waits; ``poll`` seconds between checks for delayed entries scheduled by
+    other processes; ``reconnect_timeout`` seconds a publish retries a lost
+    broker. Other keyword arguments go to ``redis.asyncio.Redis.from_url``.
+    """
+
+    durable = True
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "surge",
+        lease: float = 30.0,
+        heartbeat: float | None = None,
+        block: float = 1.0,
+        dedup_window: float = 3600.0,
+        max_len: int | None = None,
+        batch: int = 1000,
+        buffer: int = 10_000,
+        poll: float = 0.25,
+        reconnect_timeout: float = 30.0,
+        codec: Codec | None = None,
+        clock: Clock | None = None,
+        **redis_options: Any,
+    ) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ConfigurationError(f"{url!r} is not a redis:// or rediss:// URL")
+        options: dict[str, Any] = {}
+        rest: list[tuple[str, str]] = []
+        for k, v in parse_qsl(parts.query):
+            if k in _URL_OPTIONS:
+                try:
+                    options[k] = _URL_OPTIONS[k](v)
+                except ValueError:
+                    raise ConfigurationError(f"{url!r}: {k}={v!r} is not valid") from None
+            else:
+                rest.append((k, v))
+        prefix = options.get("prefix", prefix)
+        lease = options.get("lease", lease)
+        heartbeat = options.get("heartbeat", heartbeat)
+        block = options.get("block", block)
+        dedup_window = options.get("dedup_window", dedup_window)
+        max_len = options.get("max_len", max_len)
+        batch = options.get("batch", batch)
+        buffer = options.get("buffer", buffer)
+        poll = options.get("poll", poll)
+        reconnect_timeout = options.get("reconnect_timeout", reconnect_timeout)
+        if lease <= 0 or block <= 0 or poll <= 0 or dedup_window < 1:
+            raise ConfigurationError("lease, block and poll must be positive, dedup_window >= 1")
+        if batch < 1 or buffer < 1 or (max_len is not None and max_len < 1):
+            raise ConfigurationError("batch, buffer and max_len must be at least 1")
+        if not prefix or ":" in prefix:
+            raise ConfigurationError(f"prefix {prefix!r}: a non-empty name without ':'")
+        self.url = url
+        self._redis_url = urlunsplit(parts._replace(query=urlencode(rest)))
+        self.prefix = prefix
+        self.lease = lease
+        self.heartbeat = lease / 3 if heartbeat is None else heartbeat
+        self.block = min(block, lease / 2)
+        self.dedup_window = int(dedup_window)
+        self.max_len = max_len
+        self.batch = batch
+        self.buffer = buffer
+        self.poll = poll
+        self.reconnect_timeout = reconnect_timeout
+        self.codec = codec or MsgpackCodec()
+        self.clock: Clock = clock or RealClock()
+        self._redis_options = redis_options
+        self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self._r: aredis.Redis | None = None
+        self._scripts: dict[str, Any] = {}
+        self._groups: dict[str, _Group] = {}
+        self._registry: dict[str, list[str]] = {}
+        self._version = b""
+        self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._buf: list[_Pending] = []
+        self._buffered = 0
+        self._space: list[asyncio.Future[None]] = []
+        self._flush_wake: asyncio.Event | None = None
+        self._flusher: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._idle = True
+        self._closed = True
+        self.healthy = False
+        """False while the broker cannot be reached; see ``last_error``."""
+        self.last_error: str | None = None
+
+    # --- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        if self._r is not None:
+            return
+        options: dict[str, Any] = {
+            "socket_connect_timeout": 5.0,
+            "socket_timeout": max(10.0, 3 * self.block),
+            "socket_keepalive": True,
+            # the raw replies parsed here (XREADGROUP, XCLAIM...) are RESP2's shapes
+            "protocol": 2,
+            # retries are ours: a blind resend of a publish script could duplicate it
+            "retry": _RedisRetry(NoBackoff(), 0),
+        }
+        options.update(self._redis_options)
+        try:
+            r = aredis.Redis.from_url(self._redis_url, **options)
+        except ValueError as exc:
+            raise ConfigurationError(f"{self.url!r}: {exc}") from None
+        for cmd in ("XREADGROUP", "XCLAIM", "XPENDING", "XRANGE"):
+            r.response_callbacks[cmd] = _raw
+        self._scripts = {
+            name: r.register_script(src)
+            for name, src in (
+                ("publish", _PUBLISH),
+                ("declare", _DECLARE),
+                ("nack", _NACK),
+                ("dead", _DEAD),
+                ("move", _MOVE),
+                ("forget", _FORGET),
+            )
+        }
+        try:
+            await r.ping()
+        except Exception as exc:
+            await r.aclose()
+            raise self._error(exc, "cannot connect") from exc
+        self._r = r
+        self._closed = False
+        self._ok()
+        await self._load_registry()
+        self._flush_wake = asyncio.Event()
+        self._flusher = asyncio.get_running_loop().create_task(
+            self._flush_loop(), name="surge-redis-flush"
+        )
+
+    async def close(self) -> None:
+        if self._r is None:
+            return
+        r = self._r
+        # Let what was accepted reach Redis before the door shuts.
+        if self._buf and self._flusher is not None and not self._flusher.done():
+            waiters = [p.future for p in self._buf if p.future is not None]
+            if waiters:
+                await asyncio.gather(*waiters, return_exceptions=True)
+        self._closed = True
+        tasks = [t for t in (self._flusher, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for p in self._buf:
+            if p.future is not None and not p.future.done():
+                p.future.set_exception(Closed("transport closed before the publish was written"))
+        self._buf.clear()
+        for fut in self._space:
+            if not fut.done():
+                fut.set_result(None)
+        for g in self._groups.values():
+            if g.room is not None and not g.room.done():
+                g.room.set_result(None)
+        try:
+            for g in self._groups.values():
+                if g.ephemeral:
+                    pipe = r.pipeline(transaction=True)
+                    pipe.hdel(self._key("groups"), g.name)
+                    pipe.incr(self._key("groups:v"))
+                    pipe.delete(g.stream, g.zset, g.dead)
+                    await pipe.execute()
+                elif g.consuming:
+                    await self._scripts["forget"](
+                        keys=[g.stream], args=[g.name, self.consumer], client=r
+                    )
+        except Exception as exc:  # closing anyway: say so, do not raise
+            log.warning("redis: cleanup at close failed: %r", exc)
+        self._r = None
+        await r.aclose()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _key(self, name: str) -> str:
+        return f"{self.prefix}:{name}"
+
+    def _redis(self) -> aredis.Redis:
+        if self._r is None or self._closed:
+            raise Closed("transport is closed")
+        return self._r
+
+    def _error(self, exc: BaseException, doing: str) -> TransportError:
+        parts = urlsplit(self.url)
+        return TransportError(f"redis at {parts.hostname}:{parts.port or 6379}: {doing}: {exc}")
+
+    def _ok(self) -> None:
+        if not self.healthy:
+            if self.last_error is not None:
+                log.warning("redis: connection restored")
+            self.healthy = True
+
+    def _failed(self, exc: BaseException, doing: str) -> None:
+        msg = f"{doing}: {exc!r}"
+        if self.healthy or msg != self.last_error:
+            log.warning("redis: %s; retrying", msg)
+        self.healthy = False
+        self.last_error = msg
+
+    async def _backoff(self, delay: float) -> float:
+        await self.clock.sleep(delay)
+        return min(1.0, delay * 2)
+
+    # --- groups and routes ---------------------------------------------------
+    async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
+        r = self._redis()
+        if not group or "\n" in group or any(not t or "\n" in t for t in topics):
+            raise ConfigurationError(f"group {group!r} / topics {list(topics)!r}: invalid names")
+        g = self._groups.get(group)
+        if g is None:
+            g = self._groups[group] = _Group(group, self.prefix, list(topics), ephemeral)
+        else:
+            g.patterns.extend(t for t in topics if t not in g.patterns)
+        try:
+            await self._scripts["declare"](
+                keys=[self._key("groups"), self._key("groups:v"), g.stream],
+                args=[group, *g.patterns],
+                client=r,
+            )
+        except Exception as exc:
+            raise self._error(exc, f"declaring {group!r}") from exc
+        await self._load_registry()
+
+    async def _load_registry(self) -> None:
+        pipe = self._redis().pipeline(transaction=True)
+        pipe.get(self._key("groups:v"))
+        pipe.hgetall(self._key("groups"))
+        version, groups = await pipe.execute()
+        self._version = version or b""
+        self._registry = {
+            k.decode(): [p for p in v.decode().split("\n") if p] for k, v in groups.items()
+        }
+        self._routes.clear()
+
+    def _route(self, topic: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        route = self._routes.get(topic)
+        if route is None:
+            names = sorted(
+                g
+                for g, pats in self._registry.items()
+                if any(topic_matches(p, topic) for p in pats)
+            )
+            p = self.prefix
+            route = self._routes[topic] = (
+                tuple(f"{p}:s:{g}" for g in names),
+                tuple(f"{p}:z:{g}" for g in names),
+            )
+        return route
+
+    def _group(self, name: str) -> _Group:
+        g = self._groups.get(name)
+        if g is None:
+            raise ConfigurationError(f"group {name!r} was not declared on this transport")
+        return g
+
+    async def _known(self, name: str) -> _Group:
+        """A group declared by any process (for dead letters and stats)."""
+        g = self._groups.get(name)
+        if g is not None:
+            return g
+        if not await self._redis().hexists(self._key("groups"), name):
+            raise ConfigurationError(f"no group {name!r}; groups: {sorted(self._registry)}")
+        return _Group(name, self.prefix, [], False)
+
+    # --- publishing ----------------------------------------------------------
+    def _encode(self, envelopes: Sequence[Envelope]) -> list[tuple[str, bytes, str, float | None]]:
+        encode = self.codec.encode_envelope
+        dedup = f"{self.prefix}:dd:"
+        return [
+            (env.topic, encode(env), dedup + env.id if env.id[12:13] == "8" else "", env.not_before)
+            for env in envelopes
+        ]
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        if self._closed:
+            raise Closed("transport is closed")
+        if not envelopes:
+            return
+        items = self._encode(envelopes)
+        while self._buffered >= self.buffer:
+            fut = asyncio.get_running_loop().create_future()
+            self._space.append(fut)
+            await fut
+            if self._closed:
+                raise Closed("transport is closed")
+        fut = asyncio.get_running_loop().create_future()
+        self._put(_Pending(items, fut))
+        await fut
+
+    def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
+        if self._closed:
+            raise Closed("transport is closed")
+        if self._buffered + len(envelopes) > self.buffer or self._space:
+            raise Overloaded(f"{self._buffered} envelopes wait to be written to redis")
+        fut = asyncio.get_running_loop().create_future()
+        fut.add_done_callback(_log_failure)
+        self._put(_Pending(self._encode(envelopes), fut))
+
+    def _put(self, pending: _Pending) -> None:
+        self._buf.append(pending)
+        self._buffered += len(pending.items)
+        self._idle = False
+        assert self._flush_wake is not None
+        self._flush_wake.set()
+
+    async def _flush_loop(self) -> None:
+        wake = self._flush_wake
+        assert wake is not None
+        while True:
+            if not self._buf:
+                wake.clear()
+                await wake.wait()
+                continue
+            # Take whole publish calls up to ``batch`` envelopes (at least one call).
+            taken: list[_Pending] = []
+            n = 0
+            buf = self._buf
+            while buf and (not taken or n + len(buf[0].items) <= self.batch):
+                p = buf.pop(0)
+                taken.append(p)
+                n += len(p.items)
+            try:
+                await self._write([item for p in taken for item in p.items])
+            except Exception as exc:
+                error = (
+                    exc
+                    if isinstance(exc, (TransportError, Closed))
+                    else self._error(exc, "publish")
+                )
+                for p in taken:
+                    if p.future is not None and not p.future.done():
+                        p.future.set_exception(error)
+            else:
+                for p in taken:
+                    if p.future is not None and not p.future.done():
+                        p.future.set_result(None)
+            finally:
+                self._buffered -= n
+                while self._space and self._buffered < self.buffer:
+                    fut = self._space.pop(0)
+                    if not fut.done():
+                        fut.set_result(None)
+
+    async def _write(self, items: list[tuple[str, bytes, str, float | None]]) -> None:
+        r = self._redis()
+        script = self._scripts["publish"]
+        deadline = self.clock.monotonic() + self.reconnect_timeout
+        delay = 0.05
+        while True:
+            now = self.clock.time()
+            args: list[Any] = [self._version, self.dedup_window, self.max_len or ""]
+            later: list[float] = []
+            for topic, payload, dkey, not_before in items:
+                streams, zsets = self._route(topic)
+                if not streams:
+                    continue
+                if not_before is not None and not_before > now:
+                    args += ("z", dkey, repr(not_before), len(zsets), *zsets, payload)
+                    later.append(not_before)
+                else:
+                    args += ("s", dkey, "", len(streams), *streams, payload)
+            if len(args) == 3:
+                return
+            try:
+                added = await script(keys=[self._key("groups:v")], args=args, client=r)
+            except _CONNECTION_ERRORS as exc:
+                if self._closed or self.clock.monotonic() > deadline:
+                    raise self._error(exc, "publish") from exc
+                self._failed(exc, "publish")
+                delay = await self._backoff(delay)
+                continue
+            except rexc.RedisError as exc:
+                raise self._error(exc, "publish") from exc
+            self._ok()
+            if added == -1:  # a group was declared since we routed: reroute
+                await self._load_registry()
+                continue
+            if later:
+                first = min(later)
+                for g in self._groups.values():
+                    if first < g.due and g.wake is not None:
+                        g.due = first
+                        g.wake.set()
+            return
+
+    # --- consuming -----------------------------------------------------------
+    async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
+        g = self._group(group)
+        r = self._redis()
+        if prefetch < 1:
+            raise ConfigurationError("prefetch must be at least 1")
+        g.consuming = True
+        g.wake = asyncio.Event()
+        g.due = 0.0
+        loop = asyncio.get_running_loop()
+        keeper = loop.create_task(self._maintain(g), name=f"surge-redis-{group}")
+        self._tasks.add(keeper)
+        next_scan = 0.0
+        delay = 0.05
+        task = asyncio.current_task()
+        assert task is not None
+        block_ms = max(1, int(self.block * 1000))
+        try:
+            while not self._closed:
+                room = prefetch - len(g.held)
+                if room <= 0:
+                    g.room = loop.create_future()
+                    await g.room
+                    g.room = None
+                    continue
+                try:
+                    batch: list[Delivery] = []
+                    if self.clock.monotonic() >= next_scan:
+                        next_scan = self.clock.monotonic() + self.lease / 2
+                        batch = await self._reclaim(r, g, room)
+                    if not batch:
+                        reply = await _cmd(r,
+                            "XREADGROUP", "GROUP", group, self.consumer,
+                            "COUNT", min(room, self.batch), "BLOCK", block_ms,
+                            "STREAMS", g.stream, ">",
+                        )  # fmt: skip
+                        if task.cancelling():
+                            # redis-py can turn a cancel that lands in a blocking
+                            # read into an empty reply; do not lose it.
+                            raise asyncio.CancelledError
+                        if reply:
+                            batch = await self._deliveries(g, reply[0][1], None)
+                except _CONNECTION_ERRORS as exc:
+                    if self.closed:
+                        return
+                    self._failed(exc, f"reading {group!r}")
+                    delay = await self._backoff(delay)
+                    continue
+                except rexc.ResponseError as exc:
+                    if "NOGROUP" in str(exc):
+                        # The broker lost the group (restarted without persistence).
+                        log.warning("redis: group %r is gone from the broker; recreating", group)
+                        with contextlib.suppress(TransportError, *_CONNECTION_ERRORS):
+                            await self.declare(group, g.patterns, ephemeral=g.ephemeral)
+                    else:
+                        self._failed(exc, f"reading {group!r}")
+                    delay = await self._backoff(delay)
+                    continue
+                delay = 0.05
+                self._ok()
+                if batch:
+                    yield batch
+        finally:
+            g.consuming = False
+            keeper.cancel()
+            self._tasks.discard(keeper)
+
+    async def _deliveries(
+        self, g: _Group, entries: list[Any], counts: dict[bytes, int] | None
+    ) -> list[Delivery]:
+        decode = self.codec.decode_envelope
+        now = self.clock.time()
+        held = g.held
+        name = g.name
+        out: list[Delivery] = []
+        for entry in entries:
+            if entry is None:  # claimed after it was deleted
+                continue
+            token, fields = entry
+            payload = b""
+            attempt = 1
+            first = now
+            if len(fields) == 2:
+                payload = fields[1]
+            else:
+                for k in range(0, len(fields), 2):
+                    f = fields[k]
+                    if f == b"e":
+                        payload = fields[k + 1]
+                    elif f == b"a":
+                        attempt = int(fields[k + 1])
+                    elif f == b"f":
+                        first = float(fields[k + 1]) or now
+            if counts is not None:
+                attempt += counts.get(token, 1)
+            try:
+                env = decode(payload)
+            except DecodeError as exc:
+                await self._poison(g, token, payload, attempt, exc)
+                continue
+            d = Delivery(env, name, attempt, token, first)
+            held[token] = d
+            out.append(d)
+        return out
+
+    async def _poison(
+        self, g: _Group, token: bytes, payload: bytes, attempt: int, exc: DecodeError
+    ) -> None:
+        """Dead-letter an entry that is not an envelope at all."""
+        now = self.clock.time()
+        rec = DeadLetter(
+            id=token.decode(),
+            group=g.name,
+            topic="",
+            key=None,
+            headers=None,
+            body=payload,
+            error_type=type(exc).__qualname__,
+            error=str(exc),
+            traceback="",
+            attempts=attempt,
+            first_attempt_at=now,
+            failed_at=now,
+        )
+        log.error(
+            "redis: entry %s of %s is not an envelope (%s); dead-lettered", token, g.name, exc
+        )
+        await self._dead(g, token, rec)
+
+    async def _reclaim(self, r: aredis.Redis, g: _Group, room: int) -> list[Delivery]:
+        """Take over deliveries whose consumer has been silent for a lease."""
+        lease_ms = int(self.lease * 1000)
+        pending = await _cmd(r, "XPENDING", g.stream, g.name, "IDLE", lease_ms, "-", "+", room)
+        counts = {p[0]: int(p[3]) for p in pending if p[0] not in g.held}
+        if not counts:
+            return []
+        claimed = await _cmd(r, "XCLAIM", g.stream, g.name, self.consumer, lease_ms, *counts)
+        out = await self._deliveries(g, claimed, counts)
+        if out:
+            log.warning(
+                "redis: took over %d deliveries of %s idle for more than %.1fs",
+                len(out),
+                g.name,
+                self.lease,
+            )
+        return out
+
+    async def _maintain(self, g: _Group) -> None:
+        """Move due delayed entries into the stream and extend held leases."""
+        assert g.wake is not None
+        wake = g.wake
+        clock = self.clock
+        move = self._scripts["move"]
+        next_extend = clock.monotonic() + self.heartbeat
+        delay = 0.05
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._closed:
+            if task.cancelling():  # see consume(): redis-py may swallow a cancel
+                raise asyncio.CancelledError
+            r = self._redis()
+            try:
+                now = clock.time()
+                if g.due <= now:
+                    moved, nxt = await move(
+                        keys=[g.zset, g.stream], args=[repr(now), 500], client=r
+                    )
+                    if moved >= 500:
+                        g.due = now
+                    else:
+                        g.due = min(float(nxt) if nxt else now + self.poll, now + self.poll)
+                if self.heartbeat > 0 and clock.monotonic() >= next_extend:
+                    next_extend = clock.monotonic() + self.heartbeat
+                    if g.held:
+                        await _cmd(
+                            r, "XCLAIM", g.stream, g.name, self.consumer, 0, *list(g.held), "JUSTID"
+                        )
+                delay = 0.05
+            except _CONNECTION_ERRORS as exc:
+                self._failed(exc, f"maintaining {g.name!r}")
+                delay = await self._backoff(delay)
+                continue
+            except rexc.RedisError as exc:
+                self._failed(exc, f"maintaining {g.name!r}")
+                delay = await self._backoff(delay)
+                continue
+            wait = g.due - clock.time()
+            if self.heartbeat > 0:
+                wait = min(wait, next_extend - clock.monotonic())
+            if wait > 0:
+                wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await wake.wait()
+
+    # --- settling ------------------------------------------------------------
+    async def _retrying(self, doing: str, op: Callable[[aredis.Redis], Any]) -> Any:
+        """Run ``op`` until the broker answers: settles are idempotent."""
+        delay = 0.05
+        while True:
+            r = self._redis()
+            try:
+                result = await op(r)
+            except _CONNECTION_ERRORS as exc:
+                if self._closed:
+                    raise self._error(exc, doing) from exc
+                self._failed(exc, doing)
+                delay = await self._backoff(delay)
+                continue
+            except rexc.RedisError as exc:
+                raise self._error(exc, doing) from exc
+            self._ok()
+            return result
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        if not deliveries:
+            return
+        by_group: dict[str, list[Any]] = {}
+        for d in deliveries:
+            by_group.setdefault(d.group, []).append(d.token)
+
+        async def op(r: aredis.Redis) -> None:
+            pipe = r.pipeline(transaction=False)
+            for name, tokens in by_group.items():
+                stream = f"{self.prefix}:s:{name}"
+                pipe.xack(stream, name, *tokens)
+                pipe.xdel(stream, *tokens)
+            await pipe.execute()
+
+        await self._retrying("acknowledging", op)
+        for name, tokens in by_group.items():
+            g = self._groups.get(name)
+            if g is not None:
+                for t in tokens:
+                    g.settled(t)
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        g = self._group(delivery.group)
+        first = delivery.first_time or self.clock.time()
+        due = self.clock.time() + delay
+        args = [g.name, delivery.token, "1" if delay > 0 else "0", repr(due)]
+        args += [delivery.attempt + 1, repr(first)]
+        self._idle = False
+        await self._retrying(
+            "handing back a delivery",
+            lambda r: self._scripts["nack"](keys=[g.stream, g.zset], args=args, client=r),
+        )
+        g.settled(delivery.token)
+        if delay > 0 and due < g.due and g.wake is not None:
+            g.due = due
+            g.wake.set()
+
+    async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
+        g = self._group(delivery.group)
+        await self._dead(g, delivery.token, record)
+        g.settled(delivery.token)
+
+    async def _dead(self, g: _Group, token: bytes, record: DeadLetter) -> None:
+        data = _dead_encoder.encode(record)
+        await self._retrying(
+            "dead-lettering",
+            lambda r: self._scripts["dead"](
+                keys=[g.stream, g.dead], args=[g.name, token, data, record.id], client=r
+            ),
+        )
+
+    # --- dead letters --------------------------------------------------------
+    async def _dead_entries(self, g: _Group) -> list[tuple[bytes, DeadLetter]]:
+        try:
+            entries = await _cmd(self._redis(), "XRANGE", g.dead, "-", "+")
+        except rexc.RedisError as exc:
+            raise self._error(exc, "reading dead letters") from exc
+        out = []
+        for token, fields in entries:
+            f = dict(zip(fields[::2], fields[1::2], strict=True))
+            out.append((token, _dead_decoder.decode(f[b"r"])))
+        return out
+
+    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
+        if group is None:
+            await self._load_registry()
+            names = sorted(self._registry)
+        else:
+            names = [(await self._known(group)).name]
+        out: list[DeadLetter] = []
+        for name in names:
+            g = self._groups.get(name) or _Group(name, self.prefix, [], False)
+            out.extend(rec for _, rec in await self._dead_entries(g))
+        return sorted(out, key=lambda d: d.failed_at)
+
+    async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
+        g = await self._known(group)
+        chosen = [
+            (t, rec) for t, rec in await self._dead_entries(g) if ids is None or rec.id in ids
+        ]
+        if not chosen:
+            return 0
+        pipe = self._redis().pipeline(transaction=True)
+        for token, rec in chosen:
+            env = Envelope(rec.id, rec.topic, rec.key, 0.0, rec.headers, None, rec.body)
+            pipe.xadd(g.stream, {"e": self.codec.encode_envelope(env)})
+            pipe.xdel(g.dead, token)
+        self._idle = False
+        try:
+            await pipe.execute()
+        except rexc.RedisError as exc:
+            raise self._error(exc, "replaying dead letters") from exc
+        return len(chosen)
+
+    async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
+        g = await self._known(group)
+        chosen = [t for t, rec in await self._dead_entries(g) if ids is None or rec.id in ids]
+        if chosen:
+            try:
+                await self._redis().xdel(g.dead, *chosen)
+            except rexc.RedisError as exc:
+                raise self._error(exc, "purging dead letters") from exc
+        return len(chosen)
+
+    # --- state ---------------------------------------------------------------
+    async def stats(self, group: str) -> TransportStats:
+        g = await self._known(group)
+        pipe = self._redis().pipeline(transaction=True)
+        pipe.xlen(g.stream)
+        pipe.xpending(g.stream, g.name)
+        pipe.zcard(g.zset)
+        pipe.xlen(g.dead)
+        try:
+            length, pending, scheduled, dead = await pipe.execute(raise_on_error=False)
+        except rexc.RedisError as exc:
+            raise self._error(exc, "reading stats") from exc
+        if isinstance(pending, dict):
+            n_pending = int(pending["pending"])
+        elif isinstance(pending, list) and pending:
+            n_pending = int(pending[0])
+        else:
+            n_pending = 0
+        # Acknowledged entries are deleted, so the stream holds backlog + pending.
+        return TransportStats(max(0, length - n_pending), n_pending, scheduled, dead)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing left to deliver or settle in this transport's groups, as of
+        the last :meth:`wait_idle` (and nothing published or nacked since)."""
+        return self._idle and not self._buf
+
+    async def wait_idle(self) -> None:
+        """Return once every group declared here holds no entry, pending or
+        not, and nothing is scheduled (polls the broker every 20 ms)."""
+        while True:
+            while self._buf:
+                await asyncio.gather(
+                    *(p.future for p in list(self._buf) if p.future is not None),
+                    return_exceptions=True,
+                )
+            self._idle = True
+            counts = await self._retrying("checking for idle", self._counts)
+            if not any(counts) and self._idle:
+                return
+            self._idle = False
+            await self.clock.sleep(0.02)
+
+    async def _counts(self, r: aredis.Redis) -> list[int]:
+        pipe = r.pipeline(transaction=False)
+        for g in self._groups.values():
+            pipe.xlen(g.stream)
+            pipe.zcard(g.zset)
+        result: list[int] = await pipe.execute()
+        return result
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("redis: publish_nowait failed: %s", fut.exception())
