@@ -220,7 +220,7 @@ async def test_server_restart_resumes_within_5s(tmp_path: Path, nats_log: _LogEv
             back = nats_log.expect("reconnected")
             srv.stop()
             await asyncio.wait_for(lost.wait(), 10)
-            assert transport.healthy is False
+            assert not _healthy(transport)
             # Publishing while the server is down waits for it (it is resent).
             pending = [asyncio.ensure_future(app.publish(Numbered(n=n))) for n in range(300, 310)]
             srv.start()
@@ -233,9 +233,13 @@ async def test_server_restart_resumes_within_5s(tmp_path: Path, nats_log: _LogEv
             acked.append(999)
             await asyncio.wait_for(want[999], 10)
             assert arrived[999] - returned < 5.0
-            assert transport.healthy is True
+            assert _healthy(transport)
             await app.drain()
         assert set(acked) <= set(handled), f"lost: {sorted(set(acked) - set(handled))[:10]}"
+
+
+def _healthy(t: NatsTransport) -> bool:
+    return t.healthy
 
 
 # --- worker crashes -------------------------------------------------------------------
@@ -283,47 +287,55 @@ async def test_worker_sigkill_loses_nothing(tmp_path: Path) -> None:
                 await producer.publish([_env(n) for n in range(start, start + 100)])
                 acked.update(range(start, start + 100))
 
-        async def run_worker(stop_after: int | None) -> None:
-            """Run one worker: SIGKILL it once it handled ``stop_after`` events,
-            or (None) SIGTERM it once every event was seen."""
-            proc = await _worker(url)
+        async def read_worker(proc: asyncio.subprocess.Process, kill_after: int = 0) -> None:
+            """Record what ``proc`` handles; SIGKILL it after ``kill_after`` (if > 0).
+
+            Reads to EOF even after the kill: lines in the pipe are handlings
+            that happened (and may have been acked).
+            """
             assert proc.stdout is not None
             handled = 0
-            stopping = False
+            async for line in proc.stdout:
+                n = int(line)
+                seen[n] += 1
+                remaining.discard(n)
+                handled += 1
+                if handled == kill_after:
+                    proc.send_signal(signal.SIGKILL)
+                if acked_all.done() and not remaining:
+                    all_seen.set()
+
+        async def run_worker(kill_after: int) -> None:
+            proc = await _worker(url)
             try:
-                # Read to EOF even after the kill: lines in the pipe are
-                # handlings that happened (and may have been acked).
-                async for line in proc.stdout:
-                    seen[int(line)] += 1
-                    remaining.discard(int(line))
-                    handled += 1
-                    if stopping:
-                        continue
-                    if stop_after is not None and handled >= stop_after:
-                        proc.send_signal(signal.SIGKILL)
-                        stopping = True
-                    elif stop_after is None and acked_all.done() and not remaining:
-                        proc.send_signal(signal.SIGTERM)
-                        stopping = True
+                await read_worker(proc, kill_after)
             finally:
-                if proc.returncode is None and not stopping:
+                if proc.returncode is None:
                     proc.kill()
                 await proc.wait()
 
+        all_seen = asyncio.Event()
         remaining = set(range(total))
         acked_all = asyncio.ensure_future(produce())
         try:
             for _ in range(kills):
                 await asyncio.wait_for(run_worker(rng.randint(20, 250)), 60)
             await asyncio.wait_for(acked_all, 60)
-            await asyncio.wait_for(run_worker(None), 90)
+            last = await _worker(url)
+            reader = asyncio.ensure_future(read_worker(last))
+            # The last worker drains everything, then stops gracefully.
+            await asyncio.wait_for(all_seen.wait(), 90)
             await asyncio.wait_for(producer.wait_idle(), 30)
+            last.send_signal(signal.SIGTERM)
+            await asyncio.wait_for(reader, 30)
+            assert await last.wait() == 0
             stats = await producer.stats("crash.handle")
         finally:
             await producer.close()
     lost = acked - set(seen)
     unexpected = set(seen) - set(range(total))
     duplicates = sum(c - 1 for c in seen.values())
+    print(f"nats crash test: {kills} kills, {len(seen)} events, {duplicates} duplicates")
     assert not lost, f"lost {len(lost)}: {sorted(lost)[:10]}"
     assert not unexpected
     assert duplicates <= kills * prefetch, duplicates

@@ -261,6 +261,7 @@ class NatsTransport:
         self._ack_sub: Subscription | None = None
         self._next_token = 0
         self._queued = 0  # accepted by publish_nowait, not yet sent
+        self._recent_acks: deque[str] = deque(maxlen=4096)
         self._space: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
@@ -296,7 +297,7 @@ class NatsTransport:
                     # Each server twice at first (so bad credentials fail
                     # fast); forever once connected, set below.
                     max_reconnect_attempts=1,
-                    reconnect_time_wait=0.5,
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # a float works; typed int
                     ping_interval=5,
                     max_outstanding_pings=2,
                     error_cb=self._on_error,
@@ -373,6 +374,10 @@ class NatsTransport:
         # Publishes whose acks were lost are resent now rather than after
         # ack_timeout, under the same Nats-Msg-Id.
         self._resend(list(self._acks))
+        # Acks sent just before the drop may never have arrived; acking
+        # twice is harmless, a lost ack costs a redelivery a lease later.
+        for reply in list(self._recent_acks):
+            await self._send_ack(reply, b"+ACK")
 
     # --- groups ----------------------------------------------------------------
     def _subject(self, topic: str) -> str:
@@ -750,8 +755,10 @@ class NatsTransport:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         last: _Group | None = None
+        recent = self._recent_acks
         for d in deliveries:
             g = self._release(d)
+            recent.append(d.token)
             await self._send_ack(d.token, b"+ACK")
             if g is not last and last is not None:
                 last.wake()
