@@ -16,6 +16,7 @@ import pytest
 import surge
 from surge.http import Limits, Server, bind_socket, fetch, serve
 from surge.http._client import Connection, build_request
+from surge.transports import MemoryTransport
 
 pytestmark = pytest.mark.realtime
 
@@ -229,6 +230,20 @@ async def test_health_endpoints_report_liveness_and_readiness() -> None:
     assert not_ready.status == 503
     assert not_ready.json()["reason"] == "new"
     assert (ready.status, ready.json()) == (200, {"status": "ready"})
+
+
+async def test_readyz_is_503_when_the_transport_cannot_be_reached() -> None:
+    """/readyz asks the transport: a broker that fails answers 503 with the reason."""
+
+    class Unreachable(MemoryTransport):
+        async def stats(self, group: str) -> Any:
+            raise surge.TransportError("connection refused")
+
+    app, _, _ = make_app(transport=Unreachable())
+    async with serving(app) as server:
+        r = await fetch(server.url + "/readyz")
+    assert r.status == 503
+    assert r.json()["reason"] == "transport unreachable: TransportError: connection refused"
 
 
 async def test_metrics_count_requests_by_status_and_export_subscriptions() -> None:

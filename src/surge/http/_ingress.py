@@ -7,6 +7,7 @@ every status this module answers is decided here, where it can be tested.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -316,19 +317,36 @@ class Ingress:
             status = 200
             await _answer(send, 200, b'{"status":"ok"}', (_JSON,))
         elif path == "/readyz":
-            if self.ready:
+            why = await self._not_ready()
+            if why is None:
                 status = 200
                 await _answer(send, 200, b'{"status":"ready"}', (_JSON,))
             else:
                 status = 503
-                state = getattr(self.app, "_state", "unknown")
-                why = "stopping" if self._stopping else state
                 body = msgspec.json.encode({"status": "not ready", "reason": why})
                 await _answer(send, 503, body, (_JSON, _RETRY))
         else:
             status = 200
             await _answer(send, 200, self.metrics.render(), (_PROMETHEUS,))
         self._stats_for(method if methods else "-", path).observe(status, self._now() - start)
+
+    async def _not_ready(self) -> str | None:
+        """Why the app cannot take work now, or None when it can."""
+        if self._stopping:
+            return "stopping"
+        state = getattr(self.app, "_state", "unknown")
+        if state != "running":
+            return str(state)
+        groups = list(self.app.subscriptions)
+        if groups:
+            # A round trip to the transport (a broker, a file) proves it is
+            # reachable; readiness probes are rare enough to afford one.
+            try:
+                async with asyncio.timeout(self.limits.graceful_timeout / 4):
+                    await self.app.transport.stats(groups[0])
+            except Exception as exc:
+                return f"transport unreachable: {type(exc).__name__}: {exc}"
+        return None
 
     async def _other(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
