@@ -286,6 +286,23 @@ async def test_connection_closes_after_max_requests_per_connection() -> None:
             await asyncio.wait_for(conn.send(request), 5)
 
 
+async def test_idle_keep_alive_connection_is_closed_after_keep_alive() -> None:
+    """A connection left idle after its answer is closed once keep_alive seconds pass."""
+    app, _, _ = make_app()
+    loop = asyncio.get_running_loop()
+    async with serving(app, keep_alive=0.3) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")
+        answer = await reader.readuntil(b'{"status":"ok"}')
+        idle_since = loop.time()
+        rest = await asyncio.wait_for(reader.read(), 5)
+        idle = loop.time() - idle_since
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert rest == b""
+    assert 0.25 <= idle < 3
+
+
 async def test_serve_starts_the_app_and_stops_it_on_request_stop() -> None:
     """serve() starts a stopped app, serves it, and stops both when asked."""
     app, _, _ = make_app()

@@ -272,10 +272,10 @@ class Server:
     async def _sweep(self, server: uvicorn.Server) -> None:
         timeout = self.limits.header_timeout
         period = min(max(timeout / 4, 0.05), 1.0)
-        loop = asyncio.get_running_loop()
+        clock = self.app.clock
         while True:
-            await asyncio.sleep(period)
-            now = loop.time()
+            await clock.sleep(period)
+            now = clock.monotonic()
             for conn in list(server.server_state.connections):
                 began = getattr(conn, "began", None)
                 if began is not None and now - began > timeout:
