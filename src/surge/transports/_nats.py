@@ -262,6 +262,8 @@ class NatsTransport:
         self._next_token = 0
         self._queued = 0  # accepted by publish_nowait, not yet sent
         self._recent_acks: deque[str] = deque(maxlen=4096)
+        self._outbox: deque[tuple[str, bytes, dict[str, str]]] = deque()
+        self._sender: asyncio.Task[None] | None = None
         self._space: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
@@ -458,22 +460,32 @@ class NatsTransport:
             raise Overloaded(f"{held} publishes await JetStream acks (max_pending)")
         items = self._encode(envelopes)
         self._busy = True
+        self._outbox.extend(items)
         self._queued += len(items)
-        task = asyncio.get_running_loop().create_task(self._publish_items(items))
-        self._tasks.add(task)
-        task.add_done_callback(self._published)
+        if self._sender is None:
+            # one task sends whatever accumulates, not a task per call
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+            self._tasks.add(self._sender)
+            self._sender.add_done_callback(self._published)
 
-    async def _publish_items(self, items: list[tuple[str, bytes, dict[str, str]]]) -> None:
-        futs = []
-        left = len(items)
+    async def _send_outbox(self) -> None:
+        outbox = self._outbox
         try:
-            for s, d, h in items:
-                left -= 1
-                self._queued -= 1
-                futs.append(await self._send(s, d, h))
+            while outbox:
+                futs = []
+                while outbox:
+                    s, d, h = outbox.popleft()
+                    self._queued -= 1
+                    futs.append(await self._send(s, d, h))
+                task = asyncio.get_running_loop().create_task(self._confirm(futs))
+                self._tasks.add(task)
+                task.add_done_callback(self._published)
         finally:
-            self._queued -= left
-        await self._confirm(futs)
+            self._sender = None
+            if outbox:  # failed half way: those are not published
+                log.error("publish_nowait: %d events not published", len(outbox))
+                self._queued -= len(outbox)
+                outbox.clear()
 
     async def flush(self) -> None:
         """Wait until JetStream acknowledged everything published so far."""
