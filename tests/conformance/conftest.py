@@ -16,6 +16,7 @@ one that is closed on exit, and ``app()`` an App on a new transport.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -124,6 +125,21 @@ class Factory:
     def app(self, name: str = "conf", **options: Any) -> surge.App:
         """An App on a new transport of this store."""
         return surge.App(name, transport=self.open(), clock=self.clock, **options)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    """Run a test on the loop of the clock its transports were given, even
+    when the test itself does not ask for ``clock``."""
+    factory = pyfuncitem.funcargs.get("transport_factory")
+    fn = pyfuncitem.obj
+    if not isinstance(factory, Factory) or not inspect.iscoroutinefunction(fn):
+        return None
+    if not isinstance(factory.clock, surge.VirtualClock):
+        return None  # realtime: the root conftest runs it on a plain loop
+    names = pyfuncitem._fixtureinfo.argnames
+    factory.clock.run(fn(**{name: pyfuncitem.funcargs[name] for name in names}))
+    return True
 
 
 def _param(case: Case) -> Any:

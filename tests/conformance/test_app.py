@@ -80,9 +80,9 @@ async def test_retry_then_success(transport_factory: Factory, clock: surge.Clock
     async with app:
         await app.publish(Item(n=1))
         await app.drain()
+        assert await app.dead_letters() == []
     assert [a for a, _ in attempts] == [1, 2]
     assert attempts[1][1] - attempts[0][1] >= 0.4
-    assert await app.dead_letters() == []
 
 
 async def test_malformed_body_is_dead_lettered(transport_factory: Factory) -> None:

@@ -1,0 +1,608 @@
+"""The SQLite side of ``sqlite://``: schema, checks and every statement.
+
+Everything here runs on the transport's own thread, which owns the one
+connection; the transport batches queued calls into one transaction
+(:meth:`Database.run`). Tables:
+
+``meta``          magic, schema version, the next event seq, groups version
+``groups``        one row per consumer group: its topic patterns
+``messages``      the events: seq, id, topic, key, time, headers, body
+``deliveries``    one row per (group, event) until settled; ``visible_at`` is
+                  when it may be claimed (publish time, ``not_before``, a
+                  nack's delay, or a lease's end while ``token`` is set)
+``dead_letters``  what groups gave up on
+``seen``          derived ids published within the dedup window
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from .._errors import ConfigurationError, SurgeError, TransportError
+from .._event import Envelope
+from .._transport import DeadLetter, Delivery, topic_matches
+
+__all__ = ("Database", "Row", "translate")
+
+MAGIC = "surge-sqlite"
+VERSION = 1
+_CHUNK = 500  # SQL variables per IN (...) list
+_COMPACT_CHUNK = 50_000
+
+Row = tuple[str, str, str | None, float, bytes | None, bytes, float | None]
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE groups (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL UNIQUE,
+    patterns TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL DEFAULT 0,
+    alive_until REAL
+);
+CREATE TABLE messages (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    key TEXT,
+    time REAL NOT NULL,
+    headers BLOB,
+    body BLOB NOT NULL,
+    not_before REAL
+);
+CREATE TABLE deliveries (
+    id INTEGER PRIMARY KEY,
+    grp INTEGER NOT NULL,
+    msg INTEGER NOT NULL,
+    visible_at REAL NOT NULL,
+    attempt INTEGER NOT NULL DEFAULT 0,
+    token INTEGER,
+    first_time REAL
+);
+CREATE INDEX deliveries_due ON deliveries (grp, visible_at);
+CREATE INDEX deliveries_msg ON deliveries (msg);
+CREATE TABLE dead_letters (
+    grp INTEGER NOT NULL,
+    id TEXT NOT NULL,
+    topic TEXT NOT NULL,
+    key TEXT,
+    headers BLOB,
+    body BLOB NOT NULL,
+    error_type TEXT NOT NULL,
+    error TEXT NOT NULL,
+    traceback TEXT NOT NULL,
+    attempts INTEGER NOT NULL,
+    first_attempt_at REAL NOT NULL,
+    failed_at REAL NOT NULL,
+    PRIMARY KEY (grp, id)
+);
+CREATE TABLE seen (id TEXT PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX seen_time ON seen (time);
+"""
+
+_decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
+_encode_headers = msgspec.msgpack.Encoder().encode
+
+
+def translate(path: Path, err: sqlite3.Error) -> SurgeError:
+    """A surge error for an error of SQLite's."""
+    text = str(err)
+    if "locked" in text or "busy" in text:
+        return TransportError(f"{path}: the database is locked by another process ({text})")
+    if "full" in text:
+        return TransportError(f"{path}: the disk or the size limit is full ({text})")
+    if "malformed" in text or "not a database" in text or "corrupt" in text:
+        return TransportError(f"{path}: the database file is corrupt ({text})")
+    return TransportError(f"{path}: {type(err).__name__}: {text}")
+
+
+class Database:
+    """One connection, owned by one thread, and the statements run on it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        synchronous: str,
+        busy_timeout: float,
+        check: str,
+        max_size: int | None,
+        dedup_window: float,
+    ) -> None:
+        self.path = path
+        self.synchronous = synchronous
+        self.busy_timeout = busy_timeout
+        self.check = check
+        self.max_size = max_size
+        self.dedup_window = dedup_window
+        self.conn: sqlite3.Connection | None = None
+        self.transactions = 0
+        self.stale = 0
+        self._gver: Any = None
+        self._groups: dict[int, tuple[str, list[str]]] = {}
+        self._ids: dict[str, int] = {}
+        self._routes: dict[str, tuple[int, ...]] = {}
+        self._cursor = 0
+        self._upto = 0
+        self._rounds = 0
+
+    # --- transactions --------------------------------------------------------
+    def run(self, jobs: list[Any]) -> None:
+        """Run ``jobs`` (fn, args, write; result, error) in one transaction.
+
+        When one fails for a reason of its own, the others are run again,
+        each in a transaction of its own, so one bad call fails alone.
+        """
+        if len(jobs) == 1 and jobs[0].fn == self.open:
+            try:
+                self.open()
+            except BaseException as exc:
+                jobs[0].error = exc
+            return
+        try:
+            self._transaction(jobs)
+        except sqlite3.OperationalError as exc:
+            # locked, disk full, I/O: every job would fail the same way
+            for job in jobs:
+                job.error = exc
+        except Exception as exc:
+            if len(jobs) == 1:
+                jobs[0].error = exc
+                return
+            for job in jobs:
+                try:
+                    self._transaction([job])
+                except Exception as exc1:
+                    job.error = exc1
+
+    def _transaction(self, jobs: list[Any]) -> None:
+        conn = self.conn
+        if conn is None:
+            raise TransportError(f"{self.path}: the connection is closed")
+        write = any(j.write for j in jobs)
+        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            for job in jobs:
+                job.result = job.fn(*job.args)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        if write:
+            self.transactions += 1
+
+    # --- opening and closing -------------------------------------------------
+    def open(self) -> None:
+        path = self.path
+        if path.exists() and path.stat().st_size > 0:
+            with path.open("rb") as f:
+                head = f.read(16)
+            if head != b"SQLite format 3\x00":
+                raise ConfigurationError(f"{path} is not a surge database (not an SQLite file)")
+        try:
+            conn = sqlite3.connect(
+                path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
+            )
+        except sqlite3.Error as exc:
+            raise TransportError(f"cannot open {path}: {exc}") from None
+        try:
+            self._prepare(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn = conn
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        path = self.path
+        try:
+            if self.check != "off":
+                pragma = "quick_check" if self.check == "quick" else "integrity_check"
+                rows = conn.execute(f"PRAGMA {pragma}").fetchall()
+                if rows != [("ok",)]:
+                    found = "; ".join(str(r[0]) for r in rows[:3])
+                    raise TransportError(f"{path} is corrupt: {pragma} found {found}")
+            conn.execute("PRAGMA auto_vacuum = INCREMENTAL")  # takes effect on a new file
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise TransportError(f"{path}: cannot use WAL mode (got {mode})")
+            conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            conn.execute("PRAGMA journal_size_limit = 67108864")
+            conn.execute("PRAGMA temp_store = MEMORY")
+            if self.max_size is not None:
+                page = conn.execute("PRAGMA page_size").fetchone()[0]
+                conn.execute(f"PRAGMA max_page_count = {max(16, self.max_size // page)}")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._schema(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except sqlite3.DatabaseError as exc:
+            raise translate(path, exc) from None
+
+    def _schema(self, conn: sqlite3.Connection) -> None:
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        if not tables:
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    conn.execute(statement)
+            conn.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)",
+                [("magic", MAGIC), ("version", VERSION), ("seq", 0), ("groups", "0")],
+            )
+            return
+        magic = None
+        if "meta" in tables:
+            row = conn.execute("SELECT value FROM meta WHERE key = 'magic'").fetchone()
+            magic = row and row[0]
+        if magic != MAGIC:
+            raise ConfigurationError(
+                f"{self.path} is not a surge database (an SQLite file with tables "
+                f"{sorted(tables)[:5]})"
+            )
+        version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
+        if version != VERSION:
+            raise ConfigurationError(
+                f"{self.path} has surge schema version {version}; this surge reads {VERSION}"
+            )
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+            self.conn = None
+
+    # --- groups --------------------------------------------------------------
+    @property
+    def _c(self) -> sqlite3.Connection:
+        assert self.conn is not None
+        return self.conn
+
+    def _sync_groups(self) -> None:
+        conn = self._c
+        ver = conn.execute("SELECT value FROM meta WHERE key = 'groups'").fetchone()[0]
+        if ver == self._gver:
+            return
+        self._gver = ver
+        self._groups = {
+            gid: (name, json.loads(patterns))
+            for gid, name, patterns in conn.execute("SELECT id, name, patterns FROM groups")
+        }
+        self._ids = {name: gid for gid, (name, _) in self._groups.items()}
+        self._routes = {}
+
+    def _bump_groups(self) -> None:
+        # a random version, never a counter: a rolled-back bump must not
+        # leave this cache agreeing with someone else's later bump
+        self._c.execute("UPDATE meta SET value = hex(randomblob(8)) WHERE key = 'groups'")
+
+    def declare(self, name: str, topics: list[str], ephemeral: bool, now: float) -> int:
+        conn = self._c
+        row = conn.execute("SELECT id, patterns FROM groups WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            cur = conn.execute(
+                "INSERT INTO groups (name, patterns, ephemeral, alive_until) VALUES (?, ?, ?, ?)",
+                (name, json.dumps(topics), int(ephemeral), now + 3600 if ephemeral else None),
+            )
+            self._bump_groups()
+            gid: int = cur.lastrowid  # type: ignore[assignment]
+            return gid
+        gid, patterns = row[0], json.loads(row[1])
+        added = [t for t in topics if t not in patterns]
+        if added:
+            conn.execute(
+                "UPDATE groups SET patterns = ? WHERE id = ?", (json.dumps(patterns + added), gid)
+            )
+            self._bump_groups()
+        return int(gid)
+
+    def group_id(self, name: str) -> int:
+        self._sync_groups()
+        gid = self._ids.get(name)
+        if gid is None:
+            raise ConfigurationError(
+                f"no group {name!r} in {self.path}; groups: {sorted(self._ids)}"
+            )
+        return gid
+
+    def _route(self, topic: str) -> tuple[int, ...]:
+        gids = self._routes.get(topic)
+        if gids is None:
+            gids = self._routes[topic] = tuple(
+                gid
+                for gid, (_, patterns) in self._groups.items()
+                if any(topic_matches(p, topic) for p in patterns)
+            )
+        return gids
+
+    # --- publishing ----------------------------------------------------------
+    def _next_seqs(self, n: int) -> int:
+        """Reserve ``n`` seqs; the first of them."""
+        end: int = self._c.execute(
+            "UPDATE meta SET value = value + ? WHERE key = 'seq' RETURNING value", (n,)
+        ).fetchone()[0]
+        return end - n + 1
+
+    def publish(self, rows: list[Row], now: float) -> set[int]:
+        """Store ``rows`` for every group they match; the groups that got any."""
+        conn = self._c
+        self._sync_groups()
+        route = self._routes.get
+        keep: list[tuple[Row, tuple[int, ...]]] = []
+        cutoff = now - self.dedup_window
+        for row in rows:
+            gids = route(row[1])
+            if gids is None:
+                gids = self._route(row[1])
+            if not gids:
+                continue
+            if row[0][12] == "8":  # a derived id, the only kind that repeats
+                cur = conn.execute(
+                    "INSERT INTO seen (id, time) VALUES (?, ?) ON CONFLICT (id) DO UPDATE "
+                    "SET time = excluded.time WHERE seen.time < ?",
+                    (row[0], now, cutoff),
+                )
+                if cur.rowcount != 1:
+                    continue
+            keep.append((row, gids))
+        if not keep:
+            return set()
+        seq = self._next_seqs(len(keep))
+        messages = []
+        deliveries: list[tuple[int, int, float]] = []
+        touched: set[int] = set()
+        for row, gids in keep:
+            messages.append((seq, *row))
+            nb = row[6]
+            visible = now if nb is None or nb < now else nb
+            deliveries.extend((gid, seq, visible) for gid in gids)
+            touched.update(gids)
+            seq += 1
+        conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages)
+        conn.executemany(
+            "INSERT INTO deliveries (grp, msg, visible_at) VALUES (?, ?, ?)", deliveries
+        )
+        return touched
+
+    # --- consuming -----------------------------------------------------------
+    def claim(
+        self, gid: int, group: str, n: int, now: float, until: float, token: int
+    ) -> tuple[list[Delivery], float]:
+        """Lease up to ``n`` visible deliveries; them, or when one is due."""
+        conn = self._c
+        claimed = conn.execute(
+            "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+            "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+            "WHERE grp = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
+            "RETURNING id, msg, attempt, first_time",
+            (until, token, now, gid, now, n),
+        ).fetchall()
+        if not claimed:
+            return [], self.next_due(gid)
+        claimed.sort(key=lambda r: r[1])
+        bodies: dict[int, tuple[Any, ...]] = {}
+        for i in range(0, len(claimed), _CHUNK):
+            part = [r[1] for r in claimed[i : i + _CHUNK]]
+            marks = ",".join("?" * len(part))
+            for m in conn.execute(
+                "SELECT seq, id, topic, key, time, headers, body, not_before FROM messages "
+                f"WHERE seq IN ({marks})",
+                part,
+            ):
+                bodies[m[0]] = m
+        out = []
+        for did, msg, attempt, first in claimed:
+            m = bodies.get(msg)
+            if m is None:  # cannot happen while deliveries pin their message
+                conn.execute("DELETE FROM deliveries WHERE id = ?", (did,))
+                continue
+            headers = _decode_headers(m[5]) if m[5] is not None else None
+            env = Envelope(m[1], m[2], m[3], m[4], headers, None, m[6], m[7])
+            out.append(Delivery(env, group, attempt, did, first))
+        return out, 0.0
+
+    def next_due(self, gid: int) -> float:
+        """When the next delivery of ``gid`` may be claimed (inf: none held)."""
+        row = self._c.execute(
+            "SELECT min(visible_at) FROM deliveries WHERE grp = ?", (gid,)
+        ).fetchone()
+        return float("inf") if row[0] is None else float(row[0])
+
+    def busy(self, gids: list[int]) -> tuple[bool, float]:
+        """Whether any of ``gids`` holds a delivery, and when one is due."""
+        due = min((self.next_due(g) for g in gids), default=float("inf"))
+        return due != float("inf"), due
+
+    # --- settling ------------------------------------------------------------
+    def ack(self, held: list[tuple[int, int]]) -> int:
+        cur = self._c.executemany("DELETE FROM deliveries WHERE id = ? AND token = ?", held)
+        self.stale += len(held) - cur.rowcount
+        return cur.rowcount
+
+    def release(self, held: list[tuple[int, int]], when: float) -> int:
+        cur = self._c.executemany(
+            "UPDATE deliveries SET visible_at = ?, token = NULL WHERE id = ? AND token = ?",
+            [(when, did, token) for did, token in held],
+        )
+        self.stale += len(held) - cur.rowcount
+        return cur.rowcount
+
+    def extend(self, held: list[tuple[int, int]], until: float) -> int:
+        cur = self._c.executemany(
+            "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ?",
+            [(until, did, token) for did, token in held],
+        )
+        return cur.rowcount
+
+    def dead_letter(self, did: int, token: int, gid: int, rec: DeadLetter) -> bool:
+        conn = self._c
+        cur = conn.execute("DELETE FROM deliveries WHERE id = ? AND token = ?", (did, token))
+        if cur.rowcount != 1:
+            self.stale += 1
+            return False
+        conn.execute(
+            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                gid,
+                rec.id,
+                rec.topic,
+                rec.key,
+                _encode_headers(rec.headers) if rec.headers else None,
+                rec.body,
+                rec.error_type,
+                rec.error,
+                rec.traceback,
+                rec.attempts,
+                rec.first_attempt_at,
+                rec.failed_at,
+            ),
+        )
+        return True
+
+    # --- dead letters, statistics, housekeeping -----------------------------
+    def dead_letters(self, gid: int | None) -> list[DeadLetter]:
+        sql = (
+            "SELECT g.name, d.id, d.topic, d.key, d.headers, d.body, d.error_type, d.error, "
+            "d.traceback, d.attempts, d.first_attempt_at, d.failed_at "
+            "FROM dead_letters d JOIN groups g ON g.id = d.grp"
+        )
+        args: tuple[Any, ...] = ()
+        if gid is not None:
+            sql += " WHERE d.grp = ?"
+            args = (gid,)
+        rows = self._c.execute(sql + " ORDER BY d.failed_at, d.rowid", args).fetchall()
+        return [
+            DeadLetter(
+                group=r[0],
+                id=r[1],
+                topic=r[2],
+                key=r[3],
+                headers=_decode_headers(r[4]) if r[4] is not None else None,
+                body=r[5],
+                error_type=r[6],
+                error=r[7],
+                traceback=r[8],
+                attempts=r[9],
+                first_attempt_at=r[10],
+                failed_at=r[11],
+            )
+            for r in rows
+        ]
+
+    def _dead_ids(self, gid: int, ids: list[str] | None) -> list[str]:
+        have = [r[0] for r in self._c.execute("SELECT id FROM dead_letters WHERE grp = ?", (gid,))]
+        if ids is None:
+            return have
+        wanted = set(ids)
+        return [i for i in have if i in wanted]
+
+    def replay(self, gid: int, ids: list[str] | None, now: float) -> int:
+        conn = self._c
+        chosen = self._dead_ids(gid, ids)
+        if not chosen:
+            return 0
+        seq = self._next_seqs(len(chosen))
+        for dead_id in chosen:
+            r = conn.execute(
+                "SELECT topic, key, headers, body FROM dead_letters WHERE grp = ? AND id = ?",
+                (gid, dead_id),
+            ).fetchone()
+            conn.execute(
+                "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                (seq, dead_id, r[0], r[1], now, r[2], r[3]),
+            )
+            conn.execute(
+                "INSERT INTO deliveries (grp, msg, visible_at) VALUES (?, ?, ?)", (gid, seq, now)
+            )
+            conn.execute("DELETE FROM dead_letters WHERE grp = ? AND id = ?", (gid, dead_id))
+            seq += 1
+        return len(chosen)
+
+    def purge(self, gid: int, ids: list[str] | None) -> int:
+        chosen = self._dead_ids(gid, ids)
+        self._c.executemany(
+            "DELETE FROM dead_letters WHERE grp = ? AND id = ?", [(gid, i) for i in chosen]
+        )
+        return len(chosen)
+
+    def stats(self, gid: int, now: float) -> tuple[int, int, int, int]:
+        conn = self._c
+        backlog, pending, scheduled = conn.execute(
+            "SELECT coalesce(sum(visible_at <= :now), 0), "
+            "coalesce(sum(visible_at > :now AND token IS NOT NULL), 0), "
+            "coalesce(sum(visible_at > :now AND token IS NULL), 0) "
+            "FROM deliveries WHERE grp = :gid",
+            {"now": now, "gid": gid},
+        ).fetchone()
+        dead = conn.execute("SELECT count(*) FROM dead_letters WHERE grp = ?", (gid,)).fetchone()
+        return int(backlog), int(pending), int(scheduled), int(dead[0])
+
+    def compact(self, upto: int, now: float, mine: list[int], lease: float) -> tuple[int, int]:
+        """Delete settled events up to seq ``upto`` (-1: all), expired dedup
+        entries and reply groups whose process is gone; (events, top seq)."""
+        conn = self._c
+        top: int = conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
+        self._upto = max(self._upto, top if upto < 0 else upto)
+        self._rounds += 1
+        if self._rounds % 64 == 0 or self._cursor > self._upto:
+            # events skipped as unsettled are looked at again now and then
+            self._cursor = 0
+        deleted = 0
+        if self._cursor < self._upto:
+            last = conn.execute(
+                "SELECT max(seq) FROM (SELECT seq FROM messages WHERE seq > ? AND seq <= ? "
+                "ORDER BY seq LIMIT ?)",
+                (self._cursor, self._upto, _COMPACT_CHUNK),
+            ).fetchone()[0]
+            if last is None:
+                self._cursor = self._upto
+            else:
+                cur = conn.execute(
+                    "DELETE FROM messages WHERE seq > ? AND seq <= ? AND NOT EXISTS "
+                    "(SELECT 1 FROM deliveries WHERE msg = messages.seq)",
+                    (self._cursor, last),
+                )
+                deleted = cur.rowcount
+                self._cursor = last
+        conn.execute("DELETE FROM seen WHERE time < ?", (now - self.dedup_window,))
+        if mine:
+            conn.execute(
+                f"UPDATE groups SET alive_until = ? WHERE id IN ({','.join('?' * len(mine))})",
+                (now + max(600.0, 10 * lease), *mine),
+            )
+        gone = [
+            r[0]
+            for r in conn.execute(
+                "SELECT id FROM groups WHERE ephemeral = 1 AND alive_until < ?", (now,)
+            )
+        ]
+        if gone:
+            self._drop(gone)
+        free, pages = (
+            conn.execute("PRAGMA freelist_count").fetchone()[0],
+            conn.execute("PRAGMA page_count").fetchone()[0],
+        )
+        if free > 256 and free * 4 > pages:
+            conn.execute(f"PRAGMA incremental_vacuum({free})").fetchall()
+        return deleted, top
+
+    def _drop(self, gids: list[int]) -> None:
+        conn = self._c
+        args = [(g,) for g in gids]
+        conn.executemany("DELETE FROM deliveries WHERE grp = ?", args)
+        conn.executemany("DELETE FROM dead_letters WHERE grp = ?", args)
+        conn.executemany("DELETE FROM groups WHERE id = ?", args)
+        self._bump_groups()
+
+    def shutdown(self, held: list[tuple[int, int]], ephemeral: list[int], now: float) -> None:
+        """Hand back unsettled leases and drop this process's reply groups."""
+        if held:
+            self.release(held, now)
+        if ephemeral:
+            self._drop(ephemeral)
