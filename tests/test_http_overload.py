@@ -103,8 +103,10 @@ async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
     assert report["errors"] == {}
     assert report["statuses"] == {"200": admitted, "503": total - admitted}
     assert held == admitted
-    # One descriptor per open connection at most, and all of them given back.
-    assert at_peak <= baseline + total + 16
+    # Refused connections are closed at once, so at the peak the process holds
+    # about one descriptor per admitted request, not one per client; and it
+    # gives every one of them back.
+    assert at_peak <= baseline + 2 * admitted
     assert after <= baseline + 2
     # The refusals all came while the admitted requests were still held, so
     # none of them queued behind those; and no request waited unboundedly.
