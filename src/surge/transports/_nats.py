@@ -76,9 +76,10 @@ from nats.js.api import (
 
 from .._clock import Clock, RealClock
 from .._codec import Codec, MsgpackCodec
-from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
+from .._errors import Closed, ConfigurationError, DecodeError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
+from ._nats_publish import Item, Publisher, safe_url, translate
 
 __all__ = ("NatsTransport",)
 
@@ -255,17 +256,8 @@ class NatsTransport:
         self._groups: dict[str, _Group] = {}
         self._closed = True
         self._connected = False
-        # publishing: token -> (future, subject, payload, headers)
-        self._acks: dict[str, tuple[asyncio.Future[None], str, bytes, dict[str, str]]] = {}
-        self._ack_prefix = ""
-        self._ack_sub: Subscription | None = None
-        self._next_token = 0
-        self._queued = 0  # accepted by publish_nowait, not yet sent
+        self._pub = Publisher(self)
         self._recent_acks: deque[str] = deque(maxlen=4096)
-        self._outbox: deque[tuple[str, bytes, dict[str, str]]] = deque()
-        self._sender: asyncio.Task[None] | None = None
-        self._space: deque[asyncio.Future[None]] = deque()
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._busy = True  # cleared only by wait_idle's observation
 
@@ -309,7 +301,9 @@ class NatsTransport:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
-            raise TransportError(f"cannot connect to NATS at {_safe(self.url)}: {exc!r}") from exc
+            raise TransportError(
+                f"cannot connect to NATS at {safe_url(self.url)}: {exc!r}"
+            ) from exc
         self._nc = nc
         nc.options["max_reconnect_attempts"] = -1
         self._closed = False
@@ -319,7 +313,8 @@ class NatsTransport:
             await nc.close()
             self._closed = True
             raise TransportError(
-                f"nats-server {version} at {_safe(self.url)} is too old: surge needs 2.10 or later"
+                f"nats-server {version} at {safe_url(self.url)} is too old: "
+                "surge needs 2.10 or later"
             )
         self._js = nc.jetstream()
         try:
@@ -327,10 +322,9 @@ class NatsTransport:
                 self.stream, [f"{self.stream}.>", f"{self.stream}_replay.>"], interest=True
             )
             await self._ensure_stream(self.dlq_stream, [f"{self.stream}_dlq.>"], interest=False)
-            self._ack_prefix = nc.new_inbox() + "."
-            self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
+            await self._pub.open(nc)
         except nats.errors.Error as exc:
-            raise _translate(exc, "setting up JetStream") from exc
+            raise translate(exc, "setting up JetStream") from exc
         self._keeper = asyncio.get_running_loop().create_task(
             self._keep_leases(), name="surge-nats-leases"
         )
@@ -358,16 +352,16 @@ class NatsTransport:
             await self._js.update_stream(config)
 
     async def _on_error(self, exc: Exception) -> None:
-        log.warning("NATS connection error (%s): %r", _safe(self.url), exc)
+        log.warning("NATS connection error (%s): %r", safe_url(self.url), exc)
 
     async def _on_disconnect(self) -> None:
         if not self._closed:
             self._connected = False
-            log.warning("lost connection to NATS at %s; reconnecting", _safe(self.url))
+            log.warning("lost connection to NATS at %s; reconnecting", safe_url(self.url))
 
     async def _on_reconnect(self) -> None:
         self._connected = True
-        log.warning("reconnected to NATS at %s", _safe(self.url))
+        log.warning("reconnected to NATS at %s", safe_url(self.url))
         # Pull requests may have died with the old connection (or server):
         # forget their credit and ask again.
         for g in self._groups.values():
@@ -375,7 +369,7 @@ class NatsTransport:
             g.wake()
         # Publishes whose acks were lost are resent now rather than after
         # ack_timeout, under the same Nats-Msg-Id.
-        self._resend(list(self._acks))
+        self._pub.reconnected()
         # Acks sent just before the drop may never have arrived; acking
         # twice is harmless, a lost ack costs a redelivery a lease later.
         for reply in list(self._recent_acks):
@@ -425,7 +419,7 @@ class NatsTransport:
                 old.ack_wait = self.lease
                 await self._js.add_consumer(self.stream, old)
         except nats.errors.Error as exc:
-            raise _translate(exc, f"declaring group {g.name!r}") from exc
+            raise translate(exc, f"declaring group {g.name!r}") from exc
         g.recreate = False
 
     def _group(self, name: str) -> _Group:
@@ -435,7 +429,7 @@ class NatsTransport:
         return g
 
     # --- publishing --------------------------------------------------------------
-    def _encode(self, envelopes: Sequence[Envelope]) -> list[tuple[str, bytes, dict[str, str]]]:
+    def _encode(self, envelopes: Sequence[Envelope]) -> list[Item]:
         encode = self.codec.encode_envelope
         stream = self.stream
         return [
@@ -446,160 +440,17 @@ class NatsTransport:
         self._nats()
         items = self._encode(envelopes)  # encoding errors before anything is sent
         self._busy = True
-        futs = []
-        for subject, data, headers in items:
-            while len(self._acks) + self._queued >= self.max_pending:
-                await self._wait_space()
-            futs.append(await self._send(subject, data, headers))
-        await self._confirm(futs)
+        await self._pub.publish(items)
 
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         self._nats()
-        held = len(self._acks) + self._queued
-        if held + len(envelopes) > self.max_pending or self._space:
-            raise Overloaded(f"{held} publishes await JetStream acks (max_pending)")
         items = self._encode(envelopes)
+        self._pub.publish_nowait(items)
         self._busy = True
-        self._outbox.extend(items)
-        self._queued += len(items)
-        if self._sender is None:
-            # one task sends whatever accumulates, not a task per call
-            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
-            self._tasks.add(self._sender)
-            self._sender.add_done_callback(self._published)
-
-    async def _send_outbox(self) -> None:
-        outbox = self._outbox
-        try:
-            while outbox:
-                futs = []
-                while outbox:
-                    s, d, h = outbox.popleft()
-                    self._queued -= 1
-                    futs.append(await self._send(s, d, h))
-                task = asyncio.get_running_loop().create_task(self._confirm(futs))
-                self._tasks.add(task)
-                task.add_done_callback(self._published)
-        finally:
-            self._sender = None
-            if outbox:  # failed half way: those are not published
-                log.error("publish_nowait: %d events not published", len(outbox))
-                self._queued -= len(outbox)
-                outbox.clear()
 
     async def flush(self) -> None:
         """Wait until JetStream acknowledged everything published so far."""
-        while self._tasks or self._acks:
-            if self._tasks:
-                await asyncio.wait(list(self._tasks))
-            futs = [e[0] for e in self._acks.values()]
-            if futs:
-                await asyncio.wait(futs)
-
-    def _published(self, task: asyncio.Task[None]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("publish_nowait could not publish: %r", task.exception())
-
-    async def _wait_space(self) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._space.append(fut)
-        await fut
-        self._nats()
-
-    async def _send(
-        self, subject: str, data: bytes, headers: dict[str, str]
-    ) -> asyncio.Future[None]:
-        self._next_token += 1
-        token = str(self._next_token)
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks[token] = (fut, subject, data, headers)
-        await self._put(token, subject, data, headers)
-        return fut
-
-    async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        nc = self._nats()
-        try:
-            await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
-        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
-            pass  # disconnected with a full buffer: _confirm resends after a reconnect
-        except nats.errors.BadSubjectError:
-            self._settle(token, ConfigurationError(f"{subject!r} is not a valid NATS subject"))
-        except nats.errors.MaxPayloadError:
-            self._settle(token, TransportError(f"a message on {subject!r} exceeds max_payload"))
-        except nats.errors.Error as exc:
-            self._settle(token, _translate(exc, f"publishing to {subject!r}"))
-
-    def _settle(self, token: str, error: BaseException | None) -> None:
-        entry = self._acks.pop(token, None)
-        if entry is None:
-            return
-        fut = entry[0]
-        if not fut.done():
-            if error is None:
-                fut.set_result(None)
-            else:
-                fut.set_exception(error)
-        space = self._space
-        while space and len(self._acks) + self._queued < self.max_pending:
-            w = space.popleft()
-            if not w.done():
-                w.set_result(None)
-                break
-
-    async def _on_ack(self, msg: Msg) -> None:
-        token = msg.subject[len(self._ack_prefix) :]
-        data = msg.data
-        if data and b'"error"' not in data:
-            self._settle(token, None)
-            return
-        if not data:
-            status = (msg.headers or {}).get("Status")
-            if status == "503":
-                self._settle(token, TransportError(f"no JetStream stream {self.stream!r} answers"))
-            return  # anything else: leave it to the resend after ack_timeout
-        err = json.loads(data).get("error", {})
-        self._settle(
-            token, TransportError(f"JetStream refused a publish: {err.get('description', err)}")
-        )
-
-    async def _confirm(self, futs: list[asyncio.Future[None]]) -> None:
-        """Wait for the acks of ``futs``, resending under the same msg id."""
-        if not futs:
-            return
-        deadline = self.clock.monotonic() + self.publish_timeout
-        waiting = set(futs)
-        while True:
-            done, waiting = await asyncio.wait(waiting, timeout=self.ack_timeout)
-            for f in done:
-                f.result()  # raises the first error
-            if not waiting:
-                return
-            if self.clock.monotonic() >= deadline:
-                raise TransportError(
-                    f"JetStream did not acknowledge {len(waiting)} publishes within "
-                    f"{self.publish_timeout}s (server at {_safe(self.url)} unreachable?)"
-                )
-            self._nats()
-            tokens = [t for t, e in self._acks.items() if e[0] in waiting]
-            log.warning(
-                "%d publishes unacknowledged after %.1fs; resending", len(tokens), self.ack_timeout
-            )
-            self._resend(tokens)
-
-    def _resend(self, tokens: list[str]) -> None:
-        if not tokens or not self._connected:
-            return
-
-        async def resend() -> None:
-            for t in tokens:
-                e = self._acks.get(t)
-                if e is not None and not self._closed:
-                    await self._put(t, e[1], e[2], e[3])
-
-        task = asyncio.get_running_loop().create_task(resend())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        await self._pub.flush()
 
     # --- consuming ---------------------------------------------------------------
     async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
@@ -618,7 +469,7 @@ class NatsTransport:
         try:
             g.sub = await nc.subscribe(inbox, cb=on_msg, pending_msgs_limit=-1)
         except nats.errors.Error as exc:
-            raise _translate(exc, f"consuming {group!r}") from exc
+            raise translate(exc, f"consuming {group!r}") from exc
         g.last_seen = self.clock.monotonic()
         g.outstanding = 0
         loop = asyncio.get_running_loop()
@@ -802,10 +653,10 @@ class NatsTransport:
 
     async def _store_dead(self, durable: str, record: DeadLetter, msg_id: str) -> None:
         self._nats()
-        fut = await self._send(
+        fut = await self._pub.send(
             f"{self.stream}_dlq.{durable}", _ENCODE(record), {"Nats-Msg-Id": msg_id}
         )
-        await self._confirm([fut])
+        await self._pub.confirm([fut])
 
     async def _keep_leases(self) -> None:
         """Send in-progress acks for every delivery this process holds."""
@@ -847,7 +698,7 @@ class NatsTransport:
                     log.error("undecodable dead letter %d in %s", raw.seq, self.dlq_stream)
                 seq = raw.seq + 1
         except nats.errors.Error as exc:
-            raise _translate(exc, "reading dead letters") from exc
+            raise translate(exc, "reading dead letters") from exc
 
     async def _known(self, group: str) -> str:
         durable = consumer_name(group)
@@ -881,7 +732,7 @@ class NatsTransport:
                 with contextlib.suppress(nats.js.errors.NotFoundError):
                     await self._js.delete_msg(self.dlq_stream, s)
         except nats.errors.Error as exc:
-            raise _translate(exc, "deleting dead letters") from exc
+            raise translate(exc, "deleting dead letters") from exc
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
         async with self._session():
@@ -896,8 +747,8 @@ class NatsTransport:
             env = Envelope(rec.id, rec.topic, rec.key, now, rec.headers, None, rec.body)
             # a msg id of its own: the original id may still be in the window
             headers = {"Nats-Msg-Id": f"{rec.id}.replay.{seq}"}
-            futs.append(await self._send(subject, self.codec.encode_envelope(env), headers))
-        await self._confirm(futs)
+            futs.append(await self._pub.send(subject, self.codec.encode_envelope(env), headers))
+        await self._pub.confirm(futs)
         await self._delete_dead([s for s, _ in chosen])
         return len(chosen)
 
@@ -916,7 +767,7 @@ class NatsTransport:
                 info = await self._js.consumer_info(self.stream, durable)
                 dlq = await self._js.stream_info(self.dlq_stream, subjects_filter=subject)
             except nats.errors.Error as exc:
-                raise _translate(exc, f"reading the state of {group!r}") from exc
+                raise translate(exc, f"reading the state of {group!r}") from exc
         g = self._groups.get(group)
         scheduled = 0
         if g is not None:
@@ -938,7 +789,7 @@ class NatsTransport:
         return not self._busy
 
     async def _all_settled(self) -> bool:
-        if self._acks or self._tasks:
+        if self._pub.busy:
             return False
         for g in self._groups.values():
             if g.buffer or g.unsettled:
@@ -957,7 +808,7 @@ class NatsTransport:
             try:
                 settled = await self._all_settled()
             except nats.errors.Error as exc:
-                raise _translate(exc, "reading consumer state") from exc
+                raise translate(exc, "reading consumer state") from exc
             if settled and not self._busy:
                 return
             self._busy = True
@@ -968,8 +819,10 @@ class NatsTransport:
             return
         nc = self._nc
         assert nc is not None
-        if self._tasks:
-            await asyncio.wait(list(self._tasks), timeout=self.ack_timeout)
+        if self._pub.busy:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.ack_timeout):
+                    await self._pub.flush()
         self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
@@ -980,14 +833,7 @@ class NatsTransport:
             if g.ephemeral:
                 with contextlib.suppress(nats.errors.Error):
                     await self._js.delete_consumer(self.stream, g.durable)
-        for fut, *_ in self._acks.values():
-            if not fut.done():
-                fut.set_exception(Closed("transport closed before JetStream acknowledged"))
-        self._acks.clear()
-        for w in self._space:
-            if not w.done():
-                w.set_result(None)
-        self._space.clear()
+        self._pub.close()
         try:
             await nc.flush(timeout=2)
         except (nats.errors.Error, TimeoutError):
@@ -1006,15 +852,3 @@ def _ssl_context(
     if cert:
         ctx.load_cert_chain(cert, key)
     return ctx
-
-
-def _safe(url: str) -> str:
-    """``url`` without credentials, for logs and errors."""
-    return re.sub(r"//[^@/]*@", "//", url)
-
-
-def _translate(exc: Exception, doing: str) -> Exception:
-    if isinstance(exc, nats.errors.ConnectionClosedError):
-        return Closed(f"NATS connection closed while {doing}")
-    desc = getattr(exc, "description", None) or repr(exc)
-    return TransportError(f"NATS failed while {doing}: {desc}")

@@ -1,0 +1,248 @@
+"""Publishing to JetStream: many messages in flight, every ack awaited.
+
+Each message goes out with its own reply subject under one inbox; the acks
+come back on one subscription and settle a future per message. At most
+``max_pending`` messages await their ack; an ack that does not come within
+``ack_timeout`` (a dropped connection, a restarted server) has its message
+resent under the same ``Nats-Msg-Id``, which the server deduplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+
+from .._errors import Closed, ConfigurationError, Overloaded, TransportError
+
+if TYPE_CHECKING:
+    from ._nats import NatsTransport
+
+__all__ = ("Item", "Publisher", "safe_url", "translate")
+
+log = logging.getLogger("surge.nats")
+
+Item = tuple[str, bytes, dict[str, str]]
+"""(subject, payload, headers) of one message."""
+
+
+class Publisher:
+    """The publishing half of a :class:`NatsTransport`."""
+
+    def __init__(self, owner: NatsTransport) -> None:
+        self.owner = owner
+        self.max_pending = owner.max_pending
+        # token -> (future, subject, payload, headers)
+        self._acks: dict[str, tuple[asyncio.Future[None], str, bytes, dict[str, str]]] = {}
+        self._ack_prefix = ""
+        self._ack_sub: Subscription | None = None
+        self._next_token = 0
+        self._queued = 0  # accepted by publish_nowait, not yet sent
+        self._outbox: deque[Item] = deque()
+        self._sender: asyncio.Task[None] | None = None
+        self._space: deque[asyncio.Future[None]] = deque()
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def open(self, nc: Client) -> None:
+        self._ack_prefix = nc.new_inbox() + "."
+        self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
+
+    @property
+    def busy(self) -> bool:
+        """Some publish is not acknowledged yet."""
+        return bool(self._acks or self._tasks or self._outbox)
+
+    def _nats(self) -> Client:
+        return self.owner._nats()
+
+    async def publish(self, items: list[Item]) -> None:
+        futs = []
+        for subject, data, headers in items:
+            while len(self._acks) + self._queued >= self.max_pending:
+                await self._wait_space()
+            futs.append(await self.send(subject, data, headers))
+        await self.confirm(futs)
+
+    def publish_nowait(self, items: list[Item]) -> None:
+        held = len(self._acks) + self._queued
+        if held + len(items) > self.max_pending or self._space:
+            raise Overloaded(f"{held} publishes await JetStream acks (max_pending)")
+        self._outbox.extend(items)
+        self._queued += len(items)
+        if self._sender is None:
+            # one task sends whatever accumulates, not a task per call
+            self._sender = asyncio.get_running_loop().create_task(self._send_outbox())
+            self._tasks.add(self._sender)
+            self._sender.add_done_callback(self._published)
+
+    async def _send_outbox(self) -> None:
+        outbox = self._outbox
+        try:
+            while outbox:
+                futs = []
+                while outbox:
+                    s, d, h = outbox.popleft()
+                    self._queued -= 1
+                    futs.append(await self.send(s, d, h))
+                task = asyncio.get_running_loop().create_task(self.confirm(futs))
+                self._tasks.add(task)
+                task.add_done_callback(self._published)
+        finally:
+            self._sender = None
+            if outbox:  # failed half way: those are not published
+                log.error("publish_nowait: %d events not published", len(outbox))
+                self._queued -= len(outbox)
+                outbox.clear()
+
+    async def flush(self) -> None:
+        """Wait until JetStream acknowledged everything published so far."""
+        while self._tasks or self._acks:
+            if self._tasks:
+                await asyncio.wait(list(self._tasks))
+            futs = [e[0] for e in self._acks.values()]
+            if futs:
+                await asyncio.wait(futs)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("publish_nowait could not publish: %r", task.exception())
+
+    async def _wait_space(self) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._space.append(fut)
+        await fut
+        self._nats()
+
+    async def send(
+        self, subject: str, data: bytes, headers: dict[str, str]
+    ) -> asyncio.Future[None]:
+        self._next_token += 1
+        token = str(self._next_token)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._acks[token] = (fut, subject, data, headers)
+        await self._put(token, subject, data, headers)
+        return fut
+
+    async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
+        nc = self._nats()
+        try:
+            await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
+        except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
+            pass  # disconnected with a full buffer: _confirm resends after a reconnect
+        except nats.errors.BadSubjectError:
+            self._settle(token, ConfigurationError(f"{subject!r} is not a valid NATS subject"))
+        except nats.errors.MaxPayloadError:
+            self._settle(token, TransportError(f"a message on {subject!r} exceeds max_payload"))
+        except nats.errors.Error as exc:
+            self._settle(token, translate(exc, f"publishing to {subject!r}"))
+
+    def _settle(self, token: str, error: BaseException | None) -> None:
+        entry = self._acks.pop(token, None)
+        if entry is None:
+            return
+        fut = entry[0]
+        if not fut.done():
+            if error is None:
+                fut.set_result(None)
+            else:
+                fut.set_exception(error)
+        space = self._space
+        while space and len(self._acks) + self._queued < self.max_pending:
+            w = space.popleft()
+            if not w.done():
+                w.set_result(None)
+                break
+
+    async def _on_ack(self, msg: Msg) -> None:
+        token = msg.subject[len(self._ack_prefix) :]
+        data = msg.data
+        if data and b'"error"' not in data:
+            self._settle(token, None)
+            return
+        if not data:
+            status = (msg.headers or {}).get("Status")
+            if status == "503":
+                self._settle(
+                    token, TransportError(f"no JetStream stream {self.owner.stream!r} answers")
+                )
+            return  # anything else: leave it to the resend after ack_timeout
+        err = json.loads(data).get("error", {})
+        self._settle(
+            token, TransportError(f"JetStream refused a publish: {err.get('description', err)}")
+        )
+
+    async def confirm(self, futs: list[asyncio.Future[None]]) -> None:
+        """Wait for the acks of ``futs``, resending under the same msg id."""
+        if not futs:
+            return
+        deadline = self.owner.clock.monotonic() + self.owner.publish_timeout
+        waiting = set(futs)
+        while True:
+            done, waiting = await asyncio.wait(waiting, timeout=self.owner.ack_timeout)
+            for f in done:
+                f.result()  # raises the first error
+            if not waiting:
+                return
+            if self.owner.clock.monotonic() >= deadline:
+                raise TransportError(
+                    f"JetStream did not acknowledge {len(waiting)} publishes within "
+                    f"{self.owner.publish_timeout}s (is {safe_url(self.owner.url)} reachable?)"
+                )
+            self._nats()
+            tokens = [t for t, e in self._acks.items() if e[0] in waiting]
+            log.warning(
+                "%d publishes unacknowledged after %.1fs; resending",
+                len(tokens),
+                self.owner.ack_timeout,
+            )
+            self._resend(tokens)
+
+    def _resend(self, tokens: list[str]) -> None:
+        if not tokens or not self.owner._connected:
+            return
+
+        async def resend() -> None:
+            for t in tokens:
+                e = self._acks.get(t)
+                if e is not None and not self.owner._closed:
+                    await self._put(t, e[1], e[2], e[3])
+
+        task = asyncio.get_running_loop().create_task(resend())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def reconnected(self) -> None:
+        """Resend what awaits an ack now rather than after ``ack_timeout``."""
+        self._resend(list(self._acks))
+
+    def close(self) -> None:
+        for fut, *_ in self._acks.values():
+            if not fut.done():
+                fut.set_exception(Closed("transport closed before JetStream acknowledged"))
+        self._acks.clear()
+        for w in self._space:
+            if not w.done():
+                w.set_result(None)
+        self._space.clear()
+
+
+def safe_url(url: str) -> str:
+    """``url`` without credentials, for logs and errors."""
+    return re.sub(r"//[^@/]*@", "//", url)
+
+
+def translate(exc: Exception, doing: str) -> Exception:
+    """A nats-py error as the surge error to raise."""
+    if isinstance(exc, nats.errors.ConnectionClosedError):
+        return Closed(f"NATS connection closed while {doing}")
+    desc = getattr(exc, "description", None) or repr(exc)
+    return TransportError(f"NATS failed while {doing}: {desc}")
