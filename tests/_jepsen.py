@@ -47,7 +47,9 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import surge
 from surge._supervisor import Supervisor
@@ -65,6 +67,7 @@ __all__ = (
     "group_stats",
     "kill_workers",
     "produce",
+    "publish_process",
     "read_acked",
     "read_records",
     "run_crash",
@@ -256,25 +259,30 @@ async def kill_workers(
     kills: int,
     rng: random.Random,
     max_delay: float = 0.3,
+    until: asyncio.Future[Any] | None = None,
     deadline: float = 120.0,
 ) -> int:
     """SIGKILL a random worker ``kills`` times, each at a random moment while
-    it handles (it has recorded an event since it started); the count done."""
+    it handles (it has recorded an event since it was picked); the count done.
+
+    Stops early when ``until`` (the producers, say) is done or at ``deadline``.
+    """
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
     done = 0
-    while done < kills and loop.time() < end:
+
+    def over() -> bool:
+        return loop.time() >= end or (until is not None and until.done())
+
+    while done < kills and not over():
         await sup.wait_ready()
         pid = rng.choice(sup.ready_pids)
-        offset = _size(records)
-        try:
+        handled = _handled_by(records, _size(records), pid)
+        with contextlib.suppress(TimeoutError):
             await wait_for(
-                _handled_by(records, offset, pid),
-                timeout=max(0.1, end - loop.time()),
-                interval=0.02,
-                what=f"worker {pid} handling",
+                _either(handled, over), timeout=end - loop.time(), what="worker handling"
             )
-        except TimeoutError:
+        if not handled():
             break
         await asyncio.sleep(rng.uniform(0, max_delay))
         with contextlib.suppress(ProcessLookupError):
@@ -282,6 +290,10 @@ async def kill_workers(
             done += 1
         await sup.wait_restarted(pid)
     return done
+
+
+def _either(a: Callable[[], bool], b: Callable[[], bool]) -> Callable[[], bool]:
+    return lambda: a() or b()
 
 
 def _size(path: Path) -> int:
@@ -293,6 +305,8 @@ def _handled_by(path: Path, offset: int, pid: int) -> Callable[[], bool]:
     mark = f",{pid},".encode()
 
     def seen() -> bool:
+        if not path.exists():
+            return False
         with path.open("rb") as f:
             f.seek(offset)
             return any(line.startswith(b"h,") and mark in line for line in f)
@@ -448,7 +462,9 @@ async def run_crash(
         producing = loop.create_task(
             produce(url, range(events), acked, concurrency=producers, rate=rate)
         )
-        done = await kill_workers(sup, records, kills=kills, rng=rng, max_delay=max_delay)
+        done = await kill_workers(
+            sup, records, kills=kills, rng=rng, max_delay=max_delay, until=producing
+        )
         await producing
         stats = await drain(url, records, acked, timeout=drain_timeout)
     finally:
@@ -467,29 +483,26 @@ async def run_crash(
 
 
 # --- a publisher process, for kill loops against the committing process ------------------
-async def _publish_forever(url: str, start: int, acked_path: Path) -> None:
+def publish_process(url: str, start: int, acked_path: str, notify: Connection) -> None:
+    """Publish numbered events from ``start`` on, forever, from several tasks
+    at once (so commits are shared); after each ``publish`` returns, append
+    its number to ``acked_path`` and send a byte on ``notify``.
+
+    The target of a process the test kills at a moment of its choosing.
+    """
+    asyncio.run(_publish_forever(url, start, acked_path, notify))
+
+
+async def _publish_forever(url: str, start: int, acked_path: str, notify: Connection) -> None:
     fd = os.open(acked_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     producer = surge.App("jepsen-publisher", transport=url)
-    ready = False
-    async with producer:
-        n = start
-        while True:
+    numbers = iter(range(start, sys.maxsize))
+
+    async def one() -> None:
+        for n in numbers:
             await producer.publish(Numbered(n=n))
             os.write(fd, f"{n}\n".encode())
-            if not ready:
-                # the parent kills only after the first acknowledged publish
-                os.write(1, b"R")
-                ready = True
-            n += 1
+            notify.send_bytes(b"a")
 
-
-def _main(argv: Sequence[str]) -> int:
-    if len(argv) != 4 or argv[0] != "publish":
-        print("usage: python _jepsen.py publish URL START ACKED_PATH", file=sys.stderr)
-        return 2
-    asyncio.run(_publish_forever(argv[1], int(argv[2]), Path(argv[3])))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))
+    async with producer:
+        await asyncio.gather(*(one() for _ in range(4)))
