@@ -14,9 +14,11 @@ import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 import surge
@@ -160,6 +162,95 @@ async def test_handler_longer_than_lease_runs_once(tmp_path: Path) -> None:
             info = await transport._js.consumer_info(transport.stream, consumer_name("slow.slow"))
         assert runs == [1]
         assert info.num_redelivered == 0
+
+
+async def test_max_deliver_dead_letters(tmp_path: Path, nats_log: _LogEvents) -> None:
+    """A message JetStream stops delivering (MaxDeliver) is recorded as a dead letter."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url, max_deliver=2)
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            gave_up = nats_log.expect("never settled; dead-lettered")
+            await t.publish([_env(7)])
+            batches = t.consume("g", prefetch=10)
+            for attempt in (1, 2):
+                (d,) = await asyncio.wait_for(anext(batches), 10)
+                assert d.attempt == attempt
+                await t.nack(d, 0.0)  # as if its worker died on it
+            await asyncio.wait_for(gave_up.wait(), 10)
+            (dead,) = await t.dead_letters("g")
+            assert (dead.id, dead.error_type, dead.attempts) == (
+                d.envelope.id,
+                "MaxDeliverExceeded",
+                2,
+            )
+            await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            await t.close()
+
+
+async def test_workers_share_a_group(tmp_path: Path) -> None:
+    """Two consumers of one group (two processes' transports) split its events, each once."""
+    with nats_server(tmp_path) as srv:
+        a, b = NatsTransport(srv.url), NatsTransport(srv.url)
+        for t in (a, b):
+            await t.start()
+            await t.declare("g", [Numbered.__topic__])
+        try:
+            await a.publish([_env(i) for i in range(400)])
+            got: dict[str, list[int]] = {"a": [], "b": []}
+            done = asyncio.Event()
+
+            async def take(name: str, t: NatsTransport) -> None:
+                async for batch in t.consume("g", prefetch=20):
+                    got[name].extend(_number(d) for d in batch)
+                    if len(got["a"]) + len(got["b"]) >= 400:
+                        done.set()
+                    await t.ack(batch)
+
+            tasks = [asyncio.ensure_future(take("a", a)), asyncio.ensure_future(take("b", b))]
+            await asyncio.wait_for(done.wait(), 20)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            assert sorted(got["a"] + got["b"]) == list(range(400))
+            assert got["a"], "b got everything"
+            assert got["b"], "a got everything"
+        finally:
+            await a.close()
+            await b.close()
+
+
+def _number(d: surge.Delivery) -> int:
+    return msgspec.msgpack.decode(d.envelope.body or b"", type=Numbered).n
+
+
+async def test_ephemeral_groups_deleted_at_close(tmp_path: Path) -> None:
+    """An app's reply-inbox consumer is removed from the server when the app stops."""
+    with nats_server(tmp_path) as srv:
+        transport = NatsTransport(srv.url)
+        app = surge.App("eph", transport=transport)
+
+        @app.on(Numbered)
+        async def handle(ev: Numbered) -> None:
+            pass
+
+        async with app:
+            names = {g.durable: g.ephemeral for g in transport._groups.values()}
+        assert sorted(names.values()) == [False, True]
+        probe = NatsTransport(srv.url)
+        await probe.start()
+        try:
+            left = {c.name async for c in _consumers(probe)}
+        finally:
+            await probe.close()
+        assert left == {n for n, eph in names.items() if not eph}
+
+
+async def _consumers(t: NatsTransport) -> AsyncIterator[Any]:
+    for info in await t._js.consumers_info(t.stream):
+        yield info
 
 
 # --- a server restart ---------------------------------------------------------------

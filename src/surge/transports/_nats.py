@@ -258,6 +258,7 @@ class NatsTransport:
         self._connected = False
         self._pub = Publisher(self)
         self._recent_acks: deque[str] = deque(maxlen=4096)
+        self._background: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._busy = True  # cleared only by wait_idle's observation
 
@@ -323,6 +324,10 @@ class NatsTransport:
             )
             await self._ensure_stream(self.dlq_stream, [f"{self.stream}_dlq.>"], interest=False)
             await self._pub.open(nc)
+            await nc.subscribe(
+                f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{self.stream}.*",
+                cb=self._on_max_deliveries,
+            )
         except nats.errors.Error as exc:
             raise translate(exc, "setting up JetStream") from exc
         self._keeper = asyncio.get_running_loop().create_task(
@@ -651,6 +656,58 @@ class NatsTransport:
         if g is not None:
             g.wake()
 
+    async def _on_max_deliveries(self, msg: Msg) -> None:
+        """JetStream gave up on a message (MaxDeliver): record it as dead.
+
+        The runner dead-letters what keeps failing long before; this catches
+        what never got that far (a message its worker crashes on, every time).
+        """
+        try:
+            advisory = json.loads(msg.data)
+            durable, seq = advisory["consumer"], int(advisory["stream_seq"])
+            n = int(advisory.get("deliveries", self.max_deliver))
+        except (ValueError, KeyError, TypeError):
+            return
+        g = next((g for g in self._groups.values() if g.durable == durable), None)
+        if g is None:
+            return  # not a group of this app's; its own workers record it
+        task = asyncio.get_running_loop().create_task(self._max_delivered(g, seq, n))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _max_delivered(self, g: _Group, seq: int, n: int) -> None:
+        try:
+            raw = await self._js.get_msg(self.stream, seq)
+            try:
+                env = self.codec.decode_envelope(raw.data or b"")
+            except DecodeError:
+                env = Envelope(f"nats-{self.stream}-{seq}", "", None, 0.0, None, None, raw.data)
+            record = DeadLetter(
+                id=env.id,
+                group=g.name,
+                topic=env.topic,
+                key=env.key,
+                headers=env.headers,
+                body=env.body or b"",
+                error_type="MaxDeliverExceeded",
+                error=f"delivered {n} times and never settled (max_deliver={self.max_deliver}); "
+                "does its handler kill the worker?",
+                traceback="",
+                attempts=n,
+                first_attempt_at=env.time,
+                failed_at=self.clock.time(),
+            )
+            await self._store_dead(g.durable, record, f"dlq.{g.durable}.{env.id}.{seq}")
+        except (nats.errors.Error, TransportError, Closed) as exc:
+            log.error("could not record message %d of %s as dead: %r", seq, g.name, exc)
+            return
+        log.error(
+            "%s: event %s was delivered %d times and never settled; dead-lettered (max_deliver)",
+            g.name,
+            env.id,
+            n,
+        )
+
     async def _store_dead(self, durable: str, record: DeadLetter, msg_id: str) -> None:
         self._nats()
         fut = await self._pub.send(
@@ -823,6 +880,8 @@ class NatsTransport:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.ack_timeout):
                     await self._pub.flush()
+        if self._background:
+            await asyncio.wait(list(self._background), timeout=self.ack_timeout)
         self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
