@@ -526,7 +526,7 @@ def count(
         by=by,
         within=within,
         max_keys=max_keys,
-        max_events=at_least,
+        max_events=max(1, at_least),
     )
 
 
@@ -750,10 +750,12 @@ def when(
                 if isinstance(condition, _Absence) and role == 0:
                     deadline = env.time + condition.within
                     check = _AbsenceCheck(key=key, a_id=env.id, deadline=deadline)
+                    # No envelope key: the observer already takes events one
+                    # at a time, in arrival order.
                     chk = Envelope(
                         derive_id(env.id, "absence"),
                         check_topic,
-                        key,
+                        None,
                         env.time,
                         event=check,
                         not_before=deadline,
@@ -762,7 +764,7 @@ def when(
             if hit is None:
                 return []
             met = ConditionMet(condition=cname, key=hit.key, time=hit.time, ids=hit.ids)
-            return [Envelope(derive_id(env.id, "when"), topic, hit.key, hit.time, None, met)]
+            return [Envelope(derive_id(env.id, "when"), topic, None, hit.time, None, met)]
 
         # One consumer in order: the state is per process and order matters.
         app.on(*topics, name=f"_surge.when.{cname}", concurrency=1)(observe)

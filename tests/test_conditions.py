@@ -1,0 +1,330 @@
+"""Conditions over event streams: count, sequence, absence, each checked
+against a brute-force reference over random streams."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import surge
+from surge import VirtualClock
+from surge._event import Envelope
+from surge._triggers import _Hit
+
+T0 = 1_767_225_600.0
+
+
+class A(surge.Event):
+    user: int
+
+
+class B(surge.Event):
+    user: int
+
+
+@dataclass(frozen=True)
+class Ev:
+    """One event of a stream, in arrival order."""
+
+    seq: int
+    role: int  # 0: A, 1: B
+    key: str
+    time: float
+    id: str
+
+
+Fired = tuple[str | None, float, tuple[str, ...]]
+
+
+# --- brute-force references: no eviction, no cleverness ----------------------
+def ref_count(stream: list[Ev], at_least: int, within: float) -> list[Fired]:
+    out: list[Fired] = []
+    since: dict[str, list[Ev]] = {}
+    mark: dict[str, float] = {}
+    for e in stream:
+        if e.role != 0:
+            continue
+        wm = mark.get(e.key, -math.inf)
+        if e.time <= wm - within:
+            continue
+        mark[e.key] = wm = max(wm, e.time)
+        since.setdefault(e.key, []).append(e)
+        window = sorted((x for x in since[e.key] if x.time > wm - within), key=_order)
+        if len(window) >= at_least:
+            out.append((e.key, e.time, tuple(x.id for x in window)))
+            since[e.key] = []
+    return out
+
+
+def ref_sequence(stream: list[Ev], within: float) -> list[Fired]:
+    out: list[Fired] = []
+    pending: dict[str, list[Ev]] = {}
+    mark: dict[str, float] = {}
+    for e in stream:
+        wm = mark.get(e.key, -math.inf)
+        if e.time <= wm - within:
+            continue
+        mark[e.key] = wm = max(wm, e.time)
+        if e.role == 0:
+            pending.setdefault(e.key, []).append(e)
+            continue
+        cands = [a for a in pending.get(e.key, []) if wm - within < a.time <= e.time]
+        if cands:
+            first = min(cands, key=_order)
+            out.append((e.key, e.time, (first.id, e.id)))
+            pending[e.key] = []
+    return out
+
+
+def ref_absence(stream: list[Ev], within: float) -> list[Fired]:
+    """For in-order streams: each A whose deadline passes with no later B of
+    its key in ``[a.time, a.time + within)``."""
+    out: list[Fired] = []
+    for a in stream:
+        if a.role != 0:
+            continue
+        answered = any(
+            b.role == 1 and b.key == a.key and b.seq > a.seq and a.time <= b.time < a.time + within
+            for b in stream
+        )
+        if not answered:
+            out.append((a.key, a.time + within, (a.id,)))
+    return out
+
+
+def _order(e: Ev) -> tuple[float, int]:
+    return (e.time, e.seq)
+
+
+# --- the engines alone, with out-of-order event times ------------------------
+def _feed(cond: surge.Condition, stream: list[Ev]) -> list[Fired]:
+    engine = cond.engine()
+    hits: list[_Hit | None] = [engine.feed(e.role, e.key, e.time, e.id) for e in stream]
+    return [(h.key, h.time, h.ids) for h in hits if h is not None]
+
+
+events = st.lists(
+    st.tuples(st.integers(0, 1), st.sampled_from("xyz"), st.integers(0, 40)),
+    max_size=40,
+)
+
+
+def _stream(raw: list[tuple[int, str, int]], roles: int = 2) -> list[Ev]:
+    return [Ev(i, r % roles, k, float(t), f"e{i}") for i, (r, k, t) in enumerate(raw)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=events, at_least=st.integers(1, 4), within=st.integers(1, 15))
+def test_count_engine_matches_reference(
+    raw: list[tuple[int, str, int]], at_least: int, within: int
+) -> None:
+    """count() fires exactly when the reference does, out-of-order times included."""
+    stream = _stream(raw, roles=1)
+    cond = surge.count(A, by="user", at_least=at_least, within=within)
+    assert _feed(cond, stream) == ref_count(stream, at_least, within)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=events, within=st.integers(1, 15))
+def test_sequence_engine_matches_reference(raw: list[tuple[int, str, int]], within: int) -> None:
+    """sequence() fires exactly when the reference does, out-of-order times included."""
+    stream = _stream(raw)
+    cond = surge.sequence(A, B, by="user", within=within)
+    assert _feed(cond, stream) == ref_sequence(stream, within)
+
+
+# --- through an App on the virtual clock -------------------------------------
+async def _run(
+    cond: surge.Condition, plan: list[tuple[int, int, int]]
+) -> tuple[list[Ev], list[Fired], list[float]]:
+    """Publish ``plan`` (gap, role, user) on the virtual clock; what fired."""
+    clock = _running_clock
+    app = surge.App("c", clock=clock)
+    got: list[Fired] = []
+    at: list[float] = []
+
+    @app.when(cond, name="cond")
+    async def met(m: surge.ConditionMet) -> None:
+        assert m.condition == "cond"
+        got.append((m.key, m.time, m.ids))
+        at.append(clock.time())
+
+    stream: list[Ev] = []
+    async with app:
+        for i, (gap, role, user) in enumerate(plan):
+            await clock.sleep(gap)
+            ev = (A, B)[role](user=user)
+            eid = await app.publish(ev)
+            stream.append(Ev(i, role, str(user), clock.time(), eid))
+        await app.drain()
+    return stream, got, at
+
+
+_running_clock = VirtualClock()
+
+plans = st.lists(
+    st.tuples(st.integers(0, 3), st.integers(0, 1), st.integers(0, 2)),
+    max_size=30,
+)
+
+
+def _on_clock(
+    cond: surge.Condition, plan: list[tuple[int, int, int]]
+) -> tuple[list[Ev], list[Fired], list[float]]:
+    global _running_clock
+    _running_clock = VirtualClock(start=T0)
+    return _running_clock.run(_run(cond, plan))
+
+
+@settings(max_examples=50, deadline=None)
+@given(plan=plans, at_least=st.integers(1, 4), within=st.integers(1, 8))
+def test_count_in_an_app_matches_reference(
+    plan: list[tuple[int, int, int]], at_least: int, within: int
+) -> None:
+    """Through an App, count() emits one ConditionMet per reference firing."""
+    cond = surge.count(A, by="user", at_least=at_least, within=within)
+    stream, got, _ = _on_clock(cond, plan)
+    assert got == ref_count(stream, at_least, within)
+
+
+@settings(max_examples=50, deadline=None)
+@given(plan=plans, within=st.integers(1, 8))
+def test_sequence_in_an_app_matches_reference(
+    plan: list[tuple[int, int, int]], within: int
+) -> None:
+    """Through an App, sequence() emits one ConditionMet per reference firing."""
+    cond = surge.sequence(A, B, by="user", within=within)
+    stream, got, _ = _on_clock(cond, plan)
+    assert got == ref_sequence(stream, within)
+
+
+@settings(max_examples=50, deadline=None)
+@given(plan=plans, within=st.integers(1, 8))
+def test_absence_in_an_app_matches_reference(plan: list[tuple[int, int, int]], within: int) -> None:
+    """Through an App, absence() fires at A's time + within, exactly for the
+    A's no B of their key answered in time."""
+    cond = surge.absence(A, B, by="user", within=within)
+    stream, got, at = _on_clock(cond, plan)
+    expected = ref_absence(stream, within)
+    assert sorted(got) == sorted(expected)
+    assert at == pytest.approx(sorted(t for _, t, _ in expected), abs=1e-6)
+
+
+async def test_absence_fires_at_the_deadline(clock: VirtualClock) -> None:
+    """An order with no payment fires exactly `within` after it; a paid one never."""
+    app = surge.App("shop", clock=clock)
+    fired: list[tuple[str | None, float]] = []
+
+    @app.when(surge.absence(A, B, by="user", within=60))
+    async def unpaid(m: surge.ConditionMet) -> None:
+        fired.append((m.key, clock.time() - T0))
+
+    t0 = clock.time() - T0
+    async with app:
+        await app.publish(A(user=1))
+        await app.publish(A(user=2))
+        await clock.sleep(59)
+        await app.publish(B(user=2))
+        await clock.sleep(10)
+    assert [key for key, _ in fired] == ["1"]
+    assert fired[0][1] == pytest.approx(t0 + 60, abs=1e-6)
+
+
+async def test_count_without_key_counts_every_event(clock: VirtualClock) -> None:
+    """by=None puts every event in one window; the derived event has key None."""
+    app = surge.App("c", clock=clock)
+    fired: list[surge.ConditionMet] = []
+
+    @app.when(surge.count(A, at_least=2, within=10))
+    def burst(m: surge.ConditionMet) -> None:
+        fired.append(m)
+
+    async with app:
+        first = await app.publish(A(user=1))
+        second = await app.publish(A(user=2))
+        await app.drain()
+    assert [(m.key, m.ids) for m in fired] == [(None, (first, second))]
+
+
+class FailOnce(surge.Middleware):
+    """Fails the first publish of a ConditionMet, as a lost connection would."""
+
+    def __init__(self) -> None:
+        self.failed = False
+
+    def before_publish(self, envelope: Envelope) -> None:
+        if envelope.topic.startswith("_surge.when.") and not self.failed:
+            self.failed = True
+            raise ConnectionError("transport went away")
+
+
+async def test_a_redelivered_event_is_not_counted_twice(clock: VirtualClock) -> None:
+    """When publishing the derived event fails, the redelivered source event
+    republishes it instead of being counted again."""
+    app = surge.App(
+        "c", clock=clock, middleware=[FailOnce()], retry=surge.Retry(attempts=3, backoff=0.1)
+    )
+    fired: list[tuple[str, ...]] = []
+
+    @app.when(surge.count(A, by="user", at_least=2, within=100))
+    async def twice(m: surge.ConditionMet) -> None:
+        fired.append(m.ids)
+
+    async with app:
+        ids = [await app.publish(A(user=1)) for _ in range(3)]
+        await app.drain()
+    assert fired == [(ids[0], ids[1])]
+
+
+def test_absence_answers_are_half_open_in_event_time() -> None:
+    """Only a B with a.time <= b.time < a.time + within answers an A: one at
+    the deadline or older than the A does not."""
+    engine = surge.absence(A, B, by="user", within=10).engine()
+    for a_id, key in (("late", "k1"), ("early", "k2"), ("ok", "k3")):
+        engine.feed(0, key, 100.0, a_id)
+    engine.feed(1, "k1", 110.0, "b1")  # at the deadline: too late
+    engine.feed(1, "k2", 99.0, "b2")  # before the A
+    engine.feed(1, "k3", 109.5, "b3")
+    assert engine.check("k1", "late", 110.0) == _Hit("k1", 110.0, ("late",))
+    assert engine.check("k2", "early", 110.0) == _Hit("k2", 110.0, ("early",))
+    assert engine.check("k3", "ok", 110.0) is None
+    assert engine.check("k1", "late", 110.0) is None  # a second check: already fired
+
+
+def test_state_is_bounded_by_an_lru_over_keys() -> None:
+    """Past max_keys, the least recently seen key's window is forgotten."""
+    engine = surge.count(A, by="user", at_least=2, within=100, max_keys=2).engine()
+    assert engine.feed(0, "k1", 1.0, "a") is None
+    assert engine.feed(0, "k2", 2.0, "b") is None
+    assert engine.feed(0, "k3", 3.0, "c") is None  # evicts k1
+    assert engine.feed(0, "k1", 4.0, "d") is None  # k1 starts over (evicts k2)
+    assert engine.feed(0, "k3", 5.0, "e") == _Hit("k3", 5.0, ("c", "e"))
+    assert engine.evicted_keys == 2
+    assert len(engine.keys) == 2
+
+
+def test_pending_events_per_key_are_bounded() -> None:
+    """Past max_events pending A's of one key, the oldest is dropped."""
+    engine = surge.sequence(A, B, by="user", within=100, max_events=2).engine()
+    for i, t in enumerate((1.0, 2.0, 3.0)):
+        engine.feed(0, "k", t, f"a{i}")
+    assert engine.dropped_events == 1
+    assert engine.feed(1, "k", 4.0, "b") == _Hit("k", 4.0, ("a1", "b"))
+
+
+def test_bad_conditions_are_refused() -> None:
+    """Conditions check their arguments, and app.when wants a condition."""
+    with pytest.raises(surge.ConfigurationError, match="at_least"):
+        surge.count(A, at_least=0, within=1)
+    with pytest.raises(surge.ConfigurationError, match="within"):
+        surge.sequence(A, B, within=0)
+    with pytest.raises(surge.ConfigurationError, match="different"):
+        surge.absence(A, A, within=1)
+    with pytest.raises(surge.ConfigurationError, match="Event subclass"):
+        surge.count(int, at_least=1, within=1)  # type: ignore[arg-type]
+    with pytest.raises(surge.ConfigurationError, match=r"surge\.count"):
+        surge.App("c").when("A then B")
