@@ -123,7 +123,8 @@ async def test_body_that_does_not_fit_answers_422_with_the_field() -> None:
     assert bad_type.json()["field"] == "$.amount"
     assert "Expected `float`, got `str`" in bad_type.json()["error"]
     assert missing.status == 422
-    assert "order_id" in missing.json()["error"]
+    assert missing.json()["field"] == "$.order_id"
+    assert "missing required field `order_id`" in missing.json()["error"]
     assert seen == []
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
@@ -231,9 +232,7 @@ class Ingress:
                 event = bound.decoder.decode(body)
             except msgspec.ValidationError as exc:
                 message = str(exc)
-                _, at, where = message.rpartition(" - at `")
-                field = where.rstrip("`") if at else "$"
-                raise _Reject(422, message, field=field) from None
+                raise _Reject(422, message, field=_field_of(message)) from None
             except msgspec.DecodeError as exc:
                 raise _Reject(400, f"the body is not valid JSON: {exc}") from None
             if bound.reply is None:
@@ -364,6 +363,18 @@ class Ingress:
                 await self.app.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def _field_of(message: str) -> str:
+    """The JSON path msgspec's message names (``$.amount``); for a missing
+    field, the path the field would have had."""
+    head, at, where = message.rpartition(" - at `")
+    path = where.rstrip("`") if at else "$"
+    missing = _MISSING.search(head if at else message)
+    return f"{path}.{missing.group(1)}" if missing else path
 
 
 async def _answer(
