@@ -17,6 +17,8 @@ handlers throughout:
                         then ``transport.flush()``
 ``surge_drain``         N events already stored, one worker process started:
                         first to last handler start (and launch to last)
+``raw_latency``         R events/s for S seconds, ``js.publish`` to a
+                        ``fetch(100, timeout=1)`` loop in the same process
 ``surge_latency``       R events/s for S seconds, publish call to handler
                         start, across processes (p50 / p99)
 
@@ -38,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import nats
+import nats.errors
 
 import surge
 from surge.transports._nats import NatsTransport
@@ -96,7 +99,7 @@ def emit(name: str, n: int, seconds: float, **extra: Any) -> dict[str, Any]:
 # --- raw nats-py ----------------------------------------------------------------------
 
 
-async def raw(url: str, n: int) -> list[dict[str, Any]]:
+async def raw(url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any]]:
     from nats.js.api import StreamConfig
 
     nc = await nats.connect(url)
@@ -119,9 +122,49 @@ async def raw(url: str, n: int) -> list[dict[str, Any]]:
     await nc2.flush()
     rows.append(emit("raw_pull_fetch100", n, time.perf_counter() - t0))
     await js.delete_stream("RAW")
+    rows.append(await raw_latency(js, nc2.jetstream(), rate, seconds))
     await nc2.close()
     await nc.close()
     return rows
+
+
+async def raw_latency(js: Any, js2: Any, rate: int, seconds: float) -> dict[str, Any]:
+    """js.publish (awaiting the ack) -> pull fetch(100, timeout=1) loop, one process."""
+    from nats.js.api import StreamConfig
+
+    await js.add_stream(StreamConfig(name="RAWLAT", subjects=["rawlat.x"]))
+    psub = await js2.pull_subscribe("rawlat.x", durable="dl", stream="RAWLAT")
+    total = int(rate * seconds)
+    lat: list[float] = []
+
+    async def consume() -> None:
+        while len(lat) < total:
+            try:
+                msgs = await psub.fetch(100, timeout=1)
+            except nats.errors.TimeoutError:
+                continue
+            now = time.time()
+            for m in msgs:
+                lat.append(now - float(m.data))
+                await m.ack()
+
+    task = asyncio.ensure_future(consume())
+    t0 = time.perf_counter()
+    for i in range(total):
+        d = t0 + i / rate - time.perf_counter()
+        if d > 0:
+            await asyncio.sleep(d)
+        await js.publish("rawlat.x", repr(time.time()).encode())
+    await asyncio.wait_for(task, 30)
+    await js.delete_stream("RAWLAT")
+    lat.sort()
+    return emit(
+        f"raw_latency_{rate}per_s",
+        total,
+        time.perf_counter() - t0,
+        p50_ms=round(lat[len(lat) // 2] * 1e3, 3),
+        p99_ms=round(lat[int(len(lat) * 0.99)] * 1e3, 3),
+    )
 
 
 # --- surge ----------------------------------------------------------------------------
@@ -281,7 +324,7 @@ async def main() -> None:
     store = Path(tempfile.mkdtemp(prefix="surge-nats-bench-"))
     server, url = start_server(store)
     try:
-        rows = await raw(url, args.events)
+        rows = await raw(url, args.events, args.rate, args.seconds)
         rows += await surge_runs(url, args.events, args.rate, args.seconds)
     finally:
         server.terminate()

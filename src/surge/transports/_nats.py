@@ -42,6 +42,15 @@ Why it is built this way:
   message that kills its worker every time; retries and dead letters are the
   runner's.
 
+- Several workers on one group share its work: JetStream hands each
+  message to whichever worker pulls next. Per-key order (``key=``) holds
+  within one worker (the runner's lanes), not across workers; a keyed
+  subscription that needs strict order runs one worker (partitioning
+  subjects by key hash, a group per partition, is the way to scale it).
+- Interest retention: a message stays until every group it matched acked
+  it; one that no declared group matches is not kept (as on every surge
+  transport), so workers declare their groups before producers publish.
+
 Needs nats-server 2.10 or later (consumers with several filter subjects).
 """
 
@@ -553,6 +562,7 @@ class NatsTransport:
             self._on_status(g, msg.headers or {})
             return
         g.errors = 0
+        self._busy = True
         if g.outstanding:
             g.outstanding -= 1
         try:
@@ -590,7 +600,8 @@ class NatsTransport:
     def _on_status(self, g: _Group, headers: dict[str, str]) -> None:
         status = headers.get("Status", "")
         if status == "100":
-            return  # idle heartbeat
+            g.errors = 0  # idle heartbeat: the pull is alive
+            return
         pending = headers.get("Nats-Pending-Messages")
         if pending is not None:
             g.outstanding = max(0, g.outstanding - int(pending))
