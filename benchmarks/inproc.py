@@ -394,7 +394,7 @@ def _print_tables(
     from rich.table import Table
 
     # Wide enough for the ratio names when printing to a file or pipe.
-    console = Console(width=max(Console().width, 132))
+    console = Console(width=max(Console().width, 150))
     t = Table(title=title)
     cols = (
         "loop",
@@ -420,15 +420,16 @@ def _print_tables(
                 f"{c['min']:,.0f}-{c['max']:,.0f}",
             )
     console.print(t)
-    r = Table(title="surge / baseline (wall clock; CPU time)")
+    r = Table(title="surge / baseline: wall clock, then CPU time")
     rcols = (
         "loop",
         "ratio",
         "of medians",
         "median of rounds",
         "rounds min-max",
-        "best/best",
         "CPU: of medians",
+        "CPU: median of rounds",
+        "CPU: rounds min-max",
         "held against",
     )
     for col in rcols:
@@ -442,8 +443,9 @@ def _print_tables(
             f"{w['of_medians']:.2f}",
             f"{w['median_of_rounds']:.2f}",
             f"{w['rounds_min']:.2f}-{w['rounds_max']:.2f}",
-            f"{w['of_best']:.2f}",
             f"{c['of_medians']:.2f}",
+            f"{c['median_of_rounds']:.2f}",
+            f"{c['rounds_min']:.2f}-{c['rounds_max']:.2f}",
             row["against"],
         )
     console.print(r)
@@ -483,7 +485,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SCENARIO",
         help="run SCENARIO once per loop under cProfile and print where the time goes",
     )
+    parser.add_argument("--show", type=Path, metavar="JSON", help="print a saved run's tables")
     args = parser.parse_args(argv)
+    if args.show:
+        saved = json.loads(args.show.read_text())
+        _print_tables(saved["results"], saved["ratios"], f"{args.show.name}: {saved['command']}")
+        return 0
     if args.events < 1 or args.repeat < 1 or args.warmup < 1:
         parser.error("--events, --repeat and --warmup must be at least 1")
 
