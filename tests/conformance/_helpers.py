@@ -16,7 +16,10 @@ class Item(surge.Event):
     n: int
 
 
-def body(n: int) -> bytes:
+def body(n: int, pad: int = 0) -> bytes:
+    """``Item(n)`` encoded; ``pad`` bytes more in a field Item does not have."""
+    if pad:
+        return msgspec.msgpack.encode({"n": n, "pad": bytes(pad)})
     return msgspec.msgpack.encode(Item(n=n))
 
 
@@ -27,9 +30,10 @@ def env(
     id: str | None = None,
     not_before: float | None = None,
     time: float = 0.0,
+    pad: int = 0,
 ) -> Envelope:
     """An envelope carrying ``Item(n)`` already encoded, as on a wire."""
-    return Envelope(id or surge.new_id(), topic, None, time, None, None, body(n), not_before)
+    return Envelope(id or surge.new_id(), topic, None, time, None, None, body(n, pad), not_before)
 
 
 def number(d: surge.Delivery) -> int:

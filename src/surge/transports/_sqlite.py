@@ -50,8 +50,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import queue
+import random
 import sqlite3
 import threading
 from collections import deque
@@ -203,6 +203,8 @@ class SqliteTransport:
         self._idle = True
         self._ticker: asyncio.Task[None] | None = None
         self._checkpoints: deque[tuple[float, int]] = deque()
+        self._batch_rows: list[db.Row] = []
+        self._batch_fut: asyncio.Future[Any] | None = None
 
     # --- the connection's thread ---------------------------------------------
     @property
@@ -264,12 +266,14 @@ class SqliteTransport:
         *args: Any,
         write: bool = True,
         after: Callable[[Any], None] | None = None,
+        fut: asyncio.Future[Any] | None = None,
     ) -> asyncio.Future[Any]:
         if self._thread is None:
             raise Closed("sqlite transport is not started")
         loop = self._loop
         assert loop is not None
-        fut = loop.create_future()
+        if fut is None:
+            fut = loop.create_future()
         if self._hold is not None:
             self._hold()
         self._jobs.put(_Job(fn, args, write, fut, after))
@@ -382,7 +386,7 @@ class SqliteTransport:
             self._space.append(fut)
             await fut
             self._check_open()
-        await self._enqueue(rows)
+        await asyncio.shield(self._enqueue(rows))
 
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         self._check_open()
@@ -394,15 +398,39 @@ class SqliteTransport:
         self._enqueue(rows).add_done_callback(_log_failure)
 
     def _enqueue(self, rows: list[db.Row]) -> asyncio.Future[Any]:
-        n = len(rows)
-        self._queued += n
+        """Add ``rows`` to this loop iteration's batch; its (shared) future.
+
+        Publishes made in one iteration of the loop go to the connection's
+        thread as one job: one hand-off and one future for all of them.
+        """
+        self._queued += len(rows)
         self._activity += 1
         self._idle = False
+        fut = self._batch_fut
+        if fut is None:
+            loop = self._loop
+            assert loop is not None
+            fut = self._batch_fut = loop.create_future()
+            self._batch_rows = []
+            loop.call_soon(self._flush)
+        self._batch_rows.extend(rows)
+        return fut
+
+    def _flush(self) -> None:
+        rows, fut = self._batch_rows, self._batch_fut
+        assert fut is not None
+        self._batch_rows = []
+        self._batch_fut = None
+        n = len(rows)
 
         def after(gids: set[int] | None) -> None:
             self._published(n, gids or ())
 
-        return self._submit(self._db.publish, rows, self.clock.time(), after=after)
+        if self._thread is None:
+            self._published(n, ())
+            fut.set_exception(Closed("sqlite transport is closed"))
+            return
+        self._submit(self._db.publish, rows, self.clock.time(), after=after, fut=fut)
 
     def _published(self, n: int, gids: Iterable[int]) -> None:
         self._queued -= n
@@ -459,7 +487,9 @@ class SqliteTransport:
                     continue
                 now = self.clock.time()
                 if due <= now:
-                    token = int.from_bytes(os.urandom(8), "big") >> 2
+                    # random reseeds itself in forked children, so workers
+                    # forked from one parent still draw different tokens
+                    token = random.getrandbits(62)
                     batch, due = await self._claim(c, group, room, now, token)
                     if batch:
                         poll = _FIRST_POLL
@@ -679,6 +709,8 @@ class SqliteTransport:
         )
         if self.retention:
             marks.append((now, top))
+        if deleted:
+            await self._submit(self._db.checkpoint, write=False)
         n: int = deleted
         return n
 

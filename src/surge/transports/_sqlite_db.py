@@ -138,11 +138,22 @@ class Database:
         When one fails for a reason of its own, the others are run again,
         each in a transaction of its own, so one bad call fails alone.
         """
-        if len(jobs) == 1 and jobs[0].fn == self.open:
-            try:
-                self.open()
-            except BaseException as exc:
-                jobs[0].error = exc
+        raw = (self.open, self.checkpoint)
+        if any(j.fn in raw for j in jobs):
+            # these run outside a transaction, each alone, in queue order
+            batch: list[Any] = []
+            for job in [*jobs, None]:
+                if job is None or job.fn in raw:
+                    if batch:
+                        self.run(batch)
+                        batch = []
+                    if job is not None:
+                        try:
+                            job.result = job.fn()
+                        except BaseException as exc:
+                            job.error = exc
+                else:
+                    batch.append(job)
             return
         try:
             self._transaction(jobs)
@@ -166,9 +177,25 @@ class Database:
             raise TransportError(f"{self.path}: the connection is closed")
         write = any(j.write for j in jobs)
         conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        publish = self.publish
         try:
-            for job in jobs:
+            i = 0
+            while i < len(jobs):
+                job = jobs[i]
+                if job.fn == publish:
+                    # consecutive publishes become one: one route lookup, one
+                    # seq reservation and one executemany per table for all
+                    j = i + 1
+                    while j < len(jobs) and jobs[j].fn == publish:
+                        j += 1
+                    rows = [row for k in range(i, j) for row in jobs[k].args[0]]
+                    touched = publish(rows, jobs[j - 1].args[1])
+                    for k in range(i, j):
+                        jobs[k].result = touched
+                    i = j
+                    continue
                 job.result = job.fn(*job.args)
+                i += 1
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
@@ -252,6 +279,11 @@ class Database:
             raise ConfigurationError(
                 f"{self.path} has surge schema version {version}; this surge reads {VERSION}"
             )
+
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the file, so the log is reused
+        from its start instead of growing (never waits for readers)."""
+        self._c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
 
     def close(self) -> None:
         if self.conn is not None:
