@@ -14,6 +14,7 @@ import surge
 from surge._supervisor import EX_CONFIG, Supervisor, check_workers, load_app, run_workers
 
 from ._jepsen import APP_REF, GROUP, drain, group_stats, produce, read_records, wait_for, worker_env
+from ._servers import free_port
 
 pytestmark = pytest.mark.realtime
 
@@ -170,3 +171,64 @@ async def test_quick_deaths_back_off(tmp_path: Path) -> None:
     finally:
         sup.request_stop()
     assert await running == 0
+
+
+async def _get(port: int, path: str) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    await writer.drain()
+    status = await reader.readline()
+    writer.close()
+    await writer.wait_closed()
+    return status
+
+
+async def test_workers_serve_http_on_one_port(tmp_path: Path) -> None:
+    """With http=(host, port) every worker listens on the same port (SO_REUSEPORT)."""
+    port = free_port()
+    sup = Supervisor(
+        APP_REF, _url(tmp_path), 2, http=("127.0.0.1", port), env=worker_env(tmp_path / "r.txt")
+    )
+    running = asyncio.create_task(sup.run())
+    try:
+        await sup.wait_ready()  # ready means listening, for an HTTP worker
+        statuses = [await _get(port, "/healthz") for _ in range(8)]
+        assert statuses == [b"HTTP/1.1 200 OK\r\n"] * 8
+        assert len(sup.ready_pids) == 2
+    finally:
+        sup.request_stop()
+    assert await running == 0
+
+
+async def test_workers_drain_when_the_supervisor_dies(tmp_path: Path) -> None:
+    """A SIGKILLed supervisor leaves no orphans: its workers see stdin close and exit."""
+    url = _url(tmp_path)
+    records = tmp_path / "r.txt"
+    env = worker_env(records)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    code = (
+        "import sys; from surge._supervisor import run_workers; "
+        f"sys.exit(run_workers({APP_REF!r}, {url!r}, 2))"
+    )
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env)
+    try:
+        await wait_for(lambda: _declared(tmp_path / "w.db"), timeout=30, what="workers up")
+        # learn the workers' pids from what they handle
+        acked: list[int] = []
+        await produce(url, range(200), acked)
+        await drain(url, records, acked, timeout=30)
+        pids = {r.pid for r in read_records(records)}
+        assert pids
+    finally:
+        proc.kill()
+        await proc.wait()
+    await wait_for(lambda: not any(_alive(p) for p in pids), timeout=15, what="workers exit")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited; reaping it is init's business

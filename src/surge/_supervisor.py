@@ -33,7 +33,7 @@ import os
 import signal
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -445,15 +445,20 @@ def _use_transport(app: App, url: str) -> None:
     app._transport = None
 
 
-def _serve_http(app: App, host: str, port: int) -> None:
+def _serve_http(app: App, host: str, port: int, ready: Callable[[object], object] | None) -> None:
     # surge.http is written beside this module; looked up at run time so a
     # worker without --http never imports starlette or uvicorn.
     serve: Any = importlib.import_module("surge.http").serve
-    result = serve(app, host=host, port=port, reuse_port=True)
+    result = serve(app, host=host, port=port, reuse_port=True, ready=ready)
     if asyncio.iscoroutine(result):
         from ._app import run_loop
 
         run_loop(result)
+
+
+def _tell_ready(fd: int) -> None:
+    os.write(fd, b"R")
+    os.close(fd)
 
 
 def worker_main(spec: WorkerSpec) -> int:
@@ -476,17 +481,18 @@ def worker_main(spec: WorkerSpec) -> int:
     if spec.shutdown_timeout is not None:
         app.shutdown_timeout = spec.shutdown_timeout
     ready_fd = spec.ready_fd
-    if ready_fd is not None:
-
-        async def ready() -> None:
-            os.write(ready_fd, b"R")
-            os.close(ready_fd)
-
-        app.on_start(ready)
     try:
         if spec.http is not None:
-            _serve_http(app, spec.http[0], spec.http[1])
+            # ready once the port listens, not merely once the app started
+            on_listen = None if ready_fd is None else (lambda _: _tell_ready(ready_fd))
+            _serve_http(app, spec.http[0], spec.http[1], on_listen)
         else:
+            if ready_fd is not None:
+
+                async def started() -> None:
+                    _tell_ready(ready_fd)
+
+                app.on_start(started)
             app.run()
     except ConfigurationError as exc:
         log.error("%s", exc)
