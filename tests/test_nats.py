@@ -73,6 +73,21 @@ async def test_token(tmp_path: Path) -> None:
             await NatsTransport(srv.url, connect_timeout=2).start()
 
 
+async def test_nkey(tmp_path: Path) -> None:
+    """An nkey user authenticates with its seed file (the nkeys_seed option)."""
+    import nkeys  # type: ignore[import-untyped]
+
+    seed = b"SUAMK2FG4MI6UE3ACF3FK3OIQBCEIEZV7NSWFFEW63UXMRLFM2XLAXK4GY"
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    seed_file = tmp_path / "user.nk"
+    seed_file.write_bytes(seed)
+    conf = f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}'
+    with nats_server(tmp_path, config=conf) as srv:
+        await _roundtrip(srv.url, nkeys_seed=str(seed_file))
+        with pytest.raises(surge.TransportError):
+            await NatsTransport(srv.url, connect_timeout=2).start()
+
+
 def _self_signed(dirpath: Path) -> tuple[Path, Path]:
     cert, key = dirpath / "cert.pem", dirpath / "key.pem"
     subprocess.run(
