@@ -215,6 +215,7 @@ async def test_workers_share_a_group(tmp_path: Path) -> None:
         try:
             await a.publish([_env(i) for i in range(400)])
             got: dict[str, list[int]] = {"a": [], "b": []}
+            started = {"a": asyncio.Event(), "b": asyncio.Event()}
             done = asyncio.Event()
 
             async def take(name: str, t: NatsTransport) -> None:
@@ -222,6 +223,11 @@ async def test_workers_share_a_group(tmp_path: Path) -> None:
                     got[name].extend(_number(d) for d in batch)
                     if len(got["a"]) + len(got["b"]) >= 400:
                         done.set()
+                    # Neither acks before both hold deliveries, so neither
+                    # can take everything while the other is starting.
+                    started[name].set()
+                    await started["a"].wait()
+                    await started["b"].wait()
                     await t.ack(batch)
 
             tasks = [asyncio.ensure_future(take("a", a)), asyncio.ensure_future(take("b", b))]
