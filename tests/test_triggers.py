@@ -3,10 +3,13 @@ per slot however many workers fire it."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import os
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -14,7 +17,10 @@ import pytest
 import surge
 from surge import VirtualClock
 from surge._event import Envelope
+from surge._supervisor import Supervisor
 from surge.transports import MemoryTransport
+
+from ._jepsen import wait_for
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YEAR = 1_767_225_600.0  # 2026-01-01T00:00Z
@@ -312,3 +318,53 @@ def test_trigger_topics_are_plain_tokens() -> None:
 
     (sub,) = app.subscriptions.values()
     assert sub.topics == ("_surge.trigger.t.test_trigger_topics_are_plain_tokens._locals_.inner",)
+
+
+# --- worker processes on a durable transport (real time) ---------------------
+_RECORDS = os.environ.get("SURGE_TRIGGER_RECORDS")
+
+worker_app = surge.App("tw")
+"""Started by a Supervisor in worker processes: records each slot it handles."""
+
+
+@worker_app.every(seconds=1, name="second")
+async def _record_second(t: surge.Tick) -> None:
+    if _RECORDS is not None:
+        fd = os.open(_RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, f"{t.scheduled!r},{os.getpid()}\n".encode())
+        finally:
+            os.close(fd)
+
+
+def _slots(path: Path) -> list[tuple[float, int]]:
+    if not path.exists():
+        return []
+    rows = [line.split(",") for line in path.read_text().splitlines()]
+    return [(float(s), int(pid)) for s, pid in rows]
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("workers", [2, 4])
+async def test_each_slot_fires_once_on_sqlite_worker_processes(
+    tmp_path: Path, workers: int
+) -> None:
+    """N worker processes on one sqlite file all fire a 1 s trigger: over
+    about 6 real seconds no slot is handled twice and none is skipped."""
+    records = tmp_path / "slots.txt"
+    env = dict(os.environ, SURGE_TRIGGER_RECORDS=str(records))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    sup = Supervisor(f"{__name__}:worker_app", url, workers, env=env)
+    running = asyncio.create_task(sup.run())
+    try:
+        await sup.wait_ready()
+        await wait_for(
+            lambda: len({s for s, _ in _slots(records)}) >= 6, timeout=30, what="6 slots"
+        )
+    finally:
+        sup.request_stop()
+    assert await running == 0
+    handled = sorted(s for s, _ in _slots(records))
+    assert len(handled) == len(set(handled)), "a slot was handled twice"
+    assert handled == [handled[0] + i for i in range(len(handled))], "a slot was skipped"
