@@ -41,8 +41,9 @@ async def test_supervisor_restarts_a_killed_worker(tmp_path: Path) -> None:
     assert await running == 0
 
 
-async def test_sigterm_drains_in_flight_handlers(tmp_path: Path) -> None:
-    """SIGTERM to `run_workers`: in-flight handlers finish and ack, exit code 0."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_drains_in_flight_handlers(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGTERM or SIGINT to `run_workers`: in-flight handlers finish and ack, exit 0."""
     url = _url(tmp_path)
     records = tmp_path / "r.txt"
     env = worker_env(records, delay=1.0, starts=True, shutdown_timeout=5.0)
@@ -62,7 +63,7 @@ async def test_sigterm_drains_in_flight_handlers(tmp_path: Path) -> None:
         assert read_records(records, "h") == []
         loop = asyncio.get_running_loop()
         start = loop.time()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(sig)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
         assert loop.time() - start < 5.0 + 2.0
     finally:
@@ -232,3 +233,25 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"  # a zombie has exited; reaping it is init's business
+
+
+async def test_a_second_stop_request_kills_at_once(tmp_path: Path) -> None:
+    """A second signal does not wait for slow handlers: workers are killed, exit 1."""
+    url = _url(tmp_path)
+    records = tmp_path / "r.txt"
+    env = worker_env(records, delay=60.0, starts=True, shutdown_timeout=30.0)
+    sup = Supervisor(APP_REF, url, 1, shutdown_timeout=30.0, env=env)
+    running = asyncio.create_task(sup.run())
+    try:
+        await sup.wait_ready()
+        await produce(url, range(2), [])
+        await wait_for(lambda: len(read_records(records, "s")) == 2, timeout=30, what="running")
+    finally:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        sup.request_stop()
+        sup.request_stop()
+    assert await asyncio.wait_for(running, 10) == 1
+    assert loop.time() - start < 5.0
+    assert read_records(records, "h") == []
+    assert sup.exit_codes == [-signal.SIGKILL]

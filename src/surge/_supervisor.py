@@ -250,6 +250,10 @@ class Supervisor:
                 "worker",
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
+                # Ctrl-C signals the terminal's whole process group: keep the
+                # workers out of it, so the supervisor alone decides when
+                # they drain (and a worker stopped by it is not "restarted")
+                start_new_session=True,
                 env=env,
             )
         except BaseException:
