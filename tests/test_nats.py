@@ -205,6 +205,25 @@ async def test_max_deliver_dead_letters(tmp_path: Path, nats_log: _LogEvents) ->
             await t.close()
 
 
+async def test_deleted_consumer_is_declared_again(tmp_path: Path, nats_log: _LogEvents) -> None:
+    """A consumer deleted on the server under a running app comes back by itself."""
+    with nats_server(tmp_path) as srv:
+        transport = NatsTransport(srv.url)
+        app = surge.App("gone", transport=transport)
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        @app.on(Numbered)
+        async def handle(ev: Numbered) -> None:
+            got.set_result(ev.n)
+
+        async with app:
+            back = nats_log.expect("declared it again")
+            await transport._js.delete_consumer(transport.stream, consumer_name("gone.handle"))
+            await asyncio.wait_for(back.wait(), 10)
+            await app.publish(Numbered(n=5))
+            assert await asyncio.wait_for(got, 10) == 5
+
+
 async def test_workers_share_a_group(tmp_path: Path) -> None:
     """Two consumers of one group (two processes' transports) split its events, each once."""
     with nats_server(tmp_path) as srv:

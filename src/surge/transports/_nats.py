@@ -536,6 +536,7 @@ class NatsTransport:
     async def _pull(self, g: _Group, inbox: str) -> None:
         if g.recreate:
             await self._ensure_consumer(g)
+            log.warning("consumer of %s was gone from the server; declared it again", g.name)
         free = g.prefetch - len(g.unsettled) - len(g.buffer) - g.outstanding
         if free <= 0 or (g.outstanding and free < max(1, g.prefetch // 4)):
             return
