@@ -66,6 +66,10 @@ _503 = _canned(
 )
 
 
+# seconds a refused connection may keep sending before it is closed
+LINGER = 1.0
+
+
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines and header limits.
 
@@ -81,16 +85,18 @@ class _Protocol(HttpToolsProtocol):
         super().connection_made(transport)  # type: ignore[arg-type]
         # The deadline starts at connect: a client that never sends counts too.
         self.began: float | None = self.loop.time()
+        self.lingering: float | None = None
         self._head = 0
         self._chunk = 0
         self._in_head = True
         self._overflow = False
         self._served = 0
         if len(self.connections) > self.max_connections:
-            self.began = None
             self._refuse(_503)
 
     def data_received(self, data: bytes) -> None:
+        if self.lingering is not None:
+            return  # refused: discard what the client still sends
         self._unset_keepalive_if_required()
         self._chunk = len(data)
         try:
@@ -111,9 +117,24 @@ class _Protocol(HttpToolsProtocol):
                 self._refuse(_431)
 
     def _refuse(self, response: bytes) -> None:
-        if not self.transport.is_closing():
-            self.transport.write(response)
-            self.transport.close()
+        """Answer ``response`` and end the connection.
+
+        Closing a socket with unread input makes the kernel send a reset,
+        which may destroy the answer before the client reads it; so end our
+        side only (FIN after the answer), discard what still comes, and
+        close when the client does or ``LINGER`` seconds later (the sweep).
+        """
+        transport = self.transport
+        if transport.is_closing() or self.lingering is not None:
+            return
+        self.began = None
+        transport.write(response)
+        try:
+            transport.write_eof()
+        except (NotImplementedError, RuntimeError, OSError):
+            transport.close()
+            return
+        self.lingering = self.loop.time() + LINGER
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -277,10 +298,11 @@ class Server:
             await clock.sleep(period)
             now = clock.monotonic()
             for conn in list(server.server_state.connections):
-                began = getattr(conn, "began", None)
-                if began is not None and now - began > timeout:
-                    conn.began = None  # type: ignore[union-attr]
-                    conn.transport.write(_408)
+                if not isinstance(conn, _Protocol):
+                    continue
+                if conn.began is not None and now - conn.began > timeout:
+                    conn._refuse(_408)
+                elif conn.lingering is not None and now > conn.lingering:
                     conn.transport.close()
 
     def _connection_lost(self) -> None:
