@@ -4,10 +4,11 @@ per slot however many workers fire it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -21,6 +22,7 @@ from surge._supervisor import Supervisor
 from surge.transports import MemoryTransport
 
 from ._jepsen import wait_for
+from ._servers import nats_server, redis_server
 
 PARIS = ZoneInfo("Europe/Paris")
 NEW_YEAR = 1_767_225_600.0  # 2026-01-01T00:00Z
@@ -344,27 +346,40 @@ def _slots(path: Path) -> list[tuple[float, int]]:
     return [(float(s), int(pid)) for s, pid in rows]
 
 
+@contextlib.contextmanager
+def _broker(kind: str, tmp_path: Path) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp_path / 't.db'}"
+    elif kind == "redis":
+        with redis_server(tmp_path) as (url, _):
+            yield url
+    else:
+        with nats_server(tmp_path) as server:
+            yield server.url
+
+
 @pytest.mark.realtime
 @pytest.mark.parametrize("workers", [2, 4])
-async def test_each_slot_fires_once_on_sqlite_worker_processes(
-    tmp_path: Path, workers: int
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+async def test_each_slot_fires_once_on_worker_processes(
+    tmp_path: Path, kind: str, workers: int
 ) -> None:
-    """N worker processes on one sqlite file all fire a 1 s trigger: over
-    about 6 real seconds no slot is handled twice and none is skipped."""
+    """N worker processes on one durable transport all fire a 1 s trigger:
+    over about 6 real seconds no slot is handled twice and none is skipped."""
     records = tmp_path / "slots.txt"
     env = dict(os.environ, SURGE_TRIGGER_RECORDS=str(records))
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-    url = f"sqlite:///{tmp_path / 't.db'}"
-    sup = Supervisor(f"{__name__}:worker_app", url, workers, env=env)
-    running = asyncio.create_task(sup.run())
-    try:
-        await sup.wait_ready()
-        await wait_for(
-            lambda: len({s for s, _ in _slots(records)}) >= 6, timeout=30, what="6 slots"
-        )
-    finally:
-        sup.request_stop()
-    assert await running == 0
+    with _broker(kind, tmp_path) as url:
+        sup = Supervisor(f"{__name__}:worker_app", url, workers, env=env)
+        running = asyncio.create_task(sup.run())
+        try:
+            await sup.wait_ready()
+            await wait_for(
+                lambda: len({s for s, _ in _slots(records)}) >= 6, timeout=30, what="6 slots"
+            )
+        finally:
+            sup.request_stop()
+        assert await running == 0
     handled = sorted(s for s, _ in _slots(records))
     assert len(handled) == len(set(handled)), "a slot was handled twice"
     assert handled == [handled[0] + i for i in range(len(handled))], "a slot was skipped"
