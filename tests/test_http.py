@@ -170,6 +170,23 @@ async def test_declared_body_over_max_body_answers_413_before_reading_it() -> No
     assert seen == []
 
 
+async def test_client_still_sending_a_refused_body_reads_the_413() -> None:
+    """A client that streams on after its 413 reads the answer and an orderly end, not a
+    reset, and the server does not wait for the whole body."""
+    app, seen, _ = make_app()
+    async with serving(app, max_body=1024) as server:
+        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        writer.write(b"POST /orders HTTP/1.1\r\nhost: x\r\ncontent-length: 4194304\r\n\r\n")
+        for _ in range(64):
+            writer.write(b"a" * 16384)
+            await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.endswith(b'{"error":"the body is larger than 1024 bytes"}')
+    assert seen == []
+
+
 async def test_streamed_body_over_max_body_answers_413() -> None:
     """A chunked body that grows past max_body answers 413 even with no Content-Length."""
     app, seen, _ = make_app()

@@ -70,6 +70,19 @@ _503 = _canned(
 LINGER = 1.0
 
 
+class _Ending:
+    """The transport a request's cycle writes to: ``close`` is
+    :meth:`_Protocol.end`."""
+
+    __slots__ = ("close", "is_closing", "write")
+
+    def __init__(self, protocol: _Protocol) -> None:
+        transport = protocol.transport
+        self.write = transport.write
+        self.is_closing = transport.is_closing
+        self.close = protocol.end
+
+
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines and header limits.
 
@@ -91,6 +104,7 @@ class _Protocol(HttpToolsProtocol):
         self._in_head = True
         self._overflow = False
         self._served = 0
+        self._ending = _Ending(self)
         if len(self.connections) > self.max_connections:
             self._refuse(_503)
 
@@ -117,18 +131,25 @@ class _Protocol(HttpToolsProtocol):
                 self._refuse(_431)
 
     def _refuse(self, response: bytes) -> None:
-        """Answer ``response`` and end the connection.
+        """Answer ``response`` and end the connection."""
+        if self.transport.is_closing() or self.lingering is not None:
+            return
+        self.transport.write(response)
+        self.end()
+
+    def end(self) -> None:
+        """End the connection without losing what was written.
 
         Closing a socket with unread input makes the kernel send a reset,
-        which may destroy the answer before the client reads it; so end our
-        side only (FIN after the answer), discard what still comes, and
-        close when the client does or ``LINGER`` seconds later (the sweep).
+        which may destroy the answer before the client reads it (a 413 sent
+        while the body still streams in); so end our side only (FIN after
+        the answer), discard what still comes, and close when the client
+        does or ``LINGER`` seconds later (the sweep).
         """
         transport = self.transport
         if transport.is_closing() or self.lingering is not None:
             return
         self.began = None
-        transport.write(response)
         try:
             transport.write_eof()
         except (NotImplementedError, RuntimeError, OSError):
@@ -151,7 +172,14 @@ class _Protocol(HttpToolsProtocol):
             if size > self.max_header:
                 self._overflow = True
                 raise _HeaderOverflow
-        super().on_headers_complete()
+        # The request's cycle gets a transport whose close() ends the
+        # connection gracefully (see end()).
+        real = self.transport
+        self.transport = self._ending  # type: ignore[assignment]
+        try:
+            super().on_headers_complete()
+        finally:
+            self.transport = real
         self._served += 1
         if self._served >= self.max_requests and self.cycle is not None:
             self.cycle.keep_alive = False
@@ -334,6 +362,9 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        for conn in list(server.server_state.connections):
+            if isinstance(conn, _Protocol) and conn.lingering is not None:
+                conn.transport.close()  # the sweep that would close it is gone
         try:
             await server.shutdown(sockets=[self._sock] if self._sock else None)
         finally:
