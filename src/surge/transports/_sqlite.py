@@ -20,6 +20,9 @@ the query string (``?synchronous=normal&lease=10``) or as keyword arguments:
 ``max_pending``   10000      envelopes accepted but not yet committed;
                              ``publish`` waits and ``publish_nowait`` raises
                              ``Overloaded`` past it
+``maintenance``   1          seconds between compactions
+``codec``         msgpack    a ``Codec`` for events given as objects (the
+                             App's codec must read what it writes)
 ================  =========  ================================================
 
 What ``publish`` promises when it returns (the file is in WAL mode):
@@ -41,8 +44,19 @@ token, so a consumer that lost its lease (stopped, too slow) cannot settle a
 delivery that another consumer now holds. Delivery is at-least-once; events
 published by handlers carry derived ids and are deduplicated within
 ``dedup_window``. Dead letters live in the same file. Events that every
-group has settled are deleted after ``retention`` and the freed pages are
-reused or returned to the file system (incremental vacuum).
+group has settled are deleted after ``retention`` (counted, for events
+stored before this process started, from its start) and the freed pages are
+reused or returned to the file system (incremental vacuum); the write-ahead
+log is checkpointed after each compaction so it is reused, not grown.
+
+Several processes may share the file, each with its own transport: claims
+take the write lock (``BEGIN IMMEDIATE``), a process wakes its consumers at
+once when it publishes itself and otherwise polls (5 to ``poll`` ms), and a
+lock held too long by another process raises ``TransportError`` after
+``busy_timeout``. Errors: a file that is not a surge database raises
+``ConfigurationError``; a corrupt file (integrity check at start), a full
+disk or ``max_size`` (the transaction is rolled back: what was committed
+stays) and a lock held too long raise ``TransportError``.
 """
 
 from __future__ import annotations
@@ -170,7 +184,7 @@ class SqliteTransport:
         check = str(opts.pop("check", "quick")).lower()
         if check not in ("quick", "full", "off"):
             raise ConfigurationError(f"sqlite check={check!r}: use quick, full or off")
-        max_size = opts.pop("max_size", None)
+        max_size = _number(opts, "max_size", 0) or None
         self.max_pending = int(_number(opts, "max_pending", 10_000, least=1))
         self.maintenance = _number(opts, "maintenance", 1.0, least=0.001)
         codec = opts.pop("codec", None)
@@ -226,10 +240,15 @@ class SqliteTransport:
                     jobs.append(jobs_q.get_nowait())
             stop = any(j.fn is _STOP for j in jobs)
             work = [j for j in jobs if j.fn is not _STOP]
-            if work:
-                self._db.run(work)
-            if stop:
-                self._db.close()
+            try:
+                if work:
+                    self._db.run(work)
+                if stop:
+                    self._db.close()
+            except BaseException as exc:  # a bug here must not strand the waiters
+                for job in work:
+                    if job.error is None:
+                        job.error = exc
             loop = self._loop
             assert loop is not None
             try:
@@ -246,7 +265,10 @@ class SqliteTransport:
                 release()
             err = job.error
             if job.after is not None:
-                job.after(job.result if err is None else None)
+                try:
+                    job.after(job.result if err is None else None)
+                except Exception:
+                    log.exception("sqlite: settling a %s job failed", job.fn)
             fut = job.fut
             if fut.done():
                 continue
@@ -329,6 +351,11 @@ class SqliteTransport:
             await self._submit(
                 self._db.shutdown, held, list(self._ephemeral.values()), self.clock.time()
             )
+            # claims that were under way when close began
+            late = [(lease.did, lease.token) for lease in self._leases.values()]
+            self._leases.clear()
+            if late:
+                await self._submit(self._db.release, late, self.clock.time())
         except TransportError as exc:
             log.warning("sqlite: could not hand back leases at close: %s", exc)
         finally:
