@@ -3,8 +3,10 @@ against a brute-force reference over random streams."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -14,6 +16,8 @@ import surge
 from surge import VirtualClock
 from surge._event import Envelope
 from surge._triggers import _Hit
+
+from ._servers import shared_nats_url, shared_redis_url
 
 T0 = 1_767_225_600.0
 
@@ -328,3 +332,33 @@ def test_bad_conditions_are_refused() -> None:
         surge.count(int, at_least=1, within=1)  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError, match=r"surge\.count"):
         surge.App("c").when("A then B")
+
+
+def _durable_url(kind: str, tmp_path: Path) -> str:
+    if kind == "sqlite":
+        return f"sqlite:///{tmp_path / 'c.db'}"
+    return shared_redis_url() if kind == "redis" else shared_nats_url()
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+async def test_conditions_on_durable_transports(tmp_path: Path, kind: str) -> None:
+    """On encoding transports, events, the absence check (a delayed publish)
+    and ConditionMet all travel as bytes: the unpaid order fires, the paid
+    one does not."""
+    app = surge.App("d", transport=_durable_url(kind, tmp_path))
+    fired: list[str | None] = []
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @app.when(surge.absence(A, B, by="user", within=0.3))
+    async def unpaid(m: surge.ConditionMet) -> None:
+        fired.append(m.key)
+        if m.key == "1" and not done.done():
+            done.set_result(None)
+
+    async with app:
+        await app.publish(A(user=2))
+        await app.publish(B(user=2))
+        await app.publish(A(user=1))  # its deadline comes last
+        await asyncio.wait_for(done, 10)
+    assert fired == ["1"]

@@ -295,6 +295,8 @@ def test_bad_trigger_options_raise_configuration_error() -> None:
         app.every(seconds=0)
     with pytest.raises(surge.ConfigurationError, match="cron expression"):
         app.cron("61 * * * *")
+    with pytest.raises(surge.ConfigurationError, match="never fires"):
+        app.cron("0 0 30 2 *")
     with pytest.raises(surge.ConfigurationError, match="time zone"):
         app.cron("* * * * *", tz="Mars/Olympus")
     with pytest.raises(surge.ConfigurationError, match="misfire"):

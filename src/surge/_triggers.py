@@ -215,6 +215,10 @@ class _Cron:
         self.expression = expression
         fields = expression.split()
         self._every_hour = len(fields) >= 2 and fields[1] == "*"
+        try:
+            self.next_after(0.0)
+        except ValueError:  # croniter's CroniterBadDateError
+            raise ConfigurationError(f"cron expression {expression!r} never fires") from None
 
     def _iter(self, t: float) -> Any:
         return self._croniter(self.expression, datetime.fromtimestamp(t, self.tz))
@@ -306,6 +310,14 @@ class _Scheduler:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     async def _run(self, timer: _Timer) -> None:
+        try:
+            await self._fire_forever(timer)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("trigger %s.%s stopped firing", self.app.name, timer.name)
+
+    async def _fire_forever(self, timer: _Timer) -> None:
         clock = self.app.clock
         key = f"{self.app.name}.{timer.name}"
         now = clock.time()
