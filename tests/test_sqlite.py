@@ -394,3 +394,23 @@ async def test_wal_and_synchronous_levels(tmp_path: Path) -> None:
         assert _count(tmp_path / f"{level}.db", "PRAGMA auto_vacuum") == 2
         with sqlite3.connect(tmp_path / f"{level}.db") as conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_uncommitted_publishes_are_bounded(tmp_path: Path, clock: surge.Clock) -> None:
+    """Past max_pending uncommitted envelopes publish_nowait raises Overloaded; publish waits."""
+    db = tmp_path / "d.db"
+    async with started(db, clock, max_pending=5) as t:
+        await t.declare("g", ["conf.item"])
+        t.publish_nowait([env(i) for i in range(5)])
+        with pytest.raises(surge.Overloaded):
+            t.publish_nowait([env(5)])
+        waiting = asyncio.ensure_future(t.publish([env(6)]))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        await waiting  # once the first five are committed
+        assert _count(db, "SELECT count(*) FROM messages") == 6
+        r = Reader(t, "g")
+        got = await r.take(6)
+        assert sorted(number(d) for d in got) == [0, 1, 2, 3, 4, 6]
+        await t.ack(got)
+        await r.aclose()

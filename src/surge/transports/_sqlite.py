@@ -218,7 +218,7 @@ class SqliteTransport:
         self._ticker: asyncio.Task[None] | None = None
         self._checkpoints: deque[tuple[float, int]] = deque()
         self._batch_rows: list[db.Row] = []
-        self._batch_fut: asyncio.Future[Any] | None = None
+        self._batch_waiters: list[asyncio.Future[Any]] = []
 
     # --- the connection's thread ---------------------------------------------
     @property
@@ -413,7 +413,7 @@ class SqliteTransport:
             self._space.append(fut)
             await fut
             self._check_open()
-        await asyncio.shield(self._enqueue(rows))
+        await self._enqueue(rows)
 
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         self._check_open()
@@ -425,39 +425,41 @@ class SqliteTransport:
         self._enqueue(rows).add_done_callback(_log_failure)
 
     def _enqueue(self, rows: list[db.Row]) -> asyncio.Future[Any]:
-        """Add ``rows`` to this loop iteration's batch; its (shared) future.
+        """Add ``rows`` to this loop iteration's batch; a future for them.
 
         Publishes made in one iteration of the loop go to the connection's
-        thread as one job: one hand-off and one future for all of them.
+        thread as one job: one hand-off and one transaction for all of them.
         """
         self._queued += len(rows)
         self._activity += 1
         self._idle = False
-        fut = self._batch_fut
-        if fut is None:
-            loop = self._loop
-            assert loop is not None
-            fut = self._batch_fut = loop.create_future()
-            self._batch_rows = []
+        loop = self._loop
+        assert loop is not None
+        fut = loop.create_future()
+        if not self._batch_waiters:
             loop.call_soon(self._flush)
         self._batch_rows.extend(rows)
+        self._batch_waiters.append(fut)
         return fut
 
     def _flush(self) -> None:
-        rows, fut = self._batch_rows, self._batch_fut
-        assert fut is not None
+        rows, waiters = self._batch_rows, self._batch_waiters
         self._batch_rows = []
-        self._batch_fut = None
+        self._batch_waiters = []
         n = len(rows)
+        loop = self._loop
+        assert loop is not None
+        done = loop.create_future()
+        done.add_done_callback(lambda f: _resolve_all(f, waiters))
 
         def after(gids: set[int] | None) -> None:
             self._published(n, gids or ())
 
         if self._thread is None:
             self._published(n, ())
-            fut.set_exception(Closed("sqlite transport is closed"))
+            done.set_exception(Closed("sqlite transport is closed"))
             return
-        self._submit(self._db.publish, rows, self.clock.time(), after=after, fut=fut)
+        self._submit(self._db.publish, rows, self.clock.time(), after=after, fut=done)
 
     def _published(self, n: int, gids: Iterable[int]) -> None:
         self._queued -= n
@@ -743,6 +745,17 @@ class SqliteTransport:
 
     def __repr__(self) -> str:
         return f"<SqliteTransport {str(self.path)!r} synchronous={self.synchronous}>"
+
+
+def _resolve_all(done: asyncio.Future[Any], waiters: list[asyncio.Future[Any]]) -> None:
+    exc = done.exception()
+    for fut in waiters:
+        if fut.done():
+            continue
+        if exc is None:
+            fut.set_result(None)
+        else:
+            fut.set_exception(exc)
 
 
 def _log_failure(fut: asyncio.Future[Any]) -> None:
