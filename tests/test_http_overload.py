@@ -95,7 +95,12 @@ async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
             held = app.http.statistics().in_flight
         finally:
             gate.set()
-            out, _ = await asyncio.wait_for(client.communicate(), 60)
+            try:
+                out, _ = await asyncio.wait_for(client.communicate(), 60)
+            finally:
+                if client.returncode is None:
+                    client.kill()
+                    await client.wait()
         await asyncio.wait_for(server.wait_idle(), 20)
         after = open_fds()
         await server.stop()
