@@ -1,0 +1,377 @@
+"""The Redis Streams transport against real redis-server processes.
+
+Every test starts its own server (tests/_servers.py) on a free loopback
+port; the conformance suite runs on redis too (tests/conformance). Run as
+``python -m tests.test_redis URL FILE``, this module is the crash test's
+worker: it handles ``crash.num`` events, appending each number to FILE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import surge
+from surge.transports._redis import RedisTransport
+
+from ._servers import free_port, redis_server
+
+pytestmark = pytest.mark.realtime
+
+ROOT = Path(__file__).resolve().parent.parent
+LEASE = 1.0
+
+
+class Num(surge.Event):
+    __topic__ = "crash.num"
+    n: int
+
+
+# --- the crash test's worker -------------------------------------------------
+def _worker(url: str, out: str) -> None:
+    """Handle ``crash.num`` events: append each number to ``out``, and print
+    how many were handled every 20 (so the test kills mid-stream)."""
+    app = surge.App("crash", transport=RedisTransport(url, lease=LEASE), concurrency=20)
+    fd = os.open(out, os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    count = 0
+
+    @app.on(Num, prefetch=50)
+    async def handle(ev: Num) -> None:
+        nonlocal count
+        os.write(fd, f"{ev.n}\n".encode())
+        count += 1
+        if count % 20 == 0:
+            print(count, flush=True)
+
+    app.run()
+
+
+class _Records(logging.Handler):
+    """Log records of ``surge.redis``, with an event per awaited message."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self.waiters: list[tuple[str, asyncio.Event]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        msg = record.getMessage()
+        for text, ev in self.waiters:
+            if text in msg:
+                ev.set()
+
+    def expect(self, text: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self.waiters.append((text, ev))
+        return ev
+
+
+@contextlib.contextmanager
+def _captured() -> Iterator[_Records]:
+    handler = _Records()
+    logger = logging.getLogger("surge.redis")
+    logger.addHandler(handler)
+    try:
+        yield handler
+    finally:
+        logger.removeHandler(handler)
+
+
+async def _until(ev: asyncio.Event, timeout: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout):
+            await ev.wait()
+    except TimeoutError:
+        raise AssertionError(f"{what} did not happen within {timeout}s") from None
+
+
+def _is_healthy(t: RedisTransport) -> bool:
+    return t.healthy
+
+
+def _counter(app: surge.App, n: int) -> tuple[list[int], asyncio.Event]:
+    """A subscription of ``app`` recording Num events; the event fires at ``n``."""
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    @app.on(Num, name="count")
+    async def count(ev: Num) -> None:
+        seen.append(ev.n)
+        if len(set(seen)) >= n:
+            done.set()
+
+    return seen, done
+
+
+# --- tests -----------------------------------------------------------------
+async def test_round_trip_and_acked_entries_are_deleted(tmp_path: Path) -> None:
+    """Events published through an App are handled once and acked entries leave the stream."""
+    with redis_server(tmp_path) as (url, _):
+        app = surge.App("rt", transport=url)
+        seen, done = _counter(app, 300)
+        async with app:
+            for i in range(0, 300, 30):
+                await asyncio.gather(*(app.publish(Num(n=n)) for n in range(i, i + 30)))
+            await _until(done, 10, "300 events handled")
+            await app.drain()
+            stats = await app.transport.stats("rt.count")
+            assert (stats.backlog, stats.pending, stats.scheduled) == (0, 0, 0)
+            transport = app.transport
+            assert isinstance(transport, RedisTransport)
+            r = transport._redis()
+            assert await r.xlen(f"{transport.prefix}:s:rt.count") == 0
+        assert sorted(seen) == list(range(300))
+
+
+async def test_url_options_and_bad_url() -> None:
+    """Transport options ride in the URL's query; bad ones raise ConfigurationError."""
+    t = RedisTransport("redis://127.0.0.1:1/0?lease=2.5&prefix=x&heartbeat=0&db=0")
+    assert (t.lease, t.prefix, t.heartbeat) == (2.5, "x", 0.0)
+    with pytest.raises(surge.ConfigurationError):
+        RedisTransport("redis://127.0.0.1/0?lease=soon")
+    with pytest.raises(surge.ConfigurationError):
+        RedisTransport("redis://127.0.0.1/0", prefix="a:b")
+    with pytest.raises(surge.ConfigurationError):
+        RedisTransport("nats://127.0.0.1/0")
+
+
+async def test_unreachable_broker_raises_transport_error() -> None:
+    """Starting against a port nobody listens on raises TransportError naming the broker."""
+    port = free_port()
+    t = RedisTransport(f"redis://127.0.0.1:{port}/0")
+    with pytest.raises(surge.TransportError, match=str(port)):
+        await t.start()
+    assert isinstance(surge.TransportError("x"), ConnectionError)
+
+
+async def test_password_and_acl_user(tmp_path: Path) -> None:
+    """A password or an ACL user in the URL authenticates; a wrong one is a TransportError."""
+    extra = ("--requirepass", "s3cret", "--user", "alice", "on", ">wonder", "~*", "&*", "+@all")
+    with redis_server(tmp_path, extra=extra) as (url, _):
+        rest = url.removeprefix("redis://")
+        for auth in (":s3cret@", "alice:wonder@"):
+            app = surge.App("auth", transport=f"redis://{auth}{rest}")
+            seen, done = _counter(app, 3)
+            async with app:
+                for n in range(3):
+                    await app.publish(Num(n=n))
+                await _until(done, 10, f"events handled with {auth}")
+            assert sorted(seen) == [0, 1, 2]
+        for auth in ("", ":wrong@", "alice:wrong@"):
+            t = RedisTransport(f"redis://{auth}{rest}")
+            with pytest.raises(surge.TransportError):
+                await t.start()
+
+
+async def test_tls(tmp_path: Path) -> None:
+    """rediss:// connects over TLS to a server that speaks only TLS on that port."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("no openssl binary to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    await asyncio.to_thread(
+        subprocess.run,
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = free_port()
+    extra = ("--tls-port", str(tls_port), "--tls-cert-file", str(cert),
+             "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+             "--tls-auth-clients", "no")  # fmt: skip
+    try:
+        server_cm = redis_server(tmp_path, extra=extra)
+        server_cm.__enter__()
+    except RuntimeError as exc:
+        if "tls" in str(exc).lower():
+            pytest.skip(f"this redis-server was built without TLS: {exc}")
+        raise
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        app = surge.App("tls", transport=RedisTransport(url, ssl_ca_certs=str(cert)))
+        seen, done = _counter(app, 2)
+        async with app:
+            await app.publish(Num(n=1))
+            await app.publish(Num(n=2))
+            await _until(done, 10, "events handled over TLS")
+        assert sorted(seen) == [1, 2]
+        untrusted = RedisTransport(url)  # the self-signed certificate is not trusted
+        with pytest.raises(surge.TransportError):
+            await untrusted.start()
+    finally:
+        server_cm.__exit__(None, None, None)
+
+
+@pytest.mark.parametrize("heartbeat", [None, 0.0], ids=["extended", "not-extended"])
+async def test_long_handler_runs_once_thanks_to_lease_extension(
+    tmp_path: Path, heartbeat: float | None
+) -> None:
+    """A handler running for several leases is not taken over by a peer while its
+    consumer extends the lease (and is, as the control shows, when it does not)."""
+    with redis_server(tmp_path) as (url, _):
+        runs: list[str] = []
+        started = asyncio.Event()
+        release = asyncio.Event()
+        slow = surge.App("slow", transport=RedisTransport(url, lease=LEASE, heartbeat=heartbeat))
+        peer_transport = RedisTransport(url, lease=LEASE)
+        peer = surge.App("slow", transport=peer_transport)
+
+        @slow.on(Num, name="work")
+        async def work(ev: Num) -> None:
+            runs.append("slow")
+            started.set()
+            await release.wait()
+
+        @peer.on(Num, name="work")
+        async def work_peer(ev: Num) -> None:
+            runs.append("peer")
+
+        # The peer scans for expired leases every lease / 2: after 6 scans the
+        # slow delivery has been held for well over two leases.
+        scans = 0
+        scanned = asyncio.Event()
+        orig = peer_transport._reclaim
+
+        async def counting(*args: object, **kw: object) -> list[surge.Delivery]:
+            nonlocal scans
+            out = await orig(*args, **kw)  # type: ignore[arg-type]
+            if started.is_set() and getattr(args[1], "name", "") == "slow.work":
+                scans += 1
+                if scans >= 6:
+                    scanned.set()
+            return out
+
+        peer_transport._reclaim = counting  # type: ignore[method-assign]
+        async with slow:
+            await slow.publish(Num(n=1))
+            await _until(started, 10, "the slow handler started")
+            async with peer:
+                await _until(scanned, 20, "six reclaim scans of the peer")
+                release.set()
+                await slow.drain()
+        assert runs == (["slow"] if heartbeat is None else ["slow", "peer"])
+
+
+async def test_broker_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
+    """After a SIGKILL of an AOF broker, the consumer says so, resumes within 5 s
+    of the broker's return, and every acknowledged publish is handled."""
+    with redis_server(tmp_path, appendonly=True) as (url, server), _captured() as logs:
+        transport = RedisTransport(url, lease=2.0, reconnect_timeout=30)
+        app = surge.App("restart", transport=transport)
+        seen, _ = _counter(app, 0)
+        marker = asyncio.Event()
+
+        @app.on(Num, name="marker")
+        async def on_marker(ev: Num) -> None:
+            if ev.n == -1:
+                marker.set()
+
+        async with app:
+            acked: list[int] = []
+            for n in range(200):
+                await app.publish(Num(n=n))
+                acked.append(n)
+            down = logs.expect("retrying")
+            server.kill()
+            await _until(down, 10, "a WARNING about the lost broker")
+            assert not _is_healthy(transport)
+            assert transport.last_error
+
+            async def publish_during_outage() -> None:
+                for n in range(200, 260):
+                    await app.publish(Num(n=n))
+                    acked.append(n)
+
+            outage = asyncio.ensure_future(publish_during_outage())
+            restored = logs.expect("connection restored")
+            await asyncio.to_thread(server.start)
+            back = time.monotonic()
+            await app.publish(Num(n=-1))
+            await _until(marker, 5, "handling within 5 s of the broker's return")
+            assert time.monotonic() - back < 5
+            await _until(restored, 5, "the 'connection restored' log")
+            assert _is_healthy(transport)
+            await outage
+            await app.drain()
+        assert set(acked) <= set(seen)
+        assert all(r.levelno == logging.WARNING for r in logs.records)
+
+
+async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
+    """Jepsen-style: SIGKILL the only worker 20 times while it consumes; every
+    acknowledged publish is handled, nothing unexpected, duplicates bounded."""
+    kills, prefetch, total = 20, 50, 6000
+    rng = random.Random(5)
+    out = tmp_path / "handled.txt"
+    with redis_server(tmp_path) as (url, _):
+        t = RedisTransport(url, lease=LEASE)
+        await t.start()
+        await t.declare("crash.handle", ["crash.num"])
+        producer = surge.App("producer", transport=url)
+        acked: set[int] = set()
+        attempted: set[int] = set()
+
+        async def produce(start: int, stop: int) -> None:
+            for n in range(start, stop):
+                attempted.add(n)
+                await producer.publish(Num(n=n))
+                acked.add(n)
+
+        def spawn() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(
+                [sys.executable, "-m", "tests.test_redis", url, str(out)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+            )
+
+        async with producer:
+            producing = asyncio.gather(
+                *(produce(i, i + total // 4) for i in range(0, total, total // 4))
+            )
+            for _ in range(kills):
+                proc = spawn()
+                assert proc.stdout is not None
+                for _ in range(rng.randint(1, 4)):
+                    line = await asyncio.to_thread(proc.stdout.readline)
+                    assert line, "the worker exited before it was killed"
+                proc.kill()
+                proc.wait()
+                proc.stdout.close()
+            await producing
+        final = spawn()
+        try:
+            async with asyncio.timeout(60):
+                await t.wait_idle()
+            stats = await t.stats("crash.handle")
+        finally:
+            final.terminate()
+            final.wait(30)
+            assert final.stdout is not None
+            final.stdout.close()
+        await t.close()
+    handled = [int(x) for x in out.read_text().split()]
+    lost = acked - set(handled)
+    unexpected = set(handled) - attempted
+    duplicates = len(handled) - len(set(handled))
+    assert not lost, f"{len(lost)} acknowledged events never handled"
+    assert not unexpected
+    assert duplicates <= kills * prefetch
+    assert (stats.backlog, stats.pending, stats.scheduled, stats.dead) == (0, 0, 0, 0)
+    assert len(acked) == total
+
+
+if __name__ == "__main__":
+    _worker(sys.argv[1], sys.argv[2])
