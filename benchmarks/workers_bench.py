@@ -1,6 +1,7 @@
 """Worker processes on sqlite://: CPU-bound scaling, throughput, latency, in one run.
 
-Usage: ``python -m benchmarks.workers_bench [--cpu-events N] [--events N] [--repeat R]``
+Usage: ``python -m benchmarks.workers_bench [--repeat R] [--only cpu,rate,latency]``
+(``--help`` for the sizes).
 
 Three measurements, all through the real supervisor
 (:class:`surge._supervisor.Supervisor`) and worker processes:
@@ -278,20 +279,21 @@ CASES = [
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     spin_iters = _calibrate(args.spin_ms)
     out: dict[str, Any] = {"cpu": [], "rate": [], "latency": [], "spin_iterations": spin_iters}
+    only = set(args.only.split(","))
     for r in range(args.repeat):
-        for workers in (1, 2) if r % 2 == 0 else (2, 1):
+        for workers in ((1, 2) if r % 2 == 0 else (2, 1)) if "cpu" in only else ():
             with tempfile.TemporaryDirectory() as d:
                 res = await cpu_case(Path(d), workers, args.cpu_events, spin_iters)
             print(f"round {r} cpu {workers}w: {res['per_s']:.0f} events/s", flush=True)
             out["cpu"].append(res)
         order = CASES if r % 2 == 0 else CASES[::-1]
-        for name, url, workers in order:
+        for name, url, workers in order if "rate" in only else ():
             with tempfile.TemporaryDirectory() as d:
                 u = url.format(tmp=d, case=name)
                 res = await rate_case(Path(d), name, u, workers, args.events)
             print(f"round {r} rate {name}: {res['per_s']:.0f} events/s", flush=True)
             out["rate"].append(res)
-        for name, url, workers in order:
+        for name, url, workers in order if "latency" in only else ():
             with tempfile.TemporaryDirectory() as d:
                 u = url.format(tmp=d, case=name)
                 res = await latency_case(Path(d), name, u, workers, args.lat_events, args.rate)
@@ -308,6 +310,15 @@ def _median(rows: list[dict[str, Any]], key: str, **match: Any) -> float:
     return statistics.median(vals)
 
 
+def _pairs(rows: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """(1 worker, 2 workers) results of each round."""
+    it = iter(rows)
+    out = []
+    for a, b in zip(it, it, strict=True):
+        out.append((a, b) if a["workers"] == 1 else (b, a))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-events", type=int, default=3000)
@@ -316,25 +327,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lat-events", type=int, default=1500, help="events per latency case")
     p.add_argument("--rate", type=float, default=500.0, help="publishes/s in latency cases")
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--only", default="cpu,rate,latency", help="comma-separated measurements")
     args = p.parse_args(argv)
     started = datetime.now(UTC)
     load_before = os.getloadavg()
     out = asyncio.run(run(args))
-    one = _median(out["cpu"], "per_s", workers=1)
-    two = _median(out["cpu"], "per_s", workers=2)
-    print(f"\ncpu-bound ({args.spin_ms} ms/event, sqlite normal), median of {args.repeat}:")
-    print(f"  1 worker  {one:8.0f} events/s")
-    print(f"  2 workers {two:8.0f} events/s   speedup {two / one:.2f}x")
-    print(f"\nno-op events, median of {args.repeat}:")
-    print(
-        f"  {'case':18} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}   (latency at {args.rate:g}/s)"
-    )
-    for name, _, _ in CASES:
-        rate = _median(out["rate"], "per_s", case=name)
-        p50 = _median(out["latency"], "p50_ms", case=name)
-        p99 = _median(out["latency"], "p99_ms", case=name)
-        print(f"  {name:18} {rate:9.0f} {p50:8.1f} {p99:8.1f}")
-    out["summary"] = {"cpu_1w": one, "cpu_2w": two, "speedup": two / one}
+    if out["cpu"]:
+        one = _median(out["cpu"], "per_s", workers=1)
+        two = _median(out["cpu"], "per_s", workers=2)
+        # rounds run 1w and 2w back to back: their ratio is less hit by drift
+        ratios = [b["per_s"] / a["per_s"] for a, b in _pairs(out["cpu"])]
+        print(f"\ncpu-bound ({args.spin_ms} ms/event, sqlite normal), median of {args.repeat}:")
+        print(f"  1 worker  {one:8.0f} events/s")
+        print(f"  2 workers {two:8.0f} events/s   speedup {two / one:.2f}x")
+        print(f"  per-round speedups {', '.join(f'{x:.2f}' for x in ratios)}")
+        out["summary"] = {"cpu_1w": one, "cpu_2w": two, "speedup": two / one, "rounds": ratios}
+    if out["rate"] and out["latency"]:
+        print(f"\nno-op events, median of {args.repeat}:")
+        head = f"  {'case':18} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+        print(f"{head}   (latency at {args.rate:g}/s)")
+        for name, _, _ in CASES:
+            rate = _median(out["rate"], "per_s", case=name)
+            p50 = _median(out["latency"], "p50_ms", case=name)
+            p99 = _median(out["latency"], "p99_ms", case=name)
+            print(f"  {name:18} {rate:9.0f} {p50:8.1f} {p99:8.1f}")
     out["args"] = vars(args)
     out["machine"] = {
         "cpus": os.cpu_count(),

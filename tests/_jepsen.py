@@ -2,9 +2,17 @@
 
 The recipe (any transport several processes share: sqlite, redis, nats)::
 
-    result = await run_crash(url, tmp_path, events=20_000, kills=20, workers=2)
+    result = await run_crash(url, tmp_path, events=20_000, kills=20, rate=800)
     print(result)          # the figures
     result.check()         # lost == 0, unexpected == 0, duplicates bounded, nothing pending
+
+The transport needs ``stats(group)``; ``wait_idle()`` is used when it has
+one. Give ``url`` a short visibility timeout (sqlite ``?lease=2``) so a killed
+worker's deliveries come back quickly. ``rate`` paces the producers so the
+kills (about one a second: a worker restart takes ~0.5 s) land while events
+still flow. The pieces are public too: :func:`produce`,
+:func:`kill_workers`, :func:`drain`, :func:`check`, and
+:func:`publish_process` for kill loops against a publishing process.
 
 What happens:
 
