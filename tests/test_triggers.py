@@ -385,3 +385,59 @@ async def test_each_slot_fires_once_on_worker_processes(
     handled = sorted(s for s, _ in _slots(records))
     assert len(handled) == len(set(handled)), "a slot was handled twice"
     assert handled == [handled[0] + i for i in range(len(handled))], "a slot was skipped"
+
+
+class _Shared(MemoryTransport):
+    """One memory transport that outlives the apps on it: an app's stop
+    (its 'death') must not close it under the others."""
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_no_slot_lost_or_doubled_while_workers_come_and_go(clock: VirtualClock) -> None:
+    """Four apps stopped and restarted at random around fire times (at times
+    all of them at once): each of 10,000 one-second slots is handled once."""
+    import random
+
+    rng = random.Random(7)
+    transport = _Shared(clock=clock)
+    handled: list[float] = []
+
+    def worker() -> surge.App:
+        app = surge.App("w", clock=clock, transport=transport, shutdown_timeout=1)
+
+        @app.every(seconds=1, name="second", misfire="catch_up", max_catch_up=1000)
+        async def second(t: surge.Tick) -> None:
+            handled.append(t.scheduled - NEW_YEAR)
+
+        return app
+
+    apps: list[surge.App | None] = [None] * 4
+    slots = 10_000
+    restarts = blackouts = 0
+    while clock.time() - NEW_YEAR < slots:
+        i = rng.randrange(4)
+        app = apps[i]
+        if app is None:
+            apps[i] = app = worker()
+            await app.start()
+            restarts += 1
+        else:
+            await app.stop()
+            apps[i] = None
+            blackouts += all(a is None for a in apps)
+        # around a fire time: just before, on, or just after a slot
+        step = rng.choice((0.999, 1.0, 1.001)) * rng.randint(1, 60)
+        await clock.sleep(min(step, slots + 0.5 - (clock.time() - NEW_YEAR)))
+    if all(a is None for a in apps):
+        apps[0] = last = worker()
+        await last.start()  # the last missed slots are caught up
+    for a in apps:
+        if a is not None:
+            await a.drain()
+            await a.stop()
+    await MemoryTransport.close(transport)
+    assert restarts > 100
+    assert blackouts > 10  # catch_up had slots to recover
+    assert sorted(handled) == [float(s) for s in range(1, slots + 1)]
