@@ -17,7 +17,6 @@ uvicorn with httptools on uvloop, with access logs off.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import re
 import shutil
@@ -239,5 +238,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
-    asyncio.set_event_loop_policy(None)
     main()
