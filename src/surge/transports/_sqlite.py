@@ -9,9 +9,9 @@ the query string (``?synchronous=normal&lease=10``) or as keyword arguments:
                              before another consumer may take it
 ``heartbeat``     lease / 3  seconds between lease extensions of deliveries
                              this process holds (0: never extend)
-``retention``     3600       seconds an event handled by every group is kept
+``retention``     600        seconds an event handled by every group is kept
 ``dedup_window``  600        seconds a derived event id is remembered
-``poll``          0.05       longest wait before looking for events another
+``poll``          0.025      longest wait before looking for events another
                              process published (5 ms at first, doubling)
 ``busy_timeout``  5          seconds to wait for another process's lock
                              before raising ``TransportError``
@@ -36,8 +36,12 @@ What ``publish`` promises when it returns (the file is in WAL mode):
   transactions committed since the last checkpoint, never corrupting the
   file. Faster: no fsync per commit.
 
-Either way concurrent publishes share one transaction (group commit): one
-thread owns the connection and commits everything queued at once, so many
+``publish_nowait`` only queues: its envelopes are durable once the batch
+they joined commits (a failure is logged).
+
+Concurrent publishes share one transaction (group commit): publishes made
+in one turn of the event loop travel as one job to the thread that owns the
+connection, and that thread commits everything queued at once, so many
 publishes pay for one fsync. Consumers claim deliveries with a lease (a
 token and a visibility deadline); acks, nacks and lease extensions name the
 token, so a consumer that lost its lease (stopped, too slow) cannot settle a
@@ -177,9 +181,9 @@ class SqliteTransport:
         self.synchronous = sync
         self.lease = _number(opts, "lease", 30.0, least=0.001)
         self.heartbeat = _number(opts, "heartbeat", self.lease / 3)
-        self.retention = _number(opts, "retention", 3600.0)
+        self.retention = _number(opts, "retention", 600.0)
         self.dedup_window = _number(opts, "dedup_window", 600.0)
-        self.poll = _number(opts, "poll", 0.05, least=0.001)
+        self.poll = _number(opts, "poll", 0.025, least=0.001)
         busy = _number(opts, "busy_timeout", 5.0)
         check = str(opts.pop("check", "quick")).lower()
         if check not in ("quick", "full", "off"):

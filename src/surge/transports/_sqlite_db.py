@@ -582,9 +582,12 @@ class Database:
         top: int = conn.execute("SELECT value FROM meta WHERE key = 'seq'").fetchone()[0]
         self._upto = max(self._upto, top if upto < 0 else upto)
         self._rounds += 1
-        if self._rounds % 64 == 0 or self._cursor > self._upto:
-            # events skipped as unsettled are looked at again now and then
-            self._cursor = 0
+        if self._cursor >= self._upto and self._rounds >= 64:
+            # A sweep has caught up: now and then start another from the
+            # oldest event, for those still unsettled when the last passed.
+            self._rounds = 0
+            low = conn.execute("SELECT min(seq) FROM messages").fetchone()[0]
+            self._cursor = 0 if low is None else low - 1
         deleted = 0
         if self._cursor < self._upto:
             last = conn.execute(
