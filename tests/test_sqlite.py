@@ -85,6 +85,8 @@ def test_url_and_options_are_checked(tmp_path: Path) -> None:
         open_transport(f"sqlite:///{tmp_path}/a.db?synchronous=off")
     with pytest.raises(surge.ConfigurationError, match="lease"):
         open_transport(f"sqlite:///{tmp_path}/a.db?lease=soon")
+    with pytest.raises(surge.ConfigurationError, match="heartbeat"):
+        open_transport(f"sqlite:///{tmp_path}/a.db?lease=5&heartbeat=5")
     with pytest.raises(surge.ConfigurationError, match="unknown sqlite options"):
         open_transport(f"sqlite:///{tmp_path}/a.db?leese=3")
     t = open_transport(f"sqlite:///{tmp_path}/a.db?synchronous=NORMAL&lease=9")
@@ -323,6 +325,12 @@ async def test_retention_compacts_and_bounds_the_file(tmp_path: Path, clock: sur
             sizes.append(db.stat().st_size + (wal.stat().st_size if wal.exists() else 0))
         assert _count(db, "SELECT count(*) FROM messages") == 1  # lazy's, unsettled
         await r.aclose()
+        lazy = Reader(t, "lazy")
+        await t.ack(await lazy.take(1))
+        # a later sweep, starting again from the oldest event, takes it
+        assert sum([await t.compact() for _ in range(70)]) == 1
+        assert _count(db, "SELECT count(*) FROM messages") == 0
+        await lazy.aclose()
     assert max(sizes[2:]) <= sizes[1] * 1.1, sizes
 
 

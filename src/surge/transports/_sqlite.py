@@ -181,6 +181,11 @@ class SqliteTransport:
         self.synchronous = sync
         self.lease = _number(opts, "lease", 30.0, least=0.001)
         self.heartbeat = _number(opts, "heartbeat", self.lease / 3)
+        if self.heartbeat >= self.lease:
+            raise ConfigurationError(
+                f"sqlite heartbeat={self.heartbeat:g} must be shorter than lease={self.lease:g} "
+                "(or 0, never extend), or leases run out between extensions"
+            )
         self.retention = _number(opts, "retention", 600.0)
         self.dedup_window = _number(opts, "dedup_window", 600.0)
         self.poll = _number(opts, "poll", 0.025, least=0.001)
