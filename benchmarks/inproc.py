@@ -451,6 +451,41 @@ def _print_tables(
     console.print(r)
 
 
+def markdown(results: dict[str, dict[str, dict[str, Any]]], rows: list[dict[str, Any]]) -> str:
+    """The two tables as Markdown, for BENCHMARKS.md."""
+
+    def k(x: float) -> str:
+        return f"{x / 1000:,.0f} k"
+
+    out = [
+        "| loop | scenario | events/s median (min-max) | CPU-time events/s median (min-max) |",
+        "|---|---|---|---|",
+    ]
+    for lp, per_loop in results.items():
+        for sc, cell in per_loop.items():
+            w, c = cell["wall"], cell["cpu"]
+            out.append(
+                f"| {lp} | {sc} | {k(w['median'])} ({k(w['min'])}-{k(w['max'])}) "
+                f"| {k(c['median'])} ({k(c['min'])}-{k(c['max'])}) |"
+            )
+    out += [
+        "",
+        "| loop | ratio | wall: of medians | wall: median of rounds (min-max) "
+        "| CPU: of medians | CPU: median of rounds (min-max) | held against |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        w, c = row["wall"], row["cpu"]
+        out.append(
+            f"| {row['loop']} | {row['ratio']} | {w['of_medians']:.2f} "
+            f"| {w['median_of_rounds']:.2f} ({w['rounds_min']:.2f}-{w['rounds_max']:.2f}) "
+            f"| {c['of_medians']:.2f} "
+            f"| {c['median_of_rounds']:.2f} ({c['rounds_min']:.2f}-{c['rounds_max']:.2f}) "
+            f"| {row['against']} |"
+        )
+    return "\n".join(out)
+
+
 def _profile(
     name: str, factory: LoopFactory, fn: Scenario, events: Sequence[Tick], warm: Sequence[Tick]
 ) -> None:
@@ -486,10 +521,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run SCENARIO once per loop under cProfile and print where the time goes",
     )
     parser.add_argument("--show", type=Path, metavar="JSON", help="print a saved run's tables")
+    parser.add_argument("--markdown", action="store_true", help="with --show: as Markdown")
     args = parser.parse_args(argv)
     if args.show:
         saved = json.loads(args.show.read_text())
-        _print_tables(saved["results"], saved["ratios"], f"{args.show.name}: {saved['command']}")
+        if args.markdown:
+            print(markdown(saved["results"], saved["ratios"]))
+        else:
+            title = f"{args.show.name}: {saved['command']}"
+            _print_tables(saved["results"], saved["ratios"], title)
         return 0
     if args.events < 1 or args.repeat < 1 or args.warmup < 1:
         parser.error("--events, --repeat and --warmup must be at least 1")
