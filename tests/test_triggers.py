@@ -441,3 +441,39 @@ async def test_no_slot_lost_or_doubled_while_workers_come_and_go(clock: VirtualC
     assert restarts > 100
     assert blackouts > 10  # catch_up had slots to recover
     assert sorted(handled) == [float(s) for s in range(1, slots + 1)]
+
+
+class _JumpingWallClock(VirtualClock):
+    """A virtual clock whose wall time can leap ahead (a suspended host)."""
+
+    leap = 0.0
+
+    def time(self) -> float:
+        return super().time() + self.leap
+
+
+@pytest.mark.parametrize(
+    ("misfire", "expected"),
+    [("skip", [1, 2, 3, 4, 105]), ("catch_up", [1, 2, 3, 4, 100, 101, 102, 103, 104, 105])],
+)
+def test_a_leap_of_the_wall_clock_is_a_misfire(misfire: str, expected: list[float]) -> None:
+    """When the wall clock leaps 100 s ahead while the scheduler waits, skip
+    resumes at the next slot and catch_up fires the latest max_catch_up
+    missed slots first."""
+    clock = _JumpingWallClock()
+
+    async def main() -> list[float]:
+        app = surge.App("t", clock=clock)
+        fired: list[float] = []
+
+        @app.every(seconds=1, misfire=misfire, max_catch_up=5)
+        async def second(t: surge.Tick) -> None:
+            fired.append(t.scheduled - NEW_YEAR)
+
+        async with app:
+            await clock.sleep(3.5)
+            clock.leap = 100.0
+            await clock.sleep(1.9)
+        return fired
+
+    assert clock.run(main()) == expected

@@ -340,10 +340,17 @@ class _Scheduler:
             while (wait := slot - clock.time()) > _EARLY:
                 await clock.sleep(wait)
             await self._fire(timer, key, slot)
-            if timer.misfire == "catch_up":
-                slot = timer.schedule.next_after(slot)
-            else:
-                slot = timer.schedule.next_after(max(slot, clock.time()))
+            now = clock.time()
+            if timer.misfire == "skip":
+                slot = timer.schedule.next_after(max(slot, now))
+                continue
+            slot = timer.schedule.next_after(slot)
+            if slot < now:
+                # Far behind (a blocked loop, a suspended host): catch up on
+                # at most max_catch_up slots, the latest, as after a restart.
+                behind = timer.schedule.latest(slot, now, timer.max_catch_up)
+                if len(behind) == timer.max_catch_up:
+                    slot = behind[0]
 
     async def _fire(self, timer: _Timer, key: str, slot: float) -> None:
         app = self.app
