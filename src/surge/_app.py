@@ -135,6 +135,11 @@ class App:
         self._transport = None if isinstance(transport, str) else transport
 
     @property
+    def state(self) -> Literal["new", "running", "stopping", "stopped"]:
+        """Where the app is in its lifecycle."""
+        return self._state
+
+    @property
     def subscriptions(self) -> dict[str, Subscription]:
         return dict(self._subs)
 
@@ -559,6 +564,12 @@ class App:
                 r._workers or r._acks for r in self._runners.values()
             ):
                 return
+
+    async def wait_stop_requested(self) -> None:
+        """Return once :meth:`request_stop` was called (or at once if stopped)."""
+        if self._stop_requested is None or self._state in ("stopping", "stopped"):
+            return
+        await self._stop_requested.wait()
 
     def request_stop(self) -> None:
         """Ask :meth:`serve` to stop (safe from signal handlers)."""
