@@ -291,8 +291,10 @@ def test_bad_trigger_options_raise_configuration_error() -> None:
     """Bad periods, cron expressions, time zones and misfire policies are
     refused when the trigger is declared."""
     app = surge.App("t")
-    with pytest.raises(surge.ConfigurationError, match="positive"):
+    with pytest.raises(surge.ConfigurationError, match="at least 1 ms"):
         app.every(seconds=0)
+    with pytest.raises(surge.ConfigurationError, match="at least 1 ms"):
+        app.every(seconds=0.0005)
     with pytest.raises(surge.ConfigurationError, match="cron expression"):
         app.cron("61 * * * *")
     with pytest.raises(surge.ConfigurationError, match="never fires"):

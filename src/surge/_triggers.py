@@ -432,8 +432,10 @@ def every(
     pause; ``"catch_up"`` first fires the slots missed since the last firing
     (at most ``max_catch_up``, the latest ones).
     """
-    if not seconds > 0 or not math.isfinite(seconds):
-        raise ConfigurationError(f"every(seconds={seconds!r}): the period must be positive")
+    # Firing ids carry the slot to the millisecond: shorter periods would
+    # give two slots one id, and the transport would drop the second.
+    if not seconds >= 0.001 or not math.isfinite(seconds):
+        raise ConfigurationError(f"every(seconds={seconds!r}): the period must be at least 1 ms")
     return _timer(app, _Interval(seconds), name, misfire, max_catch_up, options)
 
 
