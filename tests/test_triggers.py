@@ -479,3 +479,19 @@ def test_a_leap_of_the_wall_clock_is_a_misfire(misfire: str, expected: list[floa
         return fired
 
     assert clock.run(main()) == expected
+
+
+def test_the_docs_example_declares_its_triggers() -> None:
+    """docs/triggers.md's first example runs as written: three triggers."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "triggers.md").read_text()
+    block = text.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, object] = {"__name__": "docs_triggers"}
+    exec(compile(block, "docs/triggers.md", "exec"), namespace)
+    app = namespace["app"]
+    assert isinstance(app, surge.App)
+    assert sorted(app.subscriptions) == [
+        "billing._surge.when.lock",
+        "billing.heartbeat",
+        "billing.lock",
+        "billing.nightly",
+    ]
