@@ -328,6 +328,8 @@ def test_bad_conditions_are_refused() -> None:
         surge.sequence(A, B, within=0)
     with pytest.raises(surge.ConfigurationError, match="different"):
         surge.absence(A, A, within=1)
+    with pytest.raises(surge.ConfigurationError, match="A has no order"):
+        surge.sequence(A, B, by="order", within=1)
     with pytest.raises(surge.ConfigurationError, match="Event subclass"):
         surge.count(int, at_least=1, within=1)  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError, match=r"surge\.count"):

@@ -22,6 +22,7 @@ import bisect
 import inspect
 import logging
 import math
+import operator
 import re
 import weakref
 from collections import OrderedDict
@@ -491,8 +492,10 @@ class Condition:
         if by is None:
             self._key = None
         elif isinstance(by, str):
-            attr = by
-            self._key = lambda ev: getattr(ev, attr)
+            for s in sources:
+                if by not in getattr(s, "__struct_fields__", ()):
+                    raise ConfigurationError(f"{self.kind}(by={by!r}): {s.__name__} has no {by}")
+            self._key = operator.attrgetter(by)
         else:
             self._key = by
 
