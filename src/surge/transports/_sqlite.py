@@ -96,13 +96,14 @@ _encode_headers = msgspec.msgpack.Encoder().encode
 
 
 class _Consumer:
-    __slots__ = ("gid", "prefetch", "unsettled", "wake")
+    __slots__ = ("gid", "kicked", "prefetch", "unsettled", "wake")
 
     def __init__(self, gid: int, prefetch: int) -> None:
         self.gid = gid
         self.prefetch = prefetch
         self.unsettled = 0
         self.wake: asyncio.Future[None] | None = None
+        self.kicked = False  # woken while not napping: the next nap returns at once
 
 
 class _Lease:
@@ -485,10 +486,12 @@ class SqliteTransport:
     # --- consuming -----------------------------------------------------------
     def _wake(self, c: _Consumer) -> None:
         fut = c.wake
-        if fut is not None:
-            c.wake = None
-            if not fut.done():
-                fut.set_result(None)
+        if fut is None:
+            c.kicked = True
+            return
+        c.wake = None
+        if not fut.done():
+            fut.set_result(None)
 
     def _notify_changed(self) -> None:
         waiters = self._changed
@@ -500,6 +503,9 @@ class SqliteTransport:
 
     async def _nap(self, c: _Consumer, timeout: float | None) -> bool:
         """Wait for a wake-up or ``timeout`` seconds; True when woken."""
+        if c.kicked:
+            c.kicked = False
+            return True
         fut = c.wake = asyncio.get_running_loop().create_future()
         if timeout is None:
             await fut
