@@ -78,6 +78,7 @@ from .._codec import Codec, MsgpackCodec
 from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
+from ._redis_lua import ACK, DEAD, DECLARE, FORGET, MOVE, NACK, PUBLISH
 
 __all__ = ("RedisTransport",)
 
@@ -96,117 +97,6 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "poll": float,
     "reconnect_timeout": float,
 }
-
-_PUBLISH = """
-local v = redis.call('GET', KEYS[1]) or ''
-if v ~= ARGV[1] then return -1 end
-local window = ARGV[2]
-local maxlen = ARGV[3]
-local i = 4
-local added = 0
-local n_args = #ARGV
-while i <= n_args do
-  local kind = ARGV[i]
-  local dkey = ARGV[i + 1]
-  local n = tonumber(ARGV[i + 3])
-  local payload = ARGV[i + 4 + n]
-  local fresh = true
-  if dkey ~= '' then
-    fresh = redis.call('SET', dkey, '1', 'NX', 'EX', window)
-  end
-  if fresh then
-    for j = 1, n do
-      local key = ARGV[i + 3 + j]
-      if kind == 's' then
-        if maxlen == '' then
-          redis.call('XADD', key, '*', 'e', payload)
-        else
-          redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', payload)
-        end
-      else
-        redis.call('ZADD', key, ARGV[i + 2], '1:0::' .. payload)
-      end
-    end
-    added = added + 1
-  end
-  i = i + 5 + n
-end
-return added
-"""
-
-_DECLARE = """
-local cur = redis.call('HGET', KEYS[1], ARGV[1])
-local seen = {}
-local list = {}
-if cur then
-  for p in string.gmatch(cur, '[^\\n]+') do
-    if not seen[p] then seen[p] = true; table.insert(list, p) end
-  end
-end
-local changed = not cur
-for i = 2, #ARGV do
-  if not seen[ARGV[i]] then
-    seen[ARGV[i]] = true
-    table.insert(list, ARGV[i])
-    changed = true
-  end
-end
-if changed then
-  redis.call('HSET', KEYS[1], ARGV[1], table.concat(list, '\\n'))
-  redis.call('INCR', KEYS[2])
-end
-redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
-return redis.call('GET', KEYS[2])
-"""
-
-# KEYS: stream, zset; ARGV: group, token, delayed?, score, attempt, first_time
-_NACK = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-if #e == 0 then return 0 end
-local f = e[1][2]
-local payload
-for k = 1, #f, 2 do if f[k] == 'e' then payload = f[k + 1] end end
-if not payload then return 0 end
-if ARGV[3] == '0' then
-  redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', ARGV[5], 'f', ARGV[6])
-else
-  local member = ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[2] .. ':' .. payload
-  redis.call('ZADD', KEYS[2], ARGV[4], member)
-end
-return 1
-"""
-
-# KEYS: stream, dead stream; ARGV: group, token, record, envelope id
-_DEAD = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('XADD', KEYS[2], '*', 'r', ARGV[3], 'i', ARGV[4])
-return 1
-"""
-
-# KEYS: zset, stream; ARGV: now, limit
-_MOVE = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
-for _, m in ipairs(due) do
-  local p1 = string.find(m, ':', 1, true)
-  local p2 = string.find(m, ':', p1 + 1, true)
-  local p3 = string.find(m, ':', p2 + 1, true)
-  redis.call('XADD', KEYS[2], '*', 'e', string.sub(m, p3 + 1),
-             'a', string.sub(m, 1, p1 - 1), 'f', string.sub(m, p1 + 1, p2 - 1))
-  redis.call('ZREM', KEYS[1], m)
-end
-local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-return {#due, nxt[2] or ''}
-"""
-
-# KEYS: stream; ARGV: group, consumer
-_FORGET = """
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
-if #p == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
-return #p
-"""
 
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
@@ -363,6 +253,7 @@ class RedisTransport:
         self._space: list[asyncio.Future[None]] = []
         self._flush_wake: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
+        self._writing = False  # a publish script is on the wire
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = True
         self._closed = True
@@ -393,12 +284,13 @@ class RedisTransport:
         self._scripts = {
             name: r.register_script(src)
             for name, src in (
-                ("publish", _PUBLISH),
-                ("declare", _DECLARE),
-                ("nack", _NACK),
-                ("dead", _DEAD),
-                ("move", _MOVE),
-                ("forget", _FORGET),
+                ("publish", PUBLISH),
+                ("ack", ACK),
+                ("declare", DECLARE),
+                ("nack", NACK),
+                ("dead", DEAD),
+                ("move", MOVE),
+                ("forget", FORGET),
             )
         }
         try:
@@ -571,9 +463,22 @@ class RedisTransport:
             await fut
             if self._closed:
                 raise Closed("transport is closed")
-        fut = asyncio.get_running_loop().create_future()
-        self._put(_Pending(items, fut))
-        await fut
+        if self._writing or self._buf:
+            # A write is on the wire: join the next batch (group commit).
+            fut = asyncio.get_running_loop().create_future()
+            self._put(_Pending(items, fut))
+            await fut
+            return
+        # Nobody is writing: write now, without a hop through the flusher.
+        self._writing = True
+        self._idle = False
+        try:
+            await self._write_or_raise(items)
+        finally:
+            self._writing = False
+            if self._buf:
+                assert self._flush_wake is not None
+                self._flush_wake.set()
 
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         if self._closed:
@@ -595,7 +500,7 @@ class RedisTransport:
         wake = self._flush_wake
         assert wake is not None
         while True:
-            if not self._buf:
+            if not self._buf or self._writing:
                 wake.clear()
                 await wake.wait()
                 continue
@@ -607,27 +512,32 @@ class RedisTransport:
                 p = buf.pop(0)
                 taken.append(p)
                 n += len(p.items)
+            self._writing = True
             try:
-                await self._write([item for p in taken for item in p.items])
+                await self._write_or_raise([item for p in taken for item in p.items])
             except Exception as exc:
-                error = (
-                    exc
-                    if isinstance(exc, (TransportError, Closed))
-                    else self._error(exc, "publish")
-                )
                 for p in taken:
                     if p.future is not None and not p.future.done():
-                        p.future.set_exception(error)
+                        p.future.set_exception(exc)
             else:
                 for p in taken:
                     if p.future is not None and not p.future.done():
                         p.future.set_result(None)
             finally:
+                self._writing = False
                 self._buffered -= n
                 while self._space and self._buffered < self.buffer:
                     fut = self._space.pop(0)
                     if not fut.done():
                         fut.set_result(None)
+
+    async def _write_or_raise(self, items: list[tuple[str, bytes, str, float | None]]) -> None:
+        try:
+            await self._write(items)
+        except (TransportError, Closed):
+            raise
+        except Exception as exc:
+            raise self._error(exc, "publish") from exc
 
     async def _write(self, items: list[tuple[str, bytes, str, float | None]]) -> None:
         r = self._redis()
@@ -891,14 +801,14 @@ class RedisTransport:
         by_group: dict[str, list[Any]] = {}
         for d in deliveries:
             by_group.setdefault(d.group, []).append(d.token)
+        keys = [f"{self.prefix}:s:{name}" for name in by_group]
+        args: list[Any] = []
+        for name, tokens in by_group.items():
+            args += (name, b",".join(tokens))
+        script = self._scripts["ack"]
 
-        async def op(r: aredis.Redis) -> None:
-            pipe = r.pipeline(transaction=False)
-            for name, tokens in by_group.items():
-                stream = f"{self.prefix}:s:{name}"
-                pipe.xack(stream, name, *tokens)
-                pipe.xdel(stream, *tokens)
-            await pipe.execute()
+        def op(r: aredis.Redis) -> Any:
+            return script(keys=keys, args=args, client=r)
 
         await self._retrying("acknowledging", op)
         for name, tokens in by_group.items():

@@ -1,0 +1,141 @@
+"""The Lua scripts of the Redis transport: each settles or moves entries
+atomically, so a crash between two commands cannot lose or duplicate one.
+
+Scheduled entries (a sorted set member) are ``attempt:first_time:token:payload``;
+the payload is the encoded envelope, which may itself contain ``:``.
+"""
+
+__all__ = ("ACK", "DEAD", "DECLARE", "FORGET", "MOVE", "NACK", "PUBLISH")
+
+PUBLISH = """
+local v = redis.call('GET', KEYS[1]) or ''
+if v ~= ARGV[1] then return -1 end
+local window = ARGV[2]
+local maxlen = ARGV[3]
+local i = 4
+local added = 0
+local n_args = #ARGV
+while i <= n_args do
+  local kind = ARGV[i]
+  local dkey = ARGV[i + 1]
+  local n = tonumber(ARGV[i + 3])
+  local payload = ARGV[i + 4 + n]
+  local fresh = true
+  if dkey ~= '' then
+    fresh = redis.call('SET', dkey, '1', 'NX', 'EX', window)
+  end
+  if fresh then
+    for j = 1, n do
+      local key = ARGV[i + 3 + j]
+      if kind == 's' then
+        if maxlen == '' then
+          redis.call('XADD', key, '*', 'e', payload)
+        else
+          redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', payload)
+        end
+      else
+        redis.call('ZADD', key, ARGV[i + 2], '1:0::' .. payload)
+      end
+    end
+    added = added + 1
+  end
+  i = i + 5 + n
+end
+return added
+"""
+
+DECLARE = """
+local cur = redis.call('HGET', KEYS[1], ARGV[1])
+local seen = {}
+local list = {}
+if cur then
+  for p in string.gmatch(cur, '[^\\n]+') do
+    if not seen[p] then seen[p] = true; table.insert(list, p) end
+  end
+end
+local changed = not cur
+for i = 2, #ARGV do
+  if not seen[ARGV[i]] then
+    seen[ARGV[i]] = true
+    table.insert(list, ARGV[i])
+    changed = true
+  end
+end
+if changed then
+  redis.call('HSET', KEYS[1], ARGV[1], table.concat(list, '\\n'))
+  redis.call('INCR', KEYS[2])
+end
+redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
+return redis.call('GET', KEYS[2])
+"""
+
+# KEYS: stream, zset; ARGV: group, token, delayed?, score, attempt, first_time
+NACK = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
+redis.call('XDEL', KEYS[1], ARGV[2])
+if #e == 0 then return 0 end
+local f = e[1][2]
+local payload
+for k = 1, #f, 2 do if f[k] == 'e' then payload = f[k + 1] end end
+if not payload then return 0 end
+if ARGV[3] == '0' then
+  redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', ARGV[5], 'f', ARGV[6])
+else
+  local member = ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[2] .. ':' .. payload
+  redis.call('ZADD', KEYS[2], ARGV[4], member)
+end
+return 1
+"""
+
+# KEYS: stream, dead stream; ARGV: group, token, record, envelope id
+DEAD = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('XADD', KEYS[2], '*', 'r', ARGV[3], 'i', ARGV[4])
+return 1
+"""
+
+# KEYS: zset, stream; ARGV: now, limit
+MOVE = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
+for _, m in ipairs(due) do
+  local p1 = string.find(m, ':', 1, true)
+  local p2 = string.find(m, ':', p1 + 1, true)
+  local p3 = string.find(m, ':', p2 + 1, true)
+  redis.call('XADD', KEYS[2], '*', 'e', string.sub(m, p3 + 1),
+             'a', string.sub(m, 1, p1 - 1), 'f', string.sub(m, p1 + 1, p2 - 1))
+  redis.call('ZREM', KEYS[1], m)
+end
+local nxt = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+return {#due, nxt[2] or ''}
+"""
+
+# KEYS: stream; ARGV: group, consumer
+FORGET = """
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #p == 0 then redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2]) end
+return #p
+"""
+
+# KEYS: streams; ARGV: for each stream, its group then its ids joined by ','.
+# One argument per group keeps the client from packing every id separately.
+ACK = """
+local n = 0
+for k = 1, #KEYS do
+  local ids = {}
+  for id in string.gmatch(ARGV[2 * k], '[^,]+') do
+    table.insert(ids, id)
+    if #ids == 500 then
+      n = n + redis.call('XACK', KEYS[k], ARGV[2 * k - 1], unpack(ids))
+      redis.call('XDEL', KEYS[k], unpack(ids))
+      ids = {}
+    end
+  end
+  if #ids > 0 then
+    n = n + redis.call('XACK', KEYS[k], ARGV[2 * k - 1], unpack(ids))
+    redis.call('XDEL', KEYS[k], unpack(ids))
+  end
+end
+return n
+"""
