@@ -55,7 +55,6 @@ import sys
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -238,9 +237,13 @@ async def produce(
     *,
     concurrency: int = 8,
     rate: float | None = None,
+    slow_when: Callable[[], bool] | None = None,
+    trickle: float = 50.0,
 ) -> None:
     """Publish a :class:`Numbered` per number; append each to ``acked`` once
-    its ``publish`` returned. ``rate`` (events/s) paces the whole run."""
+    its ``publish`` returned. ``rate`` (events/s) paces the whole run; while
+    ``slow_when()`` holds, publishing slows to ``trickle`` events/s (so the
+    workers keep handling something, but the events are not used up)."""
     queue = list(numbers)
     producer = surge.App("jepsen-producer", transport=url)
     loop = asyncio.get_running_loop()
@@ -248,8 +251,13 @@ async def produce(
     it = iter(enumerate(queue))
 
     async def one() -> None:
+        nonlocal start
         for i, n in it:
-            if rate is not None:
+            if slow_when is not None and slow_when():
+                await asyncio.sleep(concurrency / trickle)
+                if rate is not None:
+                    start = loop.time() - i / rate  # no burst to catch up afterwards
+            elif rate is not None:
                 ahead = start + i / rate - loop.time()
                 if ahead > 0:
                     await asyncio.sleep(ahead)
@@ -269,11 +277,13 @@ async def kill_workers(
     max_delay: float = 0.3,
     until: asyncio.Future[Any] | None = None,
     deadline: float = 120.0,
+    on_kill: Callable[[int], object] | None = None,
 ) -> int:
     """SIGKILL a random worker ``kills`` times, each at a random moment while
     it handles (it has recorded an event since it was picked); the count done.
 
     Stops early when ``until`` (the producers, say) is done or at ``deadline``.
+    ``on_kill`` is called with the count after each kill.
     """
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -296,6 +306,8 @@ async def kill_workers(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
             done += 1
+        if on_kill is not None:
+            on_kill(done)
         await sup.wait_restarted(pid)
     return done
 
@@ -465,14 +477,31 @@ async def run_crash(
     start = loop.time()
     running = loop.create_task(sup.run())
     acked: list[int] = []
+    killed = [0]
+
+    def ahead() -> bool:
+        # publish one share of the events per kill, then only a trickle until
+        # the next kill, so the kills find events flowing however slow they are
+        return killed[0] < kills and len(acked) * kills >= (killed[0] + 1) * events
+
+    def count(n: int) -> None:
+        killed[0] = n
+
     try:
         await sup.wait_ready()
         producing = loop.create_task(
-            produce(url, range(events), acked, concurrency=producers, rate=rate)
+            produce(url, range(events), acked, concurrency=producers, rate=rate, slow_when=ahead)
         )
         done = await kill_workers(
-            sup, records, kills=kills, rng=rng, max_delay=max_delay, until=producing
+            sup,
+            records,
+            kills=kills,
+            rng=rng,
+            max_delay=max_delay,
+            until=producing,
+            on_kill=count,
         )
+        killed[0] = kills  # whatever happened, stop slowing the producers
         await producing
         stats = await drain(url, records, acked, timeout=drain_timeout)
     finally:
@@ -491,17 +520,18 @@ async def run_crash(
 
 
 # --- a publisher process, for kill loops against the committing process ------------------
-def publish_process(url: str, start: int, acked_path: str, notify: Connection) -> None:
+def publish_process(url: str, start: int, acked_path: str, notify_path: str) -> None:
     """Publish numbered events from ``start`` on, forever, from several tasks
     at once (so commits are shared); after each ``publish`` returns, append
-    its number to ``acked_path`` and send a byte on ``notify``.
+    its number to ``acked_path`` and write a byte to the FIFO ``notify_path``.
 
     The target of a process the test kills at a moment of its choosing.
     """
+    notify = os.open(notify_path, os.O_WRONLY)  # waits for the reader
     asyncio.run(_publish_forever(url, start, acked_path, notify))
 
 
-async def _publish_forever(url: str, start: int, acked_path: str, notify: Connection) -> None:
+async def _publish_forever(url: str, start: int, acked_path: str, notify: int) -> None:
     fd = os.open(acked_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     producer = surge.App("jepsen-publisher", transport=url)
     numbers = iter(range(start, sys.maxsize))
@@ -510,7 +540,7 @@ async def _publish_forever(url: str, start: int, acked_path: str, notify: Connec
         for n in numbers:
             await producer.publish(Numbered(n=n))
             os.write(fd, f"{n}\n".encode())
-            notify.send_bytes(b"a")
+            os.write(notify, b"a")
 
     async with producer:
         await asyncio.gather(*(one() for _ in range(4)))

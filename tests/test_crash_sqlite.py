@@ -9,6 +9,7 @@ import asyncio
 import multiprocessing
 import os
 import random
+import select
 import signal
 import sqlite3
 import time
@@ -49,7 +50,7 @@ async def test_sigkilled_workers_lose_nothing(tmp_path: Path) -> None:
         kills=20,
         workers=2,
         seed=20,
-        rate=800,
+        rate=2000,
     )
     print(f"\nsqlite crash test: {result}")
     assert result.acked == 20_000
@@ -147,21 +148,25 @@ def test_killing_the_publisher_200_times(tmp_path: Path) -> None:
     start = time.monotonic()
     for i in range(200):
         acked_path = tmp_path / f"acked-{i}.txt"
-        reader, writer = ctx.Pipe(duplex=False)
+        fifo = tmp_path / f"notify-{i}"
+        os.mkfifo(fifo)
         proc = ctx.Process(
-            target=publish_process, args=(url, i * 1_000_000, str(acked_path), writer)
+            target=publish_process, args=(url, i * 1_000_000, str(acked_path), str(fifo))
         )
         proc.start()
-        writer.close()
-        # kill after a random number of acknowledged publishes: the other
-        # publishes of the process are somewhere in their commit by then
-        for _ in range(rng.randint(1, 40)):
-            assert reader.poll(30), f"loop {i}: the publisher made no progress"
-            reader.recv_bytes()
-        assert proc.pid is not None
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.join()
-        reader.close()
+        notify = os.open(fifo, os.O_RDONLY)  # returns once the child opened its end
+        try:
+            # kill after a random number of acknowledged publishes: the other
+            # publishes of the process are somewhere in their commit by then
+            for _ in range(rng.randint(1, 40)):
+                ready, _, _ = select.select([notify], [], [], 30)
+                assert ready, f"loop {i}: the publisher made no progress"
+                assert os.read(notify, 1) == b"a", f"loop {i}: the publisher died"
+            assert proc.pid is not None
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.join()
+        finally:
+            os.close(notify)
         assert proc.exitcode == -signal.SIGKILL
         conn = sqlite3.connect(db)
         try:
