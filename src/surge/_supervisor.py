@@ -30,10 +30,13 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -52,6 +55,7 @@ EX_CONFIG = 78
 """Exit code of a worker (and the supervisor) whose app cannot work as given."""
 
 _ENV = "SURGE_WORKER"
+_METRICS_ENV = "SURGE_METRICS_DIR"
 
 
 class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -174,6 +178,7 @@ class Supervisor:
         self._fatal: int | None = None
         self._kill_now = False
         self._restart_tasks: set[asyncio.Task[None]] = set()
+        self._metrics_tmp: str | None = None
 
     # --- what callers see ----------------------------------------------------
     @property
@@ -215,6 +220,7 @@ class Supervisor:
     # --- running -------------------------------------------------------------
     async def run(self) -> int:
         """Start the workers, keep them running until asked to stop; exit code."""
+        owned_dir = self._metrics_dir() is None
         try:
             for slot in self._slots:
                 await self._start(slot)
@@ -224,7 +230,23 @@ class Supervisor:
                 t.cancel()
             await asyncio.gather(*self._restart_tasks, return_exceptions=True)
             code = await self._shutdown()
+            if owned_dir and self._metrics_tmp is not None:
+                shutil.rmtree(self._metrics_tmp, ignore_errors=True)
         return self._fatal if self._fatal is not None else code
+
+    def _metrics_dir(self) -> str | None:
+        """The directory where workers write metric snapshots
+        (``SURGE_METRICS_DIR`` from the environment given, else a temporary
+        one), so a scrape of any worker sums all of them (surge.observe).
+        Files left by an earlier run are removed."""
+        given = (os.environ if self.env is None else self.env).get(_METRICS_ENV)
+        if given:
+            for old in Path(given).glob("*.json"):
+                old.unlink(missing_ok=True)
+            self._metrics_tmp = None
+            return given
+        self._metrics_tmp = tempfile.mkdtemp(prefix="surge-metrics-")
+        return None
 
     def _spec(self, ready_fd: int) -> WorkerSpec:
         return WorkerSpec(
@@ -242,6 +264,8 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         env = dict(os.environ if self.env is None else self.env)
         env[_ENV] = msgspec.json.encode(self._spec(write_fd)).decode()
+        if self._metrics_tmp is not None:
+            env.setdefault(_METRICS_ENV, self._metrics_tmp)
         try:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -384,7 +408,9 @@ class Supervisor:
         for s in self._slots:
             if s.ready_fd is not None:
                 self._close_ready(s, s.ready_fd)
-        return 0 if clean and not killed else 1
+        code = 0 if clean and not killed else 1
+        log.info("workers stopped (%s)", "cleanly" if code == 0 else "not all cleanly")
+        return code
 
     def _notify(self) -> None:
         self._changed.set()
@@ -439,16 +465,6 @@ def _watch_parent() -> None:
     threading.Thread(target=wait_eof, name="surge-parent-watch", daemon=True).start()
 
 
-def _use_transport(app: App, url: str) -> None:
-    use = getattr(app, "use_transport", None)
-    if use is not None:
-        use(url)
-        return
-    # No public switch yet: the app opens its transport lazily from the spec.
-    app._transport_spec = url
-    app._transport = None
-
-
 def _serve_http(app: App, host: str, port: int, ready: Callable[[object], object] | None) -> None:
     # surge.http is written beside this module; looked up at run time so a
     # worker without --http never imports starlette or uvicorn.
@@ -478,7 +494,7 @@ def worker_main(spec: WorkerSpec) -> int:
             sys.path.insert(0, p)
     try:
         app = load_app(spec.app)
-        _use_transport(app, spec.transport)
+        app.use_transport(spec.transport)
     except ConfigurationError as exc:
         log.error("%s", exc)
         return EX_CONFIG
