@@ -1,6 +1,6 @@
 """The transports the conformance suite runs against.
 
-To add a transport, write a ``Case`` and add it to ``CASES`` (see the two
+To add a transport, write a ``Case`` and add it to ``CASES`` (see those
 below): ``url`` gives the URL of a fresh, empty store for one test (it gets
 pytest's ``tmp_path`` and may call ``pytest.skip`` when, say, no server
 listens), ``options`` go to every ``open_transport`` call, and the flags say
