@@ -318,6 +318,8 @@ class Supervisor:
 
     async def _watch(self, slot: _Slot, proc: asyncio.subprocess.Process) -> None:
         code = await proc.wait()
+        if proc.stdin is not None:
+            proc.stdin.close()
         if slot.ready_fd is not None:
             self._close_ready(slot, slot.ready_fd)
         self.exit_codes.append(code)

@@ -209,6 +209,13 @@ class Ingress:
         start = self._now()
         bound = self._routes.get((scope["method"], scope["path"]))
         if bound is None:
+            if scope["path"].startswith("/_surge/"):
+                # stats, dashboard and dead letters: surge.observe
+                from ..observe._endpoints import serve_surge
+
+                status = await serve_surge(self, scope, receive, send)
+                self._stats_for(scope["method"], "/_surge/").observe(status, self._now() - start)
+                return
             await self._builtin(scope, receive, send, start)
             return
         metrics = self.metrics
@@ -325,6 +332,9 @@ class Ingress:
                 body = msgspec.json.encode({"status": "not ready", "reason": why})
                 await _answer(send, 503, body, (_JSON, _RETRY))
         else:
+            from ..observe._export import refresh_backlogs
+
+            await refresh_backlogs(self.app)
             status = 200
             await _answer(send, 200, self.metrics.render(), (_PROMETHEUS,))
         self._stats_for(method if methods else "-", path).observe(status, self._now() - start)

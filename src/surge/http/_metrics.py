@@ -87,30 +87,8 @@ class Metrics(Collector):
         yield from self._subscriptions()
 
     def _subscriptions(self) -> Iterator[Any]:
-        stats = self._app.statistics()
-        labels = ("app", "subscription")
-        counters = {
-            name: CounterMetricFamily(
-                f"surge_subscription_{name}", f"Events {name.replace('_', ' ')}", labels=labels
-            )
-            for name in ("received", "succeeded", "failed", "retried", "dead_lettered")
-        }
-        gauges = {
-            name: GaugeMetricFamily(
-                f"surge_subscription_{name}", f"Events {name.replace('_', ' ')} now", labels=labels
-            )
-            for name in ("in_flight", "queued", "stuck_threads")
-        }
-        app = self._app.name
-        for sub, s in sorted(stats.subscriptions.items()):
-            for name, family in counters.items():
-                family.add_metric((app, sub), getattr(s, name))
-            for name, gauge in gauges.items():
-                gauge.add_metric((app, sub), getattr(s, name))
-        yield from counters.values()
-        yield from gauges.values()
-        pending = GaugeMetricFamily(
-            "surge_pending_requests", "app.request calls waiting for their reply", labels=("app",)
-        )
-        pending.add_metric((app,), stats.pending_requests)
-        yield pending
+        # counters, gauges and histograms of every subscription, summed over
+        # worker processes when they share a metrics directory
+        from ..observe._export import families
+
+        yield from families(self._app)

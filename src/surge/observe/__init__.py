@@ -1,0 +1,43 @@
+"""Observability: metrics, a JSON stats view, a dashboard, logs and tracing.
+
+``surge.observe.instrument(app)`` adds handler duration and latency
+histograms; the ingress then serves them at ``/metrics`` (Prometheus),
+``/_surge/stats`` (JSON) and ``/_surge/`` (the dashboard).
+"""
+
+from __future__ import annotations
+
+from ._endpoints import ADMIN_TOKEN_ENV, set_admin_token
+from ._export import StatsView, SubscriptionView, refresh_backlogs
+from ._metrics import (
+    BUCKETS,
+    METRICS_DIR_ENV,
+    MetricsMiddleware,
+    Snapshot,
+    SubscriptionSnapshot,
+    current,
+    instrument,
+    merge,
+    quantile,
+    read_directory,
+    snapshot,
+)
+
+__all__ = (
+    "ADMIN_TOKEN_ENV",
+    "BUCKETS",
+    "METRICS_DIR_ENV",
+    "MetricsMiddleware",
+    "Snapshot",
+    "StatsView",
+    "SubscriptionSnapshot",
+    "SubscriptionView",
+    "current",
+    "instrument",
+    "merge",
+    "quantile",
+    "read_directory",
+    "refresh_backlogs",
+    "set_admin_token",
+    "snapshot",
+)

@@ -1,0 +1,175 @@
+"""The ingress's ``/_surge/`` routes: stats JSON, dashboard, dead letters.
+
+- ``GET /_surge/`` the dashboard page (self-contained: no CDN).
+- ``GET /_surge/stats`` JSON: counters, gauges, rates, duration quantiles,
+  backlog and dead letters per subscription.
+- ``GET /_surge/dlq`` JSON: dead letters (``?subscription=`` for one).
+- ``POST /_surge/dlq/replay`` and ``/_surge/dlq/purge`` with a JSON body
+  ``{"subscription": ..., "ids": [...]}`` (ids optional: all of them).
+
+The two POSTs change data, so they are refused (403) unless the request
+carries ``Authorization: Bearer <token>`` matching ``SURGE_ADMIN_TOKEN``
+(or :func:`set_admin_token`), or, when no token is configured, comes from
+a loopback address. Either way they need ``content-type: application/json``
+and, when the browser sends an ``Origin``, one naming this host: a page of
+another site cannot make a browser send such a request without a CORS
+preflight, which is never granted here.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+import msgspec
+
+from .._errors import ConfigurationError
+from ._dashboard import PAGE
+from ._export import StatsHistory
+
+if TYPE_CHECKING:
+    from ..http._ingress import Ingress, Receive, Scope, Send
+
+__all__ = ("ADMIN_TOKEN_ENV", "serve_surge", "set_admin_token")
+
+ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
+_JSON = (b"content-type", b"application/json")
+_HTML = (b"content-type", b"text/html; charset=utf-8")
+_NOCACHE = (b"cache-control", b"no-store")
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+_MAX_BODY = 1 << 20
+
+_histories: dict[int, StatsHistory] = {}
+_tokens: dict[int, str] = {}
+
+
+def set_admin_token(app: Any, token: str | None) -> None:
+    """Require ``token`` (a bearer token) for the dead-letter POSTs of ``app``."""
+    if token is None:
+        _tokens.pop(id(app), None)
+    else:
+        _tokens[id(app)] = token
+
+
+class _Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    subscription: str
+    ids: list[str] | None = None
+
+
+def _letter(d: Any) -> dict[str, Any]:
+    return {
+        "id": d.id,
+        "subscription": d.group,
+        "topic": d.topic,
+        "key": d.key,
+        "error_type": d.error_type,
+        "error": d.error,
+        "traceback": d.traceback[-4000:],
+        "attempts": d.attempts,
+        "first_attempt_at": d.first_attempt_at,
+        "failed_at": d.failed_at,
+        "body": _readable(d.body),
+    }
+
+
+def _readable(body: bytes) -> str:
+    """An event body as JSON text when it decodes (msgpack or JSON)."""
+    for decode in (msgspec.msgpack.decode, msgspec.json.decode):
+        try:
+            return msgspec.json.encode(decode(body)).decode()[:4000]
+        except (msgspec.DecodeError, TypeError, ValueError):
+            continue
+    return body[:2000].decode("utf-8", "replace")
+
+
+async def serve_surge(ingress: Ingress, scope: Scope, receive: Receive, send: Send) -> int:
+    """Answer a request under ``/_surge/``; its status."""
+    from ..http._ingress import _answer
+
+    app = ingress.app
+    path: str = scope["path"]
+    method: str = scope["method"]
+    if method in ("GET", "HEAD"):
+        if path in ("/_surge/", "/_surge/index.html"):
+            await _answer(send, 200, PAGE, (_HTML, _NOCACHE))
+            return 200
+        if path == "/_surge/stats":
+            history = _histories.get(id(ingress))
+            if history is None:
+                history = _histories[id(ingress)] = StatsHistory(app)
+            view = await history.view()
+            await _answer(send, 200, msgspec.json.encode(view), (_JSON, _NOCACHE))
+            return 200
+        if path == "/_surge/dlq":
+            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+            sub = query.get("subscription", [None])[0]
+            try:
+                letters = await app.dead_letters(sub)
+            except ConfigurationError as exc:
+                return await _error(send, 404, str(exc))
+            body = msgspec.json.encode({"dead_letters": [_letter(d) for d in letters]})
+            await _answer(send, 200, body, (_JSON, _NOCACHE))
+            return 200
+    elif method == "POST" and path in ("/_surge/dlq/replay", "/_surge/dlq/purge"):
+        why = _refusal(app, scope)
+        if why is not None:
+            return await _error(send, 403, why)
+        raw = await _read(receive)
+        if raw is None:
+            return await _error(send, 413, f"the body is larger than {_MAX_BODY} bytes")
+        try:
+            action = msgspec.json.decode(raw, type=_Action)
+        except msgspec.DecodeError as exc:
+            return await _error(send, 400, f"expected {{subscription, ids?}}: {exc}")
+        try:
+            if path.endswith("replay"):
+                n = await app.replay(action.subscription, action.ids)
+            else:
+                n = await app.purge(action.subscription, action.ids)
+        except ConfigurationError as exc:
+            return await _error(send, 404, str(exc))
+        await _answer(send, 200, msgspec.json.encode({"count": n}), (_JSON,))
+        return 200
+    return await _error(send, 404, "no such route")
+
+
+def _refusal(app: Any, scope: Scope) -> str | None:
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    if headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        return "send the action as content-type: application/json"
+    origin = headers.get("origin")
+    if origin is not None and urlsplit(origin).netloc != headers.get("host"):
+        return "cross-origin requests are refused"
+    token = _tokens.get(id(app)) or os.environ.get(ADMIN_TOKEN_ENV)
+    if token:
+        given = headers.get("authorization", "")
+        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            return None
+        return "a valid 'Authorization: Bearer <token>' is required"
+    client = scope.get("client")
+    if client and client[0] in _LOOPBACK:
+        return None
+    return f"dead-letter actions need {ADMIN_TOKEN_ENV} set, or a loopback client"
+
+
+async def _read(receive: Receive) -> bytes | None:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > _MAX_BODY:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+async def _error(send: Send, status: int, error: str) -> int:
+    from ..http._ingress import _answer
+
+    await _answer(send, status, msgspec.json.encode({"error": error}), (_JSON,))
+    return status

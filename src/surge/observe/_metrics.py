@@ -1,0 +1,352 @@
+"""Handler metrics: duration and latency histograms, and several processes.
+
+The runner already counts received, succeeded, failed, retried and
+dead-lettered deliveries (``app.statistics()``); what it does not know is
+how long things take. :class:`MetricsMiddleware` adds two histograms per
+subscription, kept as plain integer buckets (a prometheus-client
+``Histogram`` takes a lock per observation; these are built at scrape
+time instead, like the ingress's own counters).
+
+Several worker processes (``--workers N``) each keep their own numbers.
+When ``SURGE_METRICS_DIR`` names a directory (the supervisor sets it for its
+workers), every instrumented process writes a snapshot file there each
+second and when it exits, and a scrape served by any worker sums the files:
+counters and histograms of all workers (also of workers that have exited),
+gauges of the live ones. Another worker's numbers are at most a second old.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import os
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from .._middleware import Middleware
+from .._stats import AppStats, SubscriptionStats
+
+if TYPE_CHECKING:
+    from .._app import App
+    from .._context import Context
+
+__all__ = (
+    "BUCKETS",
+    "METRICS_DIR_ENV",
+    "Histogram",
+    "MetricsMiddleware",
+    "Snapshot",
+    "SubscriptionSnapshot",
+    "instrument",
+    "read_directory",
+    "snapshot",
+)
+
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+"""Upper bounds (seconds) of the histogram buckets; one more bucket is +Inf."""
+
+METRICS_DIR_ENV = "SURGE_METRICS_DIR"
+COUNTERS = ("received", "succeeded", "failed", "retried", "dead_lettered")
+GAUGES = ("in_flight", "queued", "stuck_threads")
+
+
+class Histogram:
+    """Counts of observations per bucket (not cumulative) and their sum."""
+
+    __slots__ = ("buckets", "sum")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.buckets[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+class _Sub:
+    __slots__ = ("duration", "latency")
+
+    def __init__(self) -> None:
+        self.duration = Histogram()
+        self.latency = Histogram()
+
+
+class MetricsMiddleware(Middleware):
+    """Handler duration and publish-to-handle latency, per subscription.
+
+    Both are read from the app's clock, so they are exact on a virtual
+    clock. Duration runs from ``before_handle`` to ``after_handle`` or
+    ``on_error``; latency from the event's publish time to the start of
+    each attempt (a retried event's latency includes its retry delays).
+    Use :func:`instrument` to add it to an app.
+    """
+
+    def __init__(self) -> None:
+        self.subscriptions: dict[str, _Sub] = {}
+        self._started: dict[Context, float] = {}
+
+    def before_handle(self, ctx: Context) -> None:
+        clock = ctx.app.clock
+        sub = self.subscriptions.get(ctx.subscription)
+        if sub is None:
+            sub = self.subscriptions[ctx.subscription] = _Sub()
+        sub.latency.observe(clock.time() - ctx.delivery.envelope.time)
+        self._started[ctx] = clock.monotonic()
+
+    def after_handle(self, ctx: Context, result: Any) -> None:
+        self._finished(ctx)
+
+    def on_error(self, ctx: Context, exc: BaseException) -> None:
+        self._finished(ctx)
+
+    def _finished(self, ctx: Context) -> None:
+        # Absent when the handler's own events failed to publish after
+        # after_handle, or when decoding failed before before_handle.
+        start = self._started.pop(ctx, None)
+        if start is not None:
+            self.subscriptions[ctx.subscription].duration.observe(ctx.app.clock.monotonic() - start)
+
+
+def metrics_of(app: App) -> MetricsMiddleware | None:
+    """The app's :class:`MetricsMiddleware`, if it has one."""
+    for mw in app._middleware:
+        if isinstance(mw, MetricsMiddleware):
+            return mw
+    return None
+
+
+def instrument(app: App) -> MetricsMiddleware:
+    """Add a :class:`MetricsMiddleware` to ``app`` (idempotent) and, when
+    ``SURGE_METRICS_DIR`` is set, write this process's snapshot there.
+
+    Call it before the app starts (at import time of the app's module).
+    """
+    mw = metrics_of(app)
+    if mw is not None:
+        return mw
+    if app.state != "new":
+        from .._errors import ConfigurationError
+
+        raise ConfigurationError("instrument the app before it starts")
+    mw = MetricsMiddleware()
+    # Outermost, so its duration covers the other middleware too.
+    app._middleware = (mw, *app._middleware)
+    directory = os.environ.get(METRICS_DIR_ENV)
+    if directory:
+        _DirectoryWriter(app, Path(directory)).install()
+    return mw
+
+
+# --- snapshots --------------------------------------------------------------
+class SubscriptionSnapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """One subscription's counters, gauges and histograms."""
+
+    stats: SubscriptionStats
+    duration: list[int] = msgspec.field(default_factory=list)
+    duration_sum: float = 0.0
+    latency: list[int] = msgspec.field(default_factory=list)
+    latency_sum: float = 0.0
+
+
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    """What one process (or the sum of several) knows of an app."""
+
+    app: str
+    pid: int = 0
+    time: float = 0.0
+    subscriptions: dict[str, SubscriptionSnapshot]
+    pending_requests: int = 0
+    processes: int = 1
+
+    def statistics(self) -> AppStats:
+        return AppStats(
+            subscriptions={n: s.stats for n, s in self.subscriptions.items()},
+            pending_requests=self.pending_requests,
+        )
+
+
+def snapshot(app: App) -> Snapshot:
+    """This process's numbers for ``app``."""
+    stats = app.statistics()
+    mw = metrics_of(app)
+    subs = {}
+    for name, st in stats.subscriptions.items():
+        h = mw.subscriptions.get(name) if mw is not None else None
+        if h is None:
+            subs[name] = SubscriptionSnapshot(stats=st)
+        else:
+            subs[name] = SubscriptionSnapshot(
+                stats=st,
+                duration=list(h.duration.buckets),
+                duration_sum=h.duration.sum,
+                latency=list(h.latency.buckets),
+                latency_sum=h.latency.sum,
+            )
+    return Snapshot(
+        app=app.name,
+        pid=os.getpid(),
+        time=app.clock.time(),
+        subscriptions=subs,
+        pending_requests=stats.pending_requests,
+    )
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _add(a: list[int], b: list[int]) -> list[int]:
+    if not a:
+        return list(b)
+    if not b:
+        return a
+    return [x + y for x, y in zip(a, b, strict=True)]
+
+
+def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
+    """The sum of several processes' snapshots of one app: counters and
+    histograms of all, gauges of the processes still alive."""
+    items = list(snapshots)
+    if not items:
+        return None
+    subs: dict[str, dict[str, Any]] = {}
+    pending = 0
+    for snap in items:
+        live = _alive(snap.pid)
+        if live:
+            pending += snap.pending_requests
+        for name, s in snap.subscriptions.items():
+            acc = subs.setdefault(
+                name,
+                {"c": dict.fromkeys(COUNTERS + GAUGES, 0), "d": [], "ds": 0.0, "l": [], "ls": 0.0},
+            )
+            for field in COUNTERS:
+                acc["c"][field] += getattr(s.stats, field)
+            if live:
+                for field in GAUGES:
+                    acc["c"][field] += getattr(s.stats, field)
+            acc["d"] = _add(acc["d"], s.duration)
+            acc["ds"] += s.duration_sum
+            acc["l"] = _add(acc["l"], s.latency)
+            acc["ls"] += s.latency_sum
+    return Snapshot(
+        app=items[0].app,
+        time=max(s.time for s in items),
+        subscriptions={
+            name: SubscriptionSnapshot(
+                stats=SubscriptionStats(**acc["c"]),
+                duration=acc["d"],
+                duration_sum=acc["ds"],
+                latency=acc["l"],
+                latency_sum=acc["ls"],
+            )
+            for name, acc in sorted(subs.items())
+        },
+        pending_requests=pending,
+        processes=len(items),
+    )
+
+
+_decoder = msgspec.json.Decoder(Snapshot)
+
+
+def read_directory(directory: str | os.PathLike[str], app: str | None = None) -> Snapshot | None:
+    """The merged snapshots in ``directory`` (of ``app`` only, if given)."""
+    snaps = []
+    for path in sorted(Path(directory).glob("*.json")):
+        try:
+            snap = _decoder.decode(path.read_bytes())
+        except (OSError, msgspec.DecodeError):
+            continue  # a file being replaced, or not ours: skip it
+        if app is None or snap.app == app:
+            snaps.append(snap)
+    return merge(snaps)
+
+
+def current(app: App) -> Snapshot:
+    """The app's numbers: this process's, or all workers' when writing to a
+    metrics directory (this process's file is refreshed first)."""
+    writer = _writers.get(id(app))
+    if writer is None:
+        return snapshot(app)
+    writer.write()
+    return read_directory(writer.directory, app.name) or snapshot(app)
+
+
+_writers: dict[int, _DirectoryWriter] = {}
+
+
+class _DirectoryWriter:
+    def __init__(self, app: App, directory: Path) -> None:
+        self.app = app
+        self.directory = directory
+        self._task: asyncio.Task[None] | None = None
+
+    def install(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        _writers[id(self.app)] = self
+        self.app.on_start(self._start)
+        # at exit rather than on_stop: on_stop runs before the drain, and
+        # the deliveries finished while draining must be counted too
+        atexit.register(self.write)
+
+    @property
+    def path(self) -> Path:
+        return self.directory / f"{self.app.name}-{os.getpid()}.json"
+
+    def write(self) -> None:
+        data = msgspec.json.encode(snapshot(self.app))
+        tmp = self.path.with_suffix(".tmp")
+        with contextlib.suppress(OSError):
+            tmp.write_bytes(data)
+            os.replace(tmp, self.path)
+
+    async def _start(self) -> None:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while self.app.state in ("new", "running", "stopping"):
+            self.write()
+            await self.app.clock.sleep(1.0)
+        self.write()
+
+
+def iter_cumulative(buckets: list[int]) -> Iterator[tuple[str, float]]:
+    """Prometheus's cumulative ``(le, count)`` pairs of per-bucket counts."""
+    acc = 0
+    for bound, n in zip((*map(str, BUCKETS), "+Inf"), buckets, strict=True):
+        acc += n
+        yield bound, float(acc)
+
+
+def quantile(buckets: list[int], q: float) -> float | None:
+    """The ``q`` quantile of per-bucket counts, interpolated in its bucket
+    (the top bucket answers its lower bound); None without observations."""
+    total = sum(buckets)
+    if not total:
+        return None
+    rank = q * total
+    acc = 0
+    for i, n in enumerate(buckets):
+        if n and acc + n >= rank:
+            lo = BUCKETS[i - 1] if i else 0.0
+            if i >= len(BUCKETS):
+                return lo
+            return lo + (BUCKETS[i] - lo) * ((rank - acc) / n)
+        acc += n
+    return BUCKETS[-1]
