@@ -147,23 +147,37 @@ async def test_a_corrupt_file_is_detected_at_start(tmp_path: Path, clock: surge.
 async def test_a_locked_database_raises_after_busy_timeout(
     tmp_path: Path, clock: surge.Clock
 ) -> None:
-    """Another process's lock past busy_timeout raises TransportError; then it recovers."""
+    """Another process's lock past busy_timeout fails publish with TransportError;
+    consumers and acks ride it out (what could not be settled comes back)."""
     db = tmp_path / "d.db"
-    async with started(db, clock, busy_timeout=0.05) as t:
+    async with started(db, clock, busy_timeout=0.05, lease=1.0, heartbeat=0) as t:
         await t.declare("g", ["conf.item"])
+        await t.publish([env(1)])
         other = sqlite3.connect(db, isolation_level=None)
         other.execute("BEGIN EXCLUSIVE")
         try:
             with pytest.raises(surge.TransportError, match="locked"):
-                await t.publish([env(1)])
+                await t.publish([env(2)])
+            r = Reader(t, "g")
+            assert await r.quiet(0.2), "claimed through another process's lock"
+        finally:
+            other.execute("ROLLBACK")
+        (d,) = await r.take(1)
+        assert (number(d), d.attempt) == (1, 1)
+        other.execute("BEGIN EXCLUSIVE")
+        try:
+            await t.ack([d])  # cannot be written: logged, not raised
         finally:
             other.execute("ROLLBACK")
             other.close()
-        await t.publish([env(2)])
-        r = Reader(t, "g")
-        (d,) = await r.take(1)
-        assert number(d) == 2
-        await t.ack([d])
+        (again,) = await r.take(1)
+        assert (number(again), again.attempt) == (1, 2)
+        await t.ack([again])
+        await t.publish([env(3)])
+        (d3,) = await r.take(1)
+        assert number(d3) == 3
+        await t.ack([d3])
+        assert await r.quiet(2.0)
         await r.aclose()
 
 

@@ -534,7 +534,12 @@ class SqliteTransport:
                     # random reseeds itself in forked children, so workers
                     # forked from one parent still draw different tokens
                     token = random.getrandbits(62)
-                    batch, due = await self._claim(c, group, room, now, token)
+                    try:
+                        batch, due = await self._claim(c, group, room, now, token)
+                    except TransportError as exc:
+                        # a lock held past busy_timeout, a full disk: wait, try again
+                        log.warning("sqlite: cannot claim for %s: %s", group, exc)
+                        batch, due = [], now + self.poll * 20
                     if batch:
                         poll = _FIRST_POLL
                         yield batch
@@ -545,7 +550,10 @@ class SqliteTransport:
                 wait = min(poll, due - now) if due > now else poll
                 if not await self._nap(c, wait):
                     poll = min(self.poll, poll * 2)
-                    due = await self._submit(self._db.next_due, gid, write=False)
+                    try:
+                        due = await self._submit(self._db.next_due, gid, write=False)
+                    except TransportError:
+                        due = 0.0
                 else:
                     due = 0.0
         finally:
@@ -620,7 +628,16 @@ class SqliteTransport:
                 held.append((lease.did, lease.token))
         if held:
             self._check_open()
-            await self._submit(self._db.ack, held, after=self._after_settle)
+            await self._settling(self._submit(self._db.ack, held, after=self._after_settle))
+
+    async def _settling(self, fut: asyncio.Future[Any]) -> None:
+        # A settle that cannot be written (a lock held past busy_timeout, a
+        # full disk) loses nothing: the delivery's lease runs out and it is
+        # delivered again. Raising would stop the caller's consumer for good.
+        try:
+            await fut
+        except TransportError as exc:
+            log.warning("sqlite: could not settle deliveries, they will come back: %s", exc)
 
     def _after_settle(self, _: object) -> None:
         self._notify_changed()
@@ -632,7 +649,7 @@ class SqliteTransport:
         self._check_open()
         self._activity += 1
         when = self.clock.time() + max(0.0, delay)
-        await self._submit(self._db.release, [(lease.did, lease.token)], when)
+        await self._settling(self._submit(self._db.release, [(lease.did, lease.token)], when))
         for c in self._consumers.get(lease.consumer.gid, ()):
             self._wake(c)
         self._notify_changed()
@@ -642,13 +659,15 @@ class SqliteTransport:
         if not self._settle_local(lease):
             return
         self._check_open()
-        await self._submit(
-            self._db.dead_letter,
-            lease.did,
-            lease.token,
-            lease.consumer.gid,
-            record,
-            after=self._after_settle,
+        await self._settling(
+            self._submit(
+                self._db.dead_letter,
+                lease.did,
+                lease.token,
+                lease.consumer.gid,
+                record,
+                after=self._after_settle,
+            )
         )
 
     # --- dead letters and statistics -----------------------------------------
