@@ -133,6 +133,20 @@ async def test_publish_nowait_bounded_by_outstanding_acks(tmp_path: Path) -> Non
             await t.close()
 
 
+async def test_publish_fails_when_server_stays_away(tmp_path: Path) -> None:
+    """A publish with no server to ack it raises TransportError after publish_timeout."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url, publish_timeout=1.0, ack_timeout=0.2)
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            srv.stop()
+            with pytest.raises(surge.TransportError, match="did not acknowledge"):
+                await asyncio.wait_for(t.publish([_env(1)]), 10)
+        finally:
+            await t.close()
+
+
 def _env(n: int) -> surge.Envelope:
     return surge.Envelope(surge.new_id(), Numbered.__topic__, None, 0.0, None, Numbered(n=n))
 

@@ -904,7 +904,7 @@ class NatsTransport:
             if g.ephemeral:
                 with contextlib.suppress(nats.errors.Error):
                     await self._js.delete_consumer(self.stream, g.durable)
-        self._pub.close()
+        await self._pub.close()
         try:
             await nc.flush(timeout=2)
         except (nats.errors.Error, TimeoutError):

@@ -40,8 +40,7 @@ class Publisher:
     def __init__(self, owner: NatsTransport) -> None:
         self.owner = owner
         self.max_pending = owner.max_pending
-        # token -> (future, subject, payload, headers)
-        self._acks: dict[str, tuple[asyncio.Future[None], str, bytes, dict[str, str]]] = {}
+        self._acks: dict[str, _Pending] = {}
         self._ack_prefix = ""
         self._ack_sub: Subscription | None = None
         self._next_token = 0
@@ -50,10 +49,12 @@ class Publisher:
         self._sender: asyncio.Task[None] | None = None
         self._space: deque[asyncio.Future[None]] = deque()
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def open(self, nc: Client) -> None:
         self._ack_prefix = nc.new_inbox() + "."
         self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
 
     @property
     def busy(self) -> bool:
@@ -107,7 +108,7 @@ class Publisher:
         while self._tasks or self._acks:
             if self._tasks:
                 await asyncio.wait(list(self._tasks))
-            futs = [e[0] for e in self._acks.values()]
+            futs = [e.fut for e in self._acks.values()]
             if futs:
                 await asyncio.wait(futs)
 
@@ -128,7 +129,8 @@ class Publisher:
         self._next_token += 1
         token = str(self._next_token)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._acks[token] = (fut, subject, data, headers)
+        now = self.owner.clock.monotonic()
+        self._acks[token] = _Pending(fut, subject, data, headers, now)
         await self._put(token, subject, data, headers)
         return fut
 
@@ -137,7 +139,7 @@ class Publisher:
         try:
             await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
-            pass  # disconnected with a full buffer: _confirm resends after a reconnect
+            pass  # disconnected with a full buffer: resent after a reconnect
         except nats.errors.BadSubjectError:
             self._settle(token, ConfigurationError(f"{subject!r} is not a valid NATS subject"))
         except nats.errors.MaxPayloadError:
@@ -149,7 +151,7 @@ class Publisher:
         entry = self._acks.pop(token, None)
         if entry is None:
             return
-        fut = entry[0]
+        fut = entry.fut
         if not fut.done():
             if error is None:
                 fut.set_result(None)
@@ -174,37 +176,60 @@ class Publisher:
                 self._settle(
                     token, TransportError(f"no JetStream stream {self.owner.stream!r} answers")
                 )
-            return  # anything else: leave it to the resend after ack_timeout
+            return  # anything else: the sweeper resends it after ack_timeout
         err = json.loads(data).get("error", {})
         self._settle(
             token, TransportError(f"JetStream refused a publish: {err.get('description', err)}")
         )
 
     async def confirm(self, futs: list[asyncio.Future[None]]) -> None:
-        """Wait for the acks of ``futs``, resending under the same msg id."""
-        if not futs:
-            return
-        deadline = self.owner.clock.monotonic() + self.owner.publish_timeout
-        waiting = set(futs)
-        while True:
-            done, waiting = await asyncio.wait(waiting, timeout=self.owner.ack_timeout)
-            for f in done:
-                f.result()  # raises the first error
-            if not waiting:
-                return
-            if self.owner.clock.monotonic() >= deadline:
-                raise TransportError(
-                    f"JetStream did not acknowledge {len(waiting)} publishes within "
-                    f"{self.owner.publish_timeout}s (is {safe_url(self.owner.url)} reachable?)"
+        """Wait for the acks of ``futs``; raise the first error.
+
+        No timer per call: the sweeper resends what waits too long and fails
+        what waited past ``publish_timeout``.
+        """
+        try:
+            for f in futs:
+                if not f.done():
+                    await f
+                f.result()
+        except BaseException:
+            for f in futs:  # their errors are reported by this one
+                if f.done():
+                    _retrieve(f)
+                else:
+                    f.add_done_callback(_retrieve)
+            raise
+
+    async def _sweep(self) -> None:
+        owner = self.owner
+        clock = owner.clock
+        period = max(0.05, owner.ack_timeout / 2)
+        while not owner._closed:
+            await clock.sleep(period)
+            if not self._acks:
+                continue
+            now = clock.monotonic()
+            late: list[str] = []
+            for token, e in list(self._acks.items()):
+                if now - e.first > owner.publish_timeout:
+                    self._settle(
+                        token,
+                        TransportError(
+                            f"JetStream did not acknowledge a publish within "
+                            f"{owner.publish_timeout}s (is {safe_url(owner.url)} reachable?)"
+                        ),
+                    )
+                elif now - e.last > owner.ack_timeout:
+                    e.last = now
+                    late.append(token)
+            if late and owner._connected:
+                log.warning(
+                    "%d publishes unacknowledged after %.1fs; resending",
+                    len(late),
+                    owner.ack_timeout,
                 )
-            self._nats()
-            tokens = [t for t, e in self._acks.items() if e[0] in waiting]
-            log.warning(
-                "%d publishes unacknowledged after %.1fs; resending",
-                len(tokens),
-                self.owner.ack_timeout,
-            )
-            self._resend(tokens)
+                self._resend(late)
 
     def _resend(self, tokens: list[str]) -> None:
         if not tokens or not self.owner._connected:
@@ -214,7 +239,7 @@ class Publisher:
             for t in tokens:
                 e = self._acks.get(t)
                 if e is not None and not self.owner._closed:
-                    await self._put(t, e[1], e[2], e[3])
+                    await self._put(t, e.subject, e.data, e.headers)
 
         task = asyncio.get_running_loop().create_task(resend())
         self._tasks.add(task)
@@ -224,8 +249,13 @@ class Publisher:
         """Resend what awaits an ack now rather than after ``ack_timeout``."""
         self._resend(list(self._acks))
 
-    def close(self) -> None:
-        for fut, *_ in self._acks.values():
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+            self._sweeper = None
+        for e in self._acks.values():
+            fut = e.fut
             if not fut.done():
                 fut.set_exception(Closed("transport closed before JetStream acknowledged"))
         self._acks.clear()
@@ -233,6 +263,32 @@ class Publisher:
             if not w.done():
                 w.set_result(None)
         self._space.clear()
+
+
+class _Pending:
+    """A message awaiting its ack, kept for resending."""
+
+    __slots__ = ("data", "first", "fut", "headers", "last", "subject")
+
+    def __init__(
+        self,
+        fut: asyncio.Future[None],
+        subject: str,
+        data: bytes,
+        headers: dict[str, str],
+        now: float,
+    ) -> None:
+        self.fut = fut
+        self.subject = subject
+        self.data = data
+        self.headers = headers
+        self.first = now
+        self.last = now
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 def safe_url(url: str) -> str:
