@@ -8,6 +8,7 @@ handlers throughout:
 
 ``raw_publish_async``   nats-py ``js.publish_async`` N times, then wait for
                         every ack (the ceiling of publishing)
+``raw_publish_await``   ``await js.publish`` one by one (each waits for its ack)
 ``raw_pull_fetch100``   a durable pull consumer: ``fetch(100)`` + ``msg.ack()``
                         each, until N are consumed (the ceiling of consuming)
 ``surge_enqueue_await`` ``await app.publish(ev)`` one by one (each waits for
@@ -105,11 +106,17 @@ async def raw(url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any
     nc = await nats.connect(url)
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name="RAW", subjects=["raw.x"]))
+    await js.add_stream(StreamConfig(name="RAWY", subjects=["raw.y"]))
     t0 = time.perf_counter()
     for _ in range(n):
         await js.publish_async("raw.x", PAYLOAD)
     await js.publish_async_completed()
     rows = [emit("raw_publish_async", n, time.perf_counter() - t0)]
+    m = n // 4  # one round trip each: a quarter is enough to measure
+    t0 = time.perf_counter()
+    for _ in range(m):
+        await js.publish("raw.y", PAYLOAD)
+    rows.append(emit("raw_publish_await", m, time.perf_counter() - t0))
     nc2 = await nats.connect(url)
     psub = await nc2.jetstream().pull_subscribe("raw.x", durable="d", stream="RAW")
     got = 0
@@ -122,6 +129,7 @@ async def raw(url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any
     await nc2.flush()
     rows.append(emit("raw_pull_fetch100", n, time.perf_counter() - t0))
     await js.delete_stream("RAW")
+    await js.delete_stream("RAWY")
     rows.append(await raw_latency(js, nc2.jetstream(), rate, seconds))
     await nc2.close()
     await nc.close()
@@ -335,6 +343,8 @@ async def main() -> None:
     print("\nscenario                      rate/s   vs raw")
     for r in rows:
         ceiling = pub if "enqueue" in r["scenario"] else pull
+        if r["scenario"] == "surge_enqueue_await":
+            ceiling = by["raw_publish_await"]["rate"]
         ratio = (
             "" if r["scenario"].startswith(("raw", "surge_lat")) else f"{r['rate'] / ceiling:.2f}x"
         )
