@@ -157,14 +157,15 @@ class Database:
             return
         try:
             self._transaction(jobs)
-        except sqlite3.OperationalError as exc:
-            # locked, disk full, I/O: every job would fail the same way
-            for job in jobs:
-                job.error = exc
         except Exception as exc:
-            if len(jobs) == 1:
-                jobs[0].error = exc
+            text = str(exc)
+            if len(jobs) == 1 or "locked" in text or "busy" in text:
+                # a lock would hold each job up again for busy_timeout
+                for job in jobs:
+                    job.error = exc
                 return
+            # one bad call, or a full disk (acks and claims free or need no
+            # space, so they must not fail with the publishes)
             for job in jobs:
                 try:
                     self._transaction([job])
