@@ -366,11 +366,6 @@ async def test_conditions_on_durable_transports(tmp_path: Path, kind: str) -> No
     assert fired == ["1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_dispatch: at full concurrency an unkeyed delivery is never picked up once a "
-    "keyed lane holds the only worker (reported to the lead)",
-)
 async def test_sources_published_with_and_without_envelope_keys(clock: VirtualClock) -> None:
     """Source events may carry envelope keys or not; the condition sees them all."""
     app = surge.App("c", clock=clock)

@@ -491,3 +491,21 @@ def test_unknown_transport_url_is_a_clear_error() -> None:
     app = surge.App("t", transport="carrier-pigeon://x")
     with pytest.raises(surge.ConfigurationError, match="memory://"):
         _ = app.transport
+
+
+async def test_keyed_and_unkeyed_share_the_only_slot(clock: surge.VirtualClock) -> None:
+    """At concurrency 1, unkeyed work waiting behind a lane runs when the lane ends."""
+    app = surge.App("t", clock=clock)
+    seen: list[int] = []
+
+    @app.on(Ping, concurrency=1)
+    async def handle(ev: Ping) -> None:
+        await clock.sleep(0.1)
+        seen.append(ev.n)
+
+    async with app:
+        await app.publish(Ping(n=1), key="k")
+        await app.publish(Ping(n=2))
+        await app.publish(Ping(n=3), key="k")
+        await app.drain()
+    assert sorted(seen) == [1, 2, 3]

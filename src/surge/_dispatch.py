@@ -68,6 +68,10 @@ class Runner:
         self.dead_lettered = 0
         self.running = 0
         self.timed_out_threads = 0
+        # surge.observe's duration/latency recorder, when the app is
+        # instrumented: called once per attempt, no Context needed
+        timings = getattr(app, "_observe_timings", None)
+        self.timings: Any = timings(self.group) if timings is not None else None
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -236,8 +240,13 @@ class Runner:
 
     def _worker_done(self) -> None:
         self._workers -= 1
-        if self._waiting_lanes and not self._stopping:
-            self._spawn(self._work_lane, *self._waiting_lanes.popleft())
+        if not self._stopping:
+            # A freed slot goes to a lane waiting for one, else to unkeyed
+            # work that found every slot taken by lanes.
+            if self._waiting_lanes:
+                self._spawn(self._work_lane, *self._waiting_lanes.popleft())
+            elif self._queue and not self._starting:
+                self._spawn(self._work_shared)
         if not self._workers and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -254,6 +263,8 @@ class Runner:
         app = self.app
         self.running += 1
         ctx: Context | None = None
+        timings = self.timings
+        t0 = timings.now() if timings is not None else 0.0
         try:
             ev = d.envelope.event
             if ev is None:
@@ -297,9 +308,13 @@ class Runner:
             self.running -= 1
             if not isinstance(exc, Exception):
                 raise
+            if timings is not None:
+                timings.done(t0, d.envelope.time)
             await self._failed(d, exc, ctx)
             return
         self.running -= 1
+        if timings is not None:
+            timings.done(t0, d.envelope.time)
         self.succeeded += 1
         self._acks.append(d)
         waiter = self._ack_waiter
