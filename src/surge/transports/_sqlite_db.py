@@ -375,7 +375,7 @@ class Database:
                 gids = self._route(row[1])
             if not gids:
                 continue
-            if row[0][12] == "8":  # a derived id, the only kind that repeats
+            if row[0][12:13] == "8":  # a derived id, the only kind that repeats
                 cur = conn.execute(
                     "INSERT INTO seen (id, time) VALUES (?, ?) ON CONFLICT (id) DO UPDATE "
                     "SET time = excluded.time WHERE seen.time < ?",
