@@ -16,7 +16,7 @@ from surge._supervisor import Supervisor
 from surge.observe import (
     BUCKETS,
     METRICS_DIR_ENV,
-    MetricsMiddleware,
+    Instruments,
     instrument,
     quantile,
     read_directory,
@@ -146,12 +146,17 @@ async def test_gauges_show_handlers_in_flight_and_the_backlog(clock: surge.Virtu
         await app.drain()
 
 
-def test_instrument_is_idempotent_and_refused_once_started() -> None:
-    """instrument() adds one MetricsMiddleware, however often it is called."""
+async def test_instrument_is_idempotent_and_refused_once_started() -> None:
+    """instrument() instruments once, however often it is called, and only a new app."""
     app = surge.App("twice")
     first = instrument(app)
+    assert isinstance(first, Instruments)
     assert instrument(app) is first
-    assert [type(m) for m in app._middleware] == [MetricsMiddleware]
+    assert app._middleware == ()
+    late = surge.App("late")
+    async with late:
+        with pytest.raises(surge.ConfigurationError, match="before it starts"):
+            instrument(late)
 
 
 async def test_stats_endpoint_reports_rates_and_quantiles(

@@ -2,7 +2,7 @@
 
 The runner already counts received, succeeded, failed, retried and
 dead-lettered deliveries (``app.statistics()``); what it does not know is
-how long things take. :class:`MetricsMiddleware` adds two histograms per
+how long things take. :func:`instrument` adds two histograms per
 subscription, kept as plain integer buckets (a prometheus-client
 ``Histogram`` takes a lock per observation; these are built at scrape
 time instead, like the ingress's own counters).
@@ -28,18 +28,17 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._middleware import Middleware
 from .._stats import AppStats, SubscriptionStats
 
 if TYPE_CHECKING:
     from .._app import App
-    from .._context import Context
 
 __all__ = (
     "BUCKETS",
     "METRICS_DIR_ENV",
+    "HandlerTimings",
     "Histogram",
-    "MetricsMiddleware",
+    "Instruments",
     "Snapshot",
     "SubscriptionSnapshot",
     "instrument",
@@ -69,78 +68,88 @@ class Histogram:
         self.sum += seconds
 
 
-class _Sub:
-    __slots__ = ("duration", "latency")
+class HandlerTimings:
+    """Duration and publish-to-handle latency of one subscription's attempts.
 
-    def __init__(self) -> None:
+    The runner calls :meth:`now` as an attempt starts and :meth:`done` as it
+    ends (returned or raised), so no Context or middleware hook is needed.
+    Duration covers the handler and the publishing of its events; latency
+    runs from the event's publish time to the start of the attempt (a
+    retried event's includes its retry delays). Both come from the app's
+    clock, so they are exact on a virtual clock.
+    """
+
+    __slots__ = ("_wall", "duration", "latency", "now", "offset")
+
+    def __init__(self, clock: Any) -> None:
         self.duration = Histogram()
         self.latency = Histogram()
+        self.now = clock.monotonic
+        self._wall = clock.time
+        self.offset = 0.0
+        self.sync()
+
+    def sync(self) -> None:
+        """Re-read the wall clock's offset from the monotonic one (one read
+        per attempt, not two; resynced at every snapshot)."""
+        # RealClock.monotonic reads the running loop: none at exit
+        with contextlib.suppress(RuntimeError):
+            self.offset = self._wall() - self.now()
+
+    def done(self, t0: float, published: float) -> None:
+        d = self.now() - t0
+        h = self.duration
+        h.buckets[bisect_left(BUCKETS, d)] += 1
+        h.sum += d
+        lat = t0 + self.offset - published
+        h = self.latency
+        h.buckets[bisect_left(BUCKETS, lat)] += 1
+        h.sum += lat
 
 
-class MetricsMiddleware(Middleware):
-    """Handler duration and publish-to-handle latency, per subscription.
+class Instruments:
+    """The :class:`HandlerTimings` of every subscription of one app."""
 
-    Both are read from the app's clock, so they are exact on a virtual
-    clock. Duration runs from ``before_handle`` to ``after_handle`` or
-    ``on_error``; latency from the event's publish time to the start of
-    each attempt (a retried event's latency includes its retry delays).
-    Use :func:`instrument` to add it to an app.
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.subscriptions: dict[str, HandlerTimings] = {}
+
+    def __call__(self, subscription: str) -> HandlerTimings:
+        # one per subscription, kept across restarts of the app
+        timings = self.subscriptions.get(subscription)
+        if timings is None:
+            timings = self.subscriptions[subscription] = HandlerTimings(self.app.clock)
+        return timings
+
+
+def metrics_of(app: App) -> Instruments | None:
+    """The app's :class:`Instruments`, if it is instrumented."""
+    found = getattr(app, "_observe_timings", None)
+    return found if isinstance(found, Instruments) else None
+
+
+def instrument(app: App) -> Instruments:
+    """Record handler duration and latency histograms for ``app``
+    (idempotent) and, when ``SURGE_METRICS_DIR`` is set, write this
+    process's snapshot there. Call it before the app starts.
+
+    Counters (received, failed, ...) are always kept; these histograms cost
+    two clock reads and two bucket increments per attempt.
     """
-
-    def __init__(self) -> None:
-        self.subscriptions: dict[str, _Sub] = {}
-        self._started: dict[Context, float] = {}
-
-    def before_handle(self, ctx: Context) -> None:
-        clock = ctx.app.clock
-        sub = self.subscriptions.get(ctx.subscription)
-        if sub is None:
-            sub = self.subscriptions[ctx.subscription] = _Sub()
-        sub.latency.observe(clock.time() - ctx.delivery.envelope.time)
-        self._started[ctx] = clock.monotonic()
-
-    def after_handle(self, ctx: Context, result: Any) -> None:
-        self._finished(ctx)
-
-    def on_error(self, ctx: Context, exc: BaseException) -> None:
-        self._finished(ctx)
-
-    def _finished(self, ctx: Context) -> None:
-        # Absent when the handler's own events failed to publish after
-        # after_handle, or when decoding failed before before_handle.
-        start = self._started.pop(ctx, None)
-        if start is not None:
-            self.subscriptions[ctx.subscription].duration.observe(ctx.app.clock.monotonic() - start)
-
-
-def metrics_of(app: App) -> MetricsMiddleware | None:
-    """The app's :class:`MetricsMiddleware`, if it has one."""
-    for mw in app._middleware:
-        if isinstance(mw, MetricsMiddleware):
-            return mw
-    return None
-
-
-def instrument(app: App) -> MetricsMiddleware:
-    """Add a :class:`MetricsMiddleware` to ``app`` (idempotent) and, when
-    ``SURGE_METRICS_DIR`` is set, write this process's snapshot there.
-
-    Call it before the app starts (at import time of the app's module).
-    """
-    mw = metrics_of(app)
-    if mw is not None:
-        return mw
+    found = metrics_of(app)
+    if found is not None:
+        return found
     if app.state != "new":
         from .._errors import ConfigurationError
 
         raise ConfigurationError("instrument the app before it starts")
-    mw = MetricsMiddleware()
-    # Outermost, so its duration covers the other middleware too.
-    app._middleware = (mw, *app._middleware)
+    found = Instruments(app)
+    # read by each Runner as the app starts (surge._dispatch)
+    app._observe_timings = found  # type: ignore[attr-defined]
     directory = os.environ.get(METRICS_DIR_ENV)
     if directory:
         _DirectoryWriter(app, Path(directory)).install()
-    return mw
+    return found
 
 
 # --- snapshots --------------------------------------------------------------
@@ -174,10 +183,12 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
 def snapshot(app: App) -> Snapshot:
     """This process's numbers for ``app``."""
     stats = app.statistics()
-    mw = metrics_of(app)
+    found = metrics_of(app)
     subs = {}
     for name, st in stats.subscriptions.items():
-        h = mw.subscriptions.get(name) if mw is not None else None
+        h = found.subscriptions.get(name) if found is not None else None
+        if h is not None:
+            h.sync()
         if h is None:
             subs[name] = SubscriptionSnapshot(stats=st)
         else:
