@@ -23,7 +23,8 @@ handlers throughout:
 ``surge_latency``       R events/s for S seconds, publish call to handler
                         start, across processes (p50 / p99)
 
-Prints one JSON line per measurement and a summary table.
+Prints one JSON line per measurement and a summary table; ``--save FILE``
+also writes them, with the versions and the machine's load, as JSON.
 """
 
 from __future__ import annotations
@@ -123,8 +124,8 @@ async def raw(url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any
     t0 = time.perf_counter()
     while got < n:
         msgs = await psub.fetch(100, timeout=5)
-        for m in msgs:
-            await m.ack()
+        for msg in msgs:
+            await msg.ack()
         got += len(msgs)
     await nc2.flush()
     rows.append(emit("raw_pull_fetch100", n, time.perf_counter() - t0))
@@ -328,6 +329,7 @@ async def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rate", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--save", metavar="FILE", help="also write the rows as JSON to FILE")
     args = ap.parse_args()
     store = Path(tempfile.mkdtemp(prefix="surge-nats-bench-"))
     server, url = start_server(store)
@@ -351,6 +353,26 @@ async def main() -> None:
         extra = {k: v for k, v in r.items() if k not in ("scenario", "n", "seconds", "rate")}
         print(f"{r['scenario']:<28} {r['rate']:>8,}   {ratio:<6} {extra or ''}")
     print("\nFastStream best (peers, NATS push): 7,600/s; 2.5x = 19,000/s")
+    if args.save:
+        _save(args.save, rows, args.events)
+
+
+def _save(path: str, rows: list[dict[str, Any]], events: int) -> None:
+    import os
+    import platform
+    from importlib.metadata import version
+
+    server_version = subprocess.run([_binary(), "--version"], capture_output=True, text=True)
+    meta = {
+        "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "python": platform.python_version(),
+        "nats-py": version("nats-py"),
+        "nats-server": server_version.stdout.strip(),
+        "cpus": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "events": events,
+    }
+    Path(path).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
