@@ -365,7 +365,9 @@ async def test_server_restart_resumes_within_5s(tmp_path: Path, nats_log: _LogEv
             back = nats_log.expect("reconnected")
             srv.stop()
             await asyncio.wait_for(lost.wait(), 10)
-            assert not _healthy(transport)
+            healthy, error = _health(transport)
+            assert not healthy
+            assert error is not None
             # Publishing while the server is down waits for it (it is resent).
             pending = [asyncio.ensure_future(app.publish(Numbered(n=n))) for n in range(300, 310)]
             srv.start()
@@ -378,13 +380,13 @@ async def test_server_restart_resumes_within_5s(tmp_path: Path, nats_log: _LogEv
             acked.append(999)
             await asyncio.wait_for(want[999], 10)
             assert arrived[999] - returned < 5.0
-            assert _healthy(transport)
+            assert _health(transport) == (True, None)
             await app.drain()
         assert set(acked) <= set(handled), f"lost: {sorted(set(acked) - set(handled))[:10]}"
 
 
-def _healthy(t: NatsTransport) -> bool:
-    return t.healthy
+def _health(t: NatsTransport) -> tuple[bool, str | None]:
+    return t.healthy, t.last_error
 
 
 # --- worker crashes -------------------------------------------------------------------

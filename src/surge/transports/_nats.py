@@ -270,6 +270,8 @@ class NatsTransport:
         self._background: set[asyncio.Task[None]] = set()
         self._keeper: asyncio.Task[None] | None = None
         self._busy = True  # cleared only by wait_idle's observation
+        self.last_error: str | None = None
+        """The last connection error, until the connection is back."""
 
     # --- connection ------------------------------------------------------------
     @property
@@ -366,6 +368,7 @@ class NatsTransport:
             await self._js.update_stream(config)
 
     async def _on_error(self, exc: Exception) -> None:
+        self.last_error = repr(exc)
         log.warning("NATS connection error (%s): %r", safe_url(self.url), exc)
 
     async def _on_disconnect(self) -> None:
@@ -375,6 +378,7 @@ class NatsTransport:
 
     async def _on_reconnect(self) -> None:
         self._connected = True
+        self.last_error = None
         log.warning("reconnected to NATS at %s", safe_url(self.url))
         # Pull requests may have died with the old connection (or server):
         # forget their credit and ask again.
