@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._endpoints import ADMIN_TOKEN_ENV, set_admin_token
 from ._export import StatsView, SubscriptionView, refresh_backlogs
+from ._logs import EVENT_FIELDS, JsonFormatter, log_json
 from ._metrics import (
     BUCKETS,
     METRICS_DIR_ENV,
@@ -27,15 +28,18 @@ from ._metrics import (
 __all__ = (
     "ADMIN_TOKEN_ENV",
     "BUCKETS",
+    "EVENT_FIELDS",
     "METRICS_DIR_ENV",
     "HandlerTimings",
     "Instruments",
+    "JsonFormatter",
     "Snapshot",
     "StatsView",
     "SubscriptionSnapshot",
     "SubscriptionView",
     "current",
     "instrument",
+    "log_json",
     "merge",
     "quantile",
     "read_directory",
