@@ -283,10 +283,13 @@ def _cpu_model() -> str:
 
 
 def _git_revision() -> str | None:
-    """The commit measured, with ``+dirty`` when src/ differs from it."""
+    """The commit measured, with ``+dirty`` when src/ differs from it (None
+    when the surge imported is not this checkout's)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
+    if not Path(surge.__file__).resolve().is_relative_to(root):
+        return None  # surge imported from elsewhere (PYTHONPATH): no revision to tell
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True
