@@ -509,3 +509,18 @@ async def test_keyed_and_unkeyed_share_the_only_slot(clock: surge.VirtualClock) 
         await app.publish(Ping(n=3), key="k")
         await app.drain()
     assert sorted(seen) == [1, 2, 3]
+
+
+async def test_publish_refuses_what_is_not_an_event(clock: surge.VirtualClock) -> None:
+    """Publishing a class, a dict or None raises TypeError, on every path."""
+    app = surge.App("t", clock=clock)
+
+    @app.on(Ping)
+    async def handle(ev: Ping) -> None: ...
+
+    async with app:
+        for bad in (Ping, {"n": 1}, None):
+            with pytest.raises(TypeError, match="publish takes an Event"):
+                await app.publish(bad)  # type: ignore[arg-type]
+            with pytest.raises(TypeError, match="publish takes an Event"):
+                app.publish_nowait(bad)  # type: ignore[arg-type]

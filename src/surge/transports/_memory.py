@@ -150,50 +150,49 @@ class MemoryTransport:
                 if g.consumers:
                     g.wake_consumers()
 
+    def put_one(self, env: Envelope) -> bool:
+        """Put one envelope whose id is fresh (a UUIDv7, never repeated, so no
+        dedup check) if every group has room; False, taking nothing, if one
+        is full. The hot path of App.publish and App.publish_nowait."""
+        groups = self._routes.get(env.topic)
+        if groups is None:
+            groups = self._route(env.topic)
+        if self._closed:
+            raise Closed("transport is closed")
+        if len(groups) == 1 and env.not_before is None:
+            g = groups[0]
+            q = g.queue
+            if len(q) >= g.capacity or g.space_waiters:
+                return False
+            q.append(Delivery(env, g.name))
+            if g.consumers:
+                g.wake_consumers()
+            return True
+        for g in groups:
+            if len(g.queue) >= g.capacity or g.space_waiters:
+                return False
+        if env.not_before is not None and self._later(env, groups):
+            return True
+        for g in groups:
+            g.queue.append(Delivery(env, g.name))
+            if g.consumers:
+                g.wake_consumers()
+        return True
+
     def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
         if self._closed:
             raise Closed("transport is closed")
         routes = self._routes
         # All or nothing: check room for the whole batch before taking any.
-        if len(envelopes) == 1:
-            # the hot path of app.publish: one envelope, checked and put in one go
-            env = envelopes[0]
-            groups = routes.get(env.topic)
-            if groups is None:
-                groups = self._route(env.topic)
-            if len(groups) == 1:
-                g = groups[0]
-                if len(g.queue) >= g.capacity or g.space_waiters:
-                    raise Overloaded(f"group {g.name!r} holds {g.capacity} undelivered events")
-                if (env.id[12] != "8" or self._fresh(env.id)) and (
-                    env.not_before is None or not self._later(env, groups)
-                ):
-                    g.queue.append(Delivery(env, g.name))
-                    if g.consumers:
-                        g.wake_consumers()
-                return
-            for g in groups:
-                if len(g.queue) >= g.capacity or g.space_waiters:
-                    raise Overloaded(f"group {g.name!r} holds {g.capacity} undelivered events")
-            if env.id[12] == "8" and not self._fresh(env.id):
-                return
-            if env.not_before is not None and self._later(env, groups):
-                return
-            for g in groups:
-                g.queue.append(Delivery(env, g.name))
-                if g.consumers:
-                    g.wake_consumers()
-            return
-        else:
-            need: dict[_Group, int] = {}
-            for env in envelopes:
-                for g in self._route(env.topic):
-                    need[g] = need.get(g, 0) + 1
-            for g, n in need.items():
-                if len(g.queue) + n > g.capacity or g.space_waiters:
-                    raise Overloaded(
-                        f"group {g.name!r} holds {len(g.queue)} of {g.capacity} undelivered events"
-                    )
+        need: dict[_Group, int] = {}
+        for env in envelopes:
+            for g in self._route(env.topic):
+                need[g] = need.get(g, 0) + 1
+        for g, n in need.items():
+            if len(g.queue) + n > g.capacity or g.space_waiters:
+                raise Overloaded(
+                    f"group {g.name!r} holds {len(g.queue)} of {g.capacity} undelivered events"
+                )
         for env in envelopes:
             if env.id[12] == "8" and not self._fresh(env.id):
                 continue
