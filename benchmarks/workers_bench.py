@@ -340,8 +340,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ncpu-bound ({args.spin_ms} ms/event, sqlite normal), median of {args.repeat}:")
         print(f"  1 worker  {one:8.0f} events/s")
         print(f"  2 workers {two:8.0f} events/s   speedup {two / one:.2f}x")
-        print(f"  per-round speedups {', '.join(f'{x:.2f}' for x in ratios)}")
-        out["summary"] = {"cpu_1w": one, "cpu_2w": two, "speedup": two / one, "rounds": ratios}
+        best = max(r["per_s"] for r in out["cpu"] if r["workers"] == 2) / max(
+            r["per_s"] for r in out["cpu"] if r["workers"] == 1
+        )
+        print(
+            f"  per-round speedups {', '.join(f'{x:.2f}' for x in ratios)} "
+            f"(median {statistics.median(ratios):.2f}x), best against best {best:.2f}x"
+        )
+        out["summary"] = {
+            "cpu_1w": one,
+            "cpu_2w": two,
+            "speedup": two / one,
+            "rounds": ratios,
+            "best_vs_best": best,
+        }
     if out["rate"] and out["latency"]:
         print(f"\nno-op events, median of {args.repeat}:")
         head = f"  {'case':18} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
