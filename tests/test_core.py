@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -524,3 +525,22 @@ async def test_publish_refuses_what_is_not_an_event(clock: surge.VirtualClock) -
                 await app.publish(bad)  # type: ignore[arg-type]
             with pytest.raises(TypeError, match="publish takes an Event"):
                 app.publish_nowait(bad)  # type: ignore[arg-type]
+
+
+def test_app_codec_reaches_a_durable_transport(tmp_path: Path) -> None:
+    """An app with the JSON codec round-trips events through the sqlite transport."""
+    clock = surge.VirtualClock()
+    app = surge.App("j", clock=clock, codec="json", transport=f"sqlite:///{tmp_path / 'j.db'}")
+    got: list[int] = []
+
+    @app.on(Ping)
+    async def handle(ev: Ping) -> None:
+        got.append(ev.n)
+
+    async def main() -> None:
+        async with app:
+            await app.publish(Ping(n=3))
+            await app.drain()
+
+    clock.run(main())
+    assert got == [3]

@@ -124,8 +124,12 @@ class App:
     @property
     def transport(self) -> Transport:
         if self._transport is None:
-            assert isinstance(self._transport_spec, str)
-            self._transport = open_transport(self._transport_spec, clock=self.clock)
+            spec = self._transport_spec
+            assert isinstance(spec, str)
+            # Transports that encode envelopes must use the app's codec, or
+            # the app would decode what they wrote in another format.
+            options: dict[str, Any] = {} if spec.startswith("memory:") else {"codec": self.codec}
+            self._transport = open_transport(spec, clock=self.clock, **options)
         return self._transport
 
     def use_transport(self, transport: str | Transport) -> None:
