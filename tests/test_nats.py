@@ -160,6 +160,20 @@ async def test_bad_url_query_is_a_configuration_error() -> None:
         NatsTransport("nats://127.0.0.1:1?lease=soon")
 
 
+async def test_invalid_topic_is_a_configuration_error(tmp_path: Path) -> None:
+    """A topic that cannot be a NATS subject is refused when its group is declared."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url)
+        await t.start()
+        try:
+            for bad in ("has space", "orders..placed", ".x", ""):
+                with pytest.raises(surge.ConfigurationError, match="not a valid NATS subject"):
+                    await t.declare("g", [bad])
+            await t.declare("g", ["fine.topic"])
+        finally:
+            await t.close()
+
+
 async def test_unreachable_server_is_a_transport_error() -> None:
     """Starting against a port where nothing listens raises TransportError."""
     from ._servers import free_port
@@ -417,6 +431,7 @@ async def _worker(url: str) -> asyncio.subprocess.Process:
     )
 
 
+@pytest.mark.slow
 async def test_worker_sigkill_loses_nothing(tmp_path: Path) -> None:
     """SIGKILLed at random 20 times mid-stream: no acked event lost, none invented,
     duplicates bounded by what was in flight at the kills, nothing left pending."""
@@ -490,6 +505,7 @@ async def test_worker_sigkill_loses_nothing(tmp_path: Path) -> None:
     assert (stats.backlog, stats.pending, stats.scheduled, stats.dead) == (0, 0, 0, 0)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(200)
 async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path) -> None:
     """The Jepsen checker shared by every transport (tests/_jepsen.py): 20,000 acked

@@ -399,15 +399,15 @@ class NatsTransport:
 
     async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
         self._nats()
+        for t in topics:
+            if not t or any(c in t for c in " \t\r\n") or ".." in f".{t}.":
+                raise ConfigurationError(f"topic {t!r} is not a valid NATS subject")
         g = self._groups.get(group)
         if g is None:
             g = self._groups[group] = _Group(group, ephemeral)
         new = [t for t in topics if t not in g.topics]
         if new or not g.subjects:
             g.topics.extend(new)
-            for t in new:
-                if not t or any(c in t for c in " \t\r\n") or ".." in t:
-                    raise ConfigurationError(f"topic {t!r} is not a valid NATS subject")
             g.subjects = [self._subject(t) for t in g.topics]
             g.subjects.append(f"{self.stream}_replay.{g.durable}")
             await self._ensure_consumer(g)
