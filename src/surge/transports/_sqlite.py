@@ -695,6 +695,16 @@ class SqliteTransport:
         n: int = await self._submit(self._db.purge, gid, None if ids is None else list(ids))
         return n
 
+    async def load_state(self, key: str) -> bytes | None:
+        """A small value kept in the file under ``key`` (trigger state)."""
+        self._check_open()
+        value: bytes | None = await self._submit(self._db.load_state, key, write=False)
+        return value
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        self._check_open()
+        await self._submit(self._db.save_state, key, value)
+
     async def stats(self, group: str) -> TransportStats:
         self._check_open()
         gid = await self._gid(group)

@@ -564,6 +564,17 @@ class Database:
         )
         return len(chosen)
 
+    def load_state(self, key: str) -> bytes | None:
+        row = self._c.execute("SELECT value FROM meta WHERE key = ?", ("state:" + key,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def save_state(self, key: str, value: bytes) -> None:
+        self._c.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ("state:" + key, value),
+        )
+
     def stats(self, gid: int, now: float) -> tuple[int, int, int, int]:
         conn = self._c
         backlog, pending, scheduled = conn.execute(
