@@ -55,6 +55,8 @@ GROUP = "bench.work"
 class Job(surge.Event):
     """An event carrying its publish time and the CPU work its handler does."""
 
+    __topic__ = "bench.job"
+
     t: float
     spin: int = 0
 

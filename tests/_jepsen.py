@@ -86,6 +86,9 @@ __all__ = (
 class Numbered(surge.Event):
     """An event that carries its unique number."""
 
+    # a topic of its own: other test modules declare events named Numbered
+    __topic__ = "jepsen.numbered"
+
     n: int
 
 
