@@ -40,7 +40,9 @@ Why it is built this way:
   the consumer of the group that gave up on it.
 - MaxDeliver is only a safety net (``max_deliver``, default 100) against a
   message that kills its worker every time; retries and dead letters are the
-  runner's.
+  runner's. JetStream's MaxDeliver advisory makes it a dead letter here too;
+  the message itself stays in the stream (other groups may still want it)
+  until ``max_age`` (seconds, default: no limit) removes it.
 
 - Several workers on one group share its work: JetStream hands each
   message to whichever worker pulls next. Per-key order (``key=``) holds
@@ -171,7 +173,8 @@ class NatsTransport:
     Options: ``stream`` (name, and subject prefix), ``lease`` (AckWait, s),
     ``dedup_window`` (s), ``max_pending`` (publish acks outstanding),
     ``max_deliver``, ``max_ack_pending`` (per consumer, all workers),
-    ``heartbeat`` (s, idle heartbeat of pulls), credentials ``user`` /
+    ``heartbeat`` (s, idle heartbeat of pulls), ``max_age`` (s, the
+    stream's retention limit; default none), credentials ``user`` /
     ``password`` / ``token`` (or in the URL), ``nkeys_seed``, ``creds`` (a
     ``.creds`` file), TLS via a ``tls://`` URL or ``tls`` (an SSLContext) or
     ``tls_ca`` / ``tls_cert`` / ``tls_key`` files; ``extend_leases``
@@ -197,6 +200,7 @@ class NatsTransport:
         ack_timeout: float = 5.0,
         publish_timeout: float = 60.0,
         ephemeral_ttl: float = 60.0,
+        max_age: float | None = None,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -222,6 +226,8 @@ class NatsTransport:
             max_pending = int(q.pop("max_pending", max_pending))
             max_deliver = int(q.pop("max_deliver", max_deliver))
             max_ack_pending = int(q.pop("max_ack_pending", max_ack_pending))
+            if "max_age" in q:
+                max_age = float(q.pop("max_age"))
         except ValueError as exc:
             raise ConfigurationError(f"bad option in the NATS URL query {query!r}: {exc}") from None
         if q:
@@ -246,6 +252,7 @@ class NatsTransport:
         self.ack_timeout = ack_timeout
         self.publish_timeout = publish_timeout
         self.ephemeral_ttl = ephemeral_ttl
+        self.max_age = max_age
         self.extend_leases = extend_leases
         self.codec: Codec = codec or MsgpackCodec()
         self.clock: Clock = clock or RealClock()
@@ -352,6 +359,7 @@ class NatsTransport:
             storage=StorageType.FILE,
             retention=RetentionPolicy.INTEREST if interest else RetentionPolicy.LIMITS,
             duplicate_window=self.dedup_window,
+            max_age=self.max_age if interest else None,
         )
         try:
             info = await self._js.stream_info(name)
@@ -361,8 +369,10 @@ class NatsTransport:
             except nats.js.errors.BadRequestError as exc:
                 raise TransportError(f"cannot create stream {name!r}: {exc.description}") from exc
             return
-        if set(info.config.subjects or ()) != set(subjects) or (
-            info.config.duplicate_window != self.dedup_window
+        if (
+            set(info.config.subjects or ()) != set(subjects)
+            or info.config.duplicate_window != self.dedup_window
+            or (interest and (info.config.max_age or None) != self.max_age)
         ):
             config.retention = info.config.retention  # retention cannot change on update
             await self._js.update_stream(config)
