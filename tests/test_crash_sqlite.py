@@ -25,6 +25,8 @@ from ._jepsen import (
     APP_REF,
     GROUP,
     Numbered,
+    Record,
+    check,
     drain,
     group_stats,
     publish_process,
@@ -35,9 +37,8 @@ from ._jepsen import (
     worker_env,
 )
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 @pytest.mark.realtime
 @pytest.mark.timeout(200)
 async def test_sigkilled_workers_lose_nothing(tmp_path: Path) -> None:
@@ -58,6 +59,7 @@ async def test_sigkilled_workers_lose_nothing(tmp_path: Path) -> None:
     result.check()
 
 
+@pytest.mark.slow
 @pytest.mark.realtime
 @pytest.mark.timeout(60)
 async def test_a_stopped_worker_loses_its_lease(tmp_path: Path) -> None:
@@ -129,6 +131,7 @@ async def _declare(url: str) -> None:
     await transport.close()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_killing_the_publisher_200_times(tmp_path: Path) -> None:
     """200 SIGKILLs of a process mid-publish: integrity_check is ok every time
@@ -190,3 +193,23 @@ def test_killing_the_publisher_200_times(tmp_path: Path) -> None:
         f"stored (acked + committed before the ack reached the publisher), 0 missing, "
         f"integrity ok every time, {elapsed:.1f}s"
     )
+
+
+def test_the_checker_sees_lost_unexpected_and_duplicate_events() -> None:
+    """check() counts what a broken transport would do, and check() then fails."""
+    records = [Record("h", n, 1, 1) for n in (0, 1, 1, 1, 7)]
+    result = check(range(5), [0, 1, 2], records, kills=1, bound_per_kill=1, left=3)
+    assert (result.lost, result.unexpected, result.duplicates) == (1, 1, 2)
+    assert result.lost_sample == [2]
+    with pytest.raises(AssertionError, match="lost"):
+        result.check()
+    fine = check(
+        range(3),
+        [0, 1, 2],
+        [Record("h", n, 1, 1) for n in (0, 1, 2, 2)],
+        kills=1,
+        bound_per_kill=1,
+        left=0,
+    )
+    fine.check()
+    assert fine.duplicates == 1
