@@ -15,7 +15,7 @@ class Job(surge.Event):
 
 
 app = surge.App("metered")
-instrument(app)
+instrument(app, sample=1)
 GROUP = "metered.work"
 APP_REF = f"{__name__}:app"
 

@@ -64,7 +64,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 def make_app(clock: surge.VirtualClock) -> tuple[surge.App, Any]:
     app = surge.App("metered", clock=clock)
-    instrument(app)
+    instrument(app, sample=1)
 
     @app.on(Job, concurrency=COUNT, retry=surge.Retry(attempts=2, backoff=0.5, jitter=0.0))
     async def work(event: Job, ctx: surge.Context) -> None:
@@ -121,7 +121,7 @@ async def test_counters_and_histograms_match_a_workload(
 async def test_gauges_show_handlers_in_flight_and_the_backlog(clock: surge.VirtualClock) -> None:
     """While handlers are held, in_flight and backlog gauges show them."""
     app = surge.App("held", clock=clock)
-    instrument(app)
+    instrument(app, sample=1)
     gate = asyncio.Event()
     started = asyncio.Event()
 
@@ -144,6 +144,8 @@ async def test_gauges_show_handlers_in_flight_and_the_backlog(clock: surge.Virtu
         assert in_transport >= 6
         gate.set()
         await app.drain()
+        # a plain handler (the runner's fast path) is timed too
+        assert sum(snapshot(app).subscriptions["held.hold"].duration) == 10
 
 
 async def test_instrument_is_idempotent_and_refused_once_started() -> None:
@@ -157,6 +159,27 @@ async def test_instrument_is_idempotent_and_refused_once_started() -> None:
     async with late:
         with pytest.raises(surge.ConfigurationError, match="before it starts"):
             instrument(late)
+
+
+async def test_histograms_time_one_attempt_in_sample(clock: surge.VirtualClock) -> None:
+    """With sample=4, a quarter of the attempts are timed; the counters stay exact."""
+    app = surge.App("sampled", clock=clock)
+    instrument(app, sample=4)
+
+    @app.on(Job)
+    async def quick(event: Job) -> None:
+        await clock.sleep(0.002)
+
+    async with app:
+        for n in range(40):
+            await app.publish(Job(n=n))
+        await app.drain()
+    snap = snapshot(app).subscriptions["sampled.quick"]
+    assert snap.stats.succeeded == 40
+    assert sum(snap.duration) == sum(snap.latency) == 10
+    assert snap.duration[BUCKETS.index(0.0025)] == 10
+    with pytest.raises(surge.ConfigurationError, match="sample must be 1 or more"):
+        instrument(surge.App("bad"), sample=0)
 
 
 async def test_stats_endpoint_reports_rates_and_quantiles(

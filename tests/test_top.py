@@ -64,7 +64,7 @@ def test_top_once_shows_each_subscription_from_a_url(caplog: pytest.LogCaptureFi
     """surge top URL --once prints the subscription's handled, failed, retried and dead counts."""
     caplog.set_level(logging.CRITICAL, "surge")
     app = surge.App("metered")
-    instrument(app)
+    instrument(app, sample=1)
     count = 20
 
     @app.on(Job, retry=surge.Retry(attempts=2, backoff=0.001, jitter=0.0))

@@ -190,6 +190,11 @@ class Runner:
         )
         inline = sub.kind == INLINE
         fn = sub.handler
+        # surge.observe times one attempt in `every`: the attempts not timed
+        # cost a countdown, shared by the subscription's workers
+        timings = self.timings
+        every = timings.every if timings is not None else 0
+        t0 = -1.0
         try:
             while queue:
                 d = popleft()
@@ -204,12 +209,22 @@ class Runner:
                     await handle(d)
                     continue
                 self.running += 1
+                if every:
+                    countdown = timings.countdown - 1
+                    if countdown:
+                        timings.countdown = countdown
+                    else:
+                        timings.countdown = every
+                        t0 = timings.now()
                 try:
                     result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
                 except Exception as exc:
                     self.running -= 1
+                    if t0 >= 0.0:
+                        timings.done(t0, d.envelope.time)
+                        t0 = -1.0
                     await self._failed(d, exc, None)
                     continue
                 except asyncio.CancelledError:
@@ -218,6 +233,9 @@ class Runner:
                         await asyncio.shield(self.transport.nack(d, 0.0))
                     raise
                 self.running -= 1
+                if t0 >= 0.0:
+                    timings.done(t0, d.envelope.time)
+                    t0 = -1.0
                 self.succeeded += 1
                 self._acks.append(d)
                 waiter = self._ack_waiter
@@ -264,7 +282,7 @@ class Runner:
         self.running += 1
         ctx: Context | None = None
         timings = self.timings
-        t0 = timings.now() if timings is not None else 0.0
+        t0 = timings.sample() if timings is not None else -1.0
         try:
             ev = d.envelope.event
             if ev is None:
@@ -308,12 +326,12 @@ class Runner:
             self.running -= 1
             if not isinstance(exc, Exception):
                 raise
-            if timings is not None:
+            if t0 >= 0.0:
                 timings.done(t0, d.envelope.time)
             await self._failed(d, exc, ctx)
             return
         self.running -= 1
-        if timings is not None:
+        if t0 >= 0.0:
             timings.done(t0, d.envelope.time)
         self.succeeded += 1
         self._acks.append(d)
