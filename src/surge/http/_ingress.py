@@ -99,6 +99,12 @@ class Ingress:
         self._stats: dict[tuple[str, str], RouteStats] = {}
         self._paths: dict[str, list[str]] = {}
         self.metrics = Metrics(app, self._stats)
+        if app.state == "new":
+            # an app with an ingress gets handler histograms for /metrics and
+            # the dashboard (surge.observe; one attempt in 8 is timed)
+            from ..observe._metrics import instrument
+
+            instrument(app)
         self._stopping = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.configure(limits or Limits())

@@ -144,13 +144,14 @@ def metrics_of(app: App) -> Instruments | None:
     return found if isinstance(found, Instruments) else None
 
 
-def instrument(app: App, *, sample: int = 8) -> Instruments:
+def instrument(app: App, *, sample: int | None = None) -> Instruments:
     """Record handler duration and latency histograms for ``app``
     (idempotent) and, when ``SURGE_METRICS_DIR`` is set, write this
     process's snapshot there. Call it before the app starts.
 
     Counters (received, failed, ...) are always exact. The histograms time
-    one attempt in ``sample`` (1: every attempt): a timed attempt costs two
+    one attempt in ``sample`` (default 8; 1: every attempt; given again to
+    an instrumented app, it changes the rate): a timed attempt costs two
     clock reads and two bucket increments, about as much as a no-op handler
     itself, so timing every one would double the cost of tiny handlers.
     Quantiles of a sample are unbiased; the histograms' ``_count`` is the
@@ -158,14 +159,18 @@ def instrument(app: App, *, sample: int = 8) -> Instruments:
     """
     from .._errors import ConfigurationError
 
-    if sample < 1:
+    if sample is not None and sample < 1:
         raise ConfigurationError(f"sample must be 1 or more, not {sample}")
     found = metrics_of(app)
     if found is not None:
+        if sample is not None:
+            found.every = sample
+            for timings in found.subscriptions.values():
+                timings.every = timings.countdown = sample
         return found
     if app.state != "new":
         raise ConfigurationError("instrument the app before it starts")
-    found = Instruments(app, sample)
+    found = Instruments(app, 8 if sample is None else sample)
     # read by each Runner as the app starts (surge._dispatch)
     app._observe_timings = found  # type: ignore[attr-defined]
     directory = os.environ.get(METRICS_DIR_ENV)
