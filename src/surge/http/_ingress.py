@@ -233,7 +233,13 @@ class Ingress:
             return
         metrics.in_flight += 1
         try:
-            status = await self._handle(bound, scope, receive, send)
+            tracing = getattr(self.app, "_observe_tracing", None)  # surge.observe.trace
+            if tracing is None:
+                status = await self._handle(bound, scope, receive, send)
+            else:
+                status = await tracing.traced_request(
+                    lambda sc, *rest: self._handle(bound, sc, *rest), scope, receive, send
+                )
         finally:
             metrics.in_flight -= 1
         bound.stats.observe(status, self._now() - start)

@@ -7,6 +7,8 @@ histograms; the ingress then serves them at ``/metrics`` (Prometheus),
 
 from __future__ import annotations
 
+from typing import Any
+
 from ._endpoints import ADMIN_TOKEN_ENV, set_admin_token
 from ._export import StatsView, SubscriptionView, refresh_backlogs
 from ._logs import EVENT_FIELDS, JsonFormatter, log_json
@@ -37,6 +39,7 @@ __all__ = (
     "StatsView",
     "SubscriptionSnapshot",
     "SubscriptionView",
+    "TracingMiddleware",
     "current",
     "instrument",
     "log_json",
@@ -46,4 +49,14 @@ __all__ = (
     "refresh_backlogs",
     "set_admin_token",
     "snapshot",
+    "trace",
 )
+
+
+def __getattr__(name: str) -> Any:
+    # tracing needs the otel extra: imported on first use only
+    if name in ("trace", "TracingMiddleware"):
+        from . import _tracing
+
+        return getattr(_tracing, name)
+    raise AttributeError(f"module 'surge.observe' has no attribute {name!r}")
