@@ -345,7 +345,15 @@ async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
                 proc = spawn()
                 assert proc.stdout is not None
                 for _ in range(rng.randint(1, 4)):
-                    line = await asyncio.to_thread(proc.stdout.readline)
+                    try:
+                        async with asyncio.timeout(60):
+                            line = await asyncio.to_thread(proc.stdout.readline)
+                    except TimeoutError:
+                        proc.kill()
+                        stats = await t.stats("crash.handle")
+                        raise AssertionError(
+                            f"a worker made no progress in 60 s; {stats}"
+                        ) from None
                     assert line, "the worker exited before it was killed"
                 proc.kill()
                 proc.wait()

@@ -78,6 +78,8 @@ from .._codec import Codec, MsgpackCodec
 from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
+from . import _redis_groups as _admin
+from ._redis_groups import GroupState
 from ._redis_lua import ACK, DEAD, DECLARE, FORGET, MOVE, NACK, PUBLISH
 
 __all__ = ("RedisTransport",)
@@ -99,7 +101,6 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
 }
 
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
-_dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 _dead_encoder = msgspec.msgpack.Encoder()
 
 
@@ -110,43 +111,6 @@ def _raw(response: Any, **options: Any) -> Any:
 async def _cmd(r: aredis.Redis, *args: Any) -> Any:
     """A command whose raw reply we parse ourselves (see ``_raw``)."""
     return await r.execute_command(*args)  # type: ignore[no-untyped-call]
-
-
-class _Group:
-    """What this process knows of one declared group."""
-
-    __slots__ = (
-        "consuming",
-        "dead",
-        "due",
-        "ephemeral",
-        "held",
-        "name",
-        "patterns",
-        "room",
-        "stream",
-        "wake",
-        "zset",
-    )
-
-    def __init__(self, name: str, prefix: str, patterns: list[str], ephemeral: bool) -> None:
-        self.name = name
-        self.patterns = patterns
-        self.ephemeral = ephemeral
-        self.stream = f"{prefix}:s:{name}"
-        self.zset = f"{prefix}:z:{name}"
-        self.dead = f"{prefix}:d:{name}"
-        self.held: dict[bytes, Delivery] = {}  # unsettled deliveries of this consumer
-        self.room: asyncio.Future[None] | None = None  # a consumer waiting for room
-        self.wake: asyncio.Event | None = None  # wakes the maintenance task
-        self.due = 0.0  # when the sorted set next needs the mover (epoch s)
-        self.consuming = False
-
-    def settled(self, token: Any) -> None:
-        self.held.pop(token, None)
-        room = self.room
-        if room is not None and not room.done():
-            room.set_result(None)
 
 
 class _Pending:
@@ -244,7 +208,7 @@ class RedisTransport:
         self.consumer = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self._r: aredis.Redis | None = None
         self._scripts: dict[str, Any] = {}
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, GroupState] = {}
         self._registry: dict[str, list[str]] = {}
         self._version = b""
         self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -254,6 +218,7 @@ class RedisTransport:
         self._flush_wake: asyncio.Event | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._writing = False  # a publish script is on the wire
+        self._lead: asyncio.Future[None] | None = None  # an inline write's end
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = True
         self._closed = True
@@ -388,7 +353,7 @@ class RedisTransport:
             raise ConfigurationError(f"group {group!r} / topics {list(topics)!r}: invalid names")
         g = self._groups.get(group)
         if g is None:
-            g = self._groups[group] = _Group(group, self.prefix, list(topics), ephemeral)
+            g = self._groups[group] = GroupState(group, self.prefix, list(topics), ephemeral)
         else:
             g.patterns.extend(t for t in topics if t not in g.patterns)
         try:
@@ -427,20 +392,20 @@ class RedisTransport:
             )
         return route
 
-    def _group(self, name: str) -> _Group:
+    def _group(self, name: str) -> GroupState:
         g = self._groups.get(name)
         if g is None:
             raise ConfigurationError(f"group {name!r} was not declared on this transport")
         return g
 
-    async def _known(self, name: str) -> _Group:
+    async def _known(self, name: str) -> GroupState:
         """A group declared by any process (for dead letters and stats)."""
         g = self._groups.get(name)
         if g is not None:
             return g
         if not await self._redis().hexists(self._key("groups"), name):
             raise ConfigurationError(f"no group {name!r}; groups: {sorted(self._registry)}")
-        return _Group(name, self.prefix, [], False)
+        return GroupState(name, self.prefix, [], False)
 
     # --- publishing ----------------------------------------------------------
     def _encode(self, envelopes: Sequence[Envelope]) -> list[tuple[str, bytes, str, float | None]]:
@@ -472,10 +437,13 @@ class RedisTransport:
         # Nobody is writing: write now, without a hop through the flusher.
         self._writing = True
         self._idle = False
+        lead = self._lead = asyncio.get_running_loop().create_future()
         try:
             await self._write_or_raise(items)
         finally:
             self._writing = False
+            self._lead = None
+            lead.set_result(None)
             if self._buf:
                 assert self._flush_wake is not None
                 self._flush_wake.set()
@@ -649,7 +617,7 @@ class RedisTransport:
             self._tasks.discard(keeper)
 
     async def _deliveries(
-        self, g: _Group, entries: list[Any], counts: dict[bytes, int] | None
+        self, g: GroupState, entries: list[Any], counts: dict[bytes, int] | None
     ) -> list[Delivery]:
         decode = self.codec.decode_envelope
         now = self.clock.time()
@@ -687,7 +655,7 @@ class RedisTransport:
         return out
 
     async def _poison(
-        self, g: _Group, token: bytes, payload: bytes, attempt: int, exc: DecodeError
+        self, g: GroupState, token: bytes, payload: bytes, attempt: int, exc: DecodeError
     ) -> None:
         """Dead-letter an entry that is not an envelope at all."""
         now = self.clock.time()
@@ -710,7 +678,7 @@ class RedisTransport:
         )
         await self._dead(g, token, rec)
 
-    async def _reclaim(self, r: aredis.Redis, g: _Group, room: int) -> list[Delivery]:
+    async def _reclaim(self, r: aredis.Redis, g: GroupState, room: int) -> list[Delivery]:
         """Take over deliveries whose consumer has been silent for a lease."""
         lease_ms = int(self.lease * 1000)
         pending = await _cmd(r, "XPENDING", g.stream, g.name, "IDLE", lease_ms, "-", "+", room)
@@ -728,7 +696,7 @@ class RedisTransport:
             )
         return out
 
-    async def _maintain(self, g: _Group) -> None:
+    async def _maintain(self, g: GroupState) -> None:
         """Move due delayed entries into the stream and extend held leases."""
         assert g.wake is not None
         wake = g.wake
@@ -838,7 +806,7 @@ class RedisTransport:
         await self._dead(g, delivery.token, record)
         g.settled(delivery.token)
 
-    async def _dead(self, g: _Group, token: bytes, record: DeadLetter) -> None:
+    async def _dead(self, g: GroupState, token: bytes, record: DeadLetter) -> None:
         data = _dead_encoder.encode(record)
         await self._retrying(
             "dead-lettering",
@@ -847,79 +815,18 @@ class RedisTransport:
             ),
         )
 
-    # --- dead letters --------------------------------------------------------
-    async def _dead_entries(self, g: _Group) -> list[tuple[bytes, DeadLetter]]:
-        try:
-            entries = await _cmd(self._redis(), "XRANGE", g.dead, "-", "+")
-        except rexc.RedisError as exc:
-            raise self._error(exc, "reading dead letters") from exc
-        out = []
-        for token, fields in entries:
-            f = dict(zip(fields[::2], fields[1::2], strict=True))
-            out.append((token, _dead_decoder.decode(f[b"r"])))
-        return out
-
+    # --- dead letters and counts (in _redis_groups) --------------------------
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
-        if group is None:
-            await self._load_registry()
-            names = sorted(self._registry)
-        else:
-            names = [(await self._known(group)).name]
-        out: list[DeadLetter] = []
-        for name in names:
-            g = self._groups.get(name) or _Group(name, self.prefix, [], False)
-            out.extend(rec for _, rec in await self._dead_entries(g))
-        return sorted(out, key=lambda d: d.failed_at)
+        return await _admin.dead_letters(self, group)
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
-        g = await self._known(group)
-        chosen = [
-            (t, rec) for t, rec in await self._dead_entries(g) if ids is None or rec.id in ids
-        ]
-        if not chosen:
-            return 0
-        pipe = self._redis().pipeline(transaction=True)
-        for token, rec in chosen:
-            env = Envelope(rec.id, rec.topic, rec.key, 0.0, rec.headers, None, rec.body)
-            pipe.xadd(g.stream, {"e": self.codec.encode_envelope(env)})
-            pipe.xdel(g.dead, token)
-        self._idle = False
-        try:
-            await pipe.execute()
-        except rexc.RedisError as exc:
-            raise self._error(exc, "replaying dead letters") from exc
-        return len(chosen)
+        return await _admin.replay(self, group, ids)
 
     async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
-        g = await self._known(group)
-        chosen = [t for t, rec in await self._dead_entries(g) if ids is None or rec.id in ids]
-        if chosen:
-            try:
-                await self._redis().xdel(g.dead, *chosen)
-            except rexc.RedisError as exc:
-                raise self._error(exc, "purging dead letters") from exc
-        return len(chosen)
+        return await _admin.purge(self, group, ids)
 
-    # --- state ---------------------------------------------------------------
     async def stats(self, group: str) -> TransportStats:
-        g = await self._known(group)
-        pipe = self._redis().pipeline(transaction=True)
-        pipe.xlen(g.stream)
-        pipe.xpending(g.stream, g.name)
-        pipe.zcard(g.zset)
-        pipe.xlen(g.dead)
-        try:
-            length, pending, scheduled, dead = await pipe.execute(raise_on_error=False)
-        except rexc.RedisError as exc:
-            raise self._error(exc, "reading stats") from exc
-        if isinstance(pending, dict):
-            n_pending = int(pending["pending"])
-        elif isinstance(pending, list) and pending:
-            n_pending = int(pending[0])
-        else:
-            n_pending = 0
-        # Acknowledged entries are deleted, so the stream holds backlog + pending.
-        return TransportStats(max(0, length - n_pending), n_pending, scheduled, dead)
+        return await _admin.stats(self, group)
 
     @property
     def idle(self) -> bool:
@@ -931,6 +838,8 @@ class RedisTransport:
         """Return once every group declared here holds no entry, pending or
         not, and nothing is scheduled (polls the broker every 20 ms)."""
         while True:
+            if self._lead is not None:
+                await self._lead
             while self._buf:
                 await asyncio.gather(
                     *(p.future for p in list(self._buf) if p.future is not None),
