@@ -79,7 +79,8 @@ def _record(ev: Job) -> None:
         return
     if _fd is None:
         _fd = os.open(_RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(_fd, f"{os.getpid()},{ev.t!r},{time.time()!r}\n".encode())
+    line = f"{os.getpid()},{ev.t!r},{time.time()!r},{time.process_time()!r}\n"
+    os.write(_fd, line.encode())
 
 
 app = surge.App("bench", shutdown_timeout=5)
@@ -96,11 +97,12 @@ def _count(path: Path) -> int:
     return len(_read(path)) if path.exists() else 0
 
 
-def _read(path: Path) -> list[tuple[int, float, float]]:
+def _read(path: Path) -> list[tuple[int, float, float, float]]:
+    """(pid, published at, handled at, the handling process's CPU seconds)."""
     out = []
     for line in path.read_text().splitlines():
-        pid, t, h = line.split(",")
-        out.append((int(pid), float(t), float(h)))
+        pid, t, h, cpu = line.split(",")
+        out.append((int(pid), float(t), float(h), float(cpu)))
     return out
 
 
@@ -189,12 +191,25 @@ async def cpu_case(tmp: Path, workers: int, events: int, spin_iters: int) -> dic
     async with _Workers(url, workers, path, concurrency=1):
         await _drain(url, path, events)
     recs = _read(path)
-    pids = {p for p, _, _ in recs}
+    pids = {p for p, _, _, _ in recs}
     # the window in which every worker was handling (start-up skew excluded)
-    lo = max(min(h for p, _, h in recs if p == pid) for pid in pids)
-    hi = min(max(h for p, _, h in recs if p == pid) for pid in pids)
-    inside = sum(1 for _, _, h in recs if lo < h <= hi)
-    return {"workers": workers, "events": events, "per_s": inside / (hi - lo), "pids": len(pids)}
+    lo = max(min(h for p, _, h, _ in recs if p == pid) for pid in pids)
+    hi = min(max(h for p, _, h, _ in recs if p == pid) for pid in pids)
+    inside = sum(1 for _, _, h, _ in recs if lo < h <= hi)
+    # the share of a core each worker got in the window: below 1, other
+    # processes on the machine took the rest
+    shares = []
+    for pid in pids:
+        mine = [(h, c) for p, _, h, c in recs if p == pid and lo <= h <= hi]
+        shares.append((mine[-1][1] - mine[0][1]) / (mine[-1][0] - mine[0][0]))
+    return {
+        "workers": workers,
+        "events": events,
+        "per_s": inside / (hi - lo),
+        "pids": len(pids),
+        "core_share": sorted(shares),
+        "per_cpu_s": inside / (hi - lo) / sum(shares),
+    }
 
 
 async def rate_case(tmp: Path, name: str, url: str, workers: int, events: int) -> dict[str, Any]:
@@ -212,7 +227,7 @@ async def rate_case(tmp: Path, name: str, url: str, workers: int, events: int) -
             await _publish(url, [Job(t=time.time()) for _ in range(events)])
             await _drain(url, path, events)
     recs = _read(path)
-    end = max(h for _, _, h in recs)
+    end = max(h for _, _, h, _ in recs)
     return {"case": name, "events": len(recs), "per_s": len(recs) / (end - t0)}
 
 
@@ -232,7 +247,8 @@ def _local_app(url: str, path: Path) -> surge.App:
 
     @local.on(Job, name="work", concurrency=64)
     async def handle(ev: Job) -> None:
-        os.write(fd, f"{os.getpid()},{ev.t!r},{time.time()!r}\n".encode())
+        line = f"{os.getpid()},{ev.t!r},{time.time()!r},{time.process_time()!r}\n"
+        os.write(fd, line.encode())
 
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     return local
@@ -252,7 +268,7 @@ async def latency_case(
         async with _Workers(url, workers, path):
             await _publish_at(url, events, rate)
             await _drain(url, path, events)
-    lat = sorted(h - t for _, t, h in _read(path))
+    lat = sorted(h - t for _, t, h, _ in _read(path))
     return {
         "case": name,
         "events": len(lat),
@@ -262,11 +278,15 @@ async def latency_case(
 
 
 def _calibrate(ms: float) -> int:
-    n = 100_000
-    t = time.perf_counter()
-    spin(n)
-    per = (time.perf_counter() - t) / n
-    return max(1, int(ms / 1000 / per))
+    """Iterations of :func:`spin` that take ``ms`` on an undisturbed core: the
+    fastest of several trials, since other processes only ever add time."""
+    n = 200_000
+    best = float("inf")
+    for _ in range(7):
+        t = time.perf_counter()
+        spin(n)
+        best = min(best, time.perf_counter() - t)
+    return max(1, int(ms / 1000 / (best / n)))
 
 
 CASES = [
@@ -279,14 +299,19 @@ CASES = [
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
-    spin_iters = _calibrate(args.spin_ms)
+    spin_iters = args.spin_iterations or _calibrate(args.spin_ms)
     out: dict[str, Any] = {"cpu": [], "rate": [], "latency": [], "spin_iterations": spin_iters}
     only = set(args.only.split(","))
     for r in range(args.repeat):
         for workers in ((1, 2) if r % 2 == 0 else (2, 1)) if "cpu" in only else ():
             with tempfile.TemporaryDirectory() as d:
                 res = await cpu_case(Path(d), workers, args.cpu_events, spin_iters)
-            print(f"round {r} cpu {workers}w: {res['per_s']:.0f} events/s", flush=True)
+            shares = ", ".join(f"{x:.2f}" for x in res["core_share"])
+            print(
+                f"round {r} cpu {workers}w: {res['per_s']:.0f} events/s "
+                f"(share of a core per worker: {shares})",
+                flush=True,
+            )
             out["cpu"].append(res)
         order = CASES if r % 2 == 0 else CASES[::-1]
         for name, url, workers in order if "rate" in only else ():
@@ -325,6 +350,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cpu-events", type=int, default=3000)
     p.add_argument("--spin-ms", type=float, default=2.0, help="CPU per event in the cpu case")
+    p.add_argument(
+        "--spin-iterations", type=int, default=0, help="fixed loop size (default: calibrate)"
+    )
     p.add_argument("--events", type=int, default=20_000, help="events per rate case")
     p.add_argument("--lat-events", type=int, default=1500, help="events per latency case")
     p.add_argument("--rate", type=float, default=500.0, help="publishes/s in latency cases")
@@ -349,7 +377,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"  per-round speedups {', '.join(f'{x:.2f}' for x in ratios)} "
             f"(median {statistics.median(ratios):.2f}x), best against best {best:.2f}x"
         )
+        # what 2 workers would do with 2 whole cores, at the efficiency
+        # (events per CPU-second) they showed: a projection, not a measurement
+        eff1 = _median(out["cpu"], "per_cpu_s", workers=1)
+        eff2 = _median(out["cpu"], "per_cpu_s", workers=2)
+        print(
+            f"  events per CPU-second: 1 worker {eff1:.0f}, 2 workers {eff2:.0f} each; "
+            f"with 2 idle cores 2 workers would do {2 * eff2 / eff1:.2f}x"
+        )
         out["summary"] = {
+            "projected_speedup": 2 * eff2 / eff1,
             "cpu_1w": one,
             "cpu_2w": two,
             "speedup": two / one,
