@@ -157,7 +157,7 @@ async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, f
         "surge_enqueue_one_by_one_per_s": n / enqueue,
         "surge_enqueue_100_tasks_per_s": n / enqueue_conc,
         "surge_drain_per_s": (2 * n - 1) / res["span"],
-        "surge_worker_launch_to_first_handler_s": res["first"],
+        "surge_app_start_to_first_handler_s": res["first"],
     }
 
 
