@@ -310,6 +310,55 @@ async def test_broker_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
         assert all(r.levelno == logging.WARNING for r in logs.records)
 
 
+async def test_broker_restart_without_persistence_recreates_groups(tmp_path: Path) -> None:
+    """A broker that comes back empty gets its groups declared again by their
+    consumers, and new events flow within 5 s of its return."""
+    with redis_server(tmp_path) as (url, server), _captured() as logs:
+        app = surge.App("amnesia", transport=RedisTransport(url, lease=2.0))
+        seen, first = _counter(app, 1)
+        second = asyncio.Event()
+
+        @app.on(Num, name="second")
+        async def on_second(ev: Num) -> None:
+            if ev.n == 2:
+                second.set()
+
+        async with app:
+            await app.publish(Num(n=1))
+            await _until(first, 10, "the first event handled")
+            recreated = logs.expect("'amnesia.count' was gone")
+            server.kill()
+            await asyncio.to_thread(server.start)
+            back = time.monotonic()
+            await _until(recreated, 5, "the group declared again")
+            await app.publish(Num(n=2))
+            await _until(second, 5, "the event published after the return handled")
+            assert time.monotonic() - back < 5
+            await app.drain()
+        assert seen == [1, 2]
+
+
+async def test_publish_nowait_and_max_len(tmp_path: Path) -> None:
+    """publish_nowait writes in the background (Overloaded past ``buffer``), and
+    ``max_len`` caps a group's stream by dropping its oldest entries."""
+    with redis_server(tmp_path, extra=("--stream-node-max-entries", "5")) as (url, _):
+        t = RedisTransport(url, buffer=100, max_len=10, batch=7)
+        await t.start()
+        try:
+            await t.declare("g", [Num.__topic__])
+            envs = [surge.Envelope(surge.new_id(), Num.__topic__, None, 0.0, None, Num(n=i))
+                    for i in range(101)]  # fmt: skip
+            t.publish_nowait(envs[:100])
+            with pytest.raises(surge.Overloaded):
+                t.publish_nowait(envs[100:])
+            await t.publish(envs[100:])  # waits for room, then is written after the rest
+            stats = await t.stats("g")
+            # MAXLEN ~ trims whole stream nodes (5 entries each here)
+            assert 10 <= stats.backlog <= 15
+        finally:
+            await t.close()
+
+
 async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
     """Jepsen-style: SIGKILL the only worker 20 times while it consumes; every
     acknowledged publish is handled, nothing unexpected, duplicates bounded."""

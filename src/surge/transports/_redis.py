@@ -600,9 +600,12 @@ class RedisTransport:
                 except rexc.ResponseError as exc:
                     if "NOGROUP" in str(exc):
                         # The broker lost the group (restarted without persistence).
-                        log.warning("redis: group %r is gone from the broker; recreating", group)
                         with contextlib.suppress(TransportError, *_CONNECTION_ERRORS):
                             await self.declare(group, g.patterns, ephemeral=g.ephemeral)
+                            log.warning(
+                                "redis: group %r was gone from the broker; declared it again",
+                                group,
+                            )
                     else:
                         self._failed(exc, f"reading {group!r}")
                     delay = await self._backoff(delay)
