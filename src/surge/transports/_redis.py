@@ -51,8 +51,14 @@ Reconnects: every loop catches the broker's errors, logs a WARNING, marks the
 transport unhealthy (``healthy``, ``last_error``) and retries with a backoff
 capped at one second; acks and settles are retried until they succeed. A
 publish keeps retrying for ``reconnect_timeout`` seconds, then raises
-:class:`~surge.TransportError`. Redis Cluster is not supported (the scripts
-touch keys of several slots).
+:class:`~surge.TransportError`. A broker that returns empty (no persistence)
+gets each group declared again by its consumers (NOGROUP); what it held is
+gone. ``await publish`` is only as durable as the server's ``appendonly`` /
+``appendfsync`` settings (``always`` to lose nothing acknowledged).
+
+Limits: Redis >= 6.2 (XPENDING IDLE); Redis Cluster is not supported (the
+scripts touch keys of several slots); an ephemeral group (a reply inbox) of
+a process that was killed stays in the registry until deleted by hand.
 """
 
 from __future__ import annotations
@@ -282,10 +288,19 @@ class RedisTransport:
             if waiters:
                 await asyncio.gather(*waiters, return_exceptions=True)
         self._closed = True
-        tasks = [t for t in (self._flusher, *self._tasks) if t is not None]
+        if self._flush_wake is not None:
+            self._flush_wake.set()
+        tasks = [t for t in (self._flusher, *self._tasks) if t is not None and not t.done()]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # bounded: a task whose cancel redis-py swallowed ends at its next check
+            _, stuck = await asyncio.wait(tasks, timeout=5.0)
+            if stuck:
+                log.warning("redis: %d background tasks did not stop at close", len(stuck))
+            for t in tasks:
+                if t.done() and not t.cancelled():
+                    t.exception()  # retrieved: a failure at close is not news
         for p in self._buf:
             if p.future is not None and not p.future.done():
                 p.future.set_exception(Closed("transport closed before the publish was written"))
@@ -467,7 +482,11 @@ class RedisTransport:
     async def _flush_loop(self) -> None:
         wake = self._flush_wake
         assert wake is not None
-        while True:
+        task = asyncio.current_task()
+        assert task is not None
+        while not self._closed:
+            if task.cancelling():  # see consume(): redis-py may swallow a cancel
+                raise asyncio.CancelledError
             if not self._buf or self._writing:
                 wake.clear()
                 await wake.wait()
@@ -597,8 +616,9 @@ class RedisTransport:
                     self._failed(exc, f"reading {group!r}")
                     delay = await self._backoff(delay)
                     continue
-                except rexc.ResponseError as exc:
-                    if "NOGROUP" in str(exc):
+                except rexc.RedisError as exc:
+                    # Never let the consumer die silently: say so, back off, retry.
+                    if isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
                         # The broker lost the group (restarted without persistence).
                         with contextlib.suppress(TransportError, *_CONNECTION_ERRORS):
                             await self.declare(group, g.patterns, ephemeral=g.ephemeral)
@@ -615,7 +635,7 @@ class RedisTransport:
                 if batch:
                     yield batch
         finally:
-            g.consuming = False
+            # g.consuming stays set: close() forgets this consumer in the group
             keeper.cancel()
             self._tasks.discard(keeper)
 
