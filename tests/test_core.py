@@ -544,3 +544,38 @@ def test_app_codec_reaches_a_durable_transport(tmp_path: Path) -> None:
 
     clock.run(main())
     assert got == [3]
+
+
+class _First(surge.Event):
+    __topic__ = "dup.topic"
+    n: int
+
+
+class _Second(surge.Event):  # same topic, other fields: defined last, so the process default
+    __topic__ = "dup.topic"
+    name: str
+
+
+async def test_app_types_win_over_the_last_class_defined(clock: surge.VirtualClock) -> None:
+    """A pattern subscription decodes with the type its app declared for the topic."""
+    app = surge.App("t", clock=clock)
+    got: list[surge.Event] = []
+
+    @app.on(_First)
+    async def exact(ev: _First) -> None: ...
+
+    @app.on("dup.*")
+    async def pattern(ev: surge.Event) -> None:
+        got.append(ev)
+
+    async with app:
+        body = surge.MsgpackCodec().encode_event(_First(n=5))
+        await app.transport.publish(
+            [surge.Envelope(surge.new_id(), "dup.topic", None, 0.0, None, None, body)]
+        )
+        await app.drain()
+        assert await app.dead_letters() == []
+    assert got == [_First(n=5)]
+    other = surge.App("o")
+    other.register(_Second)
+    assert other._types["dup.topic"] is _Second

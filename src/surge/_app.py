@@ -103,6 +103,9 @@ class App:
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
         self._rng = random.Random(seed)
         self._subs: dict[str, Subscription] = {}
+        # topic -> event type, for decoding pattern subscriptions: the types
+        # this app declared win over the process-wide "last class defined".
+        self._types: dict[str, type[Event]] = {}
         self._runners: dict[str, Runner] = {}
         self._threadpool: ThreadPoolExecutor | None = None
         self._procpool: ProcessPoolExecutor | None = None
@@ -215,6 +218,8 @@ class App:
                 limit = min(conc, self._threads)
             elif kind == PROCESS:
                 limit = min(conc, self._processes)
+            for topic, tp in types.items():
+                self._types.setdefault(topic, tp)
             self._subs[sub_name] = Subscription(
                 name=sub_name,
                 topics=tuple(names),
@@ -231,6 +236,15 @@ class App:
             return fn
 
         return decorate
+
+    def register(self, *event_types: type[Event]) -> None:
+        """Decode ``event_types``' topics into these classes in this app's
+        pattern subscriptions (types named in ``app.on`` are registered
+        already; otherwise the class defined last for a topic is used)."""
+        for tp in event_types:
+            if not (isinstance(tp, type) and issubclass(tp, Event)):
+                raise ConfigurationError(f"register({tp!r}): give Event subclasses")
+            self._types[tp.__topic__] = tp
 
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """Run ``fn`` once the app has started."""
@@ -453,7 +467,7 @@ class App:
 
     # --- decoding -----------------------------------------------------------
     def _decode(self, env: Envelope, sub: Subscription) -> Event:
-        tp = sub.types.get(env.topic) or event_type(env.topic)
+        tp = sub.types.get(env.topic) or self._types.get(env.topic) or event_type(env.topic)
         if tp is None:
             raise UnknownTopic(
                 f"no event type is declared for topic {env.topic!r}", topic=env.topic
