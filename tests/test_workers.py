@@ -105,7 +105,7 @@ def test_bad_app_references_are_configuration_errors() -> None:
     """A reference without ':', a missing module or attribute, or a non-App is refused."""
     for ref, why in [
         (APP_REF.split(":")[0], "module:attribute"),
-        ("no_such_module_xyz:app", "cannot import"),
+        ("no_such_module_xyz:app", "no module named"),
         (APP_REF + "x", "no attribute"),
         (APP_REF.replace(":app", ":Numbered"), "not a surge.App"),
     ]:

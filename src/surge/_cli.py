@@ -96,38 +96,14 @@ def main() -> None:
 
 # --- loading an app -----------------------------------------------------------
 def load_app(ref: str) -> App:
-    """The :class:`~surge.App` named by ``ref`` (``"package.module:attr"``),
-    imported with the current directory on ``sys.path``."""
-    from ._app import App
+    """The :class:`App` named by ``ref`` (``"package.module:attr"``), looked
+    for in the current directory first, as a user running ``surge`` expects."""
+    from ._supervisor import load_app as load
 
-    module_name, sep, attr = ref.partition(":")
-    if not sep or not module_name or not attr:
-        raise ConfigurationError(f"app reference {ref!r}: write it as 'module:attribute'")
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name is not None and module_name.startswith(exc.name):
-            raise ConfigurationError(
-                f"app reference {ref!r}: no module named {exc.name!r} "
-                f"(looked in {cwd} and on sys.path)"
-            ) from None
-        raise
-    obj: Any = module
-    for part in attr.split("."):
-        try:
-            obj = getattr(obj, part)
-        except AttributeError:
-            raise ConfigurationError(
-                f"app reference {ref!r}: module {module_name!r} has no attribute {attr!r}"
-            ) from None
-    if not isinstance(obj, App):
-        raise ConfigurationError(
-            f"app reference {ref!r} names a {type(obj).__name__}, not a surge.App"
-        )
-    return obj
+    return load(ref)
 
 
 def _load(ref: str, transport: str | None) -> App:

@@ -84,8 +84,8 @@ def load_app(ref: str) -> App:
     except ImportError as exc:
         if exc.name is not None and module_name.startswith(exc.name):
             raise ConfigurationError(
-                f"app reference {ref!r}: cannot import {module_name!r} ({exc}); "
-                "run from the directory that holds it"
+                f"app reference {ref!r}: no module named {exc.name!r} (looked in "
+                f"{os.getcwd()} and on sys.path); run from the directory that holds it"
             ) from exc
         raise
     obj: Any = module
