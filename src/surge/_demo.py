@@ -153,7 +153,8 @@ async def _demo(
     stall_timeout: float,
     app_options: dict[str, Any] | None,
 ) -> DemoReport:
-    app = shop.make_app(transport=transport, **(app_options or {}))
+    # No ingress in-process: its instrumentation would time the handlers too.
+    app = shop.make_app(transport=transport, **{"http": False, **(app_options or {})})
     clock = app.clock
     run = new_id()[-10:]
     tracker = _Tracker(run, events, clock.time)

@@ -13,13 +13,16 @@ because a process round trip costs far more than a small order's risk.
 Payment fails now and then on the first attempt, like a real gateway; the
 ``Retry`` policy absorbs it.
 
-Run it with ``surge run surge.examples.shop:app`` or drive it with
-``surge demo``.
+Orders arrive over HTTP: ``POST /orders`` with an ``OrderPlaced`` body
+answers 202 with the event id. Run it with ``surge run
+surge.examples.shop:app --http 127.0.0.1:8000`` or drive it with ``surge
+demo``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import zlib
 from typing import Any
 
@@ -141,10 +144,15 @@ def charge_and_ship(ev: OrderScored, ctx: surge.Context) -> OrderShipped:
     )
 
 
-def make_app(name: str = "shop", **options: Any) -> surge.App:
+def make_app(name: str = "shop", *, http: bool | None = None, **options: Any) -> surge.App:
     """A new shop app; ``options`` (``transport=``, ``clock=``...) go to
-    :class:`surge.App`."""
+    :class:`surge.App`. With ``http`` (by default: when the ``http`` extra is
+    installed) it takes orders on ``POST /orders``."""
     app = surge.App(name, **options)
+    if http is None:
+        http = importlib.util.find_spec("uvicorn") is not None
+    if http:
+        app.http.post("/orders", publish=OrderPlaced)
     app.on(OrderPlaced, key="order_id", concurrency=256)(reserve_stock)
     app.on(StockReserved, concurrency=256)(approve)
     app.on(ReviewRequested, executor="process", concurrency=8)(score_fraud)

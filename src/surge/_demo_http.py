@@ -1,0 +1,365 @@
+"""``surge demo`` over HTTP: the shop's ingress on a local port, driven by the
+built-in load generator over real sockets.
+
+Every request carries a unique order id; the tracker subscribed to the last
+event counts the ids it sees, so ``lost`` is every request answered 202 whose
+order never shipped nor was dead-lettered: counted, not assumed. Requests
+refused (503) are counted apart: refusing is the ingress's promise under
+overload, and a refused order was never accepted.
+
+Client and server share one loop: on two cores the shop's process pool and
+payment threads need the other core, and the client's share of the loop's
+time is small next to the server's (see the report header).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from ._demo import DemoReport, StageReport, _quantile, _Tracker, order_amount, print_report
+from ._event import event_type, new_id
+from .examples import shop
+
+__all__ = ("HttpDemoReport", "http_demo", "print_http_report", "run_http_demo")
+
+MODE = "client and server on one loop, one process"
+
+
+class HttpDemoReport(msgspec.Struct, frozen=True, kw_only=True):
+    """What an HTTP demo run measured: the load generator's view and the
+    pipeline's."""
+
+    url: str
+    mode: str
+    concurrency: int
+    requests: int
+    answered: int
+    accepted: int
+    """Requests answered 202."""
+    refused: int
+    """Requests answered 503 (admission control), not lost."""
+    statuses: dict[int, int]
+    errors: dict[str, int]
+    """Requests with no answer, by cause."""
+    duration: float
+    """Seconds the load generator ran."""
+    rps: float
+    p50: float
+    p95: float
+    p99: float
+    max: float
+    """HTTP latency, seconds."""
+    pipeline: DemoReport
+    unconfirmed: int
+    """Orders shipped whose request got no 202 (a timed-out answer)."""
+    chart: str | None
+
+    @property
+    def lost(self) -> int:
+        return self.pipeline.lost
+
+    @property
+    def ok(self) -> bool:
+        return self.pipeline.ok and not self.errors
+
+
+async def http_demo(
+    *,
+    requests: int = 100_000,
+    concurrency: int = 500,
+    transport: str = "memory://",
+    console: Console | None = None,
+    progress: bool = True,
+    chart: Path | None = None,
+    stall_timeout: float = 30.0,
+    timeout: float = 30.0,
+) -> HttpDemoReport:
+    """Serve the shop app's ingress on 127.0.0.1 (a free port) and send it
+    ``requests`` orders from ``concurrency`` keep-alive connections; what was
+    measured. ``chart``: where to write the latency-over-time chart (HTML)."""
+    if requests < 1 or concurrency < 1:
+        raise ValueError("requests and concurrency must be at least 1")
+    console = console or Console(stderr=True)
+    surge_log = logging.getLogger("surge")
+    level = surge_log.level
+    surge_log.setLevel(max(level, logging.ERROR))  # retries are counted, not logged
+    try:
+        return await _http_demo(
+            requests, concurrency, transport, console, progress, chart, stall_timeout, timeout
+        )
+    finally:
+        surge_log.setLevel(level)
+
+
+async def _http_demo(
+    requests: int,
+    concurrency: int,
+    transport: str,
+    console: Console,
+    progress: bool,
+    chart: Path | None,
+    stall_timeout: float,
+    timeout: float,
+) -> HttpDemoReport:
+    from .http import Limits, Response, Server, run_load
+    from .http._chart import write_chart
+
+    app = shop.make_app(transport=transport, http=True)
+    clock = app.clock
+    run = new_id()[-10:]
+    tracker = _Tracker(run, requests, clock.time)
+    app.on(shop.OrderShipped, name="delivered", concurrency=64)(tracker.delivered)
+    subs = list(app.subscriptions.values())
+    reviewed = sum(1 for i in range(requests) if order_amount(i) >= shop.REVIEW_THRESHOLD)
+
+    accepted = bytearray(requests)
+    counts = {"accepted": 0, "answered": 0}
+    encode = msgspec.json.encode
+
+    def body(i: int) -> bytes:
+        oid = f"{run}-{i}"
+        return encode(
+            {
+                "order_id": oid,
+                "customer": f"c{i % 5_000}",
+                "amount": order_amount(i),
+                "placed_at": time.time(),
+            }
+        )
+
+    def on_response(i: int, response: Response) -> None:
+        if response.status == 202:
+            accepted[i] = 1
+            counts["accepted"] += 1
+
+    def on_progress(done: int, total: int) -> None:
+        counts["answered"] = done
+
+    bar = Progress(
+        TextColumn("{task.description:<18}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+        transient=False,
+    )
+    t_sent = bar.add_task("answered", total=requests)
+    t_acc = bar.add_task("accepted (202)", total=requests)
+    stage_tasks: dict[str, TaskID] = {}
+    for s in subs:
+        total = requests
+        if s.handler is shop.score_fraud:
+            total = reviewed
+        elif s.handler is shop.approve:
+            total = requests - reviewed
+        stage_tasks[s.name] = bar.add_task(s.name.split(".", 1)[1], total=total or None)
+
+    def dead_now() -> int:
+        return sum(st.dead_lettered for st in app.statistics().subscriptions.values())
+
+    def refresh() -> None:
+        bar.update(t_sent, completed=counts["answered"])
+        bar.update(t_acc, completed=counts["accepted"])
+        for name, st in app.statistics().subscriptions.items():
+            bar.update(stage_tasks[name], completed=st.succeeded)
+
+    drainable = getattr(app.transport, "wait_idle", None) is not None
+    # Admit every connection the generator opens: the demo measures the
+    # pipeline; the refusal path (503) is still counted if it happens.
+    limits = Limits(max_in_flight=max(1000, concurrency), max_connections=concurrency + 256)
+    async with app, Server(app, "127.0.0.1", 0, limits=limits) as server:
+        url = f"{server.url}/orders"
+        start = clock.monotonic()
+        load = asyncio.ensure_future(
+            run_load(
+                url,
+                requests,
+                concurrency,
+                None,
+                body,
+                timeout=timeout,
+                on_response=on_response,
+                on_progress=on_progress,
+            )
+        )
+        settled: asyncio.Future[None] | None = None
+        last_seen = (-1, start)
+        with bar:
+            while True:
+                waits: set[asyncio.Future[Any]] = set()
+                if not load.done():
+                    waits.add(load)
+                elif drainable:
+                    if settled is None:
+                        settled = asyncio.ensure_future(app.drain())
+                    waits.add(settled)
+                await asyncio.wait(waits or {load}, timeout=0.1)
+                refresh()
+                accounted = tracker.unique + dead_now()
+                if load.done() and (
+                    accounted >= counts["accepted"]
+                    or load.exception() is not None
+                    or (settled is not None and settled.done())
+                ):
+                    break
+                now = clock.monotonic()
+                seen = counts["answered"] + accounted
+                if seen != last_seen[0]:
+                    last_seen = (seen, now)
+                elif now - last_seen[1] > stall_timeout:
+                    console.print(f"[red]no progress for {stall_timeout:.0f}s; giving up[/red]")
+                    break
+            elapsed = clock.monotonic() - start
+            if settled is not None and not settled.done():
+                settled.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await settled
+            if not load.done():
+                load.cancel()
+            result = await load  # re-raises the generator's error
+            refresh()
+        if drainable:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(app.drain(), stall_timeout)
+        dead_ids: set[int] = set()
+        for letter in await app.dead_letters():
+            tp = event_type(letter.topic)
+            if tp is None:
+                continue
+            ev = app.codec.decode_event(letter.body, tp, topic=letter.topic)
+            oid = getattr(ev, "order_id", "")
+            if isinstance(oid, str) and oid.startswith(tracker.prefix):
+                dead_ids.add(int(oid[len(tracker.prefix) :]))
+        stats = app.statistics().subscriptions
+
+    shipped = tracker.counts
+    lost = sum(1 for i in range(requests) if accepted[i] and not shipped[i] and i not in dead_ids)
+    unconfirmed = sum(1 for i in range(requests) if shipped[i] and not accepted[i])
+    lat = sorted(tracker.latencies)
+    pipeline = DemoReport(
+        events=counts["accepted"],
+        producers=concurrency,
+        transport=transport,
+        elapsed=elapsed,
+        latency_p50=_quantile(lat, 0.50),
+        latency_p95=_quantile(lat, 0.95),
+        latency_p99=_quantile(lat, 0.99),
+        stages=tuple(
+            StageReport(
+                s.name.split(".", 1)[1],
+                s.kind,
+                stats[s.name].succeeded,
+                stats[s.name].retried,
+                stats[s.name].dead_lettered,
+            )
+            for s in subs
+        ),
+        delivered=tracker.unique,
+        dead_lettered=len(dead_ids),
+        duplicates=tracker.duplicates,
+        lost=lost,
+    )
+    if chart is not None:
+        write_chart(result, chart)
+    return HttpDemoReport(
+        url=url,
+        mode=MODE,
+        concurrency=concurrency,
+        requests=requests,
+        answered=result.completed,
+        accepted=counts["accepted"],
+        refused=result.statuses.get(503, 0),
+        statuses=result.statuses,
+        errors=result.errors,
+        duration=result.duration,
+        rps=result.rps,
+        p50=result.p50,
+        p95=result.p95,
+        p99=result.p99,
+        max=result.max,
+        pipeline=pipeline,
+        unconfirmed=unconfirmed,
+        chart=str(chart) if chart is not None else None,
+    )
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1000:.1f} ms"
+
+
+def print_http_report(report: HttpDemoReport, console: Console) -> None:
+    """The HTTP side (throughput, latency, status codes), then the
+    pipeline's report and the loss check."""
+    console.print(
+        f"\n[bold]surge demo over HTTP[/bold]: {report.requests:,} POST {report.url} "
+        f"from {report.concurrency:,} connections ({report.mode})"
+    )
+    console.print(
+        f"http:        {report.answered:,} answered in {report.duration:.2f} s: "
+        f"{report.rps:,.0f} req/s"
+    )
+    console.print(
+        f"http latency: p50 {_ms(report.p50)}  p95 {_ms(report.p95)}  p99 {_ms(report.p99)}"
+        f"  max {_ms(report.max)}"
+    )
+    codes = "  ".join(f"{k}: {v:,}" for k, v in report.statuses.items()) or "none"
+    console.print(f"status codes: {codes}", highlight=False)
+    console.print(
+        f"accepted:    {report.accepted:,}   refused (503, not lost): {report.refused:,}",
+        highlight=False,
+    )
+    if report.errors:
+        errs = "  ".join(f"{k}: {v:,}" for k, v in sorted(report.errors.items()))
+        console.print(f"[red]no answer:   {errs}[/red]", highlight=False)
+    if report.unconfirmed:
+        console.print(f"shipped without a 202 (answer timed out): {report.unconfirmed:,}")
+    print_report(report.pipeline, console)
+    if report.chart is not None:
+        console.print(f"latency chart: {report.chart}", highlight=False)
+
+
+def run_http_demo(
+    *,
+    requests: int = 100_000,
+    concurrency: int = 500,
+    transport: str = "memory://",
+    chart: Path | None = None,
+    console: Console | None = None,
+    progress: bool = True,
+) -> HttpDemoReport:
+    """Run :func:`http_demo` on a new loop and print its report."""
+    from ._app import run_loop
+    from .http._load import _raise_fd_limit
+
+    console = console or Console()
+    _raise_fd_limit(concurrency + 512)
+    report = run_loop(
+        http_demo(
+            requests=requests,
+            concurrency=concurrency,
+            transport=transport,
+            console=console,
+            progress=progress,
+            chart=chart,
+        )
+    )
+    print_http_report(report, console)
+    return report
