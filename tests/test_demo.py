@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import re
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -11,6 +13,7 @@ from rich.console import Console
 import surge
 from surge._cli import main
 from surge._demo import demo, order_amount, print_report
+from surge._demo_http import http_demo, print_http_report
 from surge.examples import shop
 
 
@@ -73,7 +76,7 @@ async def test_demo_counts_orders_that_never_arrive(monkeypatch: pytest.MonkeyPa
 def test_demo_command_prints_report_and_exits_zero() -> None:
     """`surge demo` with a small flood prints the report and exits 0."""
     result = CliRunner().invoke(
-        main, ["demo", "--events", "1000", "--producers", "50", "--no-progress"]
+        main, ["demo", "--in-process", "--events", "1000", "--producers", "50", "--no-progress"]
     )
     assert result.exit_code == 0, result.output
     assert "1,000 orders from 50 producers on memory://" in result.output
@@ -95,6 +98,85 @@ def test_demo_command_exits_nonzero_when_orders_are_lost(monkeypatch: pytest.Mon
         return None if ev.order_id.endswith("3") else real(ev, ctx)
 
     monkeypatch.setattr(shop, "charge_and_ship", drop_some)
-    result = CliRunner().invoke(main, ["demo", "-n", "200", "-p", "20", "--no-progress"])
+    result = CliRunner().invoke(
+        main, ["demo", "--in-process", "-n", "200", "-p", "20", "--no-progress"]
+    )
     assert result.exit_code == 1, result.output
     assert "lost: 20" in result.output
+
+
+@pytest.mark.realtime
+@pytest.mark.parametrize("client", ["process", "loop"])
+async def test_http_demo_matches_every_accepted_request(tmp_path: Path, client: str) -> None:
+    """2,000 orders POSTed over sockets: every 202 ships once, counts add up, chart written."""
+    chart = tmp_path / "report.html"
+    report = await http_demo(
+        requests=2_000,
+        concurrency=50,
+        console=_quiet(),
+        progress=False,
+        chart=chart,
+        client=client,
+    )
+    assert report.url.startswith("http://127.0.0.1:")
+    assert report.answered == 2_000
+    assert sum(report.statuses.values()) == report.answered
+    assert report.statuses.get(202, 0) == report.accepted == 2_000
+    assert report.refused == 0
+    assert not report.errors
+    assert report.lost == 0
+    assert report.unconfirmed == 0
+    assert report.pipeline.delivered == 2_000
+    assert report.pipeline.duplicates == 0
+    stages = {s.name: s for s in report.pipeline.stages}
+    assert stages["reserve_stock"].handled == 2_000
+    assert stages["delivered"].handled == 2_000
+    assert 0 < report.p50 <= report.p95 <= report.p99 <= report.max
+    assert report.ok
+
+    out = _quiet()
+    print_http_report(report, out)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    for line in ("req/s", "p50", "p95", "p99", "max", "status codes: 202: 2,000", "lost: 0"):
+        assert line in text
+    flat = " ".join(text.split())
+    assert {"process": "in a child process", "loop": "on one loop"}[client] in flat
+    html = chart.read_text()
+    assert html.startswith("<!doctype html>")
+    assert "<svg" in html
+    # self-contained: nothing fetched (the served URL appears only as text)
+    assert not re.search(r"<script|<link|<img|(src|href)\s*=|url\(", html)
+    assert report.url in html
+
+
+@pytest.mark.realtime
+async def test_http_demo_counts_accepted_orders_that_never_ship(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An order answered 202 that is silently dropped is reported lost."""
+    real = shop.charge_and_ship
+
+    def drop_some(ev: shop.OrderScored, ctx: surge.Context) -> shop.OrderShipped | None:
+        return None if ev.order_id.endswith("7") else real(ev, ctx)
+
+    monkeypatch.setattr(shop, "charge_and_ship", drop_some)
+    report = await http_demo(
+        requests=500, concurrency=20, console=_quiet(), progress=False, client="loop"
+    )
+    assert report.accepted == 500
+    assert report.lost == 50
+    assert not report.ok
+
+
+@pytest.mark.realtime
+def test_demo_command_drives_http_and_writes_the_chart(tmp_path: Path) -> None:
+    """`surge demo` by default POSTs over HTTP, prints the report and the chart path."""
+    chart = tmp_path / "demo.html"
+    result = CliRunner().invoke(
+        main, ["demo", "-n", "1000", "-c", "20", "--no-progress", "--report", str(chart)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "surge demo over HTTP" in result.output
+    assert "lost: 0" in result.output
+    assert str(chart) in result.output.replace("\n", "")
+    assert chart.exists()

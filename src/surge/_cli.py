@@ -3,7 +3,7 @@
 ::
 
     surge run module:app [--transport URL] [--workers N] [--http HOST:PORT]
-    surge demo [--events N] [--producers N] [--transport URL]
+    surge demo [--requests N] [--concurrency C] [--report PATH] [--in-process]
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
 
 Commands that live in optional modules (``surge load``, ``surge top``) are
@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import logging
 import os
+import pathlib
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -209,22 +210,93 @@ def _serve_http(app: App, host: str, port: int) -> None:
 
 # --- surge demo ---------------------------------------------------------------
 @main.command()
-@click.option("--events", "-n", type=click.IntRange(min=1), default=100_000, show_default=True)
-@click.option("--producers", "-p", type=click.IntRange(min=1), default=1_000, show_default=True)
+@click.option(
+    "--events",
+    "--requests",
+    "-n",
+    "events",
+    type=click.IntRange(min=1),
+    default=100_000,
+    show_default=True,
+    help="Orders to send.",
+)
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(min=1),
+    default=200,
+    show_default=True,
+    help="HTTP connections the load generator keeps open.",
+)
+@click.option(
+    "--client",
+    type=click.Choice(["process", "loop"]),
+    default="process",
+    show_default=True,
+    help="Run the load generator in a child process or on the server's loop.",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    default=pathlib.Path("surge-demo-report.html"),
+    show_default=True,
+    help="Where to write the latency-over-time chart (self-contained HTML).",
+)
+@click.option(
+    "--in-process",
+    is_flag=True,
+    help="Publish from coroutines in the app's process instead of over HTTP.",
+)
+@click.option(
+    "--producers",
+    "-p",
+    type=click.IntRange(min=1),
+    default=1_000,
+    show_default=True,
+    help="Producer coroutines (with --in-process).",
+)
 @click.option("--transport", "-t", metavar="URL", default="memory://", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Show the live progress bars.")
-def demo(events: int, producers: int, transport: str, progress: bool) -> None:
-    """Flood the example order pipeline (surge.examples.shop) and report
-    throughput, latency and whether every order arrived exactly once."""
-    from ._demo import run_demo
-
+def demo(
+    events: int,
+    concurrency: int,
+    client: str,
+    report_path: pathlib.Path,
+    in_process: bool,
+    producers: int,
+    transport: str,
+    progress: bool,
+) -> None:
+    """Run the example order pipeline (surge.examples.shop) with its HTTP
+    ingress on a local port, drive it with the built-in load generator over
+    real sockets, and report requests/s, latency, status codes and whether
+    every accepted order was handled exactly once. --in-process floods it
+    from coroutines in its own process instead."""
     try:
-        report = run_demo(
-            events=events, producers=producers, transport=transport, progress=progress
-        )
+        if in_process:
+            from ._demo import run_demo
+
+            ok = run_demo(
+                events=events, producers=producers, transport=transport, progress=progress
+            ).ok
+        else:
+            try:
+                from ._demo_http import run_http_demo
+                from .http import Server  # noqa: F401 - needs the http extra
+            except ImportError as exc:
+                raise click.ClickException(f"{exc} (or run `surge demo --in-process`)") from None
+            ok = run_http_demo(
+                requests=events,
+                concurrency=concurrency,
+                transport=transport,
+                chart=report_path,
+                progress=progress,
+                client=client,
+            ).ok
     except SurgeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
-    if not report.ok:
+    if not ok:
         sys.exit(1)
 
 

@@ -7,9 +7,11 @@ order never shipped nor was dead-lettered: counted, not assumed. Requests
 refused (503) are counted apart: refusing is the ingress's promise under
 overload, and a refused order was never accepted.
 
-Client and server share one loop: on two cores the shop's process pool and
-payment threads need the other core, and the client's share of the loop's
-time is small next to the server's (see the report header).
+The load generator runs in a child process by default (``client="process"``),
+as a real client would: on one loop with the server it takes a third of the
+loop's time away from the handlers, so the pipeline falls behind the
+ingress. ``client="loop"`` keeps both in one process. The report header says
+which ran.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,27 @@ from .examples import shop
 
 __all__ = ("HttpDemoReport", "http_demo", "print_http_report", "run_http_demo")
 
-MODE = "client and server on one loop, one process"
+MODES = {
+    "process": "load generator in a child process, server and pipeline in this one",
+    "loop": "load generator, server and pipeline on one loop, one process",
+}
+
+
+class _ClientResult(msgspec.Struct, frozen=True):
+    report: Any
+    accepted: bytes
+    """One byte per request: 1 if it was answered 202."""
+
+
+def _order_body(run: str, i: int) -> bytes:
+    return msgspec.json.encode(
+        {
+            "order_id": f"{run}-{i}",
+            "customer": f"c{i % 5_000}",
+            "amount": order_amount(i),
+            "placed_at": time.time(),
+        }
+    )
 
 
 class HttpDemoReport(msgspec.Struct, frozen=True, kw_only=True):
@@ -90,19 +113,31 @@ async def http_demo(
     chart: Path | None = None,
     stall_timeout: float = 30.0,
     timeout: float = 30.0,
+    client: str = "process",
 ) -> HttpDemoReport:
     """Serve the shop app's ingress on 127.0.0.1 (a free port) and send it
     ``requests`` orders from ``concurrency`` keep-alive connections; what was
-    measured. ``chart``: where to write the latency-over-time chart (HTML)."""
+    measured. ``chart``: where to write the latency-over-time chart (HTML);
+    ``client``: ``"process"`` or ``"loop"`` (where the load generator runs)."""
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be at least 1")
+    if client not in MODES:
+        raise ValueError(f"client must be one of {sorted(MODES)}, not {client!r}")
     console = console or Console(stderr=True)
     surge_log = logging.getLogger("surge")
     level = surge_log.level
     surge_log.setLevel(max(level, logging.ERROR))  # retries are counted, not logged
     try:
         return await _http_demo(
-            requests, concurrency, transport, console, progress, chart, stall_timeout, timeout
+            requests,
+            concurrency,
+            transport,
+            console,
+            progress,
+            chart,
+            stall_timeout,
+            timeout,
+            client,
         )
     finally:
         surge_log.setLevel(level)
@@ -117,8 +152,9 @@ async def _http_demo(
     chart: Path | None,
     stall_timeout: float,
     timeout: float,
+    client: str,
 ) -> HttpDemoReport:
-    from .http import Limits, Response, Server, run_load
+    from .http import Limits, LoadReport, Response, Server, run_load
     from .http._chart import write_chart
 
     app = shop.make_app(transport=transport, http=True)
@@ -129,28 +165,62 @@ async def _http_demo(
     subs = list(app.subscriptions.values())
     reviewed = sum(1 for i in range(requests) if order_amount(i) >= shop.REVIEW_THRESHOLD)
 
-    accepted = bytearray(requests)
     counts = {"accepted": 0, "answered": 0}
-    encode = msgspec.json.encode
 
-    def body(i: int) -> bytes:
-        oid = f"{run}-{i}"
-        return encode(
-            {
-                "order_id": oid,
-                "customer": f"c{i % 5_000}",
-                "amount": order_amount(i),
-                "placed_at": time.time(),
-            }
+    async def in_loop(url: str) -> tuple[LoadReport, bytes]:
+        accepted = bytearray(requests)
+
+        def on_response(i: int, response: Response) -> None:
+            if response.status == 202:
+                accepted[i] = 1
+                counts["accepted"] += 1
+
+        def on_progress(done: int, total: int) -> None:
+            counts["answered"] = done
+
+        result = await run_load(
+            url,
+            requests,
+            concurrency,
+            None,
+            lambda i: _order_body(run, i),
+            timeout=timeout,
+            on_response=on_response,
+            on_progress=on_progress,
         )
+        return result, bytes(accepted)
 
-    def on_response(i: int, response: Response) -> None:
-        if response.status == 202:
-            accepted[i] = 1
-            counts["accepted"] += 1
-
-    def on_progress(done: int, total: int) -> None:
-        counts["answered"] = done
+    async def in_child(url: str) -> tuple[LoadReport, bytes]:
+        args = (url, str(requests), str(concurrency), run, str(timeout))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "surge._demo_http",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            limit=1 << 24,  # the result line holds a byte per request
+        )
+        assert proc.stdout is not None
+        final = b""
+        try:
+            async for line in proc.stdout:
+                if line.startswith(b"P "):
+                    answered, acc = line.split()[1:3]
+                    counts["answered"], counts["accepted"] = int(answered), int(acc)
+                elif line.startswith(b"R "):
+                    final = line[2:]
+            code = await proc.wait()
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
+        if code != 0 or not final:
+            raise RuntimeError(f"the load generator process failed (exit {code})")
+        out = msgspec.json.decode(final, type=_ClientResult)
+        result = msgspec.convert(out.report, LoadReport, strict=False)
+        counts["accepted"] = sum(out.accepted)
+        counts["answered"] = result.completed
+        return result, out.accepted
 
     bar = Progress(
         TextColumn("{task.description:<18}"),
@@ -188,18 +258,7 @@ async def _http_demo(
     async with app, Server(app, "127.0.0.1", 0, limits=limits) as server:
         url = f"{server.url}/orders"
         start = clock.monotonic()
-        load = asyncio.ensure_future(
-            run_load(
-                url,
-                requests,
-                concurrency,
-                None,
-                body,
-                timeout=timeout,
-                on_response=on_response,
-                on_progress=on_progress,
-            )
-        )
+        load = asyncio.ensure_future((in_child if client == "process" else in_loop)(url))
         settled: asyncio.Future[None] | None = None
         last_seen = (-1, start)
         with bar:
@@ -234,7 +293,7 @@ async def _http_demo(
                     await settled
             if not load.done():
                 load.cancel()
-            result = await load  # re-raises the generator's error
+            result, accepted = await load  # re-raises the generator's error
             refresh()
         if drainable:
             with contextlib.suppress(TimeoutError):
@@ -281,7 +340,7 @@ async def _http_demo(
         write_chart(result, chart)
     return HttpDemoReport(
         url=url,
-        mode=MODE,
+        mode=MODES[client],
         concurrency=concurrency,
         requests=requests,
         answered=result.completed,
@@ -344,6 +403,7 @@ def run_http_demo(
     chart: Path | None = None,
     console: Console | None = None,
     progress: bool = True,
+    client: str = "process",
 ) -> HttpDemoReport:
     """Run :func:`http_demo` on a new loop and print its report."""
     from ._app import run_loop
@@ -359,7 +419,58 @@ def run_http_demo(
             console=console,
             progress=progress,
             chart=chart,
+            client=client,
         )
     )
     print_http_report(report, console)
     return report
+
+
+async def _client_main(url: str, requests: int, concurrency: int, run: str, timeout: float) -> None:
+    """The child process's side: run the load, report progress lines
+    (``P answered accepted``) and then the result (``R json``) on stdout."""
+    from .http import Response, run_load
+
+    accepted = bytearray(requests)
+    counts = [0, 0]
+    out = sys.stdout.buffer
+
+    def on_response(i: int, response: Response) -> None:
+        if response.status == 202:
+            accepted[i] = 1
+            counts[1] += 1
+
+    def on_progress(done: int, total: int) -> None:
+        counts[0] = done
+
+    async def tick() -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            out.write(b"P %d %d\n" % (counts[0], counts[1]))
+            out.flush()
+
+    ticker = asyncio.ensure_future(tick())
+    try:
+        report = await run_load(
+            url,
+            requests,
+            concurrency,
+            None,
+            lambda i: _order_body(run, i),
+            timeout=timeout,
+            on_response=on_response,
+            on_progress=on_progress,
+        )
+    finally:
+        ticker.cancel()
+    out.write(b"R " + msgspec.json.encode(_ClientResult(report, bytes(accepted))) + b"\n")
+    out.flush()
+
+
+if __name__ == "__main__":  # the load generator's process (client="process")
+    from ._app import run_loop
+    from .http._load import _raise_fd_limit
+
+    _url, _n, _c, _run, _timeout = sys.argv[1:6]
+    _raise_fd_limit(int(_c) + 256)
+    run_loop(_client_main(_url, int(_n), int(_c), _run, float(_timeout)))
