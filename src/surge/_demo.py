@@ -301,7 +301,7 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.2f} s"
 
 
-def print_report(report: DemoReport, console: Console) -> None:
+def print_report(report: DemoReport, console: Console, *, header: str | None = None) -> None:
     """The report: throughput, latency, per-stage counts and the loss check."""
     table = Table(title=None, box=None, pad_edge=False)
     table.add_column("stage")
@@ -315,7 +315,8 @@ def print_report(report: DemoReport, console: Console) -> None:
         )
     handled = sum(st.handled for st in report.stages)
     console.print(
-        f"\n[bold]surge demo[/bold]: {report.events:,} orders from {report.producers:,} "
+        header
+        or f"\n[bold]surge demo[/bold]: {report.events:,} orders from {report.producers:,} "
         f"producers on {report.transport}"
     )
     console.print(f"time:        {report.elapsed:.2f} s")

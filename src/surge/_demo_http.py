@@ -390,7 +390,12 @@ def print_http_report(report: HttpDemoReport, console: Console) -> None:
         console.print(f"[red]no answer:   {errs}[/red]", highlight=False)
     if report.unconfirmed:
         console.print(f"shipped without a 202 (answer timed out): {report.unconfirmed:,}")
-    print_report(report.pipeline, console)
+    pipeline = report.pipeline
+    header = (
+        f"\n[bold]pipeline[/bold]: {pipeline.events:,} accepted orders on {pipeline.transport}"
+        " (time: first request to last order shipped)"
+    )
+    print_report(pipeline, console, header=header)
     if report.chart is not None:
         console.print(f"latency chart: {report.chart}", highlight=False)
 
