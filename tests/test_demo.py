@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner
@@ -147,6 +149,50 @@ async def test_http_demo_matches_every_accepted_request(tmp_path: Path, client: 
     # self-contained: nothing fetched (the served URL appears only as text)
     assert not re.search(r"<script|<link|<img|(src|href)\s*=|url\(", html)
     assert report.url in html
+
+
+@pytest.mark.realtime
+async def test_http_demo_counts_refused_requests_apart_from_lost(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past max_in_flight the ingress answers 503: counted as refused, and only 202s must ship."""
+    from surge.http import _ingress
+
+    # Publishing is instant on memory://, so requests never pile up by
+    # themselves: hold every publish until the ingress has refused one.
+    refused = asyncio.Event()
+    answer, publish = _ingress._answer, surge.App.publish
+
+    async def noting(send: Any, status: int, *args: Any) -> None:
+        if status == 503:
+            refused.set()
+        await answer(send, status, *args)
+
+    async def held(self: surge.App, *args: Any, **kwargs: Any) -> Any:
+        await refused.wait()
+        return await publish(self, *args, **kwargs)
+
+    monkeypatch.setattr(_ingress, "_answer", noting)
+    monkeypatch.setattr(surge.App, "publish", held)
+    report = await http_demo(
+        requests=1_500,
+        concurrency=100,
+        console=_quiet(),
+        progress=False,
+        client="loop",
+        max_in_flight=4,
+    )
+    assert report.refused > 0
+    assert report.accepted > 0
+    assert report.accepted + report.refused == report.answered == 1_500
+    assert set(report.statuses) == {202, 503}
+    assert report.pipeline.delivered == report.accepted
+    assert report.lost == 0
+    assert report.ok
+    out = _quiet()
+    print_http_report(report, out)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert f"refused (503, not lost): {report.refused:,}" in text
 
 
 @pytest.mark.realtime

@@ -114,11 +114,14 @@ async def http_demo(
     stall_timeout: float = 30.0,
     timeout: float = 30.0,
     client: str = "process",
+    max_in_flight: int | None = None,
 ) -> HttpDemoReport:
     """Serve the shop app's ingress on 127.0.0.1 (a free port) and send it
     ``requests`` orders from ``concurrency`` keep-alive connections; what was
     measured. ``chart``: where to write the latency-over-time chart (HTML);
-    ``client``: ``"process"`` or ``"loop"`` (where the load generator runs)."""
+    ``client``: ``"process"`` or ``"loop"`` (where the load generator runs);
+    ``max_in_flight``: the ingress's admission bound (by default at least
+    ``concurrency``, so nothing is refused)."""
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be at least 1")
     if client not in MODES:
@@ -138,6 +141,7 @@ async def http_demo(
             stall_timeout,
             timeout,
             client,
+            max_in_flight or max(1000, concurrency),
         )
     finally:
         surge_log.setLevel(level)
@@ -153,6 +157,7 @@ async def _http_demo(
     stall_timeout: float,
     timeout: float,
     client: str,
+    max_in_flight: int,
 ) -> HttpDemoReport:
     from .http import Limits, LoadReport, Response, Server, run_load
     from .http._chart import write_chart
@@ -252,9 +257,9 @@ async def _http_demo(
             bar.update(stage_tasks[name], completed=st.succeeded)
 
     drainable = getattr(app.transport, "wait_idle", None) is not None
-    # Admit every connection the generator opens: the demo measures the
-    # pipeline; the refusal path (503) is still counted if it happens.
-    limits = Limits(max_in_flight=max(1000, concurrency), max_connections=concurrency + 256)
+    # Admit every connection the generator opens; a 503 (past max_in_flight)
+    # is counted as refused, never as lost.
+    limits = Limits(max_in_flight=max_in_flight, max_connections=concurrency + 256)
     async with app, Server(app, "127.0.0.1", 0, limits=limits) as server:
         url = f"{server.url}/orders"
         start = clock.monotonic()
