@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 import surge
 from surge import VirtualClock
 
@@ -50,3 +52,22 @@ async def test_state_round_trips_through_sqlite(tmp_path: Path) -> None:
     await t2.start()
     assert await t2.load_state("k") == b"two"  # type: ignore[attr-defined]
     await t2.close()
+
+
+@pytest.mark.realtime
+async def test_state_round_trips_through_nats(tmp_path: Path) -> None:
+    """NATS keeps trigger state in a JetStream key-value bucket, across transports."""
+    from surge.transports._nats import NatsTransport
+
+    from ._servers import nats_server
+
+    with nats_server(tmp_path) as srv:
+        t1 = NatsTransport(srv.url)
+        await t1.start()
+        assert await t1.load_state("trigger:w.ten") is None
+        await t1.save_state("trigger:w.ten", b"1767225700.0")
+        await t1.close()
+        t2 = NatsTransport(srv.url)
+        await t2.start()
+        assert await t2.load_state("trigger:w.ten") == b"1767225700.0"
+        await t2.close()

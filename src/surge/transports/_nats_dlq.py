@@ -13,6 +13,7 @@ record.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -224,3 +225,41 @@ class DeadLetters:
             f"{self.stream}_dlq.{durable}", _ENCODE(record), {"Nats-Msg-Id": msg_id}
         )
         await self._pub.confirm([fut])
+
+    # --- small durable state (trigger state) ---------------------------------------
+    async def load_state(self, key: str) -> bytes | None:
+        """A small value kept under ``key`` in the JetStream key-value bucket
+        ``<stream>_state`` (the last fired slot of each trigger)."""
+        async with self._session():
+            kv = await self._state_bucket()
+            try:
+                entry = await kv.get(_state_key(key))
+            except nats.js.errors.KeyNotFoundError:
+                return None
+            except nats.errors.Error as exc:
+                raise translate(exc, f"reading state {key!r}") from exc
+            value: bytes | None = entry.value
+            return value
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        async with self._session():
+            kv = await self._state_bucket()
+            try:
+                await kv.put(_state_key(key), value)
+            except nats.errors.Error as exc:
+                raise translate(exc, f"writing state {key!r}") from exc
+
+    async def _state_bucket(self) -> Any:
+        self._nats()
+        bucket = f"{self.stream}_state"
+        try:
+            return await self._js.key_value(bucket)
+        except nats.js.errors.BucketNotFoundError:
+            return await self._js.create_key_value(bucket=bucket)
+        except nats.errors.Error as exc:
+            raise translate(exc, f"opening the state bucket {bucket!r}") from exc
+
+
+def _state_key(key: str) -> str:
+    # KV keys allow [-/_=.A-Za-z0-9]; base64url stays inside that alphabet.
+    return base64.urlsafe_b64encode(key.encode()).decode()
