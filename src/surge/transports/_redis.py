@@ -582,8 +582,6 @@ class RedisTransport:
         self._tasks.add(keeper)
         next_scan = 0.0
         delay = 0.05
-        task = asyncio.current_task()
-        assert task is not None
         block_ms = max(1, int(self.block * 1000))
         try:
             while not self._closed:
@@ -604,9 +602,12 @@ class RedisTransport:
                             "COUNT", min(room, self.batch), "BLOCK", block_ms,
                             "STREAMS", g.stream, ">",
                         )  # fmt: skip
-                        if task.cancelling():
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
                             # redis-py can turn a cancel that lands in a blocking
-                            # read into an empty reply; do not lose it.
+                            # read into an empty reply; do not lose it. (Ask for
+                            # the current task each time: each anext() of this
+                            # generator may run in a task of its own.)
                             raise asyncio.CancelledError
                         if reply:
                             batch = await self._deliveries(g, reply[0][1], None)
