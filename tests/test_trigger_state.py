@@ -71,3 +71,22 @@ async def test_state_round_trips_through_nats(tmp_path: Path) -> None:
         await t2.start()
         assert await t2.load_state("trigger:w.ten") == b"1767225700.0"
         await t2.close()
+
+
+@pytest.mark.realtime
+async def test_state_round_trips_through_redis(tmp_path: Path) -> None:
+    """Redis keeps trigger state under the transport's prefix, across transports."""
+    from surge.transports._redis import RedisTransport
+
+    from ._servers import redis_server
+
+    with redis_server(tmp_path) as (url, _server):
+        t1 = RedisTransport(url)
+        await t1.start()
+        assert await t1.load_state("trigger:w.ten") is None
+        await t1.save_state("trigger:w.ten", b"1767225700.0")
+        await t1.close()
+        t2 = RedisTransport(url)
+        await t2.start()
+        assert await t2.load_state("trigger:w.ten") == b"1767225700.0"
+        await t2.close()

@@ -852,6 +852,13 @@ class RedisTransport:
     async def stats(self, group: str) -> TransportStats:
         return await _admin.stats(self, group)
 
+    async def load_state(self, key: str) -> bytes | None:
+        """A small value kept under ``{prefix}:state:{key}`` (trigger state)."""
+        return await _admin.load_state(self, key)
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        await _admin.save_state(self, key, value)
+
     @property
     def idle(self) -> bool:
         """Nothing left to deliver or settle in this transport's groups, as of

@@ -138,3 +138,18 @@ async def stats(self: RedisTransport, group: str) -> TransportStats:
         n_pending = 0
     # Acknowledged entries are deleted, so the stream holds backlog + pending.
     return TransportStats(max(0, length - n_pending), n_pending, scheduled, dead)
+
+
+async def load_state(self: RedisTransport, key: str) -> bytes | None:
+    try:
+        value = await self._redis().get(self._key(f"state:{key}"))
+    except rexc.RedisError as exc:
+        raise self._error(exc, f"reading state {key!r}") from exc
+    return value.encode() if isinstance(value, str) else value
+
+
+async def save_state(self: RedisTransport, key: str, value: bytes) -> None:
+    try:
+        await self._redis().set(self._key(f"state:{key}"), value)
+    except rexc.RedisError as exc:
+        raise self._error(exc, f"writing state {key!r}") from exc
