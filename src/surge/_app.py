@@ -642,7 +642,7 @@ class App:
                 retried=r.retried,
                 dead_lettered=r.dead_lettered,
                 in_flight=r.running,
-                queued=r.in_flight - r._workers,
+                queued=r.queued,
                 stuck_threads=r.timed_out_threads,
             )
         return AppStats(subscriptions=subs, pending_requests=len(self._pending))

@@ -96,8 +96,9 @@ class Runner:
             await self.transport.nack(d, 0.0)
 
     @property
-    def in_flight(self) -> int:
-        return self._workers + len(self._queue) + sum(len(q) for q in self._lanes.values())
+    def queued(self) -> int:
+        """Deliveries fetched and waiting for a worker."""
+        return len(self._queue) + sum(len(q) for q in self._lanes.values())
 
     async def wait_idle(self) -> None:
         while self._workers or self._acks:
