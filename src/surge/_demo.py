@@ -12,7 +12,7 @@ import contextlib
 import logging
 import math
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import msgspec
@@ -27,6 +27,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ._app import App, Subscription
 from ._event import event_type, new_id
 from .examples import shop
 
@@ -254,19 +255,36 @@ async def _demo(
                 await asyncio.wait_for(app.drain(), stall_timeout)
             except TimeoutError:
                 pass
-        dead_ids: set[int] = set()
-        for letter in await app.dead_letters():
-            tp = event_type(letter.topic)
-            if tp is None:
-                continue
-            ev = app.codec.decode_event(letter.body, tp, topic=letter.topic)
-            oid = getattr(ev, "order_id", "")
-            if isinstance(oid, str) and oid.startswith(tracker.prefix):
-                dead_ids.add(int(oid[len(tracker.prefix) :]))
-        stats = app.statistics().subscriptions
+        dead_ids = await dead_order_numbers(app, tracker)
 
     counts = tracker.counts
     lost = sum(1 for i in range(events) if not counts[i] and i not in dead_ids)
+    return pipeline_report(
+        app, subs, tracker, dead_ids, events=events, producers=producers,
+        transport=transport, elapsed=elapsed, lost=lost,
+    )  # fmt: skip
+
+
+async def dead_order_numbers(app: App, tracker: _Tracker) -> set[int]:
+    """The numbers of this run's orders that ended in the dead letters."""
+    dead_ids: set[int] = set()
+    for letter in await app.dead_letters():
+        tp = event_type(letter.topic)
+        if tp is None:
+            continue
+        ev = app.codec.decode_event(letter.body, tp, topic=letter.topic)
+        oid = getattr(ev, "order_id", "")
+        if isinstance(oid, str) and oid.startswith(tracker.prefix):
+            dead_ids.add(int(oid[len(tracker.prefix) :]))
+    return dead_ids
+
+
+def pipeline_report(
+    app: App, subs: Sequence[Subscription], tracker: _Tracker, dead_ids: set[int], *,
+    events: int, producers: int, transport: str, elapsed: float, lost: int,
+) -> DemoReport:  # fmt: skip
+    """The pipeline half of a demo's report, from the app's counters."""
+    stats = app.statistics().subscriptions
     lat = sorted(tracker.latencies)
     return DemoReport(
         events=events,

@@ -36,8 +36,15 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from ._demo import DemoReport, StageReport, _quantile, _Tracker, order_amount, print_report
-from ._event import event_type, new_id
+from ._demo import (
+    DemoReport,
+    _Tracker,
+    dead_order_numbers,
+    order_amount,
+    pipeline_report,
+    print_report,
+)
+from ._event import new_id
 from .examples import shop
 
 __all__ = ("HttpDemoReport", "http_demo", "print_http_report", "run_http_demo")
@@ -303,44 +310,15 @@ async def _http_demo(
         if drainable:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(app.drain(), stall_timeout)
-        dead_ids: set[int] = set()
-        for letter in await app.dead_letters():
-            tp = event_type(letter.topic)
-            if tp is None:
-                continue
-            ev = app.codec.decode_event(letter.body, tp, topic=letter.topic)
-            oid = getattr(ev, "order_id", "")
-            if isinstance(oid, str) and oid.startswith(tracker.prefix):
-                dead_ids.add(int(oid[len(tracker.prefix) :]))
-        stats = app.statistics().subscriptions
+        dead_ids = await dead_order_numbers(app, tracker)
 
     shipped = tracker.counts
     lost = sum(1 for i in range(requests) if accepted[i] and not shipped[i] and i not in dead_ids)
     unconfirmed = sum(1 for i in range(requests) if shipped[i] and not accepted[i])
-    lat = sorted(tracker.latencies)
-    pipeline = DemoReport(
-        events=counts["accepted"],
-        producers=concurrency,
-        transport=transport,
-        elapsed=elapsed,
-        latency_p50=_quantile(lat, 0.50),
-        latency_p95=_quantile(lat, 0.95),
-        latency_p99=_quantile(lat, 0.99),
-        stages=tuple(
-            StageReport(
-                s.name.split(".", 1)[1],
-                s.kind,
-                stats[s.name].succeeded,
-                stats[s.name].retried,
-                stats[s.name].dead_lettered,
-            )
-            for s in subs
-        ),
-        delivered=tracker.unique,
-        dead_lettered=len(dead_ids),
-        duplicates=tracker.duplicates,
-        lost=lost,
-    )
+    pipeline = pipeline_report(
+        app, subs, tracker, dead_ids, events=counts["accepted"], producers=concurrency,
+        transport=transport, elapsed=elapsed, lost=lost,
+    )  # fmt: skip
     if chart is not None:
         write_chart(result, chart)
     return HttpDemoReport(
