@@ -585,6 +585,11 @@ class RedisTransport:
         block_ms = max(1, int(self.block * 1000))
         try:
             while not self._closed:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A cancel that redis-py swallowed (into an empty reply or
+                    # a connection error) must still end this consumer.
+                    raise asyncio.CancelledError
                 room = prefetch - len(g.held)
                 if room <= 0:
                     g.room = loop.create_future()
