@@ -41,19 +41,65 @@ def nats_binary() -> str:
     )
 
 
-class NatsServer:
+class _ServerProcess:
+    """A broker process whose log is read up to the line saying it is ready
+    (no port polling), then drained by a thread; ``stop()`` ends it."""
+
+    name = "server"
+    ready = ""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log: list[str] = []
+
+    def _launch(self, args: list[str]) -> None:
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self.log.append(line)
+            if self.ready in line:
+                break
+        else:
+            proc.wait()
+            raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.log[-20:]))
+        self.proc = proc
+        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+
+    def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            self.log.append(raw.decode(errors="replace").rstrip())
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if proc is not None and proc.stdout is not None:
+            proc.stdout.close()
+
+
+class NatsServer(_ServerProcess):
     """A nats-server process; ``stop()`` / ``start()`` restart it on the same
     port and store (file storage survives)."""
+
+    name = "nats-server"
+    # it listens, and JetStream has recovered its streams
+    ready = "Server is ready"
 
     def __init__(
         self, store_dir: Path, *, jetstream: bool = True, config: str | None = None
     ) -> None:
+        super().__init__()
         self.port = free_port()
         self.store_dir = store_dir
         self.jetstream = jetstream
         self.config = config
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: list[str] = []
 
     @property
     def url(self) -> str:
@@ -68,37 +114,7 @@ class NatsServer:
             self.store_dir.mkdir(parents=True, exist_ok=True)
             conf.write_text(self.config)
             args += ["-c", str(conf)]
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        # The server says when it listens (and JetStream has recovered its
-        # streams): read its log up to that line instead of polling the port.
-        for raw in proc.stderr:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if "Server is ready" in line:
-                break
-        else:
-            proc.wait()
-            raise RuntimeError("nats-server did not start:\n" + "\n".join(self.log[-20:]))
-        self.proc = proc
-        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
-
-    def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stderr is not None
-        for raw in proc.stderr:
-            self.log.append(raw.decode(errors="replace").rstrip())
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc is not None and proc.stderr is not None:
-            proc.stderr.close()
+        self._launch(args)
 
 
 @contextlib.contextmanager
@@ -160,21 +176,23 @@ def redis_binary() -> str:
     return found
 
 
-class RedisServer:
+class RedisServer(_ServerProcess):
     """A redis-server process on a free loopback port; ``stop()`` / ``start()``
     (or ``kill()`` / ``start()``) restart it on the same port and directory,
     so with ``appendonly`` its data survives."""
 
+    name = "redis-server"
+    ready = "Ready to accept connections"
+
     def __init__(
         self, data_dir: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
     ) -> None:
+        super().__init__()
         self.port = free_port()
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.extra = extra
         self.password: str | None = None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log: list[str] = []
 
     @property
     def url(self) -> str:
@@ -197,25 +215,7 @@ class RedisServer:
             # an acknowledged write is on disk before the reply
             args += ["--appendfsync", "always"]
         args += list(self.extra)
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert proc.stdout is not None
-        # Read the server's log up to "Ready to accept connections" instead of
-        # polling the port.
-        for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self.log.append(line)
-            if "Ready to accept connections" in line:
-                break
-        else:
-            proc.wait()
-            raise RuntimeError("redis-server did not start:\n" + "\n".join(self.log[-20:]))
-        self.proc = proc
-        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
-
-    def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
-        assert proc.stdout is not None
-        for raw in proc.stdout:
-            self.log.append(raw.decode(errors="replace").rstrip())
+        self._launch(args)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies without a chance to save anything."""
@@ -225,18 +225,6 @@ class RedisServer:
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
 
 
 @contextlib.contextmanager

@@ -24,7 +24,6 @@ import pytest
 import surge
 from surge.transports._nats import NatsTransport, consumer_name
 
-from ._jepsen import run_crash
 from ._servers import NatsServer, nats_server
 
 pytestmark = pytest.mark.realtime
@@ -503,28 +502,6 @@ async def test_worker_sigkill_loses_nothing(tmp_path: Path) -> None:
     assert not unexpected
     assert duplicates <= kills * prefetch, duplicates
     assert (stats.backlog, stats.pending, stats.scheduled, stats.dead) == (0, 0, 0, 0)
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path) -> None:
-    """The Jepsen checker shared by every transport (tests/_jepsen.py): 20,000 acked
-    events, two supervised workers SIGKILLed 20+ times: nothing lost or invented,
-    duplicates within in-flight, nothing pending."""
-    with nats_server(tmp_path) as srv:
-        result = await run_crash(
-            f"{srv.url}?stream=jepsen&lease=2",
-            tmp_path,
-            events=20_000,
-            kills=22,  # the last share can run out before the last kill or two
-            workers=2,
-            seed=5,
-            rate=2000,
-        )
-    print(f"\nnats crash test (shared checker): {result}")
-    assert result.acked == 20_000
-    assert result.kills >= 20
-    result.check()
 
 
 def test_nats_server_binary_is_found() -> None:

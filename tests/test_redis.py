@@ -432,27 +432,3 @@ async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(200)
-async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path) -> None:
-    """The Jepsen checker shared by every transport (tests/_jepsen.py): 20,000 acked
-    events, two supervised workers SIGKILLed 20+ times: nothing lost or invented,
-    duplicates within in-flight, nothing pending."""
-    from ._jepsen import run_crash
-
-    with redis_server(tmp_path) as (url, _server):
-        result = await run_crash(
-            f"{url}?lease=2",
-            tmp_path,
-            events=20_000,
-            kills=22,  # the last share can run out before the last kill or two
-            workers=2,
-            seed=5,
-            rate=2000,
-        )
-    print(f"\nredis crash test (shared checker): {result}")
-    assert result.acked == 20_000
-    assert result.kills >= 20
-    result.check()
