@@ -121,6 +121,9 @@ class App:
         self._stop_requested: asyncio.Event | None = None
         self._http: Any = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
+        # topic -> the key functions of this app's keyed subscriptions of it,
+        # set at start on a partitioned transport (see _partition_keys).
+        self._keyers: dict[str, tuple[Callable[[Any], Hashable], ...]] = {}
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # --- declaring -----------------------------------------------------------
@@ -382,10 +385,58 @@ class App:
             raise Closed(f"app {self.name!r} is {self._state}")
         for mw in self._middleware:
             mw.before_publish(env)
+        if self._keyers:
+            self._fill_keys((env,))
         self.transport.publish_nowait((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
         return env.id
+
+    def _partition_keys(self, transport: Transport) -> dict[str, tuple[Callable[[Any], Hashable], ...]]:
+        """Which subscriptions order by a key the transport must see.
+
+        A transport with ``partitions`` keeps one key in order across
+        processes by routing each keyed envelope to the partition of its
+        ``key``. An envelope published without ``key=`` gets the key of the
+        first keyed subscription of its topic in this app (exact topic names;
+        a pattern subscription's key needs ``key=`` at publish).
+        """
+        if not getattr(transport, "partitions", 0):
+            return {}
+        keyers: dict[str, list[Callable[[Any], Hashable]]] = {}
+        for sub in self._subs.values():
+            if sub.key is None:
+                continue
+            for topic in sub.topics:
+                if "*" in topic or ">" in topic:
+                    continue
+                fns = keyers.setdefault(topic, [])
+                if sub.key not in fns:
+                    fns.append(sub.key)
+        for topic, fns in keyers.items():
+            if len(fns) > 1:
+                log.warning(
+                    "topic %r has %d keyed subscriptions with different keys: across "
+                    "processes, its events keep the order of the first one's key",
+                    topic,
+                    len(fns),
+                )
+        return {topic: tuple(fns) for topic, fns in keyers.items()}
+
+    def _fill_keys(self, envs: Sequence[Envelope]) -> None:
+        keyers = self._keyers
+        for env in envs:
+            if env.key is None and env.event is not None:
+                fns = keyers.get(env.topic)
+                if fns is not None:
+                    try:
+                        env.key = str(fns[0](env.event))
+                    except Exception:  # the runner reports a failing key function
+                        pass
+
+    async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:
+        self._fill_keys(envs)
+        await self.transport.publish(envs)
 
     async def _publish_envelopes(self, envs: list[Envelope]) -> None:
         """Publish events made by handlers: middleware, then reply routing."""
@@ -403,7 +454,7 @@ class App:
                     extra.append(
                         Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event)
                     )
-        await self.transport.publish(envs + extra if extra else envs)
+        await self._publish(envs + extra if extra else envs)
         for env in envs:
             for mw in reversed(self._middleware):
                 mw.after_publish(env)
@@ -503,6 +554,9 @@ class App:
         self._state = _RUNNING
         self._runners.clear()
         self._publish = transport.publish
+        self._keyers = self._partition_keys(transport)
+        if self._keyers:
+            self._publish = self._publish_keyed
         if not transport.durable and not self._middleware:
             self._put_one = getattr(transport, "put_one", None)
         self._wall = self.clock.time

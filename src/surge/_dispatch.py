@@ -92,6 +92,12 @@ class Runner:
             waiting.extend(lane)
             lane.clear()
         self._waiting_lanes.clear()
+        # Untouched deliveries go back in their place where the transport
+        # can (a partition's next owner reads them before later entries).
+        release = getattr(self.transport, "release", None)
+        if release is not None:
+            await release(waiting)
+            return
         for d in waiting:
             await self.transport.nack(d, 0.0)
 

@@ -50,6 +50,11 @@ class Case:
     """``publish_nowait`` raises Overloaded past ``bounded_options``' capacity."""
     bounded_options: dict[str, Any] = field(default_factory=dict)
     bounded_capacity: int = 0
+    partitioned: bool = False
+    """Keeps one key in order across consumers (partitions with owners)."""
+    order_options: dict[str, Any] = field(default_factory=dict)
+    """Options for the cross-consumer order test: short leases, so that
+    ownership moves quickly when a consumer joins or leaves."""
 
 
 CASES: list[Case] = [

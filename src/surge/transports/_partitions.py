@@ -1,0 +1,98 @@
+"""Per-key order across processes: partitions of a group, each owned by one
+consumer at a time.
+
+A durable transport splits each group's keyed envelopes into ``partitions``
+(``partition_of(envelope.key)``); unkeyed envelopes stay in the group's
+shared queue, which every consumer reads. A partition is read by the one
+consumer that holds its lease, so two events of one key are never handled
+by two processes at once, and its owner hands them to the runner in order
+(whose lanes keep that order within the process).
+
+Who owns what is decided by every consumer on its own from the same facts:
+the live members of the group (each renews a membership every lease/3) are
+sorted, and partition ``p`` belongs to ``members[p % len(members)]``
+(:func:`assignment`). A consumer releases a partition that is no longer its
+own only once nothing it read from it is unsettled and no read of it is in
+flight; the next owner then takes the lease and first claims whatever the
+previous owner left pending (it died, or its lease ran out), so the next
+events of a key wait for the earlier ones. A consumer that dies holds its
+partitions until its lease runs out, as it holds its deliveries.
+
+:class:`Ownership` is the local bookkeeping that the transports share; each
+stores leases and memberships in its own broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from collections.abc import Iterable, Sequence
+
+__all__ = ("DEFAULT_PARTITIONS", "Ownership", "assignment", "partition_of")
+
+DEFAULT_PARTITIONS = 8
+
+
+def partition_of(key: str, partitions: int) -> int:
+    """The partition of ``key``: the same on every process and every run."""
+    return zlib.crc32(key.encode()) % partitions
+
+
+def assignment(members: Sequence[str], me: str, partitions: int) -> frozenset[int]:
+    """The partitions ``me`` should own among ``members`` (any order)."""
+    live = sorted(set(members) | {me})
+    i = live.index(me)
+    n = len(live)
+    return frozenset(p for p in range(partitions) if p % n == i)
+
+
+class Ownership:
+    """One consumer's partitions of one group, and how they change.
+
+    ``owned`` are the partitions whose lease this consumer holds and reads;
+    ``releasing`` those it holds but should give up, read no more, and
+    release once nothing of them is unsettled or being read.
+    """
+
+    __slots__ = ("_changed", "owned", "partitions", "releasing")
+
+    def __init__(self, partitions: int) -> None:
+        self.partitions = partitions
+        self.owned: set[int] = set()
+        self.releasing: set[int] = set()
+        self._changed = asyncio.Event()
+
+    @property
+    def readable(self) -> frozenset[int]:
+        """The partitions to read from now."""
+        return frozenset(self.owned - self.releasing)
+
+    def plan(self, members: Sequence[str], me: str) -> tuple[list[int], list[int]]:
+        """(to acquire, to give up) so as to own what ``assignment`` says."""
+        want = assignment(members, me, self.partitions)
+        acquire = sorted(p for p in want if p not in self.owned)
+        give_up = sorted(p for p in self.owned if p not in want)
+        self.releasing = set(give_up)
+        return acquire, give_up
+
+    def acquired(self, parts: Iterable[int]) -> None:
+        new = set(parts) - self.owned
+        if new:
+            self.owned |= new
+            self._notify()
+
+    def lost(self, parts: Iterable[int]) -> None:
+        """Released, or a lease that could not be renewed."""
+        gone = set(parts) & self.owned
+        if gone:
+            self.owned -= gone
+            self.releasing -= gone
+            self._notify()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def changed(self) -> None:
+        """Return at the next change of ``owned``."""
+        await self._changed.wait()
