@@ -12,10 +12,12 @@ from typing import Any
 import pytest
 
 import surge
+from surge._event import Envelope
 from surge.transports import open_transport
+from surge.transports._partitions import partition_of
 from surge.transports._sqlite import SqliteTransport
 
-from .conformance._helpers import Item, Reader, env, number
+from .conformance._helpers import Item, Reader, body, env, number
 
 
 def _open(path: Path, clock: surge.Clock, **options: Any) -> SqliteTransport:
@@ -38,6 +40,39 @@ def _count(path: Path, sql: str) -> int:
     with sqlite3.connect(path) as conn:
         n: int = conn.execute(sql).fetchone()[0]
     return n
+
+
+def _value(path: Path, sql: str) -> Any:
+    with sqlite3.connect(path) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def keyed(n: int, key: str) -> Envelope:
+    """An envelope carrying ``Item(n)`` with ``key``, as the App publishes it."""
+    return Envelope(surge.new_id(), "conf.item", key, 0.0, None, None, body(n), None)
+
+
+async def _kill(t: SqliteTransport) -> None:
+    """What SIGKILL leaves: the membership, the partitions and the leases
+    stay in the file as they were, nothing is handed back."""
+    t._closed = True
+    tasks = [m.task for m in t._members.values() if m.task is not None]
+    if t._ticker is not None:
+        tasks.append(t._ticker)
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await t._stop_thread()
+
+
+async def _owns_all(t: SqliteTransport, group: str, reader: Reader) -> None:
+    """Wait until ``t``, consuming ``group`` with ``reader``, owns every partition."""
+    assert await reader.quiet(0.001)  # the reader's consume runs from here on
+    own = t.ownership(group)
+    assert own is not None
+    async with asyncio.timeout(30):
+        while len(own.owned) < own.partitions or own.releasing:
+            await own.changed()
 
 
 async def test_published_events_survive_reopening(tmp_path: Path, clock: surge.Clock) -> None:
@@ -436,3 +471,150 @@ async def test_uncommitted_publishes_are_bounded(tmp_path: Path, clock: surge.Cl
         assert sorted(number(d) for d in got) == [0, 1, 2, 3, 4, 6]
         await t.ack(got)
         await r.aclose()
+
+
+async def test_partition_count_is_kept_in_the_file(tmp_path: Path, clock: surge.Clock) -> None:
+    """The first transport writes its partition count; another count raises
+    ConfigurationError naming both, and the file is left as it was."""
+    db = tmp_path / "d.db"
+    t = open_transport(f"sqlite:///{db}?partitions=4", clock=clock)
+    assert isinstance(t, SqliteTransport)
+    assert t.partitions == 4
+    await t.start()
+    await t.close()
+    assert _value(db, "SELECT value FROM meta WHERE key = 'partitions'") == 4
+    with pytest.raises(surge.ConfigurationError, match=r"4 partitions.*partitions=8"):
+        await _open(db, clock).start()
+    with pytest.raises(surge.ConfigurationError, match="partitions"):
+        _open(db, clock, partitions=0)
+    async with started(db, clock, partitions=4) as again:
+        await again.declare("g", ["conf.item"])
+    assert _value(db, "SELECT value FROM meta WHERE key = 'partitions'") == 4
+
+
+async def test_a_dead_consumers_partitions_go_to_the_next_after_the_lease(
+    tmp_path: Path, clock: surge.VirtualClock
+) -> None:
+    """A consumer killed holding a partition and deliveries of it: the next
+    owner takes the partition once its lease runs out, reads nothing of it
+    before the deliveries' leases run out too, then gets them first, in
+    order, before what was published after them."""
+    db = tmp_path / "d.db"
+    lease = 3.0
+    a = _open(db, clock, lease=lease, heartbeat=0)
+    await a.start()
+    await a.declare("g", ["conf.item"])
+    ra = Reader(a, "g")
+    await _owns_all(a, "g", ra)
+    # (virtual time) claim between two renewals of the partition lease, so
+    # that the partition's lease ends before the deliveries' leases do
+    await clock.sleep(lease / 6)
+    await a.publish([keyed(i, "k") for i in range(5)])
+    got = await ra.take(5)
+    assert [number(d) for d in got] == [0, 1, 2, 3, 4]
+    await a.ack(got[:2])
+    await _kill(a)
+    await ra.aclose()
+    part = partition_of("k", a.partitions)
+    freed = _value(db, f"SELECT until FROM owners WHERE part = {part}")
+    held_until = _value(db, "SELECT max(visible_at) FROM deliveries WHERE token IS NOT NULL")
+    assert freed < held_until  # else this test would not test the wait for held_until
+    async with started(db, clock, lease=lease, heartbeat=0) as b:
+        await b.declare("g", ["conf.item"])
+        await b.publish([keyed(i, "k") for i in range(5, 8)])
+        rb = Reader(b, "g")
+        assert await rb.quiet(held_until - clock.time() - 0.01)
+        own = b.ownership("g")
+        assert own is not None
+        assert part in own.owned  # taken, and not read while a's leases held
+        got = await rb.take(6)
+        assert clock.time() >= held_until
+        assert [(number(d), d.attempt) for d in got] == [
+            (2, 2),
+            (3, 2),
+            (4, 2),
+            (5, 1),
+            (6, 1),
+            (7, 1),
+        ]
+        await _owns_all(b, "g", rb)
+        await b.ack(got)
+        assert await rb.quiet(2 * lease)
+        await rb.aclose()
+
+
+async def test_released_deliveries_keep_their_place(tmp_path: Path, clock: surge.Clock) -> None:
+    """Deliveries handed back with release (a stopping app) come first for
+    the next owner of their partition, their attempt not counted; at close
+    the partitions go at once, without waiting for a lease."""
+    db = tmp_path / "d.db"
+    async with started(db, clock, lease=600) as a:
+        await a.declare("g", ["conf.item"])
+        ra = Reader(a, "g")
+        await _owns_all(a, "g", ra)
+        await a.publish([keyed(i, "k") for i in range(3)])
+        got = await ra.take(3)
+        await a.release(got[1:])
+        await a.ack(got[:1])
+        await a.publish([keyed(3, "k")])
+        await ra.aclose()
+    before = clock.time()
+    async with started(db, clock, lease=600) as b:
+        await b.declare("g", ["conf.item"])
+        rb = Reader(b, "g")
+        got = await rb.take(3)
+        assert [(number(d), d.attempt) for d in got] == [(1, 1), (2, 1), (3, 1)]
+        assert clock.time() - before < 5
+        await b.ack(got)
+        await rb.aclose()
+
+
+_VERSION_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
+CREATE TABLE groups (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, patterns TEXT NOT NULL,
+    ephemeral INTEGER NOT NULL DEFAULT 0, alive_until REAL);
+CREATE TABLE messages (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, topic TEXT NOT NULL, key TEXT,
+    time REAL NOT NULL, headers BLOB, body BLOB NOT NULL, not_before REAL);
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, grp INTEGER NOT NULL, msg INTEGER NOT NULL,
+    visible_at REAL NOT NULL, attempt INTEGER NOT NULL DEFAULT 0, token INTEGER,
+    first_time REAL);
+CREATE INDEX deliveries_due ON deliveries (grp, visible_at);
+CREATE INDEX deliveries_msg ON deliveries (msg);
+CREATE TABLE dead_letters (grp INTEGER NOT NULL, id TEXT NOT NULL, topic TEXT NOT NULL, key TEXT,
+    headers BLOB, body BLOB NOT NULL, error_type TEXT NOT NULL, error TEXT NOT NULL,
+    traceback TEXT NOT NULL, attempts INTEGER NOT NULL, first_attempt_at REAL NOT NULL,
+    failed_at REAL NOT NULL, PRIMARY KEY (grp, id));
+CREATE TABLE seen (id TEXT PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID;
+CREATE INDEX seen_time ON seen (time);
+INSERT INTO meta VALUES ('magic', 'surge-sqlite'), ('version', 1), ('seq', 1), ('groups', '0');
+INSERT INTO groups (id, name, patterns) VALUES (1, 'g', '["conf.item"]');
+"""
+
+
+async def test_a_version_1_file_is_upgraded(tmp_path: Path, clock: surge.Clock) -> None:
+    """A file written before partitions is upgraded in place: what it holds
+    is delivered (from the shared queue), keyed events go to partitions."""
+    db = tmp_path / "old.db"
+    with sqlite3.connect(db) as conn:
+        conn.executescript(_VERSION_1)
+        conn.execute(
+            "INSERT INTO messages VALUES (1, ?, 'conf.item', 'k', 0.0, NULL, ?, NULL)",
+            (surge.new_id(), body(1)),
+        )
+        conn.execute("INSERT INTO deliveries (grp, msg, visible_at) VALUES (1, 1, 0.0)")
+    async with started(db, clock) as t:
+        await t.declare("g", ["conf.item"])
+        await t.publish([keyed(2, "k")])
+        r = Reader(t, "g")
+        got = await r.take(2)
+        assert [number(d) for d in got] == [1, 2]
+        await t.ack(got)
+        await r.aclose()
+    assert _value(db, "SELECT value FROM meta WHERE key = 'version'") == 2
+    assert _value(db, "SELECT value FROM meta WHERE key = 'partitions'") == 8
+    assert _count(db, "SELECT count(*) FROM deliveries") == 0
+    with sqlite3.connect(db) as conn:
+        parts = [r[0] for r in conn.execute("SELECT part FROM deliveries")]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+    assert parts == []
+    assert {"members", "owners", "deliveries_part"} <= tables

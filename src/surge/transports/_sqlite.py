@@ -23,6 +23,8 @@ the query string (``?synchronous=normal&lease=10``) or as keyword arguments:
 ``maintenance``   1          seconds between compactions
 ``codec``         msgpack    a ``Codec`` for events given as objects (the
                              App's codec must read what it writes)
+``partitions``    8          partitions of each group's keyed events; fixed
+                             for the file when it is created
 ================  =========  ================================================
 
 What ``publish`` promises when it returns (the file is in WAL mode):
@@ -53,6 +55,19 @@ stored before this process started, from its start) and the freed pages are
 reused or returned to the file system (incremental vacuum); the write-ahead
 log is checkpointed after each compaction so it is reused, not grown.
 
+Per-key order holds across processes: an envelope with a key goes to the
+partition of its key (``partition_of``) in each group that is not a reply
+inbox, and each partition is read by one consumer at a time, which holds a
+lease on it (``owners``) while it is a live member of the group
+(``members``), both rows of the file renewed every lease/3. Consumers split
+the partitions among themselves (:mod:`._partitions`); a consumer gives one
+up once nothing it read from it is unsettled, and the next owner reads what
+is left in it, oldest first, before anything later. A consumer that died
+holds its partitions until their lease runs out, and its unsettled
+deliveries then come first for the next owner (see
+:mod:`._sqlite_partitions`). Unkeyed envelopes go to the group's shared
+queue, read by every consumer.
+
 Several processes may share the file, each with its own transport: claims
 take the write lock (``BEGIN IMMEDIATE``), a process wakes its consumers at
 once when it publishes itself and otherwise polls (5 to ``poll`` ms), and a
@@ -68,6 +83,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import queue
 import random
 import sqlite3
@@ -86,6 +102,8 @@ from .._errors import Closed, ConfigurationError, MessageTooLarge, Overloaded, T
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
 from . import _sqlite_db as db
+from ._partitions import DEFAULT_PARTITIONS, Ownership
+from ._sqlite_partitions import Member
 
 __all__ = ("SqliteTransport",)
 
@@ -96,25 +114,28 @@ _encode_headers = msgspec.msgpack.Encoder().encode
 
 
 class _Consumer:
-    __slots__ = ("gid", "kicked", "prefetch", "unsettled", "wake")
+    __slots__ = ("gid", "kicked", "member", "prefetch", "unsettled", "wake")
 
-    def __init__(self, gid: int, prefetch: int) -> None:
+    def __init__(self, gid: int, prefetch: int, member: Member | None) -> None:
         self.gid = gid
         self.prefetch = prefetch
+        self.member = member
         self.unsettled = 0
         self.wake: asyncio.Future[None] | None = None
         self.kicked = False  # woken while not napping: the next nap returns at once
 
 
 class _Lease:
-    """A claimed delivery: its row, the claim's token, and who holds it."""
+    """A claimed delivery: its row, the claim's token, who holds it, and
+    the partition it came from (None: the shared queue)."""
 
-    __slots__ = ("consumer", "did", "settled", "token")
+    __slots__ = ("consumer", "did", "part", "settled", "token")
 
-    def __init__(self, did: int, token: int, consumer: _Consumer) -> None:
+    def __init__(self, did: int, token: int, consumer: _Consumer, part: int | None) -> None:
         self.did = did
         self.token = token
         self.consumer = consumer
+        self.part = part
         self.settled = False
 
 
@@ -197,6 +218,7 @@ class SqliteTransport:
         max_size = _number(opts, "max_size", 0) or None
         self.max_pending = int(_number(opts, "max_pending", 10_000, least=1))
         self.maintenance = _number(opts, "maintenance", 1.0, least=0.001)
+        self.partitions = int(_number(opts, "partitions", DEFAULT_PARTITIONS, least=1))
         codec = opts.pop("codec", None)
         self._codec: Codec = codec if isinstance(codec, Codec) else MsgpackCodec()
         if opts:
@@ -208,7 +230,12 @@ class SqliteTransport:
             check=check,
             max_size=None if max_size is None else int(max_size),
             dedup_window=self.dedup_window,
+            partitions=self.partitions,
         )
+        # who this transport is among a group's members (processes, and
+        # transports within one, are told apart)
+        self.member_id = f"{os.getpid()}-{random.getrandbits(48):012x}"
+        self._members: dict[str, Member] = {}
         self._hold: Callable[[], None] | None = getattr(self.clock, "hold", None)
         self._release: Callable[[], None] | None = getattr(self.clock, "release", None)
         self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
@@ -341,9 +368,12 @@ class SqliteTransport:
         if self._closed:
             return
         self._closed = True
+        tasks = [m.task for m in self._members.values() if m.task is not None]
         if self._ticker is not None:
-            self._ticker.cancel()
-            await asyncio.gather(self._ticker, return_exceptions=True)
+            tasks.append(self._ticker)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         for consumers in self._consumers.values():
             for c in consumers:
                 self._wake(c)
@@ -361,11 +391,10 @@ class SqliteTransport:
             await self._submit(
                 self._db.shutdown, held, list(self._ephemeral.values()), self.clock.time()
             )
-            # claims that were under way when close began
+            # claims that were under way when close began, then the partitions
             late = [(lease.did, lease.token) for lease in self._leases.values()]
             self._leases.clear()
-            if late:
-                await self._submit(self._db.release, late, self.clock.time())
+            await self._submit(self._db.leave, late, self.clock.time(), self.member_id)
         except TransportError as exc:
             log.warning("sqlite: could not hand back leases at close: %s", exc)
         finally:
@@ -379,6 +408,14 @@ class SqliteTransport:
         self._local[group] = gid
         if ephemeral:
             self._ephemeral[group] = gid
+        elif group not in self._members:
+            self._members[group] = Member(group, gid, self.partitions)
+
+    def ownership(self, group: str) -> Ownership | None:
+        """The partitions this transport holds of ``group`` (None: a reply
+        inbox, or a group this transport has not declared)."""
+        member = self._members.get(group)
+        return None if member is None else member.own
 
     def _running(self) -> bool:
         return not self._closed
@@ -519,8 +556,13 @@ class SqliteTransport:
         if prefetch < 1:
             raise ConfigurationError("prefetch must be at least 1")
         gid = await self._gid(group)
-        c = _Consumer(gid, prefetch)
+        member = self._members.get(group)
+        if member is None and group not in self._ephemeral:
+            member = self._members[group] = Member(group, gid, self.partitions)
+        c = _Consumer(gid, prefetch, member)
         self._consumers.setdefault(gid, []).append(c)
+        if member is not None:
+            self._join(member)
         poll = _FIRST_POLL
         due = 0.0
         try:
@@ -550,8 +592,9 @@ class SqliteTransport:
                 wait = min(poll, due - now) if due > now else poll
                 if not await self._nap(c, wait):
                     poll = min(self.poll, poll * 2)
+                    parts = () if member is None else member.readable(self.clock.time())
                     try:
-                        due = await self._submit(self._db.next_due, gid, write=False)
+                        due = await self._submit(self._db.next_due, gid, parts, write=False)
                     except TransportError:
                         due = 0.0
                 else:
@@ -560,38 +603,79 @@ class SqliteTransport:
             consumers = self._consumers.get(gid)
             if consumers is not None and c in consumers:
                 consumers.remove(c)
+            if member is not None:
+                member.consumers -= 1
+                member.kick()
+
+    def _join(self, member: Member) -> None:
+        """Count a consumer of ``member``'s group; keep its partitions."""
+        member.consumers += 1
+        member.kick()
+        if member.task is None or member.task.done():
+            gid = member.gid
+
+            def woken() -> None:
+                for c in self._consumers.get(gid, ()):
+                    self._wake(c)
+
+            loop = self._loop
+            assert loop is not None
+            member.task = loop.create_task(
+                member.run(
+                    self._submit, self._db, self.member_id, self.lease, self.clock.time, woken
+                ),
+                name=f"surge-sqlite-partitions-{member.group}",
+            )
 
     async def _claim(
         self, c: _Consumer, group: str, room: int, now: float, token: int
     ) -> tuple[list[Delivery], float]:
         leases = self._leases
         fut: asyncio.Future[Any]
+        member = c.member
+        parts = () if member is None else member.readable(now)
+        if member is not None:
+            member.reads(parts, 1)
 
-        def after(result: tuple[list[Delivery], float] | None) -> None:
+        def after(result: tuple[list[Delivery], float, dict[int, int]] | None) -> None:
+            if member is not None:
+                member.reads(parts, -1)
             if not result or not result[0]:
                 return
-            batch = result[0]
+            batch, _, where = result
             c.unsettled += len(batch)
             self._activity += 1
             self._idle = False
             for d in batch:
-                lease = _Lease(d.token, token, c)
+                part = where.get(d.token) if where else None
+                lease = _Lease(d.token, token, c, part)
+                if part is not None and member is not None:
+                    member.held(part)
                 d.token = lease
                 leases[lease.did] = lease
             if fut.cancelled():  # nobody will take this batch: hand it back
                 self._hand_back(batch)
 
         fut = self._submit(
-            self._db.claim, c.gid, group, room, now, now + self.lease, token, after=after
+            self._db.claim,
+            c.gid,
+            group,
+            room,
+            now,
+            now + self.lease,
+            token,
+            parts,
+            self.member_id,
+            after=after,
         )
         try:
-            result: tuple[list[Delivery], float] = await fut
+            result: tuple[list[Delivery], float, dict[int, int]] = await fut
         except asyncio.CancelledError:
             # Cancelled just as the claim resolved: the batch is ours, hand it back.
             if fut.done() and not fut.cancelled() and fut.exception() is None:
                 self._hand_back(fut.result()[0])
             raise
-        return result
+        return result[0], result[1]
 
     def _hand_back(self, batch: list[Delivery]) -> None:
         held = []
@@ -600,7 +684,24 @@ class SqliteTransport:
             if isinstance(lease, _Lease) and self._settle_local(lease):
                 held.append((lease.did, lease.token))
         if held and not self._closed:
-            self._submit(self._db.release, held, self.clock.time()).add_done_callback(_log_failure)
+            self._submit(self._db.hand_back, held, self.clock.time()).add_done_callback(
+                _log_failure
+            )
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries no handler has seen (the app is stopping):
+        visible at once, the attempt not counted, a partition's in its place
+        (before later entries, for whoever reads the partition next)."""
+        held = []
+        for d in deliveries:
+            lease = self._lease_of(d)
+            if self._settle_local(lease):
+                held.append((lease.did, lease.token))
+        if held:
+            self._check_open()
+            await self._settling(
+                self._submit(self._db.hand_back, held, self.clock.time(), after=self._after_settle)
+            )
 
     # --- settling ------------------------------------------------------------
     def _settle_local(self, lease: _Lease) -> bool:
@@ -611,6 +712,8 @@ class SqliteTransport:
             del self._leases[lease.did]
         c = lease.consumer
         c.unsettled -= 1
+        if lease.part is not None and c.member is not None:
+            c.member.settled(lease.part)
         self._wake(c)
         return True
 
@@ -763,7 +866,8 @@ class SqliteTransport:
         held = [(lease.did, lease.token) for lease in self._leases.values()]
         if not held:
             return 0
-        n: int = await self._submit(self._db.extend, held, self.clock.time() + self.lease)
+        now = self.clock.time()
+        n: int = await self._submit(self._db.extend, held, now + self.lease, now, self.member_id)
         return n
 
     async def compact(self) -> int:

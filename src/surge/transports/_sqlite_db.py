@@ -4,20 +4,31 @@ Everything here runs on the transport's own thread, which owns the one
 connection; the transport batches queued calls into one transaction
 (:meth:`Database.run`). Tables:
 
-``meta``          magic, schema version, the next event seq, groups version
+``meta``          magic, schema version, the next event seq, groups version,
+                  the partition count
 ``groups``        one row per consumer group: its topic patterns
 ``messages``      the events: seq, id, topic, key, time, headers, body
 ``deliveries``    one row per (group, event) until settled; ``visible_at`` is
                   when it may be claimed (publish time, ``not_before``, a
-                  nack's delay, or a lease's end while ``token`` is set)
+                  nack's delay, or a lease's end while ``token`` is set);
+                  ``part`` is the partition of a keyed event (NULL: the
+                  group's shared queue)
 ``dead_letters``  what groups gave up on
 ``seen``          derived ids published within the dedup window
+``members``       the live consumers of each group (see _sqlite_partitions)
+``owners``        who holds each partition of each group, until when
+
+Schema version 2 added ``part``, ``members`` and ``owners``; a version 1
+file is upgraded in place when it is opened (its deliveries stay in the
+shared queues, where they were).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import sqlite3
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +37,12 @@ import msgspec
 from .._errors import ConfigurationError, SurgeError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, topic_matches
+from ._partitions import partition_of
 
 __all__ = ("Database", "Row", "translate")
 
 MAGIC = "surge-sqlite"
-VERSION = 1
+VERSION = 2
 _CHUNK = 500  # SQL variables per IN (...) list
 _COMPACT_CHUNK = 50_000
 
@@ -62,9 +74,9 @@ CREATE TABLE deliveries (
     visible_at REAL NOT NULL,
     attempt INTEGER NOT NULL DEFAULT 0,
     token INTEGER,
-    first_time REAL
+    first_time REAL,
+    part INTEGER
 );
-CREATE INDEX deliveries_due ON deliveries (grp, visible_at);
 CREATE INDEX deliveries_msg ON deliveries (msg);
 CREATE TABLE dead_letters (
     grp INTEGER NOT NULL,
@@ -85,8 +97,70 @@ CREATE TABLE seen (id TEXT PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX seen_time ON seen (time);
 """
 
+# Version 2: partitions. The shared queue is read by (grp, part IS NULL,
+# visible_at), a partition in publish order by (grp, part, id); unkeyed
+# rows stay out of the second index, so they cost what they did.
+_PARTITIONS = """
+CREATE INDEX deliveries_due ON deliveries (grp, part, visible_at);
+CREATE INDEX deliveries_part ON deliveries (grp, part) WHERE part IS NOT NULL;
+CREATE TABLE members (
+    grp INTEGER NOT NULL,
+    member TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (grp, member)
+) WITHOUT ROWID;
+CREATE TABLE owners (
+    grp INTEGER NOT NULL,
+    part INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (grp, part)
+) WITHOUT ROWID;
+"""
+_UPGRADE_1 = """
+ALTER TABLE deliveries ADD COLUMN part INTEGER;
+DROP INDEX deliveries_due;
+"""
+
+
+def _script(conn: sqlite3.Connection, script: str) -> None:
+    """Run ``script``'s statements inside the caller's transaction
+    (``executescript`` would commit it)."""
+    for statement in script.split(";"):
+        if statement.strip():
+            conn.execute(statement)
+
+
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
+
+
+_LIVE = (
+    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
+    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
+)
+
+
+@functools.cache
+def _claim_sql(parts: int) -> str:
+    """The claim of the shared queue and of ``parts`` partitions: the
+    oldest visible rows of each, a partition's in publish (row) order, so
+    what its last owner left comes before what was published after it."""
+    shared = (
+        "SELECT id FROM deliveries WHERE grp = ? AND part IS NULL AND visible_at <= ? "
+        "ORDER BY visible_at, id LIMIT ?"
+    )
+    if parts:
+        one = (
+            " UNION ALL SELECT id FROM (SELECT id FROM deliveries INDEXED BY deliveries_part "
+            "WHERE grp = ? AND part = ? AND visible_at <= ? ORDER BY id LIMIT ?)"
+        )
+        shared = f"SELECT id FROM (SELECT id FROM ({shared}){one * parts}) ORDER BY id LIMIT ?"
+    return (
+        "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+        f"first_time = coalesce(first_time, ?) WHERE id IN ({shared}) "
+        "RETURNING id, msg, attempt, first_time, part"
+    )
 
 
 def translate(path: Path, err: sqlite3.Error) -> SurgeError:
@@ -113,8 +187,10 @@ class Database:
         check: str,
         max_size: int | None,
         dedup_window: float,
+        partitions: int,
     ) -> None:
         self.path = path
+        self.partitions = partitions
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
         self.check = check
@@ -125,6 +201,7 @@ class Database:
         self.stale = 0
         self._gver: Any = None
         self._groups: dict[int, tuple[str, list[str]]] = {}
+        self._flat: set[int] = set()  # ephemeral groups: never partitioned
         self._ids: dict[str, int] = {}
         self._routes: dict[str, tuple[int, ...]] = {}
         self._cursor = 0
@@ -258,12 +335,16 @@ class Database:
     def _schema(self, conn: sqlite3.Connection) -> None:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            for statement in _SCHEMA.split(";"):
-                if statement.strip():
-                    conn.execute(statement)
+            _script(conn, _SCHEMA + _PARTITIONS)
             conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [("magic", MAGIC), ("version", VERSION), ("seq", 0), ("groups", "0")],
+                [
+                    ("magic", MAGIC),
+                    ("version", VERSION),
+                    ("seq", 0),
+                    ("groups", "0"),
+                    ("partitions", self.partitions),
+                ],
             )
             return
         magic = None
@@ -276,9 +357,24 @@ class Database:
                 f"{sorted(tables)[:5]})"
             )
         version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
-        if version != VERSION:
+        if version == 1:
+            _script(conn, _UPGRADE_1 + _PARTITIONS)
+            conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (VERSION,))
+        elif version != VERSION:
             raise ConfigurationError(
                 f"{self.path} has surge schema version {version}; this surge reads {VERSION}"
+            )
+        # Keyed events are stored in the partition of their key among this
+        # many: read under another count, a key's events would be split.
+        row = conn.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
+        if row is None:
+            conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('partitions', ?)", (self.partitions,)
+            )
+        elif row[0] != self.partitions:
+            raise ConfigurationError(
+                f"{self.path} keeps keyed events in {row[0]} partitions per group; this "
+                f"transport was opened with partitions={self.partitions} (use {row[0]})"
             )
 
     def checkpoint(self) -> None:
@@ -303,10 +399,9 @@ class Database:
         if ver == self._gver:
             return
         self._gver = ver
-        self._groups = {
-            gid: (name, json.loads(patterns))
-            for gid, name, patterns in conn.execute("SELECT id, name, patterns FROM groups")
-        }
+        rows = conn.execute("SELECT id, name, patterns, ephemeral FROM groups").fetchall()
+        self._groups = {gid: (name, json.loads(patterns)) for gid, name, patterns, _ in rows}
+        self._flat = {gid for gid, _, _, ephemeral in rows if ephemeral}
         self._ids = {name: gid for gid, (name, _) in self._groups.items()}
         self._routes = {}
 
@@ -389,35 +484,66 @@ class Database:
         seq = self._next_seqs(len(keep))
         messages = []
         deliveries: list[tuple[int, int, float]] = []
+        keyed: list[tuple[int, int, float, int]] = []
         touched: set[int] = set()
+        flat = self._flat
         for row, gids in keep:
             messages.append((seq, *row))
             nb = row[6]
             visible = now if nb is None or nb < now else nb
-            deliveries.extend((gid, seq, visible) for gid in gids)
+            key = row[2]
+            if key is None:
+                deliveries.extend((gid, seq, visible) for gid in gids)
+            else:
+                part = partition_of(key, self.partitions)
+                for gid in gids:
+                    if gid in flat:
+                        deliveries.append((gid, seq, visible))
+                    else:
+                        keyed.append((gid, seq, visible, part))
             touched.update(gids)
             seq += 1
         conn.executemany("INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, ?)", messages)
         conn.executemany(
             "INSERT INTO deliveries (grp, msg, visible_at) VALUES (?, ?, ?)", deliveries
         )
+        if keyed:
+            conn.executemany(
+                "INSERT INTO deliveries (grp, msg, visible_at, part) VALUES (?, ?, ?, ?)", keyed
+            )
         return touched
 
     # --- consuming -----------------------------------------------------------
     def claim(
-        self, gid: int, group: str, n: int, now: float, until: float, token: int
-    ) -> tuple[list[Delivery], float]:
-        """Lease up to ``n`` visible deliveries; them, or when one is due."""
+        self,
+        gid: int,
+        group: str,
+        n: int,
+        now: float,
+        until: float,
+        token: int,
+        parts: tuple[int, ...] = (),
+        me: str = "",
+    ) -> tuple[list[Delivery], float, dict[int, int]]:
+        """Lease up to ``n`` visible deliveries of the shared queue and of
+        ``parts`` (partitions ``me`` holds); them, when one is due, and the
+        partition of each claimed from one (by row id)."""
         conn = self._c
-        claimed = conn.execute(
-            "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
-            "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
-            "WHERE grp = ? AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
-            "RETURNING id, msg, attempt, first_time",
-            (until, token, now, gid, now, n),
-        ).fetchall()
+        args: list[Any] = [until, token, now, gid, now, n]
+        read = parts
+        if parts:
+            # Read only partitions the lease says are ours (the caller's view
+            # may be stale), and of those only the ones with a visible row:
+            # a claim of the shared queue alone costs what it did.
+            live = {r[0] for r in conn.execute(_LIVE, (gid, me, now, now))}
+            read = tuple(p for p in parts if p in live)
+            for p in read:
+                args += (gid, p, now, n)
+            if read:
+                args.append(n)
+        claimed = conn.execute(_claim_sql(len(read)), args).fetchall()
         if not claimed:
-            return [], self.next_due(gid)
+            return [], self.next_due(gid, parts), {}
         claimed.sort(key=lambda r: r[1])
         bodies: dict[int, tuple[Any, ...]] = {}
         for i in range(0, len(claimed), _CHUNK):
@@ -430,7 +556,8 @@ class Database:
             ):
                 bodies[m[0]] = m
         out = []
-        for did, msg, attempt, first in claimed:
+        where: dict[int, int] = {}
+        for did, msg, attempt, first, p in claimed:
             m = bodies.get(msg)
             if m is None:  # cannot happen while deliveries pin their message
                 conn.execute("DELETE FROM deliveries WHERE id = ?", (did,))
@@ -438,18 +565,30 @@ class Database:
             headers = _decode_headers(m[5]) if m[5] is not None else None
             env = Envelope(m[1], m[2], m[3], m[4], headers, None, m[6], m[7])
             out.append(Delivery(env, group, attempt, did, first))
-        return out, 0.0
+            if p is not None:
+                where[did] = p
+        return out, 0.0, where
 
-    def next_due(self, gid: int) -> float:
-        """When the next delivery of ``gid`` may be claimed (inf: none held)."""
-        row = self._c.execute(
-            "SELECT min(visible_at) FROM deliveries WHERE grp = ?", (gid,)
+    def next_due(self, gid: int, parts: Iterable[int] = ()) -> float:
+        """When the next delivery of ``gid``'s shared queue or of ``parts``
+        may be claimed (inf: none held). One index probe each."""
+        conn = self._c
+        row = conn.execute(
+            "SELECT min(visible_at) FROM deliveries WHERE grp = ? AND part IS NULL", (gid,)
         ).fetchone()
-        return float("inf") if row[0] is None else float(row[0])
+        due = float("inf") if row[0] is None else float(row[0])
+        for p in parts:
+            row = conn.execute(
+                "SELECT min(visible_at) FROM deliveries WHERE grp = ? AND part = ?", (gid, p)
+            ).fetchone()
+            if row[0] is not None and row[0] < due:
+                due = float(row[0])
+        return due
 
     def busy(self, gids: list[int]) -> tuple[bool, float]:
         """Whether any of ``gids`` holds a delivery, and when one is due."""
-        due = min((self.next_due(g) for g in gids), default=float("inf"))
+        every = range(self.partitions)
+        due = min((self.next_due(g, every) for g in gids), default=float("inf"))
         return due != float("inf"), due
 
     # --- settling ------------------------------------------------------------
@@ -466,10 +605,26 @@ class Database:
         self.stale += len(held) - cur.rowcount
         return cur.rowcount
 
-    def extend(self, held: list[tuple[int, int]], until: float) -> int:
+    def hand_back(self, held: list[tuple[int, int]], now: float) -> int:
+        """Release deliveries never handed to a handler: visible at once, in
+        their place, and the claim's attempt not counted."""
         cur = self._c.executemany(
-            "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ?",
-            [(until, did, token) for did, token in held],
+            "UPDATE deliveries SET visible_at = ?, token = NULL, attempt = attempt - 1, "
+            "first_time = CASE WHEN attempt > 1 THEN first_time END "
+            "WHERE id = ? AND token = ?",
+            [(now, did, token) for did, token in held],
+        )
+        self.stale += len(held) - cur.rowcount
+        return cur.rowcount
+
+    def extend(self, held: list[tuple[int, int]], until: float, now: float, me: str) -> int:
+        """Extend leases; a partition's only while ``me`` holds the partition,
+        so the next owner knows when what it inherits becomes its own."""
+        cur = self._c.executemany(
+            "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ? AND "
+            "(part IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.grp = deliveries.grp "
+            "AND o.part = deliveries.part AND o.owner = ? AND o.until > ?))",
+            [(until, did, token, me, now) for did, token in held],
         )
         return cur.rowcount
 
@@ -540,6 +695,8 @@ class Database:
         chosen = self._dead_ids(gid, ids)
         if not chosen:
             return 0
+        self._sync_groups()
+        flat = gid in self._flat
         seq = self._next_seqs(len(chosen))
         for dead_id in chosen:
             r = conn.execute(
@@ -550,8 +707,10 @@ class Database:
                 "INSERT INTO messages VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                 (seq, dead_id, r[0], r[1], now, r[2], r[3]),
             )
+            part = None if r[1] is None or flat else partition_of(r[1], self.partitions)
             conn.execute(
-                "INSERT INTO deliveries (grp, msg, visible_at) VALUES (?, ?, ?)", (gid, seq, now)
+                "INSERT INTO deliveries (grp, msg, visible_at, part) VALUES (?, ?, ?, ?)",
+                (gid, seq, now, part),
             )
             conn.execute("DELETE FROM dead_letters WHERE grp = ? AND id = ?", (gid, dead_id))
             seq += 1
@@ -643,6 +802,8 @@ class Database:
         conn = self._c
         args = [(g,) for g in gids]
         conn.executemany("DELETE FROM deliveries WHERE grp = ?", args)
+        conn.executemany("DELETE FROM members WHERE grp = ?", args)
+        conn.executemany("DELETE FROM owners WHERE grp = ?", args)
         conn.executemany("DELETE FROM dead_letters WHERE grp = ?", args)
         conn.executemany("DELETE FROM groups WHERE id = ?", args)
         self._bump_groups()
@@ -653,3 +814,12 @@ class Database:
             self.release(held, now)
         if ephemeral:
             self._drop(ephemeral)
+
+    def leave(self, held: list[tuple[int, int]], now: float, me: str) -> None:
+        """Hand back the last leases, then ``me``'s partitions and memberships:
+        the next owners need not wait for them to run out."""
+        if held:
+            self.release(held, now)
+        conn = self._c
+        conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
+        conn.execute("DELETE FROM members WHERE member = ?", (me,))

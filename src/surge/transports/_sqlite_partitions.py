@@ -1,0 +1,224 @@
+"""Partitions on ``sqlite://``: memberships and partition leases are rows of
+the same file, kept by each process for each group it consumes.
+
+Every consumer of a group is local to the host, so nothing but the file is
+shared: a ``members`` row per (group, transport) says until when that
+consumer is alive, an ``owners`` row per (group, partition) who holds the
+partition until when. A transport consuming a group runs :class:`Member`'s
+loop: every lease/3 (sooner while a partition it wants is not yet its own)
+one transaction renews its membership, reads the live members, renews the
+partitions it holds (one taken over by another is lost), releases those it
+gives up and takes the free ones that :func:`assignment` gives it.
+
+A delivery of a partition is claimed only under the partition's lease (the
+claim checks the ``owners`` row in its transaction) and its lease is
+extended only while the partition is held, so when a consumer takes over a
+partition the leases its predecessor left on deliveries end at a time known
+then (``ready``): the partition is read from that time on, oldest row first,
+and no later event of a key starts while an earlier one may still run.
+A graceful handover leaves no such lease (a partition is given up once
+nothing read from it is unsettled, and ``close`` hands leases back), so the
+next owner reads at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from .._errors import TransportError
+from ._partitions import Ownership, assignment
+
+if TYPE_CHECKING:
+    from ._sqlite_db import Database
+
+__all__ = ("Member", "Step", "step")
+
+log = logging.getLogger("surge.sqlite")
+
+# (live members, partitions still held, (partition, readable from) taken)
+Step = tuple[list[str], list[int], list[tuple[int, float]]]
+
+
+def step(
+    db: Database,
+    gid: int,
+    me: str,
+    now: float,
+    lease: float,
+    held: list[int],
+    give_back: list[int],
+    leaving: bool,
+) -> Step:
+    """One round of ``me``'s ownership of group ``gid``, in one transaction."""
+    conn = db.conn
+    assert conn is not None
+    until = now + lease
+    if leaving:
+        conn.execute("DELETE FROM members WHERE grp = ? AND member = ?", (gid, me))
+    else:
+        conn.execute(
+            "INSERT INTO members (grp, member, until) VALUES (?, ?, ?) "
+            "ON CONFLICT (grp, member) DO UPDATE SET until = excluded.until",
+            (gid, me, until),
+        )
+    conn.execute("DELETE FROM members WHERE grp = ? AND until <= ?", (gid, now))
+    members = [r[0] for r in conn.execute("SELECT member FROM members WHERE grp = ?", (gid,))]
+    if give_back:
+        conn.executemany(
+            "DELETE FROM owners WHERE grp = ? AND part = ? AND owner = ?",
+            [(gid, p, me) for p in give_back],
+        )
+    keep = [p for p in held if p not in give_back]
+    mine: list[int] = []
+    if keep:
+        mine = [
+            r[0]
+            for r in conn.execute(
+                "UPDATE owners SET until = ? WHERE grp = ? AND owner = ? "
+                f"AND part IN ({','.join('?' * len(keep))}) RETURNING part",
+                (until, gid, me, *keep),
+            )
+        ]
+    taken: list[tuple[int, float]] = []
+    if not leaving:
+        for p in sorted(assignment(members, me, db.partitions) - set(mine)):
+            cur = conn.execute(
+                "INSERT INTO owners (grp, part, owner, until) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (grp, part) DO UPDATE SET owner = excluded.owner, "
+                "until = excluded.until WHERE owners.until <= ? OR owners.owner = excluded.owner",
+                (gid, p, me, until, now),
+            )
+            if cur.rowcount != 1:
+                continue
+            # leases a predecessor left: no delivery of p is read before they end
+            row = conn.execute(
+                "SELECT max(visible_at) FROM deliveries WHERE grp = ? AND part = ? "
+                "AND visible_at > ? AND token IS NOT NULL",
+                (gid, p, now),
+            ).fetchone()
+            taken.append((p, now if row[0] is None else float(row[0])))
+    return members, mine, taken
+
+
+class Member:
+    """This transport's membership of one group, and the partitions it holds.
+
+    ``unsettled`` and ``reading`` count, per partition, the deliveries this
+    process holds and the claims under way: a partition is released only
+    when both are zero. ``ready`` is when a partition just taken becomes
+    readable (its predecessor's leases end).
+    """
+
+    __slots__ = (
+        "_kicked",
+        "_wake",
+        "consumers",
+        "gid",
+        "group",
+        "own",
+        "reading",
+        "ready",
+        "task",
+        "unsettled",
+    )
+
+    def __init__(self, group: str, gid: int, partitions: int) -> None:
+        self.group = group
+        self.gid = gid
+        self.own = Ownership(partitions)
+        self.consumers = 0
+        self.unsettled: dict[int, int] = {}
+        self.reading: dict[int, int] = {}
+        self.ready: dict[int, float] = {}
+        self.task: asyncio.Task[None] | None = None
+        self._wake: asyncio.Future[None] | None = None
+        self._kicked = False
+
+    def readable(self, now: float) -> tuple[int, ...]:
+        """The partitions to claim from at ``now``."""
+        ready = self.ready
+        return tuple(sorted(p for p in self.own.readable if ready.get(p, 0.0) <= now))
+
+    def reads(self, parts: tuple[int, ...], delta: int) -> None:
+        """A claim of ``parts`` began (+1) or ended (-1)."""
+        reading = self.reading
+        for p in parts:
+            reading[p] = reading.get(p, 0) + delta
+        if delta < 0 and self.own.releasing:
+            self.kick()
+
+    def held(self, part: int) -> None:
+        self.unsettled[part] = self.unsettled.get(part, 0) + 1
+
+    def settled(self, part: int) -> None:
+        n = self.unsettled[part] - 1
+        self.unsettled[part] = n
+        if not n and part in self.own.releasing:
+            self.kick()
+
+    def kick(self) -> None:
+        """Run the next round now (a partition may be released)."""
+        fut = self._wake
+        if fut is None:
+            self._kicked = True
+        elif not fut.done():
+            fut.set_result(None)
+
+    async def run(
+        self,
+        submit: Callable[..., asyncio.Future[Any]],
+        db: Database,
+        me: str,
+        lease: float,
+        now: Callable[[], float],
+        woken: Callable[[], None],
+    ) -> None:
+        """Keep the membership and the partitions until no consumer is left
+        and every partition is given back."""
+        own = self.own
+        loop = asyncio.get_running_loop()
+        while True:
+            leaving = self.consumers == 0
+            if leaving:
+                own.releasing = set(own.owned)
+            give_back = [
+                p for p in own.releasing if not self.unsettled.get(p) and not self.reading.get(p)
+            ]
+            try:
+                members, mine, taken = await submit(
+                    step, db, self.gid, me, now(), lease, sorted(own.owned), give_back, leaving
+                )
+            except TransportError as exc:
+                log.warning("sqlite: cannot keep the partitions of %s: %s", self.group, exc)
+                members, mine, taken = [], [], []
+                wait = lease / 10
+            else:
+                own.lost(p for p in own.owned if p not in mine)
+                for p, at in taken:
+                    self.ready[p] = at
+                    self.unsettled.setdefault(p, 0)
+                own.acquired(p for p, _ in taken)
+                if leaving:
+                    if not own.owned:
+                        return
+                    own.releasing = set(own.owned)
+                else:
+                    own.plan(members, me)
+                if taken:
+                    woken()
+                complete = not own.releasing and own.owned == assignment(
+                    members, me, own.partitions
+                )
+                wait = lease / 3 if complete else lease / 10
+            if self._kicked:
+                self._kicked = False
+                continue
+            self._wake = fut = loop.create_future()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(fut, wait)
+            self._wake = None
+            self._kicked = False
