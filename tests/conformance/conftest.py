@@ -72,6 +72,8 @@ CASES: list[Case] = [
         shared=True,
         leases=True,
         lease_options={"lease": 2.0, "heartbeat": 0},
+        partitioned=True,
+        order_options={"lease": 1.0},
     ),
 ]
 
