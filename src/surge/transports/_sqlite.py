@@ -56,17 +56,10 @@ reused or returned to the file system (incremental vacuum); the write-ahead
 log is checkpointed after each compaction so it is reused, not grown.
 
 Per-key order holds across processes: an envelope with a key goes to the
-partition of its key (``partition_of``) in each group that is not a reply
-inbox, and each partition is read by one consumer at a time, which holds a
-lease on it (``owners``) while it is a live member of the group
-(``members``), both rows of the file renewed every lease/3. Consumers split
-the partitions among themselves (:mod:`._partitions`); a consumer gives one
-up once nothing it read from it is unsettled, and the next owner reads what
-is left in it, oldest first, before anything later. A consumer that died
-holds its partitions until their lease runs out, and its unsettled
-deliveries then come first for the next owner (see
-:mod:`._sqlite_partitions`). Unkeyed envelopes go to the group's shared
-queue, read by every consumer.
+partition of its key in each group (but reply inboxes), and one consumer at
+a time reads a partition, under a lease kept in the file; the next owner
+reads first what its predecessor left unsettled (:mod:`._sqlite_partitions`).
+Unkeyed envelopes go to the group's shared queue, read by every consumer.
 
 Several processes may share the file, each with its own transport: claims
 take the write lock (``BEGIN IMMEDIATE``), a process wakes its consumers at
@@ -81,7 +74,6 @@ stays) and a lock held too long raise ``TransportError``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import queue
@@ -103,7 +95,7 @@ from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
 from . import _sqlite_db as db
 from ._partitions import DEFAULT_PARTITIONS, Ownership
-from ._sqlite_partitions import Member
+from ._sqlite_partitions import Consumer, Lease, Member, leave
 
 __all__ = ("SqliteTransport",)
 
@@ -111,55 +103,6 @@ log = logging.getLogger("surge.sqlite")
 
 _FIRST_POLL = 0.005
 _encode_headers = msgspec.msgpack.Encoder().encode
-
-
-class _Consumer:
-    __slots__ = ("gid", "kicked", "member", "prefetch", "unsettled", "wake")
-
-    def __init__(self, gid: int, prefetch: int, member: Member | None) -> None:
-        self.gid = gid
-        self.prefetch = prefetch
-        self.member = member
-        self.unsettled = 0
-        self.wake: asyncio.Future[None] | None = None
-        self.kicked = False  # woken while not napping: the next nap returns at once
-
-
-class _Lease:
-    """A claimed delivery: its row, the claim's token, who holds it, and
-    the partition it came from (None: the shared queue)."""
-
-    __slots__ = ("consumer", "did", "part", "settled", "token")
-
-    def __init__(self, did: int, token: int, consumer: _Consumer, part: int | None) -> None:
-        self.did = did
-        self.token = token
-        self.consumer = consumer
-        self.part = part
-        self.settled = False
-
-
-class _Job:
-    __slots__ = ("after", "args", "error", "fn", "fut", "result", "write")
-
-    def __init__(
-        self,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        write: bool,
-        fut: asyncio.Future[Any],
-        after: Callable[[Any], None] | None,
-    ) -> None:
-        self.fn = fn
-        self.args = args
-        self.write = write
-        self.fut = fut
-        self.after = after
-        self.result: Any = None
-        self.error: BaseException | None = None
-
-
-_STOP: Any = object()
 
 
 def _options(url: str, given: dict[str, Any]) -> tuple[str, dict[str, Any]]:
@@ -238,15 +181,15 @@ class SqliteTransport:
         self._members: dict[str, Member] = {}
         self._hold: Callable[[], None] | None = getattr(self.clock, "hold", None)
         self._release: Callable[[], None] | None = getattr(self.clock, "release", None)
-        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[db.Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started = False
         self._closed = False
         self._local: dict[str, int] = {}
         self._ephemeral: dict[str, int] = {}
-        self._consumers: dict[int, list[_Consumer]] = {}
-        self._leases: dict[int, _Lease] = {}
+        self._consumers: dict[int, list[Consumer]] = {}
+        self._leases: dict[int, Lease] = {}
         self._queued = 0
         self._space: deque[asyncio.Future[None]] = deque()
         self._changed: list[asyncio.Future[None]] = []
@@ -268,34 +211,7 @@ class SqliteTransport:
         """Acks, nacks and dead letters ignored because the lease was lost."""
         return self._db.stale
 
-    def _run(self) -> None:
-        jobs_q = self._jobs
-        while True:
-            jobs = [jobs_q.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    jobs.append(jobs_q.get_nowait())
-            stop = any(j.fn is _STOP for j in jobs)
-            work = [j for j in jobs if j.fn is not _STOP]
-            try:
-                if work:
-                    self._db.run(work)
-                if stop:
-                    self._db.close()
-            except BaseException as exc:  # a bug here must not strand the waiters
-                for job in work:
-                    if job.error is None:
-                        job.error = exc
-            loop = self._loop
-            assert loop is not None
-            try:
-                loop.call_soon_threadsafe(self._settle, jobs)
-            except RuntimeError:  # the loop is gone: nobody waits any more
-                return
-            if stop:
-                return
-
-    def _settle(self, jobs: list[_Job]) -> None:
+    def _settle(self, jobs: list[db.Job]) -> None:
         release = self._release
         for job in jobs:
             if release is not None:
@@ -335,7 +251,7 @@ class SqliteTransport:
             fut = loop.create_future()
         if self._hold is not None:
             self._hold()
-        self._jobs.put(_Job(fn, args, write, fut, after))
+        self._jobs.put(db.Job(fn, args, write, fut, after))
         return fut
 
     # --- lifecycle -----------------------------------------------------------
@@ -346,7 +262,10 @@ class SqliteTransport:
             raise Closed("a closed sqlite transport cannot be started again")
         self._loop = asyncio.get_running_loop()
         self._thread = threading.Thread(
-            target=self._run, name=f"surge-sqlite-{self.path.name}", daemon=True
+            target=self._db.serve,
+            args=(self._jobs, self._loop, self._settle),
+            name=f"surge-sqlite-{self.path.name}",
+            daemon=True,
         )
         self._thread.start()
         try:
@@ -360,7 +279,7 @@ class SqliteTransport:
     async def _stop_thread(self) -> None:
         if self._thread is None:
             return
-        fut = self._submit(_STOP)
+        fut = self._submit(db.STOP)
         self._thread = None
         await fut
 
@@ -394,7 +313,7 @@ class SqliteTransport:
             # claims that were under way when close began, then the partitions
             late = [(lease.did, lease.token) for lease in self._leases.values()]
             self._leases.clear()
-            await self._submit(self._db.leave, late, self.clock.time(), self.member_id)
+            await self._submit(leave, self._db, late, self.clock.time(), self.member_id)
         except TransportError as exc:
             log.warning("sqlite: could not hand back leases at close: %s", exc)
         finally:
@@ -409,7 +328,18 @@ class SqliteTransport:
         if ephemeral:
             self._ephemeral[group] = gid
         elif group not in self._members:
-            self._members[group] = Member(group, gid, self.partitions)
+            self._members[group] = self._member(group, gid)
+
+    def _member(self, group: str, gid: int) -> Member:
+        def woken() -> None:  # partitions taken: there may be more to read
+            for c in self._consumers.get(gid, ()):
+                self._wake(c)
+
+        def keep(m: Member) -> Any:
+            args = (self._db, self.member_id, self.lease, self.clock.time, woken)
+            return m.run(self._submit, *args)
+
+        return Member(group, gid, self.partitions, keep)
 
     def ownership(self, group: str) -> Ownership | None:
         """The partitions this transport holds of ``group`` (None: a reply
@@ -521,7 +451,7 @@ class SqliteTransport:
         self._notify_changed()
 
     # --- consuming -----------------------------------------------------------
-    def _wake(self, c: _Consumer) -> None:
+    def _wake(self, c: Consumer) -> None:
         fut = c.wake
         if fut is None:
             c.kicked = True
@@ -538,7 +468,7 @@ class SqliteTransport:
                 if not fut.done():
                     fut.set_result(None)
 
-    async def _nap(self, c: _Consumer, timeout: float | None) -> bool:
+    async def _nap(self, c: Consumer, timeout: float | None) -> bool:
         """Wait for a wake-up or ``timeout`` seconds; True when woken."""
         if c.kicked:
             c.kicked = False
@@ -558,11 +488,11 @@ class SqliteTransport:
         gid = await self._gid(group)
         member = self._members.get(group)
         if member is None and group not in self._ephemeral:
-            member = self._members[group] = Member(group, gid, self.partitions)
-        c = _Consumer(gid, prefetch, member)
+            member = self._members[group] = self._member(group, gid)
+        c = Consumer(gid, prefetch, member)
         self._consumers.setdefault(gid, []).append(c)
         if member is not None:
-            self._join(member)
+            member.join()
         poll = _FIRST_POLL
         due = 0.0
         try:
@@ -604,31 +534,10 @@ class SqliteTransport:
             if consumers is not None and c in consumers:
                 consumers.remove(c)
             if member is not None:
-                member.consumers -= 1
-                member.kick()
-
-    def _join(self, member: Member) -> None:
-        """Count a consumer of ``member``'s group; keep its partitions."""
-        member.consumers += 1
-        member.kick()
-        if member.task is None or member.task.done():
-            gid = member.gid
-
-            def woken() -> None:
-                for c in self._consumers.get(gid, ()):
-                    self._wake(c)
-
-            loop = self._loop
-            assert loop is not None
-            member.task = loop.create_task(
-                member.run(
-                    self._submit, self._db, self.member_id, self.lease, self.clock.time, woken
-                ),
-                name=f"surge-sqlite-partitions-{member.group}",
-            )
+                member.leave()
 
     async def _claim(
-        self, c: _Consumer, group: str, room: int, now: float, token: int
+        self, c: Consumer, group: str, room: int, now: float, token: int
     ) -> tuple[list[Delivery], float]:
         leases = self._leases
         fut: asyncio.Future[Any]
@@ -647,27 +556,14 @@ class SqliteTransport:
             self._activity += 1
             self._idle = False
             for d in batch:
-                part = where.get(d.token) if where else None
-                lease = _Lease(d.token, token, c, part)
-                if part is not None and member is not None:
-                    member.held(part)
+                lease = Lease(d.token, token, c, where.get(d.token) if where else None)
                 d.token = lease
                 leases[lease.did] = lease
             if fut.cancelled():  # nobody will take this batch: hand it back
                 self._hand_back(batch)
 
-        fut = self._submit(
-            self._db.claim,
-            c.gid,
-            group,
-            room,
-            now,
-            now + self.lease,
-            token,
-            parts,
-            self.member_id,
-            after=after,
-        )
+        args = (c.gid, group, room, now, now + self.lease, token, parts, self.member_id)
+        fut = self._submit(self._db.claim, *args, after=after)
         try:
             result: tuple[list[Delivery], float, dict[int, int]] = await fut
         except asyncio.CancelledError:
@@ -681,7 +577,7 @@ class SqliteTransport:
         held = []
         for d in batch:
             lease = d.token
-            if isinstance(lease, _Lease) and self._settle_local(lease):
+            if isinstance(lease, Lease) and self._settle_local(lease):
                 held.append((lease.did, lease.token))
         if held and not self._closed:
             self._submit(self._db.hand_back, held, self.clock.time()).add_done_callback(
@@ -704,22 +600,18 @@ class SqliteTransport:
             )
 
     # --- settling ------------------------------------------------------------
-    def _settle_local(self, lease: _Lease) -> bool:
+    def _settle_local(self, lease: Lease) -> bool:
         if lease.settled:
             return False
-        lease.settled = True
+        lease.settle()
         if self._leases.get(lease.did) is lease:
             del self._leases[lease.did]
-        c = lease.consumer
-        c.unsettled -= 1
-        if lease.part is not None and c.member is not None:
-            c.member.settled(lease.part)
-        self._wake(c)
+        self._wake(lease.consumer)
         return True
 
-    def _lease_of(self, d: Delivery) -> _Lease:
+    def _lease_of(self, d: Delivery) -> Lease:
         lease = d.token
-        if not isinstance(lease, _Lease):
+        if not isinstance(lease, Lease):
             raise ConfigurationError(f"delivery {d.envelope.id} did not come from {self.url}")
         return lease
 

@@ -1,4 +1,5 @@
-"""The SQLite side of ``sqlite://``: schema, checks and every statement.
+"""The SQLite side of ``sqlite://``: schema, checks and the statements
+(those of partitions and their owners are in :mod:`._sqlite_partitions`).
 
 Everything here runs on the transport's own thread, which owns the one
 connection; the transport batches queued calls into one transaction
@@ -25,10 +26,12 @@ shared queues, where they were).
 
 from __future__ import annotations
 
-import functools
+import asyncio
+import contextlib
 import json
+import queue
 import sqlite3
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,7 @@ from .._errors import ConfigurationError, SurgeError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, topic_matches
 from ._partitions import partition_of
+from ._sqlite_partitions import LIVE, SCHEMA, UPGRADE_1, claim_sql, keep_count
 
 __all__ = ("Database", "Row", "translate")
 
@@ -97,31 +101,6 @@ CREATE TABLE seen (id TEXT PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID;
 CREATE INDEX seen_time ON seen (time);
 """
 
-# Version 2: partitions. The shared queue is read by (grp, part IS NULL,
-# visible_at), a partition in publish order by (grp, part, id); unkeyed
-# rows stay out of the second index, so they cost what they did.
-_PARTITIONS = """
-CREATE INDEX deliveries_due ON deliveries (grp, part, visible_at);
-CREATE INDEX deliveries_part ON deliveries (grp, part) WHERE part IS NOT NULL;
-CREATE TABLE members (
-    grp INTEGER NOT NULL,
-    member TEXT NOT NULL,
-    until REAL NOT NULL,
-    PRIMARY KEY (grp, member)
-) WITHOUT ROWID;
-CREATE TABLE owners (
-    grp INTEGER NOT NULL,
-    part INTEGER NOT NULL,
-    owner TEXT NOT NULL,
-    until REAL NOT NULL,
-    PRIMARY KEY (grp, part)
-) WITHOUT ROWID;
-"""
-_UPGRADE_1 = """
-ALTER TABLE deliveries ADD COLUMN part INTEGER;
-DROP INDEX deliveries_due;
-"""
-
 
 def _script(conn: sqlite3.Connection, script: str) -> None:
     """Run ``script``'s statements inside the caller's transaction
@@ -135,34 +114,6 @@ _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
 
 
-_LIVE = (
-    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
-    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
-)
-
-
-@functools.cache
-def _claim_sql(parts: int) -> str:
-    """The claim of the shared queue and of ``parts`` partitions: the
-    oldest visible rows of each, a partition's in publish (row) order, so
-    what its last owner left comes before what was published after it."""
-    shared = (
-        "SELECT id FROM deliveries WHERE grp = ? AND part IS NULL AND visible_at <= ? "
-        "ORDER BY visible_at, id LIMIT ?"
-    )
-    if parts:
-        one = (
-            " UNION ALL SELECT id FROM (SELECT id FROM deliveries INDEXED BY deliveries_part "
-            "WHERE grp = ? AND part = ? AND visible_at <= ? ORDER BY id LIMIT ?)"
-        )
-        shared = f"SELECT id FROM (SELECT id FROM ({shared}){one * parts}) ORDER BY id LIMIT ?"
-    return (
-        "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
-        f"first_time = coalesce(first_time, ?) WHERE id IN ({shared}) "
-        "RETURNING id, msg, attempt, first_time, part"
-    )
-
-
 def translate(path: Path, err: sqlite3.Error) -> SurgeError:
     """A surge error for an error of SQLite's."""
     text = str(err)
@@ -173,6 +124,31 @@ def translate(path: Path, err: sqlite3.Error) -> SurgeError:
     if "malformed" in text or "not a database" in text or "corrupt" in text:
         return TransportError(f"{path}: the database file is corrupt ({text})")
     return TransportError(f"{path}: {type(err).__name__}: {text}")
+
+
+class Job:
+    """A call to run on the connection's thread, and what came of it."""
+
+    __slots__ = ("after", "args", "error", "fn", "fut", "result", "write")
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        write: bool,
+        fut: asyncio.Future[Any],
+        after: Callable[[Any], None] | None,
+    ) -> None:
+        self.fn = fn
+        self.args = args
+        self.write = write
+        self.fut = fut
+        self.after = after
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+STOP: Any = object()  # the job that closes the connection and ends the thread
 
 
 class Database:
@@ -209,7 +185,38 @@ class Database:
         self._rounds = 0
 
     # --- transactions --------------------------------------------------------
-    def run(self, jobs: list[Any]) -> None:
+    def serve(
+        self,
+        jobs_q: queue.SimpleQueue[Job],
+        loop: asyncio.AbstractEventLoop,
+        done: Callable[[list[Job]], None],
+    ) -> None:
+        """The connection's thread: run what is queued, batch by batch, and
+        hand each batch back to ``loop`` (``done``) until :data:`STOP`."""
+        while True:
+            jobs = [jobs_q.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(jobs_q.get_nowait())
+            stop = any(j.fn is STOP for j in jobs)
+            work = [j for j in jobs if j.fn is not STOP]
+            try:
+                if work:
+                    self.run(work)
+                if stop:
+                    self.close()
+            except BaseException as exc:  # a bug here must not strand the waiters
+                for job in work:
+                    if job.error is None:
+                        job.error = exc
+            try:
+                loop.call_soon_threadsafe(done, jobs)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                return
+            if stop:
+                return
+
+    def run(self, jobs: list[Job]) -> None:
         """Run ``jobs`` (fn, args, write; result, error) in one transaction.
 
         When one fails for a reason of its own, the others are run again,
@@ -218,7 +225,7 @@ class Database:
         raw = (self.open, self.checkpoint)
         if any(j.fn in raw for j in jobs):
             # these run outside a transaction, each alone, in queue order
-            batch: list[Any] = []
+            batch: list[Job] = []
             for job in [*jobs, None]:
                 if job is None or job.fn in raw:
                     if batch:
@@ -249,7 +256,7 @@ class Database:
                 except Exception as exc1:
                     job.error = exc1
 
-    def _transaction(self, jobs: list[Any]) -> None:
+    def _transaction(self, jobs: list[Job]) -> None:
         conn = self.conn
         if conn is None:
             raise TransportError(f"{self.path}: the connection is closed")
@@ -335,7 +342,7 @@ class Database:
     def _schema(self, conn: sqlite3.Connection) -> None:
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            _script(conn, _SCHEMA + _PARTITIONS)
+            _script(conn, _SCHEMA + SCHEMA)
             conn.executemany(
                 "INSERT INTO meta (key, value) VALUES (?, ?)",
                 [
@@ -358,24 +365,13 @@ class Database:
             )
         version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
         if version == 1:
-            _script(conn, _UPGRADE_1 + _PARTITIONS)
+            _script(conn, UPGRADE_1 + SCHEMA)
             conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (VERSION,))
         elif version != VERSION:
             raise ConfigurationError(
                 f"{self.path} has surge schema version {version}; this surge reads {VERSION}"
             )
-        # Keyed events are stored in the partition of their key among this
-        # many: read under another count, a key's events would be split.
-        row = conn.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
-        if row is None:
-            conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('partitions', ?)", (self.partitions,)
-            )
-        elif row[0] != self.partitions:
-            raise ConfigurationError(
-                f"{self.path} keeps keyed events in {row[0]} partitions per group; this "
-                f"transport was opened with partitions={self.partitions} (use {row[0]})"
-            )
+        keep_count(conn, self.path, self.partitions)
 
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the file, so the log is reused
@@ -535,13 +531,13 @@ class Database:
             # Read only partitions the lease says are ours (the caller's view
             # may be stale), and of those only the ones with a visible row:
             # a claim of the shared queue alone costs what it did.
-            live = {r[0] for r in conn.execute(_LIVE, (gid, me, now, now))}
+            live = {r[0] for r in conn.execute(LIVE, (gid, me, now, now))}
             read = tuple(p for p in parts if p in live)
             for p in read:
                 args += (gid, p, now, n)
             if read:
                 args.append(n)
-        claimed = conn.execute(_claim_sql(len(read)), args).fetchall()
+        claimed = conn.execute(claim_sql(len(read)), args).fetchall()
         if not claimed:
             return [], self.next_due(gid, parts), {}
         claimed.sort(key=lambda r: r[1])
@@ -814,12 +810,3 @@ class Database:
             self.release(held, now)
         if ephemeral:
             self._drop(ephemeral)
-
-    def leave(self, held: list[tuple[int, int]], now: float, me: str) -> None:
-        """Hand back the last leases, then ``me``'s partitions and memberships:
-        the next owners need not wait for them to run out."""
-        if held:
-            self.release(held, now)
-        conn = self._c
-        conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
-        conn.execute("DELETE FROM members WHERE member = ?", (me,))

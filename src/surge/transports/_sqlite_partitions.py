@@ -19,28 +19,126 @@ and no later event of a key starts while an earlier one may still run.
 A graceful handover leaves no such lease (a partition is given up once
 nothing read from it is unsettled, and ``close`` hands leases back), so the
 next owner reads at once.
+
+Here too: the tables and statements of partitions (schema version 2), and
+the consumer-side records of who holds what (:class:`Consumer`,
+:class:`Lease`), which count the unsettled deliveries of each partition.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import sqlite3
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .._errors import TransportError
+from .._errors import ConfigurationError, TransportError
 from ._partitions import Ownership, assignment
 
 if TYPE_CHECKING:
     from ._sqlite_db import Database
 
-__all__ = ("Member", "Step", "step")
+__all__ = (
+    "LIVE",
+    "SCHEMA",
+    "UPGRADE_1",
+    "Consumer",
+    "Lease",
+    "Member",
+    "claim_sql",
+    "keep_count",
+    "leave",
+    "step",
+)
 
 log = logging.getLogger("surge.sqlite")
 
 # (live members, partitions still held, (partition, readable from) taken)
 Step = tuple[list[str], list[int], list[tuple[int, float]]]
+
+# Version 2: partitions. The shared queue is read by (grp, part IS NULL,
+# visible_at), a partition in publish order by (grp, part, id); unkeyed
+# rows stay out of the second index, so they cost what they did.
+SCHEMA = """
+CREATE INDEX deliveries_due ON deliveries (grp, part, visible_at);
+CREATE INDEX deliveries_part ON deliveries (grp, part) WHERE part IS NOT NULL;
+CREATE TABLE members (
+    grp INTEGER NOT NULL,
+    member TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (grp, member)
+) WITHOUT ROWID;
+CREATE TABLE owners (
+    grp INTEGER NOT NULL,
+    part INTEGER NOT NULL,
+    owner TEXT NOT NULL,
+    until REAL NOT NULL,
+    PRIMARY KEY (grp, part)
+) WITHOUT ROWID;
+"""
+UPGRADE_1 = """
+ALTER TABLE deliveries ADD COLUMN part INTEGER;
+DROP INDEX deliveries_due;
+"""
+
+
+def keep_count(conn: sqlite3.Connection, path: Path, partitions: int) -> None:
+    """Write the partition count into a file that has none; refuse another
+    count (read under it, a key's events would be split between partitions)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = 'partitions'").fetchone()
+    if row is None:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('partitions', ?)", (partitions,))
+    elif row[0] != partitions:
+        raise ConfigurationError(
+            f"{path} keeps keyed events in {row[0]} partitions per group; this "
+            f"transport was opened with partitions={partitions} (use {row[0]})"
+        )
+
+
+# The partitions a claim may read: held by ``me`` (the lease decides, not
+# the caller's view of it, which may be stale) and holding a visible row,
+# so that a claim of the shared queue alone costs what it did.
+LIVE = (
+    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
+    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
+)
+
+
+@functools.cache
+def claim_sql(parts: int) -> str:
+    """The claim of the shared queue and of ``parts`` partitions: the
+    oldest visible rows of each, a partition's in publish (row) order, so
+    what its last owner left comes before what was published after it."""
+    shared = (
+        "SELECT id FROM deliveries WHERE grp = ? AND part IS NULL AND visible_at <= ? "
+        "ORDER BY visible_at, id LIMIT ?"
+    )
+    if parts:
+        one = (
+            " UNION ALL SELECT id FROM (SELECT id FROM deliveries INDEXED BY deliveries_part "
+            "WHERE grp = ? AND part = ? AND visible_at <= ? ORDER BY id LIMIT ?)"
+        )
+        shared = f"SELECT id FROM (SELECT id FROM ({shared}){one * parts}) ORDER BY id LIMIT ?"
+    return (
+        "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+        f"first_time = coalesce(first_time, ?) WHERE id IN ({shared}) "
+        "RETURNING id, msg, attempt, first_time, part"
+    )
+
+
+def leave(db: Database, held: list[tuple[int, int]], now: float, me: str) -> None:
+    """Hand back the last leases, then ``me``'s partitions and memberships
+    (at close): the next owners need not wait for them to run out."""
+    if held:
+        db.release(held, now)
+    conn = db.conn
+    assert conn is not None
+    conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
+    conn.execute("DELETE FROM members WHERE member = ?", (me,))
 
 
 def step(
@@ -104,6 +202,43 @@ def step(
     return members, mine, taken
 
 
+class Consumer:
+    """One ``consume`` iterator: its room, its wake-up, its group's member."""
+
+    __slots__ = ("gid", "kicked", "member", "prefetch", "unsettled", "wake")
+
+    def __init__(self, gid: int, prefetch: int, member: Member | None) -> None:
+        self.gid = gid
+        self.prefetch = prefetch
+        self.member = member
+        self.unsettled = 0
+        self.wake: asyncio.Future[None] | None = None
+        self.kicked = False  # woken while not napping: the next nap returns at once
+
+
+class Lease:
+    """A claimed delivery: its row, the claim's token, who holds it, and
+    the partition it came from (None: the shared queue)."""
+
+    __slots__ = ("consumer", "did", "part", "settled", "token")
+
+    def __init__(self, did: int, token: int, consumer: Consumer, part: int | None) -> None:
+        self.did = did
+        self.token = token
+        self.consumer = consumer
+        self.part = part
+        self.settled = False
+        if part is not None and consumer.member is not None:
+            consumer.member.held(part)
+
+    def settle(self) -> None:
+        self.settled = True
+        c = self.consumer
+        c.unsettled -= 1
+        if self.part is not None and c.member is not None:
+            c.member.settled(self.part)
+
+
 class Member:
     """This transport's membership of one group, and the partitions it holds.
 
@@ -114,6 +249,7 @@ class Member:
     """
 
     __slots__ = (
+        "_keep",
         "_kicked",
         "_wake",
         "consumers",
@@ -126,9 +262,12 @@ class Member:
         "unsettled",
     )
 
-    def __init__(self, group: str, gid: int, partitions: int) -> None:
+    def __init__(
+        self, group: str, gid: int, partitions: int, keep: Callable[[Member], Any]
+    ) -> None:
         self.group = group
         self.gid = gid
+        self._keep = keep  # the coroutine of run(...) for this member
         self.own = Ownership(partitions)
         self.consumers = 0
         self.unsettled: dict[int, int] = {}
@@ -137,6 +276,20 @@ class Member:
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
+
+    def join(self) -> None:
+        """A consumer of the group starts: keep the membership and partitions."""
+        self.consumers += 1
+        self.kick()
+        if self.task is None or self.task.done():
+            self.task = asyncio.get_running_loop().create_task(
+                self._keep(self), name=f"surge-sqlite-partitions-{self.group}"
+            )
+
+    def leave(self) -> None:
+        """A consumer ends; with the last, the partitions go once settled."""
+        self.consumers -= 1
+        self.kick()
 
     def readable(self, now: float) -> tuple[int, ...]:
         """The partitions to claim from at ``now``."""
