@@ -392,7 +392,9 @@ class App:
             mw.after_publish(env)
         return env.id
 
-    def _partition_keys(self, transport: Transport) -> dict[str, tuple[Callable[[Any], Hashable], ...]]:
+    def _partition_keys(
+        self, transport: Transport
+    ) -> dict[str, tuple[Callable[[Any], Hashable], ...]]:
         """Which subscriptions order by a key the transport must see.
 
         A transport with ``partitions`` keeps one key in order across

@@ -502,7 +502,13 @@ class Runner:
     # --- acks ----------------------------------------------------------------
     async def _ack_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
         while True:
+            if task.cancelling():
+                # A cancel that a client library swallowed inside ack (redis-py
+                # can turn one into an error it retries) must still end us.
+                raise asyncio.CancelledError
             if not self._acks:
                 self._ack_waiter = loop.create_future()
                 await self._ack_waiter

@@ -43,9 +43,8 @@ async def balanced(transports: Sequence[surge.Transport], timeout: float = 30.0)
     async with asyncio.timeout(timeout):
         while True:
             held = [p for o in owns for p in o.owned]
-            if (
-                sorted(held) == list(range(parts))
-                and all(o.owned and not o.releasing for o in owns)
+            if sorted(held) == list(range(parts)) and all(
+                o.owned and not o.releasing for o in owns
             ):
                 return
             waits = [asyncio.ensure_future(o.changed()) for o in owns]

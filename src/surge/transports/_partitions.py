@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
+from typing import Any, Literal
 
 __all__ = ("DEFAULT_PARTITIONS", "Ownership", "assignment", "partition_of")
 
@@ -93,6 +94,8 @@ class Ownership:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def changed(self) -> None:
-        """Return at the next change of ``owned``."""
-        await self._changed.wait()
+    def changed(self) -> Coroutine[Any, Any, Literal[True]]:
+        """An awaitable that returns at the next change of ``owned`` after
+        this call (the call, not the await, marks the start: a change in
+        between is not missed)."""
+        return self._changed.wait()

@@ -85,8 +85,10 @@ from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, Trans
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
 from . import _redis_groups as _admin
-from ._redis_groups import GroupState
-from ._redis_lua import ACK, DEAD, DECLARE, FORGET, MOVE, NACK, PUBLISH
+from . import _redis_partitions as _parts
+from ._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
+from ._redis_groups import GroupState, partition_stream
+from ._redis_lua import ACK, BALANCE, DEAD, DECLARE, FORGET, MOVE, NACK, OWN, PUBLISH
 
 __all__ = ("RedisTransport",)
 
@@ -104,7 +106,11 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "buffer": int,
     "poll": float,
     "reconnect_timeout": float,
+    "partitions": int,
 }
+
+# topic, encoded envelope, dedup key ('' for a fresh id), not_before, key
+_Item = tuple[str, bytes, str, float | None, str | None]
 
 _CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 _dead_encoder = msgspec.msgpack.Encoder()
@@ -124,9 +130,7 @@ class _Pending:
 
     __slots__ = ("future", "items")
 
-    def __init__(
-        self, items: list[tuple[str, bytes, str, float | None]], future: asyncio.Future[None] | None
-    ) -> None:
+    def __init__(self, items: list[_Item], future: asyncio.Future[None] | None) -> None:
         self.items = items
         self.future = future
 
@@ -163,6 +167,7 @@ class RedisTransport:
         buffer: int = 10_000,
         poll: float = 0.25,
         reconnect_timeout: float = 30.0,
+        partitions: int | None = None,
         codec: Codec | None = None,
         clock: Clock | None = None,
         **redis_options: Any,
@@ -190,6 +195,9 @@ class RedisTransport:
         buffer = options.get("buffer", buffer)
         poll = options.get("poll", poll)
         reconnect_timeout = options.get("reconnect_timeout", reconnect_timeout)
+        partitions = options.get("partitions", partitions)
+        if partitions is not None and partitions < 1:
+            raise ConfigurationError("partitions must be at least 1")
         if lease <= 0 or block <= 0 or poll <= 0 or dedup_window < 1:
             raise ConfigurationError("lease, block and poll must be positive, dedup_window >= 1")
         if batch < 1 or buffer < 1 or (max_len is not None and max_len < 1):
@@ -208,6 +216,9 @@ class RedisTransport:
         self.buffer = buffer
         self.poll = poll
         self.reconnect_timeout = reconnect_timeout
+        self._asked_partitions = partitions
+        self.partitions = partitions or DEFAULT_PARTITIONS
+        """Partitions of every group's keyed envelopes (fixed per ``prefix``)."""
         self.codec = codec or MsgpackCodec()
         self.clock: Clock = clock or RealClock()
         self._redis_options = redis_options
@@ -217,7 +228,9 @@ class RedisTransport:
         self._groups: dict[str, GroupState] = {}
         self._registry: dict[str, list[str]] = {}
         self._version = b""
+        self._parts: dict[str, int] = {}  # group -> its partitions (0: none)
         self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._keyed_routes: dict[tuple[str, int], tuple[str, ...]] = {}
         self._buf: list[_Pending] = []
         self._buffered = 0
         self._space: list[asyncio.Future[None]] = []
@@ -262,6 +275,8 @@ class RedisTransport:
                 ("dead", DEAD),
                 ("move", MOVE),
                 ("forget", FORGET),
+                ("balance", BALANCE),
+                ("own", OWN),
             )
         }
         try:
@@ -272,11 +287,40 @@ class RedisTransport:
         self._r = r
         self._closed = False
         self._ok()
+        await self._check_partitions(r)
         await self._load_registry()
         self._flush_wake = asyncio.Event()
         self._flusher = asyncio.get_running_loop().create_task(
             self._flush_loop(), name="surge-redis-flush"
         )
+
+    async def _check_partitions(self, r: aredis.Redis) -> None:
+        """Keyed envelopes written under one partition count must not be read
+        under another: the first process fixes it for the prefix."""
+        key = self._key("partitions")
+        try:
+            await r.set(key, self.partitions, nx=True)
+            stored = int(await r.get(key) or 0)
+        except Exception as exc:
+            await r.aclose()
+            self._r = None
+            self._closed = True
+            raise self._error(exc, "reading the partition count") from exc
+        if self._asked_partitions is not None and stored != self._asked_partitions:
+            await r.aclose()
+            self._r = None
+            self._closed = True
+            raise ConfigurationError(
+                f"redis prefix {self.prefix!r} has {stored} partitions, not the "
+                f"{self._asked_partitions} asked for: use another prefix to change it"
+            )
+        self.partitions = stored
+
+    def ownership(self, group: str) -> Ownership | None:
+        """Which partitions of ``group`` this consumer reads (None: not
+        partitioned, or not declared here)."""
+        g = self._groups.get(group)
+        return None if g is None else g.own
 
     async def close(self) -> None:
         if self._r is None:
@@ -320,9 +364,12 @@ class RedisTransport:
                     pipe.delete(g.stream, g.zset, g.dead)
                     await pipe.execute()
                 elif g.consuming:
-                    await self._scripts["forget"](
-                        keys=[g.stream], args=[g.name, self.consumer], client=r
-                    )
+                    if g.own is not None:
+                        await _parts.leave(self, r, g)
+                    for stream in g.streams():
+                        await self._scripts["forget"](
+                            keys=[stream], args=[g.name, self.consumer], client=r
+                        )
         except Exception as exc:  # closing anyway: say so, do not raise
             log.warning("redis: cleanup at close failed: %r", exc)
         self._r = None
@@ -368,13 +415,14 @@ class RedisTransport:
             raise ConfigurationError(f"group {group!r} / topics {list(topics)!r}: invalid names")
         g = self._groups.get(group)
         if g is None:
-            g = self._groups[group] = GroupState(group, self.prefix, list(topics), ephemeral)
+            g = GroupState(group, self.prefix, list(topics), ephemeral, self.partitions)
+            self._groups[group] = g
         else:
             g.patterns.extend(t for t in topics if t not in g.patterns)
         try:
             await self._scripts["declare"](
-                keys=[self._key("groups"), self._key("groups:v"), g.stream],
-                args=[group, *g.patterns],
+                keys=[self._key("groups"), self._key("groups:v"), g.stream, self._key("groups:p")],
+                args=[group, g.parts, f"{self.prefix}:p", f":{group}", *g.patterns],
                 client=r,
             )
         except Exception as exc:
@@ -385,27 +433,42 @@ class RedisTransport:
         pipe = self._redis().pipeline(transaction=True)
         pipe.get(self._key("groups:v"))
         pipe.hgetall(self._key("groups"))
-        version, groups = await pipe.execute()
+        pipe.hgetall(self._key("groups:p"))
+        version, groups, parts = await pipe.execute()
         self._version = version or b""
         self._registry = {
             k.decode(): [p for p in v.decode().split("\n") if p] for k, v in groups.items()
         }
+        self._parts = {k.decode(): int(v) for k, v in parts.items()}
         self._routes.clear()
+        self._keyed_routes.clear()
 
     def _route(self, topic: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         route = self._routes.get(topic)
         if route is None:
-            names = sorted(
-                g
-                for g, pats in self._registry.items()
-                if any(topic_matches(p, topic) for p in pats)
-            )
+            names = self._route_names(topic)
             p = self.prefix
             route = self._routes[topic] = (
                 tuple(f"{p}:s:{g}" for g in names),
                 tuple(f"{p}:z:{g}" for g in names),
             )
         return route
+
+    def _keyed_route(self, topic: str, part: int) -> tuple[str, ...]:
+        """The streams a keyed envelope of partition ``part`` goes to."""
+        route = self._keyed_routes.get((topic, part))
+        if route is None:
+            p = self.prefix
+            route = self._keyed_routes[(topic, part)] = tuple(
+                partition_stream(p, g, part) if self._parts.get(g) else s
+                for g, s in zip(self._route_names(topic), self._route(topic)[0], strict=True)
+            )
+        return route
+
+    def _route_names(self, topic: str) -> list[str]:
+        return sorted(
+            g for g, pats in self._registry.items() if any(topic_matches(p, topic) for p in pats)
+        )
 
     def _group(self, name: str) -> GroupState:
         g = self._groups.get(name)
@@ -420,14 +483,21 @@ class RedisTransport:
             return g
         if not await self._redis().hexists(self._key("groups"), name):
             raise ConfigurationError(f"no group {name!r}; groups: {sorted(self._registry)}")
-        return GroupState(name, self.prefix, [], False)
+        await self._load_registry()
+        return GroupState(name, self.prefix, [], False, self._parts.get(name, 0))
 
     # --- publishing ----------------------------------------------------------
-    def _encode(self, envelopes: Sequence[Envelope]) -> list[tuple[str, bytes, str, float | None]]:
+    def _encode(self, envelopes: Sequence[Envelope]) -> list[_Item]:
         encode = self.codec.encode_envelope
         dedup = f"{self.prefix}:dd:"
         return [
-            (env.topic, encode(env), dedup + env.id if env.id[12:13] == "8" else "", env.not_before)
+            (
+                env.topic,
+                encode(env),
+                dedup + env.id if env.id[12:13] == "8" else "",
+                env.not_before,
+                env.key,
+            )
             for env in envelopes
         ]
 
@@ -518,7 +588,7 @@ class RedisTransport:
                     if not fut.done():
                         fut.set_result(None)
 
-    async def _write_or_raise(self, items: list[tuple[str, bytes, str, float | None]]) -> None:
+    async def _write_or_raise(self, items: list[_Item]) -> None:
         try:
             await self._write(items)
         except (TransportError, Closed):
@@ -526,7 +596,7 @@ class RedisTransport:
         except Exception as exc:
             raise self._error(exc, "publish") from exc
 
-    async def _write(self, items: list[tuple[str, bytes, str, float | None]]) -> None:
+    async def _write(self, items: list[_Item]) -> None:
         r = self._redis()
         script = self._scripts["publish"]
         deadline = self.clock.monotonic() + self.reconnect_timeout
@@ -535,15 +605,20 @@ class RedisTransport:
             now = self.clock.time()
             args: list[Any] = [self._version, self.dedup_window, self.max_len or ""]
             later: list[float] = []
-            for topic, payload, dkey, not_before in items:
+            for topic, payload, dkey, not_before, key in items:
                 streams, zsets = self._route(topic)
                 if not streams:
                     continue
+                part = ""
+                if key is not None:
+                    n = partition_of(key, self.partitions)
+                    streams = self._keyed_route(topic, n)
+                    part = f"{n}/"
                 if not_before is not None and not_before > now:
-                    args += ("z", dkey, repr(not_before), len(zsets), *zsets, payload)
+                    args += ("z", dkey, repr(not_before), part, len(zsets), *zsets, payload)
                     later.append(not_before)
                 else:
-                    args += ("s", dkey, "", len(streams), *streams, payload)
+                    args += ("s", dkey, "", "", len(streams), *streams, payload)
             if len(args) == 3:
                 return
             try:
@@ -590,6 +665,10 @@ class RedisTransport:
                     # A cancel that redis-py swallowed (into an empty reply or
                     # a connection error) must still end this consumer.
                     raise asyncio.CancelledError
+                if g.backlog:  # left by a partition's previous owner: first
+                    claimed, g.backlog = g.backlog, []
+                    yield claimed
+                    continue
                 room = prefetch - len(g.held)
                 if room <= 0:
                     g.room = loop.create_future()
@@ -602,20 +681,30 @@ class RedisTransport:
                         next_scan = self.clock.monotonic() + self.lease / 2
                         batch = await self._reclaim(r, g, room)
                     if not batch:
-                        reply = await _cmd(r,
-                            "XREADGROUP", "GROUP", group, self.consumer,
-                            "COUNT", min(room, self.batch), "BLOCK", block_ms,
-                            "STREAMS", g.stream, ">",
-                        )  # fmt: skip
-                        task = asyncio.current_task()
-                        if task is not None and task.cancelling():
-                            # redis-py can turn a cancel that lands in a blocking
-                            # read into an empty reply; do not lose it. (Ask for
-                            # the current task each time: each anext() of this
-                            # generator may run in a task of its own.)
-                            raise asyncio.CancelledError
-                        if reply:
-                            batch = await self._deliveries(g, reply[0][1], None)
+                        streams = [g.stream]
+                        if g.own is not None:
+                            g.reading = g.own.readable
+                            streams += (g.pstreams[p] for p in sorted(g.reading))
+                        try:
+                            reply = await _cmd(r,
+                                "XREADGROUP", "GROUP", group, self.consumer,
+                                "COUNT", min(room, self.batch), "BLOCK", block_ms,
+                                "STREAMS", *streams, *(">" for _ in streams),
+                            )  # fmt: skip
+                            task = asyncio.current_task()
+                            if task is not None and task.cancelling():
+                                # redis-py can turn a cancel that lands in a
+                                # blocking read into an empty reply; do not lose
+                                # it. (Ask for the current task each time: each
+                                # anext() of this generator may run in a task of
+                                # its own.)
+                                raise asyncio.CancelledError
+                            for stream, entries in reply or ():
+                                part = g.pindex.get(stream)
+                                prefix = b"" if part is None else b"%d/" % part
+                                batch += await self._deliveries(g, entries, None, prefix)
+                        finally:
+                            g.reading = frozenset()
                 except _CONNECTION_ERRORS as exc:
                     if self.closed:
                         return
@@ -646,8 +735,14 @@ class RedisTransport:
             self._tasks.discard(keeper)
 
     async def _deliveries(
-        self, g: GroupState, entries: list[Any], counts: dict[bytes, int] | None
+        self,
+        g: GroupState,
+        entries: list[Any],
+        counts: dict[bytes, int] | None,
+        prefix: bytes = b"",
     ) -> list[Delivery]:
+        """Deliveries of stream ``entries``; ``prefix`` names their partition
+        in the tokens (``b"3/"``); ``counts`` are XPENDING delivery counts."""
         decode = self.codec.decode_envelope
         now = self.clock.time()
         held = g.held
@@ -656,7 +751,8 @@ class RedisTransport:
         for entry in entries:
             if entry is None:  # claimed after it was deleted
                 continue
-            token, fields = entry
+            entry_id, fields = entry
+            token = prefix + entry_id if prefix else entry_id
             payload = b""
             attempt = 1
             first = now
@@ -672,7 +768,7 @@ class RedisTransport:
                     elif f == b"f":
                         first = float(fields[k + 1]) or now
             if counts is not None:
-                attempt += counts.get(token, 1)
+                attempt += counts.get(entry_id, 1)
             try:
                 env = decode(payload)
             except DecodeError as exc:
@@ -726,12 +822,15 @@ class RedisTransport:
         return out
 
     async def _maintain(self, g: GroupState) -> None:
-        """Move due delayed entries into the stream and extend held leases."""
+        """Move due delayed entries into the stream, extend held leases and
+        keep this consumer's share of the partitions."""
         assert g.wake is not None
         wake = g.wake
         clock = self.clock
         move = self._scripts["move"]
         next_extend = clock.monotonic() + self.heartbeat
+        next_balance = clock.monotonic()
+        pbefore, pafter = (f"{self.prefix}:p", f":{g.name}") if g.parts else ("", "")
         delay = 0.05
         task = asyncio.current_task()
         assert task is not None
@@ -743,7 +842,7 @@ class RedisTransport:
                 now = clock.time()
                 if g.due <= now:
                     moved, nxt = await move(
-                        keys=[g.zset, g.stream], args=[repr(now), 500], client=r
+                        keys=[g.zset, g.stream], args=[repr(now), 500, pbefore, pafter], client=r
                     )
                     if moved >= 500:
                         g.due = now
@@ -751,10 +850,19 @@ class RedisTransport:
                         g.due = min(float(nxt) if nxt else now + self.poll, now + self.poll)
                 if self.heartbeat > 0 and clock.monotonic() >= next_extend:
                     next_extend = clock.monotonic() + self.heartbeat
-                    if g.held:
+                    by_stream: dict[str, list[bytes]] = {}
+                    for token in g.held:
+                        stream, entry = g.locate(token)
+                        by_stream.setdefault(stream, []).append(entry)
+                    for stream, entries in by_stream.items():
                         await _cmd(
-                            r, "XCLAIM", g.stream, g.name, self.consumer, 0, *list(g.held), "JUSTID"
+                            r, "XCLAIM", stream, g.name, self.consumer, 0, *entries, "JUSTID"
                         )
+                if g.own is not None and clock.monotonic() >= next_balance:
+                    await _parts.balance(self, r, g)
+                    # Ticks are lease/3 apart; quicker while handing over.
+                    pace = 0.05 if g.own.releasing else self.lease / 3
+                    next_balance = clock.monotonic() + pace
                 delay = 0.05
             except _CONNECTION_ERRORS as exc:
                 self._failed(exc, f"maintaining {g.name!r}")
@@ -767,6 +875,8 @@ class RedisTransport:
             wait = g.due - clock.time()
             if self.heartbeat > 0:
                 wait = min(wait, next_extend - clock.monotonic())
+            if g.own is not None:
+                wait = min(wait, next_balance - clock.monotonic())
             if wait > 0:
                 wake.clear()
                 with contextlib.suppress(TimeoutError):
@@ -782,6 +892,9 @@ class RedisTransport:
             try:
                 result = await op(r)
             except _CONNECTION_ERRORS as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # a cancel redis-py swallowed
                 if self._closed:
                     raise self._error(exc, doing) from exc
                 self._failed(exc, doing)
@@ -798,10 +911,23 @@ class RedisTransport:
         by_group: dict[str, list[Any]] = {}
         for d in deliveries:
             by_group.setdefault(d.group, []).append(d.token)
-        keys = [f"{self.prefix}:s:{name}" for name in by_group]
+        keys: list[str] = []
         args: list[Any] = []
         for name, tokens in by_group.items():
-            args += (name, b",".join(tokens))
+            shared = [t for t in tokens if b"/" not in t]
+            if shared:
+                keys.append(f"{self.prefix}:s:{name}")
+                args += (name, b",".join(shared))
+            if len(shared) < len(tokens):  # entries of partitions
+                g = self._group(name)
+                by_stream: dict[str, list[bytes]] = {}
+                for t in tokens:
+                    if b"/" in t:
+                        stream, entry = g.locate(t)
+                        by_stream.setdefault(stream, []).append(entry)
+                for stream, entries in by_stream.items():
+                    keys.append(stream)
+                    args += (name, b",".join(entries))
         script = self._scripts["ack"]
 
         def op(r: aredis.Redis) -> Any:
@@ -809,26 +935,42 @@ class RedisTransport:
 
         await self._retrying("acknowledging", op)
         for name, tokens in by_group.items():
-            g = self._groups.get(name)
-            if g is not None:
+            g_ = self._groups.get(name)
+            if g_ is not None:
                 for t in tokens:
-                    g.settled(t)
+                    g_.settled(t)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._group(delivery.group)
         first = delivery.first_time or self.clock.time()
         due = self.clock.time() + delay
-        args = [g.name, delivery.token, "1" if delay > 0 else "0", repr(due)]
-        args += [delivery.attempt + 1, repr(first)]
+        stream, entry = g.locate(delivery.token)
+        args: list[Any] = [g.name, entry, "1" if delay > 0 else "0", repr(due)]
+        args += [delivery.attempt + 1, repr(first), delivery.token]
         self._idle = False
         await self._retrying(
             "handing back a delivery",
-            lambda r: self._scripts["nack"](keys=[g.stream, g.zset], args=args, client=r),
+            lambda r: self._scripts["nack"](keys=[stream, g.zset], args=args, client=r),
         )
         g.settled(delivery.token)
         if delay > 0 and due < g.due and g.wake is not None:
             g.due = due
             g.wake.set()
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries untouched (at stop). A partition's entries
+        stay pending where they are: its next owner claims them before
+        anything newer. Others are handed back as by ``nack(d, 0)``."""
+        for d in deliveries:
+            g = self._group(d.group)
+            if b"/" in d.token:
+                g.settled(d.token)
+                if g.own is not None:
+                    part = int(d.token.partition(b"/")[0])
+                    if part in g.own.owned and not self._closed:
+                        g.rescan.add(part)  # still ours: deliver it again
+            else:
+                await self.nack(d, 0.0)
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         g = self._group(delivery.group)
@@ -837,10 +979,11 @@ class RedisTransport:
 
     async def _dead(self, g: GroupState, token: bytes, record: DeadLetter) -> None:
         data = _dead_encoder.encode(record)
+        stream, entry = g.locate(token)
         await self._retrying(
             "dead-lettering",
             lambda r: self._scripts["dead"](
-                keys=[g.stream, g.dead], args=[g.name, token, data, record.id], client=r
+                keys=[stream, g.dead], args=[g.name, entry, data, record.id], client=r
             ),
         )
 
@@ -891,7 +1034,8 @@ class RedisTransport:
     async def _counts(self, r: aredis.Redis) -> list[int]:
         pipe = r.pipeline(transaction=False)
         for g in self._groups.values():
-            pipe.xlen(g.stream)
+            for stream in g.streams():
+                pipe.xlen(stream)
             pipe.zcard(g.zset)
         result: list[int] = await pipe.execute()
         return result

@@ -18,11 +18,21 @@ import redis.exceptions as rexc
 
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
+from ._partitions import Ownership, partition_of
 
 if TYPE_CHECKING:
     from ._redis import RedisTransport
 
-__all__ = ("GroupState", "dead_entries", "dead_letters", "purge", "replay", "stats")
+__all__ = (
+    "GroupState",
+    "dead_entries",
+    "dead_letters",
+    "partition_lease",
+    "partition_stream",
+    "purge",
+    "replay",
+    "stats",
+)
 
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -31,20 +41,30 @@ class GroupState:
     """What this process knows of one declared group."""
 
     __slots__ = (
+        "backlog",
         "consuming",
         "dead",
         "due",
         "ephemeral",
         "held",
+        "members",
         "name",
+        "own",
+        "parts",
         "patterns",
+        "pindex",
+        "pstreams",
+        "reading",
+        "rescan",
         "room",
         "stream",
         "wake",
         "zset",
     )
 
-    def __init__(self, name: str, prefix: str, patterns: list[str], ephemeral: bool) -> None:
+    def __init__(
+        self, name: str, prefix: str, patterns: list[str], ephemeral: bool, parts: int = 0
+    ) -> None:
         self.name = name
         self.patterns = patterns
         self.ephemeral = ephemeral
@@ -56,12 +76,41 @@ class GroupState:
         self.wake: asyncio.Event | None = None  # wakes the maintenance task
         self.due = 0.0  # when the sorted set next needs the mover (epoch s)
         self.consuming = False
+        # Partitions (keyed envelopes), none for an ephemeral group.
+        self.parts = 0 if ephemeral else parts
+        self.pstreams = [partition_stream(prefix, name, p) for p in range(self.parts)]
+        self.pindex = {s.encode(): p for p, s in enumerate(self.pstreams)}
+        self.members = f"{prefix}:m:{name}"
+        self.own = Ownership(self.parts) if self.parts else None
+        self.reading: frozenset[int] = frozenset()  # partitions of the read in flight
+        self.backlog: list[Delivery] = []  # claimed from a partition's previous owner
+        self.rescan: set[int] = set()  # owned partitions with entries handed back
 
     def settled(self, token: Any) -> None:
         self.held.pop(token, None)
         room = self.room
         if room is not None and not room.done():
             room.set_result(None)
+
+    def locate(self, token: bytes) -> tuple[str, bytes]:
+        """The stream of a delivery's ``token``, and its entry id there."""
+        part, slash, entry = token.partition(b"/")
+        if not slash:
+            return self.stream, token
+        return self.pstreams[int(part)], entry
+
+    def streams(self) -> list[str]:
+        """Every stream of the group: shared, then its partitions."""
+        return [self.stream, *self.pstreams]
+
+
+def partition_stream(prefix: str, group: str, p: int) -> str:
+    # the number before the group name: no group name can forge another's key
+    return f"{prefix}:p{p}:{group}"
+
+
+def partition_lease(prefix: str, group: str, p: int) -> str:
+    return f"{prefix}:o{p}:{group}"
 
 
 async def dead_entries(self: RedisTransport, g: GroupState) -> list[tuple[bytes, DeadLetter]]:
@@ -98,7 +147,10 @@ async def replay(self: RedisTransport, group: str, ids: Sequence[str] | None = N
     pipe = self._redis().pipeline(transaction=True)
     for token, rec in chosen:
         env = Envelope(rec.id, rec.topic, rec.key, 0.0, rec.headers, None, rec.body)
-        pipe.xadd(g.stream, {"e": self.codec.encode_envelope(env)})
+        stream = g.stream
+        if rec.key is not None and g.parts:
+            stream = g.pstreams[partition_of(rec.key, g.parts)]
+        pipe.xadd(stream, {"e": self.codec.encode_envelope(env)})
         pipe.xdel(g.dead, token)
     self._idle = False
     try:
@@ -121,22 +173,26 @@ async def purge(self: RedisTransport, group: str, ids: Sequence[str] | None = No
 
 async def stats(self: RedisTransport, group: str) -> TransportStats:
     g = await self._known(group)
+    streams = g.streams()
     pipe = self._redis().pipeline(transaction=True)
-    pipe.xlen(g.stream)
-    pipe.xpending(g.stream, g.name)
+    for stream in streams:
+        pipe.xlen(stream)
+        pipe.xpending(stream, g.name)
     pipe.zcard(g.zset)
     pipe.xlen(g.dead)
     try:
-        length, pending, scheduled, dead = await pipe.execute(raise_on_error=False)
+        *counts, scheduled, dead = await pipe.execute(raise_on_error=False)
     except rexc.RedisError as exc:
         raise self._error(exc, "reading stats") from exc
-    if isinstance(pending, dict):
-        n_pending = int(pending["pending"])
-    elif isinstance(pending, list) and pending:
-        n_pending = int(pending[0])
-    else:
-        n_pending = 0
-    # Acknowledged entries are deleted, so the stream holds backlog + pending.
+    length = n_pending = 0
+    for k in range(len(streams)):
+        n, pending = counts[2 * k], counts[2 * k + 1]
+        length += n if isinstance(n, int) else 0
+        if isinstance(pending, dict):
+            n_pending += int(pending["pending"])
+        elif isinstance(pending, list) and pending:
+            n_pending += int(pending[0])
+    # Acknowledged entries are deleted, so the streams hold backlog + pending.
     return TransportStats(max(0, length - n_pending), n_pending, scheduled, dead)
 
 

@@ -2,10 +2,13 @@
 atomically, so a crash between two commands cannot lose or duplicate one.
 
 Scheduled entries (a sorted set member) are ``attempt:first_time:token:payload``;
-the payload is the encoded envelope, which may itself contain ``:``.
+the payload is the encoded envelope, which may itself contain ``:``. The
+token of an entry from partition ``p`` is ``p/<entry id>`` (``p/`` alone for
+a keyed envelope published with a future ``not_before``): the mover puts it
+back into that partition's stream.
 """
 
-__all__ = ("ACK", "DEAD", "DECLARE", "FORGET", "MOVE", "NACK", "PUBLISH")
+__all__ = ("ACK", "BALANCE", "DEAD", "DECLARE", "FORGET", "MOVE", "NACK", "OWN", "PUBLISH")
 
 PUBLISH = """
 local v = redis.call('GET', KEYS[1]) or ''
@@ -18,15 +21,16 @@ local n_args = #ARGV
 while i <= n_args do
   local kind = ARGV[i]
   local dkey = ARGV[i + 1]
-  local n = tonumber(ARGV[i + 3])
-  local payload = ARGV[i + 4 + n]
+  local part = ARGV[i + 3]
+  local n = tonumber(ARGV[i + 4])
+  local payload = ARGV[i + 5 + n]
   local fresh = true
   if dkey ~= '' then
     fresh = redis.call('SET', dkey, '1', 'NX', 'EX', window)
   end
   if fresh then
     for j = 1, n do
-      local key = ARGV[i + 3 + j]
+      local key = ARGV[i + 4 + j]
       if kind == 's' then
         if maxlen == '' then
           redis.call('XADD', key, '*', 'e', payload)
@@ -34,16 +38,19 @@ while i <= n_args do
           redis.call('XADD', key, 'MAXLEN', '~', maxlen, '*', 'e', payload)
         end
       else
-        redis.call('ZADD', key, ARGV[i + 2], '1:0::' .. payload)
+        redis.call('ZADD', key, ARGV[i + 2], '1:0:' .. part .. ':' .. payload)
       end
     end
     added = added + 1
   end
-  i = i + 5 + n
+  i = i + 6 + n
 end
 return added
 """
 
+# KEYS: registry hash, its version, shared stream, partition counts hash;
+# ARGV: group, partitions (0: none),
+# partition stream key before and after the number, patterns...
 DECLARE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local seen = {}
@@ -54,22 +61,30 @@ if cur then
   end
 end
 local changed = not cur
-for i = 2, #ARGV do
+for i = 5, #ARGV do
   if not seen[ARGV[i]] then
     seen[ARGV[i]] = true
     table.insert(list, ARGV[i])
     changed = true
   end
 end
+if redis.call('HGET', KEYS[4], ARGV[1]) ~= ARGV[2] then
+  redis.call('HSET', KEYS[4], ARGV[1], ARGV[2])
+  changed = true
+end
 if changed then
   redis.call('HSET', KEYS[1], ARGV[1], table.concat(list, '\\n'))
   redis.call('INCR', KEYS[2])
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
+for p = 0, tonumber(ARGV[2]) - 1 do
+  redis.pcall('XGROUP', 'CREATE', ARGV[3] .. p .. ARGV[4], ARGV[1], '0', 'MKSTREAM')
+end
 return redis.call('GET', KEYS[2])
 """
 
-# KEYS: stream, zset; ARGV: group, token, delayed?, score, attempt, first_time
+# KEYS: stream, zset; ARGV: group, entry id, delayed?, score, attempt,
+# first_time, token (the entry id, with its partition)
 NACK = """
 if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local e = redis.call('XRANGE', KEYS[1], ARGV[2], ARGV[2])
@@ -82,7 +97,7 @@ if not payload then return 0 end
 if ARGV[3] == '0' then
   redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', ARGV[5], 'f', ARGV[6])
 else
-  local member = ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[2] .. ':' .. payload
+  local member = ARGV[5] .. ':' .. ARGV[6] .. ':' .. ARGV[7] .. ':' .. payload
   redis.call('ZADD', KEYS[2], ARGV[4], member)
 end
 return 1
@@ -96,14 +111,20 @@ redis.call('XADD', KEYS[2], '*', 'r', ARGV[3], 'i', ARGV[4])
 return 1
 """
 
-# KEYS: zset, stream; ARGV: now, limit
+# KEYS: zset, stream; ARGV: now, limit, partition stream key before and
+# after the number ('' when the group has no partitions)
 MOVE = """
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 for _, m in ipairs(due) do
   local p1 = string.find(m, ':', 1, true)
   local p2 = string.find(m, ':', p1 + 1, true)
   local p3 = string.find(m, ':', p2 + 1, true)
-  redis.call('XADD', KEYS[2], '*', 'e', string.sub(m, p3 + 1),
+  local target = KEYS[2]
+  local slash = string.find(m, '/', p2 + 1, true)
+  if ARGV[3] ~= '' and slash and slash < p3 then
+    target = ARGV[3] .. string.sub(m, p2 + 1, slash - 1) .. ARGV[4]
+  end
+  redis.call('XADD', target, '*', 'e', string.sub(m, p3 + 1),
              'a', string.sub(m, 1, p1 - 1), 'f', string.sub(m, p1 + 1, p2 - 1))
   redis.call('ZREM', KEYS[1], m)
 end
@@ -138,4 +159,42 @@ for k = 1, #KEYS do
   end
 end
 return n
+"""
+
+# A consumer's membership of a group, on the server's clock.
+# KEYS: members zset; ARGV: consumer, lease (ms), leaving ('1' or '0').
+# Returns the live members.
+BALANCE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if ARGV[3] == '1' then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+else
+  redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+  redis.call('PEXPIRE', KEYS[1], 10 * tonumber(ARGV[2]))
+end
+return redis.call('ZRANGE', KEYS[1], 0, -1)
+"""
+
+# Partition leases. KEYS: one lease key per ARGV pair; ARGV: consumer, lease
+# (ms), then per key an op: 'a' acquire if free, 'r' renew if ours, 'd'
+# release if ours. Returns 1 (done) or 0 (not ours / taken) per key.
+OWN = """
+local out = {}
+for k = 1, #KEYS do
+  local op = ARGV[k + 2]
+  local ok = 0
+  if op == 'a' then
+    if redis.call('SET', KEYS[k], ARGV[1], 'NX', 'PX', ARGV[2]) then ok = 1
+    elseif redis.call('GET', KEYS[k]) == ARGV[1] then
+      redis.call('PEXPIRE', KEYS[k], ARGV[2]); ok = 1
+    end
+  elseif redis.call('GET', KEYS[k]) == ARGV[1] then
+    if op == 'r' then redis.call('PEXPIRE', KEYS[k], ARGV[2]) else redis.call('DEL', KEYS[k]) end
+    ok = 1
+  end
+  out[k] = ok
+end
+return out
 """

@@ -1,0 +1,108 @@
+"""Partitions of the Redis transport: who reads which, and handing over.
+
+A group's keyed envelopes go to ``{prefix}:p{n}:{group}`` (n =
+``partition_of(key)``), each a stream with the group's consumer group, read
+only by the consumer holding the lease ``{prefix}:o{n}:{group}`` (a key set
+with NX and a PX expiry, renewed every lease/3). Members of the group renew
+their score in the sorted set ``{prefix}:m:{group}`` (expiry on the server's
+clock); each computes the same assignment from it (see ``_partitions``).
+
+The functions take a :class:`~surge.transports._redis.RedisTransport` (its
+consume and maintenance loops call them).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aredis
+
+from .._transport import Delivery
+from ._redis_groups import GroupState, partition_lease
+
+if TYPE_CHECKING:
+    from ._redis import RedisTransport
+
+__all__ = ("balance", "claim_pending", "leave")
+
+_CLAIM_PAGE = 1000
+
+
+def _held_in(g: GroupState, p: int) -> bool:
+    prefix = b"%d/" % p
+    return any(t.startswith(prefix) for t in g.held)
+
+
+async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
+    """Renew membership and leases; take, keep and give up partitions."""
+    own = g.own
+    assert own is not None
+    lease_ms = int(t.lease * 1000)
+    members = await t._scripts["balance"](
+        keys=[g.members], args=[t.consumer, lease_ms, "0"], client=r
+    )
+    acquire, give_up = own.plan([m.decode() for m in members], t.consumer)
+    release = [p for p in give_up if p not in g.reading and not _held_in(g, p)]
+    keep = [p for p in own.owned if p not in release]
+    ops = [(p, "r") for p in keep] + [(p, "a") for p in acquire] + [(p, "d") for p in release]
+    if not ops:
+        return
+    done = await t._scripts["own"](
+        keys=[partition_lease(t.prefix, g.name, p) for p, _ in ops],
+        args=[t.consumer, lease_ms, *(op for _, op in ops)],
+        client=r,
+    )
+    lost = [p for (p, op), ok in zip(ops, done, strict=True) if op != "a" and (op == "d" or not ok)]
+    gained = [p for (p, op), ok in zip(ops, done, strict=True) if op == "a" and ok]
+    if lost:
+        own.lost(lost)
+    for p in gained:
+        # What the previous owner left unsettled comes before anything new.
+        g.backlog.extend(await claim_pending(t, r, g, p))
+        own.acquired((p,))
+    for p in list(g.rescan):
+        g.rescan.discard(p)
+        if p in own.owned:
+            g.backlog.extend(await claim_pending(t, r, g, p))
+    if g.backlog and g.room is not None and not g.room.done():
+        g.room.set_result(None)  # wake a consumer waiting for room: there is work
+
+
+async def claim_pending(
+    t: RedisTransport, r: aredis.Redis, g: GroupState, p: int
+) -> list[Delivery]:
+    """Every unsettled entry of partition ``p`` not held here, oldest first."""
+    stream = g.pstreams[p]
+    prefix = b"%d/" % p
+    out: list[Delivery] = []
+    start = "-"
+    while True:
+        pending: Any = await r.execute_command(  # type: ignore[no-untyped-call]
+            "XPENDING", stream, g.name, start, "+", _CLAIM_PAGE
+        )
+        counts = {e[0]: int(e[3]) for e in pending if prefix + e[0] not in g.held}
+        if counts:
+            claimed: Any = await r.execute_command(  # type: ignore[no-untyped-call]
+                "XCLAIM", stream, g.name, t.consumer, 0, *counts
+            )
+            out.extend(await t._deliveries(g, claimed, counts, prefix))
+        if len(pending) < _CLAIM_PAGE:
+            return out
+        start = "(" + pending[-1][0].decode()
+
+
+async def leave(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
+    """Give up every partition and the membership (at close)."""
+    own = g.own
+    assert own is not None
+    parts = sorted(own.owned)
+    if parts:
+        await t._scripts["own"](
+            keys=[partition_lease(t.prefix, g.name, p) for p in parts],
+            args=[t.consumer, int(t.lease * 1000), *("d" for _ in parts)],
+            client=r,
+        )
+        own.lost(parts)
+    await t._scripts["balance"](
+        keys=[g.members], args=[t.consumer, int(t.lease * 1000), "1"], client=r
+    )
