@@ -49,6 +49,11 @@ class Reader:
         self._it: AsyncIterator[list[surge.Delivery]] = transport.consume(group, prefetch=prefetch)
         self._next: asyncio.Task[list[surge.Delivery]] | None = None
 
+    def start(self) -> Reader:
+        """Start consuming now (a consumer joins its group's partitions)."""
+        self._pending()
+        return self
+
     def _pending(self) -> asyncio.Task[list[surge.Delivery]]:
         if self._next is None:
             self._next = asyncio.ensure_future(anext(self._it))

@@ -87,6 +87,8 @@ CASES.append(
         shared=True,
         leases=True,
         lease_options={"lease": 1.0, "extend_leases": False},
+        partitioned=True,
+        order_options={"lease": 2.0},
     )
 )
 
@@ -100,6 +102,8 @@ CASES.append(
         shared=True,
         leases=True,
         lease_options={"lease": 0.5, "heartbeat": 0},
+        partitioned=True,
+        order_options={"lease": 1.0},
     )
 )
 

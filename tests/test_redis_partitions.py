@@ -1,0 +1,198 @@
+"""Partitions of the Redis transport: per-key order across consumers.
+
+The conformance suite (tests/conformance/test_order.py) checks order while
+consumers join and leave gracefully; these tests check what only Redis
+shows: the count fixed per prefix, a dead owner's partitions and unsettled
+entries taken over in order, and delayed, retried and replayed entries going
+back to their partition.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+import surge
+from surge._event import Envelope
+from surge.transports._partitions import partition_of
+from surge.transports._redis import RedisTransport
+
+from ._servers import redis_server
+from .conformance._helpers import Reader, body, number
+
+pytestmark = pytest.mark.realtime
+
+GROUP = "parts.g"
+TOPIC = "conf.item"
+
+
+def _keyed(n: int, key: str, not_before: float | None = None) -> Envelope:
+    return Envelope(surge.new_id(), TOPIC, key, time.time(), None, None, body(n), not_before)
+
+
+async def _started(url: str, **options: object) -> RedisTransport:
+    t = RedisTransport(url, **options)  # type: ignore[arg-type]
+    await t.start()
+    await t.declare(GROUP, [TOPIC])
+    return t
+
+
+async def _owning(t: RedisTransport, parts: set[int], timeout: float = 10.0) -> None:
+    """Wait until ``t`` reads exactly ``parts``."""
+    own = t.ownership(GROUP)
+    assert own is not None
+    async with asyncio.timeout(timeout):
+        while set(own.readable) != parts:
+            await own.changed()
+
+
+async def test_partition_count_is_fixed_per_prefix(tmp_path: Path) -> None:
+    with redis_server(tmp_path) as (url, _):
+        first = RedisTransport(url, partitions=4)
+        await first.start()
+        try:
+            other = RedisTransport(f"{url}?partitions=8")
+            with pytest.raises(surge.ConfigurationError, match="has 4 partitions, not the 8"):
+                await other.start()
+            assert other.closed
+            adopting = RedisTransport(url)
+            await adopting.start()
+            assert adopting.partitions == 4
+            await adopting.close()
+            elsewhere = RedisTransport(f"{url}?partitions=8&prefix=other")
+            await elsewhere.start()
+            assert elsewhere.partitions == 8
+            await elsewhere.close()
+        finally:
+            await first.close()
+        with pytest.raises(surge.ConfigurationError, match="at least 1"):
+            RedisTransport(url, partitions=0)
+
+
+async def test_dead_owner_partitions_and_entries_are_taken_over_in_order(
+    tmp_path: Path,
+) -> None:
+    """A consumer killed while holding keyed entries: after its lease the
+    survivor owns every partition and gets those entries, in order, before
+    the ones published after the kill."""
+    lease = 1.0
+    with redis_server(tmp_path) as (url, _):
+        dead = await _started(url, lease=lease)
+        reader = Reader(dead, GROUP).start()
+        await _owning(dead, set(range(dead.partitions)))
+        await dead.publish([_keyed(n, "k") for n in range(10)])
+        held = await reader.take(10)
+        assert [number(d) for d in held] == list(range(10))
+        part = partition_of("k", dead.partitions)
+        assert all(d.token.startswith(b"%d/" % part) for d in held)
+        # Die as SIGKILL would: no settle, no hand-over, leases left to expire.
+        dead._closed = True
+        await reader.aclose()
+        for task in list(dead._tasks):
+            task.cancel()
+        assert dead._r is not None
+        await dead._r.aclose()
+
+        survivor = await _started(url, lease=lease)
+        try:
+            await survivor.publish([_keyed(n, "k") for n in range(10, 15)])
+            t0 = time.monotonic()
+            got = await Reader(survivor, GROUP).take(15, timeout=10 * lease)
+            waited = time.monotonic() - t0
+            assert [number(d) for d in got] == list(range(15))
+            assert [d.attempt for d in got] == [2] * 10 + [1] * 5
+            assert waited >= lease * 0.5  # the dead owner's lease had to run out
+            await survivor.ack(got)
+            stats = await survivor.stats(GROUP)
+            assert (stats.backlog, stats.pending) == (0, 0)
+        finally:
+            await survivor.close()
+
+
+async def test_delayed_retried_and_replayed_entries_keep_their_partition(
+    tmp_path: Path,
+) -> None:
+    with redis_server(tmp_path) as (url, _):
+        t = await _started(url, lease=5.0, poll=0.05)
+        try:
+            part = partition_of("order-7", t.partitions)
+            prefix = b"%d/" % part
+            reader = Reader(t, GROUP).start()
+            await _owning(t, set(range(t.partitions)))
+            await t.publish([_keyed(1, "order-7", not_before=time.time() + 0.2)])
+            (d,) = await reader.take(1)
+            assert d.token.startswith(prefix)
+            assert number(d) == 1
+            await t.nack(d, 0.1)
+            (again,) = await reader.take(1)
+            assert again.token.startswith(prefix)
+            assert again.attempt == 2
+            record = surge.DeadLetter(
+                id=again.envelope.id,
+                group=GROUP,
+                topic=TOPIC,
+                key="order-7",
+                headers=None,
+                body=again.envelope.body or b"",
+                error_type="ValueError",
+                error="boom",
+                traceback="",
+                attempts=2,
+                first_attempt_at=0.0,
+                failed_at=0.0,
+            )
+            await t.dead_letter(again, record)
+            assert [r.id for r in await t.dead_letters(GROUP)] == [again.envelope.id]
+            assert await t.replay(GROUP) == 1
+            (replayed,) = await reader.take(1)
+            assert replayed.token.startswith(prefix)
+            assert number(replayed) == 1
+            await t.ack([replayed])
+            await reader.aclose()
+        finally:
+            await t.close()
+
+
+async def test_two_consumers_split_the_partitions_and_hand_over_on_close(
+    tmp_path: Path,
+) -> None:
+    with redis_server(tmp_path) as (url, _):
+        a = await _started(url, lease=1.0)
+        b = await _started(url, lease=1.0)
+        ra, rb = Reader(a, GROUP).start(), Reader(b, GROUP).start()
+        own_a, own_b = a.ownership(GROUP), b.ownership(GROUP)
+        assert own_a is not None
+        assert own_b is not None
+        n = a.partitions
+        async with asyncio.timeout(10):
+            while not (
+                own_a.owned
+                and own_b.owned
+                and sorted([*own_a.owned, *own_b.owned]) == list(range(n))
+            ):
+                await asyncio.wait(
+                    [
+                        asyncio.ensure_future(own_a.changed()),
+                        asyncio.ensure_future(own_b.changed()),
+                    ],
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+        assert len(own_a.owned) == len(own_b.owned) == n // 2
+        # Keys of b's partitions reach b only.
+        keys = [f"k{i}" for i in range(64)]
+        mine = [k for k in keys if partition_of(k, n) in own_b.owned]
+        await a.publish([_keyed(i, k) for i, k in enumerate(mine)])
+        got = await rb.take(len(mine))
+        assert sorted(number(d) for d in got) == list(range(len(mine)))
+        assert await ra.quiet(0.3)
+        await b.ack(got)
+        await rb.aclose()
+        await b.close()  # hands its partitions over without waiting for a lease
+        t0 = time.monotonic()
+        await _owning(a, set(range(n)), timeout=5.0)
+        assert time.monotonic() - t0 < 1.0 + 0.5  # a tick (lease/3) or two, not a lease
+        await ra.aclose()
+        await a.close()
