@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 
 import surge
+from surge.transports import _redis_consume
 from surge.transports._redis import RedisTransport
+from surge.transports._redis_groups import GroupState
 
 from ._servers import free_port, redis_server
 
@@ -217,7 +219,7 @@ async def test_tls(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("heartbeat", [None, 0.0], ids=["extended", "not-extended"])
 async def test_long_handler_runs_once_thanks_to_lease_extension(
-    tmp_path: Path, heartbeat: float | None
+    tmp_path: Path, heartbeat: float | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A handler running for several leases is not taken over by a peer while its
     consumer extends the lease (and is, as the control shows, when it does not)."""
@@ -243,18 +245,20 @@ async def test_long_handler_runs_once_thanks_to_lease_extension(
         # slow delivery has been held for well over two leases.
         scans = 0
         scanned = asyncio.Event()
-        orig = peer_transport._reclaim
+        orig = _redis_consume._reclaim
 
-        async def counting(*args: object, **kw: object) -> list[surge.Delivery]:
+        async def counting(
+            t: RedisTransport, r: object, g: GroupState, room: int
+        ) -> list[surge.Delivery]:
             nonlocal scans
-            out = await orig(*args, **kw)  # type: ignore[arg-type]
-            if started.is_set() and getattr(args[1], "name", "") == "slow.work":
+            out = await orig(t, r, g, room)  # type: ignore[arg-type]
+            if t is peer_transport and started.is_set() and g.name == "slow.work":
                 scans += 1
                 if scans >= 6:
                     scanned.set()
             return out
 
-        peer_transport._reclaim = counting  # type: ignore[method-assign]
+        monkeypatch.setattr(_redis_consume, "_reclaim", counting)
         async with slow:
             await slow.publish(Num(n=1))
             await _until(started, 10, "the slow handler started")

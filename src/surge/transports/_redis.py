@@ -5,6 +5,10 @@ Layout (every key starts with ``prefix``, ``surge`` by default)::
     {prefix}:groups        hash  group -> its topic patterns ("\\n"-joined)
     {prefix}:groups:v      int   bumped by every declare that changes the hash
     {prefix}:s:{group}     stream, read by the Redis consumer group ``group``
+    {prefix}:p{n}:{group}  partition n of the group's keyed envelopes
+    {prefix}:o{n}:{group}  the lease of partition n: its owner (SET NX PX)
+    {prefix}:m:{group}     sorted set of the group's live consumers
+    {prefix}:partitions    the partition count of every group under prefix
     {prefix}:z:{group}     sorted set of delayed entries (retries, not_before)
     {prefix}:d:{group}     stream of the group's dead letters
     {prefix}:dd:{id}       dedup marker of a derived event id (SET NX EX)
@@ -41,11 +45,17 @@ into the group's sorted set (XACK + XDEL + ZADD, in Lua); a mover moves due
 entries back into the stream (ZRANGEBYSCORE + XADD + ZREM, in Lua). Each
 script checks XACK's reply first, so a retried settle never duplicates.
 
-Order: within one consumer, the dispatcher's lanes keep one key in order.
-Several consumers of one group share its stream, so two events of one key
-may run at once on two processes: per-key order across processes would need
-streams partitioned by key hash, each owned by one consumer, which this
-transport does not do yet (run one worker per keyed subscription).
+Order: a group's keyed envelopes (``key`` set by the publisher, or by the
+app from a keyed subscription) go to one of ``partitions`` streams
+(``{prefix}:p{n}:{group}``, n = crc32(key) mod partitions, a count fixed per
+prefix in ``{prefix}:partitions``), each read by the one consumer that holds
+its lease; unkeyed envelopes stay in the shared stream every consumer reads.
+Consumers renew a membership of the group every lease/3 and split the
+partitions by the same rule (see ``_partitions`` and ``_redis_partitions``);
+one gives a partition up only once nothing it read from it is unsettled, and
+the next owner first claims whatever is still pending there, so one key's
+events are handled one at a time, in order, across processes. A dead owner's
+partitions wait out its lease, as its deliveries do.
 
 Reconnects: every loop catches the broker's errors, logs a WARNING, marks the
 transport unhealthy (``healthy``, ``last_error``) and retries with a backoff
@@ -64,7 +74,6 @@ a process that was killed stays in the registry until deleted by hand.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import secrets
@@ -81,13 +90,14 @@ from redis.backoff import NoBackoff
 
 from .._clock import Clock, RealClock
 from .._codec import Codec, MsgpackCodec
-from .._errors import Closed, ConfigurationError, DecodeError, Overloaded, TransportError
+from .._errors import Closed, ConfigurationError, Overloaded, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
+from . import _redis_consume as _consume
 from . import _redis_groups as _admin
 from . import _redis_partitions as _parts
 from ._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
-from ._redis_groups import GroupState, partition_stream
+from ._redis_groups import CONNECTION_ERRORS, GroupState, partition_stream
 from ._redis_lua import ACK, BALANCE, DEAD, DECLARE, FORGET, MOVE, NACK, OWN, PUBLISH
 
 __all__ = ("RedisTransport",)
@@ -112,7 +122,6 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
 # topic, encoded envelope, dedup key ('' for a fresh id), not_before, key
 _Item = tuple[str, bytes, str, float | None, str | None]
 
-_CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 _dead_encoder = msgspec.msgpack.Encoder()
 
 
@@ -623,7 +632,7 @@ class RedisTransport:
                 return
             try:
                 added = await script(keys=[self._key("groups:v")], args=args, client=r)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 if self._closed or self.clock.monotonic() > deadline:
                     raise self._error(exc, "publish") from exc
                 self._failed(exc, "publish")
@@ -643,245 +652,9 @@ class RedisTransport:
                         g.wake.set()
             return
 
-    # --- consuming -----------------------------------------------------------
-    async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
-        g = self._group(group)
-        r = self._redis()
-        if prefetch < 1:
-            raise ConfigurationError("prefetch must be at least 1")
-        g.consuming = True
-        g.wake = asyncio.Event()
-        g.due = 0.0
-        loop = asyncio.get_running_loop()
-        keeper = loop.create_task(self._maintain(g), name=f"surge-redis-{group}")
-        self._tasks.add(keeper)
-        next_scan = 0.0
-        delay = 0.05
-        block_ms = max(1, int(self.block * 1000))
-        try:
-            while not self._closed:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A cancel that redis-py swallowed (into an empty reply or
-                    # a connection error) must still end this consumer.
-                    raise asyncio.CancelledError
-                if g.backlog:  # left by a partition's previous owner: first
-                    claimed, g.backlog = g.backlog, []
-                    yield claimed
-                    continue
-                room = prefetch - len(g.held)
-                if room <= 0:
-                    g.room = loop.create_future()
-                    await g.room
-                    g.room = None
-                    continue
-                try:
-                    batch: list[Delivery] = []
-                    if self.clock.monotonic() >= next_scan:
-                        next_scan = self.clock.monotonic() + self.lease / 2
-                        batch = await self._reclaim(r, g, room)
-                    if not batch:
-                        streams = [g.stream]
-                        if g.own is not None:
-                            g.reading = g.own.readable
-                            streams += (g.pstreams[p] for p in sorted(g.reading))
-                        try:
-                            reply = await _cmd(r,
-                                "XREADGROUP", "GROUP", group, self.consumer,
-                                "COUNT", min(room, self.batch), "BLOCK", block_ms,
-                                "STREAMS", *streams, *(">" for _ in streams),
-                            )  # fmt: skip
-                            task = asyncio.current_task()
-                            if task is not None and task.cancelling():
-                                # redis-py can turn a cancel that lands in a
-                                # blocking read into an empty reply; do not lose
-                                # it. (Ask for the current task each time: each
-                                # anext() of this generator may run in a task of
-                                # its own.)
-                                raise asyncio.CancelledError
-                            for stream, entries in reply or ():
-                                part = g.pindex.get(stream)
-                                prefix = b"" if part is None else b"%d/" % part
-                                batch += await self._deliveries(g, entries, None, prefix)
-                        finally:
-                            g.reading = frozenset()
-                except _CONNECTION_ERRORS as exc:
-                    if self.closed:
-                        return
-                    self._failed(exc, f"reading {group!r}")
-                    delay = await self._backoff(delay)
-                    continue
-                except rexc.RedisError as exc:
-                    # Never let the consumer die silently: say so, back off, retry.
-                    if isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
-                        # The broker lost the group (restarted without persistence).
-                        with contextlib.suppress(TransportError, *_CONNECTION_ERRORS):
-                            await self.declare(group, g.patterns, ephemeral=g.ephemeral)
-                            log.warning(
-                                "redis: group %r was gone from the broker; declared it again",
-                                group,
-                            )
-                    else:
-                        self._failed(exc, f"reading {group!r}")
-                    delay = await self._backoff(delay)
-                    continue
-                delay = 0.05
-                self._ok()
-                if batch:
-                    yield batch
-        finally:
-            # g.consuming stays set: close() forgets this consumer in the group
-            keeper.cancel()
-            self._tasks.discard(keeper)
-
-    async def _deliveries(
-        self,
-        g: GroupState,
-        entries: list[Any],
-        counts: dict[bytes, int] | None,
-        prefix: bytes = b"",
-    ) -> list[Delivery]:
-        """Deliveries of stream ``entries``; ``prefix`` names their partition
-        in the tokens (``b"3/"``); ``counts`` are XPENDING delivery counts."""
-        decode = self.codec.decode_envelope
-        now = self.clock.time()
-        held = g.held
-        name = g.name
-        out: list[Delivery] = []
-        for entry in entries:
-            if entry is None:  # claimed after it was deleted
-                continue
-            entry_id, fields = entry
-            token = prefix + entry_id if prefix else entry_id
-            payload = b""
-            attempt = 1
-            first = now
-            if len(fields) == 2:
-                payload = fields[1]
-            else:
-                for k in range(0, len(fields), 2):
-                    f = fields[k]
-                    if f == b"e":
-                        payload = fields[k + 1]
-                    elif f == b"a":
-                        attempt = int(fields[k + 1])
-                    elif f == b"f":
-                        first = float(fields[k + 1]) or now
-            if counts is not None:
-                attempt += counts.get(entry_id, 1)
-            try:
-                env = decode(payload)
-            except DecodeError as exc:
-                await self._poison(g, token, payload, attempt, exc)
-                continue
-            d = Delivery(env, name, attempt, token, first)
-            held[token] = d
-            out.append(d)
-        return out
-
-    async def _poison(
-        self, g: GroupState, token: bytes, payload: bytes, attempt: int, exc: DecodeError
-    ) -> None:
-        """Dead-letter an entry that is not an envelope at all."""
-        now = self.clock.time()
-        rec = DeadLetter(
-            id=token.decode(),
-            group=g.name,
-            topic="",
-            key=None,
-            headers=None,
-            body=payload,
-            error_type=type(exc).__qualname__,
-            error=str(exc),
-            traceback="",
-            attempts=attempt,
-            first_attempt_at=now,
-            failed_at=now,
-        )
-        log.error(
-            "redis: entry %s of %s is not an envelope (%s); dead-lettered", token, g.name, exc
-        )
-        await self._dead(g, token, rec)
-
-    async def _reclaim(self, r: aredis.Redis, g: GroupState, room: int) -> list[Delivery]:
-        """Take over deliveries whose consumer has been silent for a lease."""
-        lease_ms = int(self.lease * 1000)
-        pending = await _cmd(r, "XPENDING", g.stream, g.name, "IDLE", lease_ms, "-", "+", room)
-        counts = {p[0]: int(p[3]) for p in pending if p[0] not in g.held}
-        if not counts:
-            return []
-        claimed = await _cmd(r, "XCLAIM", g.stream, g.name, self.consumer, lease_ms, *counts)
-        out = await self._deliveries(g, claimed, counts)
-        if out:
-            log.warning(
-                "redis: took over %d deliveries of %s idle for more than %.1fs",
-                len(out),
-                g.name,
-                self.lease,
-            )
-        return out
-
-    async def _maintain(self, g: GroupState) -> None:
-        """Move due delayed entries into the stream, extend held leases and
-        keep this consumer's share of the partitions."""
-        assert g.wake is not None
-        wake = g.wake
-        clock = self.clock
-        move = self._scripts["move"]
-        next_extend = clock.monotonic() + self.heartbeat
-        next_balance = clock.monotonic()
-        pbefore, pafter = (f"{self.prefix}:p", f":{g.name}") if g.parts else ("", "")
-        delay = 0.05
-        task = asyncio.current_task()
-        assert task is not None
-        while not self._closed:
-            if task.cancelling():  # see consume(): redis-py may swallow a cancel
-                raise asyncio.CancelledError
-            r = self._redis()
-            try:
-                now = clock.time()
-                if g.due <= now:
-                    moved, nxt = await move(
-                        keys=[g.zset, g.stream], args=[repr(now), 500, pbefore, pafter], client=r
-                    )
-                    if moved >= 500:
-                        g.due = now
-                    else:
-                        g.due = min(float(nxt) if nxt else now + self.poll, now + self.poll)
-                if self.heartbeat > 0 and clock.monotonic() >= next_extend:
-                    next_extend = clock.monotonic() + self.heartbeat
-                    by_stream: dict[str, list[bytes]] = {}
-                    for token in g.held:
-                        stream, entry = g.locate(token)
-                        by_stream.setdefault(stream, []).append(entry)
-                    for stream, entries in by_stream.items():
-                        await _cmd(
-                            r, "XCLAIM", stream, g.name, self.consumer, 0, *entries, "JUSTID"
-                        )
-                if g.own is not None and clock.monotonic() >= next_balance:
-                    await _parts.balance(self, r, g)
-                    # Ticks are lease/3 apart; quicker while handing over.
-                    pace = 0.05 if g.own.releasing else self.lease / 3
-                    next_balance = clock.monotonic() + pace
-                delay = 0.05
-            except _CONNECTION_ERRORS as exc:
-                self._failed(exc, f"maintaining {g.name!r}")
-                delay = await self._backoff(delay)
-                continue
-            except rexc.RedisError as exc:
-                self._failed(exc, f"maintaining {g.name!r}")
-                delay = await self._backoff(delay)
-                continue
-            wait = g.due - clock.time()
-            if self.heartbeat > 0:
-                wait = min(wait, next_extend - clock.monotonic())
-            if g.own is not None:
-                wait = min(wait, next_balance - clock.monotonic())
-            if wait > 0:
-                wake.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(wait):
-                        await wake.wait()
+    # --- consuming (in _redis_consume) --------------------------------------
+    def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
+        return _consume.consume(self, group, prefetch)
 
     # --- settling ------------------------------------------------------------
     async def _retrying(self, doing: str, op: Callable[[aredis.Redis], Any]) -> Any:
@@ -891,7 +664,7 @@ class RedisTransport:
             r = self._redis()
             try:
                 result = await op(r)
-            except _CONNECTION_ERRORS as exc:
+            except CONNECTION_ERRORS as exc:
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from exc  # a cancel redis-py swallowed

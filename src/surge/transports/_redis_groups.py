@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from ._redis import RedisTransport
 
 __all__ = (
+    "CONNECTION_ERRORS",
     "GroupState",
     "dead_entries",
     "dead_letters",
@@ -35,6 +36,9 @@ __all__ = (
 )
 
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
+
+# What a lost or unreachable broker raises: retried, never fatal.
+CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
 
 
 class GroupState:

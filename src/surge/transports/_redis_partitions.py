@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import redis.asyncio as aredis
 
 from .._transport import Delivery
+from . import _redis_consume as _consume
 from ._redis_groups import GroupState, partition_lease
 
 if TYPE_CHECKING:
@@ -85,7 +86,7 @@ async def claim_pending(
             claimed: Any = await r.execute_command(  # type: ignore[no-untyped-call]
                 "XCLAIM", stream, g.name, t.consumer, 0, *counts
             )
-            out.extend(await t._deliveries(g, claimed, counts, prefix))
+            out.extend(await _consume.deliveries(t, g, claimed, counts, prefix))
         if len(pending) < _CLAIM_PAGE:
             return out
         start = "(" + pending[-1][0].decode()
