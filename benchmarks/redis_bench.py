@@ -11,6 +11,9 @@ c4_frameworks.py measures the peer frameworks:
 ``surge drain``          one worker process (an App, async no-op handler, default
                          options) started on the full stream: first to last
                          handler start (startup excluded, reported apart)
+``surge keyed drain``    the same with every event published with ``key=`` (1,000
+                         keys): each goes to its partition stream (per-key order
+                         across processes), the worker reads all 8
 ``surge latency``        worker running; 2,500 events at a fixed 500/s; latency is
                          ``time.time_ns()`` before ``publish`` to handler start
 ``raw XADD pipelined``   redis-py pipelines of 100 XADDs (100-byte payload)
@@ -161,6 +164,27 @@ async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, f
     }
 
 
+async def surge_keyed(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
+    prefix = f"k{rnd}"
+    producer = surge.App("bench-producer", transport=RedisTransport(url, prefix=prefix))
+    declare = RedisTransport(url, prefix=prefix)
+    await declare.start()
+    await declare.declare(GROUP, [Tick.__topic__])
+    await declare.close()
+
+    async def publisher(i: int) -> None:
+        for j in range(i, n, 100):
+            await producer.publish(Tick(), key=str(j % 1000))
+
+    async with producer:
+        await asyncio.gather(*(publisher(i) for i in range(100)))
+    out = tmp / f"keyed{rnd}.json"
+    proc = spawn_worker(url, prefix, n, "throughput", out)
+    await asyncio.to_thread(proc.wait)
+    res = json.loads(out.read_text())
+    return {"surge_keyed_drain_per_s": (n - 1) / res["span"]}
+
+
 async def surge_latency(url: str, tmp: Path, rnd: int) -> dict[str, float]:
     prefix = f"l{rnd}"
     total = int(RATE * DURATION)
@@ -264,6 +288,7 @@ async def run(n: int, rounds: int) -> dict[str, Any]:
             row: dict[str, float] = {}
             row.update(await raw(url, n))
             row.update(await surge_throughput(url, n, tmp, rnd))
+            row.update(await surge_keyed(url, n, tmp, rnd))
             row.update(await surge_latency(url, tmp, rnd))
             rows.append(row)
             print(f"round {rnd + 1}: " + json.dumps({k: round(v, 3) for k, v in row.items()}))
