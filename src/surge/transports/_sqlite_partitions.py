@@ -346,11 +346,12 @@ class Member:
                     step, db, self.gid, me, now(), lease, sorted(own.owned), give_back, leaving
                 )
             except TransportError as exc:
+                # the leases run on meanwhile: the next round renews them in
+                # time, or learns which were lost (claims check them anyway)
                 log.warning("sqlite: cannot keep the partitions of %s: %s", self.group, exc)
-                members, mine, taken = [], [], []
                 wait = lease / 10
             else:
-                own.lost(p for p in own.owned if p not in mine)
+                own.lost([p for p in own.owned if p not in mine])
                 for p, at in taken:
                     self.ready[p] = at
                     self.unsettled.setdefault(p, 0)
