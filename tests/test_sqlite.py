@@ -527,6 +527,8 @@ async def test_a_dead_consumers_partitions_go_to_the_next_after_the_lease(
         own = b.ownership("g")
         assert own is not None
         assert part in own.owned  # taken, and not read while a's leases held
+        stats = await b.stats("g")  # a partition's entries are counted too
+        assert (stats.backlog, stats.pending) == (3, 3)
         got = await rb.take(6)
         assert clock.time() >= held_until
         assert [(number(d), d.attempt) for d in got] == [
@@ -567,6 +569,56 @@ async def test_released_deliveries_keep_their_place(tmp_path: Path, clock: surge
         assert clock.time() - before < 5
         await b.ack(got)
         await rb.aclose()
+
+
+async def test_delayed_retried_and_replayed_keyed_events_keep_their_partition(
+    tmp_path: Path, clock: surge.Clock
+) -> None:
+    """A keyed event published with not_before, nacked with a delay or
+    replayed from the dead letters stays in the partition of its key; a
+    reply inbox (ephemeral group) is never partitioned."""
+    db = tmp_path / "d.db"
+    part = partition_of("k", 8)
+    async with started(db, clock) as t:
+        await t.declare("g", ["conf.item"])
+        await t.declare("inbox", ["conf.item"], ephemeral=True)
+        r = Reader(t, "g")
+        await _owns_all(t, "g", r)
+        later = keyed(1, "k")
+        later.not_before = clock.time() + 5
+        await t.publish([later, keyed(2, "k")])
+        assert _count(db, f"SELECT count(*) FROM deliveries WHERE grp = 1 AND part = {part}") == 2
+        assert _count(db, "SELECT count(*) FROM deliveries WHERE grp = 2 AND part IS NULL") == 2
+        (d2,) = await r.take(1)
+        await t.nack(d2, 1.0)
+        (again,) = await r.take(1)
+        assert (number(again), again.attempt) == (2, 2)
+        rec = surge.DeadLetter(
+            id=again.envelope.id,
+            group="g",
+            topic="conf.item",
+            key="k",
+            headers=None,
+            body=body(2),
+            error_type="X",
+            error="x",
+            traceback="",
+            attempts=2,
+            first_attempt_at=0.0,
+            failed_at=0.0,
+        )
+        await t.dead_letter(again, rec)
+        (d1,) = await r.take(1)  # its not_before came
+        assert number(d1) == 1
+        await t.ack([d1])
+        assert await t.replay("g") == 1
+        (replayed,) = await r.take(1)
+        assert (number(replayed), replayed.envelope.key) == (2, "k")
+        assert _count(db, f"SELECT count(*) FROM deliveries WHERE grp = 1 AND part = {part}") == 1
+        await t.ack([replayed])
+        stats = await t.stats("g")
+        assert (stats.backlog, stats.pending, stats.scheduled, stats.dead) == (0, 0, 0, 0)
+        await r.aclose()
 
 
 _VERSION_1 = """
