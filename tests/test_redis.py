@@ -436,3 +436,46 @@ async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     _worker(sys.argv[1], sys.argv[2])
+
+
+async def test_reply_inboxes_of_killed_processes_are_swept(tmp_path: Path) -> None:
+    """An ephemeral group whose process died (no close) is deleted by the next
+    process to start once its liveness key expires; a live one is kept."""
+    with redis_server(tmp_path) as (url, _):
+        live = RedisTransport(url, lease=0.1)
+        dead = RedisTransport(url, lease=0.1)
+        for t, name in ((live, "inbox.live"), (dead, "inbox.dead")):
+            await t.start()
+            await t.declare(name, [name], ephemeral=True)
+        live_reader = live.consume("inbox.live", prefetch=10)
+        pending = asyncio.ensure_future(anext(live_reader))  # renews its liveness
+        dead_reader = dead.consume("inbox.dead", prefetch=10)
+        dead_next = asyncio.ensure_future(anext(dead_reader))
+        r = live._redis()
+        assert set(await r.hkeys("surge:groups")) == {b"inbox.live", b"inbox.dead"}
+        await r.config_set("notify-keyspace-events", "Ex")  # tell us when keys expire
+        expired = r.pubsub()
+        await expired.subscribe("__keyevent@0__:expired")
+        # Die as SIGKILL would: no close, so nothing deletes the inbox.
+        dead._closed = True
+        dead_next.cancel()
+        for task in list(dead._tasks):
+            task.cancel()
+        assert dead._r is not None
+        await dead._r.aclose()
+        async with asyncio.timeout(10):  # the key expires after alive_ms (1 s)
+            while (msg := await expired.get_message(timeout=10)) is None or (
+                msg["data"] != b"surge:a:inbox.dead"
+            ):
+                pass
+        await expired.aclose()  # type: ignore[no-untyped-call]
+        assert await r.exists("surge:a:inbox.live")
+        late = RedisTransport(url, lease=0.1)
+        await late.start()
+        try:
+            assert set(await r.hkeys("surge:groups")) == {b"inbox.live"}
+            assert not await r.exists("surge:s:inbox.dead")
+        finally:
+            pending.cancel()
+            await late.close()
+            await live.close()

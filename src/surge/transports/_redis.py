@@ -67,8 +67,9 @@ gone. ``await publish`` is only as durable as the server's ``appendonly`` /
 ``appendfsync`` settings (``always`` to lose nothing acknowledged).
 
 Limits: Redis >= 6.2 (XPENDING IDLE); Redis Cluster is not supported (the
-scripts touch keys of several slots); an ephemeral group (a reply inbox) of
-a process that was killed stays in the registry until deleted by hand.
+scripts touch keys of several slots). An ephemeral group (a reply inbox)
+has a liveness key its consumer renews every lease/3; a process that starts
+deletes the inboxes whose key expired (``alive_ms``: their process died).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ from . import _redis_groups as _admin
 from . import _redis_partitions as _parts
 from ._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
 from ._redis_groups import CONNECTION_ERRORS, GroupState, partition_stream
-from ._redis_lua import ACK, BALANCE, DEAD, DECLARE, FORGET, MOVE, NACK, OWN, PUBLISH
+from ._redis_lua import ACK, BALANCE, DEAD, DECLARE, FORGET, MOVE, NACK, OWN, PUBLISH, SWEEP
 
 __all__ = ("RedisTransport",)
 
@@ -286,6 +287,7 @@ class RedisTransport:
                 ("forget", FORGET),
                 ("balance", BALANCE),
                 ("own", OWN),
+                ("sweep", SWEEP),
             )
         }
         try:
@@ -297,6 +299,7 @@ class RedisTransport:
         self._closed = False
         self._ok()
         await self._check_partitions(r)
+        await self._sweep(r)
         await self._load_registry()
         self._flush_wake = asyncio.Event()
         self._flusher = asyncio.get_running_loop().create_task(
@@ -324,6 +327,25 @@ class RedisTransport:
                 f"{self._asked_partitions} asked for: use another prefix to change it"
             )
         self.partitions = stored
+
+    @property
+    def alive_ms(self) -> int:
+        """How long an ephemeral group outlives its last renewal (every
+        lease/3 while consumed): then the next process to start deletes it."""
+        return int(max(10 * self.lease, 1.0) * 1000)
+
+    async def _sweep(self, r: aredis.Redis) -> None:
+        try:
+            n = await self._scripts["sweep"](
+                keys=[self._key("groups"), self._key("groups:v"), self._key("groups:p")],
+                args=[self.prefix],
+                client=r,
+            )
+        except rexc.RedisError as exc:  # housekeeping: never fatal
+            log.warning("redis: could not sweep the inboxes of dead processes: %r", exc)
+            return
+        if n:
+            log.info("redis: removed %d reply inboxes of processes that are gone", n)
 
     def ownership(self, group: str) -> Ownership | None:
         """Which partitions of ``group`` this consumer reads (None: not
@@ -370,7 +392,7 @@ class RedisTransport:
                     pipe = r.pipeline(transaction=True)
                     pipe.hdel(self._key("groups"), g.name)
                     pipe.incr(self._key("groups:v"))
-                    pipe.delete(g.stream, g.zset, g.dead)
+                    pipe.delete(g.stream, g.zset, g.dead, g.alive)
                     await pipe.execute()
                 elif g.consuming:
                     if g.own is not None:
@@ -430,8 +452,14 @@ class RedisTransport:
             g.patterns.extend(t for t in topics if t not in g.patterns)
         try:
             await self._scripts["declare"](
-                keys=[self._key("groups"), self._key("groups:v"), g.stream, self._key("groups:p")],
-                args=[group, g.parts, f"{self.prefix}:p", f":{group}", *g.patterns],
+                keys=[
+                    self._key("groups"),
+                    self._key("groups:v"),
+                    g.stream,
+                    self._key("groups:p"),
+                    g.alive,
+                ],
+                args=[group, g.parts, f"{self.prefix}:p", f":{group}", self.alive_ms, *g.patterns],
                 client=r,
             )
         except Exception as exc:

@@ -249,10 +249,14 @@ async def _maintain(t: RedisTransport, g: GroupState) -> None:
                     by_stream.setdefault(stream, []).append(entry)
                 for stream, entries in by_stream.items():
                     await _cmd(r, "XCLAIM", stream, g.name, t.consumer, 0, *entries, "JUSTID")
-            if g.own is not None and clock.monotonic() >= next_balance:
-                await _parts.balance(t, r, g)
-                # Ticks are lease/3 apart; quicker while handing over.
-                pace = 0.05 if g.own.releasing else t.lease / 3
+            if clock.monotonic() >= next_balance:
+                pace = t.lease / 3
+                if g.own is not None:
+                    await _parts.balance(t, r, g)
+                    if g.own.releasing:
+                        pace = 0.05  # quicker while handing over
+                elif g.ephemeral:
+                    await r.set(g.alive, 1, px=t.alive_ms)
                 next_balance = clock.monotonic() + pace
             delay = 0.05
         except CONNECTION_ERRORS as exc:
@@ -266,7 +270,7 @@ async def _maintain(t: RedisTransport, g: GroupState) -> None:
         wait = g.due - clock.time()
         if t.heartbeat > 0:
             wait = min(wait, next_extend - clock.monotonic())
-        if g.own is not None:
+        if g.own is not None or g.ephemeral:
             wait = min(wait, next_balance - clock.monotonic())
         if wait > 0:
             wake.clear()

@@ -45,6 +45,7 @@ class GroupState:
     """What this process knows of one declared group."""
 
     __slots__ = (
+        "alive",
         "backlog",
         "consuming",
         "dead",
@@ -75,6 +76,7 @@ class GroupState:
         self.stream = f"{prefix}:s:{name}"
         self.zset = f"{prefix}:z:{name}"
         self.dead = f"{prefix}:d:{name}"
+        self.alive = f"{prefix}:a:{name}"  # an ephemeral group's liveness
         self.held: dict[bytes, Delivery] = {}  # unsettled deliveries of this consumer
         self.room: asyncio.Future[None] | None = None  # a consumer waiting for room
         self.wake: asyncio.Event | None = None  # wakes the maintenance task

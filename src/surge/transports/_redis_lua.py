@@ -8,7 +8,18 @@ a keyed envelope published with a future ``not_before``): the mover puts it
 back into that partition's stream.
 """
 
-__all__ = ("ACK", "BALANCE", "DEAD", "DECLARE", "FORGET", "MOVE", "NACK", "OWN", "PUBLISH")
+__all__ = (
+    "ACK",
+    "BALANCE",
+    "DEAD",
+    "DECLARE",
+    "FORGET",
+    "MOVE",
+    "NACK",
+    "OWN",
+    "PUBLISH",
+    "SWEEP",
+)
 
 PUBLISH = """
 local v = redis.call('GET', KEYS[1]) or ''
@@ -48,9 +59,10 @@ end
 return added
 """
 
-# KEYS: registry hash, its version, shared stream, partition counts hash;
-# ARGV: group, partitions (0: none),
-# partition stream key before and after the number, patterns...
+# KEYS: registry hash, its version, shared stream, partition counts hash,
+# the group's liveness key; ARGV: group, partitions (0: none, an ephemeral
+# group), partition stream key before and after the number, liveness TTL
+# (ms, ephemeral groups), patterns...
 DECLARE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local seen = {}
@@ -61,7 +73,7 @@ if cur then
   end
 end
 local changed = not cur
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   if not seen[ARGV[i]] then
     seen[ARGV[i]] = true
     table.insert(list, ARGV[i])
@@ -75,6 +87,9 @@ end
 if changed then
   redis.call('HSET', KEYS[1], ARGV[1], table.concat(list, '\\n'))
   redis.call('INCR', KEYS[2])
+end
+if ARGV[2] == '0' then
+  redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
 for p = 0, tonumber(ARGV[2]) - 1 do
@@ -197,4 +212,23 @@ for k = 1, #KEYS do
   out[k] = ok
 end
 return out
+"""
+
+# Forget ephemeral groups (reply inboxes) whose process stopped renewing
+# their liveness key: it was killed. KEYS: registry hash, its version,
+# partition counts hash; ARGV: prefix. Returns how many were removed.
+SWEEP = """
+local flat = redis.call('HGETALL', KEYS[3])
+local n = 0
+for k = 1, #flat, 2 do
+  local g = flat[k]
+  if flat[k + 1] == '0' and redis.call('EXISTS', ARGV[1] .. ':a:' .. g) == 0 then
+    redis.call('HDEL', KEYS[1], g)
+    redis.call('HDEL', KEYS[3], g)
+    redis.call('DEL', ARGV[1] .. ':s:' .. g, ARGV[1] .. ':z:' .. g, ARGV[1] .. ':d:' .. g)
+    n = n + 1
+  end
+end
+if n > 0 then redis.call('INCR', KEYS[2]) end
+return n
 """
