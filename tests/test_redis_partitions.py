@@ -196,3 +196,71 @@ async def test_two_consumers_split_the_partitions_and_hand_over_on_close(
         assert time.monotonic() - t0 < 1.0 + 0.5  # a tick (lease/3) or two, not a lease
         await ra.aclose()
         await a.close()
+
+
+class Step(surge.Event):
+    __topic__ = "parts.step"
+    key: str
+    seq: int
+
+
+async def test_a_stopping_consumer_keeps_a_partition_until_its_handler_ends(
+    tmp_path: Path,
+) -> None:
+    """Stopping while a keyed handler runs past several leases: the partition
+    (and the delivery) stay with the stopping consumer until the handler
+    ends, then move, so the next event of the key runs after it, elsewhere."""
+    lease = 0.5
+    with redis_server(tmp_path) as (url, _):
+        events: list[str] = []
+        started, release, handled_next = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+        def make(name: str) -> surge.App:
+            app = surge.App("ord", transport=RedisTransport(url, lease=lease), shutdown_timeout=20)
+
+            @app.on(Step, key="key", name="step")
+            async def step(ev: Step) -> None:
+                events.append(f"{name} start {ev.seq}")
+                if ev.seq == 0:
+                    started.set()
+                    await release.wait()
+                events.append(f"{name} end {ev.seq}")
+                if ev.seq == 1:
+                    handled_next.set()
+
+            return app
+
+        a, b = make("a"), make("b")
+        async with a:
+            await b.start()
+            ta, tb = a.transport, b.transport
+            assert isinstance(ta, RedisTransport)
+            assert isinstance(tb, RedisTransport)
+            own_a, own_b = ta.ownership("ord.step"), tb.ownership("ord.step")
+            assert own_a is not None
+            assert own_b is not None
+            async with asyncio.timeout(10):
+                while len(own_a.owned) + len(own_b.owned) != ta.partitions or not (
+                    own_a.owned and own_b.owned
+                ):
+                    await asyncio.wait(
+                        [asyncio.ensure_future(o.changed()) for o in (own_a, own_b)],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+            key = next(k for k in (f"k{i}" for i in range(100)) if
+                       partition_of(k, ta.partitions) in own_b.owned)  # fmt: skip
+            await a.publish(Step(key=key, seq=0))
+            async with asyncio.timeout(10):
+                await started.wait()
+            stopping = asyncio.ensure_future(b.stop())
+            await a.publish(Step(key=key, seq=1))
+            # Three leases pass; b renews its partition while its handler runs.
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(3 * lease):
+                    await handled_next.wait()
+            assert events == ["b start 0"]
+            release.set()
+            await stopping
+            async with asyncio.timeout(10):
+                await handled_next.wait()
+        assert events == ["b start 0", "b end 0", "a start 1", "a end 1"]

@@ -68,9 +68,12 @@ class Ownership:
         """The partitions to read from now."""
         return frozenset(self.owned - self.releasing)
 
-    def plan(self, members: Sequence[str], me: str) -> tuple[list[int], list[int]]:
-        """(to acquire, to give up) so as to own what ``assignment`` says."""
-        want = assignment(members, me, self.partitions)
+    def plan(
+        self, members: Sequence[str], me: str, *, leaving: bool = False
+    ) -> tuple[list[int], list[int]]:
+        """(to acquire, to give up) so as to own what ``assignment`` says,
+        or nothing when ``leaving`` (the consumer stopped reading)."""
+        want = frozenset() if leaving else assignment(members, me, self.partitions)
         acquire = sorted(p for p in want if p not in self.owned)
         give_up = sorted(p for p in self.owned if p not in want)
         self.releasing = set(give_up)

@@ -41,11 +41,18 @@ async def consume(t: RedisTransport, group: str, prefetch: int) -> AsyncIterator
     if prefetch < 1:
         raise ConfigurationError("prefetch must be at least 1")
     g.consuming = True
-    g.wake = asyncio.Event()
+    g.active = True
     g.due = 0.0
     loop = asyncio.get_running_loop()
-    keeper = loop.create_task(_maintain(t, g), name=f"surge-redis-{group}")
-    t._tasks.add(keeper)
+    if g.keeper is None or g.keeper.done():
+        # Runs until close, not until this consumer ends: held deliveries
+        # keep their leases while their handlers finish at shutdown.
+        g.wake = asyncio.Event()
+        g.keeper = loop.create_task(_maintain(t, g), name=f"surge-redis-{group}")
+        t._tasks.add(g.keeper)
+    else:
+        assert g.wake is not None
+        g.wake.set()  # take partitions again
     next_scan = 0.0
     delay = 0.05
     block_ms = max(1, int(t.block * 1000))
@@ -121,9 +128,11 @@ async def consume(t: RedisTransport, group: str, prefetch: int) -> AsyncIterator
             if batch:
                 yield batch
     finally:
-        # g.consuming stays set: close() forgets this consumer in the group
-        keeper.cancel()
-        t._tasks.discard(keeper)
+        # Stop owning partitions: each is handed over once what this
+        # consumer read from it is settled (the maintenance task sees to it).
+        g.active = False
+        if g.wake is not None:
+            g.wake.set()
 
 
 async def deliveries(
@@ -223,6 +232,7 @@ async def _maintain(t: RedisTransport, g: GroupState) -> None:
     move = t._scripts["move"]
     next_extend = clock.monotonic() + t.heartbeat
     next_balance = clock.monotonic()
+    active = g.active
     pbefore, pafter = (f"{t.prefix}:p", f":{g.name}") if g.parts else ("", "")
     delay = 0.05
     task = asyncio.current_task()
@@ -249,7 +259,8 @@ async def _maintain(t: RedisTransport, g: GroupState) -> None:
                     by_stream.setdefault(stream, []).append(entry)
                 for stream, entries in by_stream.items():
                     await _cmd(r, "XCLAIM", stream, g.name, t.consumer, 0, *entries, "JUSTID")
-            if clock.monotonic() >= next_balance:
+            if clock.monotonic() >= next_balance or g.active != active:
+                active = g.active
                 pace = t.lease / 3
                 if g.own is not None:
                     await _parts.balance(t, r, g)

@@ -45,6 +45,7 @@ class GroupState:
     """What this process knows of one declared group."""
 
     __slots__ = (
+        "active",
         "alive",
         "backlog",
         "consuming",
@@ -52,6 +53,7 @@ class GroupState:
         "due",
         "ephemeral",
         "held",
+        "keeper",
         "members",
         "name",
         "own",
@@ -81,7 +83,9 @@ class GroupState:
         self.room: asyncio.Future[None] | None = None  # a consumer waiting for room
         self.wake: asyncio.Event | None = None  # wakes the maintenance task
         self.due = 0.0  # when the sorted set next needs the mover (epoch s)
-        self.consuming = False
+        self.consuming = False  # consume() was called: close() forgets the consumer
+        self.active = False  # consume() is running: reading, owning partitions
+        self.keeper: asyncio.Task[None] | None = None  # maintenance, until close
         # Partitions (keyed envelopes), none for an ephemeral group.
         self.parts = 0 if ephemeral else parts
         self.pstreams = [partition_stream(prefix, name, p) for p in range(self.parts)]

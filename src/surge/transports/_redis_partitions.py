@@ -39,10 +39,11 @@ async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
     own = g.own
     assert own is not None
     lease_ms = int(t.lease * 1000)
+    leaving = not g.active  # the consumer stopped: hand everything over
     members = await t._scripts["balance"](
-        keys=[g.members], args=[t.consumer, lease_ms, "0"], client=r
+        keys=[g.members], args=[t.consumer, lease_ms, "1" if leaving else "0"], client=r
     )
-    acquire, give_up = own.plan([m.decode() for m in members], t.consumer)
+    acquire, give_up = own.plan([m.decode() for m in members], t.consumer, leaving=leaving)
     release = [p for p in give_up if p not in g.reading and not _held_in(g, p)]
     keep = [p for p in own.owned if p not in release]
     ops = [(p, "r") for p in keep] + [(p, "a") for p in acquire] + [(p, "d") for p in release]
