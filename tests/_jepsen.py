@@ -36,6 +36,17 @@ A duplicate is a second handling of an event. Only deliveries in flight at a
 kill can be handled twice, and a worker holds at most ``prefetch``
 unsettled deliveries, so ``kills * prefetch`` bounds the duplicates.
 
+Keyed mode (:func:`run_keyed_crash`) checks per-key order across processes
+the same way: the workers run :data:`keyed_app`, whose subscription is
+keyed, and one producer per key publishes that key's events one after
+another, so ``seq`` 0, 1, 2... is the key's publish order. A handling
+appends ``s,<key>,<seq>,<pid>,<attempt>`` when it starts and ``h,...`` when
+it ends, a little time apart, and the killer appends ``k,,-1,<pid>,0`` right
+after each kill; on top of the figures above, :func:`key_order` walks the
+lines in file order and finds any two processes handling one key at once
+(but a killed one's cut handling) and any event of a key started out of
+publish order (but a killed process's delivery rerun by the next owner).
+
 The worker app reads its knobs from the environment (see
 :func:`worker_env`), since the supervisor starts it by reference.
 
@@ -53,10 +64,10 @@ import random
 import signal
 import sys
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import surge
 from surge._supervisor import Supervisor
@@ -65,19 +76,31 @@ from surge.transports import TransportStats, open_transport
 __all__ = (
     "APP_REF",
     "GROUP",
+    "KEYED_APP_REF",
+    "KEYED_GROUP",
     "CrashResult",
+    "KeyOrder",
+    "Keyed",
+    "KeyedRecord",
+    "KeyedResult",
     "Numbered",
     "Record",
     "app",
     "check",
     "drain",
     "group_stats",
+    "key_order",
+    "keyed_app",
     "kill_workers",
     "produce",
+    "produce_keyed",
     "publish_process",
     "read_acked",
+    "read_keyed_records",
     "read_records",
     "run_crash",
+    "run_keyed_crash",
+    "tally",
     "wait_for",
     "worker_env",
 )
@@ -112,13 +135,17 @@ APP_REF = f"{__name__}:app"
 _fd: int | None = None
 
 
-def _record(kind: str, n: int, attempt: int) -> None:
+def _write(line: str) -> None:
     global _fd
     if _RECORDS is None:
         return
     if _fd is None:
         _fd = os.open(_RECORDS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.write(_fd, f"{kind},{n},{os.getpid()},{attempt}\n".encode())
+    os.write(_fd, f"{line}\n".encode())
+
+
+def _record(kind: str, n: int, attempt: int) -> None:
+    _write(f"{kind},{n},{os.getpid()},{attempt}")
 
 
 def spin(iterations: int) -> int:
@@ -149,6 +176,33 @@ async def _report_stale() -> None:
     stale = getattr(app.transport, "stale_settles", None)
     if isinstance(stale, int):
         _record("x", stale, 0)
+
+
+class Keyed(surge.Event):
+    """An event of one of a few keys; ``seq`` numbers the key's events in
+    publish order (0, 1, 2...)."""
+
+    __topic__ = "jepsen.keyed"
+
+    key: str
+    seq: int
+
+
+keyed_app = surge.App("jepsen-keyed", shutdown_timeout=_env_float("JEPSEN_SHUTDOWN", 10.0))
+"""The keyed mode's worker app: one subscription keyed by ``Keyed.key``."""
+KEYED_GROUP = "jepsen-keyed.handle_keyed"
+KEYED_APP_REF = f"{__name__}:keyed_app"
+
+
+@keyed_app.on(Keyed, key="key", concurrency=CONCURRENCY, prefetch=PREFETCH)
+async def handle_keyed(event: Keyed, ctx: surge.Context) -> None:
+    line = f"{event.key},{event.seq},{os.getpid()},{ctx.attempt}"
+    _write(f"s,{line}")
+    if _DELAY:
+        # stands for a real handler's I/O: a handling spans time, so two
+        # processes handling one key at once would show as overlapping lines
+        await asyncio.sleep(_DELAY)
+    _write(f"h,{line}")
 
 
 def worker_env(
@@ -199,6 +253,39 @@ def read_records(path: Path, kind: str | None = "h") -> list[Record]:
         if kind is None or k == kind:
             out.append(Record(k, int(n), int(pid), int(attempt)))
     return out
+
+
+@dataclass(frozen=True)
+class KeyedRecord:
+    """One line of a keyed run's records file: ``s`` or ``h`` (``pid``
+    started or ended handling event ``seq`` of ``key``, delivery
+    ``attempt``), or ``k`` (the test SIGKILLed ``pid``, written right after
+    the kill; ``key`` empty, ``seq`` -1)."""
+
+    kind: str
+    key: str
+    seq: int
+    pid: int
+    attempt: int
+
+
+def read_keyed_records(path: Path) -> list[KeyedRecord]:
+    """The lines of a keyed run's records file, in file order."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        kind, key, seq, pid, attempt = line.split(",")
+        out.append(KeyedRecord(kind, key, int(seq), int(pid), int(attempt)))
+    return out
+
+
+def _append(path: Path, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{line}\n".encode())
+    finally:
+        os.close(fd)
 
 
 def read_acked(path: Path) -> list[int]:
@@ -271,6 +358,34 @@ async def produce(
         await asyncio.gather(*(one() for _ in range(concurrency)))
 
 
+async def produce_keyed(
+    url: str,
+    keys: Sequence[str],
+    per_key: int,
+    acked: list[tuple[str, int]],
+    *,
+    slow_when: Callable[[], bool] | None = None,
+    trickle: float = 50.0,
+) -> None:
+    """Publish :class:`Keyed` events ``0..per_key-1`` of every key, all keys
+    at once but each key's one after another (the next ``publish`` only
+    after the last returned, so ``seq`` is the key's publish order); append
+    ``(key, seq)`` to ``acked`` once its ``publish`` returned. While
+    ``slow_when()`` holds, publishing slows to ``trickle`` events/s."""
+    # this app subscribes to nothing, so it cannot fill the key: key= does
+    producer = surge.App("jepsen-producer", transport=url)
+
+    async def one(key: str) -> None:
+        for seq in range(per_key):
+            if slow_when is not None and slow_when():
+                await asyncio.sleep(len(keys) / trickle)
+            await producer.publish(Keyed(key=key, seq=seq), key=key)
+            acked.append((key, seq))
+
+    async with producer:
+        await asyncio.gather(*(one(k) for k in keys))
+
+
 async def kill_workers(
     sup: Supervisor,
     records: Path,
@@ -280,13 +395,13 @@ async def kill_workers(
     max_delay: float = 0.3,
     until: asyncio.Future[Any] | None = None,
     deadline: float = 120.0,
-    on_kill: Callable[[int], object] | None = None,
+    on_kill: Callable[[int, int], object] | None = None,
 ) -> int:
     """SIGKILL a random worker ``kills`` times, each at a random moment while
     it handles (it has recorded an event since it was picked); the count done.
 
     Stops early when ``until`` (the producers, say) is done or at ``deadline``.
-    ``on_kill`` is called with the count after each kill.
+    ``on_kill`` is called with the count and the pid right after each kill.
     """
     loop = asyncio.get_running_loop()
     end = loop.time() + deadline
@@ -306,11 +421,14 @@ async def kill_workers(
         if not handled():
             break
         await asyncio.sleep(rng.uniform(0, max_delay))
-        with contextlib.suppress(ProcessLookupError):
+        try:
             os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # gone already: the supervisor restarts it all the same
+        else:
             done += 1
-        if on_kill is not None:
-            on_kill(done)
+            if on_kill is not None:
+                on_kill(done, pid)
         await sup.wait_restarted(pid)
     return done
 
@@ -347,16 +465,23 @@ async def group_stats(url: str, group: str = GROUP) -> TransportStats:
         await transport.close()
 
 
+def _handled_numbers(records: Path) -> set[Hashable]:
+    return {r.n for r in read_records(records)}
+
+
 async def drain(
     url: str,
     records: Path,
-    acked: Iterable[int],
+    acked: Iterable[Hashable],
     *,
     group: str = GROUP,
+    topics: Sequence[str] = (Numbered.__topic__,),
+    handled: Callable[[Path], set[Hashable]] = _handled_numbers,
     timeout: float = 60.0,
 ) -> TransportStats:
     """Wait until ``group`` holds nothing (backlog, leases, retries) and every
-    acked event is recorded; the group's stats at the end (also on timeout)."""
+    acked event is in ``handled(records)``; the group's stats at the end
+    (also on timeout)."""
     want = set(acked)
     transport = open_transport(url)
     await transport.start()
@@ -364,7 +489,7 @@ async def drain(
         wait_idle = getattr(transport, "wait_idle", None)
         if wait_idle is not None:
             # the transport's own wait (sqlite: it watches the file for us)
-            await transport.declare(group, (Numbered.__topic__,))
+            await transport.declare(group, tuple(topics))
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await wait_idle()
@@ -373,7 +498,7 @@ async def drain(
             st = await transport.stats(group)
             if st.backlog or st.pending or st.scheduled:
                 return False
-            return want <= {r.n for r in read_records(records)}
+            return want <= handled(records)
 
         with contextlib.suppress(TimeoutError):
             await wait_for(settled, timeout=timeout, interval=0.05, what="drain")
@@ -398,7 +523,7 @@ class CrashResult:
     duplicate_bound: int
     left: int
     seconds: float = 0.0
-    lost_sample: list[int] = field(default_factory=list)
+    lost_sample: list[Any] = field(default_factory=list)
 
     def check(self) -> None:
         assert self.lost == 0, f"lost acknowledged events: {self.lost_sample} ({self})"
@@ -426,16 +551,41 @@ def check(
     seconds: float = 0.0,
 ) -> CrashResult:
     """Compare handled ``records`` with what was published and acknowledged."""
+    return tally(
+        published,
+        acked,
+        [r.n for r in records],
+        kills=kills,
+        bound_per_kill=bound_per_kill,
+        left=left,
+        seconds=seconds,
+    )
+
+
+_Id = TypeVar("_Id", int, tuple[str, int])
+
+
+def tally(
+    published: Iterable[_Id],
+    acked: Iterable[_Id],
+    handled_ids: Sequence[_Id],
+    *,
+    kills: int,
+    bound_per_kill: int,
+    left: int,
+    seconds: float = 0.0,
+) -> CrashResult:
+    """:func:`check` on event ids: one per handling in ``handled_ids``."""
     pub = set(published)
     ack = set(acked)
-    counts = Counter(r.n for r in records)
+    counts = Counter(handled_ids)
     handled = set(counts)
     lost = sorted(ack - handled)
     return CrashResult(
         published=len(pub),
         acked=len(ack),
         handled=len(handled),
-        deliveries=len(records),
+        deliveries=len(handled_ids),
         lost=len(lost),
         unexpected=len(handled - pub),
         duplicates=sum(c - 1 for c in counts.values()),
@@ -487,7 +637,7 @@ async def run_crash(
         # the next kill, so the kills find events flowing however slow they are
         return killed[0] < kills and len(acked) * kills >= (killed[0] + 1) * events
 
-    def count(n: int) -> None:
+    def count(n: int, _pid: int) -> None:
         killed[0] = n
 
     try:
@@ -520,6 +670,212 @@ async def run_crash(
         left=left,
         seconds=loop.time() - start,
     )
+
+
+# --- keyed mode: per-key order across processes ------------------------------------------
+@dataclass
+class _KeyState:
+    high: int = -1  # the highest seq started so far
+    last: int = -1  # the seq of the key's latest start
+    last_pid: int = 0  # and its pid
+    open: KeyedRecord | None = None  # a handling started and not ended
+    started_by: dict[int, int] = field(default_factory=dict)  # seq -> pid of its latest start
+    cut: set[tuple[int, int]] = field(default_factory=set)  # (pid, seq) cut by a kill
+
+
+@dataclass(frozen=True)
+class KeyOrder:
+    """What :func:`key_order` saw: ``handovers`` (a key's start by another
+    pid than its previous start), ``reruns`` (starts of a seq started
+    before), ``cut`` (handlings a kill ended mid-way) and the violations."""
+
+    keys: int
+    handovers: int
+    reruns: int
+    cut: int
+    violations: list[str]
+
+
+def key_order(records: Sequence[KeyedRecord]) -> KeyOrder:
+    """Check per-key order and exclusion in a keyed run's ``records``.
+
+    File order is real-time order: each line is one ``O_APPEND`` write, and
+    a kill's ``k`` line is written right after the kill. Walking the lines in
+    that order, ``dead`` holds the pids whose ``k`` line came before, and for
+    each key:
+
+    - Exclusion: a start while another handling of the key is open (started,
+      not ended) is a violation unless the open handling's pid is dead; that
+      handling is then cut, and its end showing up later is a violation (its
+      process was alive after all). A handling still open at the end must be
+      by a dead pid.
+    - Order: with ``high`` the highest seq of the key started so far, a start
+      of ``s`` is a first handling when ``s == high + 1``: first handlings
+      come in publish order 0, 1, 2... (``s > high + 1`` is a violation).
+      ``s <= high`` is a rerun, allowed only when the latest earlier start of
+      ``s`` was by a dead pid (a killed process's delivery, redelivered), and,
+      when it goes back (``s`` at or below the key's previous start), only
+      when that previous start was by a dead pid: the take-over after a kill
+      is the only thing that starts a key over at an older event.
+    """
+    dead: set[int] = set()
+    keys: dict[str, _KeyState] = {}
+    problems: list[str] = []
+    handovers = reruns = cut = 0
+    for r in records:
+        if r.kind == "k":
+            dead.add(r.pid)
+            continue
+        st = keys.setdefault(r.key, _KeyState())
+        at = f"{r.key}: pid {r.pid}"
+        if r.kind == "h":
+            if st.open is not None and (st.open.pid, st.open.seq) == (r.pid, r.seq):
+                st.open = None
+            elif (r.pid, r.seq) in st.cut:
+                problems.append(f"{at} ended {r.seq} after another process started the key")
+            else:
+                problems.append(f"{at} ended {r.seq} without starting it")
+            continue
+        if st.open is not None:
+            if st.open.pid not in dead:
+                problems.append(
+                    f"{at} started {r.seq} while pid {st.open.pid} handled {st.open.seq}"
+                )
+            st.cut.add((st.open.pid, st.open.seq))
+            cut += 1
+        s = r.seq
+        if s > st.high + 1:
+            problems.append(f"{at} started {s} before {st.high + 1} was ever started")
+        elif s <= st.high:
+            before = st.started_by.get(s)
+            if before is None:
+                problems.append(f"{at} started {s} after {st.high} (its first handling)")
+            elif before not in dead:
+                problems.append(f"{at} reran {s}, started before by pid {before}, not killed")
+            elif s <= st.last and st.last_pid not in dead:
+                problems.append(f"{at} went back from {st.last} to {s} with no kill")
+            else:
+                reruns += 1
+        if st.last_pid and st.last_pid != r.pid:
+            handovers += 1
+        st.high = max(st.high, s)
+        st.last, st.last_pid = s, r.pid
+        st.started_by[s] = r.pid
+        st.open = r
+    for key, st in keys.items():
+        if st.open is not None:
+            if st.open.pid in dead:
+                cut += 1
+            else:
+                problems.append(f"{key}: pid {st.open.pid} never ended {st.open.seq}")
+    return KeyOrder(len(keys), handovers, reruns, cut, problems)
+
+
+@dataclass(frozen=True)
+class KeyedResult:
+    """The figures of a keyed crash run: the unkeyed ones and the order."""
+
+    crash: CrashResult
+    order: KeyOrder
+
+    def check(self) -> None:
+        self.crash.check()
+        assert not self.order.violations, (
+            f"{len(self.order.violations)} order violations, first "
+            f"{self.order.violations[:10]} ({self})"
+        )
+
+    def __str__(self) -> str:
+        o = self.order
+        return (
+            f"{self.crash} keys={o.keys} handovers={o.handovers} reruns={o.reruns} "
+            f"cut_by_kills={o.cut} order_violations={len(o.violations)}"
+        )
+
+
+def _handled_pairs(records: Path) -> set[Hashable]:
+    return {(r.key, r.seq) for r in read_keyed_records(records) if r.kind == "h"}
+
+
+async def run_keyed_crash(
+    url: str,
+    tmp: Path,
+    *,
+    keys: int = 24,
+    per_key: int = 400,
+    kills: int = 20,
+    workers: int = 2,
+    seed: int = 0,
+    concurrency: int = 8,
+    prefetch: int = 16,
+    delay: float = 0.002,
+    max_delay: float = 0.3,
+    drain_timeout: float = 60.0,
+) -> KeyedResult:
+    """:func:`run_crash` for per-key order: ``workers`` processes of
+    :data:`keyed_app` handle ``keys * per_key`` :class:`Keyed` events (each
+    key's published in order by one producer, see :func:`produce_keyed`)
+    while SIGKILLs hit them; each handling records its start and its end
+    (``delay`` seconds apart), each kill a ``k`` line; :func:`key_order`
+    judges the lines, :func:`tally` the handled events."""
+    rng = random.Random(seed)
+    records = tmp / "keyed.txt"
+    names = [f"k{i}" for i in range(keys)]
+    events = keys * per_key
+    sup = Supervisor(
+        KEYED_APP_REF,
+        url,
+        workers,
+        shutdown_timeout=5.0,
+        backoff=0.05,
+        backoff_cap=0.5,
+        stable_after=0.5,
+        env=worker_env(records, concurrency=concurrency, prefetch=prefetch, delay=delay),
+    )
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    running = loop.create_task(sup.run())
+    acked: list[tuple[str, int]] = []
+    killed = [0]
+
+    def ahead() -> bool:  # as in run_crash: one share of the events per kill
+        return killed[0] < kills and len(acked) * kills >= (killed[0] + 1) * events
+
+    def mark(n: int, pid: int) -> None:
+        _append(records, f"k,,-1,{pid},0")
+        killed[0] = n
+
+    try:
+        await sup.wait_ready()
+        producing = loop.create_task(produce_keyed(url, names, per_key, acked, slow_when=ahead))
+        done = await kill_workers(
+            sup, records, kills=kills, rng=rng, max_delay=max_delay, until=producing, on_kill=mark
+        )
+        killed[0] = kills
+        await producing
+        stats = await drain(
+            url,
+            records,
+            acked,
+            group=KEYED_GROUP,
+            topics=(Keyed.__topic__,),
+            handled=_handled_pairs,
+            timeout=drain_timeout,
+        )
+    finally:
+        sup.request_stop()
+        await running
+    lines = read_keyed_records(records)
+    crash = tally(
+        [(k, seq) for k in names for seq in range(per_key)],
+        acked,
+        [(r.key, r.seq) for r in lines if r.kind == "h"],
+        kills=done,
+        bound_per_kill=prefetch,
+        left=stats.backlog + stats.pending + stats.scheduled,
+        seconds=loop.time() - start,
+    )
+    return KeyedResult(crash, key_order(lines))
 
 
 # --- a publisher process, for kill loops against the committing process ------------------
