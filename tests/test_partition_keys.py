@@ -1,0 +1,115 @@
+"""The app gives the transport the key to partition by (per-key order across
+processes): the publisher's ``key=``, or the key of the app's keyed
+subscription of the event's topic."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import pytest
+
+import surge
+from surge._event import Envelope
+from surge.transports import MemoryTransport
+
+
+class Placed(surge.Event):
+    __topic__ = "keys.placed"
+    order_id: int
+
+
+class Shipped(surge.Event):
+    __topic__ = "keys.shipped"
+    order_id: int
+
+
+class Note(surge.Event):
+    __topic__ = "keys.note"
+    text: str
+
+
+class Partitioned(MemoryTransport):
+    """A memory transport that says it partitions, and records what it got."""
+
+    partitions = 4
+    durable = True  # no put_one fast path: every publish goes through publish()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[Envelope] = []
+
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self.seen.extend(envelopes)
+        await super().publish(envelopes)
+
+    def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
+        self.seen.extend(envelopes)
+        super().publish_nowait(envelopes)
+
+
+async def test_keys_come_from_the_keyed_subscription_of_the_topic() -> None:
+    transport = Partitioned()
+    app = surge.App("keys", transport=transport)
+
+    @app.on(Placed, key="order_id")
+    async def ship(ev: Placed) -> Shipped:
+        return Shipped(order_id=ev.order_id)
+
+    @app.on(Shipped, key=lambda e: f"o-{e.order_id}")
+    async def shipped(ev: Shipped) -> None:
+        pass
+
+    @app.on(Note)
+    async def note(ev: Note) -> None:
+        pass
+
+    async with app:
+        await app.publish(Placed(order_id=7))
+        await app.publish(Placed(order_id=8), key="explicit")
+        app.publish_nowait(Placed(order_id=9))
+        await app.publish(Note(text="unkeyed"))
+        await app.drain()
+    keys = {(e.topic, e.event.order_id if e.topic != Note.__topic__ else None): e.key
+            for e in transport.seen}  # fmt: skip
+    assert keys == {
+        ("keys.placed", 7): "7",
+        ("keys.placed", 8): "explicit",
+        ("keys.placed", 9): "9",
+        ("keys.shipped", 7): "o-7",  # a handler's output, keyed by its own topic
+        ("keys.shipped", 8): "o-8",
+        ("keys.shipped", 9): "o-9",
+        ("keys.note", None): None,
+    }
+
+
+async def test_no_keys_on_a_transport_without_partitions() -> None:
+    transport = Partitioned()
+    transport.partitions = 0
+    app = surge.App("keys", transport=transport)
+
+    @app.on(Placed, key="order_id")
+    async def ship(ev: Placed) -> None:
+        pass
+
+    async with app:
+        await app.publish(Placed(order_id=7))
+        await app.drain()
+    assert [e.key for e in transport.seen] == [None]
+
+
+async def test_two_keys_for_one_topic_warn(caplog: pytest.LogCaptureFixture) -> None:
+    app = surge.App("keys", transport=Partitioned())
+
+    @app.on(Placed, key="order_id")
+    async def one(ev: Placed) -> None:
+        pass
+
+    @app.on(Placed, key=lambda e: e.order_id % 10)
+    async def two(ev: Placed) -> None:
+        pass
+
+    with caplog.at_level(logging.WARNING, logger="surge"):
+        async with app:
+            pass
+    assert any("2 keyed subscriptions with different keys" in r.message for r in caplog.records)
