@@ -1,0 +1,327 @@
+"""Partitions of the NATS transport: subjects, consumers, leases, handing over.
+
+A keyed envelope is published on ``<stream>_k.<p>.<topic>`` (p =
+``partition_of(key)``), an unkeyed one on ``<stream>.<topic>`` as before, so
+the subject alone routes it and publishing needs no knowledge of groups.
+Each durable group has, besides its shared consumer (unkeyed subjects and
+its replay subject, read by every worker), one durable pull consumer per
+partition (``<durable>-p<p>``, filter ``<stream>_k.<p>.<topic>`` for each
+topic), pulled only by the worker holding that partition's lease. Ephemeral
+groups (reply inboxes) filter ``<stream>_k.*.<topic>`` too: never
+partitioned. All of them exist from ``declare`` on: under interest
+retention a message that no consumer matches is not kept.
+
+Leases and memberships live in the key-value bucket ``<stream>_parts``
+whose entries expire ``lease`` after their last write (the bucket's max
+age, on the server's clock). A consumer ``put``s ``m.<durable>.<me>`` every
+lease/3 while it consumes and lists the live members with one stream-info
+request (purged, not deleted, at leave: no tombstone to skip). The lease
+of partition p is ``l.<durable>.<p>``: taken with ``create`` (only if
+absent), renewed with ``update(last=revision)``, released with
+``delete(last=revision)``; a lease that cannot be renewed is lost.
+
+Order at a handover. JetStream hands a consumer's redeliveries (a NAK, an
+expired AckWait, sorted by sequence) to the next pull before anything new,
+so a partition consumer gives its owner the partition in stream order,
+provided nothing of the previous owner is still outstanding when the new
+owner starts pulling. Hence:
+
+- giving up: no new pulls; the lease is released once the partition's pull
+  has ended (pulls of a partition are short, ``part_expires``, one at a
+  time) and nothing read from it is unsettled;
+- stopping: deliveries handed back (``release``, and what was fetched but
+  not handed out) are NAKed in stream order before the lease is released,
+  so they are the first redeliveries the next owner gets;
+- taking over: if the consumer has deliveries pending with someone else
+  (the previous owner died, or a late pull reached it) the new owner holds
+  what it reads from the partition until the expected redeliveries have
+  arrived (at most a lease: the dead owner's AckWait ran out by then), then
+  hands everything out sorted by stream sequence. A NAK with a delay
+  (retries, ``not_before``) is pending too: it can hold a takeover for up
+  to a lease, and a retried event may come after later ones of its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+from typing import TYPE_CHECKING, Any
+
+import nats.errors
+import nats.js.errors
+from nats.js.api import StorageType
+
+from .._transport import Delivery
+
+if TYPE_CHECKING:
+    from ._nats import NatsTransport, _Group
+
+__all__ = ("Hold", "Leases", "Source", "balance_loop", "leave", "partition_durable")
+
+log = logging.getLogger("surge.nats")
+
+
+def partition_durable(durable: str, part: int) -> str:
+    """The consumer name of partition ``part`` of the group named ``durable``."""
+    return f"{durable}-p{part}"
+
+
+class Hold:
+    """Deliveries of a newly acquired partition kept back until the previous
+    owner's pending ones have come back (or a lease has passed)."""
+
+    __slots__ = ("expect", "floor", "items", "seen", "until")
+
+    def __init__(self, until: float, floor: int, expect: int) -> None:
+        self.until = until
+        self.floor = floor  # the consumer's last delivered stream seq at takeover
+        self.expect = expect  # deliveries pending elsewhere at takeover
+        self.seen: set[int] = set()
+        self.items: list[tuple[int, Delivery]] = []
+
+
+class Source:
+    """One JetStream consumer a group pulls from: the shared one (``part``
+    None) or one partition's."""
+
+    __slots__ = (
+        "durable",
+        "held",
+        "hold",
+        "last_seen",
+        "outstanding",
+        "part",
+        "recreate",
+        "stalled",
+        "token",
+    )
+
+    def __init__(self, durable: str, part: int | None) -> None:
+        self.durable = durable
+        self.part = part
+        self.token = "s" if part is None else str(part)  # last token of its pulls' reply
+        self.outstanding = 0
+        self.held = 0  # deliveries read from it and not settled
+        self.hold: Hold | None = None
+        self.last_seen = 0.0
+        self.stalled = False
+        self.recreate = False
+
+
+class Leases:
+    """Memberships and partition leases of one transport in its bucket."""
+
+    def __init__(self, t: NatsTransport) -> None:
+        self.t = t
+        self.bucket = f"{t.stream}_parts"
+        self.kv_stream = f"KV_{self.bucket}"
+        self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self._kv: Any = None
+        self._revs: dict[str, int] = {}
+
+    async def _open(self) -> Any:
+        if self._kv is not None:
+            return self._kv
+        js = self.t._js
+        try:
+            kv = await js.key_value(self.bucket)
+        except nats.js.errors.BucketNotFoundError:
+            kv = await js.create_key_value(
+                bucket=self.bucket, ttl=self.t.lease, history=1, storage=StorageType.FILE
+            )
+        info = await js.stream_info(self.kv_stream)
+        if info.config.max_age != self.t.lease:
+            info.config.max_age = self.t.lease
+            info.config.duplicate_window = min(self.t.lease, 120.0)
+            await js.update_stream(info.config)
+        self._kv = kv
+        return kv
+
+    def lease_key(self, durable: str, part: int) -> str:
+        return f"l.{durable}.{part}"
+
+    async def members(self, durable: str) -> list[str]:
+        """Renew this consumer's membership; the live members (with it)."""
+        kv = await self._open()
+        await kv.put(f"m.{durable}.{self.me}", b"")
+        prefix = f"$KV.{self.bucket}.m.{durable}."
+        info = await self.t._js.stream_info(self.kv_stream, subjects_filter=prefix + "*")
+        return [s[len(prefix) :] for s in info.state.subjects or ()]
+
+    async def leave(self, durable: str) -> None:
+        await self._open()
+        await self.t._js.purge_stream(
+            self.kv_stream, subject=f"$KV.{self.bucket}.m.{durable}.{self.me}"
+        )
+
+    async def acquire(self, durable: str, part: int) -> bool:
+        kv = await self._open()
+        key = self.lease_key(durable, part)
+        try:
+            self._revs[key] = await kv.create(key, self.me.encode())
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def renew(self, durable: str, part: int) -> bool:
+        kv = await self._open()
+        key = self.lease_key(durable, part)
+        rev = self._revs.get(key)
+        if rev is None:
+            return False
+        try:
+            self._revs[key] = await kv.update(key, self.me.encode(), last=rev)
+        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+            del self._revs[key]
+            return False
+        return True
+
+    async def release(self, durable: str, part: int) -> None:
+        """Compare-and-delete: a lease someone else holds now stays theirs."""
+        kv = await self._open()
+        rev = self._revs.pop(self.lease_key(durable, part), None)
+        if rev is not None:
+            with contextlib.suppress(nats.js.errors.APIError):
+                await kv.delete(self.lease_key(durable, part), last=rev)
+
+
+async def _return(t: NatsTransport, g: _Group) -> None:
+    """NAK, in stream order, what came back to partitions whose pull ended."""
+    if not g.returning or not (g.consuming or g.handed_back):
+        return
+    ready = [tok for tok in g.returning if tok in g.held and not g.held[tok].outstanding]
+    if ready:
+        done = set(ready)
+        g.returning = [tok for tok in g.returning if tok not in done and tok in g.held]
+        await t._hand_back(g, ready)
+
+
+def drained(src: Source) -> bool:
+    """Nothing read from ``src`` is unsettled and no pull of it is open."""
+    return src.held == 0 and src.outstanding == 0
+
+
+async def balance(t: NatsTransport, g: _Group) -> None:
+    """One round: membership, leases renewed, given up, taken."""
+    own = g.own
+    assert own is not None
+    leases = t._leases
+    if g.consuming:
+        members = await leases.members(g.durable)
+        acquire, give_up = own.plan(members, leases.me)
+    else:
+        if g.member:
+            await leases.leave(g.durable)
+        acquire, give_up = [], sorted(own.owned)
+        own.releasing = set(give_up)
+    g.member = g.consuming
+    await _return(t, g)
+    lost = [p for p in sorted(own.owned) if not await leases.renew(g.durable, p)]
+    if lost:
+        log.warning("%s lost the lease of partitions %s", g.name, lost)
+        own.lost(lost)
+    for p in give_up:
+        if p in own.owned and drained(g.parts[p]):
+            await leases.release(g.durable, p)
+            own.lost((p,))
+    for p in acquire:
+        if await leases.acquire(g.durable, p):
+            await _take_over(t, g, g.parts[p])
+            own.acquired((p,))
+    if acquire:
+        g.wake()
+    await _check_holds(t, g)
+
+
+async def _take_over(t: NatsTransport, g: _Group, src: Source) -> None:
+    """Hold the partition back if its consumer has deliveries pending that
+    this process does not hold (see the module docstring)."""
+    info = await t._js.consumer_info(t.stream, src.durable)
+    elsewhere = (info.num_ack_pending or 0) - src.held
+    if elsewhere > 0:
+        floor = info.delivered.stream_seq if info.delivered is not None else 0
+        src.hold = Hold(t.clock.monotonic() + t.lease, floor, elsewhere)
+
+
+async def _check_holds(t: NatsTransport, g: _Group) -> None:
+    for src in g.parts:
+        hold = src.hold
+        if hold is None:
+            continue
+        if t.clock.monotonic() < hold.until:
+            info = await t._js.consumer_info(t.stream, src.durable)
+            if (info.num_ack_pending or 0) > src.held:
+                continue
+        end_hold(g, src)
+
+
+def take(g: _Group, src: Source, seq: int, d: Delivery) -> bool:
+    """Keep ``d`` back if ``src`` is held; True when kept."""
+    hold = src.hold
+    if hold is None:
+        return False
+    hold.items.append((seq, d))
+    if seq <= hold.floor:
+        hold.seen.add(seq)
+        if len(hold.seen) >= hold.expect:
+            end_hold(g, src)
+    return True
+
+
+def end_hold(g: _Group, src: Source) -> None:
+    """Hand out what the hold kept, in stream order."""
+    hold, src.hold = src.hold, None
+    if hold is not None and hold.items:
+        hold.items.sort(key=lambda item: item[0])
+        g.buffer.extend(d for _, d in hold.items)
+        g.wake()
+
+
+async def balance_loop(t: NatsTransport, g: _Group) -> None:
+    """Keep ``g``'s partitions balanced until the transport closes, or until
+    its consumer ended and every partition is handed over."""
+    period = t.lease / 3
+    while not t._closed:
+        try:
+            await balance(t, g)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning("balancing the partitions of %s failed: %r", g.name, exc)
+        own = g.own
+        assert own is not None
+        if not g.consuming and not own.owned and not g.member:
+            return
+        busy = own.releasing or any(s.hold is not None for s in g.parts)
+        g.rebalance.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(min(period, 0.1) if busy else period):
+                await g.rebalance.wait()
+
+
+async def leave(t: NatsTransport, g: _Group) -> None:
+    """At close: once the partitions' pulls ended, hand back what is left of
+    them in stream order, release their leases, and remove the membership."""
+    g.handed_back = True
+    deadline = t.clock.monotonic() + t.part_expires + 0.5
+    while any(s.outstanding for s in g.parts) and t.clock.monotonic() < deadline:
+        await t.clock.sleep(0.02)
+    for src in g.parts:
+        if src.hold is not None:
+            end_hold(g, src)
+    back = {d.token for d in g.buffer}
+    back.update(tok for tok, src in g.held.items() if src.part is not None)
+    g.buffer.clear()
+    g.returning.clear()
+    await t._hand_back(g, list(back))
+    own = g.own
+    if own is None:
+        return
+    leases = t._leases
+    for p in sorted(own.owned):
+        await leases.release(g.durable, p)
+    own.lost(list(own.owned))
+    if g.member:
+        await leases.leave(g.durable)
+        g.member = False
