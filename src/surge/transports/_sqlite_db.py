@@ -41,7 +41,7 @@ from .._errors import ConfigurationError, SurgeError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, topic_matches
 from ._partitions import partition_of
-from ._sqlite_partitions import LIVE, SCHEMA, UPGRADE_1, claim_sql, keep_count
+from ._sqlite_partitions import CLAIM_PART, LIVE, SCHEMA, UPGRADE_1, keep_count
 
 __all__ = ("Database", "Row", "translate")
 
@@ -114,6 +114,14 @@ _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
 
 
+_CLAIM = (
+    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+    "WHERE grp = ? AND part IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
+    "RETURNING id, msg, attempt, first_time, part"
+)
+
+
 def translate(path: Path, err: sqlite3.Error) -> SurgeError:
     """A surge error for an error of SQLite's."""
     text = str(err)
@@ -183,6 +191,7 @@ class Database:
         self._cursor = 0
         self._upto = 0
         self._rounds = 0
+        self._turn = 0
 
     # --- transactions --------------------------------------------------------
     def serve(
@@ -525,19 +534,27 @@ class Database:
         ``parts`` (partitions ``me`` holds); them, when one is due, and the
         partition of each claimed from one (by row id)."""
         conn = self._c
-        args: list[Any] = [until, token, now, gid, now, n]
-        read = parts
-        if parts:
+        if not parts:
+            claimed = conn.execute(_CLAIM, (until, token, now, gid, now, n)).fetchall()
+        else:
             # Read only partitions the lease says are ours (the caller's view
             # may be stale), and of those only the ones with a visible row:
             # a claim of the shared queue alone costs what it did.
             live = {r[0] for r in conn.execute(LIVE, (gid, me, now, now))}
-            read = tuple(p for p in parts if p in live)
-            for p in read:
-                args += (gid, p, now, n)
-            if read:
-                args.append(n)
-        claimed = conn.execute(claim_sql(len(read)), args).fetchall()
+            arms: list[int | None] = [None, *(p for p in parts if p in live)]
+            # each claim starts at another arm, so that none waits behind the
+            # others' backlogs; a partition's rows go in order (a prefix)
+            self._turn = turn = (self._turn + 1) % len(arms)
+            claimed = []
+            for p in arms[turn:] + arms[:turn]:
+                left = n - len(claimed)
+                if p is None:
+                    got = conn.execute(_CLAIM, (until, token, now, gid, now, left))
+                else:
+                    got = conn.execute(CLAIM_PART, (until, token, now, gid, p, now, left))
+                claimed += got.fetchall()
+                if len(claimed) >= n:
+                    break
         if not claimed:
             return [], self.next_due(gid, parts), {}
         claimed.sort(key=lambda r: r[1])

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import sqlite3
 from collections.abc import Callable
@@ -43,13 +42,13 @@ if TYPE_CHECKING:
     from ._sqlite_db import Database
 
 __all__ = (
+    "CLAIM_PART",
     "LIVE",
     "SCHEMA",
     "UPGRADE_1",
     "Consumer",
     "Lease",
     "Member",
-    "claim_sql",
     "keep_count",
     "leave",
     "step",
@@ -108,26 +107,14 @@ LIVE = (
 )
 
 
-@functools.cache
-def claim_sql(parts: int) -> str:
-    """The claim of the shared queue and of ``parts`` partitions: the
-    oldest visible rows of each, a partition's in publish (row) order, so
-    what its last owner left comes before what was published after it."""
-    shared = (
-        "SELECT id FROM deliveries WHERE grp = ? AND part IS NULL AND visible_at <= ? "
-        "ORDER BY visible_at, id LIMIT ?"
-    )
-    if parts:
-        one = (
-            " UNION ALL SELECT id FROM (SELECT id FROM deliveries INDEXED BY deliveries_part "
-            "WHERE grp = ? AND part = ? AND visible_at <= ? ORDER BY id LIMIT ?)"
-        )
-        shared = f"SELECT id FROM (SELECT id FROM ({shared}){one * parts}) ORDER BY id LIMIT ?"
-    return (
-        "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
-        f"first_time = coalesce(first_time, ?) WHERE id IN ({shared}) "
-        "RETURNING id, msg, attempt, first_time, part"
-    )
+# The claim of a partition: its oldest visible rows in publish (row) order,
+# so that what its last owner left comes before what was published after.
+CLAIM_PART = (
+    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+    "INDEXED BY deliveries_part WHERE grp = ? AND part = ? AND visible_at <= ? "
+    "ORDER BY id LIMIT ?) RETURNING id, msg, attempt, first_time, part"
+)
 
 
 def leave(db: Database, held: list[tuple[int, int]], now: float, me: str) -> None:
