@@ -95,7 +95,7 @@ from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
 from . import _sqlite_db as db
 from ._partitions import DEFAULT_PARTITIONS, Ownership
-from ._sqlite_partitions import Consumer, Lease, Member, leave
+from ._sqlite_partitions import Consumer, Lease, Member, extend_leases, leave
 
 __all__ = ("SqliteTransport",)
 
@@ -759,7 +759,9 @@ class SqliteTransport:
         if not held:
             return 0
         now = self.clock.time()
-        n: int = await self._submit(self._db.extend, held, now + self.lease, now, self.member_id)
+        n: int = await self._submit(
+            extend_leases, self._db, held, now + self.lease, now, self.member_id
+        )
         return n
 
     async def compact(self) -> int:

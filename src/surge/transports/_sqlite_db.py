@@ -41,7 +41,7 @@ from .._errors import ConfigurationError, SurgeError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, topic_matches
 from ._partitions import partition_of
-from ._sqlite_partitions import CLAIM_PART, LIVE, SCHEMA, UPGRADE_1, keep_count
+from ._sqlite_partitions import CLAIM, SCHEMA, UPGRADE_1, claim_rows, keep_count
 
 __all__ = ("Database", "Row", "translate")
 
@@ -112,14 +112,6 @@ def _script(conn: sqlite3.Connection, script: str) -> None:
 
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
-
-
-_CLAIM = (
-    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
-    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
-    "WHERE grp = ? AND part IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
-    "RETURNING id, msg, attempt, first_time, part"
-)
 
 
 def translate(path: Path, err: sqlite3.Error) -> SurgeError:
@@ -535,26 +527,10 @@ class Database:
         partition of each claimed from one (by row id)."""
         conn = self._c
         if not parts:
-            claimed = conn.execute(_CLAIM, (until, token, now, gid, now, n)).fetchall()
+            claimed = conn.execute(CLAIM, (until, token, now, gid, now, n)).fetchall()
         else:
-            # Read only partitions the lease says are ours (the caller's view
-            # may be stale), and of those only the ones with a visible row:
-            # a claim of the shared queue alone costs what it did.
-            live = {r[0] for r in conn.execute(LIVE, (gid, me, now, now))}
-            arms: list[int | None] = [None, *(p for p in parts if p in live)]
-            # each claim starts at another arm, so that none waits behind the
-            # others' backlogs; a partition's rows go in order (a prefix)
-            self._turn = turn = (self._turn + 1) % len(arms)
-            claimed = []
-            for p in arms[turn:] + arms[:turn]:
-                left = n - len(claimed)
-                if p is None:
-                    got = conn.execute(_CLAIM, (until, token, now, gid, now, left))
-                else:
-                    got = conn.execute(CLAIM_PART, (until, token, now, gid, p, now, left))
-                claimed += got.fetchall()
-                if len(claimed) >= n:
-                    break
+            self._turn += 1
+            claimed = claim_rows(conn, gid, n, now, until, token, parts, me, self._turn)
         if not claimed:
             return [], self.next_due(gid, parts), {}
         claimed.sort(key=lambda r: r[1])
@@ -628,17 +604,6 @@ class Database:
             [(now, did, token) for did, token in held],
         )
         self.stale += len(held) - cur.rowcount
-        return cur.rowcount
-
-    def extend(self, held: list[tuple[int, int]], until: float, now: float, me: str) -> int:
-        """Extend leases; a partition's only while ``me`` holds the partition,
-        so the next owner knows when what it inherits becomes its own."""
-        cur = self._c.executemany(
-            "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ? AND "
-            "(part IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.grp = deliveries.grp "
-            "AND o.part = deliveries.part AND o.owner = ? AND o.until > ?))",
-            [(until, did, token, me, now) for did, token in held],
-        )
         return cur.rowcount
 
     def dead_letter(self, did: int, token: int, gid: int, rec: DeadLetter) -> bool:

@@ -42,13 +42,14 @@ if TYPE_CHECKING:
     from ._sqlite_db import Database
 
 __all__ = (
-    "CLAIM_PART",
-    "LIVE",
+    "CLAIM",
     "SCHEMA",
     "UPGRADE_1",
     "Consumer",
     "Lease",
     "Member",
+    "claim_rows",
+    "extend_leases",
     "keep_count",
     "leave",
     "step",
@@ -98,23 +99,73 @@ def keep_count(conn: sqlite3.Connection, path: Path, partitions: int) -> None:
         )
 
 
-# The partitions a claim may read: held by ``me`` (the lease decides, not
-# the caller's view of it, which may be stale) and holding a visible row,
-# so that a claim of the shared queue alone costs what it did.
-LIVE = (
-    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
-    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
+# The claim of the shared queue (the one statement of an unkeyed claim)...
+CLAIM = (
+    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+    "WHERE grp = ? AND part IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
+    "RETURNING id, msg, attempt, first_time, part"
 )
-
-
-# The claim of a partition: its oldest visible rows in publish (row) order,
-# so that what its last owner left comes before what was published after.
-CLAIM_PART = (
+# ... and of a partition: its oldest visible rows in publish (row) order, so
+# that what its last owner left comes before what was published after it.
+_CLAIM_PART = (
     "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
     "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
     "INDEXED BY deliveries_part WHERE grp = ? AND part = ? AND visible_at <= ? "
     "ORDER BY id LIMIT ?) RETURNING id, msg, attempt, first_time, part"
 )
+# The partitions a claim may read: held by ``me`` (the lease decides, not
+# the caller's view of it, which may be stale) and holding a visible row,
+# so that a claim of the shared queue alone costs what it did.
+_LIVE = (
+    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
+    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
+)
+
+
+def claim_rows(
+    conn: sqlite3.Connection,
+    gid: int,
+    n: int,
+    now: float,
+    until: float,
+    token: int,
+    parts: tuple[int, ...],
+    me: str,
+    turn: int,
+) -> list[Any]:
+    """Claim up to ``n`` rows of the shared queue and of ``parts``, one
+    statement each, starting at another one each ``turn`` so that none
+    waits behind the others' backlogs; (id, msg, attempt, first, part)."""
+    live = {r[0] for r in conn.execute(_LIVE, (gid, me, now, now))}
+    arms: list[int | None] = [None, *(p for p in parts if p in live)]
+    turn %= len(arms)
+    claimed: list[Any] = []
+    for p in arms[turn:] + arms[:turn]:
+        left = n - len(claimed)
+        if p is None:
+            got = conn.execute(CLAIM, (until, token, now, gid, now, left))
+        else:
+            got = conn.execute(_CLAIM_PART, (until, token, now, gid, p, now, left))
+        claimed += got.fetchall()
+        if len(claimed) >= n:
+            break
+    return claimed
+
+
+def extend_leases(
+    db: Database, held: list[tuple[int, int]], until: float, now: float, me: str
+) -> int:
+    """Extend leases; a partition's only while ``me`` holds the partition,
+    so the next owner knows when what it inherits becomes its own."""
+    assert db.conn is not None
+    cur = db.conn.executemany(
+        "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ? AND "
+        "(part IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.grp = deliveries.grp "
+        "AND o.part = deliveries.part AND o.owner = ? AND o.until > ?))",
+        [(until, did, token, me, now) for did, token in held],
+    )
+    return cur.rowcount
 
 
 def leave(db: Database, held: list[tuple[int, int]], now: float, me: str) -> None:
