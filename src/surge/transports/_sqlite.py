@@ -23,8 +23,8 @@ the query string (``?synchronous=normal&lease=10``) or as keyword arguments:
 ``maintenance``   1          seconds between compactions
 ``codec``         msgpack    a ``Codec`` for events given as objects (the
                              App's codec must read what it writes)
-``partitions``    8          partitions of each group's keyed events; fixed
-                             for the file when it is created
+``partitions``    8          partitions of each group's keyed events; the
+                             file keeps the first count (another raises)
 ================  =========  ================================================
 
 What ``publish`` promises when it returns (the file is in WAL mode):
