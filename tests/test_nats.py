@@ -325,6 +325,142 @@ async def _consumers(t: NatsTransport) -> AsyncIterator[Any]:
         yield info
 
 
+# --- partitions ---------------------------------------------------------------------
+
+
+async def test_partition_count_is_fixed_per_stream(tmp_path: Path) -> None:
+    """The first transport on a stream fixes its partition count; another count
+    asked for later is refused naming both, none asked for adopts it."""
+    with nats_server(tmp_path) as srv:
+        url = f"{srv.url}?stream=fixed"
+        first = NatsTransport(url, partitions=4)
+        await first.start()
+        await first.close()
+        again = NatsTransport(url)
+        await again.start()
+        try:
+            assert again.partitions == 4
+        finally:
+            await again.close()
+        with pytest.raises(surge.ConfigurationError, match="has 4 partitions, not the 16"):
+            await NatsTransport(f"{url}&partitions=16").start()
+
+
+def _keyed(n: int) -> surge.Envelope:
+    return surge.Envelope(surge.new_id(), Numbered.__topic__, "k", 0.0, None, Numbered(n=n))
+
+
+async def _partitioned(url: str, me: str, **options: Any) -> NatsTransport:
+    """A started transport on group "g" with one partition, whose member id
+    is ``me`` (members are ordered by id: the smallest owns partition 0)."""
+    t = NatsTransport(url, partitions=1, **options)
+    t._leases.me = me
+    await t.start()
+    await t.declare("g", [Numbered.__topic__])
+    return t
+
+
+async def _owning(t: NatsTransport, parts: set[int]) -> None:
+    own = t.ownership("g")
+    assert own is not None
+    async with asyncio.timeout(20):
+        while own.owned != parts:
+            await own.changed()
+
+
+async def _take(batches: AsyncIterator[list[surge.Delivery]], n: int) -> list[surge.Delivery]:
+    got: list[surge.Delivery] = []
+    async with asyncio.timeout(20):
+        while len(got) < n:
+            got.extend(await anext(batches))
+    return got
+
+
+async def _collect(t: NatsTransport, n: int) -> list[tuple[int, int]]:
+    """(number, attempt) of the first ``n`` deliveries of "g", each acked."""
+    out: list[tuple[int, int]] = []
+    batches = t.consume("g", prefetch=10)
+    try:
+        while len(out) < n:
+            batch = await anext(batches)
+            out.extend((_number(d), d.attempt) for d in batch)
+            await t.ack(batch)
+    finally:
+        await batches.aclose()  # type: ignore[attr-defined]
+    return out
+
+
+async def _kill(t: NatsTransport) -> None:
+    """As SIGKILL would: the connection drops, nothing is handed back or released."""
+    t._closed = True
+    tasks = [task for task in (t._keeper, *(g.balancer for g in t._groups.values())) if task]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    assert t._nc is not None
+    await t._nc.close()
+
+
+async def test_stopping_owner_hands_its_partition_over_in_order(tmp_path: Path) -> None:
+    """At stop, deliveries handed back (release) and what the owner fetched
+    after its consumer ended reach the next owner first, in stream order,
+    without waiting for a lease."""
+    with nats_server(tmp_path) as srv:
+        url = f"{srv.url}?stream=handover"
+        a = await _partitioned(url, "a", lease=30.0)
+        b = await _partitioned(url, "b", lease=30.0)
+        try:
+            batches = a.consume("g", prefetch=10)
+            first = asyncio.ensure_future(_take(batches, 5))
+            await _owning(a, {0})
+            await a.publish([_keyed(n) for n in range(5)])
+            got = await first
+            assert [_number(d) for d in got] == [0, 1, 2, 3, 4]
+            await a.ack(got[:1])
+            # b joins: it waits, partition 0 is a's (its member id is smaller).
+            taken = asyncio.ensure_future(_collect(b, 7))
+            await a.publish([_keyed(n) for n in range(5, 8)])
+            await batches.aclose()  # type: ignore[attr-defined]
+            await a.release(got[:0:-1])  # in any order: handed back in stream order
+            async with asyncio.timeout(10):  # far less than a lease
+                await a.close()
+                got_b = await taken
+            assert [n for n, _ in got_b] == [1, 2, 3, 4, 5, 6, 7]
+        finally:
+            await a.close()
+            await b.close()
+
+
+async def test_killed_owner_partition_taken_over_after_lease(tmp_path: Path) -> None:
+    """A killed owner's partition moves after its lease; its unsettled
+    deliveries come first, in order, then the entries published since."""
+    lease = 1.0
+    with nats_server(tmp_path) as srv:
+        url = f"{srv.url}?stream=takeover"
+        a = await _partitioned(url, "a", lease=lease)
+        b = await _partitioned(url, "b", lease=lease)
+        try:
+            batches = a.consume("g", prefetch=10)
+            first = asyncio.ensure_future(_take(batches, 5))
+            await _owning(a, {0})
+            await a.publish([_keyed(n) for n in range(5)])
+            got = await first
+            await a.ack(got[:1])
+            await _kill(a)
+            await b.publish([_keyed(n) for n in range(5, 8)])
+            loop = asyncio.get_running_loop()
+            killed = loop.time()
+            got_b = await _collect(b, 7)
+            assert loop.time() - killed >= lease / 2  # a's lease had to run out
+            assert [n for n, _ in got_b] == [1, 2, 3, 4, 5, 6, 7]
+            assert [attempt for _, attempt in got_b[:4]] == [2, 2, 2, 2]
+            # 5-7 may have gone to a's dead pull first (the server drops it
+            # late): then they too came back after a lease, and still in order.
+            assert (await b.stats("g")).pending == 0
+        finally:
+            await b.close()
+
+
 # --- a server restart ---------------------------------------------------------------
 
 

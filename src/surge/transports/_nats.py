@@ -294,9 +294,9 @@ class NatsTransport(DeadLetters):
         # time out and go elsewhere. Heartbeats come 4 times per request.
         self.pull_expires = min(5 * heartbeat, lease / 2)
         self.heartbeat = min(heartbeat, self.pull_expires / 4)
-        # A partition's pull is short: a partition to give up waits for it.
-        self.part_expires = min(self.pull_expires, 2.0)
-        self.part_heartbeat = min(self.heartbeat, self.part_expires / 4)
+        # A partition's pull is short, and ends with a status rather than
+        # heartbeats: a partition to give up (or a stopping app) waits for it.
+        self.part_expires = min(self.pull_expires, 1.0)
         self._asked_partitions = partitions
         self.partitions = partitions or DEFAULT_PARTITIONS
         """Partitions of keyed envelopes (the stream's, once started)."""
@@ -669,12 +669,13 @@ class NatsTransport(DeadLetters):
         return on_msg
 
     def _check_silence(self, g: _Group) -> None:
-        """No message and no heartbeat: a pull died with a connection or a
-        server; forget its credit so that it is asked again."""
+        """No message and no heartbeat (no expiry status for a partition's
+        pull): a pull died with a connection or a server; forget its credit
+        so that it is asked again."""
         now = self.clock.monotonic()
         for src in g.sources.values():
-            hb = self.heartbeat if src.part is None else self.part_heartbeat
-            silence = 3 * hb + 0.5
+            hb = src.part is None
+            silence = 3 * self.heartbeat + 0.5 if hb else self.part_expires + 1.0
             if src.outstanding and now - src.last_seen > silence:
                 if not src.stalled:
                     log.warning(
@@ -709,7 +710,11 @@ class NatsTransport(DeadLetters):
             free = g.prefetch - len(g.held) - src.outstanding
             if free <= 0 or (src.outstanding and free < max(1, g.prefetch // 4)):
                 return
-            expires, heartbeat = self.pull_expires, self.heartbeat
+            request = {
+                "batch": free,
+                "expires": int(self.pull_expires * 1e9),
+                "idle_heartbeat": int(self.heartbeat * 1e9),
+            }
             inbox = g.sub.subject
         else:
             # One pull at a time, so that a partition to give up knows when
@@ -720,13 +725,8 @@ class NatsTransport(DeadLetters):
             free = share if src.hold is not None else share - src.held
             if free <= 0:
                 return
-            expires, heartbeat = self.part_expires, self.part_heartbeat
+            request = {"batch": free, "expires": int(self.part_expires * 1e9)}
             inbox = f"{g.inbox}.{src.token}"
-        request = {
-            "batch": free,
-            "expires": int(expires * 1e9),
-            "idle_heartbeat": int(heartbeat * 1e9),
-        }
         if not src.outstanding:
             src.last_seen = self.clock.monotonic()  # silence counts from this pull
         src.outstanding += free

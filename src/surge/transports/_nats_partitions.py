@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 import nats.errors
 import nats.js.errors
+from nats.aio.msg import Msg
 from nats.js.api import StorageType
 
 from .._transport import Delivery
@@ -121,6 +122,7 @@ class Leases:
         self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
         self._kv: Any = None
         self._revs: dict[str, int] = {}
+        self.known: dict[str, set[str]] = {}  # durable -> members seen last
 
     async def _open(self) -> Any:
         if self._kv is not None:
@@ -149,7 +151,11 @@ class Leases:
         await kv.put(f"m.{durable}.{self.me}", b"")
         prefix = f"$KV.{self.bucket}.m.{durable}."
         info = await self.t._js.stream_info(self.kv_stream, subjects_filter=prefix + "*")
-        return [s[len(prefix) :] for s in info.state.subjects or ()]
+        members = [s[len(prefix) :] for s in info.state.subjects or ()]
+        known = self.known.setdefault(durable, set())
+        known.clear()
+        known.update(members)
+        return members
 
     async def leave(self, durable: str) -> None:
         await self._open()
@@ -157,35 +163,58 @@ class Leases:
             self.kv_stream, subject=f"$KV.{self.bucket}.m.{durable}.{self.me}"
         )
 
+    async def _mine(self, kv: Any, key: str) -> int | None:
+        """The revision of ``key`` if it holds this consumer's lease: a write
+        whose answer was lost (cancelled at close, a dropped reply) left it
+        at a revision this consumer did not see."""
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            return None
+        rev: int = entry.revision
+        return rev if entry.value == self.me.encode() else None
+
     async def acquire(self, durable: str, part: int) -> bool:
         kv = await self._open()
         key = self.lease_key(durable, part)
         try:
             self._revs[key] = await kv.create(key, self.me.encode())
         except nats.js.errors.KeyWrongLastSequenceError:
-            return False
+            rev = await self._mine(kv, key)
+            if rev is None:
+                return False
+            self._revs[key] = rev
         return True
 
     async def renew(self, durable: str, part: int) -> bool:
         kv = await self._open()
         key = self.lease_key(durable, part)
-        rev = self._revs.get(key)
-        if rev is None:
-            return False
-        try:
-            self._revs[key] = await kv.update(key, self.me.encode(), last=rev)
-        except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
-            del self._revs[key]
-            return False
-        return True
+        rev = self._revs.pop(key, None)
+        for _ in range(2):
+            if rev is None:
+                return False
+            try:
+                self._revs[key] = await kv.update(key, self.me.encode(), last=rev)
+            except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
+                rev = await self._mine(kv, key)
+                continue
+            return True
+        return False
 
     async def release(self, durable: str, part: int) -> None:
         """Compare-and-delete: a lease someone else holds now stays theirs."""
         kv = await self._open()
-        rev = self._revs.pop(self.lease_key(durable, part), None)
-        if rev is not None:
-            with contextlib.suppress(nats.js.errors.APIError):
-                await kv.delete(self.lease_key(durable, part), last=rev)
+        key = self.lease_key(durable, part)
+        rev = self._revs.pop(key, None) or await self._mine(kv, key)
+        for _ in range(2):
+            if rev is None:
+                return
+            try:
+                await kv.delete(key, last=rev)
+            except nats.js.errors.APIError:
+                rev = await self._mine(kv, key)
+                continue
+            return
 
 
 async def _return(t: NatsTransport, g: _Group) -> None:
@@ -210,14 +239,15 @@ async def balance(t: NatsTransport, g: _Group) -> None:
     assert own is not None
     leases = t._leases
     if g.consuming:
+        g.member = True
         members = await leases.members(g.durable)
         acquire, give_up = own.plan(members, leases.me)
     else:
         if g.member:
             await leases.leave(g.durable)
+            g.member = False
         acquire, give_up = [], sorted(own.owned)
         own.releasing = set(give_up)
-    g.member = g.consuming
     await _return(t, g)
     lost = [p for p in sorted(own.owned) if not await leases.renew(g.durable, p)]
     if lost:
@@ -282,27 +312,49 @@ def end_hold(g: _Group, src: Source) -> None:
 
 async def balance_loop(t: NatsTransport, g: _Group) -> None:
     """Keep ``g``'s partitions balanced until the transport closes, or until
-    its consumer ended and every partition is handed over."""
+    its consumer ended and every partition is handed over.
+
+    A round runs every lease/3, and at once when the bucket shows a lease
+    released or a member unknown so far (a core subscription to the
+    bucket's subjects: a handover does not wait for the next round).
+    """
     period = t.lease / 3
-    while not t._closed:
-        try:
-            await balance(t, g)
-        except (nats.errors.Error, TimeoutError) as exc:
-            log.warning("balancing the partitions of %s failed: %r", g.name, exc)
-        own = g.own
-        assert own is not None
-        if not g.consuming and not own.owned and not g.member:
-            return
-        busy = own.releasing or any(s.hold is not None for s in g.parts)
-        g.rebalance.clear()
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(min(period, 0.1) if busy else period):
-                await g.rebalance.wait()
+    prefix = f"$KV.{t._leases.bucket}."
+    known = t._leases.known.setdefault(g.durable, set())
+
+    async def on_change(msg: Msg) -> None:
+        kind, _, rest = msg.subject[len(prefix) :].partition(".")
+        if kind == "l":
+            if (msg.headers or {}).get("KV-Operation") == "DEL":
+                g.rebalance.set()
+        elif rest.rpartition(".")[2] not in known:
+            g.rebalance.set()
+
+    sub = await t._nats().subscribe(f"{prefix}*.{g.durable}.*", cb=on_change)
+    try:
+        while not t._closed:
+            g.rebalance.clear()
+            try:
+                await balance(t, g)
+            except (nats.errors.Error, TimeoutError) as exc:
+                log.warning("balancing the partitions of %s failed: %r", g.name, exc)
+            own = g.own
+            assert own is not None
+            if not g.consuming and not own.owned and not g.member:
+                return
+            busy = own.releasing or any(s.hold is not None for s in g.parts)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(period, 0.1) if busy else period):
+                    await g.rebalance.wait()
+    finally:
+        if not t._closed:
+            with contextlib.suppress(nats.errors.Error):
+                await sub.unsubscribe()
 
 
 async def leave(t: NatsTransport, g: _Group) -> None:
     """At close: once the partitions' pulls ended, hand back what is left of
-    them in stream order, release their leases, and remove the membership."""
+    them in stream order, remove the membership, release the leases."""
     g.handed_back = True
     deadline = t.clock.monotonic() + t.part_expires + 0.5
     while any(s.outstanding for s in g.parts) and t.clock.monotonic() < deadline:
@@ -319,9 +371,9 @@ async def leave(t: NatsTransport, g: _Group) -> None:
     if own is None:
         return
     leases = t._leases
+    if g.member:  # first: whoever sees a lease released must not count us
+        await leases.leave(g.durable)
+        g.member = False
     for p in sorted(own.owned):
         await leases.release(g.durable, p)
     own.lost(list(own.owned))
-    if g.member:
-        await leases.leave(g.durable)
-        g.member = False
