@@ -30,10 +30,10 @@ Why it is built this way:
   handler republishing derived ids, is dropped by the server within
   ``dedup_window``.
 - Pulling keeps pull requests outstanding for at most ``prefetch`` messages
-  in total (credit counted down per message, and by the server's
-  ``Nats-Pending-Messages`` when a request expires); idle heartbeats let a
-  silent pull be detected and reissued, so a consumer resumes by itself
-  after a reconnect or a server restart.
+  of the shared consumer, and a share of ``prefetch`` per owned partition
+  (so up to about twice ``prefetch`` when keyed and unkeyed events both
+  flow); a silent pull is detected and reissued, so a consumer resumes by
+  itself after a reconnect or a server restart (see ``_nats_consume``).
 - Deliveries held by this process get an in-progress ack every third of the
   lease, so a slow handler is not redelivered to another worker.
 - ``not_before``: JetStream cannot hold a message back, so a delivery that
@@ -58,7 +58,8 @@ Why it is built this way:
   publish order across workers, while workers join and leave; a killed
   worker's partitions move after its lease, its unsettled deliveries first.
   A retried event (nack with a delay) may come after later ones of its key.
-  See ``_nats_partitions``.
+  Unkeyed events take the same path as without partitions. See
+  ``_nats_partitions``.
 - Interest retention: a message stays until every group it matched acked
   it; one that no declared group matches is not kept (as on every surge
   transport), so workers declare their groups before producers publish.
@@ -71,19 +72,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import ssl
 import urllib.parse
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.client import Client
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
@@ -95,14 +93,15 @@ from nats.js.api import (
 
 from .._clock import Clock, RealClock
 from .._codec import Codec, MsgpackCodec
-from .._errors import Closed, ConfigurationError, DecodeError, TransportError
+from .._errors import Closed, ConfigurationError, TransportError
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats
 from . import _nats_partitions as _parts
+from ._nats_consume import Consuming, Group, ack_meta, forget
 from ._nats_dlq import _UNSAFE, DeadLetters, consumer_name
 from ._nats_partitions import Leases, Source, partition_durable
 from ._nats_publish import Item, Publisher, safe_url, translate
-from ._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
+from ._partitions import DEFAULT_PARTITIONS, partition_of
 
 __all__ = ("NatsTransport", "consumer_name")
 
@@ -111,102 +110,7 @@ log = logging.getLogger("surge.nats")
 _PARTITIONS = "surge_partitions"  # the stream's metadata key for the partition count
 
 
-def _ack_meta(reply: str) -> tuple[int, int, float]:
-    """(num_delivered, stream sequence, stored time) from an ack subject."""
-    return _ack_info(reply)[1:]
-
-
-def _ack_info(reply: str) -> tuple[str, int, int, float]:
-    """(consumer, num_delivered, stream sequence, stored time) from an ack subject."""
-    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
-    # the v2 form with domain and account hash tokens after ACK.
-    t = reply.split(".")
-    if len(t) == 9:
-        return t[3], int(t[4]), int(t[5]), int(t[7]) / 1e9
-    return t[5], int(t[6]), int(t[7]), int(t[9]) / 1e9
-
-
-def _forget(g: _Group, token: str) -> None:
-    """A delivery of ``g`` is settled (or handed back)."""
-    src = g.held.pop(token, None)
-    if src is not None:
-        src.held -= 1
-        if src.part is not None and not src.held:
-            g.rebalance.set()  # a partition being given up may be free now
-
-
-class _Group:
-    """One consumer group as this process sees it."""
-
-    __slots__ = (
-        "balancer",
-        "buffer",
-        "by_durable",
-        "consuming",
-        "deferred",
-        "durable",
-        "ephemeral",
-        "errors",
-        "handed_back",
-        "held",
-        "inbox",
-        "member",
-        "name",
-        "own",
-        "parts",
-        "prefetch",
-        "psub",
-        "rebalance",
-        "returning",
-        "scheduled",
-        "shared",
-        "sources",
-        "sub",
-        "subjects",
-        "topics",
-        "waiter",
-    )
-
-    def __init__(self, name: str, ephemeral: bool, partitions: int) -> None:
-        self.name = name
-        self.durable = consumer_name(name)
-        self.ephemeral = ephemeral
-        self.topics: list[str] = []
-        self.subjects: list[str] = []
-        self.shared = Source(self.durable, None)
-        self.parts: list[Source] = []
-        self.own: Ownership | None = None
-        if not ephemeral:
-            self.parts = [Source(partition_durable(self.durable, p), p) for p in range(partitions)]
-            self.own = Ownership(partitions)
-        self.sources = {s.token: s for s in (self.shared, *self.parts)}
-        self.by_durable = {s.durable: s for s in self.sources.values()}
-        self.sub: Subscription | None = None  # the shared consumer's pulls, while consuming
-        self.psub: Subscription | None = None  # the partitions' pulls, until close
-        self.inbox = ""
-        self.consuming = False
-        self.handed_back = False  # the consumer ended and the runner released its rest
-        self.returning: list[str] = []  # partition deliveries to NAK once their pull ended
-        self.member = False
-        self.buffer: deque[Delivery] = deque()
-        self.held: dict[str, Source] = {}  # token -> source, read and not settled
-        self.deferred: dict[int, int] = {}  # stream seq -> not_before deferrals
-        self.scheduled: dict[int, float] = {}  # stream seq -> due (wall clock)
-        self.prefetch = 0
-        self.errors = 0
-        self.waiter: asyncio.Future[None] | None = None
-        self.rebalance = asyncio.Event()
-        self.balancer: asyncio.Task[None] | None = None
-
-    def wake(self) -> None:
-        w = self.waiter
-        if w is not None:
-            self.waiter = None
-            if not w.done():
-                w.set_result(None)
-
-
-class NatsTransport(DeadLetters):
+class NatsTransport(DeadLetters, Consuming):
     """Groups as durable JetStream pull consumers on one stream.
 
     Options: ``stream`` (name, and subject prefix), ``lease`` (AckWait, s),
@@ -320,7 +224,7 @@ class NatsTransport(DeadLetters):
         }
         self._nc: Client | None = None
         self._js: Any = None
-        self._groups: dict[str, _Group] = {}
+        self._groups: dict[str, Group] = {}
         self._closed = True
         self._connected = False
         self._pub = Publisher(self)
@@ -493,7 +397,7 @@ class NatsTransport(DeadLetters):
                 raise ConfigurationError(f"topic {t!r} is not a valid NATS subject")
         g = self._groups.get(group)
         if g is None:
-            g = self._groups[group] = _Group(group, ephemeral, self.partitions)
+            g = self._groups[group] = Group(group, ephemeral, self.partitions)
         new = [t for t in topics if t not in g.topics]
         if new or not g.subjects:
             g.topics.extend(new)
@@ -504,12 +408,12 @@ class NatsTransport(DeadLetters):
             for src in g.sources.values():
                 await self._ensure_consumer(g, src)
 
-    def _filter(self, g: _Group, src: Source) -> list[str]:
+    def _filter(self, g: Group, src: Source) -> list[str]:
         if src.part is None:
             return g.subjects
         return [f"{self.stream}_k.{src.part}.{t}" for t in g.topics]
 
-    async def _ensure_consumer(self, g: _Group, src: Source) -> None:
+    async def _ensure_consumer(self, g: Group, src: Source) -> None:
         subjects = self._filter(g, src)
         config = ConsumerConfig(
             durable_name=None if g.ephemeral else src.durable,
@@ -538,7 +442,7 @@ class NatsTransport(DeadLetters):
             raise translate(exc, f"declaring group {g.name!r}") from exc
         src.recreate = False
 
-    def _group(self, name: str) -> _Group:
+    def _group(self, name: str) -> Group:
         g = self._groups.get(name)
         if g is None:
             raise ConfigurationError(f"group {name!r} was not declared")
@@ -577,241 +481,6 @@ class NatsTransport(DeadLetters):
         await self._pub.flush()
 
     # --- consuming ---------------------------------------------------------------
-    def ownership(self, group: str) -> Ownership | None:
-        """Which partitions of ``group`` this consumer reads (None: an
-        ephemeral group, or not declared here)."""
-        g = self._groups.get(group)
-        return None if g is None else g.own
-
-    async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
-        g = self._group(group)
-        if g.consuming:
-            raise ConfigurationError(f"group {group!r} is already consumed by this transport")
-        if prefetch < 1:
-            raise ConfigurationError("prefetch must be at least 1")
-        nc = self._nats()
-        g.prefetch = prefetch
-        try:
-            # A message names its consumer in its ack subject; a status
-            # message (heartbeat, expiry) comes on the reply subject of the
-            # pull it ends: ``<inbox>.<partition>`` for partitions. Those
-            # stay subscribed until close: a partition is handed over only
-            # once its last pull has ended.
-            inbox = nc.new_inbox()
-            g.sub = await nc.subscribe(
-                inbox, cb=self._on_msg(g, {inbox: g.shared}), pending_msgs_limit=-1
-            )
-            if g.parts and g.psub is None:
-                g.inbox = nc.new_inbox()
-                sources = {f"{g.inbox}.{src.token}": src for src in g.parts}
-                g.psub = await nc.subscribe(
-                    g.inbox + ".*", cb=self._on_msg(g, sources), pending_msgs_limit=-1
-                )
-        except nats.errors.Error as exc:
-            raise translate(exc, f"consuming {group!r}") from exc
-        g.consuming = True
-        g.handed_back = False
-        now = self.clock.monotonic()
-        for src in g.sources.values():
-            src.last_seen = now
-        if g.own is not None and (g.balancer is None or g.balancer.done()):
-            g.balancer = asyncio.get_running_loop().create_task(
-                _parts.balance_loop(self, g), name=f"surge-nats-balance-{group}"
-            )
-        loop = asyncio.get_running_loop()
-        try:
-            while not self._closed:
-                if g.buffer:
-                    batch = list(g.buffer)
-                    g.buffer.clear()
-                    yield batch
-                    continue
-                try:
-                    await self._pull(g)
-                except Closed:
-                    return
-                except (nats.errors.Error, TransportError) as exc:
-                    g.errors += 1
-                    log.warning("pull for %s failed: %r; retrying", g.name, exc)
-                if g.errors:
-                    # back off while the server or the consumer is unhappy
-                    await self.clock.sleep(min(0.05 * 2 ** min(g.errors, 6), 2.0))
-                    if g.buffer:
-                        continue
-                fut = g.waiter = loop.create_future()
-                try:
-                    async with asyncio.timeout(self.heartbeat):
-                        await fut
-                except TimeoutError:
-                    pass
-                self._check_silence(g)
-        finally:
-            g.consuming = False
-            sub, g.sub = g.sub, None
-            g.shared.outstanding = 0
-            g.wake()
-            g.rebalance.set()  # leave the group, hand the partitions over
-            if sub is not None and not self._closed:
-                with contextlib.suppress(nats.errors.Error):
-                    await sub.unsubscribe()
-
-    def _on_msg(self, g: _Group, by_reply: dict[str, Source]) -> Any:
-        async def on_msg(msg: Msg) -> None:
-            if msg.reply:
-                await self._on_delivery(g, msg)
-                return
-            src = by_reply.get(msg.subject)
-            if src is not None:
-                src.last_seen = self.clock.monotonic()
-                src.stalled = False
-                self._on_status(g, src, msg.headers or {})
-
-        return on_msg
-
-    def _check_silence(self, g: _Group) -> None:
-        """No message and no heartbeat (no expiry status for a partition's
-        pull): a pull died with a connection or a server; forget its credit
-        so that it is asked again."""
-        now = self.clock.monotonic()
-        for src in g.sources.values():
-            hb = src.part is None
-            silence = 3 * self.heartbeat + 0.5 if hb else self.part_expires + 1.0
-            if src.outstanding and now - src.last_seen > silence:
-                if not src.stalled:
-                    log.warning(
-                        "consumer %s got no heartbeat for %.1fs; pulling again",
-                        src.durable,
-                        silence,
-                    )
-                src.stalled = True
-                src.outstanding = 0
-
-    async def _pull(self, g: _Group) -> None:
-        nc = self._nats()
-        if not nc.is_connected:
-            return
-        await self._pull_from(nc, g, g.shared)
-        if g.own is None:
-            return
-        readable = g.own.readable
-        if not readable:
-            return
-        share = max(1, g.prefetch // len(readable))
-        for p in readable:
-            await self._pull_from(nc, g, g.parts[p], share)
-
-    async def _pull_from(self, nc: Client, g: _Group, src: Source, share: int = 0) -> None:
-        if src.recreate:
-            await self._ensure_consumer(g, src)
-            log.warning("consumer %s was gone from the server; declared it again", src.durable)
-        if src.part is None:
-            if g.sub is None:
-                return
-            free = g.prefetch - len(g.held) - src.outstanding
-            if free <= 0 or (src.outstanding and free < max(1, g.prefetch // 4)):
-                return
-            request = {
-                "batch": free,
-                "expires": int(self.pull_expires * 1e9),
-                "idle_heartbeat": int(self.heartbeat * 1e9),
-            }
-            inbox = g.sub.subject
-        else:
-            # One pull at a time, so that a partition to give up knows when
-            # nothing more can come; a held partition keeps pulling for the
-            # redeliveries it waits for (the server's max_ack_pending bounds it).
-            if src.outstanding:
-                return
-            free = share if src.hold is not None else share - src.held
-            if free <= 0:
-                return
-            request = {"batch": free, "expires": int(self.part_expires * 1e9)}
-            inbox = f"{g.inbox}.{src.token}"
-        if not src.outstanding:
-            src.last_seen = self.clock.monotonic()  # silence counts from this pull
-        src.outstanding += free
-        await nc.publish(
-            f"$JS.API.CONSUMER.MSG.NEXT.{self.stream}.{src.durable}",
-            json.dumps(request).encode(),
-            reply=inbox,
-        )
-
-    async def _on_delivery(self, g: _Group, msg: Msg) -> None:
-        reply = msg.reply
-        try:
-            consumer, delivered, seq, stored = _ack_info(reply)
-            src = g.by_durable[consumer]
-        except (ValueError, IndexError, KeyError):
-            log.error("unexpected JetStream ack subject %r on %s", reply, g.name)
-            return
-        src.last_seen = self.clock.monotonic()
-        src.stalled = False
-        g.errors = 0
-        self._busy = True
-        if src.outstanding:
-            src.outstanding -= 1
-            if not src.outstanding and src.part is not None:
-                g.rebalance.set()  # a partition being given up may be free now
-        try:
-            env = self.codec.decode_envelope(msg.data)
-        except DecodeError:
-            # Not ours (published by something else): hand it on as an
-            # undecodable event, so the runner dead-letters it with a reason.
-            topic = msg.subject.partition(".")[2]
-            env = Envelope(f"nats-{self.stream}-{seq}", topic, None, stored, None, None, msg.data)
-        deferrals = g.deferred.pop(seq, 0)
-        g.scheduled.pop(seq, None)
-        nb = env.not_before
-        if nb is not None:
-            wait = nb - self.clock.time()
-            if wait > 0:
-                g.deferred[seq] = deferrals + 1
-                g.scheduled[seq] = nb
-                await self._send_ack(reply, b'-NAK {"delay": %d}' % int(wait * 1e9 + 1e6))
-                self._check_pull(g, src)
-                return
-            if not deferrals and stored < nb:
-                deferrals = 1  # deferred by another process, most likely
-        d = Delivery(env, g.name, max(1, delivered - deferrals), reply)
-        g.held[reply] = src
-        src.held += 1
-        if src.part is not None and (
-            not g.consuming or g.own is None or src.part not in g.own.owned
-        ):
-            # Late: the consumer ended, or the partition is not ours now.
-            # NAKed once this pull ended (a NAK now would come straight back
-            # to it), before the lease goes.
-            g.returning.append(reply)
-            return
-        if src.hold is not None and _parts.take(g, src, seq, d):
-            return
-        g.buffer.append(d)
-        g.wake()
-
-    def _check_pull(self, g: _Group, src: Source) -> None:
-        if src.outstanding <= 0:
-            g.wake()
-
-    def _on_status(self, g: _Group, src: Source, headers: dict[str, str]) -> None:
-        status = headers.get("Status", "")
-        if status == "100":
-            g.errors = 0  # idle heartbeat: the pull is alive
-            return
-        pending = headers.get("Nats-Pending-Messages")
-        if pending is not None:
-            src.outstanding = max(0, src.outstanding - int(pending))
-        else:
-            src.outstanding = 0
-        if status not in ("404", "408"):
-            desc = headers.get("Description", "")
-            g.errors += 1
-            if "deleted" in desc.lower() or "not found" in desc.lower() or status == "503":
-                src.recreate = True
-            log.warning("pull for %s answered %s %s", src.durable, status, desc)
-        if src.part is not None and not src.outstanding:
-            g.rebalance.set()
-        g.wake()
-
     # --- settling ----------------------------------------------------------------
     async def _send_ack(self, reply: str, payload: bytes) -> None:
         nc = self._nc
@@ -823,14 +492,14 @@ class NatsTransport(DeadLetters):
             # The server redelivers after the lease: at-least-once holds.
             log.warning("could not send %r for %s: %r", payload[:4], reply, exc)
 
-    def _release(self, d: Delivery) -> _Group | None:
+    def _release(self, d: Delivery) -> Group | None:
         g = self._groups.get(d.group)
         if g is not None:
-            _forget(g, d.token)
+            forget(g, d.token)
         return g
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        last: _Group | None = None
+        last: Group | None = None
         recent = self._recent_acks
         for d in deliveries:
             g = self._release(d)
@@ -846,40 +515,15 @@ class NatsTransport(DeadLetters):
         g = self._release(delivery)
         if delay > 0:
             if g is not None:
-                g.scheduled[_ack_meta(delivery.token)[1]] = self.clock.time() + delay
+                g.scheduled[ack_meta(delivery.token)[1]] = self.clock.time() + delay
             await self._send_ack(delivery.token, b'-NAK {"delay": %d}' % int(delay * 1e9))
         else:
             await self._send_ack(delivery.token, b"-NAK")
         if g is not None:
             g.wake()
 
-    async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Hand deliveries back untouched, at stop, with what the group's
-        ended consumer fetched and did not hand out. A partition's are NAKed
-        in stream order once the partition's pull has ended, and before its
-        lease is released, so that its next owner reads them first."""
-        for name in {d.group for d in deliveries} | set(self._groups):
-            g = self._groups.get(name)
-            if g is None or g.consuming:
-                continue
-            mine = [d for d in deliveries if d.group == name]
-            back = [d.token for d in (*mine, *g.buffer) if d.token in g.held]
-            g.buffer.clear()
-            shared = [t for t in back if g.held[t].part is None]
-            g.returning += [t for t in back if g.held[t].part is not None]
-            await self._hand_back(g, shared)
-            g.handed_back = True
-            g.rebalance.set()
-
-    async def _hand_back(self, g: _Group, tokens: list[str]) -> None:
-        """NAK ``tokens`` (read from ``g``, not settled) in stream order."""
-        for token in sorted(tokens, key=lambda t: _ack_meta(t)[1]):
-            if token in g.held:
-                _forget(g, token)
-                await self._send_ack(token, b"-NAK")
-
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
-        _, seq, _ = _ack_meta(delivery.token)
+        _, seq, _ = ack_meta(delivery.token)
         durable = consumer_name(delivery.group)
         # Written before the original is settled; a crash in between makes a
         # second record with the same msg id, which the server drops.

@@ -35,7 +35,7 @@ from .._transport import DeadLetter
 from ._nats_publish import Publisher, translate
 
 if TYPE_CHECKING:
-    from ._nats import _Group
+    from ._nats_consume import Group
 
 __all__ = ("DeadLetters", "consumer_name")
 
@@ -63,7 +63,7 @@ class DeadLetters:
     codec: Codec
     _js: Any
     _closed: bool
-    _groups: dict[str, _Group]
+    _groups: dict[str, Group]
     _pub: Publisher
     _background: set[asyncio.Task[None]]
 
@@ -179,14 +179,14 @@ class DeadLetters:
             n = int(advisory.get("deliveries", self.max_deliver))
         except (ValueError, KeyError, TypeError):
             return
-        g = next((g for g in self._groups.values() if g.durable == durable), None)
+        g = next((g for g in self._groups.values() if durable in g.by_durable), None)
         if g is None:
             return  # not a group of this app's; its own workers record it
         task = asyncio.get_running_loop().create_task(self._max_delivered(g, seq, n))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _max_delivered(self, g: _Group, seq: int, n: int) -> None:
+    async def _max_delivered(self, g: Group, seq: int, n: int) -> None:
         try:
             raw = await self._js.get_msg(self.stream, seq)
             try:

@@ -58,7 +58,8 @@ from nats.js.api import StorageType
 from .._transport import Delivery
 
 if TYPE_CHECKING:
-    from ._nats import NatsTransport, _Group
+    from ._nats import NatsTransport
+    from ._nats_consume import Group
 
 __all__ = ("Hold", "Leases", "Source", "balance_loop", "leave", "partition_durable")
 
@@ -217,7 +218,7 @@ class Leases:
             return
 
 
-async def _return(t: NatsTransport, g: _Group) -> None:
+async def _return(t: NatsTransport, g: Group) -> None:
     """NAK, in stream order, what came back to partitions whose pull ended."""
     if not g.returning or not (g.consuming or g.handed_back):
         return
@@ -233,7 +234,7 @@ def drained(src: Source) -> bool:
     return src.held == 0 and src.outstanding == 0
 
 
-async def balance(t: NatsTransport, g: _Group) -> None:
+async def balance(t: NatsTransport, g: Group) -> None:
     """One round: membership, leases renewed, given up, taken."""
     own = g.own
     assert own is not None
@@ -266,7 +267,7 @@ async def balance(t: NatsTransport, g: _Group) -> None:
     await _check_holds(t, g)
 
 
-async def _take_over(t: NatsTransport, g: _Group, src: Source) -> None:
+async def _take_over(t: NatsTransport, g: Group, src: Source) -> None:
     """Hold the partition back if its consumer has deliveries pending that
     this process does not hold (see the module docstring)."""
     info = await t._js.consumer_info(t.stream, src.durable)
@@ -276,7 +277,7 @@ async def _take_over(t: NatsTransport, g: _Group, src: Source) -> None:
         src.hold = Hold(t.clock.monotonic() + t.lease, floor, elsewhere)
 
 
-async def _check_holds(t: NatsTransport, g: _Group) -> None:
+async def _check_holds(t: NatsTransport, g: Group) -> None:
     for src in g.parts:
         hold = src.hold
         if hold is None:
@@ -288,7 +289,7 @@ async def _check_holds(t: NatsTransport, g: _Group) -> None:
         end_hold(g, src)
 
 
-def take(g: _Group, src: Source, seq: int, d: Delivery) -> bool:
+def take(g: Group, src: Source, seq: int, d: Delivery) -> bool:
     """Keep ``d`` back if ``src`` is held; True when kept."""
     hold = src.hold
     if hold is None:
@@ -301,7 +302,7 @@ def take(g: _Group, src: Source, seq: int, d: Delivery) -> bool:
     return True
 
 
-def end_hold(g: _Group, src: Source) -> None:
+def end_hold(g: Group, src: Source) -> None:
     """Hand out what the hold kept, in stream order."""
     hold, src.hold = src.hold, None
     if hold is not None and hold.items:
@@ -310,7 +311,7 @@ def end_hold(g: _Group, src: Source) -> None:
         g.wake()
 
 
-async def balance_loop(t: NatsTransport, g: _Group) -> None:
+async def balance_loop(t: NatsTransport, g: Group) -> None:
     """Keep ``g``'s partitions balanced until the transport closes, or until
     its consumer ended and every partition is handed over.
 
@@ -352,7 +353,7 @@ async def balance_loop(t: NatsTransport, g: _Group) -> None:
                 await sub.unsubscribe()
 
 
-async def leave(t: NatsTransport, g: _Group) -> None:
+async def leave(t: NatsTransport, g: Group) -> None:
     """At close: once the partitions' pulls ended, hand back what is left of
     them in stream order, remove the membership, release the leases."""
     g.handed_back = True
