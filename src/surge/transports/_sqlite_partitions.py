@@ -116,10 +116,12 @@ _CLAIM_PART = (
 )
 # The partitions a claim may read: held by ``me`` (the lease decides, not
 # the caller's view of it, which may be stale) and holding a visible row,
-# so that a claim of the shared queue alone costs what it did.
+# so that a claim of the shared queue alone costs what it did (the first
+# EXISTS, one probe, answers at once for a group without keyed rows).
 _LIVE = (
-    "SELECT part FROM owners o WHERE grp = ? AND owner = ? AND until > ? AND EXISTS "
-    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?)"
+    "SELECT part FROM owners o WHERE EXISTS (SELECT 1 FROM deliveries WHERE grp = ?1 "
+    "AND part >= 0) AND grp = ?1 AND owner = ?2 AND until > ?3 AND EXISTS "
+    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?3)"
 )
 
 
@@ -137,7 +139,7 @@ def claim_rows(
     """Claim up to ``n`` rows of the shared queue and of ``parts``, one
     statement each, starting at another one each ``turn`` so that none
     waits behind the others' backlogs; (id, msg, attempt, first, part)."""
-    live = {r[0] for r in conn.execute(_LIVE, (gid, me, now, now))}
+    live = {r[0] for r in conn.execute(_LIVE, (gid, me, now))}
     arms: list[int | None] = [None, *(p for p in parts if p in live)]
     turn %= len(arms)
     claimed: list[Any] = []
