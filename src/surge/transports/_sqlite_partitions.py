@@ -16,6 +16,9 @@ extended only while the partition is held, so when a consumer takes over a
 partition the leases its predecessor left on deliveries end at a time known
 then (``ready``): the partition is read from that time on, oldest row first,
 and no later event of a key starts while an earlier one may still run.
+(The two leases being equally long is not enough: a delivery claimed or
+extended after the partition's last renewal outlives the partition's lease
+by up to the renewal interval.)
 A graceful handover leaves no such lease (a partition is given up once
 nothing read from it is unsettled, and ``close`` hands leases back), so the
 next owner reads at once.
