@@ -34,8 +34,11 @@ def _held_in(g: GroupState, p: int) -> bool:
     return any(t.startswith(prefix) for t in g.held)
 
 
-async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
-    """Renew membership and leases; take, keep and give up partitions."""
+async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> bool:
+    """Renew membership and leases; take, keep and give up partitions.
+
+    True when the split is not done yet (a wanted partition is still held
+    by its previous owner, or ours is to be given up): tick again soon."""
     own = g.own
     assert own is not None
     lease_ms = int(t.lease * 1000)
@@ -48,7 +51,7 @@ async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
     keep = [p for p in own.owned if p not in release]
     ops = [(p, "r") for p in keep] + [(p, "a") for p in acquire] + [(p, "d") for p in release]
     if not ops:
-        return
+        return False
     done = await t._scripts["own"](
         keys=[partition_lease(t.prefix, g.name, p) for p, _ in ops],
         args=[t.consumer, lease_ms, *(op for _, op in ops)],
@@ -68,6 +71,7 @@ async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
             g.backlog.extend(await claim_pending(t, r, g, p))
     if g.backlog and g.room is not None and not g.room.done():
         g.room.set_result(None)  # wake a consumer waiting for room: there is work
+    return len(gained) < len(acquire) or bool(own.releasing)
 
 
 async def claim_pending(
