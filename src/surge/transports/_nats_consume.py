@@ -290,7 +290,9 @@ class Consuming:
             return
         share = max(1, g.prefetch // len(readable))
         for p in readable:
-            await self._pull_from(nc, g, g.parts[p], share)
+            src = g.parts[p]
+            if not src.outstanding:  # one pull at a time (see _pull_from)
+                await self._pull_from(nc, g, src, share)
 
     async def _pull_from(self, nc: Client, g: Group, src: Source, share: int = 0) -> None:
         if src.recreate:
@@ -349,7 +351,8 @@ class Consuming:
         except DecodeError:
             # Not ours (published by something else): hand it on as an
             # undecodable event, so the runner dead-letters it with a reason.
-            topic = msg.subject.partition(".")[2]
+            keyed = msg.subject.startswith(f"{self.stream}_k.")
+            topic = msg.subject.split(".", 2 if keyed else 1)[-1]
             env = Envelope(f"nats-{self.stream}-{seq}", topic, None, stored, None, None, msg.data)
         deferrals = g.deferred.pop(seq, 0)
         g.scheduled.pop(seq, None)
@@ -411,9 +414,12 @@ class Consuming:
         lease is released, so that its next owner reads them first."""
         for name in {d.group for d in deliveries} | set(self._groups):
             g = self._groups.get(name)
-            if g is None or g.consuming:
+            if g is None:
                 continue
             mine = [d for d in deliveries if d.group == name]
+            if g.consuming:  # not at stop: as nack(d, 0)
+                await self._hand_back(g, [d.token for d in mine])
+                continue
             back = [d.token for d in (*mine, *g.buffer) if d.token in g.held]
             g.buffer.clear()
             shared = [t for t in back if g.held[t].part is None]
