@@ -401,6 +401,29 @@ async def _kill(t: NatsTransport) -> None:
     await t._nc.close()
 
 
+async def test_keyed_entries_stay_in_their_partition(tmp_path: Path) -> None:
+    """A keyed entry counts in stats and is read through its partition's
+    consumer, a retried one comes back through it, and wait_idle sees it."""
+    with nats_server(tmp_path) as srv:
+        t = await _partitioned(f"{srv.url}?stream=stay", "a", lease=5.0)
+        try:
+            await t.publish([_keyed(1)])
+            assert (await t.stats("g")).backlog == 1
+            batches = t.consume("g", prefetch=10)
+            (d,) = await _take(batches, 1)
+            assert "-p0." in d.token  # $JS.ACK.<stream>.<group>-p0.<...>
+            await t.nack(d, 0.2)
+            (again,) = await _take(batches, 1)
+            assert (again.envelope.id, again.attempt) == (d.envelope.id, 2)
+            assert "-p0." in again.token
+            assert not t.idle
+            await t.ack([again])
+            await asyncio.wait_for(t.wait_idle(), 10)
+            await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            await t.close()
+
+
 async def test_stopping_owner_hands_its_partition_over_in_order(tmp_path: Path) -> None:
     """At stop, deliveries handed back (release) and what the owner fetched
     after its consumer ended reach the next owner first, in stream order,
