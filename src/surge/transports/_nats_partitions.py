@@ -18,7 +18,11 @@ lease/3 while it consumes and lists the live members with one stream-info
 request (purged, not deleted, at leave: no tombstone to skip). The lease
 of partition p is ``l.<durable>.<p>``: taken with ``create`` (only if
 absent), renewed with ``update(last=revision)``, released with
-``delete(last=revision)``; a lease that cannot be renewed is lost.
+``delete(last=revision)``; a lease that cannot be renewed is lost. A
+leaver removes its membership before releasing its leases, and every
+member listens to the bucket's subjects (core NATS): a lease released, or a
+member not seen before, starts a round at once, so a graceful handover
+does not wait for the next lease/3 round.
 
 Order at a handover. JetStream hands a consumer's redeliveries (a NAK, an
 expired AckWait, sorted by sequence) to the next pull before anything new,
@@ -29,9 +33,11 @@ owner starts pulling. Hence:
 - giving up: no new pulls; the lease is released once the partition's pull
   has ended (pulls of a partition are short, ``part_expires``, one at a
   time) and nothing read from it is unsettled;
-- stopping: deliveries handed back (``release``, and what was fetched but
-  not handed out) are NAKed in stream order before the lease is released,
-  so they are the first redeliveries the next owner gets;
+- stopping: deliveries handed back (``release``, what was fetched but not
+  handed out, and what the open pull still brings) are NAKed in stream
+  order once that pull has ended (a NAK while it is open would come
+  straight back to it), and before the lease is released, so they are
+  the first redeliveries the next owner gets;
 - taking over: if the consumer has deliveries pending with someone else
   (the previous owner died, or a late pull reached it) the new owner holds
   what it reads from the partition until the expected redeliveries have
