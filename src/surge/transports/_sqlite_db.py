@@ -560,12 +560,16 @@ class Database:
 
     def next_due(self, gid: int, parts: Iterable[int] = ()) -> float:
         """When the next delivery of ``gid``'s shared queue or of ``parts``
-        may be claimed (inf: none held). One index probe each."""
+        may be claimed (inf: none held). One index probe each (the
+        partitions' only when the group holds keyed rows at all)."""
         conn = self._c
         row = conn.execute(
             "SELECT min(visible_at) FROM deliveries WHERE grp = ? AND part IS NULL", (gid,)
         ).fetchone()
         due = float("inf") if row[0] is None else float(row[0])
+        keyed = "SELECT 1 FROM deliveries WHERE grp = ? AND part >= 0 LIMIT 1"
+        if parts and conn.execute(keyed, (gid,)).fetchone() is None:
+            return due
         for p in parts:
             row = conn.execute(
                 "SELECT min(visible_at) FROM deliveries WHERE grp = ? AND part = ?", (gid, p)
