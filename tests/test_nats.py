@@ -401,6 +401,33 @@ async def _kill(t: NatsTransport) -> None:
     await t._nc.close()
 
 
+async def test_released_come_back_before_newer_messages(tmp_path: Path) -> None:
+    """What a handover relies on: deliveries handed back (release) go to the
+    next pull before newer messages, in stream order. (A plain NAK does not
+    promise that: JetStream may serve a pull before it processed the NAK.)"""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url, lease=30.0)
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            await t.publish([_env(n) for n in range(6)])
+            batches = t.consume("g", prefetch=3)
+            first = await _take(batches, 3)
+            assert [_number(d) for d in first] == [0, 1, 2]
+            await t.ack(first[:1])
+            await t.release(first[:0:-1])
+            seen: list[int] = []
+            async with asyncio.timeout(20):
+                while len(seen) < 5:
+                    batch = await anext(batches)
+                    seen.extend(_number(d) for d in batch)
+                    await t.ack(batch)
+            assert seen == [1, 2, 3, 4, 5]
+            await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            await t.close()
+
+
 async def test_keyed_entries_stay_in_their_partition(tmp_path: Path) -> None:
     """A keyed entry counts in stats and is read through its partition's
     consumer, a retried one comes back through it, and wait_idle sees it."""

@@ -150,8 +150,10 @@ class Consuming:
     heartbeat: float
     pull_expires: float
     part_expires: float
+    ack_timeout: float
     clock: Clock
     codec: Codec
+    _nc: Client | None
     _closed: bool
     _busy: bool
     _groups: dict[str, Group]
@@ -429,8 +431,24 @@ class Consuming:
             g.rebalance.set()
 
     async def _hand_back(self, g: Group, tokens: list[str]) -> None:
-        """NAK ``tokens`` (read from ``g``, not settled) in stream order."""
-        for token in sorted(tokens, key=lambda t: ack_meta(t)[1]):
-            if token in g.held:
-                forget(g, token)
-                await self._send_ack(token, b"-NAK")
+        """NAK ``tokens`` (read from ``g``, not settled) in stream order, and
+        wait until the server has processed them: it takes acks off a queue
+        of their own, so a pull (or a lease released) right after a plain
+        NAK can overtake it and get newer messages first."""
+        back = sorted((t for t in tokens if t in g.held), key=lambda t: ack_meta(t)[1])
+        for token in back:
+            forget(g, token)
+        nc = self._nc
+        if not back or nc is None or nc.is_closed:
+            return
+        # Tasks start in order, so the NAKs go out in order.
+        done = await asyncio.gather(
+            *(nc.request(token, b"-NAK", timeout=self.ack_timeout) for token in back),
+            return_exceptions=True,
+        )
+        failed = [r for r in done if isinstance(r, BaseException)]
+        if failed:
+            # The server redelivers after the lease: at-least-once holds.
+            log.warning(
+                "%d of %d NAKs for %s unconfirmed: %r", len(failed), len(back), g.name, failed[0]
+            )
