@@ -24,11 +24,11 @@ member listens to the bucket's subjects (core NATS): a lease released, or a
 member not seen before, starts a round at once, so a graceful handover
 does not wait for the next lease/3 round.
 
-Order at a handover. JetStream hands a consumer's redeliveries (a NAK, an
-expired AckWait, sorted by sequence) to the next pull before anything new,
-so a partition consumer gives its owner the partition in stream order,
-provided nothing of the previous owner is still outstanding when the new
-owner starts pulling. Hence:
+Order at a handover. JetStream hands a consumer's redeliveries (a NAK it
+has processed, an expired AckWait, sorted by sequence) to the next pull
+before anything new, so a partition consumer gives its owner the partition
+in stream order, provided nothing of the previous owner is still
+outstanding when the new owner starts pulling. Hence:
 
 - giving up: no new pulls; the lease is released once the partition's pull
   has ended (pulls of a partition are short, ``part_expires``, one at a
@@ -36,8 +36,8 @@ owner starts pulling. Hence:
 - stopping: deliveries handed back (``release``, what was fetched but not
   handed out, and what the open pull still brings) are NAKed in stream
   order once that pull has ended (a NAK while it is open would come
-  straight back to it), and before the lease is released, so they are
-  the first redeliveries the next owner gets;
+  straight back to it), each confirmed by the server, and before the lease
+  is released, so they are the first redeliveries the next owner gets;
 - taking over: if the consumer has deliveries pending with someone else
   (the previous owner died, or a late pull reached it) the new owner holds
   what it reads from the partition until the expected redeliveries have
