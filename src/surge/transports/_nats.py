@@ -629,12 +629,19 @@ class NatsTransport(DeadLetters, Consuming):
                 g.balancer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await g.balancer
-        for g in list(self._groups.values()):
-            try:
-                async with asyncio.timeout(self.ack_timeout + self.part_expires):
-                    await _parts.leave(self, g)
-            except (nats.errors.Error, TimeoutError) as exc:
-                log.warning("could not hand over the partitions of %s: %r", g.name, exc)
+        # Hand the partitions over, all groups at once, within a bound: what
+        # is not handed over in time goes to the next owner after the lease.
+        groups = list(self._groups.values())
+        try:
+            async with asyncio.timeout(self.part_expires + 2.0):
+                done = await asyncio.gather(
+                    *(_parts.leave(self, g) for g in groups), return_exceptions=True
+                )
+        except TimeoutError:
+            done = [TimeoutError()]
+        for exc in done:
+            if isinstance(exc, Exception):
+                log.warning("could not hand every partition over at close: %r", exc)
         self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
