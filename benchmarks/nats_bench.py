@@ -18,6 +18,9 @@ handlers throughout:
                         then ``transport.flush()``
 ``surge_drain``         N events already stored, one worker process started:
                         first to last handler start (and launch to last)
+``surge_keyed_drain``   the same with every event published with ``key=`` (1,000
+                        keys): each on its partition's subject, the worker
+                        pulls all 8 partition consumers
 ``raw_latency``         R events/s for S seconds, ``js.publish`` to a
                         ``fetch(100, timeout=1)`` loop in the same process
 ``surge_latency``       R events/s for S seconds, publish call to handler
@@ -294,6 +297,29 @@ async def surge_runs(url: str, n: int, rate: int, seconds: float) -> list[dict[s
     rows.append(
         emit(
             "surge_drain",
+            n,
+            res["last"] - res["first"],
+            launch_to_last_s=round(res["last"] - t_launch, 3),
+        )
+    )
+
+    # the same drain with keyed events (partitions: per-key order across workers)
+    await _declare(url, "s4")
+    app = surge.App("bench", transport=NatsTransport(f"{url}?stream=s4"))
+    async with app:
+        it = iter(enumerate(events))
+
+        async def keyed() -> None:
+            for i, ev in it:
+                await app.publish(ev, key=str(i % 1000))
+
+        await asyncio.gather(*(keyed() for _ in range(64)))
+    t_launch = time.time()
+    proc = await _start_worker(f"{url}?stream=s4", n, "drain")
+    res = await _result(proc)
+    rows.append(
+        emit(
+            "surge_keyed_drain",
             n,
             res["last"] - res["first"],
             launch_to_last_s=round(res["last"] - t_launch, 3),

@@ -14,7 +14,9 @@ Three measurements, all through the real supervisor
              app.publish`` calls go, from this process, while the workers
              handle them: events/s from the first publish to the last
              handling, for synchronous FULL and NORMAL with 1 and 2 workers,
-             and memory:// (publisher and handler in this one process).
+             NORMAL with every event keyed (1,000 keys: partitions, per-key
+             order across workers), and memory:// (publisher and handler in
+             this one process).
 ``latency``  no-op events published at a fixed ``--rate`` per second:
              publish-to-handle latency p50 / p99 (the handler compares the
              wall time carried in the event with its own), same cases.
@@ -123,13 +125,16 @@ async def _drain(url: str, path: Path, n: int, timeout: float = 120.0) -> None:
         await transport.close()
 
 
-async def _publish(url: str, events: Sequence[Job], *, concurrency: int = 64) -> None:
+async def _publish(
+    url: str, events: Sequence[Job], *, concurrency: int = 64, keyed: bool = False
+) -> None:
     producer = surge.App("bench-producer", transport=url)
-    it = iter(events)
+    it = iter(enumerate(events))
 
     async def one() -> None:
-        for ev in it:
-            await producer.publish(ev)
+        for i, ev in it:
+            # keyed: 1,000 keys, each in its partition (per-key order across workers)
+            await producer.publish(ev, key=str(i % 1000) if keyed else None)
 
     async with producer:
         await asyncio.gather(*(one() for _ in range(concurrency)))
@@ -224,7 +229,8 @@ async def rate_case(tmp: Path, name: str, url: str, workers: int, events: int) -
     else:
         async with _Workers(url, workers, path):
             t0 = time.time()
-            await _publish(url, [Job(t=time.time()) for _ in range(events)])
+            jobs = [Job(t=time.time()) for _ in range(events)]
+            await _publish(url, jobs, keyed="keyed" in name)
             await _drain(url, path, events)
     recs = _read(path)
     end = max(h for _, _, h, _ in recs)
@@ -295,6 +301,8 @@ CASES = [
     ("sqlite-full-2w", "sqlite:///{tmp}/{case}.db?synchronous=full", 2),
     ("sqlite-normal-1w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 1),
     ("sqlite-normal-2w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 2),
+    ("sqlite-normal-keyed-1w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 1),
+    ("sqlite-normal-keyed-2w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 2),
 ]
 
 
@@ -321,6 +329,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             print(f"round {r} rate {name}: {res['per_s']:.0f} events/s", flush=True)
             out["rate"].append(res)
         for name, url, workers in order if "latency" in only else ():
+            if "keyed" in name:
+                continue
             with tempfile.TemporaryDirectory() as d:
                 u = url.format(tmp=d, case=name)
                 res = await latency_case(Path(d), name, u, workers, args.lat_events, args.rate)
