@@ -766,10 +766,10 @@ class RedisTransport:
             g = self._group(d.group)
             if b"/" in d.token:
                 g.settled(d.token)
-                if g.own is not None:
+                if g.own is not None and g.active and not self._closed:
                     part = int(d.token.partition(b"/")[0])
-                    if part in g.own.owned and not self._closed:
-                        g.rescan.add(part)  # still ours: deliver it again
+                    if part in g.own.owned:
+                        g.rescan.add(part)  # still ours and read: deliver it again
             else:
                 await self.nack(d, 0.0)
 

@@ -79,14 +79,11 @@ async def consume(t: RedisTransport, group: str, prefetch: int) -> AsyncIterator
                     next_scan = t.clock.monotonic() + t.lease / 2
                     batch = await _reclaim(t, r, g, room)
                 if not batch:
-                    streams = [g.stream]
-                    if g.own is not None:
-                        g.reading = g.own.readable
-                        streams += (g.pstreams[p] for p in sorted(g.reading))
+                    streams, count = _plan_read(g, min(room, t.batch))
                     try:
                         reply = await _cmd(r,
                             "XREADGROUP", "GROUP", group, t.consumer,
-                            "COUNT", min(room, t.batch), "BLOCK", block_ms,
+                            "COUNT", count, "BLOCK", block_ms,
                             "STREAMS", *streams, *(">" for _ in streams),
                         )  # fmt: skip
                         task = asyncio.current_task()
@@ -97,10 +94,21 @@ async def consume(t: RedisTransport, group: str, prefetch: int) -> AsyncIterator
                             # anext() of this generator may run in a task of
                             # its own.)
                             raise asyncio.CancelledError
+                        if reply:
+                            g.spread = len(reply)
                         for stream, entries in reply or ():
                             part = g.pindex.get(stream)
                             prefix = b"" if part is None else b"%d/" % part
                             batch += await deliveries(t, g, entries, None, prefix)
+                    except BaseException:
+                        # The read may have run on the server with its reply
+                        # lost: those entries are pending to us but not held.
+                        # Claim them (in order) before reading these again.
+                        if g.reading:
+                            g.rescan |= g.reading
+                            if g.wake is not None:
+                                g.wake.set()
+                        raise
                     finally:
                         g.reading = frozenset()
             except CONNECTION_ERRORS as exc:
@@ -133,6 +141,28 @@ async def consume(t: RedisTransport, group: str, prefetch: int) -> AsyncIterator
         g.active = False
         if g.wake is not None:
             g.wake.set()
+
+
+def _still_ours(g: GroupState, token: bytes) -> bool:
+    return g.own is not None and int(token.partition(b"/")[0]) in g.own.owned
+
+
+def _plan_read(g: GroupState, room: int) -> tuple[list[str], int]:
+    """The streams of the next read and its COUNT, and ``g.reading``.
+
+    Redis applies COUNT to each stream of a read. When the last read found
+    entries in one stream only (the common case: unkeyed events, or one
+    busy partition), the whole room goes to each stream, for big batches;
+    when it found several, the room is split among them (at least one
+    each). So a consumer holds at most ``prefetch`` plus one per partition
+    it owns, except right after events start flowing into several streams
+    at once (up to ``prefetch`` per stream, for one read)."""
+    parts = sorted(g.own.readable - g.rescan) if g.own is not None else []
+    g.reading = frozenset(parts)
+    streams = [g.stream, *(g.pstreams[p] for p in parts)]
+    if g.spread <= 1:
+        return streams, room
+    return streams, max(1, room // len(streams))
 
 
 async def deliveries(
@@ -256,6 +286,8 @@ async def _maintain(t: RedisTransport, g: GroupState) -> None:
                 by_stream: dict[str, list[bytes]] = {}
                 for token in g.held:
                     stream, entry = g.locate(token)
+                    if b"/" in token and not _still_ours(g, token):
+                        continue  # its partition moved on: let the new owner keep it
                     by_stream.setdefault(stream, []).append(entry)
                 for stream, entries in by_stream.items():
                     await _cmd(r, "XCLAIM", stream, g.name, t.consumer, 0, *entries, "JUSTID")

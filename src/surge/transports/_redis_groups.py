@@ -64,6 +64,7 @@ class GroupState:
         "reading",
         "rescan",
         "room",
+        "spread",
         "stream",
         "wake",
         "zset",
@@ -94,7 +95,8 @@ class GroupState:
         self.own = Ownership(self.parts) if self.parts else None
         self.reading: frozenset[int] = frozenset()  # partitions of the read in flight
         self.backlog: list[Delivery] = []  # claimed from a partition's previous owner
-        self.rescan: set[int] = set()  # owned partitions with entries handed back
+        self.rescan: set[int] = set()  # owned partitions with entries pending, not held
+        self.spread = 1  # how many streams the last read found entries in
 
     def settled(self, token: Any) -> None:
         self.held.pop(token, None)

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 
-from .._transport import Delivery
 from . import _redis_consume as _consume
 from ._redis_groups import GroupState, partition_lease
 
@@ -61,26 +60,27 @@ async def balance(t: RedisTransport, r: aredis.Redis, g: GroupState) -> bool:
     gained = [p for (p, op), ok in zip(ops, done, strict=True) if op == "a" and ok]
     if lost:
         own.lost(lost)
+        g.rescan -= set(lost)  # the next owner claims what is pending there
     for p in gained:
         # What the previous owner left unsettled comes before anything new.
-        g.backlog.extend(await claim_pending(t, r, g, p))
+        await claim_pending(t, r, g, p)
         own.acquired((p,))
-    for p in list(g.rescan):
-        g.rescan.discard(p)
-        if p in own.owned:
-            g.backlog.extend(await claim_pending(t, r, g, p))
+    if leaving:
+        g.rescan.clear()  # nobody reads a backlog now: the next owner claims them
+    for p in sorted(g.rescan):
+        if p in own.owned and p not in own.releasing:
+            await claim_pending(t, r, g, p)
+        g.rescan.discard(p)  # only once claimed: a failure leaves it for the next round
     if g.backlog and g.room is not None and not g.room.done():
         g.room.set_result(None)  # wake a consumer waiting for room: there is work
     return len(gained) < len(acquire) or bool(own.releasing)
 
 
-async def claim_pending(
-    t: RedisTransport, r: aredis.Redis, g: GroupState, p: int
-) -> list[Delivery]:
-    """Every unsettled entry of partition ``p`` not held here, oldest first."""
+async def claim_pending(t: RedisTransport, r: aredis.Redis, g: GroupState, p: int) -> None:
+    """Every unsettled entry of partition ``p`` not held here, oldest first,
+    onto the group's backlog (page by page: a failure keeps what was taken)."""
     stream = g.pstreams[p]
     prefix = b"%d/" % p
-    out: list[Delivery] = []
     start = "-"
     while True:
         pending: Any = await r.execute_command(  # type: ignore[no-untyped-call]
@@ -91,9 +91,9 @@ async def claim_pending(
             claimed: Any = await r.execute_command(  # type: ignore[no-untyped-call]
                 "XCLAIM", stream, g.name, t.consumer, 0, *counts
             )
-            out.extend(await _consume.deliveries(t, g, claimed, counts, prefix))
+            g.backlog.extend(await _consume.deliveries(t, g, claimed, counts, prefix))
         if len(pending) < _CLAIM_PAGE:
-            return out
+            return
         start = "(" + pending[-1][0].decode()
 
 
@@ -101,14 +101,16 @@ async def leave(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
     """Give up every partition and the membership (at close)."""
     own = g.own
     assert own is not None
-    parts = sorted(own.owned)
-    if parts:
-        await t._scripts["own"](
-            keys=[partition_lease(t.prefix, g.name, p) for p in parts],
-            args=[t.consumer, int(t.lease * 1000), *("d" for _ in parts)],
-            client=r,
-        )
-        own.lost(parts)
+    # Every partition, not only those we know we own: a lease taken by a
+    # round that close() cancelled before it saw the reply is ours too. The
+    # script deletes a lease only if it is ours.
+    parts = range(own.partitions)
+    await t._scripts["own"](
+        keys=[partition_lease(t.prefix, g.name, p) for p in parts],
+        args=[t.consumer, int(t.lease * 1000), *("d" for _ in parts)],
+        client=r,
+    )
+    own.lost(parts)
     await t._scripts["balance"](
         keys=[g.members], args=[t.consumer, int(t.lease * 1000), "1"], client=r
     )
