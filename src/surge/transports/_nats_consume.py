@@ -436,16 +436,21 @@ class Consuming:
         of their own, so a pull (or a lease released) right after a plain
         NAK can overtake it and get newer messages first."""
         back = sorted((t for t in tokens if t in g.held), key=lambda t: ack_meta(t)[1])
-        for token in back:
-            forget(g, token)
         nc = self._nc
         if not back or nc is None or nc.is_closed:
+            for token in back:
+                forget(g, token)
             return
-        # Tasks start in order, so the NAKs go out in order.
-        done = await asyncio.gather(
-            *(nc.request(token, b"-NAK", timeout=self.ack_timeout) for token in back),
-            return_exceptions=True,
-        )
+        # Tasks start in order, so the NAKs go out in order. They count as
+        # settled (forget, which may let a partition go) only once confirmed.
+        try:
+            done = await asyncio.gather(
+                *(nc.request(token, b"-NAK", timeout=self.ack_timeout) for token in back),
+                return_exceptions=True,
+            )
+        finally:
+            for token in back:
+                forget(g, token)
         failed = [r for r in done if isinstance(r, BaseException)]
         if failed:
             # The server redelivers after the lease: at-least-once holds.
