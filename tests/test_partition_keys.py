@@ -113,3 +113,38 @@ async def test_two_keys_for_one_topic_warn(caplog: pytest.LogCaptureFixture) -> 
         async with app:
             pass
     assert any("2 keyed subscriptions with different keys" in r.message for r in caplog.records)
+
+
+class Paid(surge.Event):
+    __topic__ = "keys.paid"
+    __key__ = "order_id"
+    order_id: int
+
+
+async def test_an_event_type_names_its_key_for_publishers_that_do_not_subscribe() -> None:
+    """A process that only publishes (a web front) keys events by the type's
+    ``__key__``, so the workers' partitions still see one key per order."""
+    transport = Partitioned()
+    front = surge.App("front", transport=transport)  # no subscriptions at all
+    async with front:
+        await front.publish(Paid(order_id=41))
+        front.publish_nowait(Paid(order_id=42))
+        await front.publish(Paid(order_id=43), key="explicit")
+    assert [e.key for e in transport.seen] == ["41", "42", "explicit"]
+
+
+def test_a_subscription_defaults_to_the_event_types_key() -> None:
+    app = surge.App("keys")
+
+    @app.on(Paid)
+    async def charge(ev: Paid) -> None:
+        pass
+
+    @app.on(Paid, Placed, name="both")
+    async def both(ev: Paid | Placed) -> None:
+        pass
+
+    key = app.subscriptions["keys.charge"].key
+    assert key is not None
+    assert key(Paid(order_id=5)) == 5
+    assert app.subscriptions["keys.both"].key is None  # the types disagree

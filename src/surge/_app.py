@@ -124,6 +124,7 @@ class App:
         # topic -> the key functions of this app's keyed subscriptions of it,
         # set at start on a partitioned transport (see _partition_keys).
         self._keyers: dict[str, tuple[Callable[[Any], Hashable], ...]] = {}
+        self._partitioned = False
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
 
     # --- declaring -----------------------------------------------------------
@@ -191,6 +192,11 @@ class App:
                 types[t.__topic__] = t
             else:
                 raise ConfigurationError(f"app.on({t!r}): give Event subclasses or topic names")
+        if key is None:
+            # The events' own key (``__key__``), when they agree on one.
+            declared = {tp.__key__ for tp in types.values()}
+            if len(declared) == 1 and len(types) == len(names):
+                key = declared.pop()
         key_fn: Callable[[Any], Hashable] | None
         key_fn = operator.attrgetter(key) if isinstance(key, str) else key
         conc = concurrency if concurrency is not None else self.concurrency
@@ -385,7 +391,7 @@ class App:
             raise Closed(f"app {self.name!r} is {self._state}")
         for mw in self._middleware:
             mw.before_publish(env)
-        if self._keyers:
+        if self._partitioned:
             self._fill_keys((env,))
         self.transport.publish_nowait((env,))
         for mw in reversed(self._middleware):
@@ -426,15 +432,21 @@ class App:
         return {topic: tuple(fns) for topic, fns in keyers.items()}
 
     def _fill_keys(self, envs: Sequence[Envelope]) -> None:
+        """The key to partition by: the publisher's, else the event type's
+        ``__key__`` field, else this app's keyed subscription's key."""
         keyers = self._keyers
         for env in envs:
-            if env.key is None and env.event is not None:
-                fns = keyers.get(env.topic)
-                if fns is not None:
-                    try:
-                        env.key = str(fns[0](env.event))
-                    except Exception:  # the runner reports a failing key function
-                        pass
+            event = env.event
+            if env.key is not None or event is None:
+                continue
+            try:
+                field = type(event).__key__
+                if field is not None:
+                    env.key = str(getattr(event, field))
+                elif (fns := keyers.get(env.topic)) is not None:
+                    env.key = str(fns[0](event))
+            except Exception:  # the runner reports a failing key function
+                pass
 
     async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:
         self._fill_keys(envs)
@@ -557,7 +569,8 @@ class App:
         self._runners.clear()
         self._publish = transport.publish
         self._keyers = self._partition_keys(transport)
-        if self._keyers:
+        self._partitioned = bool(getattr(transport, "partitions", 0))
+        if self._partitioned:
             self._publish = self._publish_keyed
         if not transport.durable and not self._middleware:
             self._put_one = getattr(transport, "put_one", None)

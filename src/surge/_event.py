@@ -31,6 +31,7 @@ if TYPE_CHECKING:
         """Base class of every event: a frozen, typed msgspec Struct."""
 
         __topic__: ClassVar[str]
+        __key__: ClassVar[str | None]
 
         def __init_subclass__(cls, **kwargs: Any) -> None: ...
 
@@ -40,10 +41,14 @@ else:
         """Base class of every event: a frozen, typed msgspec Struct.
 
         The topic defaults to the class name; set ``__topic__`` in the class body
-        to choose another (``__topic__ = "orders.placed"``).
+        to choose another (``__topic__ = "orders.placed"``). ``__key__`` names
+        the field that orders events of this type (``__key__ = "order_id"``):
+        subscriptions default to it, and every publisher sets the envelope's
+        key from it, so order holds across processes (see docs/guarantees.md).
         """
 
         __topic__: ClassVar[str] = ""
+        __key__: ClassVar[str | None] = None
 
         def __init_subclass__(cls, **kwargs: Any) -> None:
             super().__init_subclass__(**kwargs)
