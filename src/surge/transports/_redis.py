@@ -298,54 +298,19 @@ class RedisTransport:
         self._r = r
         self._closed = False
         self._ok()
-        await self._check_partitions(r)
-        await self._sweep(r)
+        await _parts.check_count(self, r)
+        await _admin.sweep(self, r)
         await self._load_registry()
         self._flush_wake = asyncio.Event()
         self._flusher = asyncio.get_running_loop().create_task(
             self._flush_loop(), name="surge-redis-flush"
         )
 
-    async def _check_partitions(self, r: aredis.Redis) -> None:
-        """Keyed envelopes written under one partition count must not be read
-        under another: the first process fixes it for the prefix."""
-        key = self._key("partitions")
-        try:
-            await r.set(key, self.partitions, nx=True)
-            stored = int(await r.get(key) or 0)
-        except Exception as exc:
-            await r.aclose()
-            self._r = None
-            self._closed = True
-            raise self._error(exc, "reading the partition count") from exc
-        if self._asked_partitions is not None and stored != self._asked_partitions:
-            await r.aclose()
-            self._r = None
-            self._closed = True
-            raise ConfigurationError(
-                f"redis prefix {self.prefix!r} has {stored} partitions, not the "
-                f"{self._asked_partitions} asked for: use another prefix to change it"
-            )
-        self.partitions = stored
-
     @property
     def alive_ms(self) -> int:
         """How long an ephemeral group outlives its last renewal (every
         lease/3 while consumed): then the next process to start deletes it."""
         return int(max(10 * self.lease, 1.0) * 1000)
-
-    async def _sweep(self, r: aredis.Redis) -> None:
-        try:
-            n = await self._scripts["sweep"](
-                keys=[self._key("groups"), self._key("groups:v"), self._key("groups:p")],
-                args=[self.prefix],
-                client=r,
-            )
-        except rexc.RedisError as exc:  # housekeeping: never fatal
-            log.warning("redis: could not sweep the inboxes of dead processes: %r", exc)
-            return
-        if n:
-            log.info("redis: removed %d reply inboxes of processes that are gone", n)
 
     def ownership(self, group: str) -> Ownership | None:
         """Which partitions of ``group`` this consumer reads (None: not

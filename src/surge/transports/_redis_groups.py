@@ -10,10 +10,12 @@ the field ``r``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
+import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from .._event import Envelope
@@ -33,7 +35,10 @@ __all__ = (
     "purge",
     "replay",
     "stats",
+    "sweep",
 )
+
+log = logging.getLogger("surge.redis")
 
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 
@@ -221,3 +226,18 @@ async def save_state(self: RedisTransport, key: str, value: bytes) -> None:
         await self._redis().set(self._key(f"state:{key}"), value)
     except rexc.RedisError as exc:
         raise self._error(exc, f"writing state {key!r}") from exc
+
+
+async def sweep(t: RedisTransport, r: aredis.Redis) -> None:
+    """Delete the reply inboxes of processes that died (liveness expired)."""
+    try:
+        n = await t._scripts["sweep"](
+            keys=[t._key("groups"), t._key("groups:v"), t._key("groups:p")],
+            args=[t.prefix],
+            client=r,
+        )
+    except rexc.RedisError as exc:  # housekeeping: never fatal
+        log.warning("redis: could not sweep the inboxes of dead processes: %r", exc)
+        return
+    if n:
+        log.info("redis: removed %d reply inboxes of processes that are gone", n)

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aredis
 
+from .._errors import ConfigurationError
 from . import _redis_consume as _consume
 from ._redis_groups import GroupState, partition_lease
 
 if TYPE_CHECKING:
     from ._redis import RedisTransport
 
-__all__ = ("balance", "claim_pending", "leave")
+__all__ = ("balance", "check_count", "claim_pending", "leave")
 
 _CLAIM_PAGE = 1000
 
@@ -114,3 +115,26 @@ async def leave(t: RedisTransport, r: aredis.Redis, g: GroupState) -> None:
     await t._scripts["balance"](
         keys=[g.members], args=[t.consumer, int(t.lease * 1000), "1"], client=r
     )
+
+
+async def check_count(t: RedisTransport, r: aredis.Redis) -> None:
+    """Keyed envelopes written under one partition count must not be read
+    under another: the first process fixes it for the prefix."""
+    key = t._key("partitions")
+    try:
+        await r.set(key, t.partitions, nx=True)
+        stored = int(await r.get(key) or 0)
+    except Exception as exc:
+        await r.aclose()
+        t._r = None
+        t._closed = True
+        raise t._error(exc, "reading the partition count") from exc
+    if t._asked_partitions is not None and stored != t._asked_partitions:
+        await r.aclose()
+        t._r = None
+        t._closed = True
+        raise ConfigurationError(
+            f"redis prefix {t.prefix!r} has {stored} partitions, not the "
+            f"{t._asked_partitions} asked for: use another prefix to change it"
+        )
+    t.partitions = stored
