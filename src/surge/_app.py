@@ -405,7 +405,8 @@ class App:
 
         A transport with ``partitions`` keeps one key in order across
         processes by routing each keyed envelope to the partition of its
-        ``key``. An envelope published without ``key=`` gets the key of the
+        ``key``. An envelope published without ``key=`` gets its event
+        type's ``__key__`` field or, when the type names none, the key of the
         first keyed subscription of its topic in this app (exact topic names;
         a pattern subscription's key needs ``key=`` at publish).
         """
