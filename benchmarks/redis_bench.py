@@ -131,13 +131,18 @@ def _wait_ready(proc: subprocess.Popen[bytes]) -> None:
 
 
 # --- surge scenarios ----------------------------------------------------------------
-async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
-    prefix = f"b{rnd}"
-    producer = surge.App("bench-producer", transport=RedisTransport(url, prefix=prefix))
+async def _producer(url: str, prefix: str) -> surge.App:
+    """A producer app, once the worker's group exists (so nothing is dropped)."""
     declare = RedisTransport(url, prefix=prefix)
     await declare.start()
     await declare.declare(GROUP, [Tick.__topic__])
     await declare.close()
+    return surge.App("bench-producer", transport=RedisTransport(url, prefix=prefix))
+
+
+async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
+    prefix = f"b{rnd}"
+    producer = await _producer(url, prefix)
     events = [Tick() for _ in range(n)]
     async with producer:
         t0 = time.perf_counter()
@@ -166,11 +171,7 @@ async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, f
 
 async def surge_keyed(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
     prefix = f"k{rnd}"
-    producer = surge.App("bench-producer", transport=RedisTransport(url, prefix=prefix))
-    declare = RedisTransport(url, prefix=prefix)
-    await declare.start()
-    await declare.declare(GROUP, [Tick.__topic__])
-    await declare.close()
+    producer = await _producer(url, prefix)
 
     async def publisher(i: int) -> None:
         for j in range(i, n, 100):

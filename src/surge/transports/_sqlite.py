@@ -588,11 +588,7 @@ class SqliteTransport:
         """Hand back deliveries no handler has seen (the app is stopping):
         visible at once, the attempt not counted, a partition's in its place
         (before later entries, for whoever reads the partition next)."""
-        held = []
-        for d in deliveries:
-            lease = self._lease_of(d)
-            if self._settle_local(lease):
-                held.append((lease.did, lease.token))
+        held = self._settle_all(deliveries)
         if held:
             self._check_open()
             await self._settling(
@@ -615,12 +611,17 @@ class SqliteTransport:
             raise ConfigurationError(f"delivery {d.envelope.id} did not come from {self.url}")
         return lease
 
-    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+    def _settle_all(self, deliveries: Sequence[Delivery]) -> list[tuple[int, int]]:
+        """Settle ``deliveries`` here; (row, lease token) of those not settled before."""
         held = []
         for d in deliveries:
             lease = self._lease_of(d)
             if self._settle_local(lease):
                 held.append((lease.did, lease.token))
+        return held
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        held = self._settle_all(deliveries)
         if held:
             self._check_open()
             await self._settling(self._submit(self._db.ack, held, after=self._after_settle))
