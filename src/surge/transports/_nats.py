@@ -624,11 +624,10 @@ class NatsTransport(DeadLetters, Consuming):
                     await self._pub.flush()
         if self._background:
             await asyncio.wait(list(self._background), timeout=self.ack_timeout)
-        for g in self._groups.values():
-            if g.balancer is not None:
-                g.balancer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await g.balancer
+        balancers = [g.balancer for g in self._groups.values() if g.balancer is not None]
+        for task in balancers:
+            task.cancel()
+        await _ended(balancers, "balancing")
         # Hand the partitions over, all groups at once, within a bound: what
         # is not handed over in time goes to the next owner after the lease.
         groups = list(self._groups.values())
@@ -645,21 +644,35 @@ class NatsTransport(DeadLetters, Consuming):
         self._closed = True
         if self._keeper is not None:
             self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
+            await _ended([self._keeper], "lease keeping")
         for g in self._groups.values():
             g.wake()
             if g.ephemeral:
-                with contextlib.suppress(nats.errors.Error):
-                    await self._js.delete_consumer(self.stream, g.durable)
+                with contextlib.suppress(nats.errors.Error, TimeoutError):
+                    async with asyncio.timeout(self.ack_timeout):
+                        await self._js.delete_consumer(self.stream, g.durable)
         await self._pub.close()
         try:
             await nc.flush(timeout=2)
         except (nats.errors.Error, TimeoutError):
             log.warning("could not flush the last acks to NATS before closing")
-        with contextlib.suppress(nats.errors.Error):
-            await nc.close()
+        with contextlib.suppress(nats.errors.Error, TimeoutError):
+            async with asyncio.timeout(2.0):  # a close never holds up a worker's exit
+                await nc.close()
         self._groups.clear()
+
+
+async def _ended(tasks: list[asyncio.Task[None]], what: str) -> None:
+    """Wait, boundedly, for cancelled ``tasks`` to end: a cancel that a
+    client library swallowed must not hold up a worker's exit."""
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=2.0)
+    if stuck:
+        log.warning("nats: %d %s tasks did not stop at close", len(stuck), what)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure at close is not news
 
 
 def _ssl_context(

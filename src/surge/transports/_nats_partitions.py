@@ -338,8 +338,11 @@ async def balance_loop(t: NatsTransport, g: Group) -> None:
             g.rebalance.set()
 
     sub = await t._nats().subscribe(f"{prefix}*.{g.durable}.*", cb=on_change)
+    task = asyncio.current_task()
     try:
         while not t._closed:
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError  # a cancel a client call swallowed
             g.rebalance.clear()
             try:
                 await balance(t, g)
