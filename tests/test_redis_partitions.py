@@ -21,7 +21,7 @@ from surge.transports._partitions import partition_of
 from surge.transports._redis import RedisTransport
 
 from ._servers import redis_server
-from .conformance._helpers import Reader, body, number
+from .conformance._helpers import Reader, balanced, body, number
 
 pytestmark = pytest.mark.realtime
 
@@ -167,19 +167,7 @@ async def test_two_consumers_split_the_partitions_and_hand_over_on_close(
         assert own_a is not None
         assert own_b is not None
         n = a.partitions
-        async with asyncio.timeout(10):
-            while not (
-                own_a.owned
-                and own_b.owned
-                and sorted([*own_a.owned, *own_b.owned]) == list(range(n))
-            ):
-                await asyncio.wait(
-                    [
-                        asyncio.ensure_future(own_a.changed()),
-                        asyncio.ensure_future(own_b.changed()),
-                    ],
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
+        await balanced([a, b], GROUP, timeout=10)
         assert len(own_a.owned) == len(own_b.owned) == n // 2
         # Keys of b's partitions reach b only.
         keys = [f"k{i}" for i in range(64)]
@@ -239,14 +227,7 @@ async def test_a_stopping_consumer_keeps_a_partition_until_its_handler_ends(
             own_a, own_b = ta.ownership("ord.step"), tb.ownership("ord.step")
             assert own_a is not None
             assert own_b is not None
-            async with asyncio.timeout(10):
-                while len(own_a.owned) + len(own_b.owned) != ta.partitions or not (
-                    own_a.owned and own_b.owned
-                ):
-                    await asyncio.wait(
-                        [asyncio.ensure_future(o.changed()) for o in (own_a, own_b)],
-                        return_when=asyncio.FIRST_COMPLETED,
-                    )
+            await balanced([ta, tb], "ord.step", timeout=10)
             key = next(k for k in (f"k{i}" for i in range(100)) if
                        partition_of(k, ta.partitions) in own_b.owned)  # fmt: skip
             await a.publish(Step(key=key, seq=0))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import msgspec
 
 import surge
 from surge._event import Envelope
+from surge.transports._partitions import Ownership
 
 
 class Item(surge.Event):
@@ -87,3 +88,29 @@ class Reader:
         aclose = getattr(self._it, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+async def balanced(
+    transports: Sequence[surge.Transport], group: str, timeout: float = 30.0
+) -> None:
+    """Wait until the partitions of ``group`` are split among ``transports``:
+    each owns some, none twice, none left over, none being given up."""
+    owns = []
+    for t in transports:
+        own = t.ownership(group)  # type: ignore[attr-defined]
+        assert isinstance(own, Ownership)
+        owns.append(own)
+    parts = owns[0].partitions
+    async with asyncio.timeout(timeout):
+        while True:
+            held = [p for o in owns for p in o.owned]
+            if sorted(held) == list(range(parts)) and all(
+                o.owned and not o.releasing for o in owns
+            ):
+                return
+            waits = [asyncio.ensure_future(o.changed()) for o in owns]
+            try:
+                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for w in waits:
+                    w.cancel()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
 
 import pytest
 
 import surge
-from surge.transports._partitions import Ownership
 
+from ._helpers import balanced
 from .conftest import Case, Factory
 
 GROUP = "conf.step"
@@ -27,32 +26,6 @@ class Step(surge.Event):
     __topic__ = "conf.step"
     key: str
     seq: int
-
-
-def _ownership(t: surge.Transport) -> Ownership:
-    own = t.ownership(GROUP)  # type: ignore[attr-defined]
-    assert isinstance(own, Ownership)
-    return own
-
-
-async def balanced(transports: Sequence[surge.Transport], timeout: float = 30.0) -> None:
-    """Wait until the partitions are split among ``transports``: each owns
-    some, none twice, none left over, none being given up."""
-    owns = [_ownership(t) for t in transports]
-    parts = owns[0].partitions
-    async with asyncio.timeout(timeout):
-        while True:
-            held = [p for o in owns for p in o.owned]
-            if sorted(held) == list(range(parts)) and all(
-                o.owned and not o.releasing for o in owns
-            ):
-                return
-            waits = [asyncio.ensure_future(o.changed()) for o in owns]
-            try:
-                await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for w in waits:
-                    w.cancel()
 
 
 async def test_key_order_across_consumers(
@@ -109,7 +82,7 @@ async def test_key_order_across_consumers(
     async with a, b:
         await c.start()
         try:
-            await balanced([a.transport, b.transport, c.transport])
+            await balanced([a.transport, b.transport, c.transport], GROUP)
             await publish_round(a, 0)
             async with asyncio.timeout(60):
                 await reached[per_round * len(keys)].wait()
@@ -121,7 +94,7 @@ async def test_key_order_across_consumers(
             await publish_round(a, 2)
             async with asyncio.timeout(60):
                 await reached[total].wait()
-            await balanced([a.transport, b.transport, d.transport])
+            await balanced([a.transport, b.transport, d.transport], GROUP)
         finally:
             await c.stop()
             await d.stop()
