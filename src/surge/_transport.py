@@ -9,13 +9,27 @@ time and stays pending until it is acknowledged (at-least-once).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import msgspec
 
 from ._event import Envelope
 
-__all__ = ("DeadLetter", "Delivery", "Transport", "TransportStats", "topic_matches")
+__all__ = (
+    "Capabilities",
+    "DeadLetter",
+    "Delivery",
+    "DirectPut",
+    "HandsBack",
+    "IdleAware",
+    "KeyRouting",
+    "StateStore",
+    "Transport",
+    "TransportStats",
+    "capabilities_of",
+    "topic_matches",
+)
 
 
 class Delivery(msgspec.Struct, gc=False):
@@ -129,6 +143,117 @@ class Transport(Protocol):
     async def stats(self, group: str) -> TransportStats: ...
 
     async def close(self) -> None: ...
+
+
+# --- optional capabilities ----------------------------------------------------
+# The runtime needs only ``Transport``. A transport that can do more says so
+# by implementing one of these small protocols; ``capabilities_of`` resolves
+# them once, when the app starts, and the runtime degrades as each docstring
+# says when one is missing (docs/transports.md: "writing a transport").
+
+
+@runtime_checkable
+class HandsBack(Protocol):
+    """Deliveries fetched but never handled go back without costing an attempt.
+
+    Without it, the runtime hands them back at a stop with ``nack(d, 0)``,
+    which counts a delivery attempt (a handler's retry budget shrinks by one
+    per stop that caught its event in a prefetch buffer).
+    """
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Make ``deliveries`` deliverable again at once, in their place
+        (before later envelopes of their partition), attempt not counted."""
+        ...
+
+
+@runtime_checkable
+class KeyRouting(Protocol):
+    """Keyed envelopes are routed by ``Envelope.key`` into ``partitions``,
+    each read by one consumer at a time, so one key keeps its order across
+    processes.
+
+    With it, the app fills ``Envelope.key`` before publishing (from the
+    event type's ``__key__`` or the topic's keyed subscription); without it,
+    per-key order holds within one process only.
+    """
+
+    partitions: int
+    """How many partitions a group's keyed envelopes are split into (>= 1)."""
+
+
+@runtime_checkable
+class IdleAware(Protocol):
+    """The transport can tell when nothing is left for this process's groups.
+
+    ``App.drain()`` and ``App.stop(drain=True)`` need it; without it they
+    raise ``NotImplementedError``.
+    """
+
+    @property
+    def idle(self) -> bool:
+        """No declared group held an undelivered, unsettled or scheduled
+        envelope at the last look (cheap; may be stale)."""
+        ...
+
+    async def wait_idle(self) -> None:
+        """Return once no declared group holds anything (as ``idle``)."""
+        ...
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Small durable values shared by the processes of an app (trigger slots).
+
+    Without it, triggers keep their last fired slot in the app's memory: a
+    restarted process may fire a slot a second time.
+    """
+
+    async def load_state(self, key: str) -> bytes | None: ...
+
+    async def save_state(self, key: str, value: bytes) -> None: ...
+
+
+@runtime_checkable
+class DirectPut(Protocol):
+    """A synchronous hand-off of one fresh envelope (in-process transports).
+
+    Used by ``App.publish`` / ``publish_nowait`` when no middleware is
+    installed, to skip a coroutine per event.
+    """
+
+    def put_one(self, env: Envelope) -> bool:
+        """Queue ``env`` (a fresh UUIDv7, never a duplicate) if every group
+        has room and return True; else take nothing and return False."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """What a transport can do beyond ``Transport``, resolved once."""
+
+    hands_back: HandsBack | None = None
+    key_routing: KeyRouting | None = None
+    idle: IdleAware | None = None
+    state: StateStore | None = None
+    direct_put: DirectPut | None = None
+
+    @property
+    def partitions(self) -> int:
+        """Partitions of keyed envelopes (0 when the transport has none)."""
+        return 0 if self.key_routing is None else self.key_routing.partitions
+
+
+def capabilities_of(transport: Transport) -> Capabilities:
+    """The optional protocols ``transport`` implements (call once it started:
+    a transport may learn its partition count from its broker)."""
+    return Capabilities(
+        hands_back=transport if isinstance(transport, HandsBack) else None,
+        key_routing=transport if isinstance(transport, KeyRouting) else None,
+        idle=transport if isinstance(transport, IdleAware) else None,
+        state=transport if isinstance(transport, StateStore) else None,
+        direct_put=transport if isinstance(transport, DirectPut) else None,
+    )
 
 
 def topic_matches(pattern: str, topic: str) -> bool:
