@@ -157,7 +157,7 @@ def run_wrk(url: str, method: str, duration: float, connections: int) -> tuple[f
 
 def run_builtin(url: str, method: str, duration: float, connections: int) -> tuple[float, float]:
     from surge._app import run_loop
-    from surge.http import run_load
+    from surge.tools import run_load
 
     body = BODY.encode() if method == "POST" else None
     # about duration seconds at a first guess of 5,000 req/s

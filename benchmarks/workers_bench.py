@@ -4,7 +4,7 @@ Usage: ``python -m benchmarks.workers_bench [--repeat R] [--only cpu,rate,latenc
 (``--help`` for the sizes).
 
 Three measurements, all through the real supervisor
-(:class:`surge._supervisor.Supervisor`) and worker processes:
+(:class:`surge.cli._supervisor.Supervisor`) and worker processes:
 
 ``cpu``      a backlog of events whose handler runs a fixed pure-Python loop
              (``--spin-ms`` of CPU each) drained by 1 worker and by 2 workers
@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import surge
-from surge._supervisor import Supervisor
+from surge.cli._supervisor import Supervisor
 from surge.transports import open_transport
 
 __all__ = ("Job", "app", "main")

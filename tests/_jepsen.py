@@ -16,7 +16,7 @@ still flow. The pieces are public too: :func:`produce`,
 
 What happens:
 
-- A :class:`surge._supervisor.Supervisor` runs ``workers`` processes of
+- A :class:`surge.cli._supervisor.Supervisor` runs ``workers`` processes of
   :data:`app` (this module, :data:`APP_REF`). Its handler appends a line
   ``h,<n>,<pid>,<attempt>`` to a records file *before returning*, so the ack
   always comes after the record. One ``write(2)`` of a short line with
@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import surge
-from surge._supervisor import Supervisor
+from surge.cli._supervisor import Supervisor
 from surge.transports import TransportStats, open_transport
 
 __all__ = (

@@ -18,8 +18,8 @@ import pytest
 from click.testing import CliRunner
 
 import surge
-from surge import _cli
-from surge._cli import main
+from surge.cli import _commands as _cli
+from surge.cli import main
 
 _names = itertools.count()
 
@@ -338,7 +338,7 @@ def test_workers_hand_app_transport_and_http_to_the_supervisor(
     write_app: Callable[[str], str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """--workers N on a shared transport calls run_workers and exits with its code."""
-    supervisor = pytest.importorskip("surge._supervisor")
+    supervisor = pytest.importorskip("surge.cli._supervisor")
     calls: list[tuple[object, ...]] = []
 
     def fake_run_workers(

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import surge
-from surge._supervisor import Supervisor
+from surge.cli._supervisor import Supervisor
 from surge.transports import open_transport
 
 from ._jepsen import (

@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 
 import surge
-from surge.http import Server, fetch
+from surge.http import Server
 from surge.observe import instrument, set_admin_token
+from surge.tools import fetch
 
 pytestmark = pytest.mark.realtime
 

@@ -13,10 +13,10 @@ from click.testing import CliRunner
 from rich.console import Console
 
 import surge
-from surge._cli import main
-from surge._demo import demo, order_amount, print_report
-from surge._demo_http import http_demo, print_http_report
+from surge.cli import main
 from surge.examples import shop
+from surge.tools._demo import demo, order_amount, print_report
+from surge.tools._demo_http import http_demo, print_http_report
 
 
 def _quiet() -> Console:

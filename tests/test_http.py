@@ -14,8 +14,9 @@ import msgspec
 import pytest
 
 import surge
-from surge.http import Limits, Server, bind_socket, fetch, serve
-from surge.http._client import Connection, build_request
+from surge.http import Limits, Server, bind_socket, serve
+from surge.tools import fetch
+from surge.tools._client import Connection, build_request
 from surge.transports import MemoryTransport
 
 pytestmark = pytest.mark.realtime

@@ -13,8 +13,9 @@ import msgspec
 import pytest
 
 import surge
-from surge.http import Limits, Server, run_load
+from surge.http import Limits, Server
 from surge.http._ingress import ASGIApp
+from surge.tools import run_load
 
 pytestmark = pytest.mark.realtime
 
@@ -78,7 +79,7 @@ async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
         client = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            "from surge.http._load import load; load()",
+            "from surge.cli._load import load; load()",
             f"{server.url}/orders",
             f"--requests={total}",
             f"--concurrency={total}",

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 import surge
-from surge.http import Response, Server, run_load
+from surge.http import Server
+from surge.tools import Response, run_load
 
 pytestmark = pytest.mark.realtime
 

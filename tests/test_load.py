@@ -12,8 +12,9 @@ import msgspec
 import pytest
 
 import surge
-from surge.http import LoadReport, Server, bind_socket, run_load
-from surge.http._chart import render_chart
+from surge.http import Server, bind_socket
+from surge.tools import LoadReport, run_load
+from surge.tools._chart import render_chart
 
 pytestmark = pytest.mark.realtime
 
@@ -117,7 +118,7 @@ async def test_cli_prints_a_json_report_and_writes_the_chart(tmp_path: Path) -> 
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            "from surge.http._load import load; load()",
+            "from surge.cli._load import load; load()",
             f"{server.url}/hit",
             "-n",
             "50",
@@ -145,7 +146,7 @@ async def test_cli_prints_a_readable_table(tmp_path: Path) -> None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-c",
-            "from surge.http._load import load; load()",
+            "from surge.cli._load import load; load()",
             f"{server.url}/hit",
             "-n",
             "20",

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 import surge
-from surge._supervisor import Supervisor
+from surge.cli._supervisor import Supervisor
 from surge.observe import (
     BUCKETS,
     METRICS_DIR_ENV,

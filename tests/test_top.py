@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 import surge
-from surge._cli import main
+from surge.cli import main
 from surge.http import Server
 from surge.observe import instrument
 from surge.transports import open_transport

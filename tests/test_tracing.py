@@ -14,8 +14,9 @@ from opentelemetry.trace import SpanKind, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 import surge
-from surge.http import Server, fetch
+from surge.http import Server
 from surge.observe import trace
+from surge.tools import fetch
 
 pytestmark = pytest.mark.realtime
 

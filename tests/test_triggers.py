@@ -18,7 +18,7 @@ import pytest
 import surge
 from surge import VirtualClock
 from surge._event import Envelope
-from surge._supervisor import Supervisor
+from surge.cli._supervisor import Supervisor
 from surge.transports import MemoryTransport
 
 from ._jepsen import wait_for

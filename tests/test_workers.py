@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import surge
-from surge._supervisor import EX_CONFIG, Supervisor, check_workers, load_app, run_workers
+from surge.cli._supervisor import EX_CONFIG, Supervisor, check_workers, load_app, run_workers
 
 from ._jepsen import APP_REF, GROUP, drain, group_stats, produce, read_records, wait_for, worker_env
 from ._servers import free_port
@@ -48,7 +48,7 @@ async def test_sigterm_drains_in_flight_handlers(tmp_path: Path, sig: signal.Sig
     records = tmp_path / "r.txt"
     env = worker_env(records, delay=1.0, starts=True, shutdown_timeout=5.0)
     code = (
-        "import sys; from surge._supervisor import run_workers; "
+        "import sys; from surge.cli._supervisor import run_workers; "
         f"sys.exit(run_workers({APP_REF!r}, {url!r}, 2))"
     )
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
@@ -208,7 +208,7 @@ async def test_workers_drain_when_the_supervisor_dies(tmp_path: Path) -> None:
     env = worker_env(records)
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     code = (
-        "import sys; from surge._supervisor import run_workers; "
+        "import sys; from surge.cli._supervisor import run_workers; "
         f"sys.exit(run_workers({APP_REF!r}, {url!r}, 2))"
     )
     proc = await asyncio.create_subprocess_exec(sys.executable, "-c", code, env=env)

@@ -1,6 +1,6 @@
 """``python -m surge``: the same as the ``surge`` command."""
 
-from surge._cli import main
+from surge.cli import main
 
 # The guard matters: process pools start by importing __main__ again.
 if __name__ == "__main__":

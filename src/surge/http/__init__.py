@@ -1,4 +1,4 @@
-"""HTTP for surge apps: the ingress, its server, and a load generator.
+"""HTTP for surge apps: the ingress and its server.
 
 Routes turn requests into events::
 
@@ -27,23 +27,17 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         f"surge.http needs the http extra ({exc.name} is missing): pip install 'surge[http]'"
     ) from exc
 
-from ._client import Response, fetch
 from ._config import Limits
 from ._ingress import HttpStats, Ingress, Route
-from ._load import LoadReport, run_load
 from ._server import Server, bind_socket, run, serve
 
 __all__ = (
     "HttpStats",
     "Ingress",
     "Limits",
-    "LoadReport",
-    "Response",
     "Route",
     "Server",
     "bind_socket",
-    "fetch",
     "run",
-    "run_load",
     "serve",
 )

@@ -2,7 +2,7 @@
 
 ``surge run app:app --transport sqlite:///app.db --workers N`` calls
 :func:`run_workers`. The supervisor starts N processes running
-``python -m surge._supervisor worker``; each imports the app by its
+``python -m surge.cli._supervisor worker``; each imports the app by its
 ``module:attr`` reference, switches it to the shared transport and runs it.
 Workers compete for deliveries on that transport, so the transport must be
 one that several processes share (sqlite, redis, nats; never memory).
@@ -41,11 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ._clock import Clock, RealClock
-from ._errors import ConfigurationError
+from .._clock import Clock, RealClock
+from .._errors import ConfigurationError
 
 if TYPE_CHECKING:
-    from ._app import App
+    from .._app import App
 
 __all__ = ("EX_CONFIG", "Supervisor", "WorkerSpec", "check_workers", "load_app", "run_workers")
 
@@ -74,7 +74,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
 # --- loading and checking ----------------------------------------------------
 def load_app(ref: str) -> App:
     """The :class:`App` named by ``ref`` (``"package.module:attr"``)."""
-    from ._app import App
+    from .._app import App
 
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
@@ -270,7 +270,7 @@ class Supervisor:
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "surge._supervisor",
+                "surge.cli._supervisor",
                 "worker",
                 stdin=asyncio.subprocess.PIPE,
                 pass_fds=(write_fd,),
@@ -473,7 +473,7 @@ def _serve_http(app: App, host: str, port: int, ready: Callable[[object], object
     serve: Any = importlib.import_module("surge.http").serve
     result = serve(app, host=host, port=port, reuse_port=True, ready=ready)
     if asyncio.iscoroutine(result):
-        from ._app import run_loop
+        from .._app import run_loop
 
         run_loop(result)
 
@@ -526,7 +526,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args != ["worker"] or _ENV not in os.environ:
         print(
-            "usage: SURGE_WORKER='{...}' python -m surge._supervisor worker "
+            "usage: SURGE_WORKER='{...}' python -m surge.cli._supervisor worker "
             "(started by 'surge run --workers N', not by hand)",
             file=sys.stderr,
         )

@@ -36,16 +36,16 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
+from .._event import new_id
+from ..examples import shop
 from ._demo import (
     DemoReport,
-    _Tracker,
+    Tracker,
     dead_order_numbers,
     order_amount,
     pipeline_report,
     print_report,
 )
-from ._event import new_id
-from .examples import shop
 
 __all__ = ("HttpDemoReport", "http_demo", "print_http_report", "run_http_demo")
 
@@ -166,13 +166,15 @@ async def _http_demo(
     client: str,
     max_in_flight: int,
 ) -> HttpDemoReport:
-    from .http import Limits, LoadReport, Response, Server, run_load
-    from .http._chart import write_chart
+    from ..http import Limits, Server
+    from ._chart import write_chart
+    from ._client import Response
+    from ._load import LoadReport, run_load
 
     app = shop.make_app(transport=transport, http=True)
     clock = app.clock
     run = new_id()[-10:]
-    tracker = _Tracker(run, requests, clock.time)
+    tracker = Tracker(run, requests, clock.time)
     app.on(shop.OrderShipped, name="delivered", concurrency=64)(tracker.delivered)
     subs = list(app.subscriptions.values())
     reviewed = sum(1 for i in range(requests) if order_amount(i) >= shop.REVIEW_THRESHOLD)
@@ -207,7 +209,7 @@ async def _http_demo(
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "surge._demo_http",
+            "surge.tools._demo_http",
             *args,
             stdout=asyncio.subprocess.PIPE,
             limit=1 << 24,  # the result line holds a byte per request
@@ -394,11 +396,11 @@ def run_http_demo(
     client: str = "process",
 ) -> HttpDemoReport:
     """Run :func:`http_demo` on a new loop and print its report."""
-    from ._app import run_loop
-    from .http._load import _raise_fd_limit
+    from .._app import run_loop
+    from ._load import raise_fd_limit
 
     console = console or Console()
-    _raise_fd_limit(concurrency + 512)
+    raise_fd_limit(concurrency + 512)
     report = run_loop(
         http_demo(
             requests=requests,
@@ -417,7 +419,8 @@ def run_http_demo(
 async def _client_main(url: str, requests: int, concurrency: int, run: str, timeout: float) -> None:
     """The child process's side: run the load, report progress lines
     (``P answered accepted``) and then the result (``R json``) on stdout."""
-    from .http import Response, run_load
+    from ._client import Response
+    from ._load import run_load
 
     accepted = bytearray(requests)
     counts = [0, 0]
@@ -456,9 +459,7 @@ async def _client_main(url: str, requests: int, concurrency: int, run: str, time
 
 
 if __name__ == "__main__":  # the load generator's process (client="process")
-    from ._app import run_loop
-    from .http._load import _raise_fd_limit
+    from .._app import run_loop
 
     _url, _n, _c, _run, _timeout = sys.argv[1:6]
-    _raise_fd_limit(int(_c) + 256)
     run_loop(_client_main(_url, int(_n), int(_c), _run, float(_timeout)))

@@ -28,20 +28,20 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from ._errors import ConfigurationError, SurgeError
+from .._errors import ConfigurationError, SurgeError
 
 if TYPE_CHECKING:
-    from ._app import App
-    from ._transport import DeadLetter
+    from .._app import App
+    from .._transport import DeadLetter
 
-__all__ = ("load_app", "main")
+__all__ = ("command_app", "load_app", "main")
 
 T = TypeVar("T")
 
 # name -> (module, attribute, what it does): commands other modules provide
 _LAZY: dict[str, tuple[str, str, str]] = {
-    "load": ("surge.http._load", "load", "Drive HTTP load at a running app."),
-    "top": ("surge.observe._top", "top", "A live terminal view of a running app."),
+    "load": ("surge.cli._load", "load", "Drive HTTP load at a running app."),
+    "top": ("surge.cli._top", "top", "A live terminal view of a running app."),
 }
 
 
@@ -66,7 +66,7 @@ class _Group(click.Group):
         try:
             found = getattr(importlib.import_module(module), attr)
         except ImportError as exc:
-            hint = "; try: pip install 'surge[http]'" if module.startswith("surge.http") else ""
+            hint = "; try: pip install 'surge[http]'" if cmd_name == "load" else ""
             return _unavailable(cmd_name, help_text, f"{exc}{hint}")
         except Exception as exc:  # a broken optional module must not break the CLI
             return _unavailable(cmd_name, help_text, f"{type(exc).__name__}: {exc}")
@@ -107,7 +107,9 @@ def load_app(ref: str) -> App:
     return load(ref)
 
 
-def _load(ref: str, transport: str | None) -> App:
+def command_app(ref: str, transport: str | None) -> App:
+    """The app ``ref`` for a command, on ``transport`` when given; a
+    ClickException saying why when it cannot be loaded."""
     try:
         app = load_app(ref)
         if transport is not None:
@@ -134,7 +136,7 @@ def _host_port(value: str | None) -> tuple[str, int] | None:
 
 
 def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
-    from ._app import run_loop
+    from .._app import run_loop
 
     async def main() -> T:
         return await coro_fn()
@@ -161,7 +163,7 @@ def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    app = _load(app_ref, transport)
+    app = command_app(app_ref, transport)
     url = _transport_url(app, transport)
     if workers > 1:
         if url.split("://", 1)[0] == "memory":
@@ -171,7 +173,7 @@ def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> 
                 "redis:// / nats:// (many), or run with --workers 1"
             )
         try:
-            supervisor = importlib.import_module("surge._supervisor")
+            supervisor = importlib.import_module("surge.cli._supervisor")
         except ImportError as exc:
             raise click.ClickException(
                 f"--workers is unavailable: the supervisor module cannot be imported ({exc})"
@@ -275,15 +277,15 @@ def demo(
     from coroutines in its own process instead."""
     try:
         if in_process:
-            from ._demo import run_demo
+            from ..tools import run_demo
 
             ok = run_demo(
                 events=events, producers=producers, transport=transport, progress=progress
             ).ok
         else:
             try:
-                from ._demo_http import run_http_demo
-                from .http import Server  # noqa: F401 - needs the http extra
+                from ..http import Server  # noqa: F401 - needs the http extra
+                from ..tools import run_http_demo
             except ImportError as exc:
                 raise click.ClickException(f"{exc} (or run `surge demo --in-process`)") from None
             ok = run_http_demo(
@@ -326,7 +328,7 @@ async def _letters(app: App, subscription: str | None, ids: Sequence[str]) -> li
 def _with_transport(app_ref: str, transport: str | None, work: Callable[[App], Awaitable[T]]) -> T:
     """Open the app's transport (declaring nothing, consuming nothing), run
     ``work``, close it."""
-    app = _load(app_ref, transport)
+    app = command_app(app_ref, transport)
 
     async def go() -> T:
         await app.transport.start()

@@ -25,7 +25,7 @@ __all__ = ("fetch_stats", "render", "top")
 
 async def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:
     """The JSON of ``url``'s ``/_surge/stats``."""
-    from ..http import fetch
+    from ..tools import fetch
 
     base = url.rstrip("/")
     if base.endswith("/_surge"):
@@ -96,9 +96,9 @@ class _TransportReader:
     """Stats of an app read from its transport, for ``surge top module:app``."""
 
     def __init__(self, app_ref: str, transport: str | None) -> None:
-        from .._cli import _load
+        from ._commands import command_app
 
-        self.app = _load(app_ref, transport)
+        self.app = command_app(app_ref, transport)
         self._last: tuple[float, dict[str, int]] | None = None
 
     async def start(self) -> None:

@@ -27,9 +27,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ._app import App, Subscription
-from ._event import event_type, new_id
-from .examples import shop
+from .._app import App, Subscription
+from .._event import event_type, new_id
+from ..examples import shop
 
 __all__ = ("DemoReport", "StageReport", "demo", "order_amount", "run_demo")
 
@@ -74,7 +74,7 @@ def order_amount(i: int) -> float:
     return (i * 7919) % 100_000 / 100
 
 
-class _Tracker:
+class Tracker:
     """Counts shipped orders of this run by their number."""
 
     def __init__(self, run: str, events: int, now: Callable[[], float]) -> None:
@@ -158,7 +158,7 @@ async def _demo(
     app = shop.make_app(transport=transport, **{"http": False, **(app_options or {})})
     clock = app.clock
     run = new_id()[-10:]
-    tracker = _Tracker(run, events, clock.time)
+    tracker = Tracker(run, events, clock.time)
     app.on(shop.OrderShipped, name="delivered", concurrency=64)(tracker.delivered)
     subs = list(app.subscriptions.values())
     expected = {s.name: events for s in subs}
@@ -265,7 +265,7 @@ async def _demo(
     )  # fmt: skip
 
 
-async def dead_order_numbers(app: App, tracker: _Tracker) -> set[int]:
+async def dead_order_numbers(app: App, tracker: Tracker) -> set[int]:
     """The numbers of this run's orders that ended in the dead letters."""
     dead_ids: set[int] = set()
     for letter in await app.dead_letters():
@@ -280,7 +280,7 @@ async def dead_order_numbers(app: App, tracker: _Tracker) -> set[int]:
 
 
 def pipeline_report(
-    app: App, subs: Sequence[Subscription], tracker: _Tracker, dead_ids: set[int], *,
+    app: App, subs: Sequence[Subscription], tracker: Tracker, dead_ids: set[int], *,
     events: int, producers: int, transport: str, elapsed: float, lost: int,
 ) -> DemoReport:  # fmt: skip
     """The pipeline half of a demo's report, from the app's counters."""
@@ -364,7 +364,7 @@ def run_demo(
     progress: bool = True,
 ) -> DemoReport:
     """Run :func:`demo` on a new loop and print its report."""
-    from ._app import run_loop
+    from .._app import run_loop
 
     console = console or Console()
     report = run_loop(
