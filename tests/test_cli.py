@@ -146,7 +146,7 @@ def test_version_and_help_list_the_commands() -> None:
 def _transports() -> list[str]:
     kinds = ["memory"]
     try:
-        importlib.import_module("surge.transports._sqlite")
+        importlib.import_module("surge.transports.sqlite")
     except ImportError:
         pass  # not written yet on this branch: memory alone then
     else:

@@ -15,7 +15,7 @@ import surge
 from surge._event import Envelope
 from surge.transports import open_transport
 from surge.transports._partitions import partition_of
-from surge.transports._sqlite import SqliteTransport
+from surge.transports.sqlite import SqliteTransport
 
 from .conformance._helpers import Item, Reader, body, env, number
 
@@ -55,14 +55,7 @@ def keyed(n: int, key: str) -> Envelope:
 async def _kill(t: SqliteTransport) -> None:
     """What SIGKILL leaves: the membership, the partitions and the leases
     stay in the file as they were, nothing is handed back."""
-    t._closed = True
-    tasks = [m.task for m in t._members.values() if m.task is not None]
-    if t._ticker is not None:
-        tasks.append(t._ticker)
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    await t._stop_thread()
+    await t.abandon()
 
 
 async def _owns_all(t: SqliteTransport, group: str, reader: Reader) -> None:
@@ -440,12 +433,7 @@ async def test_wal_and_synchronous_levels(tmp_path: Path) -> None:
         assert isinstance(t, SqliteTransport)
         await t.start()
         try:
-            conn = t._db.conn
-            assert conn is not None
-            got = await t._submit(
-                lambda c=conn: c.execute("PRAGMA synchronous").fetchone()[0], write=False
-            )
-            assert got == code
+            assert await t.pragma("synchronous") == code
         finally:
             await t.close()
         assert _count(tmp_path / f"{level}.db", "PRAGMA auto_vacuum") == 2

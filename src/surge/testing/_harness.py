@@ -13,7 +13,7 @@ from .._context import Context
 from .._event import Envelope, Event
 from .._middleware import Middleware
 from .._transport import DeadLetter, Delivery
-from ..transports._memory import MemoryTransport
+from ..transports import MemoryTransport
 
 __all__ = ("Faults", "FaultyTransport", "Harness", "InjectedFault")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._errors import ConfigurationError
 from .._transport import DeadLetter, Delivery, Transport, TransportStats
-from ._memory import MemoryTransport
+from .memory import MemoryTransport
 
 __all__ = (
     "DeadLetter",
@@ -29,8 +29,8 @@ __all__ = (
 
 # scheme -> (module, class name, the extra that brings its dependencies)
 _SCHEMES: dict[str, tuple[str, str, str | None]] = {
-    "memory": ("surge.transports._memory", "MemoryTransport", None),
-    "sqlite": ("surge.transports._sqlite", "SqliteTransport", None),
+    "memory": ("surge.transports.memory", "MemoryTransport", None),
+    "sqlite": ("surge.transports.sqlite", "SqliteTransport", None),
     "redis": ("surge.transports._redis", "RedisTransport", "redis"),
     "rediss": ("surge.transports._redis", "RedisTransport", "redis"),
     "nats": ("surge.transports._nats", "NatsTransport", "nats"),

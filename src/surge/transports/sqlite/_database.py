@@ -1,35 +1,18 @@
-"""The SQLite side of ``sqlite://``: schema, checks and the statements
-(those of partitions and their owners are in :mod:`._sqlite_partitions`).
+"""The statements of ``sqlite://``, run on the one thread that owns the connection.
 
-Everything here runs on the transport's own thread, which owns the one
-connection; the transport batches queued calls into one transaction
-(:meth:`Database.run`). Tables:
-
-``meta``          magic, schema version, the next event seq, groups version,
-                  the partition count
-``groups``        one row per consumer group: its topic patterns
-``messages``      the events: seq, id, topic, key, time, headers, body
-``deliveries``    one row per (group, event) until settled; ``visible_at`` is
-                  when it may be claimed (publish time, ``not_before``, a
-                  nack's delay, or a lease's end while ``token`` is set);
-                  ``part`` is the partition of a keyed event (NULL: the
-                  group's shared queue)
-``dead_letters``  what groups gave up on
-``seen``          derived ids published within the dedup window
-``members``       the live consumers of each group (see _sqlite_partitions)
-``owners``        who holds each partition of each group, until when
-
-Schema version 2 added ``part``, ``members`` and ``owners``; a version 1
-file is upgraded in place when it is opened (its deliveries stay in the
-shared queues, where they were).
+:class:`Database` holds the connection and every statement the transport
+runs: events, deliveries and their leases, dead letters, trigger state,
+compaction, and the rows of partition ownership (``members``, ``owners``).
+Nothing here touches the event loop: the loop's side hands calls over as
+:class:`Job` values (``_thread``), and :meth:`Database.run` runs a batch of
+them in one transaction, so publishes queued together share one commit.
+The tables are described, created and upgraded in ``_schema``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
-import queue
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -37,78 +20,46 @@ from typing import Any
 
 import msgspec
 
-from .._errors import ConfigurationError, SurgeError, TransportError
-from .._event import Envelope
-from .._transport import DeadLetter, Delivery, topic_matches
-from ._partitions import partition_of
-from ._sqlite_partitions import CLAIM, SCHEMA, UPGRADE_1, claim_rows, keep_count
+from ..._errors import ConfigurationError, SurgeError, TransportError
+from ..._event import Envelope
+from ..._transport import DeadLetter, Delivery, topic_matches
+from .._partitions import assignment, partition_of
+from ._schema import prepare
 
-__all__ = ("Database", "Row", "translate")
+__all__ = ("Database", "Job", "Row", "translate")
 
-MAGIC = "surge-sqlite"
-VERSION = 2
 _CHUNK = 500  # SQL variables per IN (...) list
 _COMPACT_CHUNK = 50_000
 
 Row = tuple[str, str, str | None, float, bytes | None, bytes, float | None]
 
-_SCHEMA = """
-CREATE TABLE meta (key TEXT PRIMARY KEY, value) WITHOUT ROWID;
-CREATE TABLE groups (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    patterns TEXT NOT NULL,
-    ephemeral INTEGER NOT NULL DEFAULT 0,
-    alive_until REAL
-);
-CREATE TABLE messages (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    key TEXT,
-    time REAL NOT NULL,
-    headers BLOB,
-    body BLOB NOT NULL,
-    not_before REAL
-);
-CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY,
-    grp INTEGER NOT NULL,
-    msg INTEGER NOT NULL,
-    visible_at REAL NOT NULL,
-    attempt INTEGER NOT NULL DEFAULT 0,
-    token INTEGER,
-    first_time REAL,
-    part INTEGER
-);
-CREATE INDEX deliveries_msg ON deliveries (msg);
-CREATE TABLE dead_letters (
-    grp INTEGER NOT NULL,
-    id TEXT NOT NULL,
-    topic TEXT NOT NULL,
-    key TEXT,
-    headers BLOB,
-    body BLOB NOT NULL,
-    error_type TEXT NOT NULL,
-    error TEXT NOT NULL,
-    traceback TEXT NOT NULL,
-    attempts INTEGER NOT NULL,
-    first_attempt_at REAL NOT NULL,
-    failed_at REAL NOT NULL,
-    PRIMARY KEY (grp, id)
-);
-CREATE TABLE seen (id TEXT PRIMARY KEY, time REAL NOT NULL) WITHOUT ROWID;
-CREATE INDEX seen_time ON seen (time);
-"""
+# (live members, partitions still held, (partition, readable from) taken)
+Step = tuple[list[str], list[int], list[tuple[int, float]]]
 
-
-def _script(conn: sqlite3.Connection, script: str) -> None:
-    """Run ``script``'s statements inside the caller's transaction
-    (``executescript`` would commit it)."""
-    for statement in script.split(";"):
-        if statement.strip():
-            conn.execute(statement)
-
+# The claim of the shared queue (the one statement of an unkeyed claim)...
+_CLAIM = (
+    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+    "WHERE grp = ? AND part IS NULL AND visible_at <= ? ORDER BY visible_at, id LIMIT ?) "
+    "RETURNING id, msg, attempt, first_time, part"
+)
+# ... and of a partition: its oldest visible rows in publish (row) order, so
+# that what its last owner left comes before what was published after it.
+_CLAIM_PART = (
+    "UPDATE deliveries SET visible_at = ?, token = ?, attempt = attempt + 1, "
+    "first_time = coalesce(first_time, ?) WHERE id IN (SELECT id FROM deliveries "
+    "INDEXED BY deliveries_part WHERE grp = ? AND part = ? AND visible_at <= ? "
+    "ORDER BY id LIMIT ?) RETURNING id, msg, attempt, first_time, part"
+)
+# The partitions a claim may read: held by ``me`` (the lease decides, not
+# the caller's view of it, which may be stale) and holding a visible row,
+# so that a claim of the shared queue alone costs what it did (the first
+# EXISTS, one probe, answers at once for a group without keyed rows).
+_LIVE = (
+    "SELECT part FROM owners o WHERE EXISTS (SELECT 1 FROM deliveries WHERE grp = ?1 "
+    "AND part >= 0) AND grp = ?1 AND owner = ?2 AND until > ?3 AND EXISTS "
+    "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?3)"
+)
 
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
@@ -148,9 +99,6 @@ class Job:
         self.error: BaseException | None = None
 
 
-STOP: Any = object()  # the job that closes the connection and ends the thread
-
-
 class Database:
     """One connection, owned by one thread, and the statements run on it."""
 
@@ -186,37 +134,6 @@ class Database:
         self._turn = 0
 
     # --- transactions --------------------------------------------------------
-    def serve(
-        self,
-        jobs_q: queue.SimpleQueue[Job],
-        loop: asyncio.AbstractEventLoop,
-        done: Callable[[list[Job]], None],
-    ) -> None:
-        """The connection's thread: run what is queued, batch by batch, and
-        hand each batch back to ``loop`` (``done``) until :data:`STOP`."""
-        while True:
-            jobs = [jobs_q.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    jobs.append(jobs_q.get_nowait())
-            stop = any(j.fn is STOP for j in jobs)
-            work = [j for j in jobs if j.fn is not STOP]
-            try:
-                if work:
-                    self.run(work)
-                if stop:
-                    self.close()
-            except BaseException as exc:  # a bug here must not strand the waiters
-                for job in work:
-                    if job.error is None:
-                        job.error = exc
-            try:
-                loop.call_soon_threadsafe(done, jobs)
-            except RuntimeError:  # the loop is gone: nobody waits any more
-                return
-            if stop:
-                return
-
     def run(self, jobs: list[Job]) -> None:
         """Run ``jobs`` (fn, args, write; result, error) in one transaction.
 
@@ -332,7 +249,7 @@ class Database:
                 conn.execute(f"PRAGMA max_page_count = {max(16, self.max_size // page)}")
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self._schema(conn)
+                prepare(conn, path, self.partitions)
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
@@ -340,44 +257,16 @@ class Database:
         except sqlite3.DatabaseError as exc:
             raise translate(path, exc) from None
 
-    def _schema(self, conn: sqlite3.Connection) -> None:
-        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
-        if not tables:
-            _script(conn, _SCHEMA + SCHEMA)
-            conn.executemany(
-                "INSERT INTO meta (key, value) VALUES (?, ?)",
-                [
-                    ("magic", MAGIC),
-                    ("version", VERSION),
-                    ("seq", 0),
-                    ("groups", "0"),
-                    ("partitions", self.partitions),
-                ],
-            )
-            return
-        magic = None
-        if "meta" in tables:
-            row = conn.execute("SELECT value FROM meta WHERE key = 'magic'").fetchone()
-            magic = row and row[0]
-        if magic != MAGIC:
-            raise ConfigurationError(
-                f"{self.path} is not a surge database (an SQLite file with tables "
-                f"{sorted(tables)[:5]})"
-            )
-        version = conn.execute("SELECT value FROM meta WHERE key = 'version'").fetchone()[0]
-        if version == 1:
-            _script(conn, UPGRADE_1 + SCHEMA)
-            conn.execute("UPDATE meta SET value = ? WHERE key = 'version'", (VERSION,))
-        elif version != VERSION:
-            raise ConfigurationError(
-                f"{self.path} has surge schema version {version}; this surge reads {VERSION}"
-            )
-        keep_count(conn, self.path, self.partitions)
-
     def checkpoint(self) -> None:
         """Copy the write-ahead log into the file, so the log is reused
         from its start instead of growing (never waits for readers)."""
         self._c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+
+    def pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` on this connection."""
+        if not name.replace("_", "").isalnum():
+            raise ValueError(f"not a pragma name: {name!r}")
+        return self._c.execute(f"PRAGMA {name}").fetchone()[0]
 
     def close(self) -> None:
         if self.conn is not None:
@@ -527,10 +416,9 @@ class Database:
         partition of each claimed from one (by row id)."""
         conn = self._c
         if not parts:
-            claimed = conn.execute(CLAIM, (until, token, now, gid, now, n)).fetchall()
+            claimed = conn.execute(_CLAIM, (until, token, now, gid, now, n)).fetchall()
         else:
-            self._turn += 1
-            claimed = claim_rows(conn, gid, n, now, until, token, parts, me, self._turn)
+            claimed = self._claim_rows(gid, n, now, until, token, parts, me)
         if not claimed:
             return [], self.next_due(gid, parts), {}
         claimed.sort(key=lambda r: r[1])
@@ -557,6 +445,36 @@ class Database:
             if p is not None:
                 where[did] = p
         return out, 0.0, where
+
+    def _claim_rows(
+        self,
+        gid: int,
+        n: int,
+        now: float,
+        until: float,
+        token: int,
+        parts: tuple[int, ...],
+        me: str,
+    ) -> list[Any]:
+        """Claim up to ``n`` rows of the shared queue and of ``parts``, one
+        statement each, starting at another one each time so that none
+        waits behind the others' backlogs; (id, msg, attempt, first, part)."""
+        conn = self._c
+        live = {r[0] for r in conn.execute(_LIVE, (gid, me, now))}
+        arms: list[int | None] = [None, *(p for p in parts if p in live)]
+        self._turn += 1
+        turn = self._turn % len(arms)
+        claimed: list[Any] = []
+        for p in arms[turn:] + arms[:turn]:
+            left = n - len(claimed)
+            if p is None:
+                got = conn.execute(_CLAIM, (until, token, now, gid, now, left))
+            else:
+                got = conn.execute(_CLAIM_PART, (until, token, now, gid, p, now, left))
+            claimed += got.fetchall()
+            if len(claimed) >= n:
+                break
+        return claimed
 
     def next_due(self, gid: int, parts: Iterable[int] = ()) -> float:
         """When the next delivery of ``gid``'s shared queue or of ``parts``
@@ -608,6 +526,17 @@ class Database:
             [(now, did, token) for did, token in held],
         )
         self.stale += len(held) - cur.rowcount
+        return cur.rowcount
+
+    def extend(self, held: list[tuple[int, int]], until: float, now: float, me: str) -> int:
+        """Extend leases; a partition's only while ``me`` holds the partition,
+        so the next owner knows when what it inherits becomes its own."""
+        cur = self._c.executemany(
+            "UPDATE deliveries SET visible_at = ? WHERE id = ? AND token = ? AND "
+            "(part IS NULL OR EXISTS (SELECT 1 FROM owners o WHERE o.grp = deliveries.grp "
+            "AND o.part = deliveries.part AND o.owner = ? AND o.until > ?))",
+            [(until, did, token, me, now) for did, token in held],
+        )
         return cur.rowcount
 
     def dead_letter(self, did: int, token: int, gid: int, rec: DeadLetter) -> bool:
@@ -796,3 +725,77 @@ class Database:
             self.release(held, now)
         if ephemeral:
             self._drop(ephemeral)
+
+    # --- partition ownership -------------------------------------------------
+    def keep_partitions(
+        self,
+        gid: int,
+        me: str,
+        now: float,
+        lease: float,
+        held: list[int],
+        give_back: list[int],
+        leaving: bool,
+    ) -> Step:
+        """One round of ``me``'s ownership of group ``gid`` (see
+        ``_ownership``): renew the membership (or end it when ``leaving``),
+        release ``give_back``, renew the rest of ``held`` and take the free
+        partitions that ``assignment`` gives ``me``; (live members,
+        partitions still held, (partition, readable from) taken)."""
+        conn = self._c
+        until = now + lease
+        if leaving:
+            conn.execute("DELETE FROM members WHERE grp = ? AND member = ?", (gid, me))
+        else:
+            conn.execute(
+                "INSERT INTO members (grp, member, until) VALUES (?, ?, ?) "
+                "ON CONFLICT (grp, member) DO UPDATE SET until = excluded.until",
+                (gid, me, until),
+            )
+        conn.execute("DELETE FROM members WHERE grp = ? AND until <= ?", (gid, now))
+        members = [r[0] for r in conn.execute("SELECT member FROM members WHERE grp = ?", (gid,))]
+        if give_back:
+            conn.executemany(
+                "DELETE FROM owners WHERE grp = ? AND part = ? AND owner = ?",
+                [(gid, p, me) for p in give_back],
+            )
+        keep = [p for p in held if p not in give_back]
+        mine: list[int] = []
+        if keep:
+            mine = [
+                r[0]
+                for r in conn.execute(
+                    "UPDATE owners SET until = ? WHERE grp = ? AND owner = ? "
+                    f"AND part IN ({','.join('?' * len(keep))}) RETURNING part",
+                    (until, gid, me, *keep),
+                )
+            ]
+        taken: list[tuple[int, float]] = []
+        if not leaving:
+            for p in sorted(assignment(members, me, self.partitions) - set(mine)):
+                cur = conn.execute(
+                    "INSERT INTO owners (grp, part, owner, until) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT (grp, part) DO UPDATE SET owner = excluded.owner, "
+                    "until = excluded.until WHERE owners.until <= ? "
+                    "OR owners.owner = excluded.owner",
+                    (gid, p, me, until, now),
+                )
+                if cur.rowcount != 1:
+                    continue
+                # leases a predecessor left: no delivery of p is read before they end
+                row = conn.execute(
+                    "SELECT max(visible_at) FROM deliveries WHERE grp = ? AND part = ? "
+                    "AND visible_at > ? AND token IS NOT NULL",
+                    (gid, p, now),
+                ).fetchone()
+                taken.append((p, now if row[0] is None else float(row[0])))
+        return members, mine, taken
+
+    def leave(self, held: list[tuple[int, int]], now: float, me: str) -> None:
+        """Hand back the last leases, then ``me``'s partitions and memberships
+        (at close): the next owners need not wait for them to run out."""
+        if held:
+            self.release(held, now)
+        conn = self._c
+        conn.execute("DELETE FROM owners WHERE owner = ?", (me,))
+        conn.execute("DELETE FROM members WHERE member = ?", (me,))

@@ -1,0 +1,101 @@
+"""The options of ``sqlite://``, read from the URL and keyword arguments and
+checked once (the table is in the package docstring)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from ..._codec import Codec, MsgpackCodec
+from ..._errors import ConfigurationError
+from .._partitions import DEFAULT_PARTITIONS
+
+__all__ = ("Options",)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options:
+    """A transport's checked options."""
+
+    path: Path
+    synchronous: str
+    lease: float
+    heartbeat: float
+    retention: float
+    dedup_window: float
+    poll: float
+    busy_timeout: float
+    check: str
+    max_size: int | None
+    max_pending: int
+    maintenance: float
+    partitions: int
+    codec: Codec
+
+    @classmethod
+    def parse(cls, url: str, given: dict[str, Any]) -> Options:
+        """The options of ``url``'s query string, overridden by ``given``;
+        ``ConfigurationError`` names the first that does not fit."""
+        parts = urlsplit(url)
+        if parts.scheme != "sqlite" or not parts.path or parts.netloc:
+            raise ConfigurationError(
+                f"sqlite URL {url!r}: use sqlite:///relative.db or sqlite:////absolute/path.db"
+            )
+        path = parts.path[1:]
+        if not path or path == ":memory:":
+            raise ConfigurationError(f"sqlite URL {url!r} names no file (processes share a file)")
+        opts: dict[str, Any] = dict(parse_qsl(parts.query))
+        opts.update(given)
+        sync = str(opts.pop("synchronous", "full")).lower()
+        if sync not in ("full", "normal"):
+            raise ConfigurationError(f"sqlite synchronous={sync!r}: use full or normal")
+        lease = _number(opts, "lease", 30.0, least=0.001)
+        heartbeat = _number(opts, "heartbeat", lease / 3)
+        if heartbeat >= lease:
+            raise ConfigurationError(
+                f"sqlite heartbeat={heartbeat:g} must be shorter than lease={lease:g} "
+                "(or 0, never extend), or leases run out between extensions"
+            )
+        retention = _number(opts, "retention", 600.0)
+        dedup_window = _number(opts, "dedup_window", 600.0)
+        poll = _number(opts, "poll", 0.025, least=0.001)
+        busy = _number(opts, "busy_timeout", 5.0)
+        check = str(opts.pop("check", "quick")).lower()
+        if check not in ("quick", "full", "off"):
+            raise ConfigurationError(f"sqlite check={check!r}: use quick, full or off")
+        max_size = _number(opts, "max_size", 0) or None
+        max_pending = int(_number(opts, "max_pending", 10_000, least=1))
+        maintenance = _number(opts, "maintenance", 1.0, least=0.001)
+        partitions = int(_number(opts, "partitions", DEFAULT_PARTITIONS, least=1))
+        codec = opts.pop("codec", None)
+        if opts:
+            raise ConfigurationError(f"unknown sqlite options: {sorted(opts)}")
+        return cls(
+            path=Path(path),
+            synchronous=sync,
+            lease=lease,
+            heartbeat=heartbeat,
+            retention=retention,
+            dedup_window=dedup_window,
+            poll=poll,
+            busy_timeout=busy,
+            check=check,
+            max_size=None if max_size is None else int(max_size),
+            max_pending=max_pending,
+            maintenance=maintenance,
+            partitions=partitions,
+            codec=codec if isinstance(codec, Codec) else MsgpackCodec(),
+        )
+
+
+def _number(opts: dict[str, Any], name: str, default: float, *, least: float = 0.0) -> float:
+    raw = opts.pop(name, default)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"sqlite option {name}={raw!r} is not a number") from None
+    if value < least:
+        raise ConfigurationError(f"sqlite option {name}={raw!r} must be at least {least}")
+    return value

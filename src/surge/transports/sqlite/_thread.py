@@ -1,0 +1,146 @@
+"""The thread that owns the connection, and the event loop's handle on it.
+
+SQLite calls block, so one thread per transport owns the connection and runs
+every statement (:class:`~._database.Database`). The loop hands it calls
+through a queue (:meth:`DatabaseThread.submit`, which returns a future);
+the thread takes everything queued at once and runs it as one batch (one
+transaction, see ``Database.run``), then hands the batch back to the loop,
+which resolves the futures in order and runs each job's ``after`` callback
+first (so a transport's books change in the same loop step as the file).
+
+Under a virtual clock (one with ``hold``/``release``) each job holds the
+clock while it is queued or running: work on the thread takes no virtual
+time, so virtual time must not race ahead of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from ..._clock import Clock
+from ..._errors import Closed
+from ._database import Database, Job, translate
+
+__all__ = ("DatabaseThread",)
+
+log = logging.getLogger("surge.sqlite")
+
+_STOP: Any = object()  # the job that closes the connection and ends the thread
+
+
+class DatabaseThread:
+    """Runs calls on ``database`` in a thread of its own, from one event loop."""
+
+    def __init__(self, database: Database, clock: Clock) -> None:
+        self.database = database
+        self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # a virtual clock's optional hooks (not part of the Clock protocol)
+        self._hold: Callable[[], None] | None = getattr(clock, "hold", None)
+        self._release: Callable[[], None] | None = getattr(clock, "release", None)
+
+    @property
+    def running(self) -> bool:
+        """Started and not yet told to stop: ``submit`` accepts calls."""
+        return self._thread is not None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start the thread; its results come back on ``loop``."""
+        self._loop = loop
+        self._thread = threading.Thread(
+            target=self._serve,
+            name=f"surge-sqlite-{self.database.path.name}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    async def stop(self) -> None:
+        """Close the connection once what is queued ran, and end the thread."""
+        if self._thread is None:
+            return
+        fut = self.submit(_STOP)
+        self._thread = None
+        await fut
+
+    def submit(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        write: bool = True,
+        after: Callable[[Any], None] | None = None,
+        fut: asyncio.Future[Any] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Queue ``fn(*args)`` (a ``Database`` method) for the thread; a
+        future of its result. ``after(result)`` (None on failure) runs on
+        the loop before the future resolves, even when nobody awaits it."""
+        if self._thread is None:
+            raise Closed("sqlite transport is not started")
+        loop = self._loop
+        assert loop is not None
+        if fut is None:
+            fut = loop.create_future()
+        if self._hold is not None:
+            self._hold()
+        self._jobs.put(Job(fn, args, write, fut, after))
+        return fut
+
+    # --- the thread ----------------------------------------------------------
+    def _serve(self) -> None:
+        """Run what is queued, batch by batch, and hand each batch back to
+        the loop, until the stop job."""
+        database = self.database
+        jobs_q = self._jobs
+        loop = self._loop
+        assert loop is not None
+        while True:
+            jobs = [jobs_q.get()]
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    jobs.append(jobs_q.get_nowait())
+            stop = any(j.fn is _STOP for j in jobs)
+            work = [j for j in jobs if j.fn is not _STOP]
+            try:
+                if work:
+                    database.run(work)
+                if stop:
+                    database.close()
+            except BaseException as exc:  # a bug here must not strand the waiters
+                for job in work:
+                    if job.error is None:
+                        job.error = exc
+            try:
+                loop.call_soon_threadsafe(self._settle, jobs)
+            except RuntimeError:  # the loop is gone: nobody waits any more
+                return
+            if stop:
+                return
+
+    # --- back on the loop ----------------------------------------------------
+    def _settle(self, jobs: list[Job]) -> None:
+        release = self._release
+        for job in jobs:
+            if release is not None:
+                release()
+            err = job.error
+            if job.after is not None:
+                try:
+                    job.after(job.result if err is None else None)
+                except Exception:
+                    log.exception("sqlite: settling a %s job failed", job.fn)
+            fut = job.fut
+            if fut.done():
+                continue
+            if err is None:
+                fut.set_result(job.result)
+            else:
+                if isinstance(err, sqlite3.Error):
+                    err = translate(self.database.path, err)
+                fut.set_exception(err)
