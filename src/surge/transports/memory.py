@@ -3,6 +3,10 @@
 Envelopes pass as objects, never encoded. Each group has a bounded queue;
 publishers wait while a queue is full. Delivery is at-least-once within the
 process; nothing survives the process.
+
+Capabilities: ``DirectPut`` (``put_one``, the in-process hot path),
+``HandsBack`` (``release``), ``IdleAware`` (``idle``, ``wait_idle``) and
+``StateStore`` (a dict that lives as long as the transport).
 """
 
 from __future__ import annotations
@@ -94,6 +98,7 @@ class MemoryTransport:
         self._seen_old: set[str] = set()
         self._idle_waiters: list[asyncio.Future[None]] = []
         self._timers: set[asyncio.TimerHandle] = set()
+        self._state: dict[str, bytes] = {}
         self._closed = False
 
     async def start(self) -> None:
@@ -279,6 +284,20 @@ class MemoryTransport:
         g.unacked -= 1
         self._schedule(g, delivery, delay)
 
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries no handler has seen (the app is stopping):
+        first in their group's queue, in the order given, the attempt not
+        counted."""
+        groups = self._groups
+        touched: dict[_Group, None] = {}
+        for d in reversed(deliveries):
+            g = groups[d.group]
+            g.unacked -= 1
+            g.queue.appendleft(d)
+            touched[g] = None
+        for g in touched:
+            g.wake_consumers()
+
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         g = self._groups[delivery.group]
         g.unacked -= 1
@@ -315,6 +334,15 @@ class MemoryTransport:
     async def stats(self, group: str) -> TransportStats:
         g = self._group(group)
         return TransportStats(len(g.queue), g.unacked, g.scheduled, len(g.dead))
+
+    # --- trigger state -------------------------------------------------------
+    async def load_state(self, key: str) -> bytes | None:
+        """The value saved under ``key`` on this transport, if any."""
+        return self._state.get(key)
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        """Keep ``value`` under ``key`` for as long as this transport lives."""
+        self._state[key] = value
 
     # --- for tests and drain() ---------------------------------------------
     @property

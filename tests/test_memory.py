@@ -1,0 +1,51 @@
+"""memory:// beyond the conformance suite: its capabilities."""
+
+from __future__ import annotations
+
+import surge
+from surge._transport import capabilities_of
+from surge.transports import MemoryTransport
+
+from .conformance._helpers import Reader, env, number
+
+
+async def test_memory_declares_its_capabilities(clock: surge.Clock) -> None:
+    """Memory hands back, tells idleness, keeps state and takes the direct put;
+    it has no partitions (one process reads every key in order already)."""
+    caps = capabilities_of(MemoryTransport(clock=clock))
+    assert caps.hands_back is not None
+    assert caps.idle is not None
+    assert caps.state is not None
+    assert caps.direct_put is not None
+    assert caps.key_routing is None
+
+
+async def test_released_deliveries_come_first_without_an_attempt(clock: surge.Clock) -> None:
+    """release puts deliveries back before the rest of the queue, in their
+    order, and the next delivery of each is still attempt 1."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("g", ["conf.item"])
+    await t.publish([env(i) for i in range(3)])
+    r = Reader(t, "g", prefetch=10)
+    first = await r.take(3)
+    await t.publish([env(i) for i in range(3, 5)])
+    await t.release(first[1:])
+    assert (await t.stats("g")).pending == 1  # only the one not released
+    again = await r.take(4)
+    assert [number(d) for d in again] == [1, 2, 3, 4]
+    assert [d.attempt for d in again] == [1, 1, 1, 1]
+    await t.ack([first[0], *again])
+    assert t.idle
+    await r.aclose()
+    await t.close()
+
+
+async def test_state_lives_as_long_as_the_transport(clock: surge.Clock) -> None:
+    """save_state then load_state returns the value; another transport has its own."""
+    t = MemoryTransport(clock=clock)
+    assert await t.load_state("k") is None
+    await t.save_state("k", b"one")
+    await t.save_state("k", b"two")
+    assert await t.load_state("k") == b"two"
+    assert await MemoryTransport(clock=clock).load_state("k") is None
