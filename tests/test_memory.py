@@ -49,3 +49,26 @@ async def test_state_lives_as_long_as_the_transport(clock: surge.Clock) -> None:
     await t.save_state("k", b"two")
     assert await t.load_state("k") == b"two"
     assert await MemoryTransport(clock=clock).load_state("k") is None
+
+
+async def test_fault_hooks_duplicate_and_hold_back(clock: surge.Clock) -> None:
+    """redeliver queues a second delivery at the same attempt; hold_back
+    brings a delivery again after its delay, its attempt not counted."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("g", ["conf.item"])
+    await t.publish([env(1), env(2)])
+    r = Reader(t, "g", prefetch=10)
+    one, two = await r.take(2)
+    t.redeliver(one)
+    t.hold_back(two, 5.0)
+    (dup,) = await r.take(1)
+    assert (number(dup), dup.attempt) == (1, 1)
+    start = clock.time()
+    (late,) = await r.take(1)
+    assert (number(late), late.attempt) == (2, 1)
+    assert clock.time() - start == 5.0
+    await t.ack([one, dup, late])
+    assert t.idle
+    await r.aclose()
+    await t.close()

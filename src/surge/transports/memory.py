@@ -335,6 +335,23 @@ class MemoryTransport:
         g = self._group(group)
         return TransportStats(len(g.queue), g.unacked, g.scheduled, len(g.dead))
 
+    # --- fault injection (surge.testing.FaultyTransport) ----------------------
+    def redeliver(self, delivery: Delivery) -> None:
+        """Queue a second, independent delivery of ``delivery``'s envelope
+        at the same attempt (a duplicate, as a broker may deliver)."""
+        g = self._groups[delivery.group]
+        g.queue.append(Delivery(delivery.envelope, g.name, delivery.attempt))
+        if g.consumers:
+            g.wake_consumers()
+
+    def hold_back(self, delivery: Delivery, delay: float) -> None:
+        """Take back a fetched delivery, to come again after ``delay`` seconds
+        with its attempt not counted (a late delivery)."""
+        g = self._groups[delivery.group]
+        g.unacked -= 1
+        delivery.attempt -= 1
+        self._schedule(g, delivery, delay)
+
     # --- trigger state -------------------------------------------------------
     async def load_state(self, key: str) -> bytes | None:
         """The value saved under ``key`` on this transport, if any."""
