@@ -56,26 +56,21 @@ class FaultyTransport(MemoryTransport):
     async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
         f = self.faults
         rng = self.rng
-        g = self._groups.get(group)
         if f.groups and group not in f.groups:
             async for batch in super().consume(group, prefetch=prefetch):
                 yield batch
             return
         async for batch in super().consume(group, prefetch=prefetch):
-            assert g is not None
             out = []
             for d in batch:
                 roll = rng.random()
                 if roll < f.duplicate_rate:
-                    # a second, independent delivery of the same envelope
                     self.duplicated += 1
-                    g.queue.append(Delivery(d.envelope, group, d.attempt))
+                    self.redeliver(d)
                     out.append(d)
                 elif roll < f.duplicate_rate + f.delay_rate:
                     self.delayed += 1
-                    g.unacked -= 1
-                    d.attempt -= 1  # a hold-back is not an attempt
-                    self._schedule(g, d, rng.uniform(0, f.max_delay))
+                    self.hold_back(d, rng.uniform(0, f.max_delay))
                 else:
                     out.append(d)
             if out:
