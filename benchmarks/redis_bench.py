@@ -43,7 +43,7 @@ from typing import Any
 import redis.asyncio as aredis
 
 import surge
-from surge.transports._redis import RedisTransport
+from surge.transports.redis import RedisTransport
 
 RESULTS = Path(__file__).parent / "results"
 RATE, DURATION = 500, 5.0

@@ -21,11 +21,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis.asyncio
+from redis.asyncio import Redis
 
 import surge
-from surge.transports import _redis_consume
-from surge.transports._redis import RedisTransport
-from surge.transports._redis_groups import GroupState
+from surge.transports.redis import RedisTransport
+from surge.transports.redis._group import Group
 
 from ._servers import free_port, redis_server
 
@@ -132,8 +133,11 @@ async def test_round_trip_and_acked_entries_are_deleted(tmp_path: Path) -> None:
             assert (stats.backlog, stats.pending, stats.scheduled) == (0, 0, 0)
             transport = app.transport
             assert isinstance(transport, RedisTransport)
-            r = transport._redis()
-            assert await r.xlen(f"{transport.prefix}:s:rt.count") == 0
+            r = redis.asyncio.Redis.from_url(url)
+            try:
+                assert await r.xlen(f"{transport.prefix}:s:rt.count") == 0
+            finally:
+                await r.aclose()
         assert sorted(seen) == list(range(300))
 
 
@@ -245,20 +249,18 @@ async def test_long_handler_runs_once_thanks_to_lease_extension(
         # slow delivery has been held for well over two leases.
         scans = 0
         scanned = asyncio.Event()
-        orig = _redis_consume._reclaim
+        orig = Group.reclaim
 
-        async def counting(
-            t: RedisTransport, r: object, g: GroupState, room: int
-        ) -> list[surge.Delivery]:
+        async def counting(g: Group, r: Redis, room: int) -> list[surge.Delivery]:
             nonlocal scans
-            out = await orig(t, r, g, room)  # type: ignore[arg-type]
-            if t is peer_transport and started.is_set() and g.name == "slow.work":
+            out = await orig(g, r, room)
+            if g.consumer == peer_transport.consumer and started.is_set() and g.name == "slow.work":
                 scans += 1
                 if scans >= 6:
                     scanned.set()
             return out
 
-        monkeypatch.setattr(_redis_consume, "_reclaim", counting)
+        monkeypatch.setattr(Group, "reclaim", counting)
         async with slow:
             await slow.publish(Num(n=1))
             await _until(started, 10, "the slow handler started")
@@ -451,18 +453,14 @@ async def test_reply_inboxes_of_killed_processes_are_swept(tmp_path: Path) -> No
         pending = asyncio.ensure_future(anext(live_reader))  # renews its liveness
         dead_reader = dead.consume("inbox.dead", prefetch=10)
         dead_next = asyncio.ensure_future(anext(dead_reader))
-        r = live._redis()
+        r = redis.asyncio.Redis.from_url(url)
         assert set(await r.hkeys("surge:groups")) == {b"inbox.live", b"inbox.dead"}
         await r.config_set("notify-keyspace-events", "Ex")  # tell us when keys expire
         expired = r.pubsub()
         await expired.subscribe("__keyevent@0__:expired")
         # Die as SIGKILL would: no close, so nothing deletes the inbox.
-        dead._closed = True
         dead_next.cancel()
-        for task in list(dead._tasks):
-            task.cancel()
-        assert dead._r is not None
-        await dead._r.aclose()
+        await dead.abandon()
         async with asyncio.timeout(10):  # the key expires after alive_ms (1 s)
             while (msg := await expired.get_message(timeout=10)) is None or (
                 msg["data"] != b"surge:a:inbox.dead"
@@ -479,3 +477,4 @@ async def test_reply_inboxes_of_killed_processes_are_swept(tmp_path: Path) -> No
             pending.cancel()
             await late.close()
             await live.close()
+            await r.aclose()

@@ -18,7 +18,7 @@ import pytest
 import surge
 from surge._event import Envelope
 from surge.transports._partitions import partition_of
-from surge.transports._redis import RedisTransport
+from surge.transports.redis import RedisTransport
 
 from ._servers import redis_server
 from .conformance._helpers import Reader, balanced, body, number
@@ -89,12 +89,8 @@ async def test_dead_owner_partitions_and_entries_are_taken_over_in_order(
         part = partition_of("k", dead.partitions)
         assert all(d.token.startswith(b"%d/" % part) for d in held)
         # Die as SIGKILL would: no settle, no hand-over, leases left to expire.
-        dead._closed = True
         await reader.aclose()
-        for task in list(dead._tasks):
-            task.cancel()
-        assert dead._r is not None
-        await dead._r.aclose()
+        await dead.abandon()
 
         survivor = await _started(url, lease=lease)
         try:

@@ -76,7 +76,7 @@ async def test_state_round_trips_through_nats(tmp_path: Path) -> None:
 @pytest.mark.realtime
 async def test_state_round_trips_through_redis(tmp_path: Path) -> None:
     """Redis keeps trigger state under the transport's prefix, across transports."""
-    from surge.transports._redis import RedisTransport
+    from surge.transports.redis import RedisTransport
 
     from ._servers import redis_server
 

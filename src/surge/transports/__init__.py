@@ -31,8 +31,8 @@ __all__ = (
 _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "memory": ("surge.transports.memory", "MemoryTransport", None),
     "sqlite": ("surge.transports.sqlite", "SqliteTransport", None),
-    "redis": ("surge.transports._redis", "RedisTransport", "redis"),
-    "rediss": ("surge.transports._redis", "RedisTransport", "redis"),
+    "redis": ("surge.transports.redis", "RedisTransport", "redis"),
+    "rediss": ("surge.transports.redis", "RedisTransport", "redis"),
     "nats": ("surge.transports._nats", "NatsTransport", "nats"),
     "tls": ("surge.transports._nats", "NatsTransport", "nats"),
 }

@@ -18,6 +18,7 @@ __all__ = (
     "NACK",
     "OWN",
     "PUBLISH",
+    "SCRIPTS",
     "SWEEP",
 )
 
@@ -232,3 +233,17 @@ end
 if n > 0 then redis.call('INCR', KEYS[2]) end
 return n
 """
+
+# name -> source, as the connection registers them (see ``Connection.run``)
+SCRIPTS: dict[str, str] = {
+    "publish": PUBLISH,
+    "ack": ACK,
+    "declare": DECLARE,
+    "nack": NACK,
+    "dead": DEAD,
+    "move": MOVE,
+    "forget": FORGET,
+    "balance": BALANCE,
+    "own": OWN,
+    "sweep": SWEEP,
+}

@@ -1,0 +1,321 @@
+"""One group as this process consumes it: reading its streams, taking over a
+dead consumer's deliveries, and settling one delivery at a time.
+
+Reading is ``XREADGROUP COUNT <room> BLOCK`` over the shared stream and the
+partitions this consumer owns, with at most ``prefetch`` unsettled
+deliveries (plus one per owned partition, see ``_plan_read``). A delivery idle
+for longer than ``lease`` seconds belongs to a dead consumer: it is taken
+over (XPENDING IDLE + XCLAIM, which also yields its delivery count for
+``attempt``). ``nack(delay)`` moves the entry atomically into the group's
+sorted set (XACK + XDEL + ZADD, in Lua), from where the keeper moves it back
+when due. Each script checks XACK's reply first, so a retried settle never
+duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any
+
+import redis.asyncio as aredis
+import redis.exceptions as rexc
+
+from ..._clock import Clock
+from ..._codec import Codec
+from ..._errors import ConfigurationError, TransportError
+from ..._transport import DeadLetter, Delivery
+from .._partitions import Ownership
+from ._connection import CONNECTION_ERRORS, Connection
+from ._dead_letters import DeadLetters
+from ._inflight import Inflight
+from ._keeper import Keeper
+from ._keys import GroupKeys
+from ._options import RedisOptions
+from ._partitions import PartitionOwner
+from ._registry import Registry
+
+__all__ = ("Group",)
+
+log = logging.getLogger("surge.redis")
+
+
+class Group:
+    """A group declared in this process: its keys and patterns, what this
+    consumer holds of it (``Inflight``), its partitions (``PartitionOwner``,
+    none for an inbox) and its background task (``Keeper``)."""
+
+    __slots__ = (
+        "_batch",
+        "_block_ms",
+        "_clock",
+        "_conn",
+        "_consuming",
+        "_dead",
+        "_inflight",
+        "_keeper",
+        "_lease",
+        "_owner",
+        "_registry",
+        "_spread",
+        "_touched",
+        "consumer",
+        "ephemeral",
+        "keys",
+        "name",
+        "patterns",
+    )
+
+    def __init__(
+        self,
+        keys: GroupKeys,
+        patterns: Sequence[str],
+        *,
+        ephemeral: bool,
+        conn: Connection,
+        registry: Registry,
+        dead: DeadLetters,
+        options: RedisOptions,
+        codec: Codec,
+        clock: Clock,
+        consumer: str,
+        touched: Callable[[], None],
+    ) -> None:
+        self.keys = keys
+        self.name = keys.name
+        self.patterns = list(patterns)
+        self.ephemeral = ephemeral
+        self.consumer = consumer
+        self._conn = conn
+        self._registry = registry
+        self._dead = dead
+        self._clock = clock
+        self._touched = touched
+        self._lease = options.lease
+        self._batch = options.batch
+        self._block_ms = max(1, int(options.block * 1000))
+        self._inflight = Inflight(keys, codec=codec, clock=clock, dead=dead)
+        self._owner = (
+            PartitionOwner(
+                conn, keys, consumer=consumer, lease=options.lease, inflight=self._inflight
+            )
+            if keys.parts
+            else None
+        )
+        self._keeper = Keeper(
+            conn,
+            keys,
+            options,
+            clock=clock,
+            consumer=consumer,
+            inflight=self._inflight,
+            owner=self._owner,
+            ephemeral=ephemeral,
+        )
+        self._consuming = False  # consume() was called: close() forgets the consumer
+        self._spread = 1  # how many streams the last read found entries in
+
+    @property
+    def ownership(self) -> Ownership | None:
+        """Which partitions this consumer reads (None: not partitioned)."""
+        return None if self._owner is None else self._owner.ownership
+
+    def add_patterns(self, topics: Sequence[str]) -> None:
+        self.patterns.extend(t for t in topics if t not in self.patterns)
+
+    # --- reading ---------------------------------------------------------------
+    async def consume(self, prefetch: int) -> AsyncIterator[list[Delivery]]:
+        r = self._conn.client()
+        if prefetch < 1:
+            raise ConfigurationError("prefetch must be at least 1")
+        conn = self._conn
+        clock = self._clock
+        inflight = self._inflight
+        owner = self._owner
+        self._consuming = True
+        self._keeper.start()
+        next_scan = 0.0
+        delay = 0.05
+        try:
+            while not conn.closed:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A cancel that redis-py swallowed (into an empty reply or
+                    # a connection error) must still end this consumer.
+                    raise asyncio.CancelledError
+                if inflight.backlogged:  # left by a partition's previous owner: first
+                    yield inflight.take_backlog()
+                    continue
+                room = prefetch - len(inflight)
+                if room <= 0:
+                    await inflight.wait_room()
+                    continue
+                try:
+                    batch: list[Delivery] = []
+                    if clock.monotonic() >= next_scan:
+                        next_scan = clock.monotonic() + self._lease / 2
+                        batch = await self.reclaim(r, room)
+                    if not batch:
+                        streams, count = self._plan_read(min(room, self._batch))
+                        lost = True
+                        try:
+                            reply = await conn.cmd(r,
+                                "XREADGROUP", "GROUP", self.name, self.consumer,
+                                "COUNT", count, "BLOCK", self._block_ms,
+                                "STREAMS", *streams, *(">" for _ in streams),
+                            )  # fmt: skip
+                            task = asyncio.current_task()
+                            if task is not None and task.cancelling():
+                                # redis-py can turn a cancel that lands in a
+                                # blocking read into an empty reply; do not lose
+                                # it. (Ask for the current task each time: each
+                                # anext() of this generator may run in a task of
+                                # its own.)
+                                raise asyncio.CancelledError
+                            if reply:
+                                self._spread = len(reply)
+                            for stream, entries in reply or ():
+                                part = self.keys.pindex.get(stream)
+                                prefix = b"" if part is None else b"%d/" % part
+                                batch += await inflight.take(entries, None, prefix)
+                            lost = False
+                        finally:
+                            # A read whose reply was lost may have run on the
+                            # server: those entries are pending to us but not
+                            # held. Claim them (in order) before reading these
+                            # again.
+                            if owner is not None and owner.end_read(lost=lost):
+                                self._keeper.poke()
+                except CONNECTION_ERRORS as exc:
+                    if self._conn.closed:  # closed while reading
+                        return
+                    conn.failed(exc, f"reading {self.name!r}")
+                    delay = await conn.backoff(delay)
+                    continue
+                except rexc.RedisError as exc:
+                    # Never let the consumer die silently: say so, back off, retry.
+                    if isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
+                        # The broker lost the group (restarted without persistence).
+                        with contextlib.suppress(TransportError, *CONNECTION_ERRORS):
+                            await self._registry.declare(self.keys, self.patterns)
+                            log.warning(
+                                "redis: group %r was gone from the broker; declared it again",
+                                self.name,
+                            )
+                    else:
+                        conn.failed(exc, f"reading {self.name!r}")
+                    delay = await conn.backoff(delay)
+                    continue
+                delay = 0.05
+                conn.ok()
+                if batch:
+                    yield batch
+        finally:
+            # Stop owning partitions: each is handed over once what this
+            # consumer read from it is settled (the keeper sees to it).
+            self._keeper.stop_reading()
+
+    def _plan_read(self, room: int) -> tuple[list[str], int]:
+        """The streams of the next read and its COUNT.
+
+        Redis applies COUNT to each stream of a read. When the last read found
+        entries in one stream only (the common case: unkeyed events, or one
+        busy partition), the whole room goes to each stream, for big batches;
+        when it found several, the room is split among them (at least one
+        each). So a consumer holds at most ``prefetch`` plus one per partition
+        it owns, except right after events start flowing into several streams
+        at once (up to ``prefetch`` per stream, for one read)."""
+        parts = self._owner.begin_read() if self._owner is not None else []
+        streams = [self.keys.stream, *(self.keys.pstreams[p] for p in parts)]
+        if self._spread <= 1:
+            return streams, room
+        return streams, max(1, room // len(streams))
+
+    async def reclaim(self, r: aredis.Redis, room: int) -> list[Delivery]:
+        """Take over deliveries whose consumer has been silent for a lease."""
+        keys = self.keys
+        lease_ms = int(self._lease * 1000)
+        inflight = self._inflight
+        pending = await self._conn.cmd(
+            r, "XPENDING", keys.stream, keys.name, "IDLE", lease_ms, "-", "+", room
+        )
+        counts = {p[0]: int(p[3]) for p in pending if p[0] not in inflight}
+        if not counts:
+            return []
+        claimed = await self._conn.cmd(
+            r, "XCLAIM", keys.stream, keys.name, self.consumer, lease_ms, *counts
+        )
+        out = await inflight.take(claimed, counts)
+        if out:
+            log.warning(
+                "redis: took over %d deliveries of %s idle for more than %.1fs",
+                len(out),
+                keys.name,
+                self._lease,
+            )
+        return out
+
+    # --- settling --------------------------------------------------------------
+    def settled(self, token: bytes) -> None:
+        self._inflight.settled(token)
+
+    def due_by(self, when: float) -> None:
+        """An entry of the group's sorted set is due at ``when`` (epoch s)."""
+        self._keeper.due_by(when)
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        keys = self.keys
+        now = self._clock.time()
+        first = delivery.first_time or now
+        due = now + delay
+        stream, entry = keys.locate(delivery.token)
+        args: list[Any] = [keys.name, entry, "1" if delay > 0 else "0", repr(due)]
+        args += [delivery.attempt + 1, repr(first), delivery.token]
+        self._touched()
+
+        def op(r: aredis.Redis) -> Any:
+            return self._conn.run("nack", keys=[stream, keys.zset], args=args, client=r)
+
+        await self._conn.retrying("handing back a delivery", op)
+        self._inflight.settled(delivery.token)
+        if delay > 0:
+            self._keeper.due_by(due)
+
+    async def release(self, delivery: Delivery) -> None:
+        """Hand back a delivery untouched (at stop). A partition's entry stays
+        pending where it is: its next owner claims it before anything newer.
+        Another is handed back as by ``nack(d, 0)``."""
+        token = delivery.token
+        if b"/" not in token:
+            await self.nack(delivery, 0.0)
+            return
+        self._inflight.settled(token)
+        if self._owner is not None and self._keeper.reading and not self._conn.closed:
+            # still ours and read: deliver it again
+            self._owner.redeliver(int(token.partition(b"/")[0]))
+
+    async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
+        await self._dead.bury(self.keys, delivery.token, record)
+        self._inflight.settled(delivery.token)
+
+    # --- close -----------------------------------------------------------------
+    def cancel(self) -> asyncio.Task[None] | None:
+        """Cancel the keeper (close); its task, to await, if it was running.
+        A consumer waiting for room wakes to see the connection closed."""
+        return self._keeper.cancel()
+
+    def wake(self) -> None:
+        """A consumer waiting for room wakes (to see the connection closed)."""
+        self._inflight.make_room()
+
+    async def leave(self, r: aredis.Redis) -> None:
+        """Give up partitions and membership, and forget this consumer in
+        every stream where it holds nothing (at close, on ``r``)."""
+        if not self._consuming:
+            return
+        if self._owner is not None:
+            await self._owner.leave(r)
+        for stream in self.keys.streams():
+            await self._conn.run("forget", keys=[stream], args=[self.name, self.consumer], client=r)

@@ -1,0 +1,185 @@
+"""Partitions of the Redis transport: who reads which, and handing over.
+
+A group's keyed envelopes go to ``{prefix}:p{n}:{group}`` (n =
+``partition_of(key)``), each a stream with the group's consumer group, read
+only by the consumer holding the lease ``{prefix}:o{n}:{group}`` (a key set
+with NX and a PX expiry, renewed every lease/3). Members of the group renew
+their score in the sorted set ``{prefix}:m:{group}`` (expiry on the server's
+clock); each computes the same assignment from it (see
+``surge.transports._partitions``). A partition is given up only once nothing
+read from it is unsettled here and no read of it is in flight; the next owner
+first claims whatever is still pending there, so one key's events are handled
+one at a time, in order, across processes. A dead owner's partitions wait out
+its lease, as its deliveries do.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis.asyncio as aredis
+
+from .._partitions import Ownership
+from ._connection import Connection
+from ._inflight import Inflight
+from ._keys import GroupKeys
+
+__all__ = ("PartitionOwner",)
+
+_CLAIM_PAGE = 1000
+
+
+class PartitionOwner:
+    """One consumer's partitions of one group: its membership, its leases,
+    the read in flight, and the partitions whose pending entries it must
+    claim again before reading them (``rescan``)."""
+
+    __slots__ = (
+        "_conn",
+        "_consumer",
+        "_inflight",
+        "_keys",
+        "_lease_ms",
+        "_own",
+        "_reading",
+        "_rescan",
+    )
+
+    def __init__(
+        self, conn: Connection, keys: GroupKeys, *, consumer: str, lease: float, inflight: Inflight
+    ) -> None:
+        self._conn = conn
+        self._keys = keys
+        self._consumer = consumer
+        self._lease_ms = int(lease * 1000)
+        self._inflight = inflight
+        self._own = Ownership(keys.parts)
+        self._reading: frozenset[int] = frozenset()  # partitions of the read in flight
+        self._rescan: set[int] = set()  # owned partitions with entries pending, not held
+
+    @property
+    def ownership(self) -> Ownership:
+        return self._own
+
+    def owns(self, p: int) -> bool:
+        return p in self._own.owned
+
+    def still_ours(self, token: bytes) -> bool:
+        """The partition of ``token`` (a partition's entry) is still ours."""
+        return int(token.partition(b"/")[0]) in self._own.owned
+
+    # --- reads -----------------------------------------------------------------
+    def begin_read(self) -> list[int]:
+        """The partitions the next read covers: owned, not being given up,
+        and with nothing pending to claim first."""
+        parts = sorted(self._own.readable - self._rescan)
+        self._reading = frozenset(parts)
+        return parts
+
+    def end_read(self, *, lost: bool) -> bool:
+        """The read is over. When its reply was ``lost`` (the read may have
+        run on the server), its partitions' entries are pending to us but not
+        held: claim them, in order, before reading these again. True when
+        there is something to claim (wake the keeper)."""
+        rescan = lost and bool(self._reading)
+        if rescan:
+            self._rescan |= self._reading
+        self._reading = frozenset()
+        return rescan
+
+    def redeliver(self, p: int) -> None:
+        """A delivery of ``p`` was handed back and stays pending where it is:
+        claim it again if ``p`` is still ours."""
+        if p in self._own.owned:
+            self._rescan.add(p)
+
+    # --- membership and leases ---------------------------------------------------
+    async def balance(self, r: aredis.Redis, *, leaving: bool) -> bool:
+        """Renew membership and leases; take, keep and give up partitions
+        (all of them when ``leaving``: the consumer stopped reading).
+
+        True when the split is not done yet (a wanted partition is still held
+        by its previous owner, or ours is to be given up): tick again soon."""
+        own = self._own
+        conn = self._conn
+        me = self._consumer
+        members = await conn.run(
+            "balance",
+            keys=[self._keys.members],
+            args=[me, self._lease_ms, "1" if leaving else "0"],
+            client=r,
+        )
+        acquire, give_up = own.plan([m.decode() for m in members], me, leaving=leaving)
+        holds = self._inflight.holds_partition
+        release = [p for p in give_up if p not in self._reading and not holds(p)]
+        keep = [p for p in own.owned if p not in release]
+        ops = [(p, "r") for p in keep] + [(p, "a") for p in acquire] + [(p, "d") for p in release]
+        if not ops:
+            return False
+        done = await conn.run(
+            "own",
+            keys=[self._keys.leases[p] for p, _ in ops],
+            args=[me, self._lease_ms, *(op for _, op in ops)],
+            client=r,
+        )
+        results = list(zip(ops, done, strict=True))
+        lost = [p for (p, op), ok in results if op != "a" and (op == "d" or not ok)]
+        gained = [p for (p, op), ok in results if op == "a" and ok]
+        if lost:
+            own.lost(lost)
+            self._rescan -= set(lost)  # the next owner claims what is pending there
+        for p in gained:
+            # What the previous owner left unsettled comes before anything new.
+            await self._claim_pending(r, p)
+            own.acquired((p,))
+        if leaving:
+            self._rescan.clear()  # nobody reads a backlog now: the next owner claims them
+        for p in sorted(self._rescan):
+            if p in own.owned and p not in own.releasing:
+                await self._claim_pending(r, p)
+            self._rescan.discard(p)  # only once claimed: a failure leaves it for the next round
+        if self._inflight.backlogged:
+            self._inflight.make_room()  # wake a consumer waiting for room: there is work
+        return len(gained) < len(acquire) or bool(own.releasing)
+
+    async def _claim_pending(self, r: aredis.Redis, p: int) -> None:
+        """Every unsettled entry of partition ``p`` not held here, oldest first,
+        onto the backlog (page by page: a failure keeps what was taken)."""
+        keys = self._keys
+        stream = keys.pstreams[p]
+        prefix = b"%d/" % p
+        inflight = self._inflight
+        start = "-"
+        while True:
+            pending: Any = await self._conn.cmd(
+                r, "XPENDING", stream, keys.name, start, "+", _CLAIM_PAGE
+            )
+            counts = {e[0]: int(e[3]) for e in pending if prefix + e[0] not in inflight}
+            if counts:
+                claimed: Any = await self._conn.cmd(
+                    r, "XCLAIM", stream, keys.name, self._consumer, 0, *counts
+                )
+                inflight.queue(await inflight.take(claimed, counts, prefix))
+            if len(pending) < _CLAIM_PAGE:
+                return
+            start = "(" + pending[-1][0].decode()
+
+    async def leave(self, r: aredis.Redis) -> None:
+        """Give up every partition and the membership (at close)."""
+        # Every partition, not only those we know we own: a lease taken by a
+        # round that close() cancelled before it saw the reply is ours too. The
+        # script deletes a lease only if it is ours.
+        parts = range(self._own.partitions)
+        await self._conn.run(
+            "own",
+            keys=[self._keys.leases[p] for p in parts],
+            args=[self._consumer, self._lease_ms, *("d" for _ in parts)],
+            client=r,
+        )
+        self._own.lost(parts)
+        await self._conn.run(
+            "balance",
+            keys=[self._keys.members],
+            args=[self._consumer, self._lease_ms, "1"],
+            client=r,
+        )

@@ -1,0 +1,184 @@
+"""The groups of a prefix as the broker knows them, and the routes of topics.
+
+Every process declares its groups into one hash (group -> patterns) whose
+version key each change bumps; a publisher routes a topic to the streams of
+the matching groups from its copy, and the publish script refuses a batch
+routed on a stale version (see ``_publisher``). The partition count is fixed
+per prefix by the first process; an inbox's liveness key lets the next
+process to start delete the inboxes of processes that died.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import redis.asyncio as aredis
+import redis.exceptions as rexc
+
+from ..._errors import ConfigurationError
+from ..._transport import topic_matches
+from .._partitions import partition_of
+from ._connection import Connection
+from ._keys import GroupKeys, Keys
+from ._options import RedisOptions
+
+__all__ = ("Registry",)
+
+log = logging.getLogger("surge.redis")
+
+
+class Registry:
+    """This process's copy of the prefix's group registry, and its routes.
+
+    ``partitions`` is the prefix's partition count once ``fix_partitions``
+    ran (until then, the count asked for or the default).
+    """
+
+    __slots__ = (
+        "_alive_ms",
+        "_asked",
+        "_conn",
+        "_groups",
+        "_keyed_routes",
+        "_parts",
+        "_routes",
+        "_version",
+        "keys",
+        "partitions",
+    )
+
+    def __init__(
+        self, conn: Connection, keys: Keys, options: RedisOptions, partitions: int
+    ) -> None:
+        self._conn = conn
+        self.keys = keys
+        self._alive_ms = options.alive_ms
+        self._asked = options.partitions
+        self.partitions = partitions
+        self._groups: dict[str, list[str]] = {}
+        self._parts: dict[str, int] = {}  # group -> its partitions (0: none)
+        self._version = b""
+        self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        self._keyed_routes: dict[tuple[str, int], tuple[str, ...]] = {}
+
+    @property
+    def version(self) -> bytes:
+        """The registry version the routes were computed from."""
+        return self._version
+
+    # --- at start ------------------------------------------------------------
+    async def fix_partitions(self) -> None:
+        """Keyed envelopes written under one partition count must not be read
+        under another: the first process fixes it for the prefix. Raises
+        ``ConfigurationError`` when the count asked for is not the prefix's."""
+        r = self._conn.client()
+        key = self.keys.partitions
+        try:
+            await r.set(key, self.partitions, nx=True)
+            stored = int(await r.get(key) or 0)
+        except Exception as exc:
+            raise self._conn.error(exc, "reading the partition count") from exc
+        if self._asked is not None and stored != self._asked:
+            raise ConfigurationError(
+                f"redis prefix {self.keys.prefix!r} has {stored} partitions, not the "
+                f"{self._asked} asked for: use another prefix to change it"
+            )
+        self.partitions = stored
+
+    async def sweep(self) -> None:
+        """Delete the reply inboxes of processes that died (liveness expired)."""
+        k = self.keys
+        try:
+            n = await self._conn.run(
+                "sweep", keys=[k.registry, k.version, k.registry_parts], args=[k.prefix]
+            )
+        except rexc.RedisError as exc:  # housekeeping: never fatal
+            log.warning("redis: could not sweep the inboxes of dead processes: %r", exc)
+            return
+        if n:
+            log.info("redis: removed %d reply inboxes of processes that are gone", n)
+
+    # --- groups --------------------------------------------------------------
+    async def declare(self, keys: GroupKeys, patterns: Sequence[str]) -> None:
+        """Create the group's streams and register its ``patterns`` (all it
+        has, idempotent); then reload. A group without partitions is an
+        inbox: its liveness key is set."""
+        k = self.keys
+        try:
+            await self._conn.run(
+                "declare",
+                keys=[k.registry, k.version, keys.stream, k.registry_parts, keys.alive],
+                args=[keys.name, keys.parts, *keys.pstream_ends, self._alive_ms, *patterns],
+            )
+        except Exception as exc:
+            raise self._conn.error(exc, f"declaring {keys.name!r}") from exc
+        await self.load()
+
+    async def drop(self, keys: GroupKeys, r: aredis.Redis) -> None:
+        """Delete an inbox and what it holds (at close, on ``r``)."""
+        pipe = r.pipeline(transaction=True)
+        pipe.hdel(self.keys.registry, keys.name)
+        pipe.incr(self.keys.version)
+        pipe.delete(keys.stream, keys.zset, keys.dead, keys.alive)
+        await pipe.execute()
+
+    async def load(self) -> None:
+        """Read the registry again (and forget the routes)."""
+        k = self.keys
+        pipe = self._conn.client().pipeline(transaction=True)
+        pipe.get(k.version)
+        pipe.hgetall(k.registry)
+        pipe.hgetall(k.registry_parts)
+        version, groups, parts = await pipe.execute()
+        self._version = version or b""
+        self._groups = {
+            k.decode(): [p for p in v.decode().split("\n") if p] for k, v in groups.items()
+        }
+        self._parts = {k.decode(): int(v) for k, v in parts.items()}
+        self._routes.clear()
+        self._keyed_routes.clear()
+
+    async def names(self) -> list[str]:
+        """Every group of the prefix, declared by any process."""
+        await self.load()
+        return sorted(self._groups)
+
+    async def known(self, name: str) -> GroupKeys:
+        """The keys of a group declared by any process (for dead letters
+        and stats); ``ConfigurationError`` when there is none."""
+        if not await self._conn.client().hexists(self.keys.registry, name):
+            raise ConfigurationError(f"no group {name!r}; groups: {sorted(self._groups)}")
+        await self.load()
+        return self.keys.group(name, self._parts.get(name, 0))
+
+    # --- routes --------------------------------------------------------------
+    def route(self, topic: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The shared streams and delayed sets an envelope of ``topic`` goes to."""
+        route = self._routes.get(topic)
+        if route is None:
+            names = self._route_names(topic)
+            k = self.keys
+            route = self._routes[topic] = (
+                tuple(k.stream(g) for g in names),
+                tuple(k.zset(g) for g in names),
+            )
+        return route
+
+    def keyed_route(self, topic: str, key: str) -> tuple[int, tuple[str, ...]]:
+        """The partition of ``key`` and the streams a keyed envelope of
+        ``topic`` goes to (a group without partitions: its shared stream)."""
+        part = partition_of(key, self.partitions)
+        route = self._keyed_routes.get((topic, part))
+        if route is None:
+            k = self.keys
+            route = self._keyed_routes[(topic, part)] = tuple(
+                k.partition_stream(g, part) if self._parts.get(g) else s
+                for g, s in zip(self._route_names(topic), self.route(topic)[0], strict=True)
+            )
+        return part, route
+
+    def _route_names(self, topic: str) -> list[str]:
+        return sorted(
+            g for g, pats in self._groups.items() if any(topic_matches(p, topic) for p in pats)
+        )
