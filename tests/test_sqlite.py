@@ -105,6 +105,30 @@ async def test_close_hands_back_unsettled_deliveries(tmp_path: Path, clock: surg
         await r2.aclose()
 
 
+async def test_close_hands_back_a_claim_still_under_way(tmp_path: Path, clock: surge.Clock) -> None:
+    """A claim whose consumer was cancelled just before close is handed back
+    by close too: the next consumer gets it at once, its attempt not counted."""
+    db = tmp_path / "d.db"
+    t = _open(db, clock, lease=600)
+    await t.start()
+    await t.declare("g", ["conf.item"])
+    await t.publish([env(1)])
+    it = t.consume("g", prefetch=10)
+    claiming = asyncio.ensure_future(anext(it))
+    await asyncio.sleep(0)  # one loop step: the claim is on the connection's thread
+    claiming.cancel()
+    await t.close()
+    await asyncio.gather(claiming, return_exceptions=True)
+    before = clock.time()
+    async with started(db, clock, lease=600) as t2:
+        r2 = Reader(t2, "g")
+        (d,) = await r2.take(1)
+        assert (number(d), d.attempt) == (1, 1)
+        assert clock.time() - before < 1
+        await t2.ack([d])
+        await r2.aclose()
+
+
 def test_url_and_options_are_checked(tmp_path: Path) -> None:
     """Bad URLs and options raise ConfigurationError naming the problem."""
     with pytest.raises(surge.ConfigurationError, match="use sqlite:///"):

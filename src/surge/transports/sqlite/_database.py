@@ -120,7 +120,7 @@ class Database:
         self.check = check
         self.max_size = max_size
         self.dedup_window = dedup_window
-        self.conn: sqlite3.Connection | None = None
+        self._conn: sqlite3.Connection | None = None
         self.transactions = 0
         self.stale = 0
         self._gver: Any = None
@@ -175,7 +175,7 @@ class Database:
                     job.error = exc1
 
     def _transaction(self, jobs: list[Job]) -> None:
-        conn = self.conn
+        conn = self._conn
         if conn is None:
             raise TransportError(f"{self.path}: the connection is closed")
         write = any(j.write for j in jobs)
@@ -226,7 +226,7 @@ class Database:
         except BaseException:
             conn.close()
             raise
-        self.conn = conn
+        self._conn = conn
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
         path = self.path
@@ -269,15 +269,15 @@ class Database:
         return self._c.execute(f"PRAGMA {name}").fetchone()[0]
 
     def close(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-            self.conn = None
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
     # --- groups --------------------------------------------------------------
     @property
     def _c(self) -> sqlite3.Connection:
-        assert self.conn is not None
-        return self.conn
+        assert self._conn is not None
+        return self._conn
 
     def _sync_groups(self) -> None:
         conn = self._c

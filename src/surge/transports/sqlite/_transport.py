@@ -417,7 +417,9 @@ class SqliteTransport:
             lease = d.token
             if isinstance(lease, Lease) and self._leases.settle(lease):
                 held.append((lease.did, lease.token))
-        if held and not self._closed:
+        # Also while closing: close has already collected the leases it
+        # hands back, and this batch was not among them.
+        if held and self._thread.running:
             self._thread.submit(self._db.hand_back, held, self.clock.time()).add_done_callback(
                 _log_failure
             )
