@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -265,3 +266,175 @@ def shared_redis_url(_tmp_path: Path | None = None) -> str:
 
         atexit.register(stop)
     return f"{_shared_redis.url}?prefix=t{uuid.uuid4().hex[:12]}"
+
+
+# --- PostgreSQL ----------------------------------------------------------------
+
+
+def postgres_bin_dir() -> Path:
+    """The newest of Debian's PostgreSQL server directories (initdb, pg_ctl);
+    fails (never skips) when none is installed."""
+    found = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if not found:
+        raise RuntimeError(
+            "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin: the postgres "
+            "tests need them (apt-get install postgresql)"
+        )
+    return found[-1].parent
+
+
+class PostgresServer:
+    """A PostgreSQL cluster of its own (initdb) in a temp dir, run by pg_ctl
+    on a free loopback port with its unix socket in the same dir.
+
+    As root (CI), initdb and the server refuse to run: they run as the
+    ``postgres`` OS user, who owns the temp dir. Authentication is ``trust``
+    for the superuser ``surge`` (loopback only). ``stop(mode)`` /
+    ``start()`` restart it on the same port and data: ``fast`` is a clean
+    shutdown, ``immediate`` a crash (WAL recovery at the next start).
+    """
+
+    def __init__(self, root: Path, *, fsync: bool = True, options: tuple[str, ...] = ()) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.socket_dir = root / "sock"
+        self.logfile = root / "server.log"
+        self.port = free_port()
+        self.fsync = fsync
+        self.options = options
+        self.bin = postgres_bin_dir()
+        self.running = False
+
+    def _run(self, *args: str) -> None:
+        as_postgres: dict[str, str] = {}
+        if os.geteuid() == 0:
+            as_postgres = {"user": "postgres", "group": "postgres"}
+        done = subprocess.run(
+            [str(self.bin / args[0]), *args[1:]],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd=self.root,
+            check=False,
+            user=as_postgres.get("user"),
+            group=as_postgres.get("group"),
+        )
+        if done.returncode != 0:
+            log = self.logfile.read_text(errors="replace")[-3000:] if self.logfile.exists() else ""
+            raise RuntimeError(
+                f"{args[0]} failed ({done.returncode}): {done.stdout.decode(errors='replace')}"
+                f"{done.stderr.decode(errors='replace')}\n{log}"
+            )
+
+    def init(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.socket_dir.mkdir(exist_ok=True)
+        if os.geteuid() == 0:
+            for p in (self.root, self.socket_dir):
+                shutil.chown(p, "postgres", "postgres")
+        self._run(
+            "initdb", "-D", str(self.data), "-U", "surge", "--auth=trust",
+            "-E", "UTF8", "--locale=C", "--no-sync",
+        )  # fmt: skip
+
+    def start(self) -> None:
+        opts = [
+            f"-p {self.port}",
+            f"-k {self.socket_dir}",
+            "-c listen_addresses=127.0.0.1",
+            "-c max_connections=200",
+            f"-c fsync={'on' if self.fsync else 'off'}",
+            *self.options,
+        ]
+        self._run(
+            "pg_ctl", "start", "-w", "-t", "60", "-D", str(self.data), "-l", str(self.logfile),
+            "-o", " ".join(opts),
+        )  # fmt: skip
+        self.running = True
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: a clean shutdown; ``immediate``: as a crash."""
+        if not self.running:
+            return
+        self.running = False
+        self._run("pg_ctl", "stop", "-w", "-t", "60", "-m", mode, "-D", str(self.data))
+
+    def dsn(self, database: str = "postgres") -> str:
+        return f"postgresql://surge@127.0.0.1:{self.port}/{database}"
+
+    def psql(self, sql: str, database: str = "postgres") -> str:
+        """Run ``sql`` with psql as the superuser; its output."""
+        done = subprocess.run(
+            [str(self.bin / "psql"), "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+             "-d", self.dsn(database), "-c", sql],
+            stdin=subprocess.DEVNULL, capture_output=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"psql {sql!r} failed: {done.stderr.decode(errors='replace')}")
+        return done.stdout.decode().strip()
+
+    def new_database(self) -> str:
+        """A fresh, empty database; its name."""
+        name = f"t{uuid.uuid4().hex[:12]}"
+        self.psql(f"CREATE DATABASE {name} STRATEGY FILE_COPY")
+        return name
+
+    def drop_database(self, name: str) -> None:
+        self.psql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@contextlib.contextmanager
+def postgres_server(
+    tmp_path: Path, *, fsync: bool = True, options: tuple[str, ...] = ()
+) -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of its own on a free loopback port, removed on exit."""
+    root = Path(tempfile.mkdtemp(prefix="surge-pg-"))
+    server = PostgresServer(root, fsync=fsync, options=options)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+_shared_postgres: PostgresServer | None = None
+
+
+def shared_postgres() -> PostgresServer:
+    """One PostgreSQL cluster for the whole session (fsync off: these tests
+    kill processes, not the machine), started on first use, removed when the
+    interpreter exits."""
+    global _shared_postgres
+    if _shared_postgres is None:
+        root = Path(tempfile.mkdtemp(prefix="surge-pg-"))
+        server = PostgresServer(root, fsync=False)
+        server.init()
+        server.start()
+        _shared_postgres = server
+
+        def stop() -> None:
+            with contextlib.suppress(RuntimeError):
+                server.stop("immediate")
+            shutil.rmtree(root, ignore_errors=True)
+
+        atexit.register(stop)
+    return _shared_postgres
+
+
+def shared_postgres_url(_tmp_path: Path | None = None) -> str:
+    """A URL on the session's PostgreSQL cluster, with a fresh schema of its
+    own (made by the transport; drop it with :func:`drop_postgres_schema`)."""
+    server = shared_postgres()
+    return f"{server.dsn('postgres')}?schema=t{uuid.uuid4().hex[:12]}"
+
+
+def drop_postgres_schema(url: str) -> None:
+    """Drop the schema a :func:`shared_postgres_url` named, with its tables."""
+    if _shared_postgres is not None:
+        schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
+        _shared_postgres.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")

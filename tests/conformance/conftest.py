@@ -17,7 +17,7 @@ one that is closed on exit, and ``app()`` an App on a new transport.
 from __future__ import annotations
 
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +28,7 @@ import pytest
 import surge
 from surge.transports import open_transport
 
-from .._servers import shared_nats_url, shared_redis_url
+from .._servers import drop_postgres_schema, shared_nats_url, shared_postgres_url, shared_redis_url
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Case:
     order_options: dict[str, Any] = field(default_factory=dict)
     """Options for the cross-consumer order test: short leases, so that
     ownership moves quickly when a consumer joins or leaves."""
+    cleanup: Callable[[str], None] | None = None
+    """Removes the store of ``url``'s result after the test (a server's)."""
 
 
 CASES: list[Case] = [
@@ -104,6 +106,24 @@ CASES.append(
         lease_options={"lease": 0.5, "heartbeat": 0},
         partitioned=True,
         order_options={"lease": 1.0},
+    )
+)
+
+
+# PostgreSQL: one cluster for the whole session (initdb + pg_ctl, started on
+# first use by tests/_servers.py), and a fresh schema (named in the URL) per
+# test, dropped after it.
+CASES.append(
+    Case(
+        "postgres",
+        url=shared_postgres_url,
+        realtime=True,
+        shared=True,
+        leases=True,
+        lease_options={"lease": 1.0, "heartbeat": 0},
+        partitioned=True,
+        order_options={"lease": 1.0},
+        cleanup=drop_postgres_schema,
     )
 )
 
@@ -170,5 +190,8 @@ def clock(case: Case) -> surge.Clock:
 
 
 @pytest.fixture
-def transport_factory(case: Case, clock: surge.Clock, tmp_path: Path) -> Factory:
-    return Factory(case, case.url(tmp_path), clock)
+def transport_factory(case: Case, clock: surge.Clock, tmp_path: Path) -> Iterator[Factory]:
+    url = case.url(tmp_path)
+    yield Factory(case, url, clock)
+    if case.cleanup is not None:
+        case.cleanup(url)

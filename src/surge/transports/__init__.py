@@ -6,6 +6,9 @@
 ``redis://``    Redis Streams (``pip install 'surge[redis]'``)
 ``nats://``     NATS JetStream (``pip install 'surge[nats]'``)
 ==============  ==========================================================
+
+``postgresql://`` (or ``postgres://``): PostgreSQL, with a transactional
+outbox (``pip install 'surge[postgres]'``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "rediss": ("surge.transports.redis", "RedisTransport", "redis"),
     "nats": ("surge.transports._nats", "NatsTransport", "nats"),
     "tls": ("surge.transports._nats", "NatsTransport", "nats"),
+    "postgresql": ("surge.transports.postgres", "PostgresTransport", "postgres"),
+    "postgres": ("surge.transports.postgres", "PostgresTransport", "postgres"),
 }
 
 

@@ -1,0 +1,241 @@
+"""Consuming on ``postgresql://``: claims under leases, and settling them.
+
+A claim leases up to ``room`` visible deliveries in one statement
+(``FOR UPDATE SKIP LOCKED`` on a group's shared queue, so consumers of one
+group never wait for each other; a partition in row order, under its
+owner's lease, so one key's events come in publish order) and returns them
+with their events. The lease is a random token and a deadline
+(``visible_at``); acks, nacks, hand-backs and extensions name the token, so
+a consumer that lost its lease (stopped, too slow) cannot settle a delivery
+that another consumer holds now.
+
+:class:`Consumer` and :class:`Lease` are the consumer side's records of
+what it holds, counted per partition for :class:`._partitions.Member`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+import msgspec
+
+from ..._event import Envelope
+from ..._transport import Delivery
+from ._db import Database, rowcount
+from ._partitions import Member
+from ._schema import Schema
+
+__all__ = ("Consumer", "Lease", "Queue")
+
+_decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
+
+_SET = (
+    "UPDATE {s}.deliveries d SET visible_at = $4, token = $5, attempt = d.attempt + 1, "
+    "first_time = coalesce(d.first_time, $2) FROM c, {s}.messages m "
+    "WHERE d.id = c.id AND m.seq = d.msg RETURNING d.id, d.attempt, d.first_time, d.part, "
+    "m.id, m.topic, m.key, m.time, m.headers, m.body, m.not_before"
+)
+_CLAIM_SHARED = (
+    "WITH c AS (SELECT id FROM {s}.deliveries WHERE grp = $1 AND part IS NULL "
+    "AND visible_at <= $2 ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) " + _SET
+)
+# A partition's rows in row (publish) order, and no SKIP LOCKED: a row
+# locked for a moment (its last owner's hand-back) is waited for, not
+# overtaken. The owners row is checked here, not in the caller's view.
+_CLAIM_PARTS = (
+    "WITH c AS (SELECT d.id FROM {s}.deliveries d WHERE d.grp = $1 AND d.part = ANY($6::int[]) "
+    "AND d.visible_at <= $2 AND EXISTS (SELECT 1 FROM {s}.owners o WHERE o.grp = $1 "
+    "AND o.part = d.part AND o.owner = $7 AND o.until > $2) ORDER BY d.id LIMIT $3 "
+    "FOR UPDATE OF d) " + _SET
+)
+_NEXT_DUE = (
+    "SELECT least((SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part IS NULL), "
+    "(SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part = ANY($2::int[])))"
+)
+_BUSY = "SELECT min(visible_at) FROM {s}.deliveries WHERE grp = ANY($1::int[])"
+_HELD = (
+    "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tok) WHERE d.id = u.id AND d.token = u.tok"
+)
+_ACK = "DELETE FROM {s}.deliveries d USING unnest($1::bigint[], $2::bigint[]) AS u(id, tok) " + (
+    "WHERE d.id = u.id AND d.token = u.tok"
+)
+_RELEASE = "UPDATE {s}.deliveries d SET visible_at = $3, token = NULL " + _HELD
+_HAND_BACK = (
+    "UPDATE {s}.deliveries d SET visible_at = $3, token = NULL, attempt = d.attempt - 1, "
+    "first_time = CASE WHEN d.attempt > 1 THEN d.first_time END " + _HELD
+)
+# a partition's lease only while its owner still holds the partition, so the
+# next owner knows when what it inherits becomes its own
+_EXTEND = (
+    "UPDATE {s}.deliveries d SET visible_at = $3 " + _HELD + " AND (d.part IS NULL OR EXISTS "
+    "(SELECT 1 FROM {s}.owners o WHERE o.grp = d.grp AND o.part = d.part AND o.owner = $4 "
+    "AND o.until > $5))"
+)
+_STATS = (
+    "SELECT count(*) FILTER (WHERE visible_at <= $2), "
+    "count(*) FILTER (WHERE visible_at > $2 AND token IS NOT NULL), "
+    "count(*) FILTER (WHERE visible_at > $2 AND token IS NULL) "
+    "FROM {s}.deliveries WHERE grp = $1"
+)
+
+Held = tuple[list[int], list[int]]  # delivery ids, their lease tokens
+
+
+class Consumer:
+    """One ``consume`` iterator: its room, its wake-up, its group's member."""
+
+    __slots__ = ("gid", "kicked", "member", "prefetch", "turn", "unsettled", "wake")
+
+    def __init__(self, gid: int, prefetch: int, member: Member | None) -> None:
+        self.gid = gid
+        self.prefetch = prefetch
+        self.member = member
+        self.unsettled = 0
+        self.turn = 0
+        self.wake: asyncio.Future[None] | None = None
+        self.kicked = False  # woken while not napping: the next nap returns at once
+
+    def wake_up(self) -> None:
+        fut = self.wake
+        if fut is None:
+            self.kicked = True
+            return
+        self.wake = None
+        if not fut.done():
+            fut.set_result(None)
+
+    async def nap(self, timeout: float | None) -> bool:
+        """Wait for a wake-up or ``timeout`` seconds; True when woken."""
+        if self.kicked:
+            self.kicked = False
+            return True
+        fut = self.wake = asyncio.get_running_loop().create_future()
+        if timeout is None:
+            await fut
+            return True
+        done, _ = await asyncio.wait((fut,), timeout=max(0.0, timeout))
+        self.wake = None
+        return bool(done)
+
+
+class Lease:
+    """A claimed delivery: its row, the claim's token, who holds it, and
+    the partition it came from (None: the shared queue)."""
+
+    __slots__ = ("consumer", "did", "part", "settled", "token")
+
+    def __init__(self, did: int, token: int, consumer: Consumer, part: int | None) -> None:
+        self.did = did
+        self.token = token
+        self.consumer = consumer
+        self.part = part
+        self.settled = False
+        if part is not None and consumer.member is not None:
+            consumer.member.held(part)
+
+    def settle(self) -> None:
+        self.settled = True
+        c = self.consumer
+        c.unsettled -= 1
+        if self.part is not None and c.member is not None:
+            c.member.settled(self.part)
+
+
+def held_of(leases: Sequence[Lease]) -> Held:
+    return [lease.did for lease in leases], [lease.token for lease in leases]
+
+
+class Queue:
+    """The statements on ``deliveries``: claim, settle, extend, look ahead."""
+
+    def __init__(self, db: Database, schema: Schema) -> None:
+        self._db = db
+        q = schema.q
+        self._shared = q(_CLAIM_SHARED)
+        self._parts = q(_CLAIM_PARTS)
+        self._next_due = q(_NEXT_DUE)
+        self._busy = q(_BUSY)
+        self._ack = q(_ACK)
+        self._release = q(_RELEASE)
+        self._hand_back = q(_HAND_BACK)
+        self._extend = q(_EXTEND)
+        self._stats = q(_STATS)
+        self.stale = 0
+        """Settles ignored because the lease was lost meanwhile."""
+
+    async def claim(
+        self,
+        c: Consumer,
+        group: str,
+        room: int,
+        now: float,
+        until: float,
+        token: int,
+        parts: list[int],
+        me: str,
+    ) -> list[Delivery]:
+        """Lease up to ``room`` deliveries of the shared queue and of
+        ``parts``, starting with another each turn so that neither waits
+        behind the other's backlog; sorted by row, token = (row, part)."""
+
+        async def run(conn: asyncpg.Connection) -> list[Any]:
+            rows: list[Any] = []
+            arms = ["shared", "parts"] if parts else ["shared"]
+            if parts and c.turn % 2:
+                arms.reverse()
+            c.turn += 1
+            for arm in arms:
+                left = room - len(rows)
+                if left <= 0:
+                    break
+                if arm == "shared":
+                    rows += await conn.fetch(self._shared, c.gid, now, left, until, token)
+                else:
+                    rows += await conn.fetch(self._parts, c.gid, now, left, until, token, parts, me)
+            return rows
+
+        rows = await self._db.call(run)
+        rows.sort(key=lambda r: r[0])
+        out = []
+        for did, attempt, first, part, eid, topic, key, time, headers, body, nb in rows:
+            h = _decode_headers(headers) if headers is not None else None
+            env = Envelope(eid, topic, key, time, h, None, body, nb)
+            out.append(Delivery(env, group, attempt, (did, part), first))
+        return out
+
+    async def next_due(self, gid: int, parts: list[int]) -> float:
+        """When the next delivery of the shared queue or ``parts`` is due
+        (inf: none)."""
+        due = await self._db.fetchval(self._next_due, gid, parts)
+        return float("inf") if due is None else float(due)
+
+    async def busy(self, gids: list[int]) -> float | None:
+        """When the first delivery of ``gids`` is (or was) due; None: none held."""
+        due = await self._db.fetchval(self._busy, gids)
+        return None if due is None else float(due)
+
+    async def _settle(self, sql: str, held: Held, *args: Any) -> int:
+        n = rowcount(await self._db.execute(sql, held[0], held[1], *args))
+        self.stale += len(held[0]) - n
+        return n
+
+    async def ack(self, held: Held) -> int:
+        return await self._settle(self._ack, held)
+
+    async def release(self, held: Held, when: float) -> int:
+        return await self._settle(self._release, held, when)
+
+    async def hand_back(self, held: Held, now: float) -> int:
+        """Release deliveries never handed to a handler: visible at once, in
+        their place, and the claim's attempt not counted."""
+        return await self._settle(self._hand_back, held, now)
+
+    async def extend(self, held: Held, until: float, now: float, me: str) -> int:
+        return rowcount(await self._db.execute(self._extend, held[0], held[1], until, me, now))
+
+    async def stats(self, gid: int, now: float) -> tuple[int, int, int]:
+        row = (await self._db.fetch(self._stats, gid, now))[0]
+        return int(row[0]), int(row[1]), int(row[2])

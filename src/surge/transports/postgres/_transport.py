@@ -1,0 +1,551 @@
+"""``PostgresTransport``: the parts of :mod:`surge.transports.postgres`
+wired together, with the lifecycle and the consume loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from ..._clock import Clock, RealClock
+from ..._errors import Closed, ConfigurationError, TransportError
+from ..._event import Envelope
+from ..._transport import DeadLetter, Delivery, TransportStats
+from .._partitions import Ownership
+from ._consume import Consumer, Lease, Queue, held_of
+from ._db import Database
+from ._dead import DeadLetters
+from ._groups import Groups
+from ._listen import Listener
+from ._options import parse
+from ._outbox import Outbox
+from ._partitions import Member, leave
+from ._publish import Publisher
+from ._retention import Housekeeper
+from ._schema import Schema
+
+__all__ = ("PostgresTransport",)
+
+log = logging.getLogger("surge.postgres")
+
+_FIRST_POLL = 0.005
+
+
+class PostgresTransport:
+    """Groups, leases, partitions and dead letters in one PostgreSQL schema
+    (see :mod:`surge.transports.postgres`)."""
+
+    durable = True
+
+    def __init__(self, url: str, *, clock: Clock | None = None, **options: Any) -> None:
+        opts = parse(url, options)
+        self.url = url
+        self.options = opts
+        self.clock: Clock = clock or RealClock()
+        self.lease = opts.lease
+        self.heartbeat = opts.heartbeat
+        self.poll = opts.poll
+        self.partitions = opts.partitions
+        self.schema = Schema(opts.schema, partitions=opts.partitions, database=opts.database)
+        label = f"postgres {opts.database}/{opts.schema}"
+        self._db = Database(
+            opts.dsn,
+            size=opts.pool,
+            clock=self.clock,
+            reconnect_timeout=opts.reconnect_timeout,
+            label=label,
+        )
+        self._queue = Queue(self._db, self.schema)
+        self._groups = Groups(self._db, self.schema)
+        self._dead = DeadLetters(self._db, self.schema)
+        self._publisher = Publisher(
+            self._db,
+            self.schema,
+            codec=opts.codec,
+            clock=self.clock,
+            partitions=opts.partitions,
+            dedup_window=opts.dedup_window,
+            max_pending=opts.max_pending,
+            batch=opts.batch,
+            published=self._wake_groups,
+        )
+        self._outbox = Outbox(self.schema, self._publisher, self.clock, opts.dedup_window)
+        self.listener = Listener(
+            opts.dsn, self.schema.channel, clock=self.clock, woken=self._notified
+        )
+        self._housekeeper = Housekeeper(
+            self._db,
+            self.schema,
+            self._groups,
+            retention=opts.retention,
+            dedup_window=opts.dedup_window,
+        )
+        # who this transport is among a group's members (processes, and
+        # transports within one, are told apart)
+        self.member_id = f"{os.getpid()}-{random.getrandbits(48):012x}"
+        self._members: dict[str, Member] = {}
+        self._consumers: dict[int, list[Consumer]] = {}
+        self._leases: dict[int, Lease] = {}
+        self._local: dict[str, int] = {}
+        self._ephemeral: dict[str, int] = {}
+        self._started = False
+        self._closed = False
+        self._changed: list[asyncio.Future[None]] = []
+        self._activity = 0
+        self._idle = True
+        self._ticker: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+
+    # --- lifecycle -----------------------------------------------------------
+    async def start(self) -> None:
+        if self._started:
+            return
+        if self._closed:
+            raise Closed("a closed postgres transport cannot be started again")
+        await self._db.open()
+        try:
+            await self._db.call(self.schema.prepare)
+            await self.listener.start()
+        except BaseException:
+            await self.listener.close()
+            await self._db.close()
+            raise
+        self._started = True
+        self._ticker = asyncio.get_running_loop().create_task(
+            self._tick(), name="surge-postgres-ticker"
+        )
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._started:
+            await self._db.close()
+            return
+        tasks = [m.task for m in self._members.values() if m.task is not None]
+        if self._ticker is not None:
+            tasks.append(self._ticker)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for consumers in self._consumers.values():
+            for c in consumers:
+                c.wake_up()
+        self._notify_changed()
+        await self._publisher.close()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        # Hand back what this process holds, so others need not wait out leases.
+        held = [lease for lease in self._leases.values() if not lease.settled]
+        self._leases.clear()
+        try:
+            if held:
+                await self._queue.release(held_of(held), self.clock.time())
+            if self._ephemeral:
+                await self._groups.drop(list(self._ephemeral.values()))
+            await leave(self._db, self.schema, self.member_id)
+        except TransportError as exc:
+            log.warning("postgres: could not hand back leases at close: %s", exc)
+        finally:
+            await self.listener.close()
+            await self._db.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Closed("postgres transport is closed")
+        if not self._started:
+            raise Closed("postgres transport is not started")
+
+    @property
+    def healthy(self) -> bool:
+        """The last statement reached the server."""
+        return self._db.healthy
+
+    async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
+        self._check_open()
+        alive = self.clock.time() + self._inbox_life() if ephemeral else None
+        gid = await self._groups.declare(group, topics, ephemeral=ephemeral, alive_until=alive)
+        self._local[group] = gid
+        if ephemeral:
+            self._ephemeral[group] = gid
+        elif group not in self._members:
+            self._members[group] = self._member(group, gid)
+
+    def _inbox_life(self) -> float:
+        return max(600.0, 10 * self.lease)
+
+    def _member(self, group: str, gid: int) -> Member:
+        def woken() -> None:  # partitions taken: there may be more to read
+            for c in self._consumers.get(gid, ()):
+                c.wake_up()
+
+        return Member(
+            group,
+            gid,
+            db=self._db,
+            schema=self.schema,
+            me=self.member_id,
+            lease=self.lease,
+            now=self.clock.time,
+            woken=woken,
+        )
+
+    def ownership(self, group: str) -> Ownership | None:
+        """The partitions this transport holds of ``group`` (None: a reply
+        inbox, or a group this transport has not declared)."""
+        member = self._members.get(group)
+        return None if member is None else member.own
+
+    # --- publishing ----------------------------------------------------------
+    async def publish(self, envelopes: Sequence[Envelope]) -> None:
+        self._check_open()
+        self._activity += 1
+        self._idle = False
+        await self._publisher.publish(envelopes)
+
+    def publish_nowait(self, envelopes: Sequence[Envelope]) -> None:
+        self._check_open()
+        self._activity += 1
+        self._idle = False
+        self._publisher.publish_nowait(envelopes)
+
+    async def publish_in(self, connection: Any, envelopes: Sequence[Envelope]) -> None:
+        """Write ``envelopes`` through ``connection`` (an asyncpg Connection
+        or a psycopg AsyncConnection to this database), inside its open
+        transaction: delivered once it commits, never if it rolls back."""
+        self._check_open()
+        await self._outbox.publish_in(connection, envelopes)
+
+    def _wake_groups(self, gids: Any) -> None:
+        for gid in gids:
+            for c in self._consumers.get(gid, ()):
+                c.wake_up()
+        self._notify_changed()
+
+    def _notified(self, gids: list[int] | None) -> None:
+        self._activity += 1
+        self._idle = False
+        if gids is None:
+            for consumers in self._consumers.values():
+                for c in consumers:
+                    c.wake_up()
+            self._notify_changed()
+        else:
+            self._wake_groups(gids)
+
+    def _notify_changed(self) -> None:
+        waiters = self._changed
+        if waiters:
+            self._changed = []
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(None)
+
+    # --- consuming -----------------------------------------------------------
+    async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
+        self._check_open()
+        if prefetch < 1:
+            raise ConfigurationError("prefetch must be at least 1")
+        gid = await self._gid(group)
+        member = self._members.get(group)
+        if member is None and group not in self._ephemeral:
+            member = self._members[group] = self._member(group, gid)
+        c = Consumer(gid, prefetch, member)
+        self._consumers.setdefault(gid, []).append(c)
+        if member is not None:
+            member.join()
+        retry = _FIRST_POLL
+        try:
+            while not self._closed:
+                room = prefetch - c.unsettled
+                if room <= 0:
+                    await c.nap(None)
+                    continue
+                now = self.clock.time()
+                try:
+                    batch = await self._claim(c, group, room, now)
+                    if batch:
+                        retry = _FIRST_POLL
+                        yield batch
+                        continue
+                    parts = [] if member is None else member.readable(now)
+                    due = await self._queue.next_due(gid, parts)
+                except TransportError as exc:
+                    # the server is gone or restarting: wait, try again
+                    log.warning("postgres: cannot claim for %s: %s", group, exc)
+                    due = now + min(1.0, self.poll)
+                # A notification (a publish, a replay, partitions taken, a
+                # settle here) wakes the consumer; without one it looks
+                # again when the next delivery is due, and at least every
+                # ``poll`` seconds. A due time already past (rows another
+                # consumer holds locked) must not spin: back off from 5 ms.
+                now = self.clock.time()
+                if due > now:
+                    wait = min(due - now, self.poll)
+                    retry = _FIRST_POLL
+                else:
+                    wait = retry
+                    retry = min(self.poll, retry * 2)
+                await c.nap(wait)
+        finally:
+            consumers = self._consumers.get(gid)
+            if consumers is not None and c in consumers:
+                consumers.remove(c)
+            if member is not None:
+                member.leave()
+
+    async def _claim(self, c: Consumer, group: str, room: int, now: float) -> list[Delivery]:
+        member = c.member
+        parts = [] if member is None else member.readable(now)
+        # random reseeds itself in forked children, so workers forked from
+        # one parent still draw different tokens
+        token = random.getrandbits(62)
+        if member is not None:
+            member.reads(parts, 1)
+        claim = asyncio.ensure_future(
+            self._queue.claim(c, group, room, now, now + self.lease, token, parts, self.member_id)
+        )
+
+        def claimed(fut: asyncio.Future[list[Delivery]]) -> None:
+            if member is not None:
+                member.reads(parts, -1)
+            if fut.cancelled() or fut.exception() is not None:
+                return
+            batch = fut.result()
+            if not batch:
+                return
+            c.unsettled += len(batch)
+            self._activity += 1
+            self._idle = False
+            for d in batch:
+                did, part = d.token
+                lease = Lease(did, token, c, part)
+                d.token = lease
+                self._leases[did] = lease
+
+        claim.add_done_callback(claimed)
+        try:
+            return await asyncio.shield(claim)
+        except asyncio.CancelledError:
+            # Cancelled while the claim runs: the batch (if any) is ours, and
+            # nobody will take it: hand it back, in its place.
+            claim.add_done_callback(self._hand_back_claim)
+            raise
+
+    def _hand_back_claim(self, fut: asyncio.Future[list[Delivery]]) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        leases = [d.token for d in fut.result() if isinstance(d.token, Lease)]
+        self._hand_back(leases)
+
+    def _hand_back(self, leases: list[Lease]) -> None:
+        held = [lease for lease in leases if self._settle_local(lease)]
+        if held and not self._closed:
+            task = asyncio.get_running_loop().create_task(
+                self._queue.hand_back(held_of(held), self.clock.time())
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            task.add_done_callback(_log_failure)
+
+    async def release(self, deliveries: Sequence[Delivery]) -> None:
+        """Hand back deliveries no handler has seen (the app is stopping):
+        visible at once, the attempt not counted, a partition's in its place
+        (before later entries, for whoever reads the partition next)."""
+        held = self._settle_all(deliveries)
+        if held:
+            self._check_open()
+            h = held_of(held)
+            await self._settling(lambda: self._queue.hand_back(h, self.clock.time()))
+
+    # --- settling ------------------------------------------------------------
+    def _settle_local(self, lease: Lease) -> bool:
+        if lease.settled:
+            return False
+        lease.settle()
+        if self._leases.get(lease.did) is lease:
+            del self._leases[lease.did]
+        lease.consumer.wake_up()
+        return True
+
+    def _lease_of(self, d: Delivery) -> Lease:
+        lease = d.token
+        if not isinstance(lease, Lease):
+            raise ConfigurationError(f"delivery {d.envelope.id} did not come from {self.url}")
+        return lease
+
+    def _settle_all(self, deliveries: Sequence[Delivery]) -> list[Lease]:
+        """Settle ``deliveries`` here; the leases not settled before."""
+        return [lease for d in deliveries if self._settle_local(lease := self._lease_of(d))]
+
+    async def _settling(self, write: Callable[[], Awaitable[Any]]) -> None:
+        # Settles name their lease's token, so trying one again is harmless.
+        # One that cannot be written (the server stays away) loses nothing:
+        # the delivery's lease runs out and it is delivered again. Raising
+        # would stop the caller's consumer for good.
+        try:
+            await self._db.retry(write, "settle")
+        except TransportError as exc:
+            log.warning("postgres: could not settle deliveries, they will come back: %s", exc)
+        self._notify_changed()
+
+    async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        held = self._settle_all(deliveries)
+        if held:
+            self._check_open()
+            h = held_of(held)
+            await self._settling(lambda: self._queue.ack(h))
+
+    async def nack(self, delivery: Delivery, delay: float) -> None:
+        lease = self._lease_of(delivery)
+        if not self._settle_local(lease):
+            return
+        self._check_open()
+        self._activity += 1
+        when = self.clock.time() + max(0.0, delay)
+        h = held_of([lease])
+        await self._settling(lambda: self._queue.release(h, when))
+        for c in self._consumers.get(lease.consumer.gid, ()):
+            c.wake_up()
+
+    async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
+        lease = self._lease_of(delivery)
+        if not self._settle_local(lease):
+            return
+        self._check_open()
+        await self._settling(lambda: self._dead.move(lease.did, lease.token, record))
+
+    # --- dead letters, state and statistics ----------------------------------
+    async def _gid(self, group: str) -> int:
+        gid = self._local.get(group)
+        if gid is None:
+            gid = await self._groups.gid(group)
+        return gid
+
+    async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
+        self._check_open()
+        gid = None if group is None else await self._gid(group)
+        return await self._dead.letters(gid)
+
+    async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
+        self._check_open()
+        gid = await self._gid(group)
+        self._activity += 1
+        self._idle = False
+        n = await self._dead.replay(gid, ids, self.clock.time())
+        if n:
+            await self._db.execute("SELECT pg_notify($1, $2)", self.schema.channel, str(gid))
+        self._wake_groups([gid])
+        return n
+
+    async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
+        self._check_open()
+        return await self._dead.purge(await self._gid(group), ids)
+
+    async def load_state(self, key: str) -> bytes | None:
+        """A small value kept in the schema under ``key`` (trigger state)."""
+        self._check_open()
+        value = await self._db.fetchval(
+            self.schema.q("SELECT value FROM {s}.state WHERE key = $1"), key
+        )
+        return None if value is None else bytes(value)
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        self._check_open()
+        await self._db.execute(
+            self.schema.q(
+                "INSERT INTO {s}.state (key, value) VALUES ($1, $2) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+            ),
+            key,
+            value,
+        )
+
+    async def stats(self, group: str) -> TransportStats:
+        self._check_open()
+        gid = await self._gid(group)
+        backlog, pending, scheduled = await self._queue.stats(gid, self.clock.time())
+        return TransportStats(backlog, pending, scheduled, await self._dead.count(gid))
+
+    @property
+    def stale_settles(self) -> int:
+        """Acks, nacks and dead letters ignored because the lease was lost."""
+        return self._queue.stale
+
+    # --- idleness (App.drain) ------------------------------------------------
+    @property
+    def idle(self) -> bool:
+        """No group this process declared held anything at the last look."""
+        return self._idle
+
+    async def wait_idle(self) -> None:
+        """Return once no group this process declared holds a delivery."""
+        poll = _FIRST_POLL
+        loop = asyncio.get_running_loop()
+        while not self._closed:
+            seen = self._activity
+            fut = loop.create_future()
+            self._changed.append(fut)
+            try:
+                due = await self._queue.busy(list(self._local.values()))
+            except TransportError as exc:
+                log.warning("postgres: cannot tell whether idle: %s", exc)
+                due = self.clock.time()
+            if due is None and seen == self._activity:
+                self._idle = True
+                return
+            self._idle = False
+            # visible but not yet claimed (due passed): look again after a poll
+            left = (due or 0.0) - self.clock.time()
+            wait = min(poll, left) if left > 0 else poll
+            done, _ = await asyncio.wait((fut,), timeout=wait)
+            poll = _FIRST_POLL if done else min(self.poll, poll * 2)
+
+    # --- leases and housekeeping ---------------------------------------------
+    async def _tick(self) -> None:
+        clock = self.clock
+        step = self.options.maintenance
+        if self.heartbeat:
+            step = min(self.heartbeat, step)
+        next_beat = clock.monotonic() + self.heartbeat
+        next_care = clock.monotonic() + self.options.maintenance
+        while True:
+            await clock.sleep(step)
+            now = clock.monotonic()
+            try:
+                if self.heartbeat and now >= next_beat:
+                    next_beat = now + self.heartbeat
+                    await self.extend()
+                if now >= next_care:
+                    next_care = now + self.options.maintenance
+                    await self.compact()
+            except TransportError as exc:
+                log.warning("postgres housekeeping failed: %s", exc)
+
+    async def extend(self) -> int:
+        """Extend the lease of every delivery this process holds; how many."""
+        held = list(self._leases.values())
+        if not held:
+            return 0
+        now = self.clock.time()
+        return await self._queue.extend(held_of(held), now + self.lease, now, self.member_id)
+
+    async def compact(self) -> int:
+        """Delete events settled by every group and older than ``retention``,
+        expired dedup entries and abandoned reply groups; how many events."""
+        self._check_open()
+        now = self.clock.time()
+        mine = list(self._ephemeral.values())
+        return await self._housekeeper.compact(now, mine, now + self._inbox_life())
+
+    def __repr__(self) -> str:
+        o = self.options
+        return f"<PostgresTransport {o.database}/{o.schema}>"
+
+
+def _log_failure(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("postgres: a background write failed: %s", fut.exception())
