@@ -8,7 +8,7 @@ no-op handler:
 
 ``surge_async``          ``await app.publish(ev)`` per event, async handler
 ``surge_async_nowait``   ``app.publish_nowait(ev)``, ``await app.publish`` when Overloaded
-``surge_inline``         ``await app.publish(ev)``, sync ``inline=True`` handler
+``surge_inline``         ``await app.publish(ev)``, sync ``executor="inline"`` handler
 ``surge_inline_nowait``  ``publish_nowait`` to the inline handler
 ``queue``                bare ``asyncio.Queue(maxsize=1024)`` producer and consumer
                          coroutines, the consumer awaiting a no-op coroutine per item
@@ -99,7 +99,7 @@ async def _surge(
     app = surge.App("bench")
     if inline:
 
-        @app.on(Tick, inline=True)
+        @app.on(Tick, executor="inline")
         def handle_sync(ev: Tick) -> None:
             return None
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import surge
 from surge import VirtualClock
 from surge._event import Envelope
-from surge._triggers import _Hit
+from surge.triggers._conditions import _Hit
 
 from ._servers import shared_nats_url, shared_redis_url
 
@@ -333,7 +333,7 @@ def test_bad_conditions_are_refused() -> None:
     with pytest.raises(surge.ConfigurationError, match="Event subclass"):
         surge.count(int, at_least=1, within=1)  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError, match=r"surge\.count"):
-        surge.App("c").when("A then B")
+        surge.App("c").when("A then B")  # type: ignore[arg-type]
 
 
 def _durable_url(kind: str, tmp_path: Path) -> str:

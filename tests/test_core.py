@@ -239,7 +239,7 @@ async def test_sync_async_inline_and_process_handlers(clock: surge.VirtualClock)
     def in_thread(ev: Ping) -> None:
         where["thread"] = threading.get_ident()
 
-    @app.on(Ping, inline=True)
+    @app.on(Ping, executor="inline")
     def inline(ev: Ping) -> None:
         where["inline"] = threading.get_ident()
 

@@ -399,7 +399,7 @@ def test_routes_reject_bad_declarations() -> None:
     with pytest.raises(surge.ConfigurationError):
         app.http.post("/orders", publish=Order)
     with pytest.raises(surge.ConfigurationError):
-        app.http.post("/x", publish=dict)
+        app.http.post("/x", publish=dict)  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError):
         app.http.post("relative", publish=Order)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,12 @@ COUNT = 40
 
 async def asgi_get(app: surge.App, path: str) -> tuple[int, bytes]:
     """One GET through the app's ingress, in process (no socket)."""
-    sent: list[dict[str, Any]] = []
+    sent: list[MutableMapping[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(message: dict[str, Any]) -> None:
+    async def send(message: MutableMapping[str, Any]) -> None:
         sent.append(message)
 
     path, _, query = path.partition("?")

@@ -20,6 +20,7 @@ from surge import VirtualClock
 from surge._event import Envelope
 from surge.cli._supervisor import Supervisor
 from surge.transports import MemoryTransport
+from surge.triggers import Misfire
 
 from ._jepsen import wait_for
 from ._servers import nats_server, redis_server
@@ -145,19 +146,19 @@ async def test_cron_across_fall_back(clock: VirtualClock) -> None:
     assert daily == [utc(2026, 10, 25, 0, 30), utc(2026, 10, 26, 1, 30)]
 
 
-async def _run_worker(
-    transport: MemoryTransport,
-    clock: VirtualClock,
-    seconds: float,
-    fired: list[float],
-    **options: object,
-) -> None:
+def _worker(
+    transport: MemoryTransport, clock: VirtualClock, fired: list[float], **options: object
+) -> surge.App:
     app = surge.App("w", clock=clock, transport=transport)
 
     @app.every(seconds=10, name="ten", **options)  # type: ignore[arg-type]
     async def ten(t: surge.Tick) -> None:
         fired.append(t.scheduled - NEW_YEAR)
 
+    return app
+
+
+async def _run(app: surge.App, clock: VirtualClock, seconds: float) -> None:
     async with app:
         await clock.sleep(seconds)
 
@@ -174,15 +175,15 @@ async def _run_worker(
 async def test_misfire_after_downtime(
     clock: VirtualClock, options: dict[str, object], expected: list[float]
 ) -> None:
-    """After 60 s with no worker, skip fires only future slots; catch_up
+    """After 60 s with the app stopped, skip fires only future slots; catch_up
     first fires the missed ones since the last firing, the latest
     max_catch_up of them."""
-    transport = MemoryTransport(clock=clock)
     fired: list[float] = []
-    await _run_worker(transport, clock, 25, fired, **options)
+    app = _worker(MemoryTransport(clock=clock), clock, fired, **options)
+    await _run(app, clock, 25)
     assert fired == [10, 20]
     await clock.sleep(60)  # nothing runs from t=25 to t=85
-    await _run_worker(transport, clock, 20, fired, **options)
+    await _run(app, clock, 20)
     assert fired == expected
 
 
@@ -190,7 +191,7 @@ async def test_catch_up_with_no_history_fires_nothing_missed(clock: VirtualClock
     """A trigger that never fired has nothing to catch up on its first start."""
     fired: list[float] = []
     await clock.sleep(100)
-    await _run_worker(MemoryTransport(clock=clock), clock, 15, fired, misfire="catch_up")
+    await _run(_worker(MemoryTransport(clock=clock), clock, fired, misfire="catch_up"), clock, 15)
     assert fired == [110]
 
 
@@ -302,7 +303,7 @@ def test_bad_trigger_options_raise_configuration_error() -> None:
     with pytest.raises(surge.ConfigurationError, match="time zone"):
         app.cron("* * * * *", tz="Mars/Olympus")
     with pytest.raises(surge.ConfigurationError, match="misfire"):
-        app.every(seconds=1, misfire="later")
+        app.every(seconds=1, misfire="later")  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError, match="max_catch_up"):
         app.every(seconds=1, misfire="catch_up", max_catch_up=0)
 
@@ -391,7 +392,18 @@ async def test_each_slot_fires_once_on_worker_processes(
 
 class _Shared(MemoryTransport):
     """One memory transport that outlives the apps on it: an app's stop
-    (its 'death') must not close it under the others."""
+    (its 'death') must not close it under the others. Its state store is
+    what the apps share, as processes share a durable transport's."""
+
+    def __init__(self, *, clock: surge.Clock) -> None:
+        super().__init__(clock=clock)
+        self.state: dict[str, bytes] = {}
+
+    async def load_state(self, key: str) -> bytes | None:
+        return self.state.get(key)
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        self.state[key] = value
 
     async def close(self) -> None:
         pass
@@ -458,7 +470,7 @@ class _JumpingWallClock(VirtualClock):
     ("misfire", "expected"),
     [("skip", [1, 2, 3, 4, 105]), ("catch_up", [1, 2, 3, 4, 100, 101, 102, 103, 104, 105])],
 )
-def test_a_leap_of_the_wall_clock_is_a_misfire(misfire: str, expected: list[float]) -> None:
+def test_a_leap_of_the_wall_clock_is_a_misfire(misfire: Misfire, expected: list[float]) -> None:
     """When the wall clock leaps 100 s ahead while the scheduler waits, skip
     resumes at the next slot and catch_up fires the latest max_catch_up
     missed slots first."""

@@ -26,7 +26,7 @@ from ._event import Envelope, Event, derive_id, new_id
 from ._middleware import Middleware
 from ._stats import AppStats, SubscriptionStats
 from ._transport import DeadLetter, Delivery, Transport
-from ._triggers import Condition, ConditionMet, Tick, absence, count, sequence
+from .triggers import Condition, ConditionMet, Tick, absence, count, sequence
 
 __version__ = "0.1.0"
 

@@ -13,7 +13,7 @@ import signal
 from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import msgspec
 
@@ -24,11 +24,16 @@ from ._dispatch import ASYNC, INLINE, PROCESS, THREAD, Runner
 from ._errors import Closed, ConfigurationError, Overloaded, RequestTimeout, UnknownTopic
 from ._event import Envelope, Event, derive_id, event_type, new_id
 from ._middleware import Middleware
+from ._runtime import LocalState, Part, Runtime, Timings
 from ._stats import AppStats, SubscriptionStats
-from ._transport import DeadLetter, Transport
-from .transports import MemoryTransport, open_transport
+from ._transport import Capabilities, DeadLetter, Transport, capabilities_of
+from .transports import open_transport
 
-__all__ = ("App", "Subscription")
+if TYPE_CHECKING:
+    from .http import Ingress
+    from .triggers import Condition, Misfire
+
+__all__ = ("App", "Executor", "HandlerOptions", "Subscription")
 
 log = logging.getLogger("surge")
 
@@ -37,6 +42,9 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 Executor = Literal["async", "thread", "process", "inline"]
+"""Where a handler runs: ``"async"`` on the loop (coroutine functions),
+``"inline"`` on the loop (plain functions that never block), ``"thread"`` in
+the app's thread pool, ``"process"`` in its process pool."""
 
 
 class Subscription(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +61,30 @@ class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     key: Callable[[Any], Hashable] | None
     retry: Retry
     timeout: float | None
+
+
+class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
+    """The options of :meth:`App.on` that a trigger passes on to its handler."""
+
+    concurrency: int | None = None
+    key: Callable[[Any], Hashable] | str | None = None
+    retry: Retry | None = None
+    timeout: float | None = None
+    executor: Executor | None = None
+    prefetch: int | None = None
+
+    def subscribe(self, app: App, *topics: str, name: str) -> Callable[[F], F]:
+        """``app.on(*topics, name=name)`` with these options."""
+        return app.on(
+            *topics,
+            name=name,
+            concurrency=self.concurrency,
+            key=self.key,
+            retry=self.retry,
+            timeout=self.timeout,
+            executor=self.executor,
+            prefetch=self.prefetch,
+        )
 
 
 class App:
@@ -101,6 +133,11 @@ class App:
         self._threads = threads or min(32, (os.cpu_count() or 1) + 4)
         self._processes = processes or os.cpu_count() or 1
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
+        self._timings: Timings | None = None
+        self._parts: list[Part] = []
+        # Trigger slots and other small state, when the transport keeps none.
+        self._local_state = LocalState()
+        self._caps = Capabilities()
         self._rng = random.Random(seed)
         self._subs: dict[str, Subscription] = {}
         # topic -> event type, for decoding pattern subscriptions: the types
@@ -114,18 +151,23 @@ class App:
         self._inbox_task: asyncio.Task[None] | None = None
         self._state: Literal["new", "running", "stopping", "stopped"] = "new"
         self._wall = self.clock.time
-        # Set only while running, without middleware, on a transport that is
-        # not durable and has put_one: then publish is one synchronous put.
+        # Set only while running, on a transport that is not durable and
+        # has put_one (DirectPut): then publish is one synchronous put.
+        # _put_one is the unhooked hot path, so only set without middleware.
+        self._direct_put: Callable[[Envelope], bool] | None = None
         self._put_one: Callable[[Envelope], bool] | None = None
         self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
         self._stop_requested: asyncio.Event | None = None
-        self._http: Any = None
+        self._http: Ingress | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         # topic -> the key functions of this app's keyed subscriptions of it,
         # set at start on a partitioned transport (see _partition_keys).
         self._keyers: dict[str, tuple[Callable[[Any], Hashable], ...]] = {}
         self._partitioned = False
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self.extensions: dict[str, Any] = {}
+        """Per-app state of optional parts (surge.observe, surge.http), by
+        the part's dotted name; it lives and dies with the app."""
 
     # --- declaring -----------------------------------------------------------
     @property
@@ -153,6 +195,43 @@ class App:
         return self._state
 
     @property
+    def capabilities(self) -> Capabilities:
+        """What the transport can do beyond ``Transport``, as resolved when
+        the app last started (none before)."""
+        return self._caps
+
+    @property
+    def middleware(self) -> tuple[Middleware, ...]:
+        """The middleware, outermost first."""
+        return self._middleware
+
+    def add_middleware(self, middleware: Middleware) -> None:
+        """Add ``middleware`` innermost (its ``before_*`` hooks run after
+        those given before it); only before the app starts."""
+        if self._state in ("running", "stopping"):
+            raise ConfigurationError("add middleware before the app starts")
+        self._middleware = (*self._middleware, middleware)
+
+    @property
+    def timings(self) -> Timings | None:
+        """The handler timings (``surge.observe.instrument``), if any."""
+        return self._timings
+
+    def use_timings(self, timings: Timings | None) -> None:
+        """Time a sample of each subscription's attempts with
+        ``timings(subscription)``; only before the app starts."""
+        if self._state in ("running", "stopping"):
+            raise ConfigurationError("choose the timings before the app starts")
+        self._timings = timings
+
+    def attach(self, part: Part) -> None:
+        """Run ``part`` inside the app: started with the app's runtime before
+        its subscriptions consume, stopped first when the app stops."""
+        if self._state in ("running", "stopping"):
+            raise ConfigurationError("attach parts before the app starts")
+        self._parts.append(part)
+
+    @property
     def subscriptions(self) -> dict[str, Subscription]:
         return dict(self._subs)
 
@@ -165,17 +244,17 @@ class App:
         retry: Retry | None = None,
         timeout: float | None = None,
         executor: Executor | None = None,
-        inline: bool = False,
         prefetch: int | None = None,
     ) -> Callable[[F], F]:
         """Subscribe the decorated function to ``topics`` (event types or
         topic names and patterns such as ``"orders.*"``).
 
-        The handler takes ``(event)`` or ``(event, ctx)``. Coroutine functions
-        run on the loop; plain functions in the thread pool, or on the loop
-        itself with ``inline=True`` (only for handlers that never block), or
-        in the process pool with ``executor="process"`` (module-level
-        functions whose events and results pickle; no ``ctx``).
+        The handler takes ``(event)`` or ``(event, ctx)``. ``executor``
+        says where it runs: by default coroutine functions on the loop and
+        plain functions in the thread pool; ``"inline"`` runs a plain
+        function on the loop itself (only for handlers that never block),
+        ``"process"`` in the process pool (module-level functions whose
+        events and results pickle; no ``ctx``).
         ``key`` (a callable or an attribute name) keeps events with the same
         key in order. The handler publishes what it returns: an event, a
         sequence of events, or None.
@@ -204,7 +283,7 @@ class App:
             raise ConfigurationError("concurrency must be at least 1")
 
         def decorate(fn: F) -> F:
-            kind = _kind_of(fn, executor, inline)
+            kind = _kind_of(fn, executor)
             sub_name = f"{self.name}.{name or fn.__qualname__.rsplit('<locals>.', 1)[-1]}"
             if sub_name in self._subs:
                 raise ConfigurationError(
@@ -255,6 +334,13 @@ class App:
                 raise ConfigurationError(f"register({tp!r}): give Event subclasses")
             self._types[tp.__topic__] = tp
 
+    def register_topic(self, topic: str, event_type: type[Event]) -> None:
+        """Decode ``topic`` into ``event_type`` in this app (a topic other
+        than the type's own, such as a trigger's)."""
+        if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+            raise ConfigurationError(f"register_topic({event_type!r}): give an Event subclass")
+        self._types[topic] = event_type
+
     def on_start(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
         """Run ``fn`` once the app has started."""
         self._on_start.append(fn)
@@ -265,7 +351,7 @@ class App:
         self._on_stop.append(fn)
         return fn
 
-    # --- triggers (implemented in _triggers) and HTTP (in surge.http) ------
+    # --- triggers (implemented in surge.triggers) and HTTP (in surge.http) --
     def every(
         self,
         *,
@@ -273,30 +359,107 @@ class App:
         minutes: float = 0,
         hours: float = 0,
         name: str | None = None,
-        **options: Any,
+        misfire: Misfire = "skip",
+        max_catch_up: int = 100,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+        prefetch: int | None = None,
     ) -> Callable[[F], F]:
-        """Run the decorated handler every interval (see ``surge._triggers``)."""
-        from ._triggers import every
+        """Run the decorated handler every interval, at whole multiples of
+        it since the Unix epoch (docs/triggers.md).
 
-        return every(self, seconds=seconds + 60 * minutes + 3600 * hours, name=name, **options)
+        The handler takes ``()``, ``(tick)`` or ``(tick, ctx)``.
+        ``misfire="skip"`` fires only future slots after a pause;
+        ``"catch_up"`` first fires the slots missed since the last firing (at
+        most ``max_catch_up``, the latest). The other options are
+        :meth:`on`'s.
+        """
+        from .triggers import every
+
+        options = HandlerOptions(
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            executor=executor,
+            prefetch=prefetch,
+        )
+        return every(
+            self,
+            seconds=seconds + 60 * minutes + 3600 * hours,
+            name=name,
+            misfire=misfire,
+            max_catch_up=max_catch_up,
+            options=options,
+        )
 
     def cron(
-        self, expression: str, *, tz: str = "UTC", name: str | None = None, **options: Any
+        self,
+        expression: str,
+        *,
+        tz: str = "UTC",
+        name: str | None = None,
+        misfire: Misfire = "skip",
+        max_catch_up: int = 100,
+        concurrency: int | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+        prefetch: int | None = None,
     ) -> Callable[[F], F]:
-        """Run the decorated handler on a cron schedule (see ``surge._triggers``)."""
-        from ._triggers import cron
+        """Run the decorated handler on a cron schedule read in the time
+        zone ``tz`` (an IANA name; needs ``surge[cron]``); otherwise as
+        :meth:`every`."""
+        from .triggers import cron
 
-        return cron(self, expression, tz=tz, name=name, **options)
+        options = HandlerOptions(
+            concurrency=concurrency,
+            retry=retry,
+            timeout=timeout,
+            executor=executor,
+            prefetch=prefetch,
+        )
+        return cron(
+            self,
+            expression,
+            tz=tz,
+            name=name,
+            misfire=misfire,
+            max_catch_up=max_catch_up,
+            options=options,
+        )
 
-    def when(self, condition: Any, *, name: str | None = None, **options: Any) -> Callable[[F], F]:
-        """Run the decorated handler when ``condition`` holds over the event
-        stream (``surge.count``, ``surge.sequence``, ``surge.absence``)."""
-        from ._triggers import when
+    def when(
+        self,
+        condition: Condition,
+        *,
+        name: str | None = None,
+        concurrency: int | None = None,
+        key: Callable[[Any], Hashable] | str | None = None,
+        retry: Retry | None = None,
+        timeout: float | None = None,
+        executor: Executor | None = None,
+        prefetch: int | None = None,
+    ) -> Callable[[F], F]:
+        """Run the decorated handler with a ``ConditionMet`` each time
+        ``condition`` holds over the event stream (``surge.count``,
+        ``surge.sequence``, ``surge.absence``). The handler takes ``()``,
+        ``(met)`` or ``(met, ctx)``; the other options are :meth:`on`'s."""
+        from .triggers import when
 
-        return when(self, condition, name=name, **options)
+        options = HandlerOptions(
+            concurrency=concurrency,
+            key=key,
+            retry=retry,
+            timeout=timeout,
+            executor=executor,
+            prefetch=prefetch,
+        )
+        return when(self, condition, name=name, options=options)
 
     @property
-    def http(self) -> Any:
+    def http(self) -> Ingress:
         """The HTTP ingress of this app (``surge.http``), made on first use."""
         if self._http is None:
             from .http import Ingress
@@ -342,10 +505,14 @@ class App:
         if type(event) not in _EVENT_TYPES:
             _check_event(event)
         env = Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
-        if self._middleware:
-            await self._publish_envelopes([env])
-        else:
+        middleware = self._middleware
+        for mw in middleware:
+            mw.before_publish(env)
+        direct_put = self._direct_put
+        if direct_put is None or not direct_put(env):
             await self._publish((env,))
+        for mw in reversed(middleware):
+            mw.after_publish(env)
         return env.id
 
     async def _publish_later(
@@ -391,16 +558,19 @@ class App:
             raise Closed(f"app {self.name!r} is {self._state}")
         for mw in self._middleware:
             mw.before_publish(env)
-        if self._partitioned:
-            self._fill_keys((env,))
-        self.transport.publish_nowait((env,))
+        direct_put = self._direct_put
+        if direct_put is not None:
+            if not direct_put(env):
+                raise Overloaded(f"a subscription of {env.topic!r} holds all it can")
+        else:
+            if self._partitioned:
+                self._fill_keys((env,))
+            self.transport.publish_nowait((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
         return env.id
 
-    def _partition_keys(
-        self, transport: Transport
-    ) -> dict[str, tuple[Callable[[Any], Hashable], ...]]:
+    def _partition_keys(self) -> dict[str, tuple[Callable[[Any], Hashable], ...]]:
         """Which subscriptions order by a key the transport must see.
 
         A transport with ``partitions`` keeps one key in order across
@@ -410,7 +580,7 @@ class App:
         first keyed subscription of its topic in this app (exact topic names;
         a pattern subscription's key needs ``key=`` at publish).
         """
-        if not getattr(transport, "partitions", 0):
+        if not self._caps.partitions:
             return {}
         keyers: dict[str, list[Callable[[Any], Hashable]]] = {}
         for sub in self._subs.values():
@@ -568,16 +738,38 @@ class App:
         await transport.declare(self._inbox, (self._inbox,), ephemeral=True)
         self._state = _RUNNING
         self._runners.clear()
+        caps = self._caps = capabilities_of(transport)
         self._publish = transport.publish
-        self._keyers = self._partition_keys(transport)
-        self._partitioned = bool(getattr(transport, "partitions", 0))
+        self._keyers = self._partition_keys()
+        self._partitioned = caps.partitions > 0
         if self._partitioned:
             self._publish = self._publish_keyed
-        if not transport.durable and not self._middleware:
-            self._put_one = getattr(transport, "put_one", None)
+        # A synchronous put is publication only where acceptance is (a
+        # transport that is not durable); keyed routing needs publish.
+        if caps.direct_put is not None and not transport.durable and not self._partitioned:
+            self._direct_put = caps.direct_put.put_one
+            if not self._middleware:
+                self._put_one = self._direct_put
         self._wall = self.clock.time
+        runtime = Runtime(
+            app=self,
+            transport=transport,
+            clock=self.clock,
+            codec=self.codec,
+            middleware=self._middleware,
+            hands_back=caps.hands_back,
+            state=caps.state or self._local_state,
+            rng=self._rng,
+            timings=self._timings,
+            decode=self._decode,
+            publish=self._publish_envelopes,
+            thread_pool=self._thread_pool,
+            process_pool=self._process_pool,
+        )
+        for part in self._parts:
+            await part.start(runtime)
         for sub in self._subs.values():
-            runner = self._runners[sub.name] = Runner(self, sub)
+            runner = self._runners[sub.name] = Runner(runtime, sub)
             runner.start()
         self._inbox_task = asyncio.get_running_loop().create_task(self._inbox_loop())
         for fn in self._on_start:
@@ -601,7 +793,9 @@ class App:
             except TimeoutError:
                 log.warning("drain did not finish within %.1fs", self.shutdown_timeout)
         self._state = "stopping"
-        self._put_one = None
+        self._put_one = self._direct_put = None
+        for part in reversed(self._parts):
+            await part.stop()
         for fn in self._on_stop:
             await fn()
         runners = list(self._runners.values())
@@ -629,12 +823,18 @@ class App:
         for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(Closed("the app stopped before the reply came"))
-        if isinstance(self.transport, MemoryTransport) and not self.transport.idle:
-            stats = [await self.transport.stats(s) for s in self._subs]
+        transport = self.transport
+        idle = self._caps.idle
+        if not transport.durable and (idle is None or not idle.idle):
+            stats = [await transport.stats(s) for s in self._subs]
             backlog = sum(s.backlog + s.scheduled for s in stats)
             if backlog:
-                log.warning("memory:// is not durable: %d undelivered events are dropped", backlog)
-        await self.transport.close()
+                log.warning(
+                    "%s is not durable: %d undelivered events are dropped",
+                    transport.url.split("?", 1)[0],
+                    backlog,
+                )
+        await transport.close()
         if self._threadpool is not None:
             self._threadpool.shutdown(wait=False, cancel_futures=True)
             self._threadpool = None
@@ -652,18 +852,24 @@ class App:
 
     async def drain(self) -> None:
         """Wait until every published event has been handled or settled and
-        nothing is scheduled (retries included)."""
-        transport = self.transport
-        wait_idle = getattr(transport, "wait_idle", None)
-        if wait_idle is None:
-            raise NotImplementedError(f"{type(transport).__name__} cannot tell when it is idle")
+        nothing is scheduled (retries included).
+
+        Needs a transport that can tell (``IdleAware``, docs/transports.md);
+        raises ``NotImplementedError`` on any other.
+        """
+        if self._state != _RUNNING:
+            raise Closed(f"app {self.name!r} is {self._state}; drain inside 'async with app'")
+        idle = self._caps.idle
+        if idle is None:
+            raise NotImplementedError(
+                f"{type(self.transport).__name__} cannot tell when it is idle (no "
+                "idle/wait_idle): drain() needs an IdleAware transport"
+            )
         while True:
-            await wait_idle()
+            await idle.wait_idle()
             for r in self._runners.values():
                 await r.wait_idle()
-            if getattr(transport, "idle", True) and not any(
-                r._workers or r._acks for r in self._runners.values()
-            ):
+            if idle.idle and all(r.idle for r in self._runners.values()):
                 return
 
     async def wait_stop_requested(self) -> None:
@@ -780,12 +986,10 @@ async def _not_running(envelopes: Sequence[Envelope]) -> None:
     raise Closed("the app is not running")
 
 
-def _kind_of(fn: Callable[..., Any], executor: Executor | None, inline: bool) -> str:
+def _kind_of(fn: Callable[..., Any], executor: Executor | None) -> str:
     is_async = inspect.iscoroutinefunction(fn)
     if executor is None:
-        if is_async:
-            return ASYNC
-        return INLINE if inline else THREAD
+        return ASYNC if is_async else THREAD
     if executor == "async" and not is_async:
         raise ConfigurationError(f"{fn.__qualname__} is not a coroutine function")
     if executor in (THREAD, PROCESS, INLINE) and is_async:

@@ -87,7 +87,10 @@ class Context:
             raise TypeError(f"ctx.publish takes an Event, not {type(event).__name__}")
         self._out.append((event, key, headers))
 
-    def _outputs(self) -> list[tuple[Event, str | None, dict[str, str] | None]]:
+    @property
+    def outbox(self) -> list[tuple[Event, str | None, dict[str, str] | None]]:
+        """What :meth:`publish` was given so far, as ``(event, key, headers)``
+        in order: published once the handler succeeds."""
         return self._out
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
+from ._clock import VirtualClock
 from ._config import Retry
 from ._context import Context
 from ._errors import DecodeError, HandlerTimeout, RetryLater
@@ -29,7 +30,8 @@ from ._event import Envelope, Event, derive_id
 from ._transport import DeadLetter, Delivery
 
 if TYPE_CHECKING:
-    from ._app import App, Subscription
+    from ._app import Subscription
+    from ._runtime import HandlerTimer, Runtime
 
 __all__ = ("Runner",)
 
@@ -41,10 +43,10 @@ ASYNC, INLINE, THREAD, PROCESS = "async", "inline", "thread", "process"
 class Runner:
     """Consumes one subscription's group and runs its handler."""
 
-    def __init__(self, app: App, sub: Subscription) -> None:
-        self.app = app
+    def __init__(self, runtime: Runtime, sub: Subscription) -> None:
+        self.runtime = runtime
         self.sub = sub
-        self.transport = app.transport
+        self.transport = runtime.transport
         self.group = sub.name
         self.concurrency = sub.concurrency
         self.keyed = sub.key is not None
@@ -70,8 +72,11 @@ class Runner:
         self.timed_out_threads = 0
         # surge.observe's duration/latency recorder, when the app is
         # instrumented: called once per attempt, no Context needed
-        timings = getattr(app, "_observe_timings", None)
-        self.timings: Any = timings(self.group) if timings is not None else None
+        timings = runtime.timings
+        self.timings: HandlerTimer | None = timings(self.group) if timings is not None else None
+        # A virtual clock stands still while a thread works for the loop.
+        clock = runtime.clock
+        self._virtual_clock = clock if isinstance(clock, VirtualClock) else None
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
@@ -93,10 +98,11 @@ class Runner:
             lane.clear()
         self._waiting_lanes.clear()
         # Untouched deliveries go back in their place where the transport
-        # can (a partition's next owner reads them before later entries).
-        release = getattr(self.transport, "release", None)
-        if release is not None:
-            await release(waiting)
+        # can (a partition's next owner reads them before later entries);
+        # elsewhere a nack, which counts an attempt.
+        hands_back = self.runtime.hands_back
+        if hands_back is not None:
+            await hands_back.release(waiting)
             return
         for d in waiting:
             await self.transport.nack(d, 0.0)
@@ -106,7 +112,13 @@ class Runner:
         """Deliveries fetched and waiting for a worker."""
         return len(self._queue) + sum(len(q) for q in self._lanes.values())
 
+    @property
+    def idle(self) -> bool:
+        """No worker runs and every handled delivery is settled."""
+        return not self._workers and not self._acks
+
     async def wait_idle(self) -> None:
+        """Return once :attr:`idle`."""
         while self._workers or self._acks:
             self._idle = asyncio.get_running_loop().create_future()
             await self._idle
@@ -187,19 +199,19 @@ class Runner:
         popleft = queue.popleft
         handle = self._handle
         sub = self.sub
-        # The fast path (a plain async or inline handler of a decoded event,
-        # no middleware) is inlined here; everything else goes through _handle.
-        fast = (
-            sub.kind in (ASYNC, INLINE)
-            and not sub.wants_ctx
-            and sub.timeout is None
-            and not self.app._middleware
-        )
+        # The fast path (a plain async or inline handler of a decoded event)
+        # is inlined here; everything else goes through _handle. Middleware
+        # keeps it: hooks cost a Context per event, not a slower path.
+        fast = sub.kind in (ASYNC, INLINE) and not sub.wants_ctx and sub.timeout is None
         inline = sub.kind == INLINE
         fn = sub.handler
+        middleware = self.runtime.middleware
+        app = self.runtime.app
+        group = self.group
+        ctx: Context | None = None
         # surge.observe times one attempt in `every`: the attempts not timed
         # cost a countdown, shared by the subscription's workers
-        timings = self.timings
+        timings: Any = self.timings  # a HandlerTimer whenever every > 0
         every = timings.every if timings is not None else 0
         t0 = -1.0
         try:
@@ -224,7 +236,18 @@ class Runner:
                         timings.countdown = every
                         t0 = timings.now()
                 try:
-                    result = fn(ev) if inline else await fn(ev)
+                    if middleware:
+                        ctx = Context(app, d, group)
+                        for mw in middleware:
+                            mw.before_handle(ctx)
+                        result = fn(ev) if inline else await fn(ev)
+                        for mw in reversed(middleware):
+                            mw.after_handle(ctx, result)
+                        if ctx.outbox:
+                            await self._publish_children(d, result, ctx.outbox)
+                            result = None
+                    else:
+                        result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
                 except Exception as exc:
@@ -232,7 +255,7 @@ class Runner:
                     if t0 >= 0.0:
                         timings.done(t0, d.envelope.time)
                         t0 = -1.0
-                    await self._failed(d, exc, None)
+                    await self._failed(d, exc, ctx)
                     continue
                 except asyncio.CancelledError:
                     self.running -= 1
@@ -280,23 +303,23 @@ class Runner:
         env = d.envelope
         ev = env.event
         if ev is None:
-            ev = env.event = self.app._decode(env, self.sub)
+            ev = env.event = self.runtime.decode(env, self.sub)
         return ev  # type: ignore[no-any-return]
 
     async def _handle(self, d: Delivery) -> None:
         sub = self.sub
-        app = self.app
+        middleware = self.runtime.middleware
         self.running += 1
         ctx: Context | None = None
-        timings = self.timings
+        timings: Any = self.timings  # a HandlerTimer whenever t0 >= 0
         t0 = timings.sample() if timings is not None else -1.0
         try:
             ev = d.envelope.event
             if ev is None:
                 ev = self._event(d)
-            if sub.wants_ctx or app._middleware:
-                ctx = Context(app, d, self.group)
-                for mw in app._middleware:
+            if sub.wants_ctx or middleware:
+                ctx = Context(self.runtime.app, d, self.group)
+                for mw in middleware:
                     mw.before_handle(ctx)
             kind = sub.kind
             fn = sub.handler
@@ -316,10 +339,10 @@ class Runner:
             else:
                 result = await self._off_loop(d, ev, ctx)
             if ctx is not None:
-                for mw in reversed(app._middleware):
+                for mw in reversed(middleware):
                     mw.after_handle(ctx, result)
-                if ctx._out:
-                    await self._publish_children(d, result, ctx._out)
+                if ctx.outbox:
+                    await self._publish_children(d, result, ctx.outbox)
                     result = None
             if result is not None:
                 await self._publish_children(d, result, None)
@@ -349,21 +372,21 @@ class Runner:
 
     async def _off_loop(self, d: Delivery, ev: Event, ctx: Context | None) -> Any:
         sub = self.sub
-        app = self.app
+        runtime = self.runtime
         loop = asyncio.get_running_loop()
         executor: Executor
         if sub.kind == THREAD:
-            executor = app._thread_pool()
+            executor = runtime.thread_pool()
             args: tuple[Any, ...] = (ev, ctx) if sub.wants_ctx else (ev,)
         else:
-            executor = app._process_pool()
+            executor = runtime.process_pool()
             args = (ev,)
-        hold = getattr(app.clock, "hold", None)
-        if hold is not None:
-            hold()
+        clock = self._virtual_clock
+        if clock is not None:
+            clock.hold()
         fut = loop.run_in_executor(executor, sub.handler, *args)
-        if hold is not None:
-            fut.add_done_callback(lambda _: app.clock.release())  # type: ignore[attr-defined]
+        if clock is not None:
+            fut.add_done_callback(lambda _: clock.release())
         if sub.timeout is None:
             return await fut
         try:
@@ -411,24 +434,24 @@ class Runner:
                     "return an Event, a sequence of Events, or None"
                 )
         inherited = _inherit(parent.headers)
-        now = self.app.clock.time()
+        now = self.runtime.clock.time()
         envs = []
         for i, (ev, key, headers) in enumerate(items):
             h = inherited
             if headers:
                 h = {**(inherited or {}), **headers}
             envs.append(Envelope(derive_id(parent.id, i), ev.__topic__, key, now, h, ev))
-        await self.app._publish_envelopes(envs)
+        await self.runtime.publish(envs)
 
     async def _failed(self, d: Delivery, exc: Exception, ctx: Context | None) -> None:
         sub = self.sub
-        app = self.app
+        runtime = self.runtime
         env = d.envelope
         self.failed += 1
-        if app._middleware:
+        if runtime.middleware:
             if ctx is None:
-                ctx = Context(app, d, self.group)
-            for mw in reversed(app._middleware):
+                ctx = Context(runtime.app, d, self.group)
+            for mw in reversed(runtime.middleware):
                 mw.on_error(ctx, exc)
         retry: Retry = sub.retry
         if isinstance(exc, DecodeError):
@@ -440,7 +463,7 @@ class Runner:
         if retryable and d.attempt < retry.attempts:
             delay = exc.delay if isinstance(exc, RetryLater) and exc.delay is not None else None
             if delay is None:
-                delay = retry.delay(d.attempt, app._rng)
+                delay = retry.delay(d.attempt, runtime.rng)
             self.retried += 1
             log.warning(
                 "handler %s failed on event %s (%s, attempt %d of %d): %r; retrying in %.3fs",
@@ -480,7 +503,7 @@ class Runner:
             body = env.body
         else:
             try:
-                body = app.codec.encode_event(env.event)
+                body = runtime.codec.encode_event(env.event)
             except Exception:  # an event that will not encode still leaves a record
                 body = b""
         record = DeadLetter(
@@ -495,7 +518,7 @@ class Runner:
             traceback="".join(traceback.format_exception(exc)),
             attempts=d.attempt,
             first_attempt_at=d.first_time or env.time,
-            failed_at=app.clock.time(),
+            failed_at=runtime.clock.time(),
         )
         await self.transport.dead_letter(d, record)
 

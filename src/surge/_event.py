@@ -17,7 +17,6 @@ __all__ = (
     "id_at",
     "is_derived",
     "new_id",
-    "topic_of",
 )
 
 
@@ -63,11 +62,6 @@ _TYPES: dict[str, type[Event]] = {}
 def event_type(topic: str) -> type[Event] | None:
     """The most recently defined event class for ``topic``, if any."""
     return _TYPES.get(topic)
-
-
-def topic_of(event_type: type[Event]) -> str:
-    """The topic an event type is published on."""
-    return event_type.__topic__
 
 
 class Envelope(msgspec.Struct, gc=False):

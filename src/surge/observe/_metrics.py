@@ -140,7 +140,7 @@ class Instruments:
 
 def metrics_of(app: App) -> Instruments | None:
     """The app's :class:`Instruments`, if it is instrumented."""
-    found = getattr(app, "_observe_timings", None)
+    found = app.timings
     return found if isinstance(found, Instruments) else None
 
 
@@ -171,8 +171,7 @@ def instrument(app: App, *, sample: int | None = None) -> Instruments:
     if app.state != "new":
         raise ConfigurationError("instrument the app before it starts")
     found = Instruments(app, 8 if sample is None else sample)
-    # read by each Runner as the app starts (surge._dispatch)
-    app._observe_timings = found  # type: ignore[attr-defined]
+    app.use_timings(found)  # each Runner takes its subscription's as the app starts
     directory = os.environ.get(METRICS_DIR_ENV)
     if directory:
         _DirectoryWriter(app, Path(directory)).install()

@@ -127,7 +127,7 @@ def trace(app: App, *, tracer_provider: Any = None) -> TracingMiddleware:
     if app.state != "new":
         raise ConfigurationError("trace the app before it starts")
     mw = TracingMiddleware(tracer_provider)
-    app._middleware = (*app._middleware, mw)
+    app.add_middleware(mw)
     # read by the ingress for each request (surge.http._ingress)
     app._observe_tracing = mw  # type: ignore[attr-defined]
     return mw

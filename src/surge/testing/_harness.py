@@ -12,7 +12,7 @@ from .._app import App
 from .._context import Context
 from .._event import Envelope, Event
 from .._middleware import Middleware
-from .._transport import DeadLetter, Delivery
+from .._transport import DeadLetter, Delivery, Transport
 from ..transports import MemoryTransport
 
 __all__ = ("Faults", "FaultyTransport", "Harness", "InjectedFault")
@@ -107,9 +107,12 @@ class Harness:
             await h.drain()
             assert h.events(OrderPaid) == [OrderPaid(order_id="1")]
 
-    The app must use the default ``memory://`` transport (the harness puts
-    a fault-injecting memory transport in its place) or be given a
-    MemoryTransport object.
+    The harness watches through a middleware (``app.add_middleware``), so
+    the app runs the same dispatch paths as without it. Handler faults
+    (``fail``, ``fail_rate``) work on any transport; the transport faults
+    (``duplicate_rate``, ``delay_rate``) need the app on ``memory://``: the
+    harness puts a :class:`FaultyTransport` in its place. :meth:`drain`
+    needs a transport that can tell when it is idle (docs/transports.md).
     """
 
     def __init__(self, app: App, *, seed: int = 0, faults: Faults | None = None) -> None:
@@ -121,20 +124,17 @@ class Harness:
         self.handled: list[tuple[str, Envelope]] = []
         self.injected = 0
         self._deliveries = 0
-        self.transport: MemoryTransport
-        spec = app._transport_spec
-        if app._transport is None and isinstance(spec, str) and spec.startswith("memory://"):
+        if app.state != "new":
+            raise ValueError("give the harness an app that has not started")
+        self.transport: Transport = app.transport
+        if self.faults.duplicate_rate or self.faults.delay_rate:
+            if not self.transport.url.startswith("memory:"):
+                raise ValueError("duplicate and delay faults need the app on memory://")
             self.transport = FaultyTransport(
                 faults=self.faults, rng=random.Random(seed + 1), clock=app.clock
             )
-            app._transport = self.transport
-        elif isinstance(app._transport, MemoryTransport):
-            if self.faults.duplicate_rate or self.faults.delay_rate:
-                raise ValueError("duplicate and delay faults need the app's default memory://")
-            self.transport = app._transport
-        else:
-            raise ValueError("the harness runs apps on memory:// only")
-        app._middleware = (*app._middleware, _Recorder(self))
+            app.use_transport(self.transport)
+        app.add_middleware(_Recorder(self))
 
     async def __aenter__(self) -> Harness:
         await self.app.start()
@@ -154,7 +154,9 @@ class Harness:
     def handled_by(self, subscription: str) -> list[Event]:
         """Events the named subscription handled successfully, in order."""
         full = (
-            subscription if subscription in self.app._subs else (f"{self.app.name}.{subscription}")
+            subscription
+            if subscription in self.app.subscriptions
+            else f"{self.app.name}.{subscription}"
         )
         return [env.event for name, env in self.handled if name == full]
 
