@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sysconfig
@@ -438,3 +439,179 @@ def drop_postgres_schema(url: str) -> None:
     if _shared_postgres is not None:
         schema = url.rsplit("schema=", 1)[1].split("&", 1)[0]
         _shared_postgres.psql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+# --- RabbitMQ ------------------------------------------------------------------
+
+RABBITMQ_HOME = Path("/usr/lib/rabbitmq/bin")
+
+
+def rabbitmq_binary() -> Path:
+    """Debian's rabbitmq-server script (the unwrapped one: the /usr/sbin
+    wrapper switches to the ``rabbitmq`` user and its fixed directories);
+    fails (never skips) when it is missing."""
+    script = RABBITMQ_HOME / "rabbitmq-server"
+    if not script.exists():
+        raise RuntimeError(
+            "no rabbitmq-server: the amqp tests need one (apt-get install rabbitmq-server)"
+        )
+    return script
+
+
+class RabbitServer(_ServerProcess):
+    """A RabbitMQ node of its own: node name, AMQP and distribution ports,
+    data, logs, Erlang cookie (``HOME``) and config all in ``data_dir``, no
+    plugins. ``stop()`` / ``start()`` (or ``kill()`` / ``start()``) restart
+    it on the same ports and data, so durable queues survive.
+
+    ``consumer_timeout`` (ms) is the broker's limit on holding a delivery
+    unacknowledged (RabbitMQ's default is 30 minutes).
+    """
+
+    name = "rabbitmq-server"
+    ready = "Server startup complete"
+
+    def __init__(self, data_dir: Path, *, consumer_timeout: int = 1_800_000) -> None:
+        super().__init__()
+        self.port = free_port()
+        self.dist_port = free_port()
+        self.data_dir = data_dir
+        self.consumer_timeout = consumer_timeout
+        self.node = f"surge-test-{self.port}@localhost"
+
+    @property
+    def url(self) -> str:
+        return f"amqp://guest:guest@127.0.0.1:{self.port}/"
+
+    def _env(self) -> dict[str, str]:
+        d = self.data_dir
+        return {
+            "PATH": "/usr/lib/rabbitmq/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(d),  # the Erlang cookie lives here, shared with rabbitmqctl
+            "LANG": "C.UTF-8",
+            "RABBITMQ_NODENAME": self.node,
+            "RABBITMQ_NODE_IP_ADDRESS": "127.0.0.1",
+            "RABBITMQ_NODE_PORT": str(self.port),
+            "RABBITMQ_DIST_PORT": str(self.dist_port),
+            "RABBITMQ_MNESIA_BASE": str(d / "mnesia"),
+            "RABBITMQ_LOG_BASE": str(d / "log"),
+            "RABBITMQ_LOGS": "-",
+            "RABBITMQ_ENABLED_PLUGINS_FILE": str(d / "enabled_plugins"),
+            "RABBITMQ_CONFIG_FILE": str(d / "rabbitmq"),
+            "RABBITMQ_ADVANCED_CONFIG_FILE": str(d / "advanced.config"),
+            "RABBITMQ_PID_FILE": str(d / "rabbit.pid"),
+        }
+
+    def start(self) -> None:
+        rabbitmq_binary()
+        d = self.data_dir
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "enabled_plugins").write_text("[].\n")
+        (d / "rabbitmq.conf").write_text(
+            f"consumer_timeout = {self.consumer_timeout}\nloopback_users = none\n"
+        )
+        # How often a channel checks its deliveries against the timeout
+        # (default 60 s): short, so a test of the timeout takes seconds.
+        (d / "advanced.config").write_text("[{rabbit, [{channel_tick_interval, 1000}]}].\n")
+        env = self._env()
+        proc = subprocess.Popen(
+            [str(rabbitmq_binary())],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=d,
+            start_new_session=True,  # a kill reaches beam, not just the script
+        )
+        self._wait_ready(proc)
+
+    def _wait_ready(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc  # so that a failure below still ends the whole node
+        assert proc.stdout is not None
+        try:
+            for raw in proc.stdout:
+                line = raw.decode(errors="replace").rstrip()
+                self.log.append(line)
+                if self.ready in line:
+                    break
+            else:
+                raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.log[-30:]))
+        except BaseException:
+            self.kill()
+            raise
+        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+
+    def ctl(self, *args: str) -> str:
+        """Run ``rabbitmqctl`` against this node; its output."""
+        done = subprocess.run(
+            [str(RABBITMQ_HOME / "rabbitmqctl"), "-n", self.node, *args],
+            env=self._env(),
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        return done.stdout.decode(errors="replace")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is not None and proc.poll() is None:
+            with contextlib.suppress(subprocess.SubprocessError, OSError):
+                self.ctl("stop")
+        self._end(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to the whole node: it dies without a chance to save anything."""
+        self._end(signal.SIGKILL)
+
+    def _end(self, sig: int) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+@contextlib.contextmanager
+def rabbit_server(tmp_path: Path, *, consumer_timeout: int = 1_800_000) -> Iterator[RabbitServer]:
+    """A RabbitMQ node of its own on free loopback ports, stopped on exit
+    (slow to boot: about 5 s; most tests share :func:`shared_amqp_url`'s)."""
+    server = RabbitServer(tmp_path / "rabbit", consumer_timeout=consumer_timeout)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+_shared_rabbit: RabbitServer | None = None
+
+
+def shared_rabbit() -> RabbitServer:
+    """One RabbitMQ node for the whole session, started on first use and
+    stopped when the interpreter exits."""
+    global _shared_rabbit
+    if _shared_rabbit is None:
+        data = Path(tempfile.mkdtemp(prefix="surge-rabbit-"))
+        server = RabbitServer(data)
+        server.start()
+        _shared_rabbit = server
+
+        def stop() -> None:
+            server.stop()
+            shutil.rmtree(data, ignore_errors=True)
+
+        atexit.register(stop)
+    return _shared_rabbit
+
+
+def shared_amqp_url(_tmp_path: Path | None = None) -> str:
+    """A URL on the session's RabbitMQ node with a name prefix of its own,
+    so tests do not see each other's exchanges and queues."""
+    return f"{shared_rabbit().url}?prefix=t{uuid.uuid4().hex[:12]}"

@@ -28,7 +28,13 @@ import pytest
 import surge
 from surge.transports import open_transport
 
-from .._servers import drop_postgres_schema, shared_nats_url, shared_postgres_url, shared_redis_url
+from .._servers import (
+    drop_postgres_schema,
+    shared_amqp_url,
+    shared_nats_url,
+    shared_postgres_url,
+    shared_redis_url,
+)
 
 
 @dataclass(frozen=True)
@@ -126,6 +132,11 @@ CASES.append(
         cleanup=drop_postgres_schema,
     )
 )
+# RabbitMQ: one node for the whole session, started on first use by
+# tests/_servers.py, and a fresh name prefix (in the URL) per test. No
+# leases: RabbitMQ keeps a delivery with its consumer until that consumer's
+# channel closes (a dead process's come back at once; see test_amqp.py).
+CASES.append(Case("amqp", url=shared_amqp_url, realtime=True, shared=True))
 
 
 class Factory:

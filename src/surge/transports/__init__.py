@@ -5,6 +5,7 @@
 ``sqlite:///p`` a durable log in one SQLite file, shared by local processes
 ``redis://``    Redis Streams (``pip install 'surge[redis]'``)
 ``nats://``     NATS JetStream (``pip install 'surge[nats]'``)
+``amqp://``     RabbitMQ quorum queues (``pip install 'surge[amqp]'``)
 ==============  ==========================================================
 
 ``postgresql://`` (or ``postgres://``): PostgreSQL, with a transactional
@@ -40,6 +41,8 @@ _SCHEMES: dict[str, tuple[str, str, str | None]] = {
     "tls": ("surge.transports._nats", "NatsTransport", "nats"),
     "postgresql": ("surge.transports.postgres", "PostgresTransport", "postgres"),
     "postgres": ("surge.transports.postgres", "PostgresTransport", "postgres"),
+    "amqp": ("surge.transports.amqp", "AmqpTransport", "amqp"),
+    "amqps": ("surge.transports.amqp", "AmqpTransport", "amqp"),
 }
 
 

@@ -1,0 +1,330 @@
+"""Consuming: one channel per queue read, manual acks, a prefetch window.
+
+A :class:`GroupReader` is one ``consume()`` of one group: a
+:class:`Source` for the group's shared queue and one per partition this
+consumer owns. Each source has its own channel with ``basic.qos`` as its
+prefetch, so RabbitMQ never sends it more than that unacknowledged, and a
+channel can be closed on its own: closing it is how a partition is handed
+over, since the broker then returns what it held to the queue ahead of
+later messages, in order, before the next single active consumer starts.
+
+A delivery's token is its :class:`Tag`: the channel it came on and its
+delivery tag. When a channel dies (the connection dropped; the broker's
+``consumer_timeout`` ran out on a long handler) the broker requeues what it
+held; the source opens a new channel, and a message that comes back while
+this process still handles it is not handed out twice: its new tag is
+given to the delivery in hand, whose ack then settles it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiormq
+from aiormq.abc import DeliveredMessage
+
+from ..._errors import DecodeError
+from ..._event import Envelope
+from ..._transport import Delivery
+from .._partitions import Ownership
+from ._link import LOST, Link
+from ._topology import GroupSpec
+from ._wire import attempts_before, first_time
+
+__all__ = ("GroupReader", "Source", "Tag")
+
+log = logging.getLogger("surge.amqp")
+
+
+class Tag:
+    """Where a delivery came from, to settle it there."""
+
+    __slots__ = ("body", "channel", "delivery_tag", "source")
+
+    def __init__(
+        self, source: Source, channel: aiormq.abc.AbstractChannel, delivery_tag: int, body: bytes
+    ) -> None:
+        self.source = source
+        self.channel = channel
+        self.delivery_tag = delivery_tag
+        self.body = body
+
+    @property
+    def live(self) -> bool:
+        """Its channel is still open (else the broker requeued it already)."""
+        return self.channel is self.source.channel and not self.channel.is_closed
+
+
+class Source:
+    """One queue, read by this consumer on a channel of its own."""
+
+    def __init__(self, reader: GroupReader, queue: str, part: int | None, prefetch: int) -> None:
+        self.reader = reader
+        self.queue = queue
+        self.part = part
+        self.prefetch = prefetch
+        self.channel: aiormq.abc.AbstractChannel | None = None
+        self.held: set[Tag] = set()
+        self.active = False
+        self._closing = False
+
+    async def open(self) -> None:
+        """A new channel, its prefetch, and the subscription."""
+        self._closing = False
+        ch = await self.reader.link.channel()
+        self.channel = ch
+        await ch.basic_qos(prefetch_count=self.prefetch)
+
+        async def on_message(msg: DeliveredMessage) -> None:
+            self.reader.arrived(self, ch, msg)
+
+        await ch.basic_consume(self.queue, on_message)
+        self.active = True
+        ch.closing.add_done_callback(lambda _: self._dropped(ch))
+
+    def _dropped(self, ch: aiormq.abc.AbstractChannel) -> None:
+        """The channel closed under us (not by ``close``): subscribe again,
+        unless the whole connection went (the link's hook does it then)."""
+        if ch is not self.channel or self._closing:
+            return
+        self.active = False
+        exc = ch.closing.exception() if not ch.closing.cancelled() else None
+        if exc is not None and "timed out" in str(exc):
+            log.warning(
+                "amqp: RabbitMQ's consumer_timeout closed the channel of %s with deliveries "
+                "unacknowledged (a handler ran longer): subscribing again; raise "
+                "consumer_timeout above your longest handler",
+                self.queue,
+            )
+        self.reader.reopen_later(self)
+
+    async def close(self) -> None:
+        """Close the channel: what it held and did not settle goes back to
+        the queue, in order, ahead of later messages."""
+        self._closing = True
+        self.active = False
+        ch = self.channel
+        if ch is not None and not ch.is_closed:
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(2.0):
+                    await ch.close()
+
+
+Hook = Callable[["GroupReader", Delivery, Exception | None], Awaitable[None]]
+
+
+class GroupReader:
+    """One ``consume()`` of one group on this process."""
+
+    def __init__(
+        self,
+        spec: GroupSpec,
+        *,
+        link: Link,
+        prefetch: int,
+        now: Callable[[], float],
+        decode: Callable[[bytes], Envelope],
+        on_early: Hook,
+        on_poison: Hook,
+        came_due: Callable[[str, str], None],
+    ) -> None:
+        self.spec = spec
+        self.name = spec.name
+        self.link = link
+        self.prefetch = prefetch
+        self.now = now
+        self._decode = decode
+        self._on_early = on_early
+        self._on_poison = on_poison
+        self._came_due = came_due
+        self.shared = Source(self, spec.queue, None, prefetch)
+        self.parts: dict[int, Source] = {}
+        self.own: Ownership | None = Ownership(spec.partitions) if spec.partitions else None
+        self.buffer: list[Delivery] = []
+        self.inflight: dict[str, Delivery] = {}
+        self._wake = asyncio.Event()
+        self._closed = False
+        self.stopping = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # --- arrivals ------------------------------------------------------------------
+    def arrived(self, src: Source, ch: aiormq.abc.AbstractChannel, msg: DeliveredMessage) -> None:
+        tag = Tag(src, ch, msg.delivery_tag or 0, msg.body)
+        headers: dict[str, Any] = msg.header.properties.headers or {}
+        now = self.now()
+        attempt = attempts_before(headers) + 1
+        first = first_time(headers) or now
+        try:
+            env = self._decode(msg.body)
+        except DecodeError as exc:
+            # Not an envelope at all (bytes published straight to the
+            # queue): dead-lettered on its first delivery, with the reason.
+            src.held.add(tag)
+            mid = msg.header.properties.message_id or f"amqp-{src.queue}-{tag.delivery_tag}"
+            raw = Envelope(mid, _topic_of(msg.routing_key or ""), None, now, None, None, msg.body)
+            self._spawn(self._on_poison(self, Delivery(raw, self.name, attempt, tag, first), exc))
+            return
+        held = self.inflight.get(env.id)
+        if held is not None and not held.token.live:
+            # Requeued while we still handle it (its channel died): the
+            # delivery in hand now settles this copy.
+            old: Tag = held.token
+            old.source.held.discard(old)
+            held.token = tag
+            src.held.add(tag)
+            return
+        self._came_due(self.name, env.id)
+        d = Delivery(env, self.name, attempt, tag, first)
+        nb = env.not_before
+        if nb is not None and nb > now + 0.001:
+            src.held.add(tag)
+            self._spawn(self._on_early(self, d, None))
+            return
+        if self.stopping or (
+            src.part is not None and (self.own is None or src.part in self.own.releasing)
+        ):
+            # Arrived after we began to stop, or to give the partition up:
+            # it goes back to the queue when the channel closes.
+            return
+        src.held.add(tag)
+        self.inflight[env.id] = d
+        self.buffer.append(d)
+        self.wake()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        async def run() -> None:
+            try:
+                await coro
+            except LOST:
+                pass  # the broker requeues it with the channel
+            except Exception:
+                log.exception("amqp: settling a delivery of %s failed", self.name)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- settling --------------------------------------------------------------------
+    def settled(self, d: Delivery) -> Tag:
+        tag: Tag = d.token
+        tag.source.held.discard(tag)
+        if self.inflight.get(d.envelope.id) is d:
+            del self.inflight[d.envelope.id]
+        if self.stopping or tag.source.part is not None:
+            self.wake()  # a channel waiting to close may close now
+        return tag
+
+    @property
+    def held(self) -> int:
+        return len(self.shared.held) + sum(len(s.held) for s in self.parts.values())
+
+    # --- lifecycle -------------------------------------------------------------------
+    @property
+    def sources(self) -> list[Source]:
+        return [self.shared, *self.parts.values()]
+
+    async def open(self) -> None:
+        await self.shared.open()
+
+    def reopen_later(self, src: Source) -> None:
+        if self._closed or not self.link.connected:
+            return
+        self._spawn(self._reopen(src))
+
+    async def _reopen(self, src: Source) -> None:
+        if self._closed or src.active:
+            return
+        if src.part is not None and src.part not in self.parts:
+            return
+        await src.open()
+
+    async def reconnected(self) -> None:
+        """After a new connection: every source subscribes again."""
+        for src in list(self.sources):
+            if not self._closed:
+                src.active = False
+                await src.open()
+
+    async def batches(self) -> AsyncIterator[list[Delivery]]:
+        try:
+            while not self.stopping:
+                if self.buffer:
+                    out, self.buffer = self.buffer, []
+                    yield out
+                    continue
+                ev = self._wake
+                if not self.buffer and not self.stopping:
+                    await ev.wait()
+        finally:
+            self.stop()
+
+    def wake(self) -> None:
+        """Wake every waiter (each takes ``_wake`` before its check, and a
+        set event is replaced, so no wake-up is lost between them)."""
+        self._wake.set()
+        self._wake = asyncio.Event()
+
+    def unbuffer(self, part: int | None = None) -> None:
+        """Forget deliveries fetched but never handed out (of ``part``, or
+        all): they go back to their queue, in order, with their channel."""
+        keep: list[Delivery] = []
+        for d in self.buffer:
+            tag: Tag = d.token
+            if part is None or tag.source.part == part:
+                tag.source.held.discard(tag)
+                self.inflight.pop(d.envelope.id, None)
+            else:
+                keep.append(d)
+        self.buffer = keep
+
+    async def settled_all(self, src: Source) -> None:
+        """Return once nothing handed out from ``src`` is unsettled."""
+        while True:
+            ev = self._wake
+            if not src.held or self._closed:
+                return
+            await ev.wait()
+
+    def stop(self) -> None:
+        """Stop handing out deliveries; each channel closes once what it
+        handed out is settled (so an ack after the stop still lands)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.unbuffer()
+        self.wake()
+        for src in self.sources:
+            self._spawn(self._close_when_settled(src))
+
+    async def _close_when_settled(self, src: Source) -> None:
+        await self.settled_all(src)
+        await src.close()
+        if src.part is not None and self.own is not None:
+            self.own.lost([src.part])
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Stop, wait (bounded) for what was handed out to be settled, and
+        close every channel."""
+        self.stop()
+        pending = [t for t in self._tasks if not t.done()]
+        if pending:
+            await asyncio.wait(pending, timeout=timeout)
+        self._closed = True
+        self.wake()
+        for src in self.sources:
+            await src.close()
+        for t in list(self._tasks):
+            t.cancel()
+        self.buffer.clear()
+
+
+def _topic_of(routing_key: str) -> str:
+    if routing_key.startswith("u."):
+        return routing_key[2:]
+    if routing_key.startswith("k."):
+        return routing_key.split(".", 2)[-1]
+    return routing_key

@@ -1,0 +1,198 @@
+"""The connection to RabbitMQ: opened, watched, and opened again after a loss.
+
+One :class:`Link` per transport. Channels are opened on its current
+connection; when that connection drops (a network reset, a node restart)
+the link reconnects with a growing pause and then calls every ``on_up``
+hook in order (the publisher reopens its channel, consumers subscribe
+again), so the parts above never reconnect on their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import urllib.parse
+from collections.abc import Awaitable, Callable
+
+import aiormq
+import aiormq.exceptions as aexc
+
+from ..._clock import Clock
+from ..._errors import Closed, ConfigurationError, TransportError
+
+__all__ = ("Link", "safe_url", "translate")
+
+log = logging.getLogger("surge.amqp")
+
+Hook = Callable[[], Awaitable[None]]
+
+
+def safe_url(url: str) -> str:
+    """``url`` without its password, for messages and logs."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    user = f"{parts.username}:***@" if parts.username else ""
+    return urllib.parse.urlunsplit(parts._replace(netloc=user + host))
+
+
+def translate(exc: BaseException, doing: str) -> Exception:
+    """A surge error for an aiormq one (a broker's errors never leak out)."""
+    if isinstance(exc, aexc.ChannelNotFoundEntity):
+        return ConfigurationError(f"{doing}: {exc}")
+    if isinstance(exc, aexc.ChannelPreconditionFailed):
+        return ConfigurationError(f"{doing}: the broker refused it ({exc})")
+    if isinstance(exc, aexc.ChannelAccessRefused | aexc.AuthenticationError):
+        return TransportError(f"{doing}: access refused ({exc})")
+    return TransportError(f"{doing}: {exc!r}")
+
+
+# What a lost connection or channel looks like from a call on it.
+LOST = (
+    aexc.AMQPConnectionError,
+    aexc.ChannelClosed,
+    aexc.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+class Link:
+    """One AMQP connection that comes back after it drops."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        clock: Clock,
+        connect_timeout: float = 5.0,
+        reconnect_max: float = 2.0,
+    ) -> None:
+        self.url = url
+        self.clock = clock
+        self.connect_timeout = connect_timeout
+        self.reconnect_max = reconnect_max
+        self.generation = 0
+        """Counts connections: a channel of an older one is dead."""
+        self.last_error: str | None = None
+        self._conn: aiormq.abc.AbstractConnection | None = None
+        self._up = asyncio.Event()
+        self._hooks: list[Hook] = []
+        self._watcher: asyncio.Task[None] | None = None
+        self._closed = True
+
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def on_up(self, hook: Hook) -> None:
+        """Call ``hook`` after every reconnection (not after the first open)."""
+        self._hooks.append(hook)
+
+    async def open(self) -> None:
+        """Connect, or raise ``TransportError`` saying why not."""
+        self._closed = False
+        try:
+            await self._connect()
+        except BaseException:
+            self._closed = True
+            raise
+        self._watcher = asyncio.get_running_loop().create_task(
+            self._watch(), name="surge-amqp-link"
+        )
+
+    async def _connect(self) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                conn = await aiormq.connect(self.url)
+        except (aexc.AMQPError, OSError, TimeoutError) as exc:
+            raise TransportError(
+                f"cannot connect to RabbitMQ at {safe_url(self.url)}: {exc!r}"
+            ) from exc
+        self._conn = conn
+        self.generation += 1
+        self.last_error = None
+        self._up.set()
+
+    def _ended(self) -> bool:
+        return self._closed
+
+    async def _watch(self) -> None:
+        """Reconnect whenever the connection drops, until ``close``."""
+        while not self._ended():
+            conn = self._conn
+            assert conn is not None
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(conn.closing)
+            if self._ended():
+                return
+            self._up.clear()
+            self.last_error = "connection lost"
+            log.warning("lost the connection to RabbitMQ at %s; reconnecting", safe_url(self.url))
+            pause = 0.1
+            while not self._ended():
+                try:
+                    await self._connect()
+                    break
+                except TransportError as exc:
+                    self.last_error = str(exc)
+                    await self.clock.sleep(pause)
+                    pause = min(pause * 2, self.reconnect_max)
+            if self._ended():
+                return
+            log.warning("reconnected to RabbitMQ at %s", safe_url(self.url))
+            for hook in list(self._hooks):
+                try:
+                    await hook()
+                except LOST:
+                    break  # dropped again: the next round redoes them all
+                except Exception:
+                    log.exception("amqp: a reconnection step failed")
+
+    async def wait_up(self, timeout: float | None = None) -> None:
+        """Return once connected; ``Closed`` if the link closes first."""
+        if self._closed:
+            raise Closed("transport is closed")
+        async with asyncio.timeout(timeout):
+            await self._up.wait()
+        if self._closed:
+            raise Closed("transport is closed")
+
+    async def channel(self, *, confirms: bool = False) -> aiormq.abc.AbstractChannel:
+        """A new channel on the current connection."""
+        if self._closed:
+            raise Closed("transport is closed")
+        conn = self._conn
+        if conn is None or not self._up.is_set():
+            raise aexc.ConnectionClosed(320, "not connected")
+        return await conn.channel(publisher_confirms=confirms)
+
+    @property
+    def server_version(self) -> str:
+        conn = self._conn
+        props = conn.server_properties if conn is not None else {}
+        version = props.get("version", b"") if props else b""
+        return version.decode() if isinstance(version, bytes) else str(version)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._up.set()  # waiters wake and see Closed
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(BaseException):
+                await self._watcher
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(BaseException):
+                async with asyncio.timeout(2.0):  # a close never holds up a worker's exit
+                    await conn.close()
