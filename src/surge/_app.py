@@ -27,7 +27,6 @@ from ._middleware import Middleware
 from ._runtime import LocalState, Part, Runtime, Timings
 from ._stats import AppStats, SubscriptionStats
 from ._transport import Capabilities, DeadLetter, Transport, capabilities_of
-from .transports import open_transport
 
 if TYPE_CHECKING:
     from .http import Ingress
@@ -178,6 +177,9 @@ class App:
             # Transports that encode envelopes must use the app's codec, or
             # the app would decode what they wrote in another format.
             options: dict[str, Any] = {} if spec.startswith("memory:") else {"codec": self.codec}
+            # Transports are a layer above the core: opened by URL, on use.
+            from .transports import open_transport
+
             self._transport = open_transport(spec, clock=self.clock, **options)
         return self._transport
 
