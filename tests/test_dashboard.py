@@ -13,7 +13,7 @@ import pytest
 
 import surge
 from surge.http import Server
-from surge.observe import instrument, set_admin_token
+from surge.observe import instrument, mount, set_admin_token
 from surge.tools import fetch
 
 pytestmark = pytest.mark.realtime
@@ -39,6 +39,7 @@ class Order(surge.Event):
 def make_app() -> tuple[surge.App, dict[str, bool]]:
     app = surge.App("dash")
     instrument(app)
+    mount(app.http)
     broken = {"13": True}
 
     @app.on(Order, retry=surge.Retry(attempts=1))

@@ -6,15 +6,28 @@ import asyncio
 import re
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import msgspec
 import pytest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 import surge
-from surge.http import Limits, Server, bind_socket, serve
+from surge.http import (
+    Limits,
+    Receive,
+    RequestHandler,
+    RequestWrapper,
+    Scope,
+    Send,
+    Server,
+    bind_socket,
+    serve,
+)
+from surge.observe import mount
 from surge.tools import fetch
 from surge.tools._client import Connection, build_request
 from surge.transports import MemoryTransport
@@ -265,8 +278,10 @@ async def test_readyz_is_503_when_the_transport_cannot_be_reached() -> None:
 
 
 async def test_metrics_count_requests_by_status_and_export_subscriptions() -> None:
-    """/metrics is Prometheus text with per-route counts, latency and subscription counters."""
+    """/metrics is Prometheus text with per-route counts, latency and, once surge.observe
+    is mounted, subscription counters."""
     app, _, _ = make_app()
+    mount(app.http)
     async with serving(app) as server:
         for _ in range(3):
             await fetch(server.url + "/orders", "POST", json={"order_id": "m", "amount": 1})
@@ -278,6 +293,70 @@ async def test_metrics_count_requests_by_status_and_export_subscriptions() -> No
     assert 'surge_http_request_duration_seconds_count{method="POST",route="/orders"} 4.0' in text
     assert 'surge_subscription_received_total{app="shop",subscription="shop.charge"} 3.0' in text
     assert "surge_http_in_flight 0.0" in text
+
+
+async def test_metrics_hold_only_http_families_until_observe_is_mounted() -> None:
+    """A plain ingress exports its own counters; reading app.http times no handler."""
+    app, _, _ = make_app()
+    assert app.timings is None
+    async with serving(app) as server:
+        text = (await fetch(server.url + "/metrics")).body.decode()
+        stats = await fetch(server.url + "/_surge/stats")
+    assert "surge_http_in_flight 0.0" in text
+    assert "surge_subscription_" not in text
+    assert stats.status == 404
+
+
+class _Counting(Collector):
+    def __init__(self) -> None:
+        self.refreshed = 0
+
+    def collect(self) -> Iterator[Any]:
+        yield GaugeMetricFamily("extension_refreshed", "Refreshes seen", value=self.refreshed)
+
+    async def refresh(self) -> None:
+        self.refreshed += 1
+
+
+async def test_extensions_mount_collect_and_wrap_requests() -> None:
+    """An ASGI app mounted under a prefix (counted there), a collector refreshed before
+    each scrape, and wrappers around each routed request, later ones inside."""
+    app, _, _ = make_app()
+    calls: list[str] = []
+
+    async def extra(scope: Scope, receive: Receive, send: Send) -> None:
+        body = scope["path"].encode()
+        await send({"type": "http.response.start", "status": 201, "headers": []})
+        await send({"type": "http.response.body", "body": body})
+
+    def wrapper(name: str) -> RequestWrapper:
+        async def wrap(handle: RequestHandler, scope: Scope, receive: Receive, send: Send) -> int:
+            calls.append(f"{name} in")
+            status = await handle(scope, receive, send)
+            calls.append(f"{name} {status}")
+            return status
+
+        return wrap
+
+    collector = _Counting()
+    app.http.mount("/extra/", extra)
+    app.http.add_collector(collector, refresh=collector.refresh)
+    app.http.around_requests(wrapper("outer"))
+    app.http.around_requests(wrapper("inner"))
+    with pytest.raises(surge.ConfigurationError):
+        app.http.mount("/extra/", extra)
+    with pytest.raises(surge.ConfigurationError):
+        app.http.mount("/no-slash", extra)
+    async with serving(app) as server:
+        mounted = await fetch(server.url + "/extra/a/b")
+        await fetch(server.url + "/orders", "POST", json={"order_id": "w", "amount": 1})
+        await fetch(server.url + "/metrics")
+        text = (await fetch(server.url + "/metrics")).body.decode()
+        await app.drain()
+    assert (mounted.status, mounted.body) == (201, b"/extra/a/b")
+    assert app.http.statistics().requests["GET /extra/"] == {201: 1}
+    assert calls == ["outer in", "inner in", "inner 202", "outer 202"]
+    assert "extension_refreshed 2.0" in text
 
 
 async def test_unknown_path_answers_404_and_wrong_method_405() -> None:

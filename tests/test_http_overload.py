@@ -13,8 +13,7 @@ import msgspec
 import pytest
 
 import surge
-from surge.http import Limits, Server
-from surge.http._ingress import ASGIApp
+from surge.http import ASGIApp, Limits, Server
 from surge.tools import run_load
 
 pytestmark = pytest.mark.realtime

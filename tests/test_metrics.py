@@ -19,6 +19,7 @@ from surge.observe import (
     METRICS_DIR_ENV,
     Instruments,
     instrument,
+    mount,
     quantile,
     read_directory,
     snapshot,
@@ -66,6 +67,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 def make_app(clock: surge.VirtualClock) -> tuple[surge.App, Any]:
     app = surge.App("metered", clock=clock)
     instrument(app, sample=1)
+    mount(app.http)
 
     @app.on(Job, concurrency=COUNT, retry=surge.Retry(attempts=2, backoff=0.5, jitter=0.0))
     async def work(event: Job, ctx: surge.Context) -> None:
@@ -123,6 +125,7 @@ async def test_gauges_show_handlers_in_flight_and_the_backlog(clock: surge.Virtu
     """While handlers are held, in_flight and backlog gauges show them."""
     app = surge.App("held", clock=clock)
     instrument(app, sample=1)
+    mount(app.http)
     gate = asyncio.Event()
     started = asyncio.Event()
 

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 import surge
 from surge.cli import main
 from surge.http import Server
-from surge.observe import instrument
+from surge.observe import instrument, mount
 from surge.transports import open_transport
 
 from ._metrics_app import GROUP, Job, expected
@@ -65,6 +65,7 @@ def test_top_once_shows_each_subscription_from_a_url(caplog: pytest.LogCaptureFi
     caplog.set_level(logging.CRITICAL, "surge")
     app = surge.App("metered")
     instrument(app, sample=1)
+    mount(app.http)
     count = 20
 
     @app.on(Job, retry=surge.Retry(attempts=2, backoff=0.001, jitter=0.0))

@@ -15,7 +15,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 import surge
 from surge.http import Server
-from surge.observe import trace
+from surge.observe import mount, trace
 from surge.tools import fetch
 
 pytestmark = pytest.mark.realtime
@@ -36,6 +36,7 @@ class Shipped(surge.Event):
 def make_app(provider: TracerProvider) -> tuple[surge.App, list[dict[str, str] | None]]:
     app = surge.App("traced")
     trace(app, tracer_provider=provider)
+    mount(app.http)
     app.http.post("/orders", publish=Placed)
     seen: list[dict[str, str] | None] = []
 

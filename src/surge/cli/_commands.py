@@ -120,10 +120,8 @@ def command_app(ref: str, transport: str | None) -> App:
 
 
 def _transport_url(app: App, override: str | None) -> str:
-    if override is not None:
-        return override
-    spec = app._transport_spec
-    return spec if isinstance(spec, str) else spec.url
+    # app.transport makes the transport object; it connects only at start
+    return override if override is not None else app.transport.url
 
 
 def _host_port(value: str | None) -> tuple[str, int] | None:
@@ -194,14 +192,13 @@ def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> 
 
 def _serve_http(app: App, host: str, port: int) -> None:
     try:
-        http = importlib.import_module("surge.http")
+        from ..http import run as run_http
+        from ..observe import mount
     except ImportError as exc:
         raise click.ClickException(
             f"--http needs surge's HTTP ingress: pip install 'surge[http]' ({exc})"
         ) from None
-    run_http = getattr(http, "run", None)
-    if run_http is None:
-        raise click.ClickException("--http is unavailable: surge.http has no run()")
+    mount(app.http)  # /_surge/ and the subscriptions' metrics
 
     def ready(server: Any) -> None:
         # the bound port: --http HOST:0 picks a free one

@@ -468,14 +468,13 @@ def _watch_parent() -> None:
 
 
 def _serve_http(app: App, host: str, port: int, ready: Callable[[object], object] | None) -> None:
-    # surge.http is written beside this module; looked up at run time so a
-    # worker without --http never imports starlette or uvicorn.
-    serve: Any = importlib.import_module("surge.http").serve
-    result = serve(app, host=host, port=port, reuse_port=True, ready=ready)
-    if asyncio.iscoroutine(result):
-        from .._app import run_loop
+    # Imported here, so a worker without --http never imports uvicorn.
+    from .._app import run_loop
+    from ..http import serve
+    from ..observe import mount
 
-        run_loop(result)
+    mount(app.http)  # /_surge/ and the subscriptions' metrics, summed over workers
+    run_loop(serve(app, host=host, port=port, reuse_port=True, ready=ready))
 
 
 def _tell_ready(fd: int) -> None:

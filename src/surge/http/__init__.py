@@ -12,8 +12,15 @@ A body that is not JSON answers 400, one that does not fit the event type
 (blocking) serve ``app.http`` with uvicorn in the app's own process and
 loop, under :class:`Limits` (requests in flight, body and header sizes,
 header deadline, keep-alive); :class:`Server` is the same as an ``async
-with`` block. :func:`run_load` (``surge load``) floods any HTTP endpoint
-and reports throughput and latency percentiles.
+with`` block. The load generator behind ``surge load`` lives in
+:mod:`surge.tools`.
+
+Other packages extend an ingress through :meth:`Ingress.mount` (an ASGI
+app under a path prefix), :meth:`Ingress.add_collector` (more families at
+``/metrics``) and :meth:`Ingress.around_requests` (a wrapper per request):
+``surge.observe.mount(app.http)`` adds the ``/_surge/`` dashboard, the
+subscriptions' metrics and tracing spans that way, so this package never
+imports surge.observe.
 
 Needs the ``http`` extra: ``pip install 'surge[http]'``.
 """
@@ -28,14 +35,30 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from ._config import Limits
-from ._ingress import HttpStats, Ingress, Route
+from ._ingress import (
+    ASGIApp,
+    HttpStats,
+    Ingress,
+    Receive,
+    RequestHandler,
+    RequestWrapper,
+    Route,
+    Scope,
+    Send,
+)
 from ._server import Server, bind_socket, run, serve
 
 __all__ = (
+    "ASGIApp",
     "HttpStats",
     "Ingress",
     "Limits",
+    "Receive",
+    "RequestHandler",
+    "RequestWrapper",
     "Route",
+    "Scope",
+    "Send",
     "Server",
     "bind_socket",
     "run",

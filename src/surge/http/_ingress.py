@@ -21,9 +21,21 @@ from ._config import Limits
 from ._metrics import Metrics, RouteStats
 
 if TYPE_CHECKING:
+    from prometheus_client.registry import Collector
+
     from .._app import App
 
-__all__ = ("ASGIApp", "HttpStats", "Ingress", "Route")
+__all__ = (
+    "ASGIApp",
+    "HttpStats",
+    "Ingress",
+    "Receive",
+    "RequestHandler",
+    "RequestWrapper",
+    "Route",
+    "Scope",
+    "Send",
+)
 
 log = logging.getLogger("surge.http")
 
@@ -32,6 +44,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+RequestHandler = Callable[[Scope, Receive, Send], Awaitable[int]]
+"""Handles one routed request; returns the status it answered."""
+RequestWrapper = Callable[[RequestHandler, Scope, Receive, Send], Awaitable[int]]
+"""Runs around a :data:`RequestHandler` (``Ingress.around_requests``)."""
 
 RESERVED = ("/healthz", "/readyz", "/metrics")
 _JSON = (b"content-type", b"application/json")
@@ -98,13 +114,10 @@ class Ingress:
         self._routes: dict[tuple[str, str], _Bound] = {}
         self._stats: dict[tuple[str, str], RouteStats] = {}
         self._paths: dict[str, list[str]] = {}
-        self.metrics = Metrics(app, self._stats)
-        if app.state == "new":
-            # an app with an ingress gets handler histograms for /metrics and
-            # the dashboard (surge.observe; one attempt in 8 is timed)
-            from ..observe._metrics import instrument
-
-            instrument(app)
+        self.metrics = Metrics(self._stats)
+        self._mounts: list[tuple[str, ASGIApp]] = []
+        self._refreshers: list[Callable[[], Awaitable[object]]] = []
+        self._around: RequestWrapper | None = None
         self._stopping = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.configure(limits or Limits())
@@ -170,6 +183,44 @@ class Ingress:
         self._paths.setdefault(path, []).append(method)
         return route
 
+    # --- extensions: surge.observe adds its routes, metrics and spans here ----
+    def mount(self, prefix: str, app: ASGIApp) -> None:
+        """Serve the paths under ``prefix`` (such as ``"/_surge/"``) that no
+        route takes with the ASGI ``app``; its answers count under ``prefix``."""
+        if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
+            raise ConfigurationError(f"mount prefix {prefix!r}: write it as '/name/'")
+        if any(prefix == known for known, _ in self._mounts):
+            raise ConfigurationError(f"{prefix} is mounted twice")
+        self._mounts.append((prefix, app))
+
+    def add_collector(
+        self, collector: Collector, *, refresh: Callable[[], Awaitable[object]] | None = None
+    ) -> None:
+        """Export ``collector``'s families at ``/metrics`` too; ``refresh``
+        is awaited before each scrape (a Prometheus collector is synchronous,
+        so what needs a round trip is read there)."""
+        self.metrics.registry.register(collector)
+        if refresh is not None:
+            self._refreshers.append(refresh)
+
+    def around_requests(self, wrapper: RequestWrapper) -> None:
+        """Handle each routed request through ``wrapper(handle, scope,
+        receive, send)``, which awaits ``handle(scope, receive, send)`` and
+        returns its status (a tracing span per request). A wrapper added
+        later runs inside the earlier ones."""
+        outer = self._around
+        if outer is None:
+            self._around = wrapper
+            return
+
+        async def nested(handle: RequestHandler, scope: Scope, receive: Receive, send: Send) -> int:
+            async def inner(sc: Scope, rc: Receive, sd: Send) -> int:
+                return await wrapper(handle, sc, rc, sd)
+
+            return await outer(inner, scope, receive, send)
+
+        self._around = nested
+
     @property
     def routes(self) -> list[Route]:
         return [b.route for b in self._routes.values()]
@@ -184,7 +235,7 @@ class Ingress:
     @property
     def ready(self) -> bool:
         """The app is running and not stopping."""
-        return getattr(self.app, "_state", None) == "running" and not self._stopping
+        return self.app.state == "running" and not self._stopping
 
     def _stats_for(self, method: str, path: str) -> RouteStats:
         stats = self._stats.get((method, path))
@@ -193,7 +244,9 @@ class Ingress:
         return stats
 
     # --- lifecycle hooks used by the server ----------------------------------
-    def _on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+    def on_shutdown(self, hook: Callable[[], Awaitable[None]]) -> Callable[[], None]:
+        """Await ``hook`` when the app begins to stop, after the ingress
+        refuses new work (a server stops there); returns the undo."""
         self._shutdown_hooks.append(hook)
         return lambda: self._shutdown_hooks.remove(hook)
 
@@ -204,7 +257,8 @@ class Ingress:
         for hook in list(self._shutdown_hooks):
             await hook()
 
-    def _started(self) -> None:
+    def serving(self) -> None:
+        """A server starts serving this ingress: it takes work again."""
         self._stopping = False
 
     # --- ASGI ------------------------------------------------------------------
@@ -215,13 +269,11 @@ class Ingress:
         start = self._now()
         bound = self._routes.get((scope["method"], scope["path"]))
         if bound is None:
-            if scope["path"].startswith("/_surge/"):
-                # stats, dashboard and dead letters: surge.observe
-                from ..observe._endpoints import serve_surge
-
-                status = await serve_surge(self, scope, receive, send)
-                self._stats_for(scope["method"], "/_surge/").observe(status, self._now() - start)
-                return
+            path: str = scope["path"]
+            for prefix, mounted in self._mounts:
+                if path.startswith(prefix):
+                    await self._mounted(prefix, mounted, scope, receive, send, start)
+                    return
             await self._builtin(scope, receive, send, start)
             return
         metrics = self.metrics
@@ -233,16 +285,34 @@ class Ingress:
             return
         metrics.in_flight += 1
         try:
-            tracing = getattr(self.app, "_observe_tracing", None)  # surge.observe.trace
-            if tracing is None:
+            around = self._around
+            if around is None:
                 status = await self._handle(bound, scope, receive, send)
             else:
-                status = await tracing.traced_request(
-                    lambda sc, *rest: self._handle(bound, sc, *rest), scope, receive, send
-                )
+
+                async def handle(sc: Scope, rc: Receive, sd: Send) -> int:
+                    return await self._handle(bound, sc, rc, sd)
+
+                status = await around(handle, scope, receive, send)
         finally:
             metrics.in_flight -= 1
         bound.stats.observe(status, self._now() - start)
+
+    async def _mounted(
+        self, prefix: str, app: ASGIApp, scope: Scope, receive: Receive, send: Send, start: float
+    ) -> None:
+        status = 500
+
+        async def counted(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await app(scope, receive, counted)
+        finally:
+            self._stats_for(scope["method"], prefix).observe(status, self._now() - start)
 
     async def _handle(self, bound: _Bound, scope: Scope, receive: Receive, send: Send) -> int:
         try:
@@ -344,9 +414,8 @@ class Ingress:
                 body = msgspec.json.encode({"status": "not ready", "reason": why})
                 await _answer(send, 503, body, (_JSON, _RETRY))
         else:
-            from ..observe._export import refresh_backlogs
-
-            await refresh_backlogs(self.app)
+            for refresh in self._refreshers:
+                await refresh()
             status = 200
             await _answer(send, 200, self.metrics.render(), (_PROMETHEUS,))
         self._stats_for(method if methods else "-", path).observe(status, self._now() - start)
@@ -355,7 +424,7 @@ class Ingress:
         """Why the app cannot take work now, or None when it can."""
         if self._stopping:
             return "stopping"
-        state = getattr(self.app, "_state", "unknown")
+        state = self.app.state
         if state != "running":
             return str(state)
         groups = list(self.app.subscriptions)

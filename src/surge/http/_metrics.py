@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -18,9 +18,6 @@ from prometheus_client.core import (
     HistogramMetricFamily,
 )
 from prometheus_client.registry import Collector
-
-if TYPE_CHECKING:
-    from .._app import App
 
 __all__ = ("BUCKETS", "Metrics", "RouteStats")
 
@@ -47,10 +44,10 @@ class RouteStats:
 
 
 class Metrics(Collector):
-    """The ingress's registry: HTTP counters and the app's subscriptions."""
+    """The ingress's registry: its HTTP counters, and the collectors others
+    add (``Ingress.add_collector``: surge.observe's subscription metrics)."""
 
-    def __init__(self, app: App, routes: dict[tuple[str, str], RouteStats]) -> None:
-        self._app = app
+    def __init__(self, routes: dict[tuple[str, str], RouteStats]) -> None:
         self._routes = routes
         self.in_flight = 0
         self.registry = CollectorRegistry(auto_describe=False)
@@ -84,11 +81,3 @@ class Metrics(Collector):
         yield GaugeMetricFamily(
             "surge_http_in_flight", "Requests on routes being handled now", value=self.in_flight
         )
-        yield from self._subscriptions()
-
-    def _subscriptions(self) -> Iterator[Any]:
-        # counters, gauges and histograms of every subscription, summed over
-        # worker processes when they share a metrics directory
-        from ..observe._export import families
-
-        yield from families(self._app)

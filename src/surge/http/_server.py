@@ -86,13 +86,15 @@ class _Ending:
 class _Protocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with deadlines and header limits.
 
-    ``max_header``, ``max_requests`` and ``max_connections`` are set on a
-    subclass per server.
+    ``max_header``, ``max_requests``, ``max_connections`` and ``on_lost``
+    are set on a subclass per server.
     """
 
     max_header = 16 * 1024
     max_requests = 10_000
     max_connections = 10_000
+    on_lost: Callable[[], None] | None = None
+    """Called after each connection closes (the server's ``wait_idle``)."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[arg-type]
@@ -106,7 +108,7 @@ class _Protocol(HttpToolsProtocol):
         self._served = 0
         self._ending = _Ending(self)
         if len(self.connections) > self.max_connections:
-            self._refuse(_503)
+            self.refuse(_503)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering is not None:
@@ -120,7 +122,7 @@ class _Protocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError:
             if self._overflow:
-                self._refuse(_431)
+                self.refuse(_431)
             else:
                 self.send_400_response("Invalid HTTP request received.")
             return
@@ -128,9 +130,9 @@ class _Protocol(HttpToolsProtocol):
             # No complete head yet: all of this chunk belongs to it.
             self._head += self._chunk
             if self._head > self.max_header:
-                self._refuse(_431)
+                self.refuse(_431)
 
-    def _refuse(self, response: bytes) -> None:
+    def refuse(self, response: bytes) -> None:
         """Answer ``response`` and end the connection."""
         if self.transport.is_closing() or self.lingering is not None:
             return
@@ -191,13 +193,8 @@ class _Protocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.began = None
-        on_lost = _ON_LOST.get(self.server_state)
-        if on_lost is not None:
-            on_lost()
-
-
-# server_state -> callback run after each connection closes (Server.wait_idle)
-_ON_LOST: dict[Any, Callable[[], None]] = {}
+        if self.on_lost is not None:
+            self.on_lost()
 
 
 def bind_socket(
@@ -287,6 +284,7 @@ class Server:
                 "max_header": limits.max_header,
                 "max_requests": limits.max_requests_per_connection,
                 "max_connections": limits.connection_cap(),
+                "on_lost": self._connection_lost,
             },
         )
         config = uvicorn.Config(
@@ -309,14 +307,13 @@ class Server:
         server.lifespan = config.lifespan_class(config)
         await server.startup(sockets=[self._sock])
         self._uvicorn = server
-        _ON_LOST[server.server_state] = self._connection_lost
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(server.main_loop(), name="surge.http.tick"),
             loop.create_task(self._sweep(server), name="surge.http.deadlines"),
         ]
-        self._unhook = self.ingress._on_shutdown(self.stop)
-        self.ingress._started()
+        self._unhook = self.ingress.on_shutdown(self.stop)
+        self.ingress.serving()
 
     async def _sweep(self, server: uvicorn.Server) -> None:
         timeout = self.limits.header_timeout
@@ -329,7 +326,7 @@ class Server:
                 if not isinstance(conn, _Protocol):
                     continue
                 if conn.began is not None and now - conn.began > timeout:
-                    conn._refuse(_408)
+                    conn.refuse(_408)
                 elif conn.lingering is not None and now > conn.lingering:
                     conn.transport.close()
 
@@ -368,7 +365,6 @@ class Server:
         try:
             await server.shutdown(sockets=[self._sock] if self._sock else None)
         finally:
-            _ON_LOST.pop(server.server_state, None)
             self._stopped.set()
 
     async def wait_stopped(self) -> None:
@@ -404,7 +400,7 @@ async def serve(
     """
     given = Limits(**limits) if limits else None
     server = Server(app, host, port, limits=given, sock=sock, reuse_port=reuse_port)
-    started = getattr(app, "_state", None) != "running"
+    started = app.state != "running"
     if started:
         await app.start()
     installed = _install_signals(app, install_signals)
@@ -412,10 +408,10 @@ async def serve(
         await server.start()
         if ready is not None:
             ready(server)
-        stop_requested = getattr(app, "_stop_requested", None)
-        waits = [asyncio.ensure_future(server.wait_stopped())]
-        if stop_requested is not None:
-            waits.append(asyncio.ensure_future(stop_requested.wait()))
+        waits = [
+            asyncio.ensure_future(server.wait_stopped()),
+            asyncio.ensure_future(app.wait_stop_requested()),
+        ]
         try:
             await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
         finally:

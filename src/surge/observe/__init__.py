@@ -1,15 +1,18 @@
 """Observability: metrics, a JSON stats view, a dashboard, logs and tracing.
 
 ``surge.observe.instrument(app)`` adds handler duration and latency
-histograms; the ingress then serves them at ``/metrics`` (Prometheus),
-``/_surge/stats`` (JSON) and ``/_surge/`` (the dashboard).
+histograms; ``surge.observe.mount(app.http)`` adds them, with the app's
+counters, to the ingress's ``/metrics`` (Prometheus) and serves
+``/_surge/stats`` (JSON) and ``/_surge/`` (the dashboard). ``surge run
+--http`` mounts it. The ingress knows nothing of this package: it is
+surge.observe that registers its routes and collectors into the ingress.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from ._endpoints import ADMIN_TOKEN_ENV, set_admin_token
+from ._endpoints import ADMIN_TOKEN_ENV, mount, set_admin_token
 from ._export import StatsView, SubscriptionView, refresh_backlogs
 from ._logs import EVENT_FIELDS, JsonFormatter, log_json
 from ._metrics import (
@@ -44,6 +47,7 @@ __all__ = (
     "instrument",
     "log_json",
     "merge",
+    "mount",
     "quantile",
     "read_directory",
     "refresh_backlogs",

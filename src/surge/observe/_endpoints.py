@@ -1,4 +1,5 @@
-"""The ingress's ``/_surge/`` routes: stats JSON, dashboard, dead letters.
+"""The ``/_surge/`` routes (stats JSON, dashboard, dead letters), and
+:func:`mount`, which adds them and the app's metrics to an ingress.
 
 - ``GET /_surge/`` the dashboard page (self-contained: no CDN).
 - ``GET /_surge/stats`` JSON: counters, gauges, rates, duration quantiles,
@@ -27,12 +28,15 @@ import msgspec
 
 from .._errors import ConfigurationError
 from ._dashboard import PAGE
-from ._export import StatsHistory
+from ._export import AppCollector, StatsHistory
+from ._metrics import instrument
+from ._state import state_of
 
 if TYPE_CHECKING:
-    from ..http._ingress import Ingress, Receive, Scope, Send
+    from .._app import App
+    from ..http import Ingress, Receive, Scope, Send
 
-__all__ = ("ADMIN_TOKEN_ENV", "serve_surge", "set_admin_token")
+__all__ = ("ADMIN_TOKEN_ENV", "PREFIX", "Endpoints", "mount", "set_admin_token")
 
 ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
 _JSON = (b"content-type", b"application/json")
@@ -40,17 +44,35 @@ _HTML = (b"content-type", b"text/html; charset=utf-8")
 _NOCACHE = (b"cache-control", b"no-store")
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _MAX_BODY = 1 << 20
-
-_histories: dict[int, StatsHistory] = {}
-_tokens: dict[int, str] = {}
+PREFIX = "/_surge/"
 
 
-def set_admin_token(app: Any, token: str | None) -> None:
+def mount(ingress: Ingress) -> Ingress:
+    """Add surge.observe to ``ingress`` (``app.http``): the ``/_surge/``
+    routes, the app's subscription metrics at ``/metrics``, a span per
+    request once the app is traced, and (while the app is new) handler
+    histograms (:func:`instrument`). Idempotent; ``surge run --http`` calls
+    it. Returns ``ingress``."""
+    app = ingress.app
+    state = state_of(app)
+    if state.ingress is ingress:
+        return ingress
+    if state.ingress is not None:
+        raise ConfigurationError(f"surge.observe is mounted on another ingress of {app.name}")
+    if app.state == "new":
+        instrument(app)
+    collector = AppCollector(app)
+    ingress.add_collector(collector, refresh=collector.refresh)
+    ingress.mount(PREFIX, Endpoints(app))
+    if state.tracing is not None:
+        ingress.around_requests(state.tracing.traced_request)
+    state.ingress = ingress
+    return ingress
+
+
+def set_admin_token(app: App, token: str | None) -> None:
     """Require ``token`` (a bearer token) for the dead-letter POSTs of ``app``."""
-    if token is None:
-        _tokens.pop(id(app), None)
-    else:
-        _tokens[id(app)] = token
+    state_of(app).admin_token = token
 
 
 class _Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -84,65 +106,75 @@ def _readable(body: bytes) -> str:
     return body[:2000].decode("utf-8", "replace")
 
 
-async def serve_surge(ingress: Ingress, scope: Scope, receive: Receive, send: Send) -> int:
-    """Answer a request under ``/_surge/``; its status."""
-    from ..http._ingress import _answer
+class Endpoints:
+    """The ASGI application of one app's ``/_surge/`` paths."""
 
-    app = ingress.app
-    path: str = scope["path"]
-    method: str = scope["method"]
-    if method in ("GET", "HEAD"):
-        if path in ("/_surge/", "/_surge/index.html"):
-            await _answer(send, 200, PAGE, (_HTML, _NOCACHE))
-            return 200
-        if path == "/_surge/stats":
-            history = _histories.get(id(ingress))
-            if history is None:
-                history = _histories[id(ingress)] = StatsHistory(app)
-            view = await history.view()
-            await _answer(send, 200, msgspec.json.encode(view), (_JSON, _NOCACHE))
-            return 200
-        if path == "/_surge/dlq":
-            query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
-            sub = query.get("subscription", [None])[0]
-            try:
-                letters = await app.dead_letters(sub)
-            except ConfigurationError as exc:
-                return await _error(send, 404, str(exc))
-            body = msgspec.json.encode({"dead_letters": [_letter(d) for d in letters]})
-            await _answer(send, 200, body, (_JSON, _NOCACHE))
-            return 200
-    elif method == "POST" and path in ("/_surge/dlq/replay", "/_surge/dlq/purge"):
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.history = StatsHistory(app)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.app
+        path: str = scope["path"]
+        method: str = scope["method"]
+        if method in ("GET", "HEAD"):
+            if path in ("/_surge/", "/_surge/index.html"):
+                await _answer(send, 200, PAGE, (_HTML, _NOCACHE))
+                return
+            if path == "/_surge/stats":
+                view = await self.history.view()
+                await _answer(send, 200, msgspec.json.encode(view), (_JSON, _NOCACHE))
+                return
+            if path == "/_surge/dlq":
+                query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                sub = query.get("subscription", [None])[0]
+                try:
+                    letters = await app.dead_letters(sub)
+                except ConfigurationError as exc:
+                    await _error(send, 404, str(exc))
+                    return
+                body = msgspec.json.encode({"dead_letters": [_letter(d) for d in letters]})
+                await _answer(send, 200, body, (_JSON, _NOCACHE))
+                return
+        elif method == "POST" and path in ("/_surge/dlq/replay", "/_surge/dlq/purge"):
+            await self._act(path, scope, receive, send)
+            return
+        await _error(send, 404, "no such route")
+
+    async def _act(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
+        app = self.app
         why = _refusal(app, scope)
         if why is not None:
-            return await _error(send, 403, why)
+            await _error(send, 403, why)
+            return
         raw = await _read(receive)
         if raw is None:
-            return await _error(send, 413, f"the body is larger than {_MAX_BODY} bytes")
+            await _error(send, 413, f"the body is larger than {_MAX_BODY} bytes")
+            return
         try:
             action = msgspec.json.decode(raw, type=_Action)
         except msgspec.DecodeError as exc:
-            return await _error(send, 400, f"expected {{subscription, ids?}}: {exc}")
+            await _error(send, 400, f"expected {{subscription, ids?}}: {exc}")
+            return
         try:
             if path.endswith("replay"):
                 n = await app.replay(action.subscription, action.ids)
             else:
                 n = await app.purge(action.subscription, action.ids)
         except ConfigurationError as exc:
-            return await _error(send, 404, str(exc))
+            await _error(send, 404, str(exc))
+            return
         await _answer(send, 200, msgspec.json.encode({"count": n}), (_JSON,))
-        return 200
-    return await _error(send, 404, "no such route")
 
 
-def _refusal(app: Any, scope: Scope) -> str | None:
+def _refusal(app: App, scope: Scope) -> str | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     if headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return "send the action as content-type: application/json"
     origin = headers.get("origin")
     if origin is not None and urlsplit(origin).netloc != headers.get("host"):
         return "cross-origin requests are refused"
-    token = _tokens.get(id(app)) or os.environ.get(ADMIN_TOKEN_ENV)
+    token = state_of(app).admin_token or os.environ.get(ADMIN_TOKEN_ENV)
     if token:
         given = headers.get("authorization", "")
         if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
@@ -168,8 +200,18 @@ async def _read(receive: Receive) -> bytes | None:
             return b"".join(chunks)
 
 
-async def _error(send: Send, status: int, error: str) -> int:
-    from ..http._ingress import _answer
-
+async def _error(send: Send, status: int, error: str) -> None:
     await _answer(send, status, msgspec.json.encode({"error": error}), (_JSON,))
-    return status
+
+
+async def _answer(
+    send: Send, status: int, body: bytes, headers: tuple[tuple[bytes, bytes], ...]
+) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [*headers, (b"content-length", b"%d" % len(body))],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -14,36 +14,50 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
 )
+from prometheus_client.registry import Collector
 
 from ._metrics import COUNTERS, GAUGES, Snapshot, current, iter_cumulative, quantile
+from ._state import state_of
 
 if TYPE_CHECKING:
     from .._app import App
 
-__all__ = ("StatsHistory", "backlogs", "families", "refresh_backlogs")
-
-# Backlogs are a property of the shared transport, read by a round trip
-# (async) before a scrape; the collector itself is synchronous.
-_backlogs: dict[int, dict[str, tuple[int, int]]] = {}
+__all__ = ("AppCollector", "StatsHistory", "families", "refresh_backlogs")
 
 
 async def refresh_backlogs(app: App, timeout: float = 1.0) -> dict[str, tuple[int, int]]:
-    """Ask the transport for each subscription's backlog and dead letters."""
-    out: dict[str, tuple[int, int]] = {}
+    """Ask the transport for each subscription's backlog and dead letters.
+
+    Backlogs are a property of the shared transport, read by a round trip
+    (async) before a scrape; the Prometheus collector itself is synchronous
+    and exports what was read last."""
+    state = state_of(app)
     if app.state != "running":
-        return _backlogs.get(id(app), out)
+        return state.backlogs
+    out: dict[str, tuple[int, int]] = {}
     for name in list(app.subscriptions):
         # A transport that cannot tell (or a slow broker) leaves the gauge out
         with contextlib.suppress(Exception):
             async with asyncio.timeout(timeout):
                 st = await app.transport.stats(name)
             out[name] = (st.backlog + st.scheduled, st.dead)
-    _backlogs[id(app)] = out
+    state.backlogs = out
     return out
 
 
-def backlogs(app: App) -> dict[str, tuple[int, int]]:
-    return _backlogs.get(id(app), {})
+class AppCollector(Collector):
+    """The app's subscriptions as Prometheus families (a prometheus-client
+    collector, added to the ingress's ``/metrics``)."""
+
+    def __init__(self, app: App) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[Any]:
+        return families(self.app)
+
+    async def refresh(self) -> None:
+        """Read the backlogs the next scrape exports."""
+        await refresh_backlogs(self.app)
 
 
 def families(app: App) -> Iterator[Any]:
@@ -79,7 +93,7 @@ def families(app: App) -> Iterator[Any]:
         labels=labels,
     )
     app_name = snap.app
-    known = backlogs(app)
+    known = state_of(app).backlogs
     for sub, s in snap.subscriptions.items():
         key = (app_name, sub)
         for name, family in counters.items():

@@ -30,7 +30,9 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .._clock import RealClock
+from .._errors import ConfigurationError
 from .._stats import AppStats, SubscriptionStats
+from ._state import state_of
 
 if TYPE_CHECKING:
     from .._app import App
@@ -38,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = (
     "BUCKETS",
     "METRICS_DIR_ENV",
+    "DirectoryWriter",
     "HandlerTimings",
     "Histogram",
     "Instruments",
@@ -140,8 +143,7 @@ class Instruments:
 
 def metrics_of(app: App) -> Instruments | None:
     """The app's :class:`Instruments`, if it is instrumented."""
-    found = app.timings
-    return found if isinstance(found, Instruments) else None
+    return state_of(app).instruments
 
 
 def instrument(app: App, *, sample: int | None = None) -> Instruments:
@@ -157,8 +159,6 @@ def instrument(app: App, *, sample: int | None = None) -> Instruments:
     Quantiles of a sample are unbiased; the histograms' ``_count`` is the
     number of attempts timed.
     """
-    from .._errors import ConfigurationError
-
     if sample is not None and sample < 1:
         raise ConfigurationError(f"sample must be 1 or more, not {sample}")
     found = metrics_of(app)
@@ -171,10 +171,13 @@ def instrument(app: App, *, sample: int | None = None) -> Instruments:
     if app.state != "new":
         raise ConfigurationError("instrument the app before it starts")
     found = Instruments(app, 8 if sample is None else sample)
-    app.use_timings(found)  # each Runner takes its subscription's as the app starts
+    app.use_timings(found)  # each Runner asks it for its subscription's timings
+    state = state_of(app)
+    state.instruments = found
     directory = os.environ.get(METRICS_DIR_ENV)
     if directory:
-        _DirectoryWriter(app, Path(directory)).install()
+        state.writer = DirectoryWriter(app, Path(directory))
+        state.writer.install()
     return found
 
 
@@ -317,17 +320,17 @@ def read_directory(directory: str | os.PathLike[str], app: str | None = None) ->
 def current(app: App) -> Snapshot:
     """The app's numbers: this process's, or all workers' when writing to a
     metrics directory (this process's file is refreshed first)."""
-    writer = _writers.get(id(app))
+    writer = state_of(app).writer
     if writer is None:
         return snapshot(app)
     writer.write()
     return read_directory(writer.directory, app.name) or snapshot(app)
 
 
-_writers: dict[int, _DirectoryWriter] = {}
+class DirectoryWriter:
+    """Writes one app's snapshot into a metrics directory each second, and
+    at exit."""
 
-
-class _DirectoryWriter:
     def __init__(self, app: App, directory: Path) -> None:
         self.app = app
         self.directory = directory
@@ -335,7 +338,6 @@ class _DirectoryWriter:
 
     def install(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        _writers[id(self.app)] = self
         self.app.on_start(self._start)
         # at exit rather than on_stop: on_stop runs before the drain, and
         # the deliveries finished while draining must be counted too

@@ -1,8 +1,9 @@
 """OpenTelemetry tracing: one trace from an HTTP request to every handler.
 
 ``surge.observe.trace(app)`` (extra ``surge[otel]``) adds a
-:class:`TracingMiddleware` and makes the ingress open a server span per
-request (its parent: the request's ``traceparent``, if any). Publishing
+:class:`TracingMiddleware`; an ingress that surge.observe is mounted on
+opens a server span per request (its parent: the request's
+``traceparent``, if any). Publishing
 writes the current span into the envelope's ``traceparent`` (and
 ``tracestate``) headers; handling opens a consumer span whose parent is
 that header, and keeps it current while the handler's own events are
@@ -12,11 +13,11 @@ published, so each stage is the child of the one before. Without
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from .._errors import ConfigurationError
 from .._middleware import Middleware
+from ._state import state_of
 
 try:
     from opentelemetry import context as otel_context
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     from .._app import App
     from .._context import Context
     from .._event import Envelope
+    from ..http import Receive, RequestHandler, Scope, Send
 
 __all__ = ("TracingMiddleware", "trace")
 
@@ -93,9 +95,10 @@ class TracingMiddleware(Middleware):
 
     # --- the ingress ------------------------------------------------------------
     async def traced_request(
-        self, handle: Callable[..., Awaitable[int]], scope: Any, *args: Any
+        self, handle: RequestHandler, scope: Scope, receive: Receive, send: Send
     ) -> int:
-        """Run the ingress's ``handle`` for one request inside a server span."""
+        """Run the ingress's ``handle`` for one request inside a server span
+        (``Ingress.around_requests``)."""
         carrier = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
         span = self.tracer.start_span(
             f"{scope['method']} {scope['path']}",
@@ -105,7 +108,7 @@ class TracingMiddleware(Middleware):
         )
         token = otel_context.attach(otel_trace.set_span_in_context(span))
         try:
-            status = await handle(scope, *args)
+            status = await handle(scope, receive, send)
             span.set_attribute("http.response.status_code", status)
             if status >= 500:
                 span.set_status(Status(StatusCode.ERROR))
@@ -121,13 +124,13 @@ def trace(app: App, *, tracer_provider: Any = None) -> TracingMiddleware:
     ``tracer_provider`` defaults to the global one
     (``opentelemetry.trace.set_tracer_provider``).
     """
-    found = getattr(app, "_observe_tracing", None)
-    if isinstance(found, TracingMiddleware):
-        return found
+    state = state_of(app)
+    if state.tracing is not None:
+        return state.tracing
     if app.state != "new":
         raise ConfigurationError("trace the app before it starts")
-    mw = TracingMiddleware(tracer_provider)
+    mw = state.tracing = TracingMiddleware(tracer_provider)
     app.add_middleware(mw)
-    # read by the ingress for each request (surge.http._ingress)
-    app._observe_tracing = mw  # type: ignore[attr-defined]
+    if state.ingress is not None:  # mounted already (surge.observe.mount)
+        state.ingress.around_requests(mw.traced_request)
     return mw

@@ -154,7 +154,7 @@ async def _demo(
     stall_timeout: float,
     app_options: dict[str, Any] | None,
 ) -> DemoReport:
-    # No ingress in-process: its instrumentation would time the handlers too.
+    # In process: no ingress, the producers publish directly.
     app = shop.make_app(transport=transport, **{"http": False, **(app_options or {})})
     clock = app.clock
     run = new_id()[-10:]
@@ -207,8 +207,8 @@ async def _demo(
         for name, st in app.statistics().subscriptions.items():
             bar.update(tasks[name], completed=st.succeeded)
 
-    drainable = getattr(app.transport, "wait_idle", None) is not None
     async with app:
+        drainable = app.capabilities.idle is not None  # App.drain needs IdleAware
         start = clock.monotonic()
         flood = asyncio.gather(*(produce(p) for p in range(producers)))
         all_in = asyncio.ensure_future(tracker.complete.wait())

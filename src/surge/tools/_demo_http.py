@@ -265,11 +265,11 @@ async def _http_demo(
         for name, st in app.statistics().subscriptions.items():
             bar.update(stage_tasks[name], completed=st.succeeded)
 
-    drainable = getattr(app.transport, "wait_idle", None) is not None
     # Admit every connection the generator opens; a 503 (past max_in_flight)
     # is counted as refused, never as lost.
     limits = Limits(max_in_flight=max_in_flight, max_connections=concurrency + 256)
     async with app, Server(app, "127.0.0.1", 0, limits=limits) as server:
+        drainable = app.capabilities.idle is not None  # App.drain needs IdleAware
         url = f"{server.url}/orders"
         start = clock.monotonic()
         load = asyncio.ensure_future((in_child if client == "process" else in_loop)(url))
