@@ -61,9 +61,6 @@ class PartitionOwner:
     def ownership(self) -> Ownership:
         return self._own
 
-    def owns(self, p: int) -> bool:
-        return p in self._own.owned
-
     def still_ours(self, token: bytes) -> bool:
         """The partition of ``token`` (a partition's entry) is still ours."""
         return int(token.partition(b"/")[0]) in self._own.owned
