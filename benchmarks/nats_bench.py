@@ -48,7 +48,7 @@ import nats
 import nats.errors
 
 import surge
-from surge.transports._nats import NatsTransport
+from surge.transports.nats import NatsTransport
 
 PAYLOAD = b"x" * 100
 _ROOT = str(Path(__file__).resolve().parent.parent)
@@ -184,7 +184,7 @@ async def raw_latency(js: Any, js2: Any, rate: int, seconds: float) -> dict[str,
 _WORKER = r"""
 import asyncio, json, os, sys, time
 import surge
-from surge.transports._nats import NatsTransport
+from surge.transports.nats import NatsTransport
 from benchmarks.nats_bench import Tick
 
 url, n, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]

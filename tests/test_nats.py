@@ -22,7 +22,8 @@ import msgspec
 import pytest
 
 import surge
-from surge.transports._nats import NatsTransport, consumer_name
+from surge.transports.nats import NatsTransport
+from surge.transports.nats._layout import consumer_name
 
 from ._servers import NatsServer, nats_server
 
@@ -202,7 +203,9 @@ async def test_handler_longer_than_lease_runs_once(tmp_path: Path) -> None:
         async with app:
             await app.publish(Numbered(n=1))
             await app.drain()
-            info = await transport._js.consumer_info(transport.stream, consumer_name("slow.slow"))
+            info = await transport._conn.js.consumer_info(
+                transport.stream, consumer_name("slow.slow")
+            )
         assert runs == [1]
         assert info.num_redelivered == 0
 
@@ -246,7 +249,7 @@ async def test_deleted_consumer_is_declared_again(tmp_path: Path, nats_log: _Log
 
         async with app:
             back = nats_log.expect("declared it again")
-            await transport._js.delete_consumer(transport.stream, consumer_name("gone.handle"))
+            await transport._conn.js.delete_consumer(transport.stream, consumer_name("gone.handle"))
             await asyncio.wait_for(back.wait(), 10)
             await app.publish(Numbered(n=5))
             assert await asyncio.wait_for(got, 10) == 5
@@ -307,7 +310,7 @@ async def test_ephemeral_groups_deleted_at_close(tmp_path: Path) -> None:
         async with app:
             names = {
                 src.durable: g.ephemeral
-                for g in transport._groups.values()
+                for g in transport._consumer.groups()
                 for src in g.sources.values()
             }
         assert sorted(names.values()).count(True) == 1  # one inbox, never partitioned
@@ -321,7 +324,7 @@ async def test_ephemeral_groups_deleted_at_close(tmp_path: Path) -> None:
 
 
 async def _consumers(t: NatsTransport) -> AsyncIterator[Any]:
-    for info in await t._js.consumers_info(t.stream):
+    for info in await t._conn.js.consumers_info(t.stream):
         yield info
 
 
@@ -392,13 +395,9 @@ async def _collect(t: NatsTransport, n: int) -> list[tuple[int, int]]:
 
 async def _kill(t: NatsTransport) -> None:
     """As SIGKILL would: the connection drops, nothing is handed back or released."""
-    t._closed = True
-    tasks = [task for task in (t._keeper, *(g.balancer for g in t._groups.values())) if task]
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-    assert t._nc is not None
-    await t._nc.close()
+    await t._balancer.stop()
+    await t._consumer.stop()
+    await t._conn.drop()
 
 
 async def test_released_come_back_before_newer_messages(tmp_path: Path) -> None:
@@ -598,7 +597,7 @@ def _health(t: NatsTransport) -> tuple[bool, str | None]:
 _WORKER = r"""
 import asyncio, os, sys
 import surge
-from surge.transports._nats import NatsTransport
+from surge.transports.nats import NatsTransport
 
 class Numbered(surge.Event):
     __topic__ = "nats.numbered"

@@ -57,7 +57,7 @@ async def test_state_round_trips_through_sqlite(tmp_path: Path) -> None:
 @pytest.mark.realtime
 async def test_state_round_trips_through_nats(tmp_path: Path) -> None:
     """NATS keeps trigger state in a JetStream key-value bucket, across transports."""
-    from surge.transports._nats import NatsTransport
+    from surge.transports.nats import NatsTransport
 
     from ._servers import nats_server
 

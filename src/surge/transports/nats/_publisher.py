@@ -12,21 +12,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import nats.errors
-from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
-from .._errors import Closed, ConfigurationError, Overloaded, TransportError
+from ..._clock import Clock
+from ..._errors import Closed, ConfigurationError, Overloaded, TransportError
+from ._connection import Connection, safe_url, translate
+from ._options import NatsOptions
 
-if TYPE_CHECKING:
-    from ._nats import NatsTransport
-
-__all__ = ("Item", "Publisher", "safe_url", "translate")
+__all__ = ("Item", "Publisher")
 
 log = logging.getLogger("surge.nats")
 
@@ -35,11 +33,15 @@ Item = tuple[str, bytes, dict[str, str]]
 
 
 class Publisher:
-    """The publishing half of a :class:`NatsTransport`."""
+    """Messages in flight to JetStream and their acks, for one connection."""
 
-    def __init__(self, owner: NatsTransport) -> None:
-        self.owner = owner
-        self.max_pending = owner.max_pending
+    def __init__(self, conn: Connection, options: NatsOptions, clock: Clock) -> None:
+        self._conn = conn
+        self._clock = clock
+        self._stream = options.stream
+        self._ack_timeout = options.ack_timeout
+        self._publish_timeout = options.publish_timeout
+        self.max_pending = options.max_pending
         self._acks: dict[str, _Pending] = {}
         self._ack_prefix = ""
         self._ack_sub: Subscription | None = None
@@ -51,7 +53,9 @@ class Publisher:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
 
-    async def open(self, nc: Client) -> None:
+    async def open(self) -> None:
+        """Listen for acks (the connection is open)."""
+        nc = self._conn.client()
         self._ack_prefix = nc.new_inbox() + "."
         self._ack_sub = await nc.subscribe(self._ack_prefix + "*", cb=self._on_ack)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
@@ -60,9 +64,6 @@ class Publisher:
     def busy(self) -> bool:
         """Some publish is not acknowledged yet."""
         return bool(self._acks or self._tasks or self._outbox)
-
-    def _nats(self) -> Client:
-        return self.owner._nats()
 
     async def publish(self, items: list[Item]) -> None:
         futs = []
@@ -121,7 +122,7 @@ class Publisher:
         fut = asyncio.get_running_loop().create_future()
         self._space.append(fut)
         await fut
-        self._nats()
+        self._conn.client()
 
     async def send(
         self, subject: str, data: bytes, headers: dict[str, str]
@@ -129,13 +130,13 @@ class Publisher:
         self._next_token += 1
         token = str(self._next_token)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        now = self.owner.clock.monotonic()
+        now = self._clock.monotonic()
         self._acks[token] = _Pending(fut, subject, data, headers, now)
         await self._put(token, subject, data, headers)
         return fut
 
     async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
-        nc = self._nats()
+        nc = self._conn.client()
         try:
             await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
@@ -173,9 +174,7 @@ class Publisher:
         if not data:
             status = (msg.headers or {}).get("Status")
             if status == "503":
-                self._settle(
-                    token, TransportError(f"no JetStream stream {self.owner.stream!r} answers")
-                )
+                self._settle(token, TransportError(f"no JetStream stream {self._stream!r} answers"))
             return  # anything else: the sweeper resends it after ack_timeout
         err = json.loads(data).get("error", {})
         self._settle(
@@ -202,43 +201,43 @@ class Publisher:
             raise
 
     async def _sweep(self) -> None:
-        owner = self.owner
-        clock = owner.clock
-        period = max(0.05, owner.ack_timeout / 2)
-        while not owner._closed:
+        clock = self._clock
+        conn = self._conn
+        period = max(0.05, self._ack_timeout / 2)
+        while conn.open:
             await clock.sleep(period)
             if not self._acks:
                 continue
             now = clock.monotonic()
             late: list[str] = []
             for token, e in list(self._acks.items()):
-                if now - e.first > owner.publish_timeout:
+                if now - e.first > self._publish_timeout:
                     self._settle(
                         token,
                         TransportError(
                             f"JetStream did not acknowledge a publish within "
-                            f"{owner.publish_timeout}s (is {safe_url(owner.url)} reachable?)"
+                            f"{self._publish_timeout}s (is {safe_url(conn.url)} reachable?)"
                         ),
                     )
-                elif now - e.last > owner.ack_timeout:
+                elif now - e.last > self._ack_timeout:
                     e.last = now
                     late.append(token)
-            if late and owner._connected:
+            if late and conn.connected:
                 log.warning(
                     "%d publishes unacknowledged after %.1fs; resending",
                     len(late),
-                    owner.ack_timeout,
+                    self._ack_timeout,
                 )
                 self._resend(late)
 
     def _resend(self, tokens: list[str]) -> None:
-        if not tokens or not self.owner._connected:
+        if not tokens or not self._conn.connected:
             return
 
         async def resend() -> None:
             for t in tokens:
                 e = self._acks.get(t)
-                if e is not None and not self.owner._closed:
+                if e is not None and self._conn.open:
                     await self._put(t, e.subject, e.data, e.headers)
 
         task = asyncio.get_running_loop().create_task(resend())
@@ -289,16 +288,3 @@ class _Pending:
 def _retrieve(fut: asyncio.Future[None]) -> None:
     if not fut.cancelled():
         fut.exception()
-
-
-def safe_url(url: str) -> str:
-    """``url`` without credentials, for logs and errors."""
-    return re.sub(r"//[^@/]*@", "//", url)
-
-
-def translate(exc: Exception, doing: str) -> Exception:
-    """A nats-py error as the surge error to raise."""
-    if isinstance(exc, nats.errors.ConnectionClosedError):
-        return Closed(f"NATS connection closed while {doing}")
-    desc = getattr(exc, "description", None) or repr(exc)
-    return TransportError(f"NATS failed while {doing}: {desc}")

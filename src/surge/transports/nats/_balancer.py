@@ -1,0 +1,241 @@
+"""Partition ownership of the NATS transport: who reads which partition of
+each group, and how a partition changes hands.
+
+A keyed envelope is published on ``<stream>_k.<p>.<topic>`` (p =
+``partition_of(key)``), an unkeyed one on ``<stream>.<topic>``, so the
+subject alone routes it and publishing needs no knowledge of groups. Each
+durable group has, besides its shared consumer (unkeyed subjects and its
+replay subject, read by every worker), one durable pull consumer per
+partition (``<durable>-p<p>``, filter ``<stream>_k.<p>.<topic>`` for each
+topic), pulled only by the worker holding that partition's lease
+(:class:`~._leases.Leases`). Ephemeral groups (reply inboxes) filter
+``<stream>_k.*.<topic>`` too: never partitioned. All of them exist from
+``declare`` on: under interest retention a message that no consumer
+matches is not kept.
+
+A leaver removes its membership before releasing its leases, and every
+member listens to the bucket's subjects (core NATS): a lease released, or a
+member not seen before, starts a round at once, so a graceful handover
+does not wait for the next lease/3 round.
+
+Order at a handover. JetStream hands a consumer's redeliveries (a NAK it
+has processed, an expired AckWait, sorted by sequence) to the next pull
+before anything new, so a partition consumer gives its owner the partition
+in stream order, provided nothing of the previous owner is still
+outstanding when the new owner starts pulling. Hence:
+
+- giving up: no new pulls; the lease is released once the partition's pull
+  has ended (pulls of a partition are short, ``part_expires``, one at a
+  time) and nothing read from it is unsettled;
+- stopping: deliveries handed back (``release``, what was fetched but not
+  handed out, and what the open pull still brings) are NAKed in stream
+  order once that pull has ended (a NAK while it is open would come
+  straight back to it), each confirmed by the server, and before the lease
+  is released, so they are the first redeliveries the next owner gets;
+- taking over: if the consumer has deliveries pending with someone else
+  (the previous owner died, or a late pull reached it) the new owner holds
+  what it reads from the partition until the expected redeliveries have
+  arrived (at most a lease: the dead owner's AckWait ran out by then), then
+  hands everything out sorted by stream sequence. A NAK with a delay
+  (retries, ``not_before``) is pending too: it can hold a takeover for up
+  to a lease, and a retried event may come after later ones of its key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Sequence
+
+import nats.errors
+from nats.aio.msg import Msg
+
+from ..._clock import Clock
+from ._connection import Connection
+from ._groups import Group, Hold, Source
+from ._leases import Leases
+from ._options import NatsOptions
+
+__all__ = ("Balancer", "ended")
+
+log = logging.getLogger("surge.nats")
+
+
+class Balancer:
+    """Keeps each consuming group's partitions balanced among its live
+    members, one task per group, and hands them over at close."""
+
+    def __init__(
+        self, conn: Connection, leases: Leases, options: NatsOptions, clock: Clock
+    ) -> None:
+        self._conn = conn
+        self._leases = leases
+        self._stream = options.stream
+        self._lease = options.lease
+        self._part_expires = options.part_expires
+        self._clock = clock
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._members: set[str] = set()  # groups this process is a member of
+
+    def start(self, g: Group) -> None:
+        """Balance ``g`` (a consumer of it started) unless already at it."""
+        task = self._tasks.get(g.name)
+        if g.own is not None and (task is None or task.done()):
+            self._tasks[g.name] = asyncio.get_running_loop().create_task(
+                self._run(g), name=f"surge-nats-balance-{g.name}"
+            )
+
+    async def stop(self) -> None:
+        """Stop balancing (partitions stay held: see :meth:`leave`)."""
+        tasks = list(self._tasks.values())
+        self._tasks.clear()
+        for task in tasks:
+            task.cancel()
+        await ended(tasks, "balancing")
+
+    async def leave(self, groups: Sequence[Group]) -> None:
+        """Hand every group's partitions over, all at once, within
+        ``part_expires`` + 2 s: what is not handed over in time goes to the
+        next owner after the lease."""
+        try:
+            async with asyncio.timeout(self._part_expires + 2.0):
+                done = await asyncio.gather(
+                    *(self._leave(g) for g in groups), return_exceptions=True
+                )
+        except TimeoutError:
+            done = [TimeoutError()]
+        for exc in done:
+            if isinstance(exc, Exception):
+                log.warning("could not hand every partition over at close: %r", exc)
+
+    async def _run(self, g: Group) -> None:
+        """Keep ``g``'s partitions balanced until the transport closes, or
+        until its consumer ended and every partition is handed over.
+
+        A round runs every lease/3, and at once when the bucket shows a
+        lease released or a member unknown so far (a core subscription to
+        the bucket's subjects: a handover does not wait for the next round).
+        """
+        period = self._lease / 3
+        prefix = self._leases.prefix
+        leases = self._leases
+
+        async def on_change(msg: Msg) -> None:
+            kind, _, rest = msg.subject[len(prefix) :].partition(".")
+            if kind == "l":
+                if (msg.headers or {}).get("KV-Operation") == "DEL":
+                    g.rebalance.set()
+            elif not leases.is_known(g.durable, rest.rpartition(".")[2]):
+                g.rebalance.set()
+
+        sub = await self._conn.client().subscribe(f"{prefix}*.{g.durable}.*", cb=on_change)
+        task = asyncio.current_task()
+        own = g.own
+        assert own is not None
+        try:
+            while self._conn.open:
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError  # a cancel a client call swallowed
+                g.rebalance.clear()
+                try:
+                    await self._round(g)
+                except (nats.errors.Error, TimeoutError) as exc:
+                    log.warning("balancing the partitions of %s failed: %r", g.name, exc)
+                if not g.consuming and not own.owned and g.name not in self._members:
+                    return
+                busy = own.releasing or any(s.hold is not None for s in g.parts)
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(period, 0.1) if busy else period):
+                        await g.rebalance.wait()
+        finally:
+            if self._conn.open:
+                with contextlib.suppress(nats.errors.Error):
+                    await sub.unsubscribe()
+
+    async def _round(self, g: Group) -> None:
+        """One round: membership, leases renewed, given up, taken."""
+        own = g.own
+        assert own is not None
+        leases = self._leases
+        if g.consuming:
+            self._members.add(g.name)
+            members = await leases.members(g.durable)
+            acquire, give_up = own.plan(members, leases.me)
+        else:
+            if g.name in self._members:
+                await leases.leave(g.durable)
+                self._members.discard(g.name)
+            acquire, give_up = [], sorted(own.owned)
+            own.releasing = set(give_up)
+        ready = g.returnable()
+        if ready:
+            await g.hand_back(self._conn, ready)
+        lost = [p for p in sorted(own.owned) if not await leases.renew(g.durable, p)]
+        if lost:
+            log.warning("%s lost the lease of partitions %s", g.name, lost)
+            own.lost(lost)
+        for p in give_up:
+            if p in own.owned and g.parts[p].drained:
+                await leases.release(g.durable, p)
+                own.lost((p,))
+        for p in acquire:
+            if await leases.acquire(g.durable, p):
+                await self._take_over(g.parts[p])
+                own.acquired((p,))
+        if acquire:
+            g.wake()
+        await self._check_holds(g)
+
+    async def _take_over(self, src: Source) -> None:
+        """Hold the partition back if its consumer has deliveries pending
+        that this process does not hold (see the module docstring)."""
+        info = await self._conn.js.consumer_info(self._stream, src.durable)
+        elsewhere = (info.num_ack_pending or 0) - src.held
+        if elsewhere > 0:
+            floor = info.delivered.stream_seq if info.delivered is not None else 0
+            src.hold = Hold(self._clock.monotonic() + self._lease, floor, elsewhere)
+
+    async def _check_holds(self, g: Group) -> None:
+        for src in g.parts:
+            hold = src.hold
+            if hold is None:
+                continue
+            if self._clock.monotonic() < hold.until:
+                info = await self._conn.js.consumer_info(self._stream, src.durable)
+                if (info.num_ack_pending or 0) > src.held:
+                    continue
+            g.end_hold(src)
+
+    async def _leave(self, g: Group) -> None:
+        """At close: once the partitions' pulls ended, hand back what is left
+        of them in stream order, remove the membership, release the leases."""
+        g.handed_back = True
+        clock = self._clock
+        deadline = clock.monotonic() + self._part_expires + 0.5
+        while any(s.outstanding for s in g.parts) and clock.monotonic() < deadline:
+            await clock.sleep(0.02)
+        await g.hand_back(self._conn, g.take_back())
+        own = g.own
+        if own is None:
+            return
+        leases = self._leases
+        if g.name in self._members:  # first: whoever sees a lease released must not count us
+            await leases.leave(g.durable)
+            self._members.discard(g.name)
+        for p in sorted(own.owned):
+            await leases.release(g.durable, p)
+        own.lost(list(own.owned))
+
+
+async def ended(tasks: list[asyncio.Task[None]], what: str) -> None:
+    """Wait, boundedly, for cancelled ``tasks`` to end: a cancel that a
+    client library swallowed must not hold up a worker's exit."""
+    if not tasks:
+        return
+    _, stuck = await asyncio.wait(tasks, timeout=2.0)
+    if stuck:
+        log.warning("nats: %d %s tasks did not stop at close", len(stuck), what)
+    for task in tasks:
+        if task.done() and not task.cancelled():
+            task.exception()  # retrieved: a failure at close is not news

@@ -1,0 +1,228 @@
+"""A consumer group as this process sees it: the JetStream consumers it
+pulls from (:class:`Source`), what it read and has not settled, what a
+newly taken partition keeps back (:class:`Hold`), and its partition
+ownership. Shared by the consumer (which pulls and settles) and the
+balancer (which moves partitions), each through these methods."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterable
+
+from nats.aio.subscription import Subscription
+
+from ..._transport import Delivery
+from .._partitions import Ownership
+from ._connection import Connection
+from ._layout import consumer_name, partition_durable
+
+__all__ = ("Group", "Hold", "Source", "ack_info", "ack_meta")
+
+log = logging.getLogger("surge.nats")
+
+
+def ack_meta(reply: str) -> tuple[int, int, float]:
+    """(num_delivered, stream sequence, stored time) from an ack subject."""
+    return ack_info(reply)[1:]
+
+
+def ack_info(reply: str) -> tuple[str, int, int, float]:
+    """(consumer, num_delivered, stream sequence, stored time) from an ack subject."""
+    # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
+    # the v2 form with domain and account hash tokens after ACK.
+    t = reply.split(".")
+    if len(t) == 9:
+        return t[3], int(t[4]), int(t[5]), int(t[7]) / 1e9
+    return t[5], int(t[6]), int(t[7]), int(t[9]) / 1e9
+
+
+class Hold:
+    """Deliveries of a newly acquired partition kept back until the previous
+    owner's pending ones have come back (or a lease has passed)."""
+
+    __slots__ = ("expect", "floor", "items", "seen", "until")
+
+    def __init__(self, until: float, floor: int, expect: int) -> None:
+        self.until = until
+        self.floor = floor  # the consumer's last delivered stream seq at takeover
+        self.expect = expect  # deliveries pending elsewhere at takeover
+        self.seen: set[int] = set()
+        self.items: list[tuple[int, Delivery]] = []
+
+
+class Source:
+    """One JetStream consumer a group pulls from: the shared one (``part``
+    None) or one partition's."""
+
+    __slots__ = (
+        "durable",
+        "held",
+        "hold",
+        "last_seen",
+        "outstanding",
+        "part",
+        "recreate",
+        "stalled",
+        "token",
+    )
+
+    def __init__(self, durable: str, part: int | None) -> None:
+        self.durable = durable
+        self.part = part
+        self.token = "s" if part is None else str(part)  # last token of its pulls' reply
+        self.outstanding = 0  # messages asked for by open pulls
+        self.held = 0  # deliveries read from it and not settled
+        self.hold: Hold | None = None
+        self.last_seen = 0.0
+        self.stalled = False
+        self.recreate = False
+
+    @property
+    def drained(self) -> bool:
+        """Nothing read from it is unsettled and no pull of it is open."""
+        return self.held == 0 and self.outstanding == 0
+
+
+class Group:
+    """One consumer group as this process sees it."""
+
+    __slots__ = (
+        "buffer",
+        "by_durable",
+        "consuming",
+        "deferred",
+        "durable",
+        "ephemeral",
+        "errors",
+        "handed_back",
+        "held",
+        "inbox",
+        "name",
+        "own",
+        "parts",
+        "prefetch",
+        "psub",
+        "rebalance",
+        "returning",
+        "scheduled",
+        "shared",
+        "sources",
+        "sub",
+        "subjects",
+        "topics",
+        "waiter",
+    )
+
+    def __init__(self, name: str, ephemeral: bool, partitions: int) -> None:
+        self.name = name
+        self.durable = consumer_name(name)
+        self.ephemeral = ephemeral
+        self.topics: list[str] = []
+        self.subjects: list[str] = []
+        self.shared = Source(self.durable, None)
+        self.parts: list[Source] = []
+        self.own: Ownership | None = None
+        if not ephemeral:
+            self.parts = [Source(partition_durable(self.durable, p), p) for p in range(partitions)]
+            self.own = Ownership(partitions)
+        self.sources = {s.token: s for s in (self.shared, *self.parts)}
+        self.by_durable = {s.durable: s for s in self.sources.values()}
+        self.sub: Subscription | None = None  # the shared consumer's pulls, while consuming
+        self.psub: Subscription | None = None  # the partitions' pulls, until close
+        self.inbox = ""
+        self.consuming = False
+        self.handed_back = False  # the consumer ended and the runner released its rest
+        self.returning: list[str] = []  # partition deliveries to NAK once their pull ended
+        self.buffer: deque[Delivery] = deque()
+        self.held: dict[str, Source] = {}  # token -> source, read and not settled
+        self.deferred: dict[int, int] = {}  # stream seq -> not_before deferrals
+        self.scheduled: dict[int, float] = {}  # stream seq -> due (wall clock)
+        self.prefetch = 0
+        self.errors = 0
+        self.waiter: asyncio.Future[None] | None = None
+        self.rebalance = asyncio.Event()  # wakes the balancer: something may move
+
+    def wake(self) -> None:
+        """Wake the consume loop (a pull may be due, or a batch is ready)."""
+        w = self.waiter
+        if w is not None:
+            self.waiter = None
+            if not w.done():
+                w.set_result(None)
+
+    @property
+    def unsettled(self) -> bool:
+        return bool(self.buffer or self.held)
+
+    def forget(self, token: str) -> None:
+        """A delivery is settled (or handed back)."""
+        src = self.held.pop(token, None)
+        if src is not None:
+            src.held -= 1
+            if src.part is not None and not src.held:
+                self.rebalance.set()  # a partition being given up may be free now
+
+    def take(self, src: Source, seq: int, d: Delivery) -> bool:
+        """Keep ``d`` back if ``src`` is held; True when kept."""
+        hold = src.hold
+        if hold is None:
+            return False
+        hold.items.append((seq, d))
+        if seq <= hold.floor:
+            hold.seen.add(seq)
+            if len(hold.seen) >= hold.expect:
+                self.end_hold(src)
+        return True
+
+    def end_hold(self, src: Source) -> None:
+        """Hand out what the hold kept, in stream order."""
+        hold, src.hold = src.hold, None
+        if hold is not None and hold.items:
+            hold.items.sort(key=lambda item: item[0])
+            self.buffer.extend(d for _, d in hold.items)
+            self.wake()
+
+    def take_back(self) -> list[str]:
+        """At close, what to hand back: every delivery fetched and not handed
+        out (the buffer, what the holds kept) and every partition delivery
+        read and not settled (what the open pulls brought)."""
+        for src in self.parts:
+            if src.hold is not None:
+                self.end_hold(src)
+        back = {d.token for d in self.buffer}
+        back.update(tok for tok, src in self.held.items() if src.part is not None)
+        self.buffer.clear()
+        self.returning.clear()
+        return list(back)
+
+    def returnable(self) -> list[str]:
+        """What came back to partitions whose pull has ended, to NAK now
+        (taken off ``returning``)."""
+        if not self.returning or not (self.consuming or self.handed_back):
+            return []
+        ready = [t for t in self.returning if t in self.held and not self.held[t].outstanding]
+        if ready:
+            done = set(ready)
+            self.returning = [t for t in self.returning if t not in done and t in self.held]
+        return ready
+
+    async def hand_back(self, conn: Connection, tokens: Iterable[str]) -> None:
+        """NAK ``tokens`` (read from this group, not settled) in stream order,
+        and wait until the server has processed them: it takes acks off a
+        queue of their own, so a pull (or a lease released) right after a
+        plain NAK can overtake it and get newer messages first."""
+        back = sorted((t for t in tokens if t in self.held), key=lambda t: ack_meta(t)[1])
+        # They count as settled (forget, which may let a partition go) only
+        # once confirmed.
+        try:
+            failed = await conn.nak_confirmed(back)
+        finally:
+            for token in back:
+                self.forget(token)
+        if failed:
+            # The server redelivers after the lease: at-least-once holds.
+            log.warning(
+                "%d of %d NAKs for %s unconfirmed: %r", len(failed), len(back), self.name, failed[0]
+            )
