@@ -327,17 +327,42 @@ class NatsTransport:
         if not conn.open:
             return
         o = self.options
+        phases = _Phases(self.clock)
         if self._pub.busy:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(o.ack_timeout):
                     await self._pub.flush()
+        phases.done("publishes confirmed")
         await self._dead.wait_recorded(o.ack_timeout)
+        phases.done("dead letters recorded")
         await self._balancer.stop()
+        phases.done("balancing stopped")
         # Hand the partitions over, all groups at once, within a bound: what
         # is not handed over in time goes to the next owner after the lease.
         await self._balancer.leave(self._consumer.groups())
+        phases.done("partitions handed over")
         conn.closing()
         await self._consumer.close()
+        phases.done("consumers closed")
         await self._pub.close()
         await conn.close()
+        phases.done("connection closed")
         self._consumer.forget_groups()
+        log.debug("nats close: %s", phases)
+
+
+class _Phases:
+    """How long each step of a close took (logged at debug level)."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._last = clock.monotonic()
+        self._took: list[tuple[str, float]] = []
+
+    def done(self, phase: str) -> None:
+        now = self._clock.monotonic()
+        self._took.append((phase, now - self._last))
+        self._last = now
+
+    def __str__(self) -> str:
+        return ", ".join(f"{phase} {took:.3f}s" for phase, took in self._took)
