@@ -136,7 +136,18 @@ CASES.append(
 # tests/_servers.py, and a fresh name prefix (in the URL) per test. No
 # leases: RabbitMQ keeps a delivery with its consumer until that consumer's
 # channel closes (a dead process's come back at once; see test_amqp.py).
-CASES.append(Case("amqp", url=shared_amqp_url, realtime=True, shared=True))
+# Partitions: single-active-consumer queues, shared out by gossip (lease =
+# how long a silent member counts as alive).
+CASES.append(
+    Case(
+        "amqp",
+        url=shared_amqp_url,
+        realtime=True,
+        shared=True,
+        partitioned=True,
+        order_options={"lease": 1.0},
+    )
+)
 
 
 class Factory:

@@ -70,6 +70,8 @@ class Source:
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.held: set[Tag] = set()
         self.active = False
+        self.giving_up = False
+        """Hands out nothing more; closes once what it handed out is settled."""
         self._closing = False
 
     async def open(self) -> None:
@@ -131,6 +133,7 @@ class GroupReader:
         on_early: Hook,
         on_poison: Hook,
         came_due: Callable[[str, str], None],
+        own: Ownership | None = None,
     ) -> None:
         self.spec = spec
         self.name = spec.name
@@ -143,7 +146,8 @@ class GroupReader:
         self._came_due = came_due
         self.shared = Source(self, spec.queue, None, prefetch)
         self.parts: dict[int, Source] = {}
-        self.own: Ownership | None = Ownership(spec.partitions) if spec.partitions else None
+        self.own = own
+        """The partitions this reader holds (the transport's, per group)."""
         self.buffer: list[Delivery] = []
         self.inflight: dict[str, Delivery] = {}
         self._wake = asyncio.Event()
@@ -184,9 +188,7 @@ class GroupReader:
             src.held.add(tag)
             self._spawn(self._on_early(self, d, None))
             return
-        if self.stopping or (
-            src.part is not None and (self.own is None or src.part in self.own.releasing)
-        ):
+        if self.stopping or src.giving_up:
             # Arrived after we began to stop, or to give the partition up:
             # it goes back to the queue when the channel closes.
             return
@@ -230,23 +232,64 @@ class GroupReader:
     async def open(self) -> None:
         await self.shared.open()
 
+    def _share(self) -> int:
+        """Prefetch of one partition: the group's prefetch split among
+        them (so keyed and unkeyed deliveries together stay within about
+        twice ``prefetch``)."""
+        return max(1, self.prefetch // max(1, self.spec.partitions))
+
+    async def take(self, part: int) -> None:
+        """Subscribe to partition ``part`` (served once its previous
+        reader, if any, let go)."""
+        if self.stopping or part in self.parts:
+            return
+        src = Source(self, self.spec.partition_queue(part), part, self._share())
+        self.parts[part] = src
+        try:
+            await src.open()
+        except BaseException:
+            del self.parts[part]
+            raise
+        if self.own is not None:
+            self.own.acquired([part])
+
+    def give_up(self, part: int) -> None:
+        """Hand partition ``part`` over: nothing more of it is handed out,
+        and its channel closes once what was is settled."""
+        src = self.parts.get(part)
+        if src is None or src.giving_up:
+            return
+        src.giving_up = True
+        self.unbuffer(part)
+        self._spawn(self._close_when_settled(src))
+
     def reopen_later(self, src: Source) -> None:
         if self._closed or not self.link.connected:
             return
         self._spawn(self._reopen(src))
 
     async def _reopen(self, src: Source) -> None:
-        if self._closed or src.active:
+        if self._closed or self.stopping or src.active or src.giving_up:
             return
-        if src.part is not None and src.part not in self.parts:
+        if src.part is not None and self.parts.get(src.part) is not src:
             return
+        src.held.clear()  # the broker requeued it with the channel
         await src.open()
 
     async def reconnected(self) -> None:
-        """After a new connection: every source subscribes again."""
+        """After a new connection: every source subscribes again (what
+        was handed out from the old channels can no longer be settled:
+        the broker requeued it)."""
         for src in list(self.sources):
+            src.held.clear()
+            src.active = False
+            if src.giving_up or self.stopping:
+                if src.part is not None:
+                    self.parts.pop(src.part, None)
+                    if self.own is not None:
+                        self.own.lost([src.part])
+                continue
             if not self._closed:
-                src.active = False
                 await src.open()
 
     async def batches(self) -> AsyncIterator[list[Delivery]]:
@@ -298,13 +341,18 @@ class GroupReader:
         self.unbuffer()
         self.wake()
         for src in self.sources:
-            self._spawn(self._close_when_settled(src))
+            if not src.giving_up:
+                src.giving_up = True
+                self._spawn(self._close_when_settled(src))
 
     async def _close_when_settled(self, src: Source) -> None:
         await self.settled_all(src)
         await src.close()
-        if src.part is not None and self.own is not None:
-            self.own.lost([src.part])
+        if src.part is not None:
+            if self.parts.get(src.part) is src:
+                del self.parts[src.part]
+            if self.own is not None:
+                self.own.lost([src.part])
 
     async def close(self, timeout: float = 5.0) -> None:
         """Stop, wait (bounded) for what was handed out to be settled, and

@@ -32,6 +32,7 @@ import contextlib
 import logging
 import re
 import urllib.parse
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import aiormq
@@ -42,9 +43,11 @@ from ..._codec import Codec, MsgpackCodec
 from ..._errors import Closed, ConfigurationError
 from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
+from .._partitions import DEFAULT_PARTITIONS, Ownership
 from ._consume import GroupReader, Tag
 from ._dead import DeadLetters
 from ._link import LOST, Link, safe_url, translate
+from ._partitions import Balancer, Members
 from ._publish import Delayed, Outgoing, Publisher
 from ._topology import GroupSpec, Topology
 from ._wire import ATTEMPTS, FIRST, props
@@ -75,6 +78,7 @@ class AmqpTransport:
         *,
         prefix: str = "surge",
         partitions: int | None = None,
+        lease: float = 5.0,
         max_pending: int = 4096,
         dedup_window: float = 120.0,
         max_deliver: int = 100,
@@ -93,6 +97,7 @@ class AmqpTransport:
             max_pending = int(q.pop("max_pending", max_pending))
             dedup_window = float(q.pop("dedup_window", dedup_window))
             max_deliver = int(q.pop("max_deliver", max_deliver))
+            lease = float(q.pop("lease", lease))
         except ValueError as exc:
             raise ConfigurationError(f"bad option in the AMQP URL query {query!r}: {exc}") from None
         q.setdefault("heartbeat", "10")
@@ -100,6 +105,8 @@ class AmqpTransport:
             raise ConfigurationError(f"prefix {prefix!r}: use letters, digits and _ . : -")
         if partitions is not None and partitions < 0:
             raise ConfigurationError("partitions must be 0 or more")
+        if lease <= 0:
+            raise ConfigurationError("lease must be positive")
         if max_pending < 1 or max_deliver < 2:
             raise ConfigurationError("max_pending must be positive and max_deliver at least 2")
         self.url = base
@@ -113,7 +120,7 @@ class AmqpTransport:
         )  # fmt: skip
         self._topology = Topology(
             prefix,
-            partitions=0 if partitions is None else partitions,
+            partitions=DEFAULT_PARTITIONS if partitions is None else partitions,
             max_deliver=max_deliver,
             clock=self.clock,
         )
@@ -123,10 +130,27 @@ class AmqpTransport:
             publish_timeout=publish_timeout,
         )  # fmt: skip
         self._dead = DeadLetters(self._link, self._topology, self._pub, self.codec, self.clock.time)
+        self._members = Members(
+            self._link, self._topology, self.clock, uuid.uuid4().hex[:16], lease
+        )
         self._readers: list[GroupReader] = []
+        self._owners: dict[str, Ownership] = {}
         self._control: aiormq.abc.AbstractChannel | None = None
         self._busy = True
         self._closed = True
+
+    @property
+    def partitions(self) -> int:
+        """Partitions of each group's keyed events (``KeyRouting``)."""
+        return self._topology.partitions
+
+    def ownership(self, group: str) -> Ownership:
+        """The partitions of ``group`` this process reads (for tests and
+        tools: which it holds and which it is giving up)."""
+        own = self._owners.get(group)
+        if own is None:
+            raise ConfigurationError(f"group {group!r} has no partitions here")
+        return own
 
     # --- connection ------------------------------------------------------------------
     @property
@@ -163,11 +187,20 @@ class AmqpTransport:
             await self._link.close()
             self._closed = True
             raise translate(exc, "declaring surge's exchanges") from exc
+        if self._topology.partitions:
+            try:
+                await self._members.open()
+            except LOST as exc:
+                await self._link.close()
+                self._closed = True
+                raise translate(exc, "joining the members' gossip") from exc
         self._link.on_up(self._reconnected)
 
     async def _reconnected(self) -> None:
         self._control = None
         await self._topology.redeclare(await self._channel())
+        if self._topology.partitions:
+            await self._members.open()
         for r in list(self._readers):
             await r.reconnected()
 
@@ -178,6 +211,8 @@ class AmqpTransport:
         if not _NAME.match(group):
             raise ConfigurationError(f"group name {group!r}: use letters, digits and _ . : -")
         g = self._topology.group(group, ephemeral=ephemeral)
+        if g.partitions and group not in self._owners:
+            self._owners[group] = Ownership(g.partitions)
         try:
             await self._topology.declare_group(await self._channel(), g, topics)
         except LOST as exc:
@@ -219,12 +254,16 @@ class AmqpTransport:
             on_early=self._early,
             on_poison=self._poison,
             came_due=self._pub.came_due,
+            own=self._owners.get(group),
         )
         self._readers.append(reader)
+        balancer = Balancer(reader, self._members) if spec.partitions else None
         try:
             await self._link.wait_up()
             try:
                 await reader.open()
+                if balancer is not None:
+                    await balancer.start()
             except LOST as exc:
                 raise translate(exc, f"consuming {group!r}") from exc
             async for batch in reader.batches():
@@ -232,6 +271,8 @@ class AmqpTransport:
                 yield batch
         finally:
             reader.stop()
+            if balancer is not None:
+                await balancer.stop()
 
     async def _settle(self, tag: Tag, *, requeue: bool | None = None) -> None:
         """Ack (or, with ``requeue``, nack) on the delivery's channel; a
@@ -413,6 +454,7 @@ class AmqpTransport:
             await asyncio.gather(
                 *(r.close(self.close_timeout) for r in readers), return_exceptions=True
             )
+        await self._members.close()
         self._closed = True
         await self._link.close()
 
