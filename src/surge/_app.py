@@ -483,13 +483,20 @@ class App:
         headers: dict[str, str] | None = None,
         delay: float | None = None,
         at: datetime | float | None = None,
+        connection: Any = None,
     ) -> str:
         """Publish ``event`` to every subscription of its topic; its id.
 
         Waits while the transport's buffers are full (backpressure). With
         ``delay`` (seconds) or ``at`` (a datetime or epoch seconds), no
-        subscription receives it before then.
+        subscription receives it before then. With ``connection`` (a driver
+        connection to the transport's database, inside its transaction),
+        the event is written through it: delivered if that transaction
+        commits, never if it rolls back (the transactional outbox; a
+        transport without one raises ``ConfigurationError``).
         """
+        if connection is not None:
+            return await self._publish_in(connection, event, key, headers, delay, at)
         if delay is not None or at is not None:
             return await self._publish_later(event, key, headers, delay, at)
         put_one = self._put_one
@@ -528,19 +535,37 @@ class App:
         env = self._envelope(event, key, headers)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
-        if at is not None:
-            if delay is not None:
-                raise ConfigurationError("give delay= or at=, not both")
-            if isinstance(at, datetime):
-                if at.tzinfo is None:
-                    raise ConfigurationError("at= needs an aware datetime (with tzinfo)")
-                env.not_before = at.timestamp()
-            else:
-                env.not_before = float(at)
-        else:
-            assert delay is not None
-            env.not_before = env.time + delay
+        _schedule(env, delay, at)
         await self._publish_envelopes([env])
+        return env.id
+
+    async def _publish_in(
+        self,
+        connection: Any,
+        event: Event,
+        key: str | None,
+        headers: dict[str, str] | None,
+        delay: float | None,
+        at: datetime | float | None,
+    ) -> str:
+        """The transactional outbox: ``event`` written through ``connection``."""
+        env = self._envelope(event, key, headers)
+        if self._state != "running":
+            raise Closed(f"app {self.name!r} is {self._state}")
+        outbox = self._caps.outbox
+        if outbox is None:
+            raise ConfigurationError(
+                f"publish(connection=...) needs a transport with a transactional outbox "
+                f"(postgresql://); {self.transport.url} has none"
+            )
+        _schedule(env, delay, at)
+        for mw in self._middleware:
+            mw.before_publish(env)
+        if self._partitioned:
+            self._fill_keys((env,))
+        await outbox.publish_in(connection, (env,))
+        for mw in reversed(self._middleware):
+            mw.after_publish(env)
         return env.id
 
     def publish_nowait(
@@ -1021,3 +1046,18 @@ def run_loop(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def _schedule(env: Envelope, delay: float | None, at: datetime | float | None) -> None:
+    """Set ``env.not_before`` from ``delay`` (seconds) or ``at``."""
+    if at is not None:
+        if delay is not None:
+            raise ConfigurationError("give delay= or at=, not both")
+        if isinstance(at, datetime):
+            if at.tzinfo is None:
+                raise ConfigurationError("at= needs an aware datetime (with tzinfo)")
+            env.not_before = at.timestamp()
+        else:
+            env.not_before = float(at)
+    elif delay is not None:
+        env.not_before = env.time + delay

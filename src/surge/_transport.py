@@ -24,6 +24,7 @@ __all__ = (
     "HandsBack",
     "IdleAware",
     "KeyRouting",
+    "Outbox",
     "StateStore",
     "Transport",
     "TransportStats",
@@ -228,6 +229,23 @@ class DirectPut(Protocol):
         ...
 
 
+@runtime_checkable
+class Outbox(Protocol):
+    """Envelopes written through the caller's own database connection,
+    inside its open transaction (the transactional outbox): rolled back,
+    they never existed; committed, they are delivered like any publish.
+
+    ``App.publish(event, connection=conn)`` needs it; without it, that call
+    raises ``ConfigurationError``.
+    """
+
+    async def publish_in(self, connection: Any, envelopes: Sequence[Envelope]) -> None:
+        """Write ``envelopes`` through ``connection`` (a driver connection
+        to the transport's own database); raises ``ConfigurationError`` for
+        a connection this transport cannot write through."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a transport can do beyond ``Transport``, resolved once."""
@@ -237,6 +255,7 @@ class Capabilities:
     idle: IdleAware | None = None
     state: StateStore | None = None
     direct_put: DirectPut | None = None
+    outbox: Outbox | None = None
 
     @property
     def partitions(self) -> int:
@@ -253,6 +272,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         idle=transport if isinstance(transport, IdleAware) else None,
         state=transport if isinstance(transport, StateStore) else None,
         direct_put=transport if isinstance(transport, DirectPut) else None,
+        outbox=transport if isinstance(transport, Outbox) else None,
     )
 
 

@@ -98,6 +98,7 @@ class PostgresTransport:
         self._idle = True
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._claims: set[asyncio.Future[list[Delivery]]] = set()
 
     # --- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -136,8 +137,11 @@ class PostgresTransport:
                 c.wake_up()
         self._notify_changed()
         await self._publisher.close()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        # claims under way when close began (their consumers cancelled):
+        # what they took is handed back below with the rest
+        pending = [*self._background, *self._claims]
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
         # Hand back what this process holds, so others need not wait out leases.
         held = [lease for lease in self._leases.values() if not lease.settled]
         self._leases.clear()
@@ -327,6 +331,8 @@ class PostgresTransport:
                 self._leases[did] = lease
 
         claim.add_done_callback(claimed)
+        self._claims.add(claim)
+        claim.add_done_callback(self._claims.discard)
         try:
             return await asyncio.shield(claim)
         except asyncio.CancelledError:
@@ -342,6 +348,8 @@ class PostgresTransport:
         self._hand_back(leases)
 
     def _hand_back(self, leases: list[Lease]) -> None:
+        if self._closed:
+            return  # close hands back every lease still in self._leases
         held = [lease for lease in leases if self._settle_local(lease)]
         if held and not self._closed:
             task = asyncio.get_running_loop().create_task(
