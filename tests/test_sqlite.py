@@ -13,6 +13,7 @@ import pytest
 
 import surge
 from surge._event import Envelope
+from surge._transport import capabilities_of
 from surge.transports import open_transport
 from surge.transports._partitions import partition_of
 from surge.transports.sqlite import SqliteTransport
@@ -682,3 +683,16 @@ async def test_a_version_1_file_is_upgraded(tmp_path: Path, clock: surge.Clock) 
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     assert parts == []
     assert {"members", "owners", "deliveries_part"} <= tables
+
+
+async def test_sqlite_declares_its_capabilities(tmp_path: Path, clock: surge.Clock) -> None:
+    """sqlite hands back, routes keys into its partitions, tells idleness and
+    keeps state; it has no direct put (a publish is a transaction)."""
+    async with started(tmp_path / "d.db", clock, partitions=4) as t:
+        caps = capabilities_of(t)
+        assert caps.hands_back is t
+        assert caps.key_routing is t
+        assert caps.partitions == 4
+        assert caps.idle is t
+        assert caps.state is t
+        assert caps.direct_put is None
