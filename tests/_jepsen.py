@@ -597,6 +597,12 @@ def tally(
     )
 
 
+def _shares(killed: int, kills: int) -> int:
+    """Shares of the events (one per kill) published at full speed after
+    ``killed`` kills: one more per kill, the last only after the last kill."""
+    return min(killed + 1, kills - 1)
+
+
 async def run_crash(
     url: str,
     tmp: Path,
@@ -634,8 +640,10 @@ async def run_crash(
 
     def ahead() -> bool:
         # publish one share of the events per kill, then only a trickle until
-        # the next kill, so the kills find events flowing however slow they are
-        return killed[0] < kills and len(acked) * kills >= (killed[0] + 1) * events
+        # the next kill, so the kills find events flowing however slow they are;
+        # the last share waits for the last kill (were it published at full
+        # speed, production could end, and the killer with it, one kill short)
+        return killed[0] < kills and len(acked) * kills >= _shares(killed[0], kills) * events
 
     def count(n: int, _pid: int) -> None:
         killed[0] = n
@@ -839,7 +847,7 @@ async def run_keyed_crash(
     killed = [0]
 
     def ahead() -> bool:  # as in run_crash: one share of the events per kill
-        return killed[0] < kills and len(acked) * kills >= (killed[0] + 1) * events
+        return killed[0] < kills and len(acked) * kills >= _shares(killed[0], kills) * events
 
     def mark(n: int, pid: int) -> None:
         _append(records, f"k,,-1,{pid},0")
