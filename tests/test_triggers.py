@@ -390,6 +390,49 @@ async def test_each_slot_fires_once_on_worker_processes(
     assert handled == [handled[0] + i for i in range(len(handled))], "a slot was skipped"
 
 
+class _SlowSave(MemoryTransport):
+    """Trigger state saved through a client request that waits for its reply
+    in ``asyncio.wait_for``, as nats-py and redis-py do: the first save
+    waits for ``reply``, the others answer at once."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.saving = asyncio.Event()
+        self.reply: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.saved: list[float] = []
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        if not self.saving.is_set():
+            self.saving.set()
+            await asyncio.wait_for(self.reply, 5)
+        await super().save_state(key, value)
+        self.saved.append(float(value))
+
+
+async def test_stop_as_a_state_save_gets_its_reply_ends_the_timer(clock: VirtualClock) -> None:
+    """A stop that comes with the reply to a timer's state save ends the
+    timer: the slot's state is saved and nothing fires after. (Python 3.11's
+    wait_for swallows a cancel that arrives with its reply; a timer stopped
+    only by a cancel fired on, and its worker was killed at the deadline.)"""
+    transport = _SlowSave(clock)
+    app = surge.App("t", clock=clock, transport=transport, shutdown_timeout=5)
+
+    @app.every(seconds=1)
+    async def second(t: surge.Tick) -> None:
+        pass
+
+    await app.start()
+    await transport.saving.wait()
+    transport.reply.set_result(None)
+    async with asyncio.timeout(30):
+        await app.stop()
+    stopped_at = clock.time()
+    await clock.sleep(10)
+    assert [s - NEW_YEAR for s in transport.saved] == [1.0]
+    assert stopped_at - NEW_YEAR < 2
+    assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("surge-trigger")]
+
+
 class _Shared(MemoryTransport):
     """One memory transport that outlives the apps on it: an app's stop
     (its 'death') must not close it under the others. Its state store is

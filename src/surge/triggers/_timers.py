@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from datetime import UTC, datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 import msgspec
@@ -184,13 +185,27 @@ _STATE_PREFIX = "trigger:"
 
 class Scheduler:
     """The background tasks that fire one app's timers (a part of the app,
-    kept in ``app.extensions["surge.triggers"]``)."""
+    kept in ``app.extensions["surge.triggers"]``).
+
+    Stopping is level-triggered: :meth:`stop` sets ``stopping`` and wakes
+    the timers waiting for their next slot; a timer firing a slot finishes it
+    (publish, then save the trigger state) and sees the flag before it waits
+    again. A cancel alone does not stop a loop: on Python 3.11,
+    ``asyncio.wait_for`` (inside every nats-py request and redis-py write)
+    swallows a cancel that arrives together with its reply (CPython
+    gh-86296), and a timer stopped only by a cancel fired on until its worker
+    was killed (test_each_slot_fires_once_on_worker_processes[redis-4],
+    [nats-4]: the supervisor's SIGTERM lands just after a slot fires, while
+    every worker's timer awaits its state save).
+    """
 
     def __init__(self, app_name: str) -> None:
         self.app_name = app_name
         self.timers: list[_Timer] = []
+        self.stopping = False
         self._tasks: list[asyncio.Task[None]] = []
         self._runtime: Runtime | None = None
+        self._naps: set[asyncio.Future[bool]] = set()
 
     @classmethod
     def of(cls, app: App) -> Scheduler:
@@ -204,6 +219,7 @@ class Scheduler:
 
     async def start(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        self.stopping = False
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._run(runtime, t), name=f"surge-trigger-{t.name}")
@@ -211,10 +227,34 @@ class Scheduler:
         ]
 
     async def stop(self) -> None:
+        """Stop firing: a slot being fired is published and its state saved.
+
+        The caller bounds the wait (``App.stop``'s deadline); cancelled, this
+        cancels the timers, which end at their next wait at the latest."""
+        self.stopping = True
+        for nap in self._naps:
+            if not nap.done():
+                nap.set_result(False)
         tasks, self._tasks = self._tasks, []
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        try:
+            if tasks:
+                await asyncio.wait(tasks)
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    async def _nap(self, runtime: Runtime, seconds: float) -> bool:
+        """Wait ``seconds`` on the app's clock: False if the app stops first."""
+        if self.stopping:
+            return False
+        nap: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        timer = runtime.clock.call_later(seconds, partial(_wake, nap))
+        self._naps.add(nap)
+        try:
+            return await nap
+        finally:
+            timer.cancel()
+            self._naps.discard(nap)
 
     async def _run(self, runtime: Runtime, timer: _Timer) -> None:
         try:
@@ -242,11 +282,14 @@ class Scheduler:
                     )
                     missed = missed[1:]
                 for slot in missed:
+                    if self.stopping:
+                        return
                     await self._fire(runtime, timer, key, slot)
         slot = timer.schedule.next_after(now)
-        while True:
+        while not self.stopping:
             while (wait := slot - clock.time()) > _EARLY:
-                await clock.sleep(wait)
+                if not await self._nap(runtime, wait):
+                    return
             await self._fire(runtime, timer, key, slot)
             now = clock.time()
             if timer.misfire == "skip":
@@ -280,9 +323,20 @@ class Scheduler:
                 if clock.time() + _PUBLISH_RETRY >= timer.schedule.next_after(slot):
                     log.exception("trigger %s could not fire its slot %.3f; giving up", key, slot)
                     return
+                if self.stopping:
+                    log.warning(
+                        "trigger %s could not fire its slot %.3f before stopping", key, slot
+                    )
+                    return
                 log.warning("trigger %s could not fire yet; retrying", key, exc_info=True)
-                await clock.sleep(_PUBLISH_RETRY)
+                if not await self._nap(runtime, _PUBLISH_RETRY):
+                    return
         await runtime.state.save_state(_STATE_PREFIX + key, repr(slot).encode())
+
+
+def _wake(nap: asyncio.Future[bool]) -> None:
+    if not nap.done():
+        nap.set_result(True)
 
 
 def _timer(
