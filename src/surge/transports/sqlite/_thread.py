@@ -8,8 +8,8 @@ transaction, see ``Database.run``), then hands the batch back to the loop,
 which resolves the futures in order and runs each job's ``after`` callback
 first (so a transport's books change in the same loop step as the file).
 
-Under a virtual clock (one with ``hold``/``release``) each job holds the
-clock while it is queued or running: work on the thread takes no virtual
+Under a :class:`~surge.VirtualClock` each job holds the clock while it is
+queued or running: work on the thread takes no virtual
 time, so virtual time must not race ahead of it.
 """
 
@@ -24,7 +24,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..._clock import Clock
+from ..._clock import Clock, VirtualClock
 from ..._errors import Closed
 from ._database import Database, Job, translate
 
@@ -43,9 +43,7 @@ class DatabaseThread:
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # a virtual clock's optional hooks (not part of the Clock protocol)
-        self._hold: Callable[[], None] | None = getattr(clock, "hold", None)
-        self._release: Callable[[], None] | None = getattr(clock, "release", None)
+        self._virtual = clock if isinstance(clock, VirtualClock) else None
 
     @property
     def running(self) -> bool:
@@ -87,8 +85,8 @@ class DatabaseThread:
         assert loop is not None
         if fut is None:
             fut = loop.create_future()
-        if self._hold is not None:
-            self._hold()
+        if self._virtual is not None:
+            self._virtual.hold()
         self._jobs.put(Job(fn, args, write, fut, after))
         return fut
 
@@ -125,10 +123,10 @@ class DatabaseThread:
 
     # --- back on the loop ----------------------------------------------------
     def _settle(self, jobs: list[Job]) -> None:
-        release = self._release
+        virtual = self._virtual
         for job in jobs:
-            if release is not None:
-                release()
+            if virtual is not None:
+                virtual.release()
             err = job.error
             if job.after is not None:
                 try:
