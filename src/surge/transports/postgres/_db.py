@@ -36,6 +36,8 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.OperatorInterventionError,
     asyncpg.TransactionRollbackError,
     asyncpg.CannotConnectNowError,
+    # a connection reset while released to the pool after its backend died
+    asyncpg.exceptions.InternalClientError,
 )
 
 
@@ -92,7 +94,7 @@ class Database:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=1, max_size=self.size, max_inactive_connection_lifetime=60
+                self.dsn, min_size=0, max_size=self.size, max_inactive_connection_lifetime=60
             )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
