@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
 import aiormq
 import pytest
 
 import surge
 from surge.transports import open_transport
 
-from ._servers import shared_amqp_url
+from ._servers import rabbit_server, shared_amqp_url
 from .conformance._helpers import Item, Reader, env, number
 
 pytestmark = pytest.mark.realtime
@@ -103,3 +109,110 @@ async def test_unreachable_broker_is_a_transport_error() -> None:
     t = open_transport(f"amqp://guest:guest@127.0.0.1:{free_port()}/", connect_timeout=2.0)
     with pytest.raises(surge.TransportError):
         await t.start()
+
+
+class _LogEvents(logging.Handler):
+    """Sets an asyncio.Event when a surge.amqp log message containing a phrase arrives."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.waiting: list[tuple[str, asyncio.Event]] = []
+
+    def expect(self, phrase: str) -> asyncio.Event:
+        ev = asyncio.Event()
+        self.waiting.append((phrase, ev))
+        return ev
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = record.getMessage()
+        for phrase, ev in self.waiting:
+            if phrase in msg:
+                ev.set()
+
+
+@pytest.fixture
+def amqp_log() -> Iterator[_LogEvents]:
+    handler = _LogEvents()
+    logger = logging.getLogger("surge.amqp")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)
+
+
+class Num(surge.Event):
+    __topic__ = "amqp.num"
+    n: int
+
+
+async def test_node_killed_under_load_loses_no_acked_event(
+    tmp_path: Path, amqp_log: _LogEvents
+) -> None:
+    """A SIGKILLed node comes back with its quorum queues: publishes made during
+    the outage wait and are confirmed, consuming resumes, nothing acked is lost."""
+    with rabbit_server(tmp_path) as srv:
+        transport = open_transport(f"{srv.url}?prefix=restart")
+        app = surge.App("restart", transport=transport)
+        handled: Counter[int] = Counter()
+        marker = asyncio.Event()
+
+        @app.on(Num)
+        async def handle(ev: Num) -> None:
+            handled[ev.n] += 1
+            if ev.n == -1:
+                marker.set()
+
+        async with app:
+            acked: list[int] = []
+
+            async def load(start: int, stop: int) -> None:
+                for n in range(start, stop):
+                    await app.publish(Num(n=n))
+                    acked.append(n)
+
+            await load(0, 300)
+            lost = amqp_log.expect("lost the connection")
+            back = amqp_log.expect("reconnected")
+            srv.kill()
+            await asyncio.wait_for(lost.wait(), 10)
+            assert not transport.healthy  # type: ignore[attr-defined]
+            outage = asyncio.ensure_future(load(300, 400))  # waits for the node
+            await asyncio.to_thread(srv.start)
+            await asyncio.wait_for(back.wait(), 20)
+            await app.publish(Num(n=-1))
+            await asyncio.wait_for(marker.wait(), 20)
+            await asyncio.wait_for(outage, 30)
+            await app.drain()
+            assert transport.healthy  # type: ignore[attr-defined]
+        missing = sorted(set(acked) - set(handled))
+        assert missing == [], f"lost: {missing[:10]}"
+
+
+async def test_handler_longer_than_the_consumer_timeout_runs_once(
+    tmp_path: Path, amqp_log: _LogEvents
+) -> None:
+    """The broker's consumer_timeout closes the channel of a long handler; the
+    transport subscribes again and the delivery that comes back is not run twice."""
+    with rabbit_server(tmp_path, consumer_timeout=1500) as srv:
+        app = surge.App("long", transport=open_transport(f"{srv.url}?prefix=long"))
+        runs: list[int] = []
+        timed_out = amqp_log.expect("consumer_timeout closed the channel")
+        came_back = amqp_log.expect("came back")
+
+        @app.on(Num)
+        async def slow(ev: Num) -> None:
+            runs.append(ev.n)
+            if ev.n == 1:
+                await asyncio.wait_for(timed_out.wait(), 30)  # longer than the timeout
+                await asyncio.wait_for(came_back.wait(), 30)  # and redelivered meanwhile
+
+        async with app:
+            await app.publish(Num(n=1))
+            await app.publish(Num(n=2))
+            await app.drain()
+            assert await app.dead_letters() == []
+            stats = await app.transport.stats(next(iter(app.subscriptions)))
+            assert (stats.backlog, stats.pending) == (0, 0)
+        assert sorted(runs) == [1, 2]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ._jepsen import KeyedRecord, key_order, run_crash, run_keyed_crash
-from ._servers import nats_server, redis_server
+from ._servers import nats_server, redis_server, shared_amqp_url
 
 pytestmark = pytest.mark.realtime
 
@@ -21,6 +21,9 @@ def _broker(kind: str, tmp_path: Path) -> Iterator[str]:
     if kind == "nats":
         with nats_server(tmp_path) as srv:
             yield f"{srv.url}?stream=jepsen&lease=2"
+    elif kind == "amqp":
+        # the session's RabbitMQ node, a prefix of this test's own
+        yield f"{shared_amqp_url()}&lease=2"
     elif kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'jepsen.db'}?lease=2"
     else:
@@ -30,7 +33,7 @@ def _broker(kind: str, tmp_path: Path) -> Iterator[str]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["redis", "nats"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "amqp"])
 async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path, kind: str) -> None:
     """20,000 acked events, two supervised workers SIGKILLed 20+ times: nothing
     lost or invented, duplicates within in-flight, nothing pending."""
@@ -52,7 +55,7 @@ async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path, kin
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite", "amqp"])
 async def test_keyed_order_holds_across_sigkilled_workers(tmp_path: Path, kind: str) -> None:
     """24 keys x 300 events, each key's published in order, two supervised
     workers of a keyed subscription SIGKILLed 20+ times: nothing lost or

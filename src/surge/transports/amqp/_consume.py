@@ -180,6 +180,7 @@ class GroupReader:
             old.source.held.discard(old)
             held.token = tag
             src.held.add(tag)
+            log.info("amqp: %s came back to %s while still handled here", env.id, self.name)
             return
         self._came_due(self.name, env.id)
         d = Delivery(env, self.name, attempt, tag, first)
