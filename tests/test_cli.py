@@ -342,16 +342,23 @@ def test_workers_hand_app_transport_and_http_to_the_supervisor(
     calls: list[tuple[object, ...]] = []
 
     def fake_run_workers(
-        app_ref: str, url: str, workers: int, *, http: tuple[str, int] | None = None
+        app_ref: str,
+        url: str,
+        workers: int,
+        *,
+        http: tuple[str, int] | None = None,
+        admin: tuple[str, int] | None = None,
+        redact: bool = False,
     ) -> int:
-        calls.append((app_ref, url, workers, http))
+        calls.append((app_ref, url, workers, http, admin, redact))
         return 3
 
     monkeypatch.setattr(supervisor, "run_workers", fake_run_workers)
     name = write_app(TINY)
     url = f"sqlite:///{tmp_path / 'w.db'}"
     result = CliRunner().invoke(
-        main, ["run", f"{name}:app", "-t", url, "-w", "3", "--http", "0.0.0.0:8080"]
+        main,
+        ["run", f"{name}:app", "-t", url, "-w", "3", "--http", "0.0.0.0:8080", "--admin", "9090"],
     )
-    assert calls == [(f"{name}:app", url, 3, ("0.0.0.0", 8080))]
+    assert calls == [(f"{name}:app", url, 3, ("0.0.0.0", 8080), ("127.0.0.1", 9090), False)]
     assert result.exit_code == 3

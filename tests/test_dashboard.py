@@ -52,7 +52,7 @@ def make_app() -> tuple[surge.App, dict[str, bool]]:
 
 @asynccontextmanager
 async def serving(app: surge.App) -> AsyncIterator[Server]:
-    async with app, Server(app, port=0) as server:
+    async with app, Server(app, port=0, admin=True) as server:
         yield server
 
 
@@ -108,7 +108,8 @@ async def _post(url: str, body: dict[str, Any], **headers: str) -> tuple[int, An
 async def test_dead_letter_actions_need_json_same_origin_and_token_when_set(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """POST /_surge/dlq/* refuses other origins, non-JSON and a wrong token; purge deletes."""
+    """POST /_surge/dlq/* on the admin listener refuses other origins, non-JSON and, once a
+    token is set, a missing or wrong one (401); purge deletes."""
     caplog.set_level(logging.CRITICAL, "surge")
     app, _ = make_app()
     async with serving(app) as server:
@@ -131,11 +132,11 @@ async def test_dead_letter_actions_need_json_same_origin_and_token_when_set(
         set_admin_token(app, "s3cret")
         try:
             status, body = await _post(purge, {"subscription": "charge"})
-            assert status == 403
+            assert status == 401
             status, body = await _post(
                 purge, {"subscription": "charge"}, authorization="Bearer wrong"
             )
-            assert status == 403
+            assert status == 401
             assert len(await app.dead_letters()) == 1
             status, body = await _post(
                 purge, {"subscription": "charge", "ids": [dead_id]}, authorization="Bearer s3cret"

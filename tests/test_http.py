@@ -92,8 +92,9 @@ def make_app(*, before: Any = None, **options: Any) -> tuple[surge.App, list[Ord
 
 
 @asynccontextmanager
-async def serving(app: surge.App, **limits: Any) -> AsyncIterator[Server]:
-    async with app, Server(app, port=0, limits=Limits(**limits) if limits else None) as server:
+async def serving(app: surge.App, *, admin: bool = False, **limits: Any) -> AsyncIterator[Server]:
+    given = Limits(**limits) if limits else None
+    async with app, Server(app, port=0, limits=given, admin=admin) as server:
         yield server
 
 
@@ -282,7 +283,7 @@ async def test_metrics_count_requests_by_status_and_export_subscriptions() -> No
     is mounted, subscription counters."""
     app, _, _ = make_app()
     mount(app.http)
-    async with serving(app) as server:
+    async with serving(app, admin=True) as server:
         for _ in range(3):
             await fetch(server.url + "/orders", "POST", json={"order_id": "m", "amount": 1})
         await fetch(server.url + "/orders", "POST", body=b"{")
@@ -299,7 +300,7 @@ async def test_metrics_hold_only_http_families_until_observe_is_mounted() -> Non
     """A plain ingress exports its own counters; reading app.http times no handler."""
     app, _, _ = make_app()
     assert app.timings is None
-    async with serving(app) as server:
+    async with serving(app, admin=True) as server:
         text = (await fetch(server.url + "/metrics")).body.decode()
         stats = await fetch(server.url + "/_surge/stats")
     assert "surge_http_in_flight 0.0" in text
@@ -347,7 +348,7 @@ async def test_extensions_mount_collect_and_wrap_requests() -> None:
         app.http.mount("/extra/", extra)
     with pytest.raises(surge.ConfigurationError):
         app.http.mount("/no-slash", extra)
-    async with serving(app) as server:
+    async with serving(app, admin=True) as server:
         mounted = await fetch(server.url + "/extra/a/b")
         await fetch(server.url + "/orders", "POST", json={"order_id": "w", "amount": 1})
         await fetch(server.url + "/metrics")

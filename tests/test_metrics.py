@@ -14,6 +14,7 @@ import pytest
 
 import surge
 from surge.cli._supervisor import Supervisor
+from surge.http import ADMIN_LISTENER
 from surge.observe import (
     BUCKETS,
     METRICS_DIR_ENV,
@@ -47,8 +48,9 @@ async def asgi_get(app: surge.App, path: str) -> tuple[int, bytes]:
         "method": "GET",
         "path": path,
         "query_string": query.encode(),
-        "headers": [],
+        "headers": [(b"host", b"127.0.0.1")],
         "client": ("127.0.0.1", 1),
+        ADMIN_LISTENER: True,
     }
     await app.http(scope, receive, send)
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")

@@ -34,7 +34,7 @@ def served(app: surge.App) -> Iterator[str]:
     failure: list[BaseException] = []
 
     async def run() -> None:
-        async with app, Server(app, port=0) as server:
+        async with app, Server(app, port=0, admin=True) as server:
             url.append(server.url)
             ready.set()
             await stop.wait()

@@ -176,7 +176,7 @@ async def test_quick_deaths_back_off(tmp_path: Path) -> None:
 
 async def _get(port: int, path: str) -> bytes:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n".encode())
     await writer.drain()
     status = await reader.readline()
     writer.close()
@@ -185,16 +185,24 @@ async def _get(port: int, path: str) -> bytes:
 
 
 async def test_workers_serve_http_on_one_port(tmp_path: Path) -> None:
-    """With http=(host, port) every worker listens on the same port (SO_REUSEPORT)."""
-    port = free_port()
+    """With http=(host, port) every worker listens on the same port (SO_REUSEPORT), and
+    with admin=(host, port) on an admin port that alone serves /metrics."""
+    port, admin = free_port(), free_port()
     sup = Supervisor(
-        APP_REF, _url(tmp_path), 2, http=("127.0.0.1", port), env=worker_env(tmp_path / "r.txt")
+        APP_REF,
+        _url(tmp_path),
+        2,
+        http=("127.0.0.1", port),
+        admin=("127.0.0.1", admin),
+        env=worker_env(tmp_path / "r.txt"),
     )
     running = asyncio.create_task(sup.run())
     try:
         await sup.wait_ready()  # ready means listening, for an HTTP worker
         statuses = [await _get(port, "/healthz") for _ in range(8)]
         assert statuses == [b"HTTP/1.1 200 OK\r\n"] * 8
+        assert await _get(port, "/metrics") == b"HTTP/1.1 404 Not Found\r\n"
+        assert await _get(admin, "/metrics") == b"HTTP/1.1 200 OK\r\n"
         assert len(sup.ready_pids) == 2
     finally:
         sup.request_stop()

@@ -3,6 +3,7 @@
 ::
 
     surge run module:app [--transport URL] [--workers N] [--http HOST:PORT]
+              [--admin [HOST:]PORT] [--redact-bodies]
     surge demo [--requests N] [--concurrency C] [--report PATH] [--in-process]
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import datetime
 import importlib
 import importlib.util
+import ipaddress
 import logging
 import os
 import pathlib
@@ -37,6 +39,9 @@ if TYPE_CHECKING:
 __all__ = ("command_app", "load_app", "main")
 
 T = TypeVar("T")
+ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
+"""surge.observe.ADMIN_TOKEN_ENV, named again here: the CLI imports
+surge.observe only when it serves HTTP."""
 
 # name -> (module, attribute, what it does): commands other modules provide
 _LAZY: dict[str, tuple[str, str, str]] = {
@@ -155,9 +160,31 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     help="Worker processes (needs a transport they share: sqlite, redis, nats).",
 )
 @click.option("--http", "http", metavar="HOST:PORT", help="Also serve the app's HTTP ingress.")
-def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> None:
-    """Run the app MODULE:APP until SIGINT or SIGTERM, then stop gracefully."""
+@click.option(
+    "--admin",
+    "admin",
+    metavar="[HOST:]PORT",
+    help="Serve /metrics and /_surge/ on this admin listener (host 127.0.0.1 by default).",
+)
+@click.option(
+    "--redact-bodies", is_flag=True, help="Show no event bodies in the dashboard's dead letters."
+)
+def run(
+    app_ref: str,
+    transport: str | None,
+    workers: int,
+    http: str | None,
+    admin: str | None,
+    redact_bodies: bool,
+) -> None:
+    """Run the app MODULE:APP until SIGINT or SIGTERM, then stop gracefully.
+
+    With --http, the operator surface (/metrics, /_surge/) is not served on
+    the public listener unless SURGE_ADMIN_TOKEN is set (then only to
+    requests bearing it); --admin serves it on a listener of its own.
+    """
     address = _host_port(http)
+    admin_address = _admin_address(admin, address)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -177,20 +204,50 @@ def run(app_ref: str, transport: str | None, workers: int, http: str | None) -> 
                 f"--workers is unavailable: the supervisor module cannot be imported ({exc})"
             ) from None
         try:
-            code = supervisor.run_workers(app_ref, url, workers, http=address)
+            code = supervisor.run_workers(
+                app_ref, url, workers, http=address, admin=admin_address, redact=redact_bodies
+            )
         except ConfigurationError as exc:
             raise click.ClickException(str(exc)) from None
         sys.exit(code)
     try:
         if address is not None:
-            _serve_http(app, *address)
+            _serve_http(app, address, admin_address, redact_bodies)
         else:
             app.run()
     except SurgeError as exc:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
 
 
-def _serve_http(app: App, host: str, port: int) -> None:
+def _admin_address(value: str | None, http: tuple[str, int] | None) -> tuple[str, int] | None:
+    """``--admin``'s host and port (loopback unless named); a listener on
+    another interface needs the admin token, since reaching it is all the
+    proof of identity it asks for otherwise."""
+    if value is None:
+        return None
+    if http is None:
+        raise click.BadParameter("--admin serves the operator surface of --http: give both")
+    address = _host_port(value if ":" in value else f"127.0.0.1:{value}")
+    assert address is not None
+    if not _is_loopback(address[0]) and not os.environ.get(ADMIN_TOKEN_ENV):
+        raise click.BadParameter(
+            f"--admin {value}: an admin listener off loopback needs {ADMIN_TOKEN_ENV} set"
+        )
+    return address
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _serve_http(
+    app: App, address: tuple[str, int], admin: tuple[str, int] | None, redact: bool
+) -> None:
     try:
         from ..http import run as run_http
         from ..observe import mount
@@ -198,13 +255,17 @@ def _serve_http(app: App, host: str, port: int) -> None:
         raise click.ClickException(
             f"--http needs surge's HTTP ingress: pip install 'surge[http]' ({exc})"
         ) from None
-    mount(app.http)  # /_surge/ and the subscriptions' metrics
+    mount(app.http, redact=redact)  # /_surge/ and the subscriptions' metrics
+    app.http.set_admin_token(os.environ.get(ADMIN_TOKEN_ENV) or None)
 
     def ready(server: Any) -> None:
         # the bound port: --http HOST:0 picks a free one
-        click.echo(f"serving HTTP on http://{host}:{server.port}")
+        if server.admin:
+            click.echo(f"serving the admin surface on http://{server.host}:{server.port}")
+        else:
+            click.echo(f"serving HTTP on http://{address[0]}:{server.port}")
 
-    run_http(app, host, port, ready=ready)
+    run_http(app, *address, admin=admin, ready=ready)
 
 
 # --- surge demo ---------------------------------------------------------------

@@ -64,6 +64,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     app: str
     transport: str
     http: tuple[str, int] | None = None
+    admin: tuple[str, int] | None = None
+    redact: bool = False
     shutdown_timeout: float | None = None
     ready_fd: int | None = None
     watch_parent: bool = True
@@ -149,6 +151,8 @@ class Supervisor:
         workers: int,
         *,
         http: tuple[str, int] | None = None,
+        admin: tuple[str, int] | None = None,
+        redact: bool = False,
         shutdown_timeout: float = 10.0,
         grace: float = 2.0,
         backoff: float = 0.1,
@@ -162,6 +166,8 @@ class Supervisor:
         self.transport_url = transport_url
         self.workers = workers
         self.http = http
+        self.admin = admin
+        self.redact = redact
         self.shutdown_timeout = shutdown_timeout
         self.grace = grace
         self.backoff = backoff
@@ -253,6 +259,8 @@ class Supervisor:
             app=self.app_ref,
             transport=self.transport_url,
             http=self.http,
+            admin=self.admin,
+            redact=self.redact,
             shutdown_timeout=self.shutdown_timeout,
             ready_fd=ready_fd,
             path=tuple(p for p in sys.path if p),
@@ -428,20 +436,32 @@ def run_workers(
     workers: int,
     *,
     http: tuple[str, int] | None = None,
+    admin: tuple[str, int] | None = None,
+    redact: bool = False,
     shutdown_timeout: float | None = None,
 ) -> int:
     """Run ``workers`` processes of the app ``app_ref`` on ``transport_url``
     until SIGTERM or SIGINT, then drain them; the exit code.
 
     ``shutdown_timeout`` defaults to the app's own. With ``http=(host,
-    port)`` every worker serves HTTP on that port (SO_REUSEPORT).
+    port)`` every worker serves HTTP on that port (SO_REUSEPORT), and with
+    ``admin=(host, port)`` an admin listener there too (see
+    :func:`surge.http.serve`; ``SURGE_ADMIN_TOKEN`` sets the admin token).
     """
     check_workers(transport_url, workers)
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     app = load_app(app_ref)
     timeout = app.shutdown_timeout if shutdown_timeout is None else shutdown_timeout
-    sup = Supervisor(app_ref, transport_url, workers, http=http, shutdown_timeout=timeout)
+    sup = Supervisor(
+        app_ref,
+        transport_url,
+        workers,
+        http=http,
+        admin=admin,
+        redact=redact,
+        shutdown_timeout=timeout,
+    )
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -467,14 +487,24 @@ def _watch_parent() -> None:
     threading.Thread(target=wait_eof, name="surge-parent-watch", daemon=True).start()
 
 
-def _serve_http(app: App, host: str, port: int, ready: Callable[[object], object] | None) -> None:
+def _serve_http(spec: WorkerSpec, app: App, ready: Callable[[], object] | None) -> None:
     # Imported here, so a worker without --http never imports uvicorn.
     from .._app import run_loop
-    from ..http import serve
-    from ..observe import mount
+    from ..http import Server, serve
+    from ..observe import ADMIN_TOKEN_ENV, mount
 
-    mount(app.http)  # /_surge/ and the subscriptions' metrics, summed over workers
-    run_loop(serve(app, host=host, port=port, reuse_port=True, ready=ready))
+    assert spec.http is not None
+    # /_surge/ and the subscriptions' metrics, summed over workers
+    mount(app.http, redact=spec.redact)
+    app.http.set_admin_token(os.environ.get(ADMIN_TOKEN_ENV) or None)
+
+    def listening(server: Server) -> None:
+        # ready once the last listener listens
+        if ready is not None and server.admin == (spec.admin is not None):
+            ready()
+
+    host, port = spec.http
+    run_loop(serve(app, host=host, port=port, admin=spec.admin, reuse_port=True, ready=listening))
 
 
 def _tell_ready(fd: int) -> None:
@@ -505,8 +535,8 @@ def worker_main(spec: WorkerSpec) -> int:
     try:
         if spec.http is not None:
             # ready once the port listens, not merely once the app started
-            on_listen = None if ready_fd is None else (lambda _: _tell_ready(ready_fd))
-            _serve_http(app, spec.http[0], spec.http[1], on_listen)
+            on_listen = None if ready_fd is None else (lambda: _tell_ready(ready_fd))
+            _serve_http(spec, app, on_listen)
         else:
             if ready_fd is not None:
 

@@ -10,6 +10,7 @@ rates from the backlog's changes.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -24,13 +25,17 @@ __all__ = ("fetch_stats", "render", "top")
 
 
 async def fetch_stats(url: str, timeout: float = 5.0) -> dict[str, Any]:
-    """The JSON of ``url``'s ``/_surge/stats``."""
+    """The JSON of ``url``'s ``/_surge/stats`` (with ``SURGE_ADMIN_TOKEN``
+    as the bearer token when it is set)."""
     from ..tools import fetch
+    from ._commands import ADMIN_TOKEN_ENV
 
     base = url.rstrip("/")
     if base.endswith("/_surge"):
         base = base[: -len("/_surge")]
-    r = await fetch(base + "/_surge/stats", timeout=timeout)
+    token = os.environ.get(ADMIN_TOKEN_ENV)
+    headers = {"authorization": f"Bearer {token}"} if token else None
+    r = await fetch(base + "/_surge/stats", headers=headers, timeout=timeout)
     if r.status != 200:
         raise click.ClickException(f"{base}/_surge/stats answered {r.status}: {r.body[:200]!r}")
     try:

@@ -8,7 +8,7 @@ Routes turn requests into events::
 
 A body that is not JSON answers 400, one that does not fit the event type
 422 (with the field); ``GET /healthz``, ``/readyz`` and ``/metrics``
-(Prometheus) come with every ingress. :func:`serve` (async) or :func:`run`
+(Prometheus, on the admin surface) come with every ingress. :func:`serve` (async) or :func:`run`
 (blocking) serve ``app.http`` with uvicorn in the app's own process and
 loop, under :class:`Limits` (requests in flight, body and header sizes,
 header deadline, keep-alive); :class:`Server` is the same as an ``async
@@ -21,6 +21,11 @@ app under a path prefix), :meth:`Ingress.add_collector` (more families at
 ``surge.observe.mount(app.http)`` adds the ``/_surge/`` dashboard, the
 subscriptions' metrics and tracing spans that way, so this package never
 imports surge.observe.
+
+The operator surface (``/metrics`` and admin mounts such as ``/_surge/``)
+is not served on a public listener unless the app's admin token is set
+(:meth:`Ingress.set_admin_token`); ``serve(..., admin=(host, port))`` adds
+an admin listener for it. See docs/security.md.
 
 Needs the ``http`` extra: ``pip install 'surge[http]'``.
 """
@@ -36,6 +41,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ._config import Limits
 from ._ingress import (
+    ADMIN_LISTENER,
     ASGIApp,
     HttpStats,
     Ingress,
@@ -49,6 +55,7 @@ from ._ingress import (
 from ._server import Server, bind_socket, run, serve
 
 __all__ = (
+    "ADMIN_LISTENER",
     "ASGIApp",
     "HttpStats",
     "Ingress",

@@ -8,6 +8,8 @@ every status this module answers is decided here, where it can be tested.
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import logging
 import re
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     from .._app import App
 
 __all__ = (
+    "ADMIN_LISTENER",
     "ASGIApp",
     "HttpStats",
     "Ingress",
@@ -50,6 +53,11 @@ RequestWrapper = Callable[[RequestHandler, Scope, Receive, Send], Awaitable[int]
 """Runs around a :data:`RequestHandler` (``Ingress.around_requests``)."""
 
 RESERVED = ("/healthz", "/readyz", "/metrics")
+ADMIN_LISTENER = "surge.admin"
+"""The scope key an admin listener sets (``True``) on each request it
+accepts; only an ASGI server can set it, never a client."""
+_FORWARDED = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
+_BEARER = (b"www-authenticate", b'Bearer realm="surge-admin"')
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
 _RETRY = (b"retry-after", b"1")
@@ -115,7 +123,8 @@ class Ingress:
         self._stats: dict[tuple[str, str], RouteStats] = {}
         self._paths: dict[str, list[str]] = {}
         self.metrics = Metrics(self._stats)
-        self._mounts: list[tuple[str, ASGIApp]] = []
+        self._mounts: list[tuple[str, ASGIApp, bool]] = []
+        self._admin_token: bytes | None = None
         self._refreshers: list[Callable[[], Awaitable[object]]] = []
         self._around: RequestWrapper | None = None
         self._stopping = False
@@ -184,14 +193,38 @@ class Ingress:
         return route
 
     # --- extensions: surge.observe adds its routes, metrics and spans here ----
-    def mount(self, prefix: str, app: ASGIApp) -> None:
+    def mount(self, prefix: str, app: ASGIApp, *, admin: bool = True) -> None:
         """Serve the paths under ``prefix`` (such as ``"/_surge/"``) that no
-        route takes with the ASGI ``app``; its answers count under ``prefix``."""
+        route takes with the ASGI ``app``; its answers count under ``prefix``.
+
+        An ``admin`` mount (the default) is an operator surface, guarded like
+        ``/metrics``: see :meth:`set_admin_token`."""
         if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
             raise ConfigurationError(f"mount prefix {prefix!r}: write it as '/name/'")
-        if any(prefix == known for known, _ in self._mounts):
+        if any(prefix == known for known, _, _ in self._mounts):
             raise ConfigurationError(f"{prefix} is mounted twice")
-        self._mounts.append((prefix, app))
+        self._mounts.append((prefix, app, admin))
+
+    def set_admin_token(self, token: str | None) -> None:
+        """Guard the operator surface (``/metrics`` and admin mounts such as
+        ``/_surge/``) with ``Authorization: Bearer <token>``.
+
+        Without a token the operator surface is served on an admin listener
+        only (``serve(..., admin=(host, port))``), to requests that carry no
+        ``Forwarded``/``X-Forwarded-For`` header (a proxy's requests are
+        remote ones) and name the host by address or ``localhost`` (a
+        rebound DNS name is refused); a public listener answers 404. With a
+        token, every listener serves it to requests bearing the token, and
+        only to those. The client's address is never taken as identity.
+        """
+        if token is not None and not token.strip():
+            raise ConfigurationError("the admin token must not be empty")
+        self._admin_token = None if token is None else f"Bearer {token}".encode()
+
+    @property
+    def admin_protected(self) -> bool:
+        """An admin token is set."""
+        return self._admin_token is not None
 
     def add_collector(
         self, collector: Collector, *, refresh: Callable[[], Awaitable[object]] | None = None
@@ -270,8 +303,15 @@ class Ingress:
         bound = self._routes.get((scope["method"], scope["path"]))
         if bound is None:
             path: str = scope["path"]
-            for prefix, mounted in self._mounts:
+            for prefix, mounted, admin in self._mounts:
                 if path.startswith(prefix):
+                    refusal = self._admin_refusal(scope) if admin else None
+                    if refusal is not None:
+                        status = await _refuse(send, refusal)
+                        self._stats_for(scope["method"], prefix).observe(
+                            status, self._now() - start
+                        )
+                        return
                     await self._mounted(prefix, mounted, scope, receive, send, start)
                     return
             await self._builtin(scope, receive, send, start)
@@ -413,12 +453,37 @@ class Ingress:
                 status = 503
                 body = msgspec.json.encode({"status": "not ready", "reason": why})
                 await _answer(send, 503, body, (_JSON, _RETRY))
+        elif (refusal := self._admin_refusal(scope)) is not None:
+            status = await _refuse(send, refusal)
         else:
             for refresh in self._refreshers:
                 await refresh()
             status = 200
             await _answer(send, 200, self.metrics.render(), (_PROMETHEUS,))
         self._stats_for(method if methods else "-", path).observe(status, self._now() - start)
+
+    def _admin_refusal(self, scope: Scope) -> _Reject | None:
+        """Why this request may not reach the operator surface, or None."""
+        token = self._admin_token
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        if token is not None:
+            for name, value in headers:
+                if name == b"authorization" and hmac.compare_digest(value, token):
+                    return None
+            return _Reject(401, "the admin surface needs 'Authorization: Bearer <admin token>'")
+        if not scope.get(ADMIN_LISTENER):
+            return _Reject(
+                404, "not served on this listener: use the admin listener or set an admin token"
+            )
+        host = b""
+        for name, value in headers:
+            if name in _FORWARDED:
+                return _Reject(403, "a forwarded request to the admin listener needs a token")
+            if name == b"host":
+                host = value
+        if not _literal_host(host):
+            return _Reject(403, "name the admin listener by address or localhost")
+        return None
 
     async def _not_ready(self) -> str | None:
         """Why the app cannot take work now, or None when it can."""
@@ -454,6 +519,29 @@ class Ingress:
                 await self.app.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+def _literal_host(host: bytes) -> bool:
+    """``host`` (a Host header) is an IP address or localhost, not a DNS
+    name that a page of another site could rebind to this machine."""
+    name = host.decode("latin-1")
+    if name.startswith("["):
+        name = name[1 : name.find("]")]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+async def _refuse(send: Send, rej: _Reject) -> int:
+    headers = (_JSON, _BEARER) if rej.status == 401 else (_JSON,)
+    await _answer(send, rej.status, rej.body, headers)
+    return rej.status
 
 
 _MISSING = re.compile(r"missing required field `([^`]*)`")

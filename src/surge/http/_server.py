@@ -35,7 +35,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from ._config import Limits
-from ._ingress import ASGIApp
+from ._ingress import ADMIN_LISTENER, ASGIApp, Receive, Scope, Send
 
 if TYPE_CHECKING:
     from .._app import App
@@ -227,6 +227,11 @@ class Server:
     ``async with Server(app, port=0) as server:`` listens (``server.url``)
     until the block ends or the app stops; it does not start the app (see
     :func:`serve`). ``asgi`` wraps or replaces ``app.http``.
+
+    An ``admin`` server is an admin listener: it serves the operator
+    surface (``/metrics``, ``/_surge/``) as well as the routes; see
+    :meth:`Ingress.set_admin_token` for who may use it. Bind it to loopback
+    or a private interface.
     """
 
     def __init__(
@@ -239,8 +244,10 @@ class Server:
         sock: socket.socket | None = None,
         reuse_port: bool = True,
         asgi: ASGIApp | None = None,
+        admin: bool = False,
     ) -> None:
         self.app = app
+        self.admin = admin
         self.ingress = app.http
         if limits is not None:
             self.ingress.configure(limits)
@@ -250,6 +257,8 @@ class Server:
         self._sock = sock
         self._reuse_port = reuse_port
         self._asgi: ASGIApp = asgi or self.ingress
+        if admin:
+            self._asgi = _as_admin(self._asgi)
         self._uvicorn: uvicorn.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
@@ -378,11 +387,20 @@ class Server:
         await self.stop()
 
 
+def _as_admin(asgi: ASGIApp) -> ASGIApp:
+    async def admin_listener(scope: Scope, receive: Receive, send: Send) -> None:
+        scope[ADMIN_LISTENER] = True
+        await asgi(scope, receive, send)
+
+    return admin_listener
+
+
 async def serve(
     app: App,
     host: str = "127.0.0.1",
     port: int = 8000,
     *,
+    admin: tuple[str, int] | None = None,
     sock: socket.socket | None = None,
     reuse_port: bool = True,
     ready: Callable[[Server], object] | None = None,
@@ -393,23 +411,30 @@ async def serve(
 
     Starts the app if it is not running (and then stops it at the end);
     ``limits`` are :class:`Limits` fields. ``ready`` is called with the
-    :class:`Server` once it listens (its ``port`` is the bound one).
+    :class:`Server` once it listens (its ``port`` is the bound one), and
+    then with the admin one. ``admin=(host, port)`` also serves an admin
+    listener there (see :class:`Server`); without it, the operator surface
+    is served only with an admin token (:meth:`Ingress.set_admin_token`).
     SIGINT and SIGTERM ask the app to stop when ``install_signals`` is true;
     by default, only where nobody else handles them (the main thread, with
     Python's default handlers), so a worker process stops gracefully.
     """
     given = Limits(**limits) if limits else None
     server = Server(app, host, port, limits=given, sock=sock, reuse_port=reuse_port)
+    servers = [server]
+    if admin is not None:
+        servers.append(Server(app, admin[0], admin[1], reuse_port=reuse_port, admin=True))
     started = app.state != "running"
     if started:
         await app.start()
     installed = _install_signals(app, install_signals)
     try:
-        await server.start()
-        if ready is not None:
-            ready(server)
+        for each in servers:
+            await each.start()
+            if ready is not None:
+                ready(each)
         waits = [
-            asyncio.ensure_future(server.wait_stopped()),
+            *(asyncio.ensure_future(each.wait_stopped()) for each in servers),
             asyncio.ensure_future(app.wait_stop_requested()),
         ]
         try:
@@ -421,7 +446,8 @@ async def serve(
         loop = asyncio.get_running_loop()
         for sig in installed:
             loop.remove_signal_handler(sig)
-        await server.stop()
+        for each in servers:
+            await each.stop()
         if started:
             await app.stop()
 

@@ -175,9 +175,13 @@ function chart(name) {
   card.querySelector(".l-p99").textContent = "p99 (max " + ms(maxP99) + "), last 5 min";
 }
 
-async function act(verb, sub, ids) {
-  const headers = {"content-type": "application/json"};
+function authorized(headers) {
   if (tokenInput.value) headers["authorization"] = "Bearer " + tokenInput.value;
+  return headers;
+}
+
+async function act(verb, sub, ids) {
+  const headers = authorized({"content-type": "application/json"});
   const body = JSON.stringify(ids ? {subscription: sub, ids} : {subscription: sub});
   try {
     const r = await fetch(`${root}/dlq/${verb}`, {method: "POST", headers, body});
@@ -193,7 +197,8 @@ async function listDead(name, count) {
   let group = document.querySelector(`.group[data-sub="${CSS.escape(name)}"]`);
   if (!count) { if (group) group.remove(); delete dlqSeen[name]; return; }
   if (dlqSeen[name] === count && group) return;
-  const r = await fetch(`${root}/dlq?subscription=${encodeURIComponent(name)}`);
+  const r = await fetch(`${root}/dlq?subscription=${encodeURIComponent(name)}`,
+                        {headers: authorized({})});
   if (!r.ok) return;
   const letters = (await r.json()).dead_letters;
   dlqSeen[name] = count;
@@ -230,7 +235,7 @@ async function tick() {
   if (busy) return;
   busy = true;
   try {
-    const r = await fetch(`${root}/stats`, {cache: "no-store"});
+    const r = await fetch(`${root}/stats`, {cache: "no-store", headers: authorized({})});
     if (!r.ok) throw new Error("HTTP " + r.status);
     const s = await r.json();
     $("#app").textContent = s.app + (s.processes > 1 ? ` (${s.processes} workers)` : "");

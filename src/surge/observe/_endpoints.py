@@ -8,19 +8,18 @@
 - ``POST /_surge/dlq/replay`` and ``/_surge/dlq/purge`` with a JSON body
   ``{"subscription": ..., "ids": [...]}`` (ids optional: all of them).
 
-The two POSTs change data, so they are refused (403) unless the request
-carries ``Authorization: Bearer <token>`` matching ``SURGE_ADMIN_TOKEN``
-(or :func:`set_admin_token`), or, when no token is configured, comes from
-a loopback address. Either way they need ``content-type: application/json``
+Who may reach them at all is the ingress's decision, the same for reads
+and writes (``Ingress.set_admin_token``): on an admin listener, or with
+the admin token; never because the client's address is loopback. The two
+POSTs change data, so they also need ``content-type: application/json``
 and, when the browser sends an ``Origin``, one naming this host: a page of
 another site cannot make a browser send such a request without a CORS
-preflight, which is never granted here.
+preflight, which is never granted here. ``mount(..., redact=True)`` keeps
+event bodies out of ``/_surge/dlq``.
 """
 
 from __future__ import annotations
 
-import hmac
-import os
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -39,22 +38,27 @@ if TYPE_CHECKING:
 __all__ = ("ADMIN_TOKEN_ENV", "PREFIX", "Endpoints", "mount", "set_admin_token")
 
 ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
+"""The environment variable ``surge run`` reads the admin token from."""
 _JSON = (b"content-type", b"application/json")
 _HTML = (b"content-type", b"text/html; charset=utf-8")
 _NOCACHE = (b"cache-control", b"no-store")
-_LOOPBACK = ("127.0.0.1", "::1", "localhost")
 _MAX_BODY = 1 << 20
 PREFIX = "/_surge/"
 
 
-def mount(ingress: Ingress) -> Ingress:
+def mount(ingress: Ingress, *, redact: bool = False) -> Ingress:
     """Add surge.observe to ``ingress`` (``app.http``): the ``/_surge/``
     routes, the app's subscription metrics at ``/metrics``, a span per
     request once the app is traced, and (while the app is new) handler
     histograms (:func:`instrument`). Idempotent; ``surge run --http`` calls
-    it. Returns ``ingress``."""
+    it. With ``redact`` the dead letters' bodies are not served. Returns
+    ``ingress``.
+
+    The routes are an admin mount: a public listener serves them only with
+    the app's admin token (:meth:`surge.http.Ingress.set_admin_token`)."""
     app = ingress.app
     state = state_of(app)
+    state.redact = redact
     if state.ingress is ingress:
         return ingress
     if state.ingress is not None:
@@ -71,8 +75,9 @@ def mount(ingress: Ingress) -> Ingress:
 
 
 def set_admin_token(app: App, token: str | None) -> None:
-    """Require ``token`` (a bearer token) for the dead-letter POSTs of ``app``."""
-    state_of(app).admin_token = token
+    """Require ``token`` (a bearer token) for ``app``'s operator surface:
+    ``app.http.set_admin_token(token)``."""
+    app.http.set_admin_token(token)
 
 
 class _Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
@@ -80,7 +85,7 @@ class _Action(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     ids: list[str] | None = None
 
 
-def _letter(d: Any) -> dict[str, Any]:
+def _letter(d: Any, redact: bool) -> dict[str, Any]:
     return {
         "id": d.id,
         "subscription": d.group,
@@ -92,7 +97,7 @@ def _letter(d: Any) -> dict[str, Any]:
         "attempts": d.attempts,
         "first_attempt_at": d.first_attempt_at,
         "failed_at": d.failed_at,
-        "body": _readable(d.body),
+        "body": "(redacted)" if redact else _readable(d.body),
     }
 
 
@@ -133,7 +138,8 @@ class Endpoints:
                 except ConfigurationError as exc:
                     await _error(send, 404, str(exc))
                     return
-                body = msgspec.json.encode({"dead_letters": [_letter(d) for d in letters]})
+                redact = state_of(app).redact
+                body = msgspec.json.encode({"dead_letters": [_letter(d, redact) for d in letters]})
                 await _answer(send, 200, body, (_JSON, _NOCACHE))
                 return
         elif method == "POST" and path in ("/_surge/dlq/replay", "/_surge/dlq/purge"):
@@ -143,7 +149,7 @@ class Endpoints:
 
     async def _act(self, path: str, scope: Scope, receive: Receive, send: Send) -> None:
         app = self.app
-        why = _refusal(app, scope)
+        why = _refusal(scope)
         if why is not None:
             await _error(send, 403, why)
             return
@@ -167,23 +173,14 @@ class Endpoints:
         await _answer(send, 200, msgspec.json.encode({"count": n}), (_JSON,))
 
 
-def _refusal(app: App, scope: Scope) -> str | None:
+def _refusal(scope: Scope) -> str | None:
     headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
     if headers.get("content-type", "").split(";")[0].strip() != "application/json":
         return "send the action as content-type: application/json"
     origin = headers.get("origin")
     if origin is not None and urlsplit(origin).netloc != headers.get("host"):
         return "cross-origin requests are refused"
-    token = state_of(app).admin_token or os.environ.get(ADMIN_TOKEN_ENV)
-    if token:
-        given = headers.get("authorization", "")
-        if hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-            return None
-        return "a valid 'Authorization: Bearer <token>' is required"
-    client = scope.get("client")
-    if client and client[0] in _LOOPBACK:
-        return None
-    return f"dead-letter actions need {ADMIN_TOKEN_ENV} set, or a loopback client"
+    return None
 
 
 async def _read(receive: Receive) -> bytes | None:

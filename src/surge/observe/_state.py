@@ -1,7 +1,7 @@
 """What surge.observe keeps for one app, on the app itself.
 
 Kept in ``app.extensions["surge.observe"]``: it lives and dies with the app,
-so a new app never inherits an old one's admin token or numbers (a module
+so a new app never inherits an old one's settings or numbers (a module
 dict keyed by ``id(app)`` would hand them on once the id is reused).
 """
 
@@ -21,7 +21,7 @@ _KEY = "surge.observe"
 
 
 class ObserveState:
-    """One app's instruments, metrics writer, backlog cache, admin token,
+    """One app's instruments, metrics writer, backlog cache, redaction,
     tracing, and the ingress its routes are mounted on."""
 
     def __init__(self) -> None:
@@ -29,7 +29,8 @@ class ObserveState:
         self.writer: DirectoryWriter | None = None
         self.backlogs: dict[str, tuple[int, int]] = {}
         """Subscription -> (backlog, dead letters), as last asked."""
-        self.admin_token: str | None = None
+        self.redact = False
+        """Dead letters are served without their bodies."""
         self.tracing: TracingMiddleware | None = None
         self.ingress: Ingress | None = None
 
