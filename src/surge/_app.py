@@ -672,9 +672,16 @@ class App:
                 mw.after_publish(env)
 
     # --- request / reply -----------------------------------------------------
-    async def request(self, event: Event, *, expect: type[E], timeout: float = 5.0) -> E:
-        """Publish ``event`` and wait for the first ``expect`` event that
-        handling it (directly or downstream) publishes.
+    async def request(
+        self,
+        event: Event,
+        *,
+        expect: type[E],
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+    ) -> E:
+        """Publish ``event`` (with ``headers``) and wait for the first
+        ``expect`` event that handling it (directly or downstream) publishes.
 
         Raises :class:`RequestTimeout` after ``timeout`` seconds.
         """
@@ -682,6 +689,7 @@ class App:
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
         env.headers = {
+            **(headers or {}),
             "surge-correlation-id": env.id,
             "surge-reply-to": self._inbox,
             "surge-expect": expect.__topic__,

@@ -550,6 +550,7 @@ _PROPAGATED = (
     "surge-correlation-id",
     "surge-reply-to",
     "surge-expect",
+    "surge-principal",
     "traceparent",
     "tracestate",
 )

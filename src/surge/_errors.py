@@ -6,11 +6,14 @@ builtin that fits, so ``except TimeoutError`` catches a request timeout::
     SurgeError
     ├── ConfigurationError (ValueError)    an app or option that cannot work
     ├── DecodeError (ValueError)           a payload that does not fit its type
-    │   └── UnknownTopic (LookupError)     a topic no event type is declared for
+    │   ├── UnknownTopic (LookupError)     a topic no event type is declared for
+    │   └── InvalidSignature               an envelope unsigned, or signed wrongly
     ├── MessageTooLarge (ValueError)       an encoded event over the size limit
     ├── Overloaded                         a bounded buffer is full (``*_nowait``)
     ├── Closed (RuntimeError)              the app or transport is not running
     ├── TransportError (ConnectionError)   a broker's own failure, translated
+    ├── Unauthorized (PermissionError)     no or bad credentials (HTTP 401)
+    ├── Forbidden (PermissionError)        known, but not allowed (HTTP 403)
     ├── HandlerTimeout (TimeoutError)      a handler ran past its ``timeout=``
     └── RequestTimeout (TimeoutError)      ``app.request`` got no reply in time
 
@@ -24,13 +27,16 @@ __all__ = (
     "Closed",
     "ConfigurationError",
     "DecodeError",
+    "Forbidden",
     "HandlerTimeout",
+    "InvalidSignature",
     "MessageTooLarge",
     "Overloaded",
     "RequestTimeout",
     "RetryLater",
     "SurgeError",
     "TransportError",
+    "Unauthorized",
     "UnknownTopic",
 )
 
@@ -58,6 +64,19 @@ class DecodeError(SurgeError, ValueError):
 
 class UnknownTopic(DecodeError, LookupError):
     """A payload addressed to a topic that no event type is declared for."""
+
+
+class InvalidSignature(DecodeError):
+    """An envelope without a valid signature where the app requires one
+    (``App(signing_keys=...)``): dead-lettered with the reason, never handled."""
+
+
+class Unauthorized(SurgeError, PermissionError):
+    """An ``auth=`` hook found no valid credentials (the ingress answers 401)."""
+
+
+class Forbidden(SurgeError, PermissionError):
+    """An ``auth=`` hook knows the caller but refuses it (the ingress answers 403)."""
 
 
 class MessageTooLarge(SurgeError, ValueError):

@@ -22,6 +22,11 @@ app under a path prefix), :meth:`Ingress.add_collector` (more families at
 subscriptions' metrics and tracing spans that way, so this package never
 imports surge.observe.
 
+Who may call a route is an ``auth=`` hook's decision, per route or for
+every route (:meth:`Ingress.set_auth`); :func:`api_keys` and
+:func:`jwt_bearer` are ready ones, and the principal they return travels
+with the event as the ``surge-principal`` header.
+
 The operator surface (``/metrics`` and admin mounts such as ``/_surge/``)
 is not served on a public listener unless the app's admin token is set
 (:meth:`Ingress.set_admin_token`); ``serve(..., admin=(host, port))`` adds
@@ -39,6 +44,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         f"surge.http needs the http extra ({exc.name} is missing): pip install 'surge[http]'"
     ) from exc
 
+from ._auth import PRINCIPAL_HEADER, Auth, api_keys, jwt_bearer
 from ._config import Limits
 from ._ingress import (
     ADMIN_LISTENER,
@@ -56,7 +62,9 @@ from ._server import Server, bind_socket, run, serve
 
 __all__ = (
     "ADMIN_LISTENER",
+    "PRINCIPAL_HEADER",
     "ASGIApp",
+    "Auth",
     "HttpStats",
     "Ingress",
     "Limits",
@@ -67,7 +75,9 @@ __all__ = (
     "Scope",
     "Send",
     "Server",
+    "api_keys",
     "bind_socket",
+    "jwt_bearer",
     "run",
     "serve",
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import ipaddress
 import logging
 import re
@@ -17,8 +18,16 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from .._errors import Closed, ConfigurationError, MessageTooLarge, RequestTimeout
+from .._errors import (
+    Closed,
+    ConfigurationError,
+    Forbidden,
+    MessageTooLarge,
+    RequestTimeout,
+    Unauthorized,
+)
 from .._event import Event
+from ._auth import PRINCIPAL_HEADER, Auth
 from ._config import Limits
 from ._metrics import Metrics, RouteStats
 
@@ -58,6 +67,7 @@ ADMIN_LISTENER = "surge.admin"
 accepts; only an ASGI server can set it, never a client."""
 _FORWARDED = (b"forwarded", b"x-forwarded-for", b"x-real-ip")
 _BEARER = (b"www-authenticate", b'Bearer realm="surge-admin"')
+_CHALLENGE = (b"www-authenticate", b'Bearer realm="surge"')
 _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
 _RETRY = (b"retry-after", b"1")
@@ -68,13 +78,15 @@ _PROMETHEUS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 class Route(msgspec.Struct, frozen=True, kw_only=True):
     """A path that publishes its decoded body as ``publish`` and answers 202,
     or, with ``reply``, waits up to ``timeout`` for that event and answers
-    200 with it."""
+    200 with it. ``auth`` decides who may call it (else the ingress's
+    :meth:`~Ingress.set_auth` hook, if any)."""
 
     method: str
     path: str
     publish: type[Event]
     reply: type[Event] | None = None
     timeout: float = 5.0
+    auth: Auth | None = None
 
 
 class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -98,10 +110,11 @@ class _Reject(Exception):
 class _Bound:
     """A route with what its hot path needs at hand."""
 
-    __slots__ = ("decoder", "reply", "route", "stats", "timeout", "topic")
+    __slots__ = ("auth", "decoder", "reply", "route", "stats", "timeout", "topic")
 
     def __init__(self, route: Route, stats: RouteStats) -> None:
         self.route = route
+        self.auth = route.auth
         self.stats = stats
         self.decoder = msgspec.json.Decoder(route.publish)
         self.reply = route.reply
@@ -125,6 +138,7 @@ class Ingress:
         self.metrics = Metrics(self._stats)
         self._mounts: list[tuple[str, ASGIApp, bool]] = []
         self._admin_token: bytes | None = None
+        self._auth: Auth | None = None
         self._refreshers: list[Callable[[], Awaitable[object]]] = []
         self._around: RequestWrapper | None = None
         self._stopping = False
@@ -149,10 +163,14 @@ class Ingress:
         publish: type[Event],
         reply: type[Event] | None = None,
         timeout: float = 5.0,
+        auth: Auth | None = None,
     ) -> Route:
         """``POST path``: decode the JSON body into ``publish`` and publish it;
-        answer 202 ``{"id": ...}``, or with ``reply`` the reply event (200)."""
-        return self.route("POST", path, publish=publish, reply=reply, timeout=timeout)
+        answer 202 ``{"id": ...}``, or with ``reply`` the reply event (200).
+        With ``auth`` (or an app-wide :meth:`set_auth` hook), only callers
+        it accepts (401/403 otherwise, before the body is read); the
+        principal goes with the event as its ``surge-principal`` header."""
+        return self.route("POST", path, publish=publish, reply=reply, timeout=timeout, auth=auth)
 
     def put(
         self,
@@ -161,9 +179,10 @@ class Ingress:
         publish: type[Event],
         reply: type[Event] | None = None,
         timeout: float = 5.0,
+        auth: Auth | None = None,
     ) -> Route:
         """Like :meth:`post`, for ``PUT``."""
-        return self.route("PUT", path, publish=publish, reply=reply, timeout=timeout)
+        return self.route("PUT", path, publish=publish, reply=reply, timeout=timeout, auth=auth)
 
     def route(
         self,
@@ -173,6 +192,7 @@ class Ingress:
         publish: type[Event],
         reply: type[Event] | None = None,
         timeout: float = 5.0,
+        auth: Auth | None = None,
     ) -> Route:
         """Declare a route; see :meth:`post`."""
         method = method.upper()
@@ -187,7 +207,11 @@ class Ingress:
                 raise ConfigurationError(f"{name}= takes an Event subclass, not {tp!r}")
         if timeout <= 0:
             raise ConfigurationError("timeout must be positive")
-        route = Route(method=method, path=path, publish=publish, reply=reply, timeout=timeout)
+        if auth is not None and not callable(auth):
+            raise ConfigurationError(f"auth= takes a callable, not {auth!r}")
+        route = Route(
+            method=method, path=path, publish=publish, reply=reply, timeout=timeout, auth=auth
+        )
         self._routes[(method, path)] = _Bound(route, self._stats_for(method, path))
         self._paths.setdefault(path, []).append(method)
         return route
@@ -204,6 +228,13 @@ class Ingress:
         if any(prefix == known for known, _, _ in self._mounts):
             raise ConfigurationError(f"{prefix} is mounted twice")
         self._mounts.append((prefix, app, admin))
+
+    def set_auth(self, auth: Auth | None) -> None:
+        """Check every route without an ``auth=`` of its own with ``auth``
+        (see :mod:`surge.http` for the hook; ``None`` removes it)."""
+        if auth is not None and not callable(auth):
+            raise ConfigurationError(f"set_auth takes a callable, not {auth!r}")
+        self._auth = auth
 
     def set_admin_token(self, token: str | None) -> None:
         """Guard the operator surface (``/metrics`` and admin mounts such as
@@ -356,6 +387,10 @@ class Ingress:
 
     async def _handle(self, bound: _Bound, scope: Scope, receive: Receive, send: Send) -> int:
         try:
+            auth = bound.auth or self._auth
+            headers = None
+            if auth is not None:
+                headers = {PRINCIPAL_HEADER: await _authenticate(auth, scope)}
             body = await self._read(scope, receive)
             try:
                 event = bound.decoder.decode(body)
@@ -365,11 +400,13 @@ class Ingress:
             except msgspec.DecodeError as exc:
                 raise _Reject(400, f"the body is not valid JSON: {exc}") from None
             if bound.reply is None:
-                event_id = await self.app.publish(event)
+                event_id = await self.app.publish(event, headers=headers)
                 await _answer(send, 202, b'{"id":"%s"}' % event_id.encode(), (_JSON,))
                 return 202
             try:
-                reply = await self.app.request(event, expect=bound.reply, timeout=bound.timeout)
+                reply = await self.app.request(
+                    event, expect=bound.reply, timeout=bound.timeout, headers=headers
+                )
             except RequestTimeout:
                 raise _Reject(
                     504, f"no {bound.reply.__topic__} reply within {bound.timeout}s"
@@ -377,8 +414,10 @@ class Ingress:
             await _answer(send, 200, msgspec.json.encode(reply), (_JSON,))
             return 200
         except _Reject as rej:
-            headers = (_JSON, _CLOSE) if rej.close else (_JSON,)
-            await _answer(send, rej.status, rej.body, headers)
+            answer = (_JSON, _CLOSE) if rej.close else (_JSON,)
+            if rej.status == 401:
+                answer = (*answer, _CHALLENGE)
+            await _answer(send, rej.status, rej.body, answer)
             return rej.status
         except Closed:
             await _answer(send, 503, b'{"error":"the app is not running"}', (_JSON, _RETRY, _CLOSE))
@@ -519,6 +558,21 @@ class Ingress:
                 await self.app.stop()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+
+async def _authenticate(auth: Auth, scope: Scope) -> str:
+    """The principal ``auth`` finds in the request's headers, or a refusal."""
+    headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+    try:
+        found = auth(headers)
+        principal = await found if inspect.isawaitable(found) else found
+    except Unauthorized as exc:
+        raise _Reject(401, str(exc) or "unauthorized") from None
+    except Forbidden as exc:
+        raise _Reject(403, str(exc) or "forbidden") from None
+    if not isinstance(principal, str) or not principal:
+        raise TypeError(f"an auth hook returned {principal!r}; return the principal (a str)")
+    return principal
 
 
 def _literal_host(host: bytes) -> bool:
