@@ -7,6 +7,7 @@ The protocol promises themselves are in tests/conformance (the ``nats`` case).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -508,6 +509,67 @@ async def test_killed_owner_partition_taken_over_after_lease(tmp_path: Path) -> 
             assert (await b.stats("g")).pending == 0
         finally:
             await b.close()
+
+
+# --- cancellation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["save_state", "publish", "consume"])
+async def test_a_cancel_the_client_swallows_still_cancels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
+) -> None:
+    """A cancel that nats-py swallows (asyncio.wait_for on Python 3.11 drops
+    one that lands with the reply; its flush catches CancelledError) still
+    ends the cancelled call: a stop that cancels a trigger's timer or a
+    runner's consumer, and waits for it, does not hang."""
+    from nats.aio.client import Client
+    from nats.js.kv import KeyValue
+
+    entered = asyncio.Event()
+
+    async def swallow() -> None:
+        entered.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.Event().wait()  # until cancelled
+
+    publish = Client.publish
+
+    async def swallowing_publish(self: Client, subject: str, *args: Any, **kwargs: Any) -> None:
+        if not entered.is_set() and subject.startswith(
+            "$JS.API.CONSUMER.MSG.NEXT." if call == "consume" else "swallow."
+        ):
+            await swallow()
+            return
+        await publish(self, subject, *args, **kwargs)
+
+    async def swallowing_put(self: KeyValue, key: str, value: bytes, **kwargs: Any) -> int:
+        await swallow()
+        return 1
+
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(f"{srv.url}?stream=swallow")
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            monkeypatch.setattr(Client, "publish", swallowing_publish)
+            monkeypatch.setattr(KeyValue, "put", swallowing_put)
+            if call == "save_state":
+                task = asyncio.ensure_future(t.save_state("k", b"v"))
+            elif call == "publish":
+                task = asyncio.ensure_future(t.publish([_env(1)]))
+            else:
+
+                async def consume() -> None:
+                    async for _ in t.consume("g", prefetch=1):
+                        pass
+
+                task = asyncio.ensure_future(consume())
+            await asyncio.wait_for(entered.wait(), 10)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+        finally:
+            await t.close()
 
 
 # --- a server restart ---------------------------------------------------------------

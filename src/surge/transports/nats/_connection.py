@@ -18,7 +18,7 @@ from nats.aio.client import Client
 
 from ..._errors import Closed, TransportError
 
-__all__ = ("Connection", "safe_url", "ssl_context", "translate")
+__all__ = ("CancelGuard", "Connection", "safe_url", "ssl_context", "translate")
 
 log = logging.getLogger("surge.nats")
 
@@ -145,7 +145,8 @@ class Connection:
         if nc is None or nc.is_closed:
             return
         try:
-            await nc.publish(reply, payload)
+            with CancelGuard():
+                await nc.publish(reply, payload)
         except nats.errors.Error as exc:
             # The server redelivers after the lease: at-least-once holds.
             log.warning("could not send %r for %s: %r", payload[:4], reply, exc)
@@ -195,6 +196,37 @@ class Connection:
         nc, self._nc = self._nc, None
         if nc is not None:
             await nc.close()
+
+
+class CancelGuard:
+    """``with CancelGuard(): await <nats-py calls>``: a cancellation of the
+    running task that the calls swallowed is raised at the end of the block.
+
+    nats-py waits for every reply with ``asyncio.wait_for``, which on Python
+    3.11 returns the reply and drops a cancel that lands in the same loop
+    iteration (fixed in 3.12), and its flush catches ``CancelledError`` and
+    carries on. A stop cancels tasks (a trigger's timer, a runner's consumer
+    and acker) and waits for them: a lost cancel left that task running and
+    the stop waiting until the supervisor killed the worker.
+    """
+
+    __slots__ = ("_before", "_task")
+
+    def __enter__(self) -> None:
+        task = self._task = asyncio.current_task()
+        self._before = 0 if task is None else task.cancelling()
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
+    ) -> None:
+        task = self._task
+        if (
+            task is not None
+            and task.cancelling() > self._before
+            and not isinstance(exc, asyncio.CancelledError)
+        ):
+            log.debug("nats: %s was cancelled in a client call that lost it", task.get_name())
+            raise asyncio.CancelledError from exc
 
 
 def ssl_context(

@@ -40,7 +40,7 @@ from ..._event import Envelope
 from ..._transport import Delivery
 from .._partitions import Ownership
 from ._balancer import Balancer, ended
-from ._connection import Connection, translate
+from ._connection import CancelGuard, Connection, translate
 from ._groups import Group, Source, ack_info, ack_meta
 from ._layout import Layout, consumer_name, partition_durable
 from ._options import NatsOptions
@@ -202,7 +202,8 @@ class Consumer:
                     yield batch
                     continue
                 try:
-                    await self._pull(g)
+                    with CancelGuard():
+                        await self._pull(g)
                 except Closed:
                     return
                 except (nats.errors.Error, TransportError) as exc:

@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 
 from ..._clock import Clock
 from ..._errors import Closed, ConfigurationError, Overloaded, TransportError
-from ._connection import Connection, safe_url, translate
+from ._connection import CancelGuard, Connection, safe_url, translate
 from ._options import NatsOptions
 
 __all__ = ("Item", "Publisher")
@@ -138,7 +138,8 @@ class Publisher:
     async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
         nc = self._conn.client()
         try:
-            await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
+            with CancelGuard():
+                await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
             pass  # disconnected with a full buffer: resent after a reconnect
         except nats.errors.BadSubjectError:

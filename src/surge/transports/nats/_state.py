@@ -8,7 +8,7 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 
-from ._connection import Connection, translate
+from ._connection import CancelGuard, Connection, translate
 from ._layout import Layout
 
 __all__ = ("StateBucket",)
@@ -22,9 +22,10 @@ class StateBucket:
         self._bucket = layout.state_bucket
 
     async def load(self, key: str) -> bytes | None:
-        kv = await self._open()
         try:
-            entry = await kv.get(_state_key(key))
+            with CancelGuard():
+                kv = await self._open()
+                entry = await kv.get(_state_key(key))
         except nats.js.errors.KeyNotFoundError:
             return None
         except nats.errors.Error as exc:
@@ -33,9 +34,10 @@ class StateBucket:
         return value
 
     async def save(self, key: str, value: bytes) -> None:
-        kv = await self._open()
         try:
-            await kv.put(_state_key(key), value)
+            with CancelGuard():
+                kv = await self._open()
+                await kv.put(_state_key(key), value)
         except nats.errors.Error as exc:
             raise translate(exc, f"writing state {key!r}") from exc
 

@@ -17,7 +17,7 @@ from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
 from .._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
 from ._balancer import Balancer
-from ._connection import Connection, ssl_context, translate
+from ._connection import CancelGuard, Connection, ssl_context, translate
 from ._consumer import Consumer
 from ._dead_letters import DeadLetters
 from ._groups import ack_meta
@@ -196,7 +196,10 @@ class NatsTransport:
 
     # --- groups ------------------------------------------------------------------------
     async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
-        await self._consumer.declare(group, topics, ephemeral=ephemeral, partitions=self.partitions)
+        with CancelGuard():
+            await self._consumer.declare(
+                group, topics, ephemeral=ephemeral, partitions=self.partitions
+            )
 
     def ownership(self, group: str) -> Ownership | None:
         """Which partitions of ``group`` this consumer reads (None: an
@@ -254,21 +257,25 @@ class NatsTransport:
         durable = consumer_name(delivery.group)
         # Written before the original is settled; a crash in between makes a
         # second record with the same msg id, which the server drops.
-        await self._dead.store(durable, record, f"dlq.{durable}.{record.id}.{seq}")
-        await self._consumer.terminate(delivery)
+        with CancelGuard():
+            await self._dead.store(durable, record, f"dlq.{durable}.{record.id}.{seq}")
+            await self._consumer.terminate(delivery)
 
     # --- dead letters ------------------------------------------------------------------
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
-        async with self._session():
-            return await self._dead.read(group)
+        with CancelGuard():
+            async with self._session():
+                return await self._dead.read(group)
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
-        async with self._session():
-            return await self._dead.replay(group, ids)
+        with CancelGuard():
+            async with self._session():
+                return await self._dead.replay(group, ids)
 
     async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
-        async with self._session():
-            return await self._dead.purge(group, ids)
+        with CancelGuard():
+            async with self._session():
+                return await self._dead.purge(group, ids)
 
     # --- state ---------------------------------------------------------------------------
     async def load_state(self, key: str) -> bytes | None:
@@ -282,13 +289,14 @@ class NatsTransport:
             await self._state.save(key, value)
 
     async def stats(self, group: str) -> TransportStats:
-        async with self._session():
-            await self._dead.known(group)
-            try:
-                backlog, pending = await self._consumer.counts(group, self.partitions)
-            except nats.errors.Error as exc:
-                raise translate(exc, f"reading the state of {group!r}") from exc
-            dead = await self._dead.count(group)
+        with CancelGuard():
+            async with self._session():
+                await self._dead.known(group)
+                try:
+                    backlog, pending = await self._consumer.counts(group, self.partitions)
+                except nats.errors.Error as exc:
+                    raise translate(exc, f"reading the state of {group!r}") from exc
+                dead = await self._dead.count(group)
         scheduled = self._consumer.scheduled(group)
         return TransportStats(backlog, max(0, pending - scheduled), scheduled, dead)
 
@@ -304,11 +312,12 @@ class NatsTransport:
         while True:
             self._busy = False
             try:
-                settled = (
-                    not self._pub.busy
-                    and not self._consumer.unsettled
-                    and await self._consumer.settled_on_server()
-                )
+                with CancelGuard():
+                    settled = (
+                        not self._pub.busy
+                        and not self._consumer.unsettled
+                        and await self._consumer.settled_on_server()
+                    )
             except nats.errors.Error as exc:
                 raise translate(exc, "reading consumer state") from exc
             if settled and not self._busy:
