@@ -25,10 +25,23 @@ from ._errors import (
     Unauthorized,
     UnknownTopic,
 )
-from ._event import Envelope, Event, derive_id, new_id
+from ._event import Envelope, Event, derive_id, is_derived, new_id
 from ._middleware import Middleware
 from ._stats import AppStats, SubscriptionStats
-from ._transport import DeadLetter, Delivery, Transport
+from ._transport import (
+    Capabilities,
+    DeadLetter,
+    Delivery,
+    DirectPut,
+    HandsBack,
+    IdleAware,
+    KeyRouting,
+    StateStore,
+    Transport,
+    TransportStats,
+    capabilities_of,
+    topic_matches,
+)
 from .triggers import Condition, ConditionMet, Tick, absence, count, sequence
 
 __version__ = "0.1.0"
@@ -36,6 +49,7 @@ __version__ = "0.1.0"
 __all__ = (
     "App",
     "AppStats",
+    "Capabilities",
     "Clock",
     "Closed",
     "Codec",
@@ -46,12 +60,16 @@ __all__ = (
     "DeadLetter",
     "DecodeError",
     "Delivery",
+    "DirectPut",
     "Envelope",
     "Event",
     "Forbidden",
     "HandlerTimeout",
+    "HandsBack",
+    "IdleAware",
     "InvalidSignature",
     "JsonCodec",
+    "KeyRouting",
     "MessageTooLarge",
     "Middleware",
     "MsgpackCodec",
@@ -60,19 +78,24 @@ __all__ = (
     "RequestTimeout",
     "Retry",
     "RetryLater",
+    "StateStore",
     "Subscription",
     "SubscriptionStats",
     "SurgeError",
     "Tick",
     "Transport",
     "TransportError",
+    "TransportStats",
     "Unauthorized",
     "UnknownTopic",
     "VirtualClock",
     "__version__",
     "absence",
+    "capabilities_of",
     "count",
     "derive_id",
+    "is_derived",
     "new_id",
     "sequence",
+    "topic_matches",
 )

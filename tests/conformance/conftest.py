@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 
 import surge
-from surge.transports import open_transport
+from surge.transports import open_transport, register
 
 from .._servers import (
     drop_postgres_schema,
@@ -65,7 +65,12 @@ class Case:
     """Removes the store of ``url``'s result after the test (a server's)."""
 
 
+# The transport written only from docs/transports.md: the core protocol, no
+# capability (tests/conformance/_minimal.py).
+register("minimal", "tests.conformance._minimal", "MinimalTransport")
+
 CASES: list[Case] = [
+    Case("minimal", url=lambda _: "minimal://"),
     Case(
         "memory",
         url=lambda _: "memory://",

@@ -1,0 +1,311 @@
+"""The optional capabilities (docs/transports.md), each where a transport has it,
+and what the runtime does where it has not.
+
+A capability test runs when ``surge.capabilities_of`` finds the protocol on
+the transport and skips, naming it, when not; each degradation test runs
+where the capability is missing and skips where it is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+import surge
+from surge.testing import Harness
+
+from ._helpers import Item, Reader, body, env, number
+from .conftest import Case, Factory
+
+
+def _n(d: surge.Delivery) -> int:
+    """The Item's ``n``: an event object in process, else its encoded body."""
+    ev = d.envelope.event
+    return ev.n if isinstance(ev, Item) else number(d)
+
+
+def _caps(factory: Factory) -> surge.Capabilities:
+    return surge.capabilities_of(factory.open())
+
+
+def _need(have: object, name: str, case: Case) -> None:
+    if have is None:
+        pytest.skip(f"{case.id} has no {name}")
+
+
+def _lack(have: object, name: str, case: Case) -> None:
+    if have is not None:
+        pytest.skip(f"{case.id} has {name}: nothing to degrade")
+
+
+@asynccontextmanager
+async def _reopened(
+    factory: Factory, case: Case, first: surge.Transport
+) -> AsyncIterator[surge.Transport]:
+    """After ``first`` closed: the store as the next process sees it (a new
+    transport on a shared store, else ``first`` started again)."""
+    if case.shared:
+        async with factory.started() as t:
+            yield t
+        return
+    await first.start()
+    try:
+        yield first
+    finally:
+        await first.close()
+
+
+# --- HandsBack -----------------------------------------------------------------
+async def test_release_keeps_attempt_and_place(transport_factory: Factory, case: Case) -> None:
+    """Released deliveries come back first, in order, with the attempt they had."""
+    _need(_caps(transport_factory).hands_back, "HandsBack", case)
+    first = transport_factory.open()
+    await first.start()
+    await first.declare("g", ["conf.item"])
+    envs = [env(i) for i in range(6)]
+    for e in envs:
+        e.key = "k"  # one partition, where the transport has partitions
+    await first.publish(envs)
+    r = Reader(first, "g", prefetch=3)
+    held = await r.take(3)
+    assert [number(d) for d in held] == [0, 1, 2]
+    hands_back = surge.capabilities_of(first).hands_back
+    assert hands_back is not None
+    await r.aclose()
+    await hands_back.release(held)
+    await first.close()
+    async with _reopened(transport_factory, case, first) as t:
+        await t.declare("g", ["conf.item"])
+        r = Reader(t, "g", prefetch=10)
+        again = await r.take(6)
+        assert [number(d) for d in again] == [0, 1, 2, 3, 4, 5]
+        assert [d.attempt for d in again] == [1] * 6
+        await t.ack(again)
+        await r.aclose()
+
+
+async def test_stop_hands_back_what_no_handler_saw(transport_factory: Factory, case: Case) -> None:
+    """Events fetched but never handled when the app stops come back with
+    attempt 1 where the transport hands back, attempt 2 (a nack) where not."""
+    releases = surge.capabilities_of(transport_factory.open()).hands_back is not None
+    app = transport_factory.app(shutdown_timeout=0)
+    started = asyncio.Event()
+    blocked: list[int] = []
+
+    @app.on(Item, concurrency=1, prefetch=100)
+    async def stuck(ev: Item) -> None:
+        blocked.append(ev.n)
+        started.set()
+        await asyncio.Event().wait()  # cancelled at the stop
+
+    await app.start()
+    for i in range(5):
+        await app.publish(Item(n=i))
+    async with asyncio.timeout(30):
+        await started.wait()
+    await app.stop()
+    expect = 1 if releases else 2
+    async with _reopened(transport_factory, case, app.transport) as t:
+        await t.declare(f"{app.name}.stuck", ["conf.item"])
+        r = Reader(t, f"{app.name}.stuck")
+        others: dict[int, int] = {}
+        while len(others) < 4:
+            for d in await r.batch():
+                if _n(d) not in blocked:
+                    others[_n(d)] = d.attempt
+        assert sorted(others) == sorted(set(range(5)) - set(blocked))
+        assert set(others.values()) == {expect}, others
+        await r.aclose()
+
+
+# --- KeyRouting ----------------------------------------------------------------
+class Keyed(surge.Event):
+    __topic__ = "conf.keyed"
+    __key__ = "account"
+    account: str
+    n: int
+
+
+async def test_partitions_and_filled_keys(transport_factory: Factory, case: Case) -> None:
+    """A partitioned transport says how many partitions it has once started,
+    and the app fills each envelope's key from the event type's ``__key__``;
+    without partitions the envelope keeps the publisher's key (none)."""
+    app = transport_factory.app()
+    keys: list[str | None] = []
+    done = asyncio.Event()
+
+    @app.on(Keyed)
+    async def handle(ev: Keyed, ctx: surge.Context) -> None:
+        keys.append(ctx.key)
+        if len(keys) == 3:
+            done.set()
+
+    async with app:
+        routing = app.capabilities.key_routing
+        for i in range(3):
+            await app.publish(Keyed(account=f"a{i}", n=i))
+        async with asyncio.timeout(30):
+            await done.wait()
+    if routing is None:
+        assert keys == [None, None, None]
+    else:
+        assert routing.partitions >= 1
+        assert app.capabilities.partitions == routing.partitions
+        assert sorted(k or "" for k in keys) == ["a0", "a1", "a2"]
+
+
+# --- IdleAware -----------------------------------------------------------------
+async def test_idle_and_wait_idle(transport_factory: Factory, case: Case) -> None:
+    """Idle means nothing undelivered, unsettled or scheduled; wait_idle
+    returns once that holds."""
+    _need(_caps(transport_factory).idle, "IdleAware", case)
+    async with transport_factory.started() as t:
+        idle = surge.capabilities_of(t).idle
+        assert idle is not None
+        await t.declare("g", ["conf.item"])
+        await idle.wait_idle()
+        assert idle.idle
+        await t.publish([env(1), env(2)])
+        waiting = asyncio.ensure_future(idle.wait_idle())
+        r = Reader(t, "g")
+        got = await r.take(2)
+        await t.nack(got[0], 0.3)  # scheduled: still not idle
+        await t.ack(got[1:])
+        done, _ = await asyncio.wait({waiting}, timeout=0.1)
+        assert not done, "idle while a delivery was scheduled"
+        (back,) = await r.take(1)
+        await t.ack([back])
+        async with asyncio.timeout(30):
+            await waiting
+        assert idle.idle
+        await r.aclose()
+
+
+async def test_without_idle_drain_raises(transport_factory: Factory, case: Case) -> None:
+    """Without IdleAware, App.drain and Harness.drain raise NotImplementedError,
+    and stop(drain=True) stops all the same."""
+    _lack(_caps(transport_factory).idle, "IdleAware", case)
+    app = transport_factory.app()
+    handled = asyncio.Event()
+
+    @app.on(Item)
+    async def handle(ev: Item) -> None:
+        handled.set()
+
+    async with Harness(app) as h:
+        with pytest.raises(NotImplementedError, match="IdleAware"):
+            await app.drain()
+        with pytest.raises(NotImplementedError):
+            await h.drain()
+        await app.publish(Item(n=1))
+        async with asyncio.timeout(30):
+            await handled.wait()
+        assert h.handled_by("handle") == [Item(n=1)]
+    assert app.state == "stopped"
+
+
+# --- StateStore ----------------------------------------------------------------
+async def test_state_round_trip(transport_factory: Factory, case: Case) -> None:
+    """load_state gives back what save_state stored last, and None before;
+    a second transport on a shared store sees the same values."""
+    _need(_caps(transport_factory).state, "StateStore", case)
+    async with transport_factory.started() as t:
+        store = surge.capabilities_of(t).state
+        assert store is not None
+        assert await store.load_state("conf:k") is None
+        await store.save_state("conf:k", b"one")
+        await store.save_state("conf:k", b"two")
+        assert await store.load_state("conf:k") == b"two"
+        if case.shared:
+            async with transport_factory.started() as other:
+                other_store = surge.capabilities_of(other).state
+                assert other_store is not None
+                assert await other_store.load_state("conf:k") == b"two"
+                await other_store.save_state("conf:k", b"three")
+            assert await store.load_state("conf:k") == b"three"
+
+
+def _ticker(factory: Factory, transport: surge.Transport, fired: list[float]) -> surge.App:
+    app = surge.App("conf", transport=transport, clock=factory.clock)
+
+    @app.every(seconds=10, name="ten", misfire="catch_up")
+    async def ten(t: surge.Tick) -> None:
+        fired.append(t.scheduled)
+
+    return app
+
+
+async def test_trigger_state_without_a_store_lives_on_the_app(
+    transport_factory: Factory, case: Case, clock: surge.Clock
+) -> None:
+    """Without a StateStore, an app restarted catches up on the slots it
+    missed, and a new app (a new process) starts with no history."""
+    _lack(_caps(transport_factory).state, "StateStore", case)
+    if case.realtime:
+        pytest.skip("timers over minutes run on the virtual clock")
+    fired: list[float] = []
+    transport = transport_factory.open()
+    app = _ticker(transport_factory, transport, fired)
+    async with app:
+        await clock.sleep(25)
+    assert len(fired) == 2
+    await clock.sleep(60)
+    async with app:
+        await clock.sleep(1)
+    assert len(fired) == 8  # caught up on the six slots missed
+    await clock.sleep(60)
+    async with _ticker(transport_factory, transport, fired):
+        await clock.sleep(1)
+    assert len(fired) == 8  # a new app knows of no firing: nothing to catch up
+
+
+async def test_trigger_state_in_the_store_is_shared(
+    transport_factory: Factory, case: Case, clock: surge.Clock
+) -> None:
+    """With a StateStore, a new app on the store (a new process) catches up
+    from the slot the previous one fired last."""
+    _need(_caps(transport_factory).state, "StateStore", case)
+    if case.realtime:
+        pytest.skip("timers over minutes run on the virtual clock")
+    fired: list[float] = []
+    first = transport_factory.open()
+    async with _ticker(transport_factory, first, fired):
+        await clock.sleep(25)
+    assert len(fired) == 2
+    await clock.sleep(60)
+    second = transport_factory.open() if case.shared else first
+    async with _ticker(transport_factory, second, fired):
+        await clock.sleep(1)
+    assert len(fired) == 8
+
+
+# --- DirectPut -----------------------------------------------------------------
+async def test_put_one_takes_all_or_nothing(transport_factory: Factory, case: Case) -> None:
+    """put_one queues a fresh envelope and says True, or takes nothing and
+    says False when a group is full."""
+    _need(_caps(transport_factory).direct_put, "DirectPut", case)
+    if not case.bounded:
+        pytest.skip(f"{case.id} has no bounded buffer")
+    async with transport_factory.started(**case.bounded_options) as t:
+        put = surge.capabilities_of(t).direct_put
+        assert put is not None
+        assert not t.durable
+        await t.declare("g", ["conf.item"])
+        await t.declare("h", ["conf.item"])
+        made = [
+            surge.Envelope(surge.new_id(), "conf.item", None, 0.0, None, None, body(i))
+            for i in range(case.bounded_capacity + 1)
+        ]
+        for e in made[:-1]:
+            assert put.put_one(e)
+        assert not put.put_one(made[-1])
+        for group in ("g", "h"):
+            r = Reader(t, group)
+            got = await r.take(case.bounded_capacity)
+            assert [number(d) for d in got] == list(range(case.bounded_capacity))
+            assert await r.quiet(0.5)
+            await t.ack(got)
+            await r.aclose()
