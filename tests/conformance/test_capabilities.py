@@ -48,7 +48,7 @@ async def _reopened(
     """After ``first`` closed: the store as the next process sees it (a new
     transport on a shared store, else ``first`` started again)."""
     if case.shared:
-        async with factory.started() as t:
+        async with factory.started(**case.order_options) as t:
             yield t
         return
     await first.start()
@@ -59,19 +59,43 @@ async def _reopened(
 
 
 # --- HandsBack -----------------------------------------------------------------
-async def test_release_keeps_attempt_and_place(transport_factory: Factory, case: Case) -> None:
-    """Released deliveries come back first, in order, with the attempt they had."""
+# Known gaps, strict: each case fails here until its transport keeps the
+# promise, and then must lose its entry.
+_RELEASE_COUNTS_AN_ATTEMPT = {
+    "redis": "redis release() hands back through a path that counts a delivery",
+    "nats": "nats release() NAKs, and JetStream counts the redelivery",
+    "amqp": "amqp has no release(), and a delivery nacked at a stop comes back as attempt 3",
+}
+
+
+def _known_gap(request: pytest.FixtureRequest, case: Case) -> None:
+    reason = _RELEASE_COUNTS_AN_ATTEMPT.get(case.id)
+    if reason is not None:
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
+
+
+async def test_release_keeps_attempt_and_place(
+    transport_factory: Factory, case: Case, request: pytest.FixtureRequest
+) -> None:
+    """Released deliveries come back at once, in order and before envelopes
+    of their key published later, with the attempt they had."""
     _need(_caps(transport_factory).hands_back, "HandsBack", case)
-    first = transport_factory.open()
+    _known_gap(request, case)
+    # keyed: short leases, so that a partition's first owner takes it at once
+    first = transport_factory.open(**case.order_options)
     await first.start()
     await first.declare("g", ["conf.item"])
-    envs = [env(i) for i in range(6)]
-    for e in envs:
-        e.key = "k"  # one partition, where the transport has partitions
-    await first.publish(envs)
-    r = Reader(first, "g", prefetch=3)
-    held = await r.take(3)
-    assert [number(d) for d in held] == [0, 1, 2]
+
+    def keyed(numbers: range) -> list[surge.Envelope]:
+        envs = [env(i) for i in numbers]
+        for e in envs:
+            e.key = "k"  # one partition, where the transport has partitions
+        return envs
+
+    await first.publish(keyed(range(6)))
+    r = Reader(first, "g", prefetch=100)
+    held = await r.take(6)
+    assert [number(d) for d in held] == [0, 1, 2, 3, 4, 5]
     hands_back = surge.capabilities_of(first).hands_back
     assert hands_back is not None
     await r.aclose()
@@ -79,18 +103,22 @@ async def test_release_keeps_attempt_and_place(transport_factory: Factory, case:
     await first.close()
     async with _reopened(transport_factory, case, first) as t:
         await t.declare("g", ["conf.item"])
-        r = Reader(t, "g", prefetch=10)
-        again = await r.take(6)
-        assert [number(d) for d in again] == [0, 1, 2, 3, 4, 5]
-        assert [d.attempt for d in again] == [1] * 6
+        await t.publish(keyed(range(6, 9)))
+        r = Reader(t, "g", prefetch=100)
+        again = await r.take(9)
+        assert [number(d) for d in again] == list(range(9))
+        assert [d.attempt for d in again] == [1] * 9
         await t.ack(again)
         await r.aclose()
 
 
-async def test_stop_hands_back_what_no_handler_saw(transport_factory: Factory, case: Case) -> None:
+async def test_stop_hands_back_what_no_handler_saw(
+    transport_factory: Factory, case: Case, request: pytest.FixtureRequest
+) -> None:
     """Events fetched but never handled when the app stops come back with
     attempt 1 where the transport hands back, attempt 2 (a nack) where not."""
     releases = surge.capabilities_of(transport_factory.open()).hands_back is not None
+    _known_gap(request, case)
     app = transport_factory.app(shutdown_timeout=0)
     started = asyncio.Event()
     blocked: list[int] = []
