@@ -815,10 +815,14 @@ class App:
         ``shutdown_timeout``, hand back the rest, and close the transport.
 
         With ``drain=True``, first wait (within the same deadline) until the
-        transport holds nothing more for this app to handle.
+        transport holds nothing more for this app to handle; on a transport
+        that cannot tell (not ``IdleAware``) that raises
+        ``NotImplementedError`` and the app keeps running.
         """
         if self._state != "running":
             return
+        if drain and self._caps.idle is None:
+            await self.drain()  # raises, naming what is missing
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.shutdown_timeout
         if drain:

@@ -213,8 +213,8 @@ async def test_idle_and_wait_idle(transport_factory: Factory, case: Case) -> Non
 
 
 async def test_without_idle_drain_raises(transport_factory: Factory, case: Case) -> None:
-    """Without IdleAware, App.drain and Harness.drain raise NotImplementedError,
-    and stop(drain=True) stops all the same."""
+    """Without IdleAware, App.drain, Harness.drain and App.stop(drain=True)
+    raise NotImplementedError; the app runs on and a plain stop stops it."""
     _lack(_caps(transport_factory).idle, "IdleAware", case)
     app = transport_factory.app()
     handled = asyncio.Event()
@@ -232,6 +232,9 @@ async def test_without_idle_drain_raises(transport_factory: Factory, case: Case)
         async with asyncio.timeout(30):
             await handled.wait()
         assert h.handled_by("handle") == [Item(n=1)]
+        with pytest.raises(NotImplementedError):
+            await app.stop(drain=True)
+        assert app.state == "running"
     assert app.state == "stopped"
 
 
