@@ -235,7 +235,8 @@ async def test_without_idle_drain_raises(transport_factory: Factory, case: Case)
         with pytest.raises(NotImplementedError):
             await app.stop(drain=True)
         assert app.state == "running"
-    assert app.state == "stopped"
+    stopped: str = app.state  # (mypy keeps the narrowing above across the await)
+    assert stopped == "stopped"
 
 
 # --- StateStore ----------------------------------------------------------------
