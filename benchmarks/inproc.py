@@ -10,6 +10,9 @@ no-op handler:
 ``surge_async_nowait``   ``app.publish_nowait(ev)``, ``await app.publish`` when Overloaded
 ``surge_inline``         ``await app.publish(ev)``, sync ``executor="inline"`` handler
 ``surge_inline_nowait``  ``publish_nowait`` to the inline handler
+``surge_async_signed``   ``surge_async`` with ``App(signing_keys=...)``: each envelope
+                         signed (HMAC-SHA256) at publish; memory:// deliveries are
+                         not verified, so this is the publisher's share of the cost
 ``queue``                bare ``asyncio.Queue(maxsize=1024)`` producer and consumer
                          coroutines, the consumer awaiting a no-op coroutine per item
 ``pyee_async``           pyee ``AsyncIOEventEmitter.emit`` to an async handler
@@ -94,9 +97,15 @@ def _handled(app: surge.App) -> int:
 
 
 async def _surge(
-    events: Sequence[Tick], warm: Sequence[Tick], *, inline: bool, nowait: bool
+    events: Sequence[Tick],
+    warm: Sequence[Tick],
+    *,
+    inline: bool,
+    nowait: bool,
+    signed: bool = False,
 ) -> tuple[Span, Extra]:
-    app = surge.App("bench")
+    keys: dict[str, str | bytes] | None = {"k1": "k" * 32} if signed else None
+    app = surge.App("bench", signing_keys=keys)
     if inline:
 
         @app.on(Tick, executor="inline")
@@ -131,6 +140,10 @@ async def surge_async(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Spa
 
 async def surge_async_nowait(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
     return await _surge(events, warm, inline=False, nowait=True)
+
+
+async def surge_async_signed(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
+    return await _surge(events, warm, inline=False, nowait=False, signed=True)
 
 
 async def surge_inline(events: Sequence[Tick], warm: Sequence[Tick]) -> tuple[Span, Extra]:
@@ -227,6 +240,7 @@ SCENARIOS: dict[str, Scenario] = {
     "surge_async_nowait": surge_async_nowait,
     "surge_inline": surge_inline,
     "surge_inline_nowait": surge_inline_nowait,
+    "surge_async_signed": surge_async_signed,
     "queue": queue,
     "pyee_async": pyee_async,
     "pyee_sync": pyee_sync,
@@ -236,6 +250,7 @@ SCENARIOS: dict[str, Scenario] = {
 RATIOS: tuple[tuple[str, str, str], ...] = (
     ("surge_async", "queue", "bar 0.5, goal 1.0"),
     ("surge_async_nowait", "queue", "variant"),
+    ("surge_async_signed", "surge_async", "signing cost"),
     ("surge_async", "pyee_async", ""),
     ("surge_inline", "pyee_sync", "goal 1.0"),
     ("surge_inline_nowait", "pyee_sync", "variant"),

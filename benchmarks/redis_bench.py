@@ -11,6 +11,8 @@ c4_frameworks.py measures the peer frameworks:
 ``surge drain``          one worker process (an App, async no-op handler, default
                          options) started on the full stream: first to last
                          handler start (startup excluded, reported apart)
+``surge signed ...``     enqueue x100 and drain again with ``App(signing_keys=...)``
+                         on both sides: signed at publish, verified at consume
 ``surge keyed drain``    the same with every event published with ``key=`` (1,000
                          keys): each goes to its partition stream (per-key order
                          across processes), the worker reads all 8
@@ -48,6 +50,7 @@ from surge.transports.redis import RedisTransport
 RESULTS = Path(__file__).parent / "results"
 RATE, DURATION = 500, 5.0
 GROUP = "bench.noop"
+KEYS: dict[str, str | bytes] = {"k1": "bench-signing-key-0123456789abcdef"}
 
 
 class Tick(surge.Event):
@@ -80,7 +83,11 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
 # --- the worker process ----------------------------------------------------------
 def worker(url: str, prefix: str, n: int, mode: str, out: str) -> None:
     """Handle ``n`` Tick events with a no-op handler; write timings to ``out``."""
-    app = surge.App("bench", transport=RedisTransport(url, prefix=prefix))
+    app = surge.App(
+        "bench",
+        transport=RedisTransport(url, prefix=prefix),
+        signing_keys=KEYS if mode.endswith("-signed") else None,
+    )
     first = last = 0.0
     count = 0
     latencies: list[int] = []
@@ -131,13 +138,40 @@ def _wait_ready(proc: subprocess.Popen[bytes]) -> None:
 
 
 # --- surge scenarios ----------------------------------------------------------------
-async def _producer(url: str, prefix: str) -> surge.App:
+async def _producer(url: str, prefix: str, *, signed: bool = False) -> surge.App:
     """A producer app, once the worker's group exists (so nothing is dropped)."""
     declare = RedisTransport(url, prefix=prefix)
     await declare.start()
     await declare.declare(GROUP, [Tick.__topic__])
     await declare.close()
-    return surge.App("bench-producer", transport=RedisTransport(url, prefix=prefix))
+    return surge.App(
+        "bench-producer",
+        transport=RedisTransport(url, prefix=prefix),
+        signing_keys=KEYS if signed else None,
+    )
+
+
+async def surge_signed(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
+    prefix = f"s{rnd}"
+    producer = await _producer(url, prefix, signed=True)
+    events = [Tick() for _ in range(n)]
+    async with producer:
+        t0 = time.perf_counter()
+
+        async def publisher(part: list[Tick]) -> None:
+            for ev in part:
+                await producer.publish(ev)
+
+        await asyncio.gather(*(publisher(events[i::100]) for i in range(100)))
+        enqueue_conc = time.perf_counter() - t0
+    out = tmp / f"signed{rnd}.json"
+    proc = spawn_worker(url, prefix, n, "throughput-signed", out)
+    await asyncio.to_thread(proc.wait)
+    res = json.loads(out.read_text())
+    return {
+        "surge_signed_enqueue_100_tasks_per_s": n / enqueue_conc,
+        "surge_signed_drain_per_s": (n - 1) / res["span"],
+    }
 
 
 async def surge_throughput(url: str, n: int, tmp: Path, rnd: int) -> dict[str, float]:
@@ -289,6 +323,7 @@ async def run(n: int, rounds: int) -> dict[str, Any]:
             row: dict[str, float] = {}
             row.update(await raw(url, n))
             row.update(await surge_throughput(url, n, tmp, rnd))
+            row.update(await surge_signed(url, n, tmp, rnd))
             row.update(await surge_keyed(url, n, tmp, rnd))
             row.update(await surge_latency(url, tmp, rnd))
             rows.append(row)
@@ -300,6 +335,12 @@ async def run(n: int, rounds: int) -> dict[str, Any]:
     medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     medians["surge_drain_vs_raw_drain"] = (
         medians["surge_drain_per_s"] / medians["raw_xreadgroup100_xack_drain_per_s"]
+    )
+    medians["surge_signed_drain_vs_surge_drain"] = (
+        medians["surge_signed_drain_per_s"] / medians["surge_drain_per_s"]
+    )
+    medians["surge_signed_enqueue_vs_surge_enqueue"] = (
+        medians["surge_signed_enqueue_100_tasks_per_s"] / medians["surge_enqueue_100_tasks_per_s"]
     )
     medians["surge_drain_vs_raw_xadd"] = (
         medians["surge_drain_per_s"] / medians["raw_xadd_pipelined100_per_s"]

@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._event import Envelope, Event, derive_id, is_derived, new_id
 from ._middleware import Middleware
+from ._signing import SIGNATURE_HEADER, Signer
 from ._stats import AppStats, SubscriptionStats
 from ._transport import (
     Capabilities,
@@ -47,6 +48,7 @@ from .triggers import Condition, ConditionMet, Tick, absence, count, sequence
 __version__ = "0.1.0"
 
 __all__ = (
+    "SIGNATURE_HEADER",
     "App",
     "AppStats",
     "Capabilities",
@@ -78,6 +80,7 @@ __all__ = (
     "RequestTimeout",
     "Retry",
     "RetryLater",
+    "Signer",
     "StateStore",
     "Subscription",
     "SubscriptionStats",

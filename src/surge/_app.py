@@ -10,7 +10,7 @@ import operator
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -21,10 +21,18 @@ from ._clock import Clock, RealClock
 from ._codec import Codec, codec_for
 from ._config import Retry
 from ._dispatch import ASYNC, INLINE, PROCESS, THREAD, Runner
-from ._errors import Closed, ConfigurationError, Overloaded, RequestTimeout, UnknownTopic
+from ._errors import (
+    Closed,
+    ConfigurationError,
+    InvalidSignature,
+    Overloaded,
+    RequestTimeout,
+    UnknownTopic,
+)
 from ._event import Envelope, Event, derive_id, event_type, new_id
 from ._middleware import Middleware
 from ._runtime import LocalState, Part, Runtime, Timings
+from ._signing import Signer
 from ._stats import AppStats, SubscriptionStats
 from ._transport import Capabilities, DeadLetter, Transport, capabilities_of
 
@@ -102,6 +110,10 @@ class App:
     ``middleware``       :class:`Middleware` hooks, outermost first
     ``clock``            a :class:`Clock`; tests pass a ``VirtualClock``
     ``seed``             seeds retry jitter, for reproducible runs
+    ``signing_keys``     key id -> secret (32+ bytes): sign every envelope
+                         published and dead-letter any consumed one that is
+                         not signed by one of these keys (see _signing.py)
+    ``sign_with``        the key id to sign with (needed with several keys)
     """
 
     def __init__(
@@ -118,6 +130,8 @@ class App:
         clock: Clock | None = None,
         codec: str | Codec = "msgpack",
         seed: int | None = None,
+        signing_keys: Mapping[str, str | bytes] | None = None,
+        sign_with: str | None = None,
     ) -> None:
         if not name or "/" in name or " " in name:
             raise ConfigurationError(f"app name {name!r}: use letters, digits, '.', '-', '_'")
@@ -129,6 +143,15 @@ class App:
         self.retry = retry or Retry()
         self.shutdown_timeout = shutdown_timeout
         self.codec = codec_for(codec) if isinstance(codec, str) else codec
+        self._signer: Signer | None = None
+        if signing_keys is not None:
+            if sign_with is None and len(signing_keys) == 1:
+                sign_with = next(iter(signing_keys))
+            if sign_with is None:
+                raise ConfigurationError("with several signing_keys, name one in sign_with=")
+            self._signer = Signer(signing_keys, sign_with, self.codec)
+        elif sign_with is not None:
+            raise ConfigurationError("sign_with= needs signing_keys=")
         self._threads = threads or min(32, (os.cpu_count() or 1) + 4)
         self._processes = processes or os.cpu_count() or 1
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
@@ -563,6 +586,8 @@ class App:
             mw.before_publish(env)
         if self._partitioned:
             self._fill_keys((env,))
+        if self._signer is not None:
+            self._signer.sign((env,))
         await outbox.publish_in(connection, (env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
@@ -592,6 +617,8 @@ class App:
         else:
             if self._partitioned:
                 self._fill_keys((env,))
+            if self._signer is not None:
+                self._signer.sign((env,))
             self.transport.publish_nowait((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
@@ -648,6 +675,14 @@ class App:
 
     async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:
         self._fill_keys(envs)
+        await self.transport.publish(envs)
+
+    async def _publish_signed(self, envs: Sequence[Envelope]) -> None:
+        # Keys are filled first: the signature covers the key routed on.
+        if self._partitioned:
+            self._fill_keys(envs)
+        assert self._signer is not None
+        self._signer.sign(envs)
         await self.transport.publish(envs)
 
     async def _publish_envelopes(self, envs: list[Envelope]) -> None:
@@ -724,6 +759,12 @@ class App:
         ev = env.event
         if ev is None:
             try:
+                if self._signer is not None:
+                    self._signer.verify(env)
+            except InvalidSignature as exc:
+                log.warning("reply ignored: %s", exc)
+                return
+            try:
                 ev = self.codec.decode_event(env.body or b"", expect, topic=env.topic)
             except Exception as exc:
                 fut.set_exception(exc)
@@ -738,6 +779,8 @@ class App:
 
     # --- decoding -----------------------------------------------------------
     def _decode(self, env: Envelope, sub: Subscription) -> Event:
+        if self._signer is not None:
+            self._signer.verify(env)
         tp = sub.types.get(env.topic) or self._types.get(env.topic) or event_type(env.topic)
         if tp is None:
             raise UnknownTopic(
@@ -779,9 +822,17 @@ class App:
         self._partitioned = caps.partitions > 0
         if self._partitioned:
             self._publish = self._publish_keyed
+        if self._signer is not None:
+            self._publish = self._publish_signed
         # A synchronous put is publication only where acceptance is (a
-        # transport that is not durable); keyed routing needs publish.
-        if caps.direct_put is not None and not transport.durable and not self._partitioned:
+        # transport that is not durable); keyed routing needs publish, and
+        # signing a signed publish.
+        if (
+            caps.direct_put is not None
+            and not transport.durable
+            and not self._partitioned
+            and self._signer is None
+        ):
             self._direct_put = caps.direct_put.put_one
             if not self._middleware:
                 self._put_one = self._direct_put
