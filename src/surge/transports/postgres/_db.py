@@ -80,9 +80,17 @@ class Database:
     """
 
     def __init__(
-        self, dsn: str, *, size: int, clock: Clock, reconnect_timeout: float, label: str
+        self,
+        dsn: str,
+        *,
+        size: int,
+        clock: Clock,
+        reconnect_timeout: float,
+        label: str,
+        settings: dict[str, str] | None = None,
     ) -> None:
         self.dsn = dsn
+        self.settings = settings or {}
         self.size = size
         self.clock = clock
         self.reconnect_timeout = reconnect_timeout
@@ -94,7 +102,11 @@ class Database:
     async def open(self) -> None:
         try:
             self._pool = await asyncpg.create_pool(
-                self.dsn, min_size=0, max_size=self.size, max_inactive_connection_lifetime=60
+                self.dsn,
+                min_size=0,
+                max_size=self.size,
+                max_inactive_connection_lifetime=60,
+                server_settings=self.settings,
             )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):

@@ -33,6 +33,11 @@ __all__ = ("Columns", "Publisher", "columns")
 
 log = logging.getLogger("surge.postgres")
 
+# Batches written at once. Publishes made while they are being written
+# gather into the next batch (group commit): under load the batches grow
+# instead of the round trips multiplying.
+_IN_FLIGHT = 2
+
 _encode_headers = msgspec.msgpack.Encoder().encode
 
 # ids, topics, keys, times, headers, bodies, not_before, partitions
@@ -151,20 +156,28 @@ class Publisher:
         fut: asyncio.Future[None] = loop.create_future()
         if self._rows is None:
             self._rows = cols
-            loop.call_soon(self._flush)
+            if len(self._flushing) < _IN_FLIGHT:
+                loop.call_soon(self._flush)
         else:
             _extend(self._rows, cols)
         self._waiters.append(fut)
         return fut
 
     def _flush(self) -> None:
+        if len(self._flushing) >= _IN_FLIGHT:
+            return  # the next write to finish flushes what gathered meanwhile
         rows, waiters = self._rows, self._waiters
         self._rows, self._waiters = None, []
         if rows is None:
             return
         task = asyncio.get_running_loop().create_task(self._write(rows, waiters))
         self._flushing.add(task)
-        task.add_done_callback(self._flushing.discard)
+        task.add_done_callback(self._written)
+
+    def _written(self, task: asyncio.Task[None]) -> None:
+        self._flushing.discard(task)
+        if self._rows is not None:
+            self._flush()
 
     async def _write(self, rows: Columns, waiters: list[asyncio.Future[None]]) -> None:
         n = len(rows[0])
@@ -205,9 +218,9 @@ class Publisher:
     async def close(self) -> None:
         """Wait for the batches being written, then wake the waiting publishers."""
         self.closed = True
-        if self._rows is not None:
-            self._flush()
-        if self._flushing:
+        while self._rows is not None or self._flushing:
+            if self._rows is not None:
+                self._flush()
             await asyncio.gather(*self._flushing, return_exceptions=True)
         while self._space:
             fut = self._space.popleft()

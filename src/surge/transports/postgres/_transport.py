@@ -58,7 +58,19 @@ class PostgresTransport:
             reconnect_timeout=opts.reconnect_timeout,
             label=label,
         )
-        self._queue = Queue(self._db, self.schema)
+        # Claims, settles and lease extensions need not wait for the WAL to
+        # reach the disk: one lost in a server crash only makes a delivery
+        # come back (a duplicate, which at-least-once allows). Publishes,
+        # dead letters, groups and partition owners keep durable commits.
+        self._fast = Database(
+            opts.dsn,
+            size=opts.pool,
+            clock=self.clock,
+            reconnect_timeout=opts.reconnect_timeout,
+            label=label,
+            settings={"synchronous_commit": "off"},
+        )
+        self._queue = Queue(self._fast, self.schema)
         self._groups = Groups(self._db, self.schema)
         self._dead = DeadLetters(self._db, self.schema)
         self._publisher = Publisher(
@@ -107,12 +119,14 @@ class PostgresTransport:
         if self._closed:
             raise Closed("a closed postgres transport cannot be started again")
         await self._db.open()
+        await self._fast.open()
         try:
             await self._db.call(self.schema.prepare)
             await self.listener.start()
         except BaseException:
             await self.listener.close()
             await self._db.close()
+            await self._fast.close()
             raise
         self._started = True
         self._ticker = asyncio.get_running_loop().create_task(
@@ -125,6 +139,7 @@ class PostgresTransport:
         self._closed = True
         if not self._started:
             await self._db.close()
+            await self._fast.close()
             return
         tasks = [m.task for m in self._members.values() if m.task is not None]
         if self._ticker is not None:
@@ -156,6 +171,7 @@ class PostgresTransport:
         finally:
             await self.listener.close()
             await self._db.close()
+            await self._fast.close()
 
     def _check_open(self) -> None:
         if self._closed:
@@ -166,7 +182,7 @@ class PostgresTransport:
     @property
     def healthy(self) -> bool:
         """The last statement reached the server."""
-        return self._db.healthy
+        return self._db.healthy and self._fast.healthy
 
     async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
         self._check_open()
@@ -395,7 +411,7 @@ class PostgresTransport:
         # the delivery's lease runs out and it is delivered again. Raising
         # would stop the caller's consumer for good.
         try:
-            await self._db.retry(write, "settle")
+            await self._fast.retry(write, "settle")
         except TransportError as exc:
             log.warning("postgres: could not settle deliveries, they will come back: %s", exc)
         self._notify_changed()
