@@ -68,23 +68,31 @@ class Inflight:
             payload = b""
             attempt = 1
             first = now
-            if len(fields) == 2:
-                payload = fields[1]
-            else:
-                for k in range(0, len(fields), 2):
-                    f = fields[k]
-                    if f == b"e":
-                        payload = fields[k + 1]
-                    elif f == b"a":
-                        attempt = int(fields[k + 1])
-                    elif f == b"f":
-                        first = float(fields[k + 1]) or now
-            if counts is not None:
-                attempt += counts.get(entry_id, 1)
             try:
+                if len(fields) == 2:
+                    payload = fields[1]
+                else:
+                    for k in range(0, len(fields), 2):
+                        f = fields[k]
+                        if f == b"e":
+                            payload = fields[k + 1]
+                        elif f == b"a":
+                            attempt = int(fields[k + 1])
+                        elif f == b"f":
+                            first = float(fields[k + 1]) or now
+                if counts is not None:
+                    attempt += counts.get(entry_id, 1)
                 env = decode(payload)
-            except DecodeError as exc:
-                await self._poison(token, payload, attempt, exc)
+            except (DecodeError, ValueError) as exc:
+                # an entry some other writer put on the stream (a field surge
+                # never writes, a retry count that is no number): dead-lettered
+                # with the reason, never left to stop the consumer
+                reason = (
+                    exc
+                    if isinstance(exc, DecodeError)
+                    else DecodeError(f"stream entry {entry_id!r} is not an envelope: {exc}")
+                )
+                await self._poison(token, payload or _raw(fields), max(attempt, 1), reason)
                 continue
             d = Delivery(env, name, attempt, token, first)
             held[token] = d
@@ -142,3 +150,9 @@ class Inflight:
     def take_backlog(self) -> list[Delivery]:
         taken, self._backlog = self._backlog, []
         return taken
+
+
+def _raw(fields: list[bytes]) -> bytes:
+    """The fields of a stream entry that has no envelope field, as one body
+    (``b"name=value"`` pairs, space-separated) for its dead letter."""
+    return b" ".join(b"%s=%s" % (fields[k], fields[k + 1]) for k in range(0, len(fields) - 1, 2))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import sqlite3
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -27,6 +28,8 @@ from .._partitions import assignment, partition_of
 from ._schema import prepare
 
 __all__ = ("Database", "Job", "Row", "translate")
+
+log = logging.getLogger("surge.sqlite")
 
 _CHUNK = 500  # SQL variables per IN (...) list
 _COMPACT_CHUNK = 50_000
@@ -439,12 +442,41 @@ class Database:
             if m is None:  # cannot happen while deliveries pin their message
                 conn.execute("DELETE FROM deliveries WHERE id = ?", (did,))
                 continue
-            headers = _decode_headers(m[5]) if m[5] is not None else None
+            headers = None
+            if m[5] is not None:
+                try:
+                    headers = _decode_headers(m[5])
+                except msgspec.DecodeError as exc:
+                    self._bury_foreign(gid, group, did, m, attempt, first or now, now, exc)
+                    continue
             env = Envelope(m[1], m[2], m[3], m[4], headers, None, m[6], m[7])
             out.append(Delivery(env, group, attempt, did, first))
             if p is not None:
                 where[did] = p
         return out, 0.0, where
+
+    def _bury_foreign(
+        self,
+        gid: int,
+        group: str,
+        did: int,
+        m: tuple[Any, ...],
+        attempt: int,
+        first: float,
+        now: float,
+        exc: Exception,
+    ) -> None:
+        """Dead-letter a delivery whose message row no surge wrote (its
+        headers are not a msgpack map of strings): it could not even be
+        handed to the runner, which dead-letters undecodable bodies itself.
+        The headers are dropped (a dead letter's must decode); the body kept."""
+        reason = f"message {m[1]!r}: its headers are not a map of strings ({exc})"
+        log.error("sqlite: %s; dead-lettered from %s", reason, group)
+        self._c.execute("DELETE FROM deliveries WHERE id = ?", (did,))
+        self._c.execute(
+            "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, NULL, ?, ?, ?, '', ?, ?, ?)",
+            (gid, m[1], m[2], m[3], m[6], "DecodeError", reason, attempt, first, now),
+        )
 
     def _claim_rows(
         self,
