@@ -161,7 +161,19 @@ async def test_broker_unreachable_mid_run_then_back(tmp_path: Path, kind: str, f
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["redis", "nats"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "redis",
+        pytest.param(
+            "nats",
+            # nats-py (2.x) drops the StreamWriter of a reconnect attempt whose
+            # handshake times out without closing it; a library leak, one
+            # socket per attempt, collected by the GC
+            marks=pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+        ),
+    ],
+)
 async def test_broker_blackholed_past_every_timeout_then_back(tmp_path: Path, kind: str) -> None:
     """A 40 s blackhole, longer than every client timeout (redis-py's socket
     timeout, NATS pings, publish acks, leases): nothing acknowledged is lost,

@@ -72,15 +72,25 @@ LINGER = 1.0
 
 class _Ending:
     """The transport a request's cycle writes to: ``close`` is
-    :meth:`_Protocol.end`."""
+    :meth:`_Protocol.end`, and once the connection is ended (a 408 from the
+    sweep, a refusal) it is closing for the cycle and drops its writes. A
+    request still being answered then, say one pipelined by a client that
+    never reads, would otherwise write after ``write_eof``, which raises,
+    and uvicorn would log the app as failing."""
 
-    __slots__ = ("close", "is_closing", "write")
+    __slots__ = ("_protocol", "_transport", "close")
 
     def __init__(self, protocol: _Protocol) -> None:
-        transport = protocol.transport
-        self.write = transport.write
-        self.is_closing = transport.is_closing
+        self._protocol = protocol
+        self._transport = protocol.transport
         self.close = protocol.end
+
+    def write(self, data: bytes) -> None:
+        if self._protocol.lingering is None:
+            self._transport.write(data)
+
+    def is_closing(self) -> bool:
+        return self._protocol.lingering is not None or self._transport.is_closing()
 
 
 class _Protocol(HttpToolsProtocol):
