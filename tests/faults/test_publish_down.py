@@ -68,9 +68,10 @@ async def test_publish_while_the_broker_is_down_raises_within_its_bound(
             proxy.heal()
             await asyncio.wait_for(app.publish(Sent(n=2)), 10)
             # n=1 was not acknowledged: it may or may not arrive (its script
-            # may have run on the broker before the reply was lost)
+            # may have run on the broker before the reply was lost); n=0 may
+            # come again if its ack was on the wire when the network went
             while (n := await asyncio.wait_for(seen.get(), 10)) != 2:
-                assert n == 1
+                assert n in (0, 1)
     name = f"publish-down[{kind}-{fault}]"
     print(f"\nFIGURE {name} waited {waited:.2f}s (bound {bound}s): {caught.value}")
     assert isinstance(caught.value, ConnectionError)
