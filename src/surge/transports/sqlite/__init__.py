@@ -63,12 +63,14 @@ Unkeyed envelopes go to the group's shared queue, read by every consumer.
 
 Several processes may share the file, each with its own transport: claims
 take the write lock (``BEGIN IMMEDIATE``), a process wakes its consumers at
-once when it publishes itself and otherwise polls (5 to ``poll`` ms), and a
-lock held too long by another process raises ``TransportError`` after
-``busy_timeout``. Errors: a file that is not a surge database raises
-``ConfigurationError``; a corrupt file (integrity check at start), a full
-disk or ``max_size`` (the transaction is rolled back: what was committed
-stays) and a lock held too long raise ``TransportError``.
+once when it publishes itself and otherwise polls (5 to ``poll`` ms). The
+host's writers take turns (``_writelock``): a write transaction waits for
+about one transaction of each other writer, never for luck, and a lock held
+by another process past ``busy_timeout`` raises ``TransportError``.
+Errors: a file that is not a surge database raises ``ConfigurationError``;
+a corrupt file (integrity check at start), a full disk or ``max_size`` (the
+transaction is rolled back: what was committed stays) and a lock held too
+long raise ``TransportError``.
 
 The parts, one module each:
 
@@ -81,6 +83,7 @@ The parts, one module each:
 ``_schema``         the tables, and the upgrade of older files
 ``_ownership``      one group's membership and the partitions it holds
 ``_leases``         this process's consumers and unsettled leases
+``_writelock``      the turns the host's writers take at the write lock
 ==================  ==========================================================
 """
 

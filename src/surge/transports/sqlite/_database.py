@@ -26,6 +26,7 @@ from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, topic_matches
 from .._partitions import assignment, partition_of
 from ._schema import prepare
+from ._writelock import WriteLock
 
 __all__ = ("Database", "Job", "Row", "translate")
 
@@ -124,6 +125,7 @@ class Database:
         self.max_size = max_size
         self.dedup_window = dedup_window
         self._conn: sqlite3.Connection | None = None
+        self.writer = WriteLock(path, busy_timeout)
         self.transactions = 0
         self.stale = 0
         self._gver: Any = None
@@ -182,7 +184,13 @@ class Database:
         if conn is None:
             raise TransportError(f"{self.path}: the connection is closed")
         write = any(j.write for j in jobs)
-        conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        if write:
+            self.writer.acquire()
+        try:
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        except BaseException:
+            self.writer.release()
+            raise
         publish = self.publish
         try:
             i = 0
@@ -207,6 +215,8 @@ class Database:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             raise
+        finally:
+            self.writer.release()
         if write:
             self.transactions += 1
 
@@ -218,16 +228,23 @@ class Database:
                 head = f.read(16)
             if head != b"SQLite format 3\x00":
                 raise ConfigurationError(f"{path} is not a surge database (not an SQLite file)")
+        self.writer.open()
         try:
             conn = sqlite3.connect(
                 path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=True
             )
         except sqlite3.Error as exc:
+            self.writer.close()
             raise TransportError(f"cannot open {path}: {exc}") from None
         try:
-            self._prepare(conn)
+            self.writer.acquire()
+            try:
+                self._prepare(conn)
+            finally:
+                self.writer.release()
         except BaseException:
             conn.close()
+            self.writer.close()
             raise
         self._conn = conn
 
@@ -275,6 +292,7 @@ class Database:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+        self.writer.close()
 
     # --- groups --------------------------------------------------------------
     @property

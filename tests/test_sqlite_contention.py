@@ -1,0 +1,200 @@
+"""sqlite://'s writers take turns: the fair write lock, its bound and its yield.
+
+The lock's waits run on a fake clock here (``sleep`` advances it), so the
+bound and the turn-taking are asserted exactly, without real waiting; the
+other writer is a raw file descriptor holding the lock files as a writer
+of another process would.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+import surge
+from surge.transports.sqlite._writelock import WriteLock
+
+
+class FakeTime:
+    """monotonic() and sleep() for a WriteLock: sleeping advances time and
+    runs ``on_sleep`` (what other writers do meanwhile)."""
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self.naps: list[float] = []
+        self.on_sleep: Callable[[int], None] = lambda _: None
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.naps.append(seconds)
+        self.now += seconds
+        self.on_sleep(len(self.naps))
+
+
+@pytest.fixture
+def fake() -> FakeTime:
+    return FakeTime()
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Path:
+    return tmp_path / "d.db"
+
+
+@pytest.fixture
+def lock(db: Path, fake: FakeTime) -> Iterator[WriteLock]:
+    w = WriteLock(db, 5.0, sleep=fake.sleep, monotonic=fake.monotonic)
+    w.open()
+    yield w
+    w.close()
+
+
+class Other:
+    """Another process's writer, as raw descriptors on the lock files."""
+
+    def __init__(self, db: Path) -> None:
+        self.lock_fd = os.open(f"{db}-lock", os.O_RDWR)
+        self.queue_fd = os.open(f"{db}-queue", os.O_RDWR)
+
+    def take(self) -> None:
+        fcntl.flock(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def give(self) -> None:
+        fcntl.flock(self.lock_fd, fcntl.LOCK_UN)
+
+    def wait(self) -> None:
+        fcntl.flock(self.queue_fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+
+    def stop_waiting(self) -> None:
+        fcntl.flock(self.queue_fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        os.close(self.lock_fd)
+        os.close(self.queue_fd)
+
+
+@pytest.fixture
+def other(db: Path, lock: WriteLock) -> Iterator[Other]:
+    o = Other(db)
+    yield o
+    o.close()
+
+
+def test_an_uncontended_writer_never_waits(lock: WriteLock, fake: FakeTime) -> None:
+    """Alone, acquire takes the lock at once, every time, without a nap."""
+    for _ in range(100):
+        lock.acquire()
+        assert lock.held
+        lock.release()
+    assert (fake.naps, lock.waits, lock.yields) == ([], 0, 0)
+
+
+def test_a_taken_lock_is_waited_out_in_short_naps(
+    lock: WriteLock, other: Other, fake: FakeTime
+) -> None:
+    """A lock another writer holds is looked at every 2 ms at most, and taken
+    as soon as it is given back, while the first writer is marked waiting."""
+    other.take()
+    seen_waiting: list[bool] = []
+
+    def meanwhile(naps: int) -> None:
+        seen_waiting.append(_someone_waits(other))
+        if naps == 40:
+            other.give()
+
+    fake.on_sleep = meanwhile
+    lock.acquire()
+    assert lock.held
+    assert len(fake.naps) == 40
+    assert max(fake.naps) == pytest.approx(0.002)
+    assert all(seen_waiting)
+    assert not _someone_waits(other), "still marked waiting after taking the lock"
+    assert lock.waits == 1
+
+
+def test_a_lock_held_past_the_bound_raises(lock: WriteLock, other: Other, fake: FakeTime) -> None:
+    """Past ``bound`` seconds of waiting, acquire raises TransportError naming
+    the lock, and leaves no waiting mark behind."""
+    other.take()
+    start = fake.now
+    with pytest.raises(surge.TransportError, match="locked by another process"):
+        lock.acquire()
+    assert 5.0 <= fake.now - start <= 5.0 + 0.002
+    assert not lock.held
+    assert not _someone_waits(other)
+    other.give()
+    lock.acquire()
+    assert lock.held
+
+
+def test_a_writer_lets_a_waiting_one_go_first(
+    lock: WriteLock, other: Other, fake: FakeTime
+) -> None:
+    """A writer locking again while another waits lets it write first, then
+    queues behind it: the other's turn comes before the writer's next."""
+    lock.acquire()
+    other.wait()  # the other process found the lock taken
+    lock.release()
+    order: list[str] = []
+
+    def meanwhile(naps: int) -> None:
+        if naps == 1:  # the waiter wakes up and takes its turn
+            other.take()
+            other.stop_waiting()
+            order.append("other writes")
+        elif naps == 3:
+            other.give()
+            order.append("other done")
+
+    fake.on_sleep = meanwhile
+    lock.acquire()
+    order.append("writer writes")
+    assert order == ["other writes", "other done", "writer writes"]
+    assert (lock.yields, lock.waits) == (1, 1)
+
+
+def test_a_waiter_that_never_takes_its_turn_delays_the_writer_briefly(
+    lock: WriteLock, other: Other, fake: FakeTime
+) -> None:
+    """A waiting mark left by a stuck writer costs the next writer at most
+    the yield (50 ms), never its bound."""
+    other.wait()
+    start = fake.now
+    lock.acquire()
+    assert lock.held
+    assert fake.now - start == pytest.approx(0.05, abs=0.0021)
+    assert lock.yields == 1
+
+
+def test_two_transports_in_one_process_exclude_each_other(db: Path) -> None:
+    """The lock belongs to an open file, not to a process: a second WriteLock
+    on the same file in the same process cannot take it while the first holds it."""
+    a = WriteLock(db, 0.0)
+    b = WriteLock(db, 0.0)
+    a.open()
+    b.open()
+    try:
+        a.acquire()
+        with pytest.raises(surge.TransportError):
+            b.acquire()
+        a.release()
+        b.acquire()
+        assert b.held
+    finally:
+        a.close()
+        b.close()
+
+
+def _someone_waits(other: Other) -> bool:
+    try:
+        fcntl.flock(other.queue_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(other.queue_fd, fcntl.LOCK_UN)
+    return False
