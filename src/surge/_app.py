@@ -24,6 +24,7 @@ from ._dispatch import ASYNC, INLINE, PROCESS, THREAD, Runner
 from ._errors import (
     Closed,
     ConfigurationError,
+    DecodeError,
     InvalidSignature,
     Overloaded,
     RequestTimeout,
@@ -779,6 +780,15 @@ class App:
 
     # --- decoding -----------------------------------------------------------
     def _decode(self, env: Envelope, sub: Subscription) -> Event:
+        body = env.body
+        if body is not None and len(body) > self.codec.max_message_size:
+            # What another publisher (another limit, or none) put on the
+            # broker: refused before decoding, dead-lettered with the reason.
+            raise DecodeError(
+                f"{env.topic}: envelope {env.id} carries {len(body)} bytes; "
+                f"the limit is {self.codec.max_message_size}",
+                topic=env.topic,
+            )
         if self._signer is not None:
             self._signer.verify(env)
         tp = sub.types.get(env.topic) or self._types.get(env.topic) or event_type(env.topic)

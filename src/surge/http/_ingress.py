@@ -399,6 +399,10 @@ class Ingress:
                 raise _Reject(422, message, field=_field_of(message)) from None
             except msgspec.DecodeError as exc:
                 raise _Reject(400, f"the body is not valid JSON: {exc}") from None
+            except RecursionError:
+                # msgspec gives up on nesting past its depth limit at once
+                # (a JSON bomb costs well under a millisecond); say so.
+                raise _Reject(400, "the body is nested too deeply") from None
             if bound.reply is None:
                 event_id = await self.app.publish(event, headers=headers)
                 await _answer(send, 202, b'{"id":"%s"}' % event_id.encode(), (_JSON,))
