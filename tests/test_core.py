@@ -579,3 +579,100 @@ async def test_app_types_win_over_the_last_class_defined(clock: surge.VirtualClo
     other = surge.App("o")
     other.register(_Second)
     assert other._types["dup.topic"] is _Second
+
+
+class _CountingPuts(MemoryTransport):
+    """Counts the synchronous hand-offs (DirectPut) the app makes."""
+
+    puts = 0
+
+    def put_one(self, env: surge.Envelope) -> bool:
+        self.puts += 1
+        return super().put_one(env)
+
+
+class _Marks(surge.Middleware):
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+    def before_publish(self, envelope: surge.Envelope) -> None:
+        envelope.headers = {**(envelope.headers or {}), "x-mark": "1"}
+
+    def before_handle(self, ctx: surge.Context) -> None:
+        self.seen.append(ctx.headers.get("x-mark", ""))
+
+
+async def test_middleware_keeps_the_direct_put_path(clock: surge.VirtualClock) -> None:
+    """With middleware, publish still hands each event over synchronously
+    (DirectPut), with the publish hooks around it and the handle hooks run."""
+    transport = _CountingPuts(clock=clock)
+    app = surge.App("t", clock=clock, transport=transport)
+    marks = _Marks()
+    app.add_middleware(marks)
+    got: list[int] = []
+
+    @app.on(Ping)
+    async def handle(ev: Ping) -> None:
+        got.append(ev.n)
+
+    async with app:
+        for i in range(5):
+            await app.publish(Ping(n=i))
+        app.publish_nowait(Ping(n=5))
+        await app.drain()
+    assert transport.puts == 6
+    assert got == [0, 1, 2, 3, 4, 5]
+    assert marks.seen == ["1"] * 6
+    assert app.middleware == (marks,)
+
+
+async def test_parts_and_middleware_are_fixed_while_running(clock: surge.VirtualClock) -> None:
+    """Middleware, timings and parts are chosen before the app starts."""
+    app = surge.App("t", clock=clock)
+    async with app:
+        with pytest.raises(surge.ConfigurationError):
+            app.add_middleware(surge.Middleware())
+        with pytest.raises(surge.ConfigurationError):
+            app.use_timings(None)
+        assert app.capabilities.idle is not None  # memory:// can tell when it is idle
+    assert app.middleware == ()
+
+
+async def test_stop_warns_of_what_a_transport_that_is_not_durable_drops(
+    clock: surge.VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Stopping with events still queued on a transport that is not durable
+    says how many are lost, naming the transport's URL."""
+    app = surge.App("t", clock=clock, shutdown_timeout=0)
+    started = asyncio.Event()
+
+    @app.on(Ping, concurrency=1)
+    async def slow(ev: Ping) -> None:
+        started.set()
+        await clock.sleep(3600)
+
+    await app.start()
+    for i in range(4):
+        await app.publish(Ping(n=i))
+    await started.wait()
+    await app.stop()
+    assert "memory:// is not durable: 4 undelivered events are dropped" in caplog.text
+
+
+def test_one_executor_choice() -> None:
+    """executor= names where a handler runs; a mismatch is refused."""
+    app = surge.App("t")
+
+    async def coro(ev: Ping) -> None: ...
+
+    def plain(ev: Ping) -> None: ...
+
+    app.on(Ping, executor="inline")(plain)
+    app.on(Ping, executor="async", name="c")(coro)
+    assert [s.kind for s in app.subscriptions.values()] == ["inline", "async"]
+    with pytest.raises(surge.ConfigurationError, match="is async"):
+        app.on(Ping, executor="inline", name="x")(coro)
+    with pytest.raises(surge.ConfigurationError, match="not a coroutine"):
+        app.on(Ping, executor="async", name="y")(plain)
+    with pytest.raises(surge.ConfigurationError, match="unknown executor"):
+        app.on(Ping, executor="fiber", name="z")(plain)  # type: ignore[arg-type]
