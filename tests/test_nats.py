@@ -514,14 +514,14 @@ async def test_killed_owner_partition_taken_over_after_lease(tmp_path: Path) -> 
 # --- cancellation ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("call", ["save_state", "publish", "consume"])
+@pytest.mark.parametrize("call", ["save_state", "publish", "consume", "ack"])
 async def test_a_cancel_the_client_swallows_still_cancels(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, call: str
 ) -> None:
     """A cancel that nats-py swallows (asyncio.wait_for on Python 3.11 drops
     one that lands with the reply; its flush catches CancelledError) still
-    ends the cancelled call: a stop that cancels a trigger's timer or a
-    runner's consumer, and waits for it, does not hang."""
+    ends the cancelled call: a stop that cancels a trigger's timer, a
+    runner's consumer or its acker, and waits for it, does not hang."""
     from nats.aio.client import Client
     from nats.js.kv import KeyValue
 
@@ -535,9 +535,8 @@ async def test_a_cancel_the_client_swallows_still_cancels(
     publish = Client.publish
 
     async def swallowing_publish(self: Client, subject: str, *args: Any, **kwargs: Any) -> None:
-        if not entered.is_set() and subject.startswith(
-            "$JS.API.CONSUMER.MSG.NEXT." if call == "consume" else "swallow."
-        ):
+        prefix = {"consume": "$JS.API.CONSUMER.MSG.NEXT.", "ack": "$JS.ACK."}.get(call, "swallow.")
+        if not entered.is_set() and subject.startswith(prefix):
             await swallow()
             return
         await publish(self, subject, *args, **kwargs)
@@ -551,12 +550,18 @@ async def test_a_cancel_the_client_swallows_still_cancels(
         await t.start()
         try:
             await t.declare("g", [Numbered.__topic__])
+            if call == "ack":
+                await t.publish([_env(1)])
+                batches = t.consume("g", prefetch=1)
+                delivered = await _take(batches, 1)
             monkeypatch.setattr(Client, "publish", swallowing_publish)
             monkeypatch.setattr(KeyValue, "put", swallowing_put)
             if call == "save_state":
                 task = asyncio.ensure_future(t.save_state("k", b"v"))
             elif call == "publish":
                 task = asyncio.ensure_future(t.publish([_env(1)]))
+            elif call == "ack":
+                task = asyncio.ensure_future(t.ack(delivered))
             else:
 
                 async def consume() -> None:
@@ -568,6 +573,8 @@ async def test_a_cancel_the_client_swallows_still_cancels(
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await asyncio.wait_for(task, 10)
+            if call == "ack":
+                await batches.aclose()  # type: ignore[attr-defined]
         finally:
             await t.close()
 

@@ -140,13 +140,13 @@ class Connection:
         return self._nc is not None and not self._nc.is_closed
 
     async def send(self, reply: str, payload: bytes) -> None:
-        """An ack (``+ACK``, ``-NAK``, ``+WPI``, ``+TERM``) to ``reply``, unconfirmed."""
+        """An ack (``+ACK``, ``-NAK``, ``+WPI``, ``+TERM``) to ``reply``,
+        unconfirmed (callers guard a batch of them with :class:`CancelGuard`)."""
         nc = self._nc
         if nc is None or nc.is_closed:
             return
         try:
-            with CancelGuard():
-                await nc.publish(reply, payload)
+            await nc.publish(reply, payload)
         except nats.errors.Error as exc:
             # The server redelivers after the lease: at-least-once holds.
             log.warning("could not send %r for %s: %r", payload[:4], reply, exc)

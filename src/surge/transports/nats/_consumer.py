@@ -411,30 +411,33 @@ class Consumer:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         last: Group | None = None
-        for d in deliveries:
-            g = self._settled(d)
-            await self._conn.ack(d.token)
-            if g is not last and last is not None:
-                last.wake()
-            last = g
+        with CancelGuard():
+            for d in deliveries:
+                g = self._settled(d)
+                await self._conn.ack(d.token)
+                if g is not last and last is not None:
+                    last.wake()
+                last = g
         if last is not None:
             last.wake()
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._settled(delivery)
-        if delay > 0:
-            if g is not None:
-                g.scheduled[ack_meta(delivery.token)[1]] = self._clock.time() + delay
-            await self._conn.send(delivery.token, b'-NAK {"delay": %d}' % int(delay * 1e9))
-        else:
-            await self._conn.send(delivery.token, b"-NAK")
+        with CancelGuard():
+            if delay > 0:
+                if g is not None:
+                    g.scheduled[ack_meta(delivery.token)[1]] = self._clock.time() + delay
+                await self._conn.send(delivery.token, b'-NAK {"delay": %d}' % int(delay * 1e9))
+            else:
+                await self._conn.send(delivery.token, b"-NAK")
         if g is not None:
             g.wake()
 
     async def terminate(self, delivery: Delivery) -> None:
         """Settle ``delivery`` for good (its dead letter is written)."""
         g = self._settled(delivery)
-        await self._conn.send(delivery.token, b"+TERM")
+        with CancelGuard():
+            await self._conn.send(delivery.token, b"+TERM")
         if g is not None:
             g.wake()
 
@@ -476,8 +479,9 @@ class Consumer:
             for g in list(self._groups.values()):
                 owned = g.own.owned if g.own is not None else ()
                 held = [t for t, src in g.held.items() if src.part is None or src.part in owned]
-                for reply in held:
-                    await self._conn.send(reply, b"+WPI")
+                with CancelGuard():
+                    for reply in held:
+                        await self._conn.send(reply, b"+WPI")
 
     async def stop(self) -> None:
         """Stop extending leases."""

@@ -67,10 +67,11 @@ class Publisher:
 
     async def publish(self, items: list[Item]) -> None:
         futs = []
-        for subject, data, headers in items:
-            while len(self._acks) + self._queued >= self.max_pending:
-                await self._wait_space()
-            futs.append(await self.send(subject, data, headers))
+        with CancelGuard():  # once per batch, not per message (the hot path)
+            for subject, data, headers in items:
+                while len(self._acks) + self._queued >= self.max_pending:
+                    await self._wait_space()
+                futs.append(await self.send(subject, data, headers))
         await self.confirm(futs)
 
     def publish_nowait(self, items: list[Item]) -> None:
@@ -138,8 +139,7 @@ class Publisher:
     async def _put(self, token: str, subject: str, data: bytes, headers: dict[str, str]) -> None:
         nc = self._conn.client()
         try:
-            with CancelGuard():
-                await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
+            await nc.publish(subject, data, reply=self._ack_prefix + token, headers=headers)
         except (nats.errors.OutboundBufferLimitError, nats.errors.ConnectionReconnectingError):
             pass  # disconnected with a full buffer: resent after a reconnect
         except nats.errors.BadSubjectError:
