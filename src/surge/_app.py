@@ -161,7 +161,7 @@ class App:
         # Trigger slots and other small state, when the transport keeps none.
         self._local_state = LocalState()
         self._caps = Capabilities()
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # noqa: S311 - retry jitter, not a secret
         self._subs: dict[str, Subscription] = {}
         # topic -> event type, for decoding pattern subscriptions: the types
         # this app declared win over the process-wide "last class defined".
@@ -671,7 +671,7 @@ class App:
                     env.key = str(getattr(event, field))
                 elif (fns := keyers.get(env.topic)) is not None:
                     env.key = str(fns[0](event))
-            except Exception:  # the runner reports a failing key function
+            except Exception:  # noqa: S110 - the runner reports a failing key function
                 pass
 
     async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:

@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 __all__ = ("command_app", "load_app", "main")
 
 T = TypeVar("T")
-ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
+ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
 """surge.observe.ADMIN_TOKEN_ENV, named again here: the CLI imports
 surge.observe only when it serves HTTP."""
 

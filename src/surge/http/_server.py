@@ -212,7 +212,8 @@ def bind_socket(
 ) -> socket.socket:
     """A listening TCP socket; with ``reuse_port`` (SO_REUSEPORT) several
     processes may bind the same port and the kernel spreads connections."""
-    host = host or "0.0.0.0"
+    # "" is socket's INADDR_ANY, asked for by the caller (the CLI never passes it)
+    host = host or "0.0.0.0"  # noqa: S104
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose
     # proto says TCP, and accepted sockets inherit it; without it Nagle and
@@ -279,8 +280,8 @@ class Server:
     @property
     def url(self) -> str:
         host = self.host or "127.0.0.1"
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+        if host in ("0.0.0.0", "::"):  # noqa: S104 - compared, not bound
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
         return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
 
     @property

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 __all__ = ("ADMIN_TOKEN_ENV", "PREFIX", "Endpoints", "mount", "set_admin_token")
 
-ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"
+ADMIN_TOKEN_ENV = "SURGE_ADMIN_TOKEN"  # noqa: S105 - the variable's name, not a token
 """The environment variable ``surge run`` reads the admin token from."""
 _JSON = (b"content-type", b"application/json")
 _HTML = (b"content-type", b"text/html; charset=utf-8")

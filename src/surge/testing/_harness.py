@@ -119,7 +119,7 @@ class Harness:
         self.app = app
         self.seed = seed
         self.faults = faults or Faults()
-        self._rng = random.Random(seed)
+        self._rng = random.Random(seed)  # noqa: S311 - reproducible fault schedule
         self.published: list[Envelope] = []
         self.handled: list[tuple[str, Envelope]] = []
         self.injected = 0
@@ -131,7 +131,9 @@ class Harness:
             if not self.transport.url.startswith("memory:"):
                 raise ValueError("duplicate and delay faults need the app on memory://")
             self.transport = FaultyTransport(
-                faults=self.faults, rng=random.Random(seed + 1), clock=app.clock
+                faults=self.faults,
+                rng=random.Random(seed + 1),  # noqa: S311 - reproducible faults
+                clock=app.clock,
             )
             app.use_transport(self.transport)
         app.add_middleware(_Recorder(self))
