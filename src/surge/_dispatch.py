@@ -9,6 +9,11 @@ idle subscription costs nothing and a no-op handler runs without a task per
 event. After the handler succeeds its events are published, then the
 delivery is acknowledged in a batch; a failure is retried with a delayed
 nack or dead-lettered.
+
+A transport's own trouble (``TransportError``) while publishing a handler's
+outputs or acknowledging is not the handler's failure: both are retried in
+place (``_publish_outputs``, ``_flush_acks``) and never spend an attempt of
+its ``Retry`` budget (docs/guarantees.md).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 from ._clock import VirtualClock
 from ._config import Retry
 from ._context import Context
-from ._errors import DecodeError, HandlerTimeout, RetryLater
+from ._errors import DecodeError, HandlerTimeout, RetryLater, TransportError
 from ._event import Envelope, Event, derive_id
 from ._transport import DeadLetter, Delivery
 
@@ -38,6 +43,10 @@ __all__ = ("Runner",)
 log = logging.getLogger("surge")
 
 ASYNC, INLINE, THREAD, PROCESS = "async", "inline", "thread", "process"
+
+# Waits between attempts to publish a handler's outputs or to acknowledge,
+# while the transport reports trouble: doubling from the first to the last.
+_TRANSIENT_FIRST, _TRANSIENT_LAST = 0.05, 2.0
 
 
 class Runner:
@@ -130,7 +139,7 @@ class Runner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
-        await self._flush_acks()
+        await self._flush_acks(closing=True)
         if self._acker is not None:
             self._acker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -441,7 +450,35 @@ class Runner:
             if headers:
                 h = {**(inherited or {}), **headers}
             envs.append(Envelope(derive_id(parent.id, i), ev.__topic__, key, now, h, ev))
-        await self.runtime.publish(envs)
+        await self._publish_outputs(d, envs)
+
+    async def _publish_outputs(self, d: Delivery, envs: list[Envelope]) -> None:
+        """Publish a handler's outputs, waiting out the transport's trouble.
+
+        The handler ran and succeeded; a ``TransportError`` is the broker's,
+        so it is retried here (with a growing wait) instead of failing the
+        attempt: the handler is not run again and its ``Retry`` budget is not
+        spent. Publishing twice is harmless, the outputs' ids are derived
+        from the delivery's and deduplicated. A stop's deadline cancels the
+        wait, and the delivery is handed back as for any handler still running.
+        """
+        delay = _TRANSIENT_FIRST
+        while True:
+            try:
+                await self.runtime.publish(envs)
+                return
+            except TransportError as exc:
+                log.warning(
+                    "handler %s succeeded on event %s but publishing its outputs failed: %s; "
+                    "publishing again in %.2fs (the attempt is not counted)",
+                    self.group,
+                    d.envelope.id,
+                    exc,
+                    delay,
+                    extra={"event_id": d.envelope.id, "subscription": self.group},
+                )
+            await self.runtime.clock.sleep(delay)
+            delay = min(_TRANSIENT_LAST, delay * 2)
 
     async def _failed(self, d: Delivery, exc: Exception, ctx: Context | None) -> None:
         sub = self.sub
@@ -537,11 +574,30 @@ class Runner:
                 await self._ack_waiter
             await self._flush_acks()
 
-    async def _flush_acks(self) -> None:
+    async def _flush_acks(self, *, closing: bool = False) -> None:
         if self._acks:
             batch = self._acks
             self._acks = []
-            await self.transport.ack(batch)
+            delay = _TRANSIENT_FIRST
+            while True:
+                try:
+                    await self.transport.ack(batch)
+                    break
+                except TransportError as exc:
+                    # Unacknowledged, the batch would come back after its
+                    # lease as a further attempt of handlers that succeeded.
+                    if closing:
+                        log.warning("%s: could not acknowledge at close: %s", self.group, exc)
+                        break
+                    log.warning(
+                        "%s: acknowledging %d deliveries failed: %s; again in %.2fs",
+                        self.group,
+                        len(batch),
+                        exc,
+                        delay,
+                    )
+                await self.runtime.clock.sleep(delay)
+                delay = min(_TRANSIENT_LAST, delay * 2)
             if not self._workers and self._idle is not None and not self._idle.done():
                 self._idle.set_result(None)
 
