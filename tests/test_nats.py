@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import nats
 import pytest
 
 import surge
@@ -204,9 +205,8 @@ async def test_handler_longer_than_lease_runs_once(tmp_path: Path) -> None:
         async with app:
             await app.publish(Numbered(n=1))
             await app.drain()
-            info = await transport._conn.js.consumer_info(
-                transport.stream, consumer_name("slow.slow")
-            )
+            async with _jetstream(srv.url) as js:
+                info = await js.consumer_info(transport.stream, consumer_name("slow.slow"))
         assert runs == [1]
         assert info.num_redelivered == 0
 
@@ -250,7 +250,8 @@ async def test_deleted_consumer_is_declared_again(tmp_path: Path, nats_log: _Log
 
         async with app:
             back = nats_log.expect("declared it again")
-            await transport._conn.js.delete_consumer(transport.stream, consumer_name("gone.handle"))
+            async with _jetstream(srv.url) as js:
+                await js.delete_consumer(transport.stream, consumer_name("gone.handle"))
             await asyncio.wait_for(back.wait(), 10)
             await app.publish(Numbered(n=5))
             assert await asyncio.wait_for(got, 10) == 5
@@ -308,25 +309,23 @@ async def test_ephemeral_groups_deleted_at_close(tmp_path: Path) -> None:
         async def handle(ev: Numbered) -> None:
             pass
 
-        async with app:
-            names = {
-                src.durable: g.ephemeral
-                for g in transport._consumer.groups()
-                for src in g.sources.values()
-            }
-        assert sorted(names.values()).count(True) == 1  # one inbox, never partitioned
-        probe = NatsTransport(srv.url)
-        await probe.start()
-        try:
-            left = {c.name async for c in _consumers(probe)}
-        finally:
-            await probe.close()
-        assert left == {n for n, eph in names.items() if not eph}
+        async with _jetstream(srv.url) as js:
+            async with app:
+                running = {c.name: c.config for c in await js.consumers_info(transport.stream)}
+            left = {c.name for c in await js.consumers_info(transport.stream)}
+        inboxes = {name for name, config in running.items() if config.durable_name is None}
+        assert len(inboxes) == 1  # one inbox, never partitioned
+        assert left == set(running) - inboxes
 
 
-async def _consumers(t: NatsTransport) -> AsyncIterator[Any]:
-    for info in await t._conn.js.consumers_info(t.stream):
-        yield info
+@contextlib.asynccontextmanager
+async def _jetstream(url: str) -> AsyncIterator[Any]:
+    """A client of the tests' own, to look at (or change) the server."""
+    nc = await nats.connect(url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
 
 
 # --- partitions ---------------------------------------------------------------------
@@ -392,13 +391,6 @@ async def _collect(t: NatsTransport, n: int) -> list[tuple[int, int]]:
     finally:
         await batches.aclose()  # type: ignore[attr-defined]
     return out
-
-
-async def _kill(t: NatsTransport) -> None:
-    """As SIGKILL would: the connection drops, nothing is handed back or released."""
-    await t._balancer.stop()
-    await t._consumer.stop()
-    await t._conn.drop()
 
 
 async def test_released_come_back_before_newer_messages(tmp_path: Path) -> None:
@@ -496,7 +488,7 @@ async def test_killed_owner_partition_taken_over_after_lease(tmp_path: Path) -> 
             await a.publish([_keyed(n) for n in range(5)])
             got = await first
             await a.ack(got[:1])
-            await _kill(a)
+            await a.abandon()  # as SIGKILL would: nothing handed back or released
             await b.publish([_keyed(n) for n in range(5, 8)])
             loop = asyncio.get_running_loop()
             killed = loop.time()

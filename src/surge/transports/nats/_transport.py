@@ -359,6 +359,14 @@ class NatsTransport:
         self._consumer.forget_groups()
         log.debug("nats close: %s", phases)
 
+    async def abandon(self) -> None:
+        """Stop as a killed process would (for crash tests): background tasks
+        end, the connection drops; nothing is handed back, released or
+        deleted, so leases, memberships and deliveries wait out the lease."""
+        await self._balancer.stop()
+        await self._consumer.stop()
+        await self._conn.drop()
+
 
 class _Phases:
     """How long each step of a close took (logged at debug level)."""
