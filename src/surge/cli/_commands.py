@@ -169,6 +169,8 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 @click.option(
     "--redact-bodies", is_flag=True, help="Show no event bodies in the dashboard's dead letters."
 )
+@click.option("--tls-cert", metavar="PEM", help="Serve HTTPS with this certificate (chain).")
+@click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
 def run(
     app_ref: str,
     transport: str | None,
@@ -176,6 +178,8 @@ def run(
     http: str | None,
     admin: str | None,
     redact_bodies: bool,
+    tls_cert: str | None,
+    tls_key: str | None,
 ) -> None:
     """Run the app MODULE:APP until SIGINT or SIGTERM, then stop gracefully.
 
@@ -185,6 +189,9 @@ def run(
     """
     address = _host_port(http)
     admin_address = _admin_address(admin, address)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.BadParameter("--tls-cert and --tls-key go together")
+    tls: dict[str, str] = {"tls_cert": tls_cert, "tls_key": tls_key} if tls_cert and tls_key else {}
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -205,14 +212,20 @@ def run(
             ) from None
         try:
             code = supervisor.run_workers(
-                app_ref, url, workers, http=address, admin=admin_address, redact=redact_bodies
+                app_ref,
+                url,
+                workers,
+                http=address,
+                admin=admin_address,
+                redact=redact_bodies,
+                **tls,
             )
         except ConfigurationError as exc:
             raise click.ClickException(str(exc)) from None
         sys.exit(code)
     try:
         if address is not None:
-            _serve_http(app, address, admin_address, redact_bodies)
+            _serve_http(app, address, admin_address, redact_bodies, tls)
         else:
             app.run()
     except SurgeError as exc:
@@ -246,7 +259,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _serve_http(
-    app: App, address: tuple[str, int], admin: tuple[str, int] | None, redact: bool
+    app: App,
+    address: tuple[str, int],
+    admin: tuple[str, int] | None,
+    redact: bool,
+    tls: dict[str, str],
 ) -> None:
     try:
         from ..http import run as run_http
@@ -260,12 +277,13 @@ def _serve_http(
 
     def ready(server: Any) -> None:
         # the bound port: --http HOST:0 picks a free one
+        scheme = "https" if tls else "http"
         if server.admin:
-            click.echo(f"serving the admin surface on http://{server.host}:{server.port}")
+            click.echo(f"serving the admin surface on {scheme}://{server.host}:{server.port}")
         else:
-            click.echo(f"serving HTTP on http://{address[0]}:{server.port}")
+            click.echo(f"serving HTTP on {scheme}://{address[0]}:{server.port}")
 
-    run_http(app, *address, admin=admin, ready=ready)
+    run_http(app, address[0], address[1], admin=admin, ready=ready, **tls)
 
 
 # --- surge demo ---------------------------------------------------------------

@@ -66,6 +66,8 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     http: tuple[str, int] | None = None
     admin: tuple[str, int] | None = None
     redact: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
     shutdown_timeout: float | None = None
     ready_fd: int | None = None
     watch_parent: bool = True
@@ -153,6 +155,8 @@ class Supervisor:
         http: tuple[str, int] | None = None,
         admin: tuple[str, int] | None = None,
         redact: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
         shutdown_timeout: float = 10.0,
         grace: float = 2.0,
         backoff: float = 0.1,
@@ -168,6 +172,7 @@ class Supervisor:
         self.http = http
         self.admin = admin
         self.redact = redact
+        self.tls = (tls_cert, tls_key)
         self.shutdown_timeout = shutdown_timeout
         self.grace = grace
         self.backoff = backoff
@@ -261,6 +266,8 @@ class Supervisor:
             http=self.http,
             admin=self.admin,
             redact=self.redact,
+            tls_cert=self.tls[0],
+            tls_key=self.tls[1],
             shutdown_timeout=self.shutdown_timeout,
             ready_fd=ready_fd,
             path=tuple(p for p in sys.path if p),
@@ -438,6 +445,8 @@ def run_workers(
     http: tuple[str, int] | None = None,
     admin: tuple[str, int] | None = None,
     redact: bool = False,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
     shutdown_timeout: float | None = None,
 ) -> int:
     """Run ``workers`` processes of the app ``app_ref`` on ``transport_url``
@@ -460,6 +469,8 @@ def run_workers(
         http=http,
         admin=admin,
         redact=redact,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         shutdown_timeout=timeout,
     )
 
@@ -504,7 +515,18 @@ def _serve_http(spec: WorkerSpec, app: App, ready: Callable[[], object] | None) 
             ready()
 
     host, port = spec.http
-    run_loop(serve(app, host=host, port=port, admin=spec.admin, reuse_port=True, ready=listening))
+    run_loop(
+        serve(
+            app,
+            host=host,
+            port=port,
+            admin=spec.admin,
+            reuse_port=True,
+            ready=listening,
+            tls_cert=spec.tls_cert,
+            tls_key=spec.tls_key,
+        )
+    )
 
 
 def _tell_ready(fd: int) -> None:

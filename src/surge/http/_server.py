@@ -26,6 +26,7 @@ import asyncio
 import logging
 import signal
 import socket
+import ssl
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -34,6 +35,7 @@ import httptools
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from .._errors import ConfigurationError
 from ._config import Limits
 from ._ingress import ADMIN_LISTENER, ASGIApp, Receive, Scope, Send
 
@@ -239,6 +241,9 @@ class Server:
     until the block ends or the app stops; it does not start the app (see
     :func:`serve`). ``asgi`` wraps or replaces ``app.http``.
 
+    With ``tls_cert`` and ``tls_key`` (PEM files) it serves HTTPS; with
+    ``tls_ca`` too, only to clients with a certificate that CA signed.
+
     An ``admin`` server is an admin listener: it serves the operator
     surface (``/metrics``, ``/_surge/``) as well as the routes; see
     :meth:`Ingress.set_admin_token` for who may use it. Bind it to loopback
@@ -256,9 +261,15 @@ class Server:
         reuse_port: bool = True,
         asgi: ASGIApp | None = None,
         admin: bool = False,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
+        if (tls_cert is None) != (tls_key is None) or (tls_ca is not None and tls_cert is None):
+            raise ConfigurationError("HTTPS needs tls_cert and tls_key (and tls_ca only with them)")
         self.app = app
         self.admin = admin
+        self._tls = (tls_cert, tls_key, tls_ca)
         self.ingress = app.http
         if limits is not None:
             self.ingress.configure(limits)
@@ -279,10 +290,13 @@ class Server:
 
     @property
     def url(self) -> str:
+        scheme = "https" if self._tls[0] else "http"
         host = self.host or "127.0.0.1"
         if host in ("0.0.0.0", "::"):  # noqa: S104 - compared, not bound
             host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
-        return f"http://[{host}]:{self.port}" if ":" in host else f"http://{host}:{self.port}"
+        return (
+            f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
+        )
 
     @property
     def connections(self) -> int:
@@ -307,6 +321,12 @@ class Server:
                 "on_lost": self._connection_lost,
             },
         )
+        cert, key, ca = self._tls
+        tls: dict[str, Any] = {}
+        if cert is not None:
+            tls = {"ssl_certfile": cert, "ssl_keyfile": key}
+            if ca is not None:
+                tls |= {"ssl_ca_certs": ca, "ssl_cert_reqs": ssl.CERT_REQUIRED}
         config = uvicorn.Config(
             self._asgi,
             http=protocol,
@@ -321,6 +341,7 @@ class Server:
             backlog=limits.backlog,
             timeout_keep_alive=limits.keep_alive,  # type: ignore[arg-type]
             timeout_graceful_shutdown=limits.graceful_timeout,  # type: ignore[arg-type]
+            **tls,
         )
         config.load()
         server = uvicorn.Server(config)
@@ -412,6 +433,9 @@ async def serve(
     port: int = 8000,
     *,
     admin: tuple[str, int] | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
+    tls_ca: str | None = None,
     sock: socket.socket | None = None,
     reuse_port: bool = True,
     ready: Callable[[Server], object] | None = None,
@@ -424,17 +448,39 @@ async def serve(
     ``limits`` are :class:`Limits` fields. ``ready`` is called with the
     :class:`Server` once it listens (its ``port`` is the bound one), and
     then with the admin one. ``admin=(host, port)`` also serves an admin
-    listener there (see :class:`Server`); without it, the operator surface
+    listener there (see :class:`Server`; ``tls_*`` serve both over HTTPS);
+    without it, the operator surface
     is served only with an admin token (:meth:`Ingress.set_admin_token`).
     SIGINT and SIGTERM ask the app to stop when ``install_signals`` is true;
     by default, only where nobody else handles them (the main thread, with
     Python's default handlers), so a worker process stops gracefully.
     """
     given = Limits(**limits) if limits else None
-    server = Server(app, host, port, limits=given, sock=sock, reuse_port=reuse_port)
+    server = Server(
+        app,
+        host,
+        port,
+        limits=given,
+        sock=sock,
+        reuse_port=reuse_port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+    )
     servers = [server]
     if admin is not None:
-        servers.append(Server(app, admin[0], admin[1], reuse_port=reuse_port, admin=True))
+        servers.append(
+            Server(
+                app,
+                admin[0],
+                admin[1],
+                reuse_port=reuse_port,
+                admin=True,
+                tls_cert=tls_cert,
+                tls_key=tls_key,
+                tls_ca=tls_ca,
+            )
+        )
     started = app.state != "running"
     if started:
         await app.start()
