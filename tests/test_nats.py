@@ -24,6 +24,7 @@ import nats
 import pytest
 
 import surge
+from surge._transport import capabilities_of
 from surge.transports.nats import NatsTransport
 from surge.transports.nats._layout import consumer_name
 
@@ -349,6 +350,29 @@ async def test_partition_count_is_fixed_per_stream(tmp_path: Path) -> None:
             await NatsTransport(f"{url}&partitions=16").start()
 
 
+async def test_capabilities(tmp_path: Path) -> None:
+    """capabilities_of finds what NATS does beyond Transport: hand-back,
+    key routing with the stream's partition count, idleness, state; no
+    DirectPut (a publish waits for JetStream's ack)."""
+    with nats_server(tmp_path) as srv:
+        url = f"{srv.url}?stream=caps"
+        first = NatsTransport(url, partitions=4)
+        await first.start()
+        await first.close()
+        t = NatsTransport(url)
+        await t.start()  # the partition count is the stream's
+        try:
+            caps = capabilities_of(t)
+            assert caps.hands_back is t
+            assert caps.key_routing is t
+            assert caps.partitions == 4
+            assert caps.idle is t
+            assert caps.state is t
+            assert caps.direct_put is None
+        finally:
+            await t.close()
+
+
 def _keyed(n: int) -> surge.Envelope:
     return surge.Envelope(surge.new_id(), Numbered.__topic__, "k", 0.0, None, Numbered(n=n))
 
@@ -658,6 +682,7 @@ def _health(t: NatsTransport) -> tuple[bool, str | None]:
 _WORKER = r"""
 import asyncio, os, sys
 import surge
+from surge._transport import capabilities_of
 from surge.transports.nats import NatsTransport
 
 class Numbered(surge.Event):
