@@ -69,6 +69,9 @@ class Source:
         self.prefetch = prefetch
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.held: set[Tag] = set()
+        self.unacked: set[int] = set()
+        """Delivery tags of the current channel not acked or nacked yet
+        (held, and also those fetched but never handed out)."""
         self.active = False
         self.giving_up = False
         """Hands out nothing more; closes once what it handed out is settled."""
@@ -79,6 +82,7 @@ class Source:
         self._closing = False
         ch = await self.reader.link.channel()
         self.channel = ch
+        self.unacked = set()
         await ch.basic_qos(prefetch_count=self.prefetch)
 
         async def on_message(msg: DeliveredMessage) -> None:
@@ -103,6 +107,32 @@ class Source:
                 self.queue,
             )
         self.reader.reopen_later(self)
+
+    async def ack(self, tags: list[int]) -> None:
+        """Ack ``tags`` (of the current channel) in as few frames as safe:
+        one ``multiple`` ack up to the first tag still unsettled, then one
+        frame each, written together."""
+        ch = self.channel
+        if ch is None or ch.is_closed:
+            return
+        batch = set(tags)
+        rest = self.unacked - batch
+        floor = min(rest) if rest else None
+        below = [t for t in tags if floor is None or t < floor]
+        above = [t for t in tags if floor is not None and t > floor]
+        self.unacked -= batch
+        if below:
+            await ch.basic_ack(max(below), multiple=len(below) > 1, wait=not above)
+        for i, t in enumerate(above):
+            await ch.basic_ack(t, wait=i == len(above) - 1)
+
+    async def nack(self, tag: int) -> None:
+        """Back to the queue, in its place (counts a delivery)."""
+        ch = self.channel
+        if ch is None or ch.is_closed:
+            return
+        self.unacked.discard(tag)
+        await ch.basic_nack(tag, requeue=True)
 
     async def close(self) -> None:
         """Close the channel: what it held and did not settle goes back to
@@ -158,6 +188,8 @@ class GroupReader:
     # --- arrivals ------------------------------------------------------------------
     def arrived(self, src: Source, ch: aiormq.abc.AbstractChannel, msg: DeliveredMessage) -> None:
         tag = Tag(src, ch, msg.delivery_tag or 0, msg.body)
+        if ch is src.channel:
+            src.unacked.add(tag.delivery_tag)
         headers: dict[str, Any] = msg.header.properties.headers or {}
         now = self.now()
         attempt = attempts_before(headers) + 1

@@ -44,7 +44,7 @@ from ..._errors import Closed, ConfigurationError
 from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
 from .._partitions import DEFAULT_PARTITIONS, Ownership
-from ._consume import GroupReader, Tag
+from ._consume import GroupReader, Source, Tag
 from ._dead import DeadLetters
 from ._link import LOST, Link, safe_url, translate
 from ._partitions import Balancer, Members
@@ -274,30 +274,31 @@ class AmqpTransport:
             if balancer is not None:
                 await balancer.stop()
 
-    async def _settle(self, tag: Tag, *, requeue: bool | None = None) -> None:
-        """Ack (or, with ``requeue``, nack) on the delivery's channel; a
-        dead channel's deliveries were requeued by the broker already."""
-        if not tag.live:
-            return
-        try:
-            if requeue is None:
-                await tag.channel.basic_ack(tag.delivery_tag)
-            else:
-                await tag.channel.basic_nack(tag.delivery_tag, requeue=requeue)
-        except LOST:
-            pass
+    async def _settle(self, tag: Tag) -> None:
+        """Ack on the delivery's channel; a dead channel's deliveries were
+        requeued by the broker already."""
+        if tag.live:
+            with contextlib.suppress(*LOST):
+                await tag.source.ack([tag.delivery_tag])
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
+        by_source: dict[Source, list[int]] = {}
         for d in deliveries:
             tag = d.token.source.reader.settled(d)
-            await self._settle(tag)
+            if tag.live:
+                by_source.setdefault(tag.source, []).append(tag.delivery_tag)
+        for src, tags in by_source.items():
+            with contextlib.suppress(*LOST):
+                await src.ack(tags)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         self._busy = True
         tag: Tag = delivery.token
         if delay <= 0:
             tag.source.reader.settled(delivery)
-            await self._settle(tag, requeue=True)  # in place, before later events
+            if tag.live:
+                with contextlib.suppress(*LOST):
+                    await tag.source.nack(tag.delivery_tag)  # in place, before later events
             return
         due = self.clock.time() + delay
         self._pub.note_scheduled(delivery.group, delivery.envelope.id, due)
