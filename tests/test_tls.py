@@ -4,7 +4,11 @@ against real servers, server certificates verified, client certificates required
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
 import ssl
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +18,11 @@ import trustme
 
 import surge
 from surge.http import Server
+from surge.transports import open_transport
 from surge.transports.nats import NatsTransport
 from surge.transports.redis import RedisTransport
 
-from ._servers import free_port, nats_server, redis_server
+from ._servers import PostgresServer, free_port, nats_server, redis_server
 
 pytestmark = pytest.mark.realtime
 
@@ -216,3 +221,64 @@ async def test_nats_tls_verifies_the_server_and_presents_a_client_certificate(
             for options in refused:
                 with pytest.raises(surge.TransportError):
                     await NatsTransport(url, connect_timeout=2, **options).start()
+
+
+async def test_postgres_sslmode_verify_full_with_a_client_certificate(pki: Pki) -> None:
+    """postgresql://...?sslmode=verify-full round-trips against a server that accepts only
+    TLS connections authenticated by a client certificate (pg_hba 'hostssl ... cert'); it
+    is refused without the client certificate, without trusting the CA, and in plain text."""
+    root = Path(tempfile.mkdtemp(prefix="surge-pg-tls-"))
+    server = PostgresServer(
+        root,
+        fsync=False,
+        options=(
+            "-c ssl=on",
+            f"-c ssl_cert_file={root / 'server.pem'}",
+            f"-c ssl_key_file={root / 'server.key'}",
+            f"-c ssl_ca_file={root / 'ca.pem'}",
+        ),
+    )
+    try:
+        server.init()
+        # the server checks its key's owner and mode; the client's certificate names
+        # the database user (CN=surge)
+        for name, src in (("server.pem", pki.server_cert), ("server.key", pki.server_key),
+                          ("ca.pem", pki.ca_pem)):  # fmt: skip
+            dest = root / name
+            shutil.copy(src, dest)
+            dest.chmod(0o600)
+            if os.geteuid() == 0:
+                shutil.chown(dest, "postgres", "postgres")
+        (server.data / "pg_hba.conf").write_text(
+            "local all all trust\nhostssl all surge 127.0.0.1/32 cert\n"
+        )
+        if os.geteuid() == 0:
+            shutil.chown(server.data / "pg_hba.conf", "postgres", "postgres")
+        server.start()
+        user = pki.ca.issue_cert("surge", common_name="surge")
+        cert, key = root / "surge.pem", root / "surge.key"
+        user.cert_chain_pems[0].write_to_path(str(cert))
+        user.private_key_pem.write_to_path(str(key))
+        key.chmod(0o600)
+        other_ca = root / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other_ca))
+        base = f"postgresql://surge@127.0.0.1:{server.port}/postgres?schema=tls"
+        good = f"{base}&sslmode=verify-full&sslrootcert={pki.ca_pem}&sslcert={cert}&sslkey={key}"
+        await roundtrip(open_transport(good))
+        for url, why in (
+            (f"{base}&sslmode=verify-full&sslrootcert={pki.ca_pem}", "certificate"),
+            (
+                f"{base}&sslmode=verify-full&sslrootcert={other_ca}&sslcert={cert}&sslkey={key}",
+                "certificate verify",
+            ),
+            (f"{base}&sslmode=disable", "no encryption"),
+        ):
+            t = open_transport(url)
+            # a refused login is a ConfigurationError, a failed handshake a TransportError
+            with pytest.raises((surge.TransportError, surge.ConfigurationError), match=why):
+                await t.start()
+            await t.close()
+    finally:
+        with contextlib.suppress(RuntimeError):
+            server.stop("immediate")
+        shutil.rmtree(root, ignore_errors=True)
