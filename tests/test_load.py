@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -165,3 +166,39 @@ async def test_cli_prints_a_readable_table(tmp_path: Path) -> None:
     assert "latency p99" in text
     assert "status 202" in text
     assert (tmp_path / "c.html").exists()
+
+
+async def test_a_503_is_sent_again_after_its_retry_after() -> None:
+    """A server answering 503 twice then 202: the load generator backs off by
+    Retry-After (0.1 s here) and sends again; the final answer counts, and so
+    do the retries; with retries=0 the 503 is the answer."""
+    answers = [503, 503, 202] * 4
+    sent_at: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                await reader.readuntil(b"\r\n\r\n")
+            except (asyncio.IncompleteReadError, ConnectionError):
+                writer.close()
+                return
+            sent_at.append(loop.time())
+            status = answers.pop(0)
+            reason = b"Service Unavailable" if status == 503 else b"Accepted"
+            writer.write(
+                b"HTTP/1.1 %d %s\r\nretry-after: 0.1\r\ncontent-length: 0\r\n\r\n"
+                % (status, reason)
+            )
+            await writer.drain()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        report = await run_load(f"http://127.0.0.1:{port}/", 2, 1, method="GET")
+        assert (report.statuses, report.retried) == ({202: 2}, 4)
+        gaps = [b - a for a, b in itertools.pairwise(sent_at)]
+        assert all(gaps[i] >= 0.05 for i in (0, 1, 3, 4)), gaps
+        assert report.max >= 0.1
+        once = await run_load(f"http://127.0.0.1:{port}/", 1, 1, method="GET", retries=0)
+        assert (once.statuses, once.retried) == ({503: 1}, 0)

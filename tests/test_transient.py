@@ -15,6 +15,8 @@ import pytest
 import surge
 from surge._event import Envelope
 from surge._transport import Delivery
+from surge.http import Server
+from surge.tools import fetch
 from surge.transports.memory import MemoryTransport
 
 
@@ -45,6 +47,12 @@ class Troubled(MemoryTransport):
             self.failed_at.append(self.clock.time())
             raise surge.TransportError("the broker is restarting")
         await super().publish(envelopes)
+
+    def put_one(self, envelope: Envelope) -> bool:
+        # the app's fast path: declined while failing, so publish() is called
+        if self.publish_failures and envelope.topic == self.topic:
+            return False
+        return super().put_one(envelope)
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         if self.ack_failures and any(d.group == "t.pack" for d in deliveries):
@@ -150,3 +158,24 @@ async def test_the_shop_order_count_is_exact(clock: surge.VirtualClock, failures
         await app.drain()
     assert sorted(packs) == list(range(50))
     assert sorted(packed) == list(range(50))
+
+
+@pytest.mark.realtime
+async def test_the_ingress_answers_503_with_retry_after_for_transport_trouble() -> None:
+    """A publish failing with TransportError is a 503 with Retry-After (never
+    a 500), counted in surge_http_transport_errors; the same request then
+    succeeds."""
+    transport = Troubled(surge.VirtualClock(), Order.__topic__)
+    app = surge.App("t", transport=transport)
+    app.http.post("/orders", publish=Order)
+    async with app, Server(app, port=0) as server:
+        transport.publish_failures = 1
+        first = await fetch(f"{server.url}/orders", "POST", json={"n": 1})
+        second = await fetch(f"{server.url}/orders", "POST", json={"n": 1})
+        metrics = app.http.metrics.render().decode()
+    assert first.status == 503
+    assert first.headers["retry-after"] == "1"
+    assert "unavailable" in first.json()["error"]
+    assert second.status == 202
+    assert "surge_http_transport_errors_total 1.0" in metrics
+    assert 'surge_http_requests_total{method="POST",route="/orders",status="503"} 1.0' in metrics

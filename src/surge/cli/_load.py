@@ -30,6 +30,12 @@ __all__ = ("load",)
 @click.option("-H", "--header", "header", multiple=True, help="'Name: value', repeatable.")
 @click.option("--timeout", default=10.0, show_default=True, help="Seconds per request.")
 @click.option(
+    "--retries",
+    default=3,
+    show_default=True,
+    help="Times a 503 is sent again, after its Retry-After (0: never).",
+)
+@click.option(
     "--chart",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
@@ -51,6 +57,7 @@ def load(
     body: str | None,
     header: tuple[str, ...],
     timeout: float,
+    retries: int,
     chart: Path | None,
     report: Path | None,
     as_json: bool,
@@ -78,6 +85,7 @@ def load(
         "body": fixed,
         "headers": headers,
         "timeout": timeout,
+        "retries": retries,
     }
     if as_json:
         result = run_loop(run_load(url, requests, concurrency, rate, body_factory, **kwargs))
@@ -151,6 +159,8 @@ def _print_report(result: LoadReport, chart_path: Path) -> None:
         table.add_row(f"latency {name}", f"{getattr(result, name) * ms:.2f} ms")
     for code, n in result.statuses.items():
         table.add_row(f"status {code}", f"{n:,}")
+    if result.retried:
+        table.add_row("sent again after 503", f"{result.retried:,}", style="yellow")
     for kind, n in sorted(result.errors.items()):
         table.add_row(f"error {kind}", f"{n:,}", style="red")
     table.add_row("chart", str(chart_path))

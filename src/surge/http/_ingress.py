@@ -24,6 +24,7 @@ from .._errors import (
     Forbidden,
     MessageTooLarge,
     RequestTimeout,
+    TransportError,
     Unauthorized,
 )
 from .._event import Event
@@ -72,6 +73,7 @@ _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
 _RETRY = (b"retry-after", b"1")
 _BUSY = b'{"error":"overloaded: too many requests in flight, retry later"}'
+_UNAVAILABLE = b'{"error":"the event store is unavailable for now, retry later"}'
 _PROMETHEUS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -425,6 +427,16 @@ class Ingress:
             return rej.status
         except Closed:
             await _answer(send, 503, b'{"error":"the app is not running"}', (_JSON, _RETRY, _CLOSE))
+            return 503
+        except TransportError as exc:
+            # The broker's trouble, past the transport's own wait (sqlite's
+            # busy_timeout, a reconnect): not the client's fault, and the
+            # same request may well succeed in a moment. Never a 500.
+            self.metrics.transport_errors += 1
+            log.warning(
+                "%s %s: the transport failed, answered 503: %s", scope["method"], scope["path"], exc
+            )
+            await _answer(send, 503, _UNAVAILABLE, (_JSON, _RETRY))
             return 503
         except MessageTooLarge as exc:
             await _answer(send, 413, msgspec.json.encode({"error": str(exc)}), (_JSON,))

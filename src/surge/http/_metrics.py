@@ -50,6 +50,7 @@ class Metrics(Collector):
     def __init__(self, routes: dict[tuple[str, str], RouteStats]) -> None:
         self._routes = routes
         self.in_flight = 0
+        self.transport_errors = 0
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -78,6 +79,11 @@ class Metrics(Collector):
             latency.add_metric((stats.method, stats.path), cumulative, stats.total)
         yield requests
         yield latency
+        yield CounterMetricFamily(
+            "surge_http_transport_errors",
+            "Requests answered 503 because the transport failed (the client may retry)",
+            value=self.transport_errors,
+        )
         yield GaugeMetricFamily(
             "surge_http_in_flight", "Requests on routes being handled now", value=self.in_flight
         )

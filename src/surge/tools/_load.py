@@ -6,11 +6,18 @@ due at ``i / rate`` seconds and its latency counts from then, not from when
 a worker got to it, so a slow server cannot hide its queue (no coordinated
 omission). It measures real time: it is a tool that times a server, not
 library code, so it reads ``time.perf_counter`` directly.
+
+A 503 (the server is overloaded or its transport in trouble) is sent again
+after the server's ``Retry-After`` (at most ``retries`` times, each wait
+capped at ``max_backoff`` and spread by half of it): a client backing off
+as a well-behaved one does. Its latency runs from the first send to the
+last answer, and ``retried`` counts the sends again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import time
 from array import array
 from collections.abc import Callable
@@ -32,6 +39,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     errors: dict[str, int]
     """Requests with no answer, by cause (``timeout``, ``ConnectionResetError``...)."""
     statuses: dict[int, int]
+    """Final answers by status (after retries of 503)."""
     duration: float
     rps: float
     """Answered requests per second over the whole run."""
@@ -42,6 +50,8 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     max: float
     timeline: list[tuple[float, int, float, float, float]] = msgspec.field(default_factory=list)
     """Per time slice: (start s, answers, p50, p99, max)."""
+    retried: int = 0
+    """Requests sent again after a 503, every time counted."""
 
     def summary(self) -> str:
         codes = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items())) or "none"
@@ -52,7 +62,7 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
             f"{self.rps:,.0f} req/s\n"
             f"latency ms: p50 {self.p50 * ms:.2f}  p95 {self.p95 * ms:.2f}  "
             f"p99 {self.p99 * ms:.2f}  max {self.max * ms:.2f}  mean {self.mean * ms:.2f}\n"
-            f"status codes: {codes}\nerrors: {errs}"
+            f"status codes: {codes} (503 sent again: {self.retried})\nerrors: {errs}"
         )
 
 
@@ -69,19 +79,24 @@ async def run_load(
     timeout: float = 10.0,
     on_response: Callable[[int, Response], object] | None = None,
     on_progress: Callable[[int, int], object] | None = None,
+    retries: int = 3,
+    max_backoff: float = 2.0,
 ) -> LoadReport:
     """Send ``requests`` requests to ``url`` from ``concurrency`` connections.
 
     ``body`` is sent with every request, or ``body_factory(i)`` with the
     i-th; ``method`` defaults to POST with a body, GET without.
-    ``on_response(i, response)`` sees every answer; ``on_progress(done,
-    requests)`` is called as answers arrive. Every request is bounded by
-    ``timeout`` seconds (connecting included).
+    ``on_response(i, response)`` sees every final answer; ``on_progress(done,
+    requests)`` is called as answers arrive. Every send is bounded by
+    ``timeout`` seconds (connecting included). A 503 is sent again, up to
+    ``retries`` times, after its ``Retry-After`` (at most ``max_backoff``).
     """
     if requests < 0 or concurrency < 1:
         raise ValueError("requests must be >= 0 and concurrency >= 1")
     if rate is not None and rate <= 0:
         raise ValueError("rate must be positive")
+    if retries < 0 or max_backoff < 0:
+        raise ValueError("retries and max_backoff must not be negative")
     host, port, path = split_url(url)
     raise_fd_limit(concurrency + 256)
     has_body = body is not None or body_factory is not None
@@ -93,11 +108,12 @@ async def run_load(
     errors: dict[str, int] = {}
     next_index = 0
     done = 0
+    retried = 0
     clock = time.perf_counter
     t0 = clock()
 
     async def worker() -> None:
-        nonlocal next_index, done
+        nonlocal next_index, done, retried
         conn: Connection | None = None
         try:
             while next_index < requests:
@@ -117,10 +133,17 @@ async def run_load(
                     assert body_factory is not None
                     request = build_request(verb, host, port, path, body_factory(i), headers)
                 try:
-                    async with asyncio.timeout(timeout):
-                        if conn is None or conn.closed:
-                            conn = await Connection.open(host, port)
-                        response = await conn.send(request)
+                    for again in range(retries + 1):
+                        async with asyncio.timeout(timeout):
+                            if conn is None or conn.closed:
+                                conn = await Connection.open(host, port)
+                            response = await conn.send(request)
+                        if response.status != 503 or again == retries:
+                            break
+                        retried += 1
+                        if not conn.keep_alive:
+                            conn.close()
+                        await asyncio.sleep(_backoff(response, max_backoff))
                 except TimeoutError:
                     errors["timeout"] = errors.get("timeout", 0) + 1
                     if conn is not None:
@@ -138,7 +161,7 @@ async def run_load(
                     statuses[response.status] = statuses.get(response.status, 0) + 1
                     if on_response is not None:
                         on_response(i, response)
-                    if not conn.keep_alive:
+                    if conn is not None and not conn.keep_alive:
                         conn.close()
                         conn = None
                 done += 1
@@ -150,7 +173,20 @@ async def run_load(
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, max(requests, 1)))))
     duration = clock() - t0
-    return _report(url, requests, statuses, errors, duration, starts, latencies)
+    report = _report(url, requests, statuses, errors, duration, starts, latencies)
+    return msgspec.structs.replace(report, retried=retried)
+
+
+def _backoff(response: Response, cap: float) -> float:
+    """Seconds to wait before sending a 503'd request again: the server's
+    ``Retry-After`` (seconds; 1 when absent or a date), at most ``cap``,
+    spread over its upper half so clients do not come back in step."""
+    try:
+        wait = float(response.headers.get("retry-after", "1"))
+    except ValueError:
+        wait = 1.0
+    wait = min(max(wait, 0.0), cap)
+    return wait * (0.5 + random.random() / 2)  # noqa: S311 - jitter, not a secret
 
 
 def _report(
