@@ -471,12 +471,16 @@ class RabbitServer(_ServerProcess):
     name = "rabbitmq-server"
     ready = "Server startup complete"
 
-    def __init__(self, data_dir: Path, *, consumer_timeout: int = 1_800_000) -> None:
+    def __init__(
+        self, data_dir: Path, *, consumer_timeout: int = 1_800_000, extra_conf: str = ""
+    ) -> None:
         super().__init__()
         self.port = free_port()
         self.dist_port = free_port()
         self.data_dir = data_dir
         self.consumer_timeout = consumer_timeout
+        self.extra_conf = extra_conf
+        """More rabbitmq.conf lines (TLS listeners, ...)."""
         self.node = f"surge-test-{self.port}@localhost"
 
     @property
@@ -508,7 +512,7 @@ class RabbitServer(_ServerProcess):
         d.mkdir(parents=True, exist_ok=True)
         (d / "enabled_plugins").write_text("[].\n")
         (d / "rabbitmq.conf").write_text(
-            f"consumer_timeout = {self.consumer_timeout}\nloopback_users = none\n"
+            f"consumer_timeout = {self.consumer_timeout}\nloopback_users = none\n" + self.extra_conf
         )
         # How often a channel checks its deliveries against the timeout
         # (default 60 s): short, so a test of the timeout takes seconds.

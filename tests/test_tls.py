@@ -22,7 +22,7 @@ from surge.transports import open_transport
 from surge.transports.nats import NatsTransport
 from surge.transports.redis import RedisTransport
 
-from ._servers import PostgresServer, free_port, nats_server, redis_server
+from ._servers import PostgresServer, RabbitServer, free_port, nats_server, redis_server
 
 pytestmark = pytest.mark.realtime
 
@@ -282,3 +282,35 @@ async def test_postgres_sslmode_verify_full_with_a_client_certificate(pki: Pki) 
         with contextlib.suppress(RuntimeError):
             server.stop("immediate")
         shutil.rmtree(root, ignore_errors=True)
+
+
+async def test_amqps_verifies_the_server_and_presents_a_client_certificate(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """amqps:// (aiormq's cafile / certfile / keyfile in the URL) against a RabbitMQ node with
+    a TLS listener that requires client certificates: round trip; refused without the
+    client certificate and when trusting another CA."""
+    tls_port = free_port()
+    conf = (
+        f"listeners.ssl.default = {tls_port}\n"
+        f"ssl_options.cacertfile = {pki.ca_pem}\n"
+        f"ssl_options.certfile = {pki.server_cert}\n"
+        f"ssl_options.keyfile = {pki.server_key}\n"
+        "ssl_options.verify = verify_peer\n"
+        "ssl_options.fail_if_no_peer_cert = true\n"
+    )
+    other_ca = tmp_path / "other-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(other_ca))
+    node = RabbitServer(tmp_path / "rabbit", extra_conf=conf)
+    node.start()
+    try:
+        base = f"amqps://guest:guest@127.0.0.1:{tls_port}/?prefix=tls"
+        client = f"&certfile={pki.client_cert}&keyfile={pki.client_key}"
+        await roundtrip(open_transport(f"{base}&cafile={pki.ca_pem}{client}"))
+        for url in (f"{base}&cafile={pki.ca_pem}", f"{base}&cafile={other_ca}{client}"):
+            t = open_transport(url, connect_timeout=5.0)
+            with pytest.raises(surge.TransportError):
+                await t.start()
+            await t.close()
+    finally:
+        node.stop()
