@@ -31,6 +31,7 @@ from ._errors import (
     UnknownTopic,
 )
 from ._event import Envelope, Event, derive_id, event_type, new_id
+from ._lag import LoopLag
 from ._middleware import Middleware
 from ._runtime import LocalState, Part, Runtime, Timings
 from ._signing import Signer
@@ -157,7 +158,9 @@ class App:
         self._processes = processes or os.cpu_count() or 1
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
         self._timings: Timings | None = None
-        self._parts: list[Part] = []
+        # how late the loop runs: a handler that blocks it is reported
+        self._lag = LoopLag(self.clock, name)
+        self._parts: list[Part] = [self._lag]
         # Trigger slots and other small state, when the transport keeps none.
         self._local_state = LocalState()
         self._caps = Capabilities()
@@ -1021,7 +1024,12 @@ class App:
                 queued=r.queued,
                 stuck_threads=r.timed_out_threads,
             )
-        return AppStats(subscriptions=subs, pending_requests=len(self._pending))
+        return AppStats(
+            subscriptions=subs,
+            pending_requests=len(self._pending),
+            loop_lag=self._lag.last,
+            loop_lag_max=self._lag.max,
+        )
 
     def _group(self, subscription: str | Callable[..., Any] | None) -> str | None:
         if subscription is None:

@@ -27,3 +27,7 @@ class SubscriptionStats(msgspec.Struct, frozen=True, kw_only=True):
 class AppStats(msgspec.Struct, frozen=True, kw_only=True):
     subscriptions: dict[str, SubscriptionStats]
     pending_requests: int = 0
+    loop_lag: float = 0.0
+    """How late the event loop ran at the last look (seconds; see ``surge._lag``)."""
+    loop_lag_max: float = 0.0
+    """The longest the event loop was held since the app started (seconds)."""

@@ -118,6 +118,13 @@ def families(app: App) -> Iterator[Any]:
     )
     pending.add_metric((app_name,), snap.pending_requests)
     yield pending
+    lag = GaugeMetricFamily(
+        "surge_loop_lag_max_seconds",
+        "The longest an event loop of the app was held by code that did not await",
+        labels=("app",),
+    )
+    lag.add_metric((app_name,), snap.loop_lag_max)
+    yield lag
     yield GaugeMetricFamily(
         "surge_processes", "Worker processes whose numbers are summed here", value=snap.processes
     )

@@ -201,11 +201,14 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     subscriptions: dict[str, SubscriptionSnapshot]
     pending_requests: int = 0
     processes: int = 1
+    loop_lag_max: float = 0.0
+    """The longest any of the processes' event loops was held (seconds)."""
 
     def statistics(self) -> AppStats:
         return AppStats(
             subscriptions={n: s.stats for n, s in self.subscriptions.items()},
             pending_requests=self.pending_requests,
+            loop_lag_max=self.loop_lag_max,
         )
 
 
@@ -234,6 +237,7 @@ def snapshot(app: App) -> Snapshot:
         time=app.clock.time(),
         subscriptions=subs,
         pending_requests=stats.pending_requests,
+        loop_lag_max=stats.loop_lag_max,
     )
 
 
@@ -265,10 +269,12 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
         return None
     subs: dict[str, dict[str, Any]] = {}
     pending = 0
+    lag = 0.0
     for snap in items:
         live = _alive(snap.pid)
         if live:
             pending += snap.pending_requests
+            lag = max(lag, snap.loop_lag_max)
         for name, s in snap.subscriptions.items():
             acc = subs.setdefault(
                 name,
@@ -298,6 +304,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
         },
         pending_requests=pending,
         processes=len(items),
+        loop_lag_max=lag,
     )
 
 
