@@ -85,6 +85,15 @@ class _ServerProcess:
         if proc is not None and proc.stdout is not None:
             proc.stdout.close()
 
+    def kill(self) -> None:
+        """SIGKILL: the broker dies without a chance to save anything."""
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
 
 class NatsServer(_ServerProcess):
     """A nats-server process; ``stop()`` / ``start()`` restart it on the same
@@ -218,15 +227,6 @@ class RedisServer(_ServerProcess):
             args += ["--appendfsync", "always"]
         args += list(self.extra)
         self._launch(args)
-
-    def kill(self) -> None:
-        """SIGKILL: the broker dies without a chance to save anything."""
-        proc, self.proc = self.proc, None
-        if proc is not None:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 @contextlib.contextmanager
