@@ -17,6 +17,7 @@ import time
 import pytest
 
 import surge
+from surge._lag import LoopLag
 
 pytestmark = pytest.mark.realtime
 
@@ -88,7 +89,9 @@ async def test_a_handler_that_blocks_the_loop_is_reported_and_the_others_catch_u
         f"resumed={resumed:.3f}s loop_lag_max={stats.loop_lag_max:.2f}s "
         f"warnings={len(warnings)}"
     )
-    assert stats.loop_lag_max >= 1.9
+    # the block began somewhere in the monitor's interval: it sees at least
+    # the block less one interval
+    assert 2.0 - LoopLag.interval - 0.05 <= stats.loop_lag_max < 3.0
     assert len(warnings) == 1
     assert "faults-lag" in warnings[0].getMessage()
     assert resumed < 1.0
