@@ -376,9 +376,21 @@ async def test_shutdown_deadline_cancels_and_hands_back(clock: surge.VirtualCloc
     await started.wait()
     t0 = clock.monotonic()
     await app.stop()
-    assert clock.monotonic() - t0 == 2
+    # handlers get three quarters of shutdown_timeout; settling and closing the rest
+    assert clock.monotonic() - t0 == 1.5
     stats = await transport.stats("t.forever")
     assert (stats.backlog, stats.pending) == (1, 0)
+    report = app.stop_report
+    assert report is not None
+    assert not report.finished
+    assert [(p.name, p.seconds, p.finished) for p in report.phases] == [
+        ("triggers", 0, True),
+        ("intake", 0, True),
+        ("handlers", 1.5, False),
+        ("cancel", 0, True),
+        ("acks", 0, True),
+        ("close", 0, True),
+    ]
 
 
 async def test_stop_with_drain_handles_everything_first(clock: surge.VirtualClock) -> None:

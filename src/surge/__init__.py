@@ -27,6 +27,7 @@ from ._errors import (
 )
 from ._event import Envelope, Event, derive_id, is_derived, new_id
 from ._middleware import Middleware
+from ._shutdown import StopPhase, StopReport
 from ._signing import SIGNATURE_HEADER, Signer
 from ._stats import AppStats, SubscriptionStats
 from ._transport import (
@@ -84,6 +85,8 @@ __all__ = (
     "RetryLater",
     "Signer",
     "StateStore",
+    "StopPhase",
+    "StopReport",
     "Subscription",
     "SubscriptionStats",
     "SurgeError",

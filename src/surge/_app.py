@@ -10,7 +10,15 @@ import operator
 import os
 import random
 import signal
-from collections.abc import Awaitable, Callable, Coroutine, Hashable, Mapping, Sequence
+from collections.abc import (
+    Awaitable,
+    Callable,
+    Coroutine,
+    Hashable,
+    Iterable,
+    Mapping,
+    Sequence,
+)
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -34,6 +42,7 @@ from ._event import Envelope, Event, derive_id, event_type, new_id
 from ._lag import LoopLag
 from ._middleware import Middleware
 from ._runtime import LocalState, Part, Runtime, Timings
+from ._shutdown import Shutdown, StopReport
 from ._signing import Signer
 from ._stats import AppStats, SubscriptionStats
 from ._transport import Capabilities, DeadLetter, Transport, capabilities_of
@@ -106,7 +115,8 @@ class App:
                          transport object
     ``concurrency``      default in-flight limit per subscription
     ``retry``            default :class:`Retry` per subscription
-    ``shutdown_timeout`` seconds in-flight handlers get to finish on stop
+    ``shutdown_timeout`` seconds a stop takes at most; handlers in flight get
+                         three quarters of it to finish
     ``threads``          size of the pool that runs sync handlers
     ``processes``        size of the pool that runs ``executor="process"``
     ``middleware``       :class:`Middleware` hooks, outermost first
@@ -191,6 +201,7 @@ class App:
         self._keyers: dict[str, tuple[Callable[[Any], Hashable], ...]] = {}
         self._partitioned = False
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._stop_report: StopReport | None = None
         self.extensions: dict[str, Any] = {}
         """Per-app state of optional parts (surge.observe, surge.http), by
         the part's dotted name; it lives and dies with the app."""
@@ -875,76 +886,85 @@ class App:
             await fn()
 
     async def stop(self, *, drain: bool = False) -> None:
-        """Stop taking events, let handlers in flight finish within
-        ``shutdown_timeout``, hand back the rest, and close the transport.
+        """Stop taking events, let handlers in flight finish, hand back the
+        rest and close the transport, all within ``shutdown_timeout``.
 
-        With ``drain=True``, first wait (within the same deadline) until the
-        transport holds nothing more for this app to handle; on a transport
-        that cannot tell (not ``IdleAware``) that raises
-        ``NotImplementedError`` and the app keeps running.
+        The stop runs in named phases, each bounded and logged at DEBUG with
+        its duration (``surge._shutdown``); :attr:`stop_report` tells how it
+        went, and one INFO line sums it up. With ``drain=True``, first wait
+        (within the handlers' share of the time) until the transport holds
+        nothing more for this app to handle; on a transport that cannot tell
+        (not ``IdleAware``) that raises ``NotImplementedError`` and the app
+        keeps running.
         """
         if self._state != "running":
             return
         if drain and self._caps.idle is None:
             await self.drain()  # raises, naming what is missing
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.shutdown_timeout
+        stop = Shutdown(self.clock, self.shutdown_timeout)
         if drain:
-            try:
-                async with asyncio.timeout_at(deadline):
-                    await self.drain()
-            except TimeoutError:
-                log.warning("drain did not finish within %.1fs", self.shutdown_timeout)
+            async with stop.phase("drain", early=True):
+                await stop.wait(self.drain(), "drain")
         self._state = "stopping"
         self._put_one = self._direct_put = None
-        for part in reversed(self._parts):
-            await part.stop()
-        for fn in self._on_stop:
-            await fn()
+        async with stop.phase("triggers", early=True):
+            for part in reversed(self._parts):
+                await stop.wait(part.stop(), f"stopping {type(part).__name__}")
+            for fn in self._on_stop:
+                await stop.wait(fn(), f"on_stop hook {getattr(fn, '__qualname__', fn)}")
         runners = list(self._runners.values())
-        for r in runners:
-            await r.stop_intake()
-        try:
-            async with asyncio.timeout_at(deadline):
-                for r in runners:
-                    await r.wait_idle()
-        except TimeoutError:
-            left = sum(r.running for r in runners)
+        # Subscriptions stop side by side: one whose consumer is slow to end
+        # (a cancel swallowed in a blocking read) holds up no other.
+        async with stop.phase("intake"):
+            await stop.wait(_each(r.stop_intake() for r in runners), "stopping intake")
+        async with stop.phase("handlers", early=True):
+            idle = await stop.wait(_all_idle(runners), "handlers in flight")
+        if not idle:
             log.warning(
                 "%d handlers still running after %.1fs; cancelling them and handing their "
                 "events back",
-                left,
-                self.shutdown_timeout,
+                sum(r.running for r in runners),
+                stop.early - stop.started,
             )
-            for r in runners:
-                await r.cancel_workers()
-        for r in runners:
-            await r.close()
-        if self._inbox_task is not None:
-            self._inbox_task.cancel()
-            await asyncio.gather(self._inbox_task, return_exceptions=True)
+            async with stop.phase("cancel"):
+                for r in runners:
+                    await stop.wait(r.cancel_workers(), f"{r.group}: cancelling handlers")
+        async with stop.phase("acks"):
+            await stop.wait(_each(r.close() for r in runners), "settling acks")
+            if self._inbox_task is not None:
+                self._inbox_task.cancel()
+                await stop.wait(asyncio.wait((self._inbox_task,)), "the reply inbox")
         for fut, _ in self._pending.values():
             if not fut.done():
                 fut.set_exception(Closed("the app stopped before the reply came"))
-        transport = self.transport
-        idle = self._caps.idle
-        if not transport.durable and (idle is None or not idle.idle):
-            stats = [await transport.stats(s) for s in self._subs]
-            backlog = sum(s.backlog + s.scheduled for s in stats)
-            if backlog:
-                log.warning(
-                    "%s is not durable: %d undelivered events are dropped",
-                    transport.url.split("?", 1)[0],
-                    backlog,
-                )
-        await transport.close()
-        if self._threadpool is not None:
-            self._threadpool.shutdown(wait=False, cancel_futures=True)
-            self._threadpool = None
-        if self._procpool is not None:
-            self._procpool.shutdown(wait=True, cancel_futures=True)
-            self._procpool = None
+        async with stop.phase("close"):
+            transport = self.transport
+            idle_aware = self._caps.idle
+            if not transport.durable and (idle_aware is None or not idle_aware.idle):
+                stats = [await transport.stats(s) for s in self._subs]
+                backlog = sum(s.backlog + s.scheduled for s in stats)
+                if backlog:
+                    log.warning(
+                        "%s is not durable: %d undelivered events are dropped",
+                        transport.url.split("?", 1)[0],
+                        backlog,
+                    )
+            await stop.wait(transport.close(), "closing the transport")
+            if self._threadpool is not None:
+                self._threadpool.shutdown(wait=False, cancel_futures=True)
+                self._threadpool = None
+            if self._procpool is not None:
+                self._procpool.shutdown(wait=True, cancel_futures=True)
+                self._procpool = None
         self._state = "stopped"
+        self._stop_report = report = stop.report()
+        log.info("app %s %s", self.name, report)
+
+    @property
+    def stop_report(self) -> StopReport | None:
+        """How the last stop went (its phases and their durations); None
+        before the first."""
+        return self._stop_report
 
     async def __aenter__(self) -> App:
         await self.start()
@@ -1092,6 +1112,19 @@ def _check_event(event: object) -> None:
 
 async def _not_running(envelopes: Sequence[Envelope]) -> None:
     raise Closed("the app is not running")
+
+
+async def _each(steps: Iterable[Awaitable[None]]) -> None:
+    """Run ``steps`` side by side; raise the first failure once all ended."""
+    results = await asyncio.gather(*steps, return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+
+
+async def _all_idle(runners: Sequence[Runner]) -> None:
+    for r in runners:
+        await r.wait_idle()
 
 
 def _kind_of(fn: Callable[..., Any], executor: Executor | None) -> str:

@@ -98,8 +98,11 @@ class Runner:
         self._stopping = True
         if self._consumer is not None:
             self._consumer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._consumer
+            # not `await consumer`: that would also swallow a cancel of this
+            # stop (App.stop bounds it); the consumer's own end is not news
+            await asyncio.wait((self._consumer,))
+            if not self._consumer.cancelled() and (exc := self._consumer.exception()):
+                log.error("%s: the consumer failed: %r", self.group, exc)
         waiting = list(self._queue)
         self._queue.clear()
         for lane in self._lanes.values():
@@ -152,6 +155,11 @@ class Runner:
         queue = self._queue
         try:
             async for batch in batches:
+                if self._stopping:
+                    # our cancel was swallowed by a client library (Python
+                    # 3.11's wait_for does that): stop_intake hands it back
+                    queue.extend(batch)
+                    break
                 self.received += len(batch)
                 if keyed:
                     for d in batch:
