@@ -283,12 +283,33 @@ async def surge_runs(url: str, n: int, rate: int, seconds: float) -> list[dict[s
     return rows
 
 
+async def peers(python: str, url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any]]:
+    """The peer frameworks' rows, measured by ``benchmarks.amqp_peers`` run
+    with ``python`` (their venv) on this node."""
+    proc = await asyncio.create_subprocess_exec(
+        python, "-m", "benchmarks.amqp_peers", "--url", url, "--events", str(n),
+        "--rate", str(rate), "--seconds", str(seconds),
+        stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    rows = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    for r in rows:
+        print(json.dumps(r), flush=True)
+    return rows
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rate", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--save", metavar="FILE", help="also write the rows as JSON to FILE")
+    ap.add_argument(
+        "--peers",
+        metavar="PYTHON",
+        help="also run benchmarks.amqp_peers with this interpreter (a venv with "
+        "celery, dramatiq[rabbitmq] and faststream[rabbit]) on the same node",
+    )
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="surge-amqp-bench-"))
     node = RabbitServer(data)
@@ -296,9 +317,13 @@ async def main() -> None:
     try:
         rows = await raw(node.url, args.events, args.rate, args.seconds)
         rows += await surge_runs(node.url, args.events, args.rate, args.seconds)
+        if args.peers:
+            rows += await peers(args.peers, node.url, args.events, args.rate, args.seconds)
     finally:
         await asyncio.to_thread(node.stop)
         shutil.rmtree(data, ignore_errors=True)
+    peer_rows = [r for r in rows if "system" in r]
+    rows = [r for r in rows if "system" not in r]
     by = {r["scenario"]: r for r in rows}
     pub, pull = by["raw_publish_confirms"]["rate"], by["raw_consume_prefetch100"]["rate"]
     print("\nscenario                      rate/s   vs raw")
@@ -309,8 +334,11 @@ async def main() -> None:
         )
         extra = {k: v for k, v in r.items() if k not in ("scenario", "n", "seconds", "rate")}
         print(f"{r['scenario']:<28} {r['rate']:>8,}   {ratio:<6} {extra or ''}")
+    for r in peer_rows:
+        extra = {k: v for k, v in r.items() if k in ("p50_ms", "p99_ms", "launch_to_last_s")}
+        print(f"{r['system'] + ' ' + r['scenario']:<44} {r['rate']:>8,}   {extra or ''}")
     if args.save:
-        _save(args.save, rows, args.events)
+        _save(args.save, rows + peer_rows, args.events)
 
 
 def _save(path: str, rows: list[dict[str, Any]], events: int) -> None:

@@ -12,7 +12,9 @@ import aiormq
 import pytest
 
 import surge
+from surge._transport import capabilities_of
 from surge.transports import open_transport
+from surge.transports.amqp import AmqpTransport
 
 from ._servers import rabbit_server, shared_amqp_url
 from .conformance._helpers import Item, Reader, env, number
@@ -216,3 +218,98 @@ async def test_handler_longer_than_the_consumer_timeout_runs_once(
             stats = await app.transport.stats(next(iter(app.subscriptions)))
             assert (stats.backlog, stats.pending) == (0, 0)
         assert sorted(runs) == [1, 2]
+
+
+async def test_capabilities() -> None:
+    """RabbitMQ routes keys (8 partitions), knows idleness and keeps state; it
+    cannot hand deliveries back without counting an attempt, nor put directly."""
+    t = AmqpTransport(shared_amqp_url())
+    await t.start()
+    try:
+        caps = capabilities_of(t)
+        assert caps.key_routing is t
+        assert caps.partitions == 8
+        assert caps.idle is t
+        assert caps.state is t
+        assert caps.hands_back is None
+        assert caps.direct_put is None
+    finally:
+        await t.close()
+
+
+class _ResettingProxy:
+    """A TCP proxy to the node whose ``reset()`` aborts every connection
+    through it (as a dropped network path does), and keeps listening."""
+
+    def __init__(self, port: int) -> None:
+        self.target = port
+        self.writers: list[asyncio.StreamWriter] = []
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.transport.abort()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def reset(self) -> None:
+        for w in self.writers:
+            w.transport.abort()
+        self.writers.clear()
+
+    async def close(self) -> None:
+        self.reset()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_connection_reset_loses_no_acked_event(amqp_log: _LogEvents) -> None:
+    """Connections reset under load (a proxy aborts them): the transport
+    reconnects, publishes made meanwhile are confirmed, nothing acked is lost."""
+    node = shared_amqp_url()
+    base, query = node.split("?")
+    port = int(base.rsplit(":", 1)[1].strip("/"))
+    proxy = _ResettingProxy(port)
+    await proxy.start()
+    try:
+        transport = open_transport(f"amqp://guest:guest@127.0.0.1:{proxy.port}/?{query}")
+        app = surge.App("reset", transport=transport)
+        handled: Counter[int] = Counter()
+
+        @app.on(Num)
+        async def handle(ev: Num) -> None:
+            handled[ev.n] += 1
+
+        async with app:
+            acked: list[int] = []
+            for round_ in range(3):
+                back = amqp_log.expect("reconnected")
+                for n in range(round_ * 100, round_ * 100 + 50):
+                    await app.publish(Num(n=n))
+                    acked.append(n)
+                proxy.reset()
+                for n in range(round_ * 100 + 50, round_ * 100 + 100):
+                    await app.publish(Num(n=n))  # waits for the new connection
+                    acked.append(n)
+                await asyncio.wait_for(back.wait(), 20)
+            await app.drain()
+        missing = sorted(set(acked) - set(handled))
+        assert missing == [], f"lost: {missing[:10]}"
+    finally:
+        await proxy.close()

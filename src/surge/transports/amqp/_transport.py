@@ -130,6 +130,8 @@ class AmqpTransport:
             publish_timeout=publish_timeout,
         )  # fmt: skip
         self._dead = DeadLetters(self._link, self._topology, self._pub, self.codec, self.clock.time)
+        self.partitions = self._topology.partitions
+        """Partitions of each group's keyed events (``KeyRouting``; fixed per prefix)."""
         self._members = Members(
             self._link, self._topology, self.clock, uuid.uuid4().hex[:16], lease
         )
@@ -138,11 +140,6 @@ class AmqpTransport:
         self._control: aiormq.abc.AbstractChannel | None = None
         self._busy = True
         self._closed = True
-
-    @property
-    def partitions(self) -> int:
-        """Partitions of each group's keyed events (``KeyRouting``)."""
-        return self._topology.partitions
 
     def ownership(self, group: str) -> Ownership:
         """The partitions of ``group`` this process reads (for tests and
