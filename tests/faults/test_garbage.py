@@ -1,6 +1,7 @@
 """Garbage written straight into a transport's storage, by something that is
 not surge: random bytes on the redis stream (and entries with foreign
-fields), on a NATS subject, in an SQLite row (body, headers).
+fields), on a NATS subject, in an SQLite or PostgreSQL row (body, headers),
+on a RabbitMQ group queue (with foreign headers).
 
 Each is dead-lettered on its first delivery with the reason (a
 ``DecodeError``), and the consumer keeps going: an event published after
@@ -15,6 +16,8 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import aiormq
+import asyncpg
 import nats
 import pytest
 import redis.asyncio as aredis
@@ -22,7 +25,13 @@ import redis.asyncio as aredis
 import surge
 
 from .._jepsen import wait_for
-from .._servers import shared_nats_url, shared_redis_url
+from .._servers import (
+    drop_postgres_schema,
+    shared_amqp_url,
+    shared_nats_url,
+    shared_postgres_url,
+    shared_redis_url,
+)
 
 pytestmark = pytest.mark.realtime
 
@@ -92,6 +101,47 @@ def _sqlite_rows(path: Path) -> Callable[[str], Awaitable[None]]:
     return write
 
 
+async def _postgres_rows(url: str) -> None:
+    base, _, query = url.partition("?")
+    schema = dict(urllib.parse.parse_qsl(query))["schema"]
+    conn = await asyncpg.connect(base)
+    try:
+        gid = await conn.fetchval(f"SELECT id FROM {schema}.groups WHERE name = $1", GROUP)
+        for i in range(GARBAGE):
+            headers = _junk(i + 100) if i % 2 else None
+            seq = await conn.fetchval(
+                f"INSERT INTO {schema}.messages (id, topic, key, time, headers, body) "
+                "VALUES ($1, $2, NULL, 0, $3, $4) RETURNING seq",
+                f"junk-{i}",
+                TOPIC,
+                headers,
+                _junk(i),
+            )
+            await conn.execute(
+                f"INSERT INTO {schema}.deliveries (grp, msg, visible_at) VALUES ($1, $2, 0)",
+                gid,
+                seq,
+            )
+        await conn.execute("SELECT pg_notify($1, $2)", f"surge_{schema}", str(gid))
+    finally:
+        await conn.close()
+
+
+async def _amqp_messages(url: str) -> None:
+    base, _, query = url.partition("?")
+    prefix = dict(urllib.parse.parse_qsl(query))["prefix"]
+    conn = await aiormq.connect(base)
+    try:
+        channel = await conn.channel()
+        for i in range(GARBAGE):
+            props = aiormq.spec.Basic.Properties(headers={"x-foreign": str(i)} if i % 2 else None)
+            await channel.basic_publish(
+                _junk(i), routing_key=f"{prefix}.g.{GROUP}", properties=props
+            )
+    finally:
+        await conn.close()
+
+
 async def _run(url: str, inject: Callable[[str], Awaitable[None]]) -> list[surge.DeadLetter]:
     app = surge.App("faults-garbage", transport=url)
     handled: list[int] = []
@@ -120,7 +170,7 @@ async def _run(url: str, inject: Callable[[str], Awaitable[None]]) -> list[surge
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite", "postgres", "amqp"])
 async def test_garbage_in_storage_is_dead_lettered_on_first_delivery(
     tmp_path: Path, kind: str
 ) -> None:
@@ -131,10 +181,18 @@ async def test_garbage_in_storage_is_dead_lettered_on_first_delivery(
         url, inject = shared_redis_url(), _redis_payloads
     elif kind == "nats":
         url, inject = shared_nats_url(), _nats_payloads
+    elif kind == "postgres":
+        url, inject = shared_postgres_url(), _postgres_rows
+    elif kind == "amqp":
+        url, inject = shared_amqp_url(), _amqp_messages
     else:
         path = tmp_path / "garbage.db"
         url, inject = f"sqlite:///{path}", _sqlite_rows(path)
-    dead = await _run(url, inject)
+    try:
+        dead = await _run(url, inject)
+    finally:
+        if kind == "postgres":
+            drop_postgres_schema(url)
     print(
         f"\nFIGURE garbage[{kind}] dead-lettered={len(dead)}: {dead[0].error_type}: {dead[0].error}"
     )

@@ -16,6 +16,7 @@ what it holds, counted per partition for :class:`._partitions.Member`.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +32,8 @@ from ._schema import Schema
 __all__ = ("Consumer", "Lease", "Queue")
 
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
+
+log = logging.getLogger("surge.postgres")
 
 _SET = (
     "UPDATE {s}.deliveries d SET visible_at = $4, token = $5, attempt = d.attempt + 1, "
@@ -73,6 +76,14 @@ _EXTEND = (
     "UPDATE {s}.deliveries d SET visible_at = $3 " + _HELD + " AND (d.part IS NULL OR EXISTS "
     "(SELECT 1 FROM {s}.owners o WHERE o.grp = d.grp AND o.part = d.part AND o.owner = $4 "
     "AND o.until > $5))"
+)
+# a claimed delivery whose message no surge wrote, to the dead letters
+_FOREIGN = (
+    "WITH d AS (DELETE FROM {s}.deliveries WHERE id = $1 AND token = $2 RETURNING grp) "
+    "INSERT INTO {s}.dead_letters (grp, id, topic, key, headers, body, error_type, error, "
+    "traceback, attempts, first_attempt_at, failed_at) "
+    "SELECT d.grp, $3, $4, $5, NULL, $6, 'DecodeError', $7, '', $8, $9, $10 FROM d "
+    "ON CONFLICT (grp, id) DO NOTHING"
 )
 _STATS = (
     "SELECT count(*) FILTER (WHERE visible_at <= $2), "
@@ -163,6 +174,7 @@ class Queue:
         self._hand_back = q(_HAND_BACK)
         self._extend = q(_EXTEND)
         self._stats = q(_STATS)
+        self._foreign = q(_FOREIGN)
         self.stale = 0
         """Settles ignored because the lease was lost meanwhile."""
 
@@ -201,10 +213,41 @@ class Queue:
         rows.sort(key=lambda r: r[0])
         out = []
         for did, attempt, first, part, eid, topic, key, time, headers, body, nb in rows:
-            h = _decode_headers(headers) if headers is not None else None
+            h = None
+            if headers is not None:
+                try:
+                    h = _decode_headers(headers)
+                except msgspec.DecodeError as exc:
+                    await self._bury_foreign(
+                        did, token, eid, topic, key, body, attempt, first, now, exc
+                    )
+                    continue
             env = Envelope(eid, topic, key, time, h, None, body, nb)
             out.append(Delivery(env, group, attempt, (did, part), first))
         return out
+
+    async def _bury_foreign(
+        self,
+        did: int,
+        token: int,
+        eid: str,
+        topic: str,
+        key: str | None,
+        body: bytes,
+        attempt: int,
+        first: float | None,
+        now: float,
+        exc: Exception,
+    ) -> None:
+        """Dead-letter a claimed delivery whose message row no surge wrote
+        (its headers are not a msgpack map of strings): it cannot even be
+        handed to the runner, which dead-letters undecodable bodies itself.
+        The headers are dropped (a dead letter's must decode); the body kept."""
+        reason = f"message {eid!r}: its headers are not a map of strings ({exc})"
+        log.error("postgres: %s; dead-lettered", reason)
+        await self._db.execute(
+            self._foreign, did, token, eid, topic, key, body, reason, attempt, first or now, now
+        )
 
     async def next_due(self, gid: int, parts: list[int]) -> float:
         """When the next delivery of the shared queue or ``parts`` is due
