@@ -179,3 +179,20 @@ def test_cli_refuses_an_admin_listener_off_loopback_without_a_token(
     result = runner.invoke(main, ["run", "tests.test_admin_surface:APP", "--admin", "9"])
     assert result.exit_code == 2
     assert "give both" in result.output
+
+
+async def test_the_dashboard_path_without_its_slash_redirects_where_it_is_served() -> None:
+    """`/_surge` answers 308 to `/_surge/` on the admin listener, 404 on the public one."""
+    app = make_app()
+    async with serving(app) as (public, admin):
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        writer.write(f"GET /_surge HTTP/1.1\r\nhost: 127.0.0.1:{admin.port}\r\n\r\n".encode())
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.close()
+        await writer.wait_closed()
+        assert head.split()[1] == b"308"
+        assert b"\r\nlocation: /_surge/\r\n" in head.lower()
+        status, _ = await raw(admin, "GET", "/_surge/")
+        assert status == 200
+        status, _ = await raw(public, "GET", "/_surge")
+        assert status == 404

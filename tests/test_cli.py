@@ -195,7 +195,8 @@ def _ids(app: surge.App, extra: list[str]) -> list[str]:
 
 
 def test_dlq_list_shows_each_dead_letter(dead_app: tuple[str, list[str], surge.App]) -> None:
-    """`surge dlq list` prints id, subscription, topic, error type and attempts."""
+    """`surge dlq list` prints id, subscription (as metrics name it), topic, error type
+    and attempts."""
     ref, extra, app = dead_app
     ids = _ids(app, extra)
     assert len(ids) == 2
@@ -203,7 +204,7 @@ def test_dlq_list_shows_each_dead_letter(dead_app: tuple[str, list[str], surge.A
     assert result.exit_code == 0, result.output
     for i in ids:
         assert i in result.output
-    assert "charge" in result.output
+    assert f"{app.name}.charge" in result.output  # the name metrics and the dashboard use
     assert "Order" in result.output
     assert "ValueError" in result.output
     assert "2 dead letters" in result.output
@@ -257,7 +258,7 @@ def test_dlq_unknown_id_and_subscription_are_errors(
     runner = CliRunner()
     missing = runner.invoke(main, ["dlq", "replay", ref, "--id", "nope", *extra])
     assert missing.exit_code == 1
-    assert "1 of the given ids were not found" in missing.output
+    assert "no dead letter with id nope" in missing.output
     bad = runner.invoke(main, ["dlq", "list", ref, "-s", "nosuch", *extra])
     assert bad.exit_code == 1
     assert "no subscription 'nosuch'" in bad.output

@@ -15,6 +15,7 @@ needs an extra that is missing.
 from __future__ import annotations
 
 import datetime
+import errno
 import importlib
 import importlib.util
 import ipaddress
@@ -119,14 +120,41 @@ def command_app(ref: str, transport: str | None) -> App:
         app = load_app(ref)
         if transport is not None:
             app.use_transport(transport)
+        # made here, not at start: a missing extra or a bad URL is told
+        # before anything runs (it connects only at start)
+        app.transport  # noqa: B018
     except ConfigurationError as exc:
         raise click.ClickException(str(exc)) from None
+    except ImportError as exc:
+        raise click.ClickException(_missing(exc)) from None
     return app
+
+
+def _missing(exc: ImportError) -> str:
+    """One line for an ImportError: surge's own name the extra to install;
+    a module the app imports is named with where it was asked for."""
+    text = str(exc)
+    if "pip install" in text:
+        return text
+    where = ""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    if tb is not None:
+        where = f" (imported at {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno})"
+    return f"{text}{where}: install it in this environment"
 
 
 def _transport_url(app: App, override: str | None) -> str:
     # app.transport makes the transport object; it connects only at start
-    return override if override is not None else app.transport.url
+    if override is not None:
+        return override
+    try:
+        return app.transport.url
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ImportError as exc:
+        raise click.ClickException(_missing(exc)) from None
 
 
 def _host_port(value: str | None) -> tuple[str, int] | None:
@@ -169,8 +197,18 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
 @click.option(
     "--redact-bodies", is_flag=True, help="Show no event bodies in the dashboard's dead letters."
 )
-@click.option("--tls-cert", metavar="PEM", help="Serve HTTPS with this certificate (chain).")
-@click.option("--tls-key", metavar="PEM", help="The private key of --tls-cert.")
+@click.option(
+    "--tls-cert",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="PEM",
+    help="Serve HTTPS with this certificate (chain).",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(exists=True, dir_okay=False),
+    metavar="PEM",
+    help="The private key of --tls-cert.",
+)
 def run(
     app_ref: str,
     transport: str | None,
@@ -283,7 +321,28 @@ def _serve_http(
         else:
             click.echo(f"serving HTTP on {scheme}://{address[0]}:{server.port}")
 
-    run_http(app, address[0], address[1], admin=admin, ready=ready, **tls)
+    try:
+        run_http(app, address[0], address[1], admin=admin, ready=ready, **tls)
+    except OSError as exc:
+        raise click.ClickException(_bind_error(exc, address, admin)) from None
+
+
+def _bind_error(exc: OSError, address: tuple[str, int], admin: tuple[str, int] | None) -> str:
+    """What to do about a listener that could not bind (or a TLS file that
+    could not be read, the other OSError serving raises)."""
+    where = " or ".join(f"{h}:{p}" for h, p in (address, *([admin] if admin else [])))
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"cannot listen on {where}: the address is in use by another program; "
+            "stop it or pick another port (--http HOST:0 takes a free one)"
+        )
+    if exc.errno == errno.EACCES:
+        return f"cannot listen on {where}: permission denied; use a port above 1023"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"cannot listen on {where}: no interface of this machine has that address"
+    if exc.filename is not None:
+        return f"cannot read {os.path.abspath(exc.filename)}: {exc.strerror}"
+    return f"cannot listen on {where}: {exc.strerror or exc}"
 
 
 # --- surge demo ---------------------------------------------------------------
@@ -394,10 +453,19 @@ def _dlq_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 async def _letters(app: App, subscription: str | None, ids: Sequence[str]) -> list[DeadLetter]:
+    """The dead letters asked for; an id given that is not among them is a
+    ClickException (exit 1), never an empty answer."""
     letters = await app.dead_letters(subscription)
     if ids:
         wanted = set(ids)
         letters = [d for d in letters if d.id in wanted]
+        missing = sorted(wanted - {d.id for d in letters})
+        if missing:
+            where = f" of subscription {subscription!r}" if subscription else ""
+            raise click.ClickException(
+                f"no dead letter{'s' if len(missing) > 1 else ''}{where} with id "
+                f"{', '.join(missing)}; `surge dlq list` shows the ids there are"
+            )
     return letters
 
 
@@ -431,11 +499,6 @@ def _when(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
 
 
-def _short(group: str, app: App) -> str:
-    prefix = f"{app.name}."
-    return group[len(prefix) :] if group.startswith(prefix) else group
-
-
 @dlq.command("list")
 @_dlq_options
 def dlq_list(
@@ -457,7 +520,7 @@ def dlq_list(
         for d in letters:
             table.add_row(
                 d.id,
-                _short(d.group, app),
+                d.group,  # the name metrics, the dashboard and logs use
                 d.topic,
                 d.error_type,
                 str(d.attempts),

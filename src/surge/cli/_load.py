@@ -66,6 +66,8 @@ def load(
     and report throughput, latency percentiles and status codes."""
     from .._app import run_loop
 
+    if not url.startswith("http://"):
+        raise click.BadParameter(f"{url!r}: give an http://host[:port]/path URL", param_hint="URL")
     headers = {}
     for h in header:
         name, sep, value = h.partition(":")
@@ -97,8 +99,13 @@ def load(
         report.write_bytes(msgspec.json.format(msgspec.json.encode(result)))
     if as_json:
         sys.stdout.write(msgspec.json.encode(result).decode() + "\n")
-        return
-    _print_report(result, chart_path)
+    else:
+        _print_report(result, chart_path)
+    if result.completed == 0:
+        errors = ", ".join(f"{n} x {kind}" for kind, n in sorted(result.errors.items()))
+        raise click.ClickException(
+            f"no request to {url} was answered ({errors or 'no answer'}): is the server up?"
+        )
 
 
 def _templated(text: str) -> Callable[[int], bytes]:

@@ -337,10 +337,14 @@ class Ingress:
         if bound is None:
             path: str = scope["path"]
             for prefix, mounted, admin in self._mounts:
-                if path.startswith(prefix):
+                bare = path + "/" == prefix  # /_surge -> /_surge/
+                if path.startswith(prefix) or bare:
                     refusal = self._admin_refusal(scope) if admin else None
-                    if refusal is not None:
-                        status = await _refuse(send, refusal)
+                    if refusal is not None or bare:
+                        if refusal is not None:
+                            status = await _refuse(send, refusal)
+                        else:
+                            status = await _redirect(send, scope, prefix)
                         self._stats_for(scope["method"], prefix).observe(
                             status, self._now() - start
                         )
@@ -606,6 +610,17 @@ def _literal_host(host: bytes) -> bool:
     except ValueError:
         return False
     return True
+
+
+async def _redirect(send: Send, scope: Scope, prefix: str) -> int:
+    """308 to the mount's own path (a bookmark of ``/_surge`` works); the
+    location is relative to where the ingress is mounted (``root_path``)."""
+    location = scope.get("root_path", "") + prefix
+    query: bytes = scope.get("query_string", b"")
+    if query:
+        location += "?" + query.decode("latin-1")
+    await _answer(send, 308, b"", ((b"location", location.encode("latin-1")),))
+    return 308
 
 
 async def _refuse(send: Send, rej: _Reject) -> int:

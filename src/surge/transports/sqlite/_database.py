@@ -25,6 +25,7 @@ from ..._errors import ConfigurationError, SurgeError, TransportError
 from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, topic_matches
 from .._partitions import assignment, partition_of
+from ._options import unopenable
 from ._schema import prepare
 from ._writelock import WriteLock
 
@@ -235,7 +236,7 @@ class Database:
             )
         except sqlite3.Error as exc:
             self.writer.close()
-            raise TransportError(f"cannot open {path}: {exc}") from None
+            raise TransportError(unopenable(path, exc)) from None
         try:
             self.writer.acquire()
             try:

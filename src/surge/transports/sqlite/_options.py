@@ -12,7 +12,22 @@ from ..._codec import Codec, MsgpackCodec
 from ..._errors import ConfigurationError
 from .._partitions import DEFAULT_PARTITIONS
 
-__all__ = ("Options",)
+__all__ = ("Options", "unopenable")
+
+
+def unopenable(path: Path, reason: object) -> str:
+    """Why the database at ``path`` cannot be opened, naming the absolute
+    path tried and the two URL forms (a relative path is the usual slip:
+    ``sqlite:///tmp/x.db`` is ``tmp/x.db`` under the working directory)."""
+    full = path.absolute()
+    text = f"cannot open the sqlite database {full}: {reason}"
+    if not full.parent.is_dir():
+        text += f" (the directory {full.parent} does not exist)"
+    form = "relative to the working directory" if not path.is_absolute() else "absolute"
+    return (
+        f"{text}; the URL named a path {form}: sqlite:///x.db is x.db in the working "
+        "directory, sqlite:////tmp/x.db is /tmp/x.db"
+    )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

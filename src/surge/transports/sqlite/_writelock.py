@@ -41,6 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..._errors import TransportError
+from ._options import unopenable
 
 __all__ = ("WriteLock",)
 
@@ -83,7 +84,7 @@ class WriteLock:
             self._queue = os.open(f"{self.path}-queue", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             self.close()
-            raise TransportError(f"cannot open the lock files of {self.path}: {exc}") from None
+            raise TransportError(unopenable(self.path, exc.strerror or exc)) from None
 
     def close(self) -> None:
         """Close the lock files (a lock held is released)."""
