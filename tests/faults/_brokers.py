@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from surge.transports import Transport, open_transport
 
-from .._servers import nats_server, redis_server
+from .._servers import drop_postgres_schema, nats_server, redis_server, shared_postgres
 from ._proxy import Proxy
 
 __all__ = ("OPTIONS", "broker", "transport")
@@ -21,6 +22,7 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     # command waits for a reply before the connection is given up
     "redis": ("?lease=2&socket_timeout=2&reconnect_timeout=30", {}),
     "nats": ("?stream=faults&lease=2", {"ack_timeout": 2.0}),
+    "postgres": ("?lease=2", {}),
 }
 
 
@@ -31,6 +33,18 @@ async def broker(kind: str, tmp_path: Path, **query: Any) -> AsyncIterator[tuple
     base, _ = OPTIONS[kind]
     extra = "".join(f"&{k}={v}" for k, v in query.items())
     with contextlib.ExitStack() as stack:
+        if kind == "postgres":
+            # the session's cluster, a schema of its own (dropped after)
+            pg = shared_postgres()
+            schema = f"faults{uuid.uuid4().hex[:12]}"
+            async with Proxy(pg.port) as proxy:
+                url = f"postgresql://surge@127.0.0.1:{proxy.port}/postgres{base}{extra}"
+                try:
+                    yield f"{url}&schema={schema}", proxy
+                finally:
+                    proxy.heal()
+                    drop_postgres_schema(f"x?schema={schema}")
+            return
         if kind == "redis":
             _, server = stack.enter_context(redis_server(tmp_path))
             port = server.port
