@@ -1,6 +1,7 @@
 """surge over PostgreSQL against raw asyncpg queues, in one run, on one server.
 
-Usage: ``python -m benchmarks.postgres_bench [--events N] [--rounds R] [--fsync on|off]``
+Usage: ``python -m benchmarks.postgres_bench [--events N] [--rounds R] [--fsync on|off]
+[--peers PYTHON]``
 
 The script starts its own PostgreSQL cluster (initdb + pg_ctl, as the tests
 do: tests/_servers.py) on a free loopback port, with the server's defaults
@@ -28,6 +29,10 @@ removes it at the end. Scenarios:
                          LOCKED LIMIT 100) RETURNING``: at-most-once, the floor
 ``raw NOTIFY``           ``pg_notify`` at 500/s on one connection to a LISTENing
                          one: send to callback (the round trip a wake-up costs)
+
+With ``--peers PYTHON`` (a Python with pgqueuer and procrastinate, not
+surge's venv), each round also runs ``benchmarks/postgres_peers.py`` on the
+same server: the peers' drain and latency, measured the same way.
 
 Each round runs every scenario once; the medians are printed and written to
 benchmarks/results/postgres.json.
@@ -295,7 +300,19 @@ async def raw_notify(dsn: str) -> dict[str, float]:
     }
 
 
-async def run(n: int, rounds: int, fsync: bool) -> dict[str, Any]:
+async def peers(python: str, dsn: str, n: int) -> dict[str, float]:
+    proc = await asyncio.create_subprocess_exec(
+        python, "-m", "benchmarks.postgres_peers", dsn, str(n),
+        cwd=ROOT, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await proc.communicate()
+    if proc.returncode:
+        raise RuntimeError(f"postgres_peers failed ({proc.returncode})")
+    figures: dict[str, float] = json.loads(out.decode().strip().splitlines()[-1])
+    return figures
+
+
+async def run(n: int, rounds: int, fsync: bool, python: str | None) -> dict[str, Any]:
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="surge-pg-bench-")), fsync=fsync)
     server.init()
     server.start()
@@ -309,6 +326,8 @@ async def run(n: int, rounds: int, fsync: bool) -> dict[str, Any]:
             row.update(await surge_throughput(base, n, tmp, rnd))
             row.update(await surge_keyed(base, n, tmp, rnd))
             row.update(await surge_latency(base, tmp, rnd))
+            if python is not None:
+                row.update(await peers(python, base, n))
             rows.append(row)
             print(f"round {rnd + 1}: " + json.dumps({k: round(v, 3) for k, v in row.items()}))
     finally:
@@ -323,6 +342,9 @@ async def run(n: int, rounds: int, fsync: bool) -> dict[str, Any]:
     medians["surge_p99_vs_raw_notify_p99"] = (
         medians["surge_latency_p99_us"] / medians["raw_notify_p99_us"]
     )
+    if python is not None:
+        best = max(medians["pgqueuer_drain_per_s"], medians["procrastinate_drain_per_s"])
+        medians["surge_drain_vs_best_peer"] = medians["surge_drain_per_s"] / best
     return {"events": n, "rounds": rounds, "fsync": fsync, "medians": medians, "rows": rows}
 
 
@@ -335,8 +357,9 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fsync", choices=("on", "off"), default="on")
+    parser.add_argument("--peers", metavar="PYTHON", help="a Python with pgqueuer, procrastinate")
     args = parser.parse_args()
-    result = asyncio.run(run(args.events, args.rounds, args.fsync == "on"))
+    result = asyncio.run(run(args.events, args.rounds, args.fsync == "on", args.peers))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "postgres.json").write_text(json.dumps(result, indent=2))
     for k, v in result["medians"].items():

@@ -107,6 +107,7 @@ class Database:
                 max_size=self.size,
                 max_inactive_connection_lifetime=60,
                 server_settings=self.settings,
+                reset=_keep,
             )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
@@ -177,6 +178,13 @@ class Database:
                 log.warning("postgres: %s failed, trying again: %s", what, exc)
                 await clock.sleep(backoff)
                 backoff = min(1.0, backoff * 2)
+
+
+async def _keep(conn: asyncpg.Connection) -> None:
+    """No reset when a connection goes back to the pool (asyncpg's default
+    costs a round trip per statement): nothing here leaves session state
+    behind (no LISTEN, no session locks, no SET), and a connection whose
+    transaction failed was rolled back by the block that began it."""
 
 
 def rowcount(status: str) -> int:
