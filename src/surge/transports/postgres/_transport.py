@@ -32,6 +32,7 @@ __all__ = ("PostgresTransport",)
 log = logging.getLogger("surge.postgres")
 
 _FIRST_POLL = 0.005
+_CLOSE_BOUND = 5.0  # seconds close spends handing back leases and partitions
 
 
 class PostgresTransport:
@@ -160,14 +161,17 @@ class PostgresTransport:
         # Hand back what this process holds, so others need not wait out leases.
         held = [lease for lease in self._leases.values() if not lease.settled]
         self._leases.clear()
+        # Bounded: a server that does not answer must not hold a worker's
+        # exit past its supervisor's deadline (the leases run out anyway).
         try:
-            if held:
-                await self._queue.release(held_of(held), self.clock.time())
-            if self._ephemeral:
-                await self._groups.drop(list(self._ephemeral.values()))
-            await leave(self._db, self.schema, self.member_id)
-        except TransportError as exc:
-            log.warning("postgres: could not hand back leases at close: %s", exc)
+            async with asyncio.timeout(_CLOSE_BOUND):
+                if held:
+                    await self._queue.release(held_of(held), self.clock.time())
+                if self._ephemeral:
+                    await self._groups.drop(list(self._ephemeral.values()))
+                await leave(self._db, self.schema, self.member_id)
+        except (TransportError, TimeoutError) as exc:
+            log.warning("postgres: could not hand back leases at close: %r", exc)
         finally:
             await self.listener.close()
             await self._db.close()
