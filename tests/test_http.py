@@ -265,17 +265,23 @@ async def test_health_endpoints_report_liveness_and_readiness() -> None:
 
 
 async def test_readyz_is_503_when_the_transport_cannot_be_reached() -> None:
-    """/readyz asks the transport: a broker that fails answers 503 with the reason."""
+    """/readyz asks the transport: a broker that fails answers 503 with the reason, whose
+    details (the broker's error, naming hosts) only the admin surface sees."""
 
     class Unreachable(MemoryTransport):
         async def stats(self, group: str) -> Any:
-            raise surge.TransportError("connection refused")
+            raise surge.TransportError("connection refused to 10.0.0.5:6379")
 
     app, _, _ = make_app(transport=Unreachable())
-    async with serving(app) as server:
-        r = await fetch(server.url + "/readyz")
+    async with app, Server(app, port=0) as public, Server(app, port=0, admin=True) as admin:
+        r = await fetch(public.url + "/readyz")
+        detailed = await fetch(admin.url + "/readyz")
     assert r.status == 503
-    assert r.json()["reason"] == "transport unreachable: TransportError: connection refused"
+    assert r.json()["reason"] == "transport unreachable"
+    assert detailed.status == 503
+    assert detailed.json()["reason"] == (
+        "transport unreachable: TransportError: connection refused to 10.0.0.5:6379"
+    )
 
 
 async def test_metrics_count_requests_by_status_and_export_subscriptions() -> None:

@@ -510,6 +510,9 @@ class Ingress:
                 await _answer(send, 200, b'{"status":"ready"}', (_JSON,))
             else:
                 status = 503
+                if self._admin_refusal(scope) is not None:
+                    # a broker's error names hosts and addresses: for operators only
+                    why = why.partition(":")[0]
                 body = msgspec.json.encode({"status": "not ready", "reason": why})
                 await _answer(send, 503, body, (_JSON, _RETRY))
         elif (refusal := self._admin_refusal(scope)) is not None:
