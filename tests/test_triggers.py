@@ -433,6 +433,43 @@ async def test_stop_as_a_state_save_gets_its_reply_ends_the_timer(clock: Virtual
     assert not [t for t in asyncio.all_tasks() if t.get_name().startswith("surge-trigger")]
 
 
+class _FlakyState(MemoryTransport):
+    """Trigger state a broker fails to load once and to save once."""
+
+    def __init__(self, clock: VirtualClock) -> None:
+        super().__init__(clock=clock)
+        self.failures = {"load": 1, "save": 1}
+
+    async def load_state(self, key: str) -> bytes | None:
+        if self.failures["load"]:
+            self.failures["load"] -= 1
+            raise surge.TransportError("the broker timed out")
+        return await super().load_state(key)
+
+    async def save_state(self, key: str, value: bytes) -> None:
+        if self.failures["save"]:
+            self.failures["save"] -= 1
+            raise surge.TransportError("the broker timed out")
+        await super().save_state(key, value)
+
+
+async def test_a_timer_outlives_failed_state_loads_and_saves(clock: VirtualClock) -> None:
+    """A state load or save the broker fails is logged and the timer fires on
+    (it used to end the timer for good: no slot fired after)."""
+    transport = _FlakyState(clock)
+    app = surge.App("t", clock=clock, transport=transport)
+    fired: list[float] = []
+
+    @app.every(seconds=1, misfire="catch_up")
+    async def second(t: surge.Tick) -> None:
+        fired.append(t.scheduled - NEW_YEAR)
+
+    async with app:
+        await clock.sleep(3.5)
+    assert fired == [1.0, 2.0, 3.0]
+    assert transport.failures == {"load": 0, "save": 0}
+
+
 class _Shared(MemoryTransport):
     """One memory transport that outlives the apps on it: an app's stop
     (its 'death') must not close it under the others. Its state store is

@@ -269,7 +269,11 @@ class Scheduler:
         key = f"{self.app_name}.{timer.name}"
         now = clock.time()
         if timer.misfire == "catch_up":
-            raw = await runtime.state.load_state(_STATE_PREFIX + key)
+            try:
+                raw = await runtime.state.load_state(_STATE_PREFIX + key)
+            except Exception:
+                log.warning("trigger %s could not load its state; no catch-up", key, exc_info=True)
+                raw = None
             if raw is not None:
                 last = float(raw.decode())
                 missed = timer.schedule.latest(last, now, timer.max_catch_up + 1)
@@ -331,7 +335,13 @@ class Scheduler:
                 log.warning("trigger %s could not fire yet; retrying", key, exc_info=True)
                 if not await self._nap(runtime, _PUBLISH_RETRY):
                     return
-        await runtime.state.save_state(_STATE_PREFIX + key, repr(slot).encode())
+        try:
+            await runtime.state.save_state(_STATE_PREFIX + key, repr(slot).encode())
+        except Exception:
+            # The slot is out; its state only serves catch_up after a restart
+            # (an unsaved slot is fired again there, with the same id). A
+            # broker's hiccup must not end the timer.
+            log.warning("trigger %s could not save its slot %.3f", key, slot, exc_info=True)
 
 
 def _wake(nap: asyncio.Future[bool]) -> None:
