@@ -191,6 +191,7 @@ _SLOW_P99 = float(os.environ.get("SURGE_SOAK_P99", "0.25"))
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 10 minutes per transport: past CI's budget, run with -m soak
 @pytest.mark.timeout(int(_SLOW_SECONDS) + 300)
 @pytest.mark.parametrize("transport", ["sqlite", "redis", "nats", "postgres", "amqp"])
 async def test_ten_minute_soak(

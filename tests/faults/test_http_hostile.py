@@ -315,6 +315,7 @@ def test_fuzzed_requests_never_get_a_5xx_nor_crash_and_descriptors_come_back() -
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 1,000 random requests: up to 15 minutes, run with -m soak
 @pytest.mark.timeout(900)
 def test_fuzzed_requests_at_random_never_get_a_5xx_nor_crash() -> None:
     """The same property on 1,000 fresh random requests."""
