@@ -10,8 +10,9 @@ payloads / no-op handlers, persistent messages on quorum queues throughout:
                         a time, each awaited until the broker confirmed it
 ``raw_consume_prefetch100``  aio-pika, prefetch 100, ``message.ack()`` each,
                         until N are consumed (the ceiling of draining)
-``raw_latency``         R messages/s for S seconds, publish (confirmed) to the
-                        consumer's callback, one process (p50 / p99)
+``raw_latency``         R messages/s for S seconds, publish (confirmed; started
+                        at the rate, overlapping) to the consumer's callback,
+                        one process (p50 / p99)
 ``surge_enqueue_concurrent``  ``await app.publish(ev)`` from 64 concurrent
                         publishers (each returns once confirmed)
 ``surge_enqueue_nowait``  ``app.publish_nowait`` (waiting when Overloaded),
@@ -20,8 +21,9 @@ payloads / no-op handlers, persistent messages on quorum queues throughout:
                         first to last handler start (and launch to last)
 ``surge_keyed_drain``   the same with every event keyed (1,000 keys): 8
                         single-active-consumer partition queues
-``surge_latency``       R events/s for S seconds, publish call to handler
-                        start, across processes (p50 / p99)
+``surge_latency``       R events/s for S seconds (publishes started at the
+                        rate, overlapping), publish call to handler start,
+                        across processes (p50 / p99)
 
 Prints one JSON line per measurement and a summary table; ``--save FILE``
 also writes them, with the versions and the machine's load, as JSON.
@@ -121,13 +123,17 @@ async def raw_latency(
 
     await cq.consume(on)
     ex = ch.default_exchange
+    sends: list[asyncio.Future[Any]] = []
     t0 = time.perf_counter()
     for i in range(total):
         d = t0 + i / rate - time.perf_counter()
         if d > 0:
             await asyncio.sleep(d)
         body = repr(time.time()).encode()
-        await ex.publish(aio_pika.Message(body, delivery_mode=2), routing_key="raw.lat")
+        # at the rate, whatever the confirm takes: publishes overlap
+        msg = aio_pika.Message(body, delivery_mode=2)
+        sends.append(asyncio.ensure_future(ex.publish(msg, routing_key="raw.lat")))
+    await asyncio.gather(*sends)
     await asyncio.wait_for(done.wait(), 60)
     lat.sort()
     return emit(
@@ -269,12 +275,15 @@ async def surge_runs(url: str, n: int, rate: int, seconds: float) -> list[dict[s
     proc = await _start_worker(f"{url}?prefix=lat", total, "latency")
     app = surge.App("benchpub", transport=open_transport(f"{url}?prefix=lat"))
     async with app:
+        sends: list[asyncio.Future[str]] = []
         t0 = time.perf_counter()
         for i in range(total):
             d = t0 + i / rate - time.perf_counter()
             if d > 0:
                 await asyncio.sleep(d)
-            await app.publish(Tick(sent=time.time()))
+            # at the rate, whatever the confirm takes: publishes overlap
+            sends.append(asyncio.ensure_future(app.publish(Tick(sent=time.time()))))
+        await asyncio.gather(*sends)
         res = await _result(proc)
     rows.append(
         emit(f"surge_latency_{rate}per_s", total, time.perf_counter() - t0,

@@ -6,7 +6,7 @@ dependencies)::
 
     python3 -m venv /tmp/peersvenv
     /tmp/peersvenv/bin/pip install celery==5.7.0 'dramatiq[rabbitmq]==2.2.1' \\
-        'faststream[rabbit]==0.7.8'
+        'faststream[rabbit,cli]==0.7.8'
     /tmp/peersvenv/bin/python -m benchmarks.amqp_peers --url amqp://guest:guest@127.0.0.1:PORT/
 
 (``benchmarks.amqp_bench --peers /tmp/peersvenv/bin/python`` runs it on the
@@ -36,8 +36,8 @@ from typing import Any
 
 RECORDER = """
 import json, os, threading, time
-EXPECT = int(os.environ["BENCH_EXPECT"])
-OUT = os.environ["BENCH_OUT"]
+EXPECT = int(os.environ.get("BENCH_EXPECT", "0"))
+OUT = os.environ.get("BENCH_OUT", "")
 _lock = threading.Lock()
 _state = {"count": 0, "first": None}
 _lat = []
