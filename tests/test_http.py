@@ -353,7 +353,9 @@ async def test_extensions_mount_collect_and_wrap_requests() -> None:
     with pytest.raises(surge.ConfigurationError):
         app.http.mount("/extra/", extra)
     with pytest.raises(surge.ConfigurationError):
-        app.http.mount("/no-slash", extra)
+        app.http.mount("no-leading-slash/", extra)
+    with pytest.raises(surge.ConfigurationError):
+        app.http.mount("/healthz", extra)  # the ingress's own
     async with serving(app, admin=True) as server:
         mounted = await fetch(server.url + "/extra/a/b")
         await fetch(server.url + "/orders", "POST", json={"order_id": "w", "amount": 1})

@@ -28,6 +28,7 @@ LAYERS = {
     "triggers": 2,
     "http": 2,
     "api": 3,
+    "asyncapi": 3,
     "observe": 3,
     "examples": 4,
     "tools": 5,

@@ -6,6 +6,7 @@
               [--admin [HOST:]PORT] [--redact-bodies]
     surge demo [--requests N] [--concurrency C] [--report PATH] [--in-process]
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
+    surge asyncapi module:app [--yaml] [--output PATH]
 
 Commands that live in optional modules (``surge load``, ``surge top``) are
 found lazily: the CLI works without them, and names what to install when one
@@ -311,6 +312,9 @@ def _serve_http(
             f"--http needs surge's HTTP ingress: pip install 'surge[http]' ({exc})"
         ) from None
     mount(app.http, redact=redact)  # /_surge/ and the subscriptions' metrics
+    from ..asyncapi import mount as mount_asyncapi
+
+    mount_asyncapi(app.http)  # /asyncapi.json, public like an OpenAPI document
     app.http.set_admin_token(os.environ.get(ADMIN_TOKEN_ENV) or None)
 
     def ready(server: Any) -> None:
@@ -435,6 +439,50 @@ def demo(
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     if not ok:
         sys.exit(1)
+
+
+# --- surge asyncapi -----------------------------------------------------------
+@main.command()
+@click.argument("app_ref", metavar="MODULE:APP")
+@click.option("--yaml", "as_yaml", is_flag=True, help="YAML instead of JSON (needs PyYAML).")
+@click.option(
+    "--output",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=pathlib.Path),
+    help="Write it here instead of printing it.",
+)
+@click.option("--transport", "-t", metavar="URL", help="Describe the app on this transport.")
+@click.option("--title", help="The document's title [the app's name].")
+@click.option("--version", "doc_version", default="1.0.0", show_default=True, help="info.version")
+def asyncapi(
+    app_ref: str,
+    as_yaml: bool,
+    output: pathlib.Path | None,
+    transport: str | None,
+    title: str | None,
+    doc_version: str,
+) -> None:
+    """Print the AsyncAPI 3.0 document of MODULE:APP: a channel per topic,
+    the event types' JSON Schemas, an operation per subscription and per
+    event a handler returns, the HTTP routes, the transport as server."""
+    from ..asyncapi import document
+
+    app = command_app(app_ref, transport)
+    doc = document(app, title=title, version=doc_version)
+    if as_yaml:
+        try:
+            import yaml
+        except ImportError:
+            raise click.ClickException(
+                "--yaml needs PyYAML: pip install 'surge[asyncapi]' (or leave --yaml out for JSON)"
+            ) from None
+        text = yaml.safe_dump(doc, sort_keys=False, allow_unicode=True)
+    else:
+        text = msgspec.json.format(msgspec.json.encode(doc), indent=2).decode() + "\n"
+    if output is None:
+        click.echo(text, nl=False)
+    else:
+        output.write_text(text)
 
 
 # --- surge dlq ----------------------------------------------------------------

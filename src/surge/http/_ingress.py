@@ -222,14 +222,21 @@ class Ingress:
     def mount(self, prefix: str, app: ASGIApp, *, admin: bool = True) -> None:
         """Serve the paths under ``prefix`` (such as ``"/_surge/"``) that no
         route takes with the ASGI ``app``; its answers count under ``prefix``.
+        A prefix without the closing slash (``"/asyncapi.json"``) is one
+        path, served alone.
 
         An ``admin`` mount (the default) is an operator surface, guarded like
         ``/metrics``: see :meth:`set_admin_token`."""
-        if not (prefix.startswith("/") and prefix.endswith("/")) or prefix == "/":
-            raise ConfigurationError(f"mount prefix {prefix!r}: write it as '/name/'")
+        if not prefix.startswith("/") or prefix == "/" or prefix in RESERVED:
+            raise ConfigurationError(f"mount prefix {prefix!r}: write it as '/name/' or '/name'")
         if any(prefix == known for known, _, _ in self._mounts):
             raise ConfigurationError(f"{prefix} is mounted twice")
         self._mounts.append((prefix, app, admin))
+
+    @property
+    def mounted(self) -> tuple[str, ...]:
+        """The prefixes (and single paths) other apps are mounted at."""
+        return tuple(prefix for prefix, _, _ in self._mounts)
 
     def set_auth(self, auth: Auth | None) -> None:
         """Check every route without an ``auth=`` of its own with ``auth``
@@ -338,7 +345,7 @@ class Ingress:
             path: str = scope["path"]
             for prefix, mounted, admin in self._mounts:
                 bare = path + "/" == prefix  # /_surge -> /_surge/
-                if path.startswith(prefix) or bare:
+                if bare or (path.startswith(prefix) if prefix[-1] == "/" else path == prefix):
                     refusal = self._admin_refusal(scope) if admin else None
                     if refusal is not None or bare:
                         if refusal is not None:
