@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import multiprocessing
@@ -11,6 +12,7 @@ import os
 import random
 import signal
 from collections.abc import (
+    AsyncIterator,
     Awaitable,
     Callable,
     Coroutine,
@@ -965,6 +967,21 @@ class App:
         """How the last stop went (its phases and their durations); None
         before the first."""
         return self._stop_report
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, host: object = None) -> AsyncIterator[None]:
+        """Run this app for the life of an ASGI host app:
+        ``FastAPI(lifespan=app.lifespan)`` or ``Starlette(lifespan=...)``
+        starts it with the host and, when the host stops, drains it (when
+        the transport can tell it is idle) and stops it. ``host`` is the
+        host app, which the ASGI frameworks pass; it is not used. Compose it
+        with a lifespan of your own by entering ``app.lifespan(host)``
+        inside yours."""
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop(drain=self._caps.idle is not None)
 
     async def __aenter__(self) -> App:
         await self.start()

@@ -339,6 +339,11 @@ class Ingress:
         if scope["type"] != "http":
             await self._other(scope, receive, send)
             return
+        root: str = scope.get("root_path", "")
+        if root and scope["path"].startswith(root):
+            # Mounted in a host app (Starlette's Mount keeps the whole path
+            # and names the mount point in root_path): route what follows.
+            scope = {**scope, "path": scope["path"][len(root) :] or "/"}
         start = self._now()
         bound = self._routes.get((scope["method"], scope["path"]))
         if bound is None:
