@@ -84,7 +84,10 @@ class HttpDemoReport(msgspec.Struct, frozen=True, kw_only=True):
     accepted: int
     """Requests answered 202."""
     refused: int
-    """Requests answered 503 (admission control), not lost."""
+    """Requests whose final answer was 503 (admission control), not lost."""
+    shed: int = 0
+    """503 answers the load generator waited out and sent again (every one
+    counted; a request accepted on its second try counts one here)."""
     statuses: dict[int, int]
     errors: dict[str, int]
     """Requests with no answer, by cause."""
@@ -331,6 +334,7 @@ async def _http_demo(
         answered=result.completed,
         accepted=counts["accepted"],
         refused=result.statuses.get(503, 0),
+        shed=result.retried,
         statuses=result.statuses,
         errors=result.errors,
         duration=result.duration,
@@ -367,7 +371,8 @@ def print_http_report(report: HttpDemoReport, console: Console) -> None:
     codes = "  ".join(f"{k}: {v:,}" for k, v in report.statuses.items()) or "none"
     console.print(f"status codes: {codes}", highlight=False)
     console.print(
-        f"accepted:    {report.accepted:,}   refused (503, not lost): {report.refused:,}",
+        f"accepted:    {report.accepted:,}   refused (503, not lost): {report.refused:,}"
+        f"   shed and sent again: {report.shed:,}",
         highlight=False,
     )
     if report.errors:
