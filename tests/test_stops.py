@@ -294,7 +294,12 @@ async def _round(url: str, tmp_path: Path, i: int) -> list[tuple[float, surge.St
     try:
         await sup.wait_ready()
         publisher = asyncio.create_task(_publish(url, halfway))
-        await halfway.wait()
+        half = asyncio.create_task(halfway.wait())
+        # a publisher that fails (a broker refusing it under load) ends the round
+        await asyncio.wait((publisher, half), return_when=asyncio.FIRST_COMPLETED)
+        half.cancel()
+        if publisher.done():
+            publisher.result()
     finally:
         sigterm = time.monotonic()
         sup.request_stop()
