@@ -444,6 +444,37 @@ async def test_released_come_back_before_newer_messages(tmp_path: Path) -> None:
             await t.close()
 
 
+async def test_prefetch_below_the_partition_count_still_reads_keyed(tmp_path: Path) -> None:
+    """A consumer whose prefetch is smaller than the number of partitions it
+    owns (8 by default) still gets every keyed delivery, one key's in order."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(f"{srv.url}?stream=few", lease=5.0)
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            routing = capabilities_of(t).key_routing
+            assert routing is not None
+            assert routing.partitions > 2
+            envs = [_env(n) for n in range(24)]
+            for e in envs:
+                e.key = f"k{envs.index(e) % 6}"
+            await t.publish(envs)
+            batches = t.consume("g", prefetch=1)
+            seen: list[int] = []
+            async with asyncio.timeout(20):
+                while len(seen) < 24:
+                    batch = await anext(batches)
+                    seen.extend(_number(d) for d in batch)
+                    await t.ack(batch)
+            assert sorted(seen) == list(range(24))
+            for k in range(6):  # each key's events in publication order
+                mine = [n for n in seen if n % 6 == k]
+                assert mine == sorted(mine)
+            await batches.aclose()  # type: ignore[attr-defined]
+        finally:
+            await t.close()
+
+
 async def test_keyed_entries_stay_in_their_partition(tmp_path: Path) -> None:
     """A keyed entry counts in stats and is read through its partition's
     consumer, a retried one comes back through it, and wait_idle sees it."""
