@@ -148,3 +148,59 @@ def test_a_subscription_defaults_to_the_event_types_key() -> None:
     assert key is not None
     assert key(Paid(order_id=5)) == 5
     assert app.subscriptions["keys.both"].key is None  # the types disagree
+
+
+class Broken(surge.Event):
+    __topic__ = "keys.broken"
+    __key__ = "no_such_field"  # a typo: reading it raises AttributeError
+    order_id: int
+
+
+def _bad_key(ev: Placed) -> int:
+    raise ZeroDivisionError("bad key")
+
+
+async def test_a_failing_key_raises_at_publish_and_publishes_nothing() -> None:
+    """A key function or ``__key__`` read that raises is a ``KeyFailed`` naming
+    the type and the error, on publish and publish_nowait; nothing goes out."""
+    transport = Partitioned()
+    app = surge.App("keys", transport=transport)
+
+    @app.on(Placed, key=_bad_key)
+    async def ship(ev: Placed) -> None:
+        pass
+
+    async with app:
+        with pytest.raises(surge.KeyFailed, match=r"Placed \(keys.placed\).*bad key") as info:
+            await app.publish(Placed(order_id=1))
+        assert isinstance(info.value.__cause__, ZeroDivisionError)
+        assert info.value.topic == "keys.placed"
+        with pytest.raises(surge.KeyFailed, match="bad key"):
+            app.publish_nowait(Placed(order_id=2))
+        with pytest.raises(surge.KeyFailed, match=r"field 'no_such_field'.*AttributeError"):
+            await app.publish(Broken(order_id=3))
+        with pytest.raises(surge.KeyFailed):
+            app.publish_nowait(Broken(order_id=4))
+    assert transport.seen == []
+
+
+async def test_a_handler_output_with_a_failing_key_fails_the_attempt() -> None:
+    """A handler whose output's key fails has failed: its retry policy runs and
+    the event is dead-lettered with ``KeyFailed``; the output is not published."""
+    transport = Partitioned()
+    app = surge.App("keys", transport=transport, retry=surge.Retry(attempts=2, backoff=0))
+    runs: list[int] = []
+
+    @app.on(Shipped)
+    async def emit(ev: Shipped) -> Broken:
+        runs.append(ev.order_id)
+        return Broken(order_id=ev.order_id)
+
+    async with app:
+        await app.publish(Shipped(order_id=9))
+        await app.drain()
+        dead = await app.dead_letters()
+    assert runs == [9, 9]
+    assert [(d.group, d.error_type, d.attempts) for d in dead] == [("keys.emit", "KeyFailed", 2)]
+    assert "no_such_field" in dead[0].error
+    assert [e.topic for e in transport.seen] == ["keys.shipped"]

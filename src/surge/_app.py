@@ -36,6 +36,7 @@ from ._errors import (
     ConfigurationError,
     DecodeError,
     InvalidSignature,
+    KeyFailed,
     Overloaded,
     RequestTimeout,
     UnknownTopic,
@@ -156,6 +157,9 @@ class App:
         self.concurrency = concurrency
         self.retry = retry or Retry()
         self.shutdown_timeout = shutdown_timeout
+        self.consume = True
+        """Whether :meth:`start` consumes the subscriptions (``surge run
+        --no-consume`` sets it False for a publish-only process)."""
         self.codec = codec_for(codec) if isinstance(codec, str) else codec
         self._signer: Signer | None = None
         if signing_keys is not None:
@@ -182,6 +186,7 @@ class App:
         # this app declared win over the process-wide "last class defined".
         self._types: dict[str, type[Event]] = {}
         self._runners: dict[str, Runner] = {}
+        self._consuming = True
         self._threadpool: ThreadPoolExecutor | None = None
         self._procpool: ProcessPoolExecutor | None = None
         self._pending: dict[str, tuple[asyncio.Future[Any], type[Event]]] = {}
@@ -675,20 +680,29 @@ class App:
 
     def _fill_keys(self, envs: Sequence[Envelope]) -> None:
         """The key to partition by: the publisher's, else the event type's
-        ``__key__`` field, else this app's keyed subscription's key."""
+        ``__key__`` field, else this app's keyed subscription's key.
+
+        Raises :class:`KeyFailed` when one fails, before any is published."""
         keyers = self._keyers
         for env in envs:
             event = env.event
             if env.key is not None or event is None:
                 continue
+            field = type(event).__key__
             try:
-                field = type(event).__key__
                 if field is not None:
                     env.key = str(getattr(event, field))
                 elif (fns := keyers.get(env.topic)) is not None:
                     env.key = str(fns[0](event))
-            except Exception:  # noqa: S110 - the runner reports a failing key function
-                pass
+            except Exception as exc:
+                # Published unkeyed, it would lose its per-key order across
+                # processes without a word: refuse the whole batch instead.
+                what = f"field {field!r}" if field is not None else "key function"
+                raise KeyFailed(
+                    f"{type(event).__name__} ({env.topic}): its {what} raised "
+                    f"{type(exc).__name__}: {exc}; nothing was published",
+                    topic=env.topic,
+                ) from exc
 
     async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:
         self._fill_keys(envs)
@@ -828,8 +842,16 @@ class App:
         return self._procpool
 
     # --- lifecycle -----------------------------------------------------------
-    async def start(self) -> None:
-        """Connect the transport, declare every group and start consuming."""
+    async def start(self, *, consume: bool | None = None) -> None:
+        """Connect the transport, declare every group and start consuming.
+
+        With ``consume=False`` (default: :attr:`consume`), the groups of every
+        subscription are declared but nothing is consumed and no trigger runs:
+        a publish-only process (a web front) that starts before any worker
+        still has what it publishes kept for the workers' groups.
+        """
+        if consume is None:
+            consume = self.consume
         if self._state == "running":
             return
         if self._state == "stopping":
@@ -878,11 +900,13 @@ class App:
             thread_pool=self._thread_pool,
             process_pool=self._process_pool,
         )
-        for part in self._parts:
-            await part.start(runtime)
-        for sub in self._subs.values():
-            runner = self._runners[sub.name] = Runner(runtime, sub)
-            runner.start()
+        self._consuming = consume
+        if consume:
+            for part in self._parts:
+                await part.start(runtime)
+            for sub in self._subs.values():
+                runner = self._runners[sub.name] = Runner(runtime, sub)
+                runner.start()
         self._inbox_task = asyncio.get_running_loop().create_task(self._inbox_loop())
         for fn in self._on_start:
             await fn()
@@ -910,7 +934,7 @@ class App:
         self._state = "stopping"
         self._put_one = self._direct_put = None
         async with stop.phase("triggers", early=True):
-            for part in reversed(self._parts):
+            for part in reversed(self._parts) if self._consuming else ():
                 await stop.wait(part.stop(), f"stopping {type(part).__name__}")
             for fn in self._on_stop:
                 await stop.wait(fn(), f"on_stop hook {getattr(fn, '__qualname__', fn)}")
@@ -999,6 +1023,11 @@ class App:
         """
         if self._state != _RUNNING:
             raise Closed(f"app {self.name!r} is {self._state}; drain inside 'async with app'")
+        if not self._consuming:
+            raise ConfigurationError(
+                f"app {self.name!r} was started with consume=False: nothing here handles "
+                "what drain() would wait for"
+            )
         idle = self._caps.idle
         if idle is None:
             raise NotImplementedError(

@@ -9,6 +9,7 @@ builtin that fits, so ``except TimeoutError`` catches a request timeout::
     │   ├── UnknownTopic (LookupError)     a topic no event type is declared for
     │   └── InvalidSignature               an envelope unsigned, or signed wrongly
     ├── MessageTooLarge (ValueError)       an encoded event over the size limit
+    ├── KeyFailed (ValueError)             an event's key function or ``__key__`` failed
     ├── Overloaded                         a bounded buffer is full (``*_nowait``)
     ├── Closed (RuntimeError)              the app or transport is not running
     ├── TransportError (ConnectionError)   a broker's own failure, translated
@@ -30,6 +31,7 @@ __all__ = (
     "Forbidden",
     "HandlerTimeout",
     "InvalidSignature",
+    "KeyFailed",
     "MessageTooLarge",
     "Overloaded",
     "RequestTimeout",
@@ -81,6 +83,20 @@ class Forbidden(SurgeError, PermissionError):
 
 class MessageTooLarge(SurgeError, ValueError):
     """An encoded event larger than the transport's ``max_message_size``."""
+
+
+class KeyFailed(SurgeError, ValueError):
+    """The key of an event could not be computed at publish: its type's
+    ``__key__`` field or a keyed subscription's key function raised.
+
+    Nothing was published (an unkeyed copy would lose its per-key order
+    across processes). ``topic`` is the event's topic; the error raised by
+    the key function is ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, topic: str) -> None:
+        super().__init__(message)
+        self.topic = topic
 
 
 class Overloaded(SurgeError):
