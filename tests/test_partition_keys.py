@@ -204,3 +204,27 @@ async def test_a_handler_output_with_a_failing_key_fails_the_attempt() -> None:
     assert [(d.group, d.error_type, d.attempts) for d in dead] == [("keys.emit", "KeyFailed", 2)]
     assert "no_such_field" in dead[0].error
     assert [e.topic for e in transport.seen] == ["keys.shipped"]
+
+
+async def test_a_key_function_that_raises_at_consume_dead_letters_that_event() -> None:
+    """A subscription's key function that raises on a delivered event (one
+    published with an explicit key, or by another app) dead-letters that event
+    as KeyFailed once its retries are spent; the consumer keeps going."""
+    app = surge.App("keys")
+    handled: list[int] = []
+
+    def key(ev: Placed) -> int:
+        return 100 // ev.order_id  # raises on order 0
+
+    @app.on(Placed, key=key, retry=surge.Retry(attempts=2, backoff=0.1))
+    async def ship(ev: Placed) -> None:
+        handled.append(ev.order_id)
+
+    async with app:
+        for i in (1, 0, 2):
+            await app.publish(Placed(order_id=i))
+        await app.drain()
+        dead = await app.dead_letters()
+    assert sorted(handled) == [1, 2]
+    assert [(d.error_type, d.attempts) for d in dead] == [("KeyFailed", 2)]
+    assert "ZeroDivisionError" in dead[0].error

@@ -23,14 +23,14 @@ import contextlib
 import logging
 import traceback
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
 from ._clock import VirtualClock
 from ._config import Retry
 from ._context import Context
-from ._errors import DecodeError, HandlerTimeout, RetryLater, TransportError
+from ._errors import DecodeError, HandlerTimeout, KeyFailed, RetryLater, TransportError
 from ._event import Envelope, Event, derive_id
 from ._transport import DeadLetter, Delivery
 
@@ -179,6 +179,13 @@ class Runner:
             if aclose is not None:
                 await aclose()
 
+    def _spawn_settle(self, settle: Coroutine[Any, Any, None]) -> None:
+        """Run ``settle`` (a dead-letter) beside the workers; a stop cancels it
+        with them (the delivery's lease then brings it back)."""
+        task = asyncio.get_running_loop().create_task(settle)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     def _spawn(self, fn: Callable[..., Any], *args: Any) -> None:
         self._workers += 1
         self._starting += 1
@@ -191,6 +198,18 @@ class Runner:
             key = self._key_of(d)
         except DecodeError:
             key = d.envelope.id  # undecodable: any lane; the handler path dead-letters it
+        except Exception as exc:
+            # The subscription's key function raised on this event: no lane
+            # can keep its order, and raising here would end the intake task
+            # with every fetched delivery unsettled. Dead-letter it instead.
+            env = d.envelope
+            failed = KeyFailed(
+                f"the key of {self.group} raised on {env.topic!r} ({type(exc).__name__}: {exc})",
+                topic=env.topic,
+            )
+            failed.__cause__ = exc
+            self._spawn_settle(self._failed(d, failed, None))
+            return
         lane_id = hash(key) % self.concurrency
         lane = self._lanes.get(lane_id)
         if lane is None:
