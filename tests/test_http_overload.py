@@ -83,6 +83,7 @@ async def test_flood_past_max_in_flight_is_refused_and_descriptors_come_back(
             f"--requests={total}",
             f"--concurrency={total}",
             "--timeout=40",
+            "--retries=0",  # every refusal must show as a 503, not be waited out
             '--body={"order_id": "{i}"}',
             f"--chart={tmp_path / 'chart.html'}",
             "--json",
