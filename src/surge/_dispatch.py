@@ -65,6 +65,7 @@ class Runner:
         self._workers = 0
         self._starting = 0
         self._tasks: set[asyncio.Task[None]] = set()
+        self._acks_in_flight: asyncio.Future[None] | None = None
         self._acks: list[Delivery] = []
         self._ack_waiter: asyncio.Future[None] | None = None
         self._idle: asyncio.Future[None] | None = None
@@ -142,6 +143,12 @@ class Runner:
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def close(self) -> None:
+        # An ack batch the ack loop took off _acks may still be on the wire
+        # (idle already holds then): let it land before the loop is
+        # cancelled, or the transport's close could give up a partition
+        # whose last delivery was never settled (its next owner runs it again).
+        while self._acks_in_flight is not None:
+            await asyncio.wait((self._acks_in_flight,))
         await self._flush_acks(closing=True)
         if self._acker is not None:
             self._acker.cancel()
@@ -605,6 +612,18 @@ class Runner:
         if self._acks:
             batch = self._acks
             self._acks = []
+            landed = self._acks_in_flight = asyncio.get_running_loop().create_future()
+            try:
+                await self._ack_batch(batch, closing=closing)
+            finally:
+                self._acks_in_flight = None
+                landed.set_result(None)
+            if not self._workers and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+
+    async def _ack_batch(self, batch: list[Delivery], *, closing: bool) -> None:
+        """Acknowledge ``batch``, retrying a transient failure in place."""
+        if batch:
             delay = _TRANSIENT_FIRST
             while True:
                 try:
@@ -625,8 +644,6 @@ class Runner:
                     )
                 await self.runtime.clock.sleep(delay)
                 delay = min(_TRANSIENT_LAST, delay * 2)
-            if not self._workers and self._idle is not None and not self._idle.done():
-                self._idle.set_result(None)
 
 
 _PROPAGATED = (
