@@ -350,8 +350,9 @@ def test_workers_hand_app_transport_and_http_to_the_supervisor(
         http: tuple[str, int] | None = None,
         admin: tuple[str, int] | None = None,
         redact: bool = False,
+        consume: bool = True,
     ) -> int:
-        calls.append((app_ref, url, workers, http, admin, redact))
+        calls.append((app_ref, url, workers, http, admin, redact, consume))
         return 3
 
     monkeypatch.setattr(supervisor, "run_workers", fake_run_workers)
@@ -359,7 +360,10 @@ def test_workers_hand_app_transport_and_http_to_the_supervisor(
     url = f"sqlite:///{tmp_path / 'w.db'}"
     result = CliRunner().invoke(
         main,
-        ["run", f"{name}:app", "-t", url, "-w", "3", "--http", "0.0.0.0:8080", "--admin", "9090"],
+        [
+            *("run", f"{name}:app", "-t", url, "-w", "3", "--no-consume"),
+            *("--http", "0.0.0.0:8080", "--admin", "9090"),
+        ],
     )
-    assert calls == [(f"{name}:app", url, 3, ("0.0.0.0", 8080), ("127.0.0.1", 9090), False)]
+    assert calls == [(f"{name}:app", url, 3, ("0.0.0.0", 8080), ("127.0.0.1", 9090), False, False)]
     assert result.exit_code == 3

@@ -3,10 +3,11 @@
 ::
 
     surge run module:app [--transport URL] [--workers N] [--http HOST:PORT]
-              [--admin [HOST:]PORT] [--redact-bodies]
+              [--admin [HOST:]PORT] [--redact-bodies] [--no-consume]
     surge demo [--requests N] [--concurrency C] [--report PATH] [--in-process]
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
     surge asyncapi module:app [--yaml] [--output PATH]
+    surge declare module:app [--transport URL]
 
 Commands that live in optional modules (``surge load``, ``surge top``) are
 found lazily: the CLI works without them, and names what to install when one
@@ -199,6 +200,11 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     "--redact-bodies", is_flag=True, help="Show no event bodies in the dashboard's dead letters."
 )
 @click.option(
+    "--no-consume",
+    is_flag=True,
+    help="Publish only (an ingress tier): declare the subscriptions' groups, handle nothing.",
+)
+@click.option(
     "--tls-cert",
     type=click.Path(exists=True, dir_okay=False),
     metavar="PEM",
@@ -217,10 +223,15 @@ def run(
     http: str | None,
     admin: str | None,
     redact_bodies: bool,
+    no_consume: bool,
     tls_cert: str | None,
     tls_key: str | None,
 ) -> None:
     """Run the app MODULE:APP until SIGINT or SIGTERM, then stop gracefully.
+
+    With --no-consume the process declares every subscription's group (so
+    what it publishes before any worker ran is kept for them) and handles
+    nothing: an HTTP front beside separate workers.
 
     With --http, the operator surface (/metrics, /_surge/) is not served on
     the public listener unless SURGE_ADMIN_TOKEN is set (then only to
@@ -235,6 +246,8 @@ def run(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     app = command_app(app_ref, transport)
+    if no_consume:
+        app.consume = False
     url = _transport_url(app, transport)
     if workers > 1:
         if url.split("://", 1)[0] == "memory":
@@ -257,6 +270,7 @@ def run(
                 http=address,
                 admin=admin_address,
                 redact=redact_bodies,
+                consume=not no_consume,
                 **tls,
             )
         except ConfigurationError as exc:
@@ -483,6 +497,28 @@ def asyncapi(
         click.echo(text, nl=False)
     else:
         output.write_text(text)
+
+
+# --- surge declare ------------------------------------------------------------
+@main.command()
+@click.argument("app_ref", metavar="MODULE:APP")
+@click.option("--transport", "-t", metavar="URL", help="Override the app's transport.")
+def declare(app_ref: str, transport: str | None) -> None:
+    """Declare every group of MODULE:APP's subscriptions on its transport,
+    then exit (a deploy step): from then on the transport keeps what is
+    published for them, before any worker ever ran."""
+    app = command_app(app_ref, transport)
+
+    async def go() -> None:
+        await app.start(consume=False)
+        await app.stop()
+
+    try:
+        _run(go)
+    except SurgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    for name, sub in sorted(app.subscriptions.items()):
+        click.echo(f"{name}: {' '.join(sub.topics)}")
 
 
 # --- surge dlq ----------------------------------------------------------------

@@ -73,6 +73,7 @@ class WorkerSpec(msgspec.Struct, frozen=True, kw_only=True):
     watch_parent: bool = True
     path: tuple[str, ...] = ()
     log_level: int = logging.INFO
+    consume: bool = True
 
 
 # --- loading and checking ----------------------------------------------------
@@ -164,9 +165,11 @@ class Supervisor:
         stable_after: float = 5.0,
         env: dict[str, str] | None = None,
         clock: Clock | None = None,
+        consume: bool = True,
     ) -> None:
         check_workers(transport_url, workers)
         self.app_ref = app_ref
+        self.consume = consume
         self.transport_url = transport_url
         self.workers = workers
         self.http = http
@@ -272,6 +275,7 @@ class Supervisor:
             ready_fd=ready_fd,
             path=tuple(p for p in sys.path if p),
             log_level=log.getEffectiveLevel(),
+            consume=self.consume,
         )
 
     async def _start(self, slot: _Slot) -> None:
@@ -448,9 +452,13 @@ def run_workers(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     shutdown_timeout: float | None = None,
+    consume: bool = True,
 ) -> int:
     """Run ``workers`` processes of the app ``app_ref`` on ``transport_url``
     until SIGTERM or SIGINT, then drain them; the exit code.
+
+    With ``consume=False`` the workers only declare the groups and publish
+    (an ingress-only tier, ``surge run --no-consume``).
 
     ``shutdown_timeout`` defaults to the app's own. With ``http=(host,
     port)`` every worker serves HTTP on that port (SO_REUSEPORT), and with
@@ -472,6 +480,7 @@ def run_workers(
         tls_cert=tls_cert,
         tls_key=tls_key,
         shutdown_timeout=timeout,
+        consume=consume,
     )
 
     async def main() -> int:
@@ -553,6 +562,8 @@ def worker_main(spec: WorkerSpec) -> int:
         return EX_CONFIG
     if spec.shutdown_timeout is not None:
         app.shutdown_timeout = spec.shutdown_timeout
+    if not spec.consume:
+        app.consume = False
     ready_fd = spec.ready_fd
     try:
         if spec.http is not None:
