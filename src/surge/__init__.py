@@ -10,6 +10,7 @@ from ._codec import Codec, JsonCodec, MsgpackCodec
 from ._config import Retry
 from ._context import Context
 from ._errors import (
+    BatchFailed,
     Closed,
     ConfigurationError,
     DecodeError,
@@ -54,6 +55,7 @@ __all__ = (
     "SIGNATURE_HEADER",
     "App",
     "AppStats",
+    "BatchFailed",
     "Capabilities",
     "Clock",
     "Closed",

@@ -82,6 +82,10 @@ class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     key: Callable[[Any], Hashable] | None
     retry: Retry
     timeout: float | None
+    batch: int = 0
+    """Events per call of a batch handler (it takes a list); 0: one event."""
+    linger: float = 0.0
+    """How long a batch handler's partial batch waits for more events."""
 
 
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -292,6 +296,8 @@ class App:
         timeout: float | None = None,
         executor: Executor | None = None,
         prefetch: int | None = None,
+        batch: int | None = None,
+        linger: float | None = None,
     ) -> Callable[[F], F]:
         """Subscribe the decorated function to ``topics`` (event types or
         topic names and patterns such as ``"orders.*"``).
@@ -305,6 +311,14 @@ class App:
         ``key`` (a callable or an attribute name) keeps events with the same
         key in order. The handler publishes what it returns: an event, a
         sequence of events, or None.
+
+        With ``batch=n`` the handler takes a list of up to ``n`` events
+        (and no ``ctx``): it is called once ``n`` events wait, or once the
+        first of fewer has waited ``linger`` seconds (default 0: at once
+        with what is there). The batch succeeds or fails together; raise
+        :class:`BatchFailed` to fail some of its events and not the others
+        (docs/guarantees.md, "Batch handlers"). ``concurrency`` then counts
+        batches.
         """
         if not topics:
             raise ConfigurationError("app.on() needs at least one event type or topic")
@@ -328,6 +342,15 @@ class App:
         conc = concurrency if concurrency is not None else self.concurrency
         if conc < 1:
             raise ConfigurationError("concurrency must be at least 1")
+        if batch is not None and batch < 1:
+            raise ConfigurationError("batch must be at least 1")
+        if linger is not None and (batch is None or linger < 0):
+            raise ConfigurationError("linger= needs batch= and is at least 0 seconds")
+        size = batch or 0
+        if prefetch is not None and prefetch < size:
+            raise ConfigurationError(
+                f"prefetch={prefetch} is below batch={size}: a batch could never fill"
+            )
 
         def decorate(fn: F) -> F:
             kind = _kind_of(fn, executor)
@@ -339,6 +362,10 @@ class App:
             if self._state != "new":
                 raise ConfigurationError("subscribe before the app starts")
             wants_ctx = _positional_arity(fn) >= 2
+            if size and wants_ctx:
+                raise ConfigurationError(
+                    f"{fn.__qualname__}: a batch handler takes (events) only, a list"
+                )
             if kind == PROCESS and wants_ctx:
                 raise ConfigurationError(
                     f"{fn.__qualname__}: process handlers take (event) only; a context "
@@ -363,10 +390,12 @@ class App:
                 kind=kind,
                 wants_ctx=wants_ctx,
                 concurrency=limit,
-                prefetch=prefetch or max(2 * limit, 256),
+                prefetch=prefetch or max(2 * limit, 256, 2 * size),
                 key=key_fn,
                 retry=retry or self.retry,
                 timeout=timeout,
+                batch=size,
+                linger=linger or 0.0,
             )
             return fn
 
@@ -568,6 +597,41 @@ class App:
         for mw in reversed(middleware):
             mw.after_publish(env)
         return env.id
+
+    async def publish_many(
+        self, events: Iterable[Event], *, headers: dict[str, str] | None = None
+    ) -> list[str]:
+        """Publish ``events`` (each to every subscription of its topic) in
+        as few round trips as the transport allows; their ids, in order.
+
+        Each transport writes a batch its own native way: one Lua call on
+        Redis, pipelined publishes whose acks are awaited together on NATS,
+        one transaction on SQLite, one statement on PostgreSQL, confirms
+        awaited together on RabbitMQ. Batches hold at most 1,000 events; a
+        failure raises with the batches before it published and the rest
+        not. Keys come from each event type's ``__key__`` (or the topic's
+        keyed subscription), as for :meth:`publish`; ``headers`` go on every
+        envelope.
+        """
+        if self._state is not _RUNNING:
+            raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
+        wall = self._wall
+        envs: list[Envelope] = []
+        for event in events:
+            if type(event) not in _EVENT_TYPES:
+                _check_event(event)
+            envs.append(Envelope(new_id(), event.__topic__, None, wall(), headers, event))
+        middleware = self._middleware
+        for start in range(0, len(envs), _PUBLISH_BATCH):
+            chunk = envs[start : start + _PUBLISH_BATCH]
+            for env in chunk:
+                for mw in middleware:
+                    mw.before_publish(env)
+            await self._publish(chunk)
+            for env in chunk:
+                for mw in reversed(middleware):
+                    mw.after_publish(env)
+        return [env.id for env in envs]
 
     async def _publish_later(
         self,
@@ -1145,6 +1209,9 @@ class App:
 
 
 _RUNNING: Literal["running"] = "running"
+# Envelopes per transport call of publish_many: bounds one Lua call, SQL
+# statement or confirm window, while amortising the round trip.
+_PUBLISH_BATCH = 1000
 # Event types already checked: isinstance() through msgspec's metaclass costs
 # about 100 ns, a set lookup about 40.
 _EVENT_TYPES: set[type[Any]] = set()

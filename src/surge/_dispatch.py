@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import pickle
 import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine, Hashable
@@ -30,7 +31,14 @@ from typing import TYPE_CHECKING, Any
 from ._clock import VirtualClock
 from ._config import Retry
 from ._context import Context
-from ._errors import DecodeError, HandlerTimeout, KeyFailed, RetryLater, TransportError
+from ._errors import (
+    BatchFailed,
+    DecodeError,
+    HandlerTimeout,
+    KeyFailed,
+    RetryLater,
+    TransportError,
+)
 from ._event import Envelope, Event, derive_id
 from ._transport import DeadLetter, Delivery
 
@@ -47,6 +55,9 @@ ASYNC, INLINE, THREAD, PROCESS = "async", "inline", "thread", "process"
 # Waits between attempts to publish a handler's outputs or to acknowledge,
 # while the transport reports trouble: doubling from the first to the last.
 _TRANSIENT_FIRST, _TRANSIENT_LAST = 0.05, 2.0
+# At most this many events of a per-event process handler cross to the pool
+# in one round trip (fewer when the queue is shared by several workers).
+_PROCESS_CHUNK = 64
 
 
 class Runner:
@@ -59,6 +70,15 @@ class Runner:
         self.group = sub.name
         self.concurrency = sub.concurrency
         self.keyed = sub.key is not None
+        # Batch handlers take lists from the shared queue, in delivery order,
+        # `concurrency` batches at a time (no lanes); one worker at a time
+        # lingers for a partial batch to fill, on `_batch_full`.
+        self.batch = sub.batch
+        self._batch_full: asyncio.Future[None] | None = None
+        # Per-event process handlers cross to the pool in chunks: one round
+        # trip for up to _PROCESS_CHUNK events (a timeout keeps one each, so
+        # it bounds one event).
+        self._chunked = sub.kind == PROCESS and not sub.batch and sub.timeout is None
         self._queue: deque[Delivery] = deque()  # unkeyed: shared by workers
         self._lanes: dict[int, deque[Delivery]] = {}  # keyed: one deque per busy lane
         self._waiting_lanes: deque[tuple[int, deque[Delivery]]] = deque()
@@ -97,6 +117,9 @@ class Runner:
     async def stop_intake(self) -> None:
         """Stop fetching; hand back deliveries fetched but not started."""
         self._stopping = True
+        full = self._batch_full
+        if full is not None and not full.done():
+            full.set_result(None)  # a lingering batch worker ends now
         if self._consumer is not None:
             self._consumer.cancel()
             # not `await consumer`: that would also swallow a cancel of this
@@ -119,6 +142,11 @@ class Runner:
             return
         for d in waiting:
             await self.transport.nack(d, 0.0)
+
+    @property
+    def stopping(self) -> bool:
+        """Intake has stopped (the app is stopping)."""
+        return self._stopping
 
     @property
     def queued(self) -> int:
@@ -168,7 +196,10 @@ class Runner:
                     queue.extend(batch)
                     break
                 self.received += len(batch)
-                if keyed:
+                if self.batch:
+                    queue.extend(batch)
+                    self._feed_batches()
+                elif keyed:
                     for d in batch:
                         self._push_keyed(d)
                 else:
@@ -185,6 +216,21 @@ class Runner:
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    def _feed_batches(self) -> None:
+        queue = self._queue
+        full = self._batch_full
+        if full is not None:
+            if len(queue) >= self.batch and not full.done():
+                full.set_result(None)
+            return  # a worker lingers: it takes what came
+        if (
+            queue
+            and not self._starting
+            and self._workers < self.concurrency
+            and (not self._workers or len(queue) >= self.batch)
+        ):
+            self._spawn(self._work_batch)
 
     def _spawn_settle(self, settle: Coroutine[Any, Any, None]) -> None:
         """Run ``settle`` (a dead-letter) beside the workers; a stop cancels it
@@ -257,6 +303,17 @@ class Runner:
         timings: Any = self.timings  # a HandlerTimer whenever every > 0
         every = timings.every if timings is not None else 0
         t0 = -1.0
+        if self._chunked:
+            try:
+                while queue:
+                    n = min(len(queue), _PROCESS_CHUNK, -(-len(queue) // self.concurrency))
+                    chunk = [popleft() for _ in range(n)]
+                    if queue and not self._starting and self._workers < self.concurrency:
+                        self._spawn(self._work_shared)
+                    await self._handle_in_process(chunk)
+            finally:
+                self._worker_done()
+            return
         try:
             while queue:
                 d = popleft()
@@ -322,6 +379,11 @@ class Runner:
         self._starting -= 1
         handle = self._handle
         try:
+            if self._chunked:
+                # in order: the chunk runs in one worker process, one by one
+                while lane:
+                    n = min(len(lane), _PROCESS_CHUNK)
+                    await self._handle_in_process([lane.popleft() for _ in range(n)])
             while lane:
                 await handle(lane.popleft())
         finally:
@@ -329,12 +391,44 @@ class Runner:
                 del self._lanes[lane_id]
             self._worker_done()
 
+    async def _work_batch(self) -> None:
+        self._starting -= 1
+        queue = self._queue
+        popleft = queue.popleft
+        size = self.batch
+        linger = self.sub.linger
+        loop = asyncio.get_running_loop()
+        try:
+            while queue and not self._stopping:
+                if len(queue) < size and linger > 0.0:
+                    if self._batch_full is not None:
+                        break  # another worker lingers for this partial batch
+                    full = self._batch_full = loop.create_future()
+                    try:
+                        # the loop's time: virtual under a VirtualClock
+                        await asyncio.wait((full,), timeout=linger)
+                    finally:
+                        self._batch_full = None
+                    if self.stopping:  # stop_intake woke us
+                        break
+                n = min(size, len(queue))
+                if not n:
+                    continue
+                taken = [popleft() for _ in range(n)]
+                if len(queue) >= size and not self._starting and self._workers < self.concurrency:
+                    self._spawn(self._work_batch)
+                await self._handle_batch(taken)
+        finally:
+            self._worker_done()
+
     def _worker_done(self) -> None:
         self._workers -= 1
         if not self._stopping:
             # A freed slot goes to a lane waiting for one, else to unkeyed
             # work that found every slot taken by lanes.
-            if self._waiting_lanes:
+            if self.batch:
+                self._feed_batches()
+            elif self._waiting_lanes:
                 self._spawn(self._work_lane, *self._waiting_lanes.popleft())
             elif self._queue and not self._starting:
                 self._spawn(self._work_shared)
@@ -413,7 +507,187 @@ class Runner:
             self._ack_waiter = None
             waiter.set_result(None)
 
-    async def _off_loop(self, d: Delivery, ev: Event, ctx: Context | None) -> Any:
+    def _decoded(self, ds: list[Delivery]) -> tuple[list[Delivery], list[Any], list[Any]]:
+        """The deliveries whose events decode, the events, and the failures
+        ``(delivery, error)`` of the others."""
+        ok: list[Delivery] = []
+        events: list[Any] = []
+        bad: list[Any] = []
+        for d in ds:
+            try:
+                events.append(self._event(d))
+            except Exception as exc:
+                bad.append((d, exc))
+                continue
+            ok.append(d)
+        return ok, events, bad
+
+    def _contexts(self, ds: list[Delivery]) -> list[Context] | None:
+        middleware = self.runtime.middleware
+        if not middleware:
+            return None
+        app = self.runtime.app
+        ctxs = [Context(app, d, self.group) for d in ds]
+        for ctx in ctxs:
+            for mw in middleware:
+                mw.before_handle(ctx)
+        return ctxs
+
+    def _succeeded(self, ds: list[Delivery]) -> None:
+        self.succeeded += len(ds)
+        self._acks.extend(ds)
+        waiter = self._ack_waiter
+        if waiter is not None:
+            self._ack_waiter = None
+            waiter.set_result(None)
+
+    async def _handed_back(self, ds: list[Delivery]) -> None:
+        """A stop's deadline cancelled handlers of ``ds``: hand them back."""
+        if self._stopping:
+            for d in ds:
+                await asyncio.shield(self.transport.nack(d, 0.0))
+
+    async def _handle_batch(self, ds: list[Delivery]) -> None:
+        """One call of a batch handler with the events of ``ds``; they are
+        settled together, but for those a ``BatchFailed`` names."""
+        sub = self.sub
+        self.running += len(ds)
+        ds, events, bad = self._decoded(ds)
+        for d, exc in bad:
+            self.running -= 1
+            await self._failed(d, exc, None)
+        if not ds:
+            return
+        timings: Any = self.timings  # a HandlerTimer whenever t0 >= 0
+        t0 = timings.sample() if timings is not None else -1.0
+        failures: dict[int, BaseException] = {}
+        ctxs: list[Context] | None = None
+        try:
+            ctxs = self._contexts(ds)
+            fn = sub.handler
+            if sub.kind == ASYNC:
+                if sub.timeout is None:
+                    result = await fn(events)
+                else:
+                    try:
+                        async with asyncio.timeout(sub.timeout):
+                            result = await fn(events)
+                    except TimeoutError:
+                        raise HandlerTimeout(
+                            f"{self.group} took longer than {sub.timeout}s on a batch of "
+                            f"{len(events)} from {ds[0].envelope.id}"
+                        ) from None
+            elif sub.kind == INLINE:
+                result = fn(events)
+            else:
+                result = await self._off_loop(ds[0], events, None)
+        except asyncio.CancelledError:
+            self.running -= len(ds)
+            await self._handed_back(ds)
+            raise
+        except BatchFailed as exc:
+            failures = exc.failures
+            result = exc.outputs or None
+            wrong = [i for i in failures if not (isinstance(i, int) and 0 <= i < len(ds))]
+            if wrong:
+                failures = dict.fromkeys(
+                    range(len(ds)),
+                    TypeError(
+                        f"handler {self.group} raised BatchFailed naming positions {wrong} "
+                        f"of a batch of {len(ds)}"
+                    ),
+                )
+                result = None
+        except Exception as exc:
+            failures = dict.fromkeys(range(len(ds)), exc)
+            result = None
+        if t0 >= 0.0:
+            timings.done(t0, ds[0].envelope.time)
+        done = [d for i, d in enumerate(ds) if i not in failures] if failures else ds
+        if done:
+            try:
+                if ctxs is not None:
+                    for i, ctx in enumerate(ctxs):
+                        if i not in failures:
+                            for mw in reversed(self.runtime.middleware):
+                                mw.after_handle(ctx, result)
+                if result is not None:
+                    # ids derived from the batch's first and last events:
+                    # the same batch again republishes the same ids
+                    await self._publish_children(ds[0], result, None, f"{ds[-1].envelope.id}/")
+            except asyncio.CancelledError:
+                self.running -= len(ds)
+                await self._handed_back(ds)
+                raise
+            except Exception as exc:
+                failures = dict.fromkeys(range(len(ds)), exc)
+                done = []
+        self.running -= len(ds)
+        for i, error in failures.items():
+            if not isinstance(error, Exception):
+                error = RuntimeError(f"{type(error).__name__}: {error}")
+            await self._failed(ds[i], error, ctxs[i] if ctxs is not None else None)
+        if done:
+            self._succeeded(done)
+
+    async def _handle_in_process(self, ds: list[Delivery]) -> None:
+        """Run a per-event process handler on ``ds`` in one round trip to the
+        pool; each event succeeds or fails on its own, as in ``_handle``."""
+        self.running += len(ds)
+        ds, events, bad = self._decoded(ds)
+        for d, exc in bad:
+            self.running -= 1
+            await self._failed(d, exc, None)
+        if not ds:
+            return
+        timings: Any = self.timings
+        t0 = timings.sample() if timings is not None else -1.0
+        ctxs: list[Context] | None = None
+        try:
+            ctxs = self._contexts(ds)
+            outcomes = await self._run_in_pool(_call_each, self.sub.handler, events)
+        except asyncio.CancelledError:
+            self.running -= len(ds)
+            await self._handed_back(ds)
+            raise
+        except Exception as exc:  # the pool itself failed (a worker died)
+            outcomes = [(False, exc)] * len(ds)
+        if t0 >= 0.0:
+            timings.done(t0, ds[0].envelope.time)
+        middleware = self.runtime.middleware
+        for i, (d, (ok, value)) in enumerate(zip(ds, outcomes, strict=True)):
+            ctx = ctxs[i] if ctxs is not None else None
+            if ok:
+                try:
+                    if ctx is not None:
+                        for mw in reversed(middleware):
+                            mw.after_handle(ctx, value)
+                    if value is not None:
+                        await self._publish_children(d, value, None)
+                except asyncio.CancelledError:
+                    self.running -= len(ds) - i
+                    await self._handed_back(ds[i:])
+                    raise
+                except Exception as exc:
+                    ok, value = False, exc
+            self.running -= 1
+            if ok:
+                self._succeeded([d])
+            else:
+                await self._failed(d, value, ctx)
+
+    async def _run_in_pool(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in the process pool (the virtual clock held meanwhile)."""
+        loop = asyncio.get_running_loop()
+        clock = self._virtual_clock
+        if clock is not None:
+            clock.hold()
+        fut = loop.run_in_executor(self.runtime.process_pool(), fn, *args)
+        if clock is not None:
+            fut.add_done_callback(lambda _: clock.release())
+        return await fut
+
+    async def _off_loop(self, d: Delivery, ev: Any, ctx: Context | None) -> Any:
         sub = self.sub
         runtime = self.runtime
         loop = asyncio.get_running_loop()
@@ -455,6 +729,7 @@ class Runner:
         d: Delivery,
         result: Any,
         extra: list[tuple[Event, str | None, dict[str, str] | None]] | None,
+        prefix: str = "",
     ) -> None:
         parent = d.envelope
         items: list[tuple[Event, str | None, dict[str, str] | None]] = []
@@ -483,7 +758,8 @@ class Runner:
             h = inherited
             if headers:
                 h = {**(inherited or {}), **headers}
-            envs.append(Envelope(derive_id(parent.id, i), ev.__topic__, key, now, h, ev))
+            position = f"{prefix}{i}" if prefix else i
+            envs.append(Envelope(derive_id(parent.id, position), ev.__topic__, key, now, h, ev))
         await self._publish_outputs(d, envs)
 
     async def _publish_outputs(self, d: Delivery, envs: list[Envelope]) -> None:
@@ -654,6 +930,22 @@ _PROPAGATED = (
     "traceparent",
     "tracestate",
 )
+
+
+def _call_each(fn: Callable[[Any], Any], events: list[Any]) -> list[tuple[bool, Any]]:
+    """In a worker process: ``fn`` on each event, in order; each outcome is
+    ``(True, result)`` or ``(False, exception)``."""
+    out: list[tuple[bool, Any]] = []
+    for ev in events:
+        try:
+            out.append((True, fn(ev)))
+        except Exception as exc:
+            try:
+                pickle.dumps(exc)
+            except Exception:
+                exc = RuntimeError(f"{type(exc).__qualname__}: {exc}")
+            out.append((False, exc))
+    return out
 
 
 def _inherit(headers: dict[str, str] | None) -> dict[str, str] | None:

@@ -18,13 +18,18 @@ builtin that fits, so ``except TimeoutError`` catches a request timeout::
     ├── HandlerTimeout (TimeoutError)      a handler ran past its ``timeout=``
     └── RequestTimeout (TimeoutError)      ``app.request`` got no reply in time
 
-:class:`RetryLater` is not an error: a handler raises it to ask for another
-attempt after a given delay.
+:class:`RetryLater` and :class:`BatchFailed` are not errors: a handler
+raises the first to ask for another attempt after a given delay, a batch
+handler the second to fail some events of its batch and not the others.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 __all__ = (
+    "BatchFailed",
     "Closed",
     "ConfigurationError",
     "DecodeError",
@@ -128,3 +133,25 @@ class RetryLater(Exception):
     def __init__(self, delay: float | None = None, reason: str = "") -> None:
         super().__init__(reason or f"retry later ({delay}s)")
         self.delay = delay
+
+
+class BatchFailed(Exception):
+    """Raised by a batch handler (``app.on(..., batch=n)``) to fail some
+    events of its batch and not the others.
+
+    ``failures`` maps a position in the list the handler was given to the
+    exception that event failed with: each of those is retried or
+    dead-lettered on its own, as if a per-event handler had raised it (its
+    own attempt count, the subscription's ``Retry``; a ``RetryLater`` gives
+    its delay). Every other event of the batch succeeded and is acknowledged,
+    and ``outputs`` (events, as a handler would return them) are published
+    first. Any other exception a batch handler raises fails every event of
+    the batch with it.
+    """
+
+    def __init__(
+        self, failures: Mapping[int, BaseException], *, outputs: Sequence[Any] = ()
+    ) -> None:
+        super().__init__(f"{len(failures)} events of the batch failed")
+        self.failures = dict(failures)
+        self.outputs = list(outputs)

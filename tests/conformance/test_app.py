@@ -336,3 +336,86 @@ async def test_redelivered_handler_outputs_once(
         await settle(app, retried, done)
     assert all(t == 2 for t in tries.values())
     assert sorted(downstream) == list(range(20))
+
+
+async def test_batch_handler_and_publish_many(transport_factory: Factory) -> None:
+    """``publish_many`` reaches a ``batch=`` handler as lists of at most its size,
+    each event once; what a batch returns is published once; middleware sees a
+    hook pair per event."""
+    hooks = Hooks()
+    app = make_app(transport_factory, hooks)
+    sizes: list[int] = []
+    seen: list[int] = []
+    shipped: list[int] = []
+    done = Countdown(60)
+
+    @app.on(Placed, batch=16, linger=0.05)
+    async def ship(events: list[Placed]) -> list[Shipped]:
+        sizes.append(len(events))
+        seen.extend(ev.n for ev in events)
+        return [Shipped(n=ev.n) for ev in events]
+
+    @app.on(Shipped, batch=7, executor="inline")
+    def count(events: list[Shipped]) -> None:
+        shipped.extend(ev.n for ev in events)
+        for _ in events:
+            done.tick()
+
+    async with app:
+        ids = await app.publish_many([Placed(n=i) for i in range(60)])
+        await settle(app, done)
+    assert len(set(ids)) == 60
+    assert sorted(seen) == list(range(60))
+    assert max(sizes) <= 16
+    assert sorted(shipped) == list(range(60))
+    assert hooks.calls["before_publish"] == hooks.calls["after_publish"] == 120
+    assert hooks.calls["before_handle"] == hooks.calls["after_handle"] == 120
+
+
+async def test_batch_failure_fails_its_events_and_batch_failed_only_those_named(
+    transport_factory: Factory,
+) -> None:
+    """A batch handler that raises fails every event of its batch (each retried
+    on its own); ``BatchFailed`` fails only the positions it names, and one that
+    keeps failing is dead-lettered alone."""
+    app = make_app(transport_factory, None)
+    runs: Counter[int] = Counter()
+    ok: Counter[int] = Counter()
+    done = Countdown(20)
+    dead = Countdown(1)
+
+    class OnError(surge.Middleware):
+        def on_error(self, ctx: surge.Context, exc: BaseException) -> None:
+            if isinstance(exc, KeyError) and ctx.attempt == 2:
+                dead.tick()
+
+    app.add_middleware(OnError())
+
+    @app.on(Item, batch=8, retry=surge.Retry(attempts=2, backoff=0.01, jitter=0))
+    async def handle(events: list[Item]) -> None:
+        for ev in events:
+            runs[ev.n] += 1
+        if any(ev.n == 0 and runs[0] == 1 for ev in events):
+            raise RuntimeError("the batch with 0 in it fails once, as a whole")
+        failures: dict[int, BaseException] = {}
+        for i, ev in enumerate(events):
+            if ev.n == 13:
+                failures[i] = KeyError("13 always fails")
+            elif ev.n % 5 == 1 and runs[ev.n] == 1:
+                failures[i] = ValueError("fails its first run")
+            else:
+                ok[ev.n] += 1
+                done.tick()
+        if failures:
+            raise surge.BatchFailed(failures)
+
+    async with app:
+        await app.publish_many([Item(n=i) for i in range(21)])
+        await settle(app, done, dead)
+        letters = await app.dead_letters(handle) if app.capabilities.idle else None
+    assert ok == Counter(n for n in range(21) if n != 13)
+    assert runs[0] == runs[13] == 2
+    assert all(runs[n] == 2 for n in range(21) if n % 5 == 1)
+    assert all(runs[n] in (1, 2) for n in range(21))
+    if letters is not None:
+        assert [(d.error_type, d.attempts) for d in letters] == [("KeyError", 2)]
