@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import os
@@ -53,6 +54,7 @@ class _ServerProcess:
     def __init__(self) -> None:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []
+        self._logged = threading.Condition()
 
     def _launch(self, args: list[str]) -> None:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -71,7 +73,21 @@ class _ServerProcess:
     def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdout is not None
         for raw in proc.stdout:
-            self.log.append(raw.decode(errors="replace").rstrip())
+            with self._logged:
+                self.log.append(raw.decode(errors="replace").rstrip())
+                self._logged.notify_all()
+
+    def wait_log(self, text: str, *, timeout: float, since: int = 0) -> None:
+        """Block until a log line from index ``since`` on contains ``text``
+        (the log is read by a thread: no polling). Raises TimeoutError."""
+        with self._logged:
+            if not self._logged.wait_for(
+                lambda: any(text in line for line in self.log[since:]), timeout
+            ):
+                raise TimeoutError(
+                    f"{self.name}: no {text!r} in the log within {timeout}s:\n"
+                    + "\n".join(self.log[-20:])
+                )
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
@@ -172,6 +188,108 @@ def shared_nats_url(_tmp_path: Path | None = None) -> str:
     return f"{_shared.url}?stream=t{uuid.uuid4().hex[:12]}"
 
 
+class NatsCluster:
+    """Three (``size``) nats-servers with routes to each other and JetStream,
+    each in its own directory on free loopback ports; ``url`` names them all.
+
+    ``start()`` returns once JetStream has a metadata leader (read from the
+    servers' logs). ``server(name)`` finds a node by its ``server_name``
+    (what JetStream reports as a stream's leader); ``kill()`` and ``start()``
+    on a node take it down and bring it back on its ports and store.
+    """
+
+    def __init__(self, root: Path, *, size: int = 3) -> None:
+        self.root = root
+        cluster_ports = [free_port() for _ in range(size)]
+        routes = ", ".join(f"nats://127.0.0.1:{p}" for p in cluster_ports)
+        self.nodes: list[NatsServer] = []
+        for i, cport in enumerate(cluster_ports):
+            name = f"n{i + 1}"
+            config = (
+                f"server_name: {name}\n"
+                f"cluster {{\n  name: surge\n  listen: 127.0.0.1:{cport}\n"
+                f"  routes: [{routes}]\n}}\n"
+            )
+            self.nodes.append(NatsServer(root / name, config=config))
+
+    @property
+    def url(self) -> str:
+        """``nats://host:port,host:port,...``: every node."""
+        return "nats://" + ",".join(f"127.0.0.1:{n.port}" for n in self.nodes)
+
+    def server(self, name: str) -> NatsServer:
+        return self.nodes[int(name.removeprefix("n")) - 1]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        # A JetStream request before the metadata leader is elected fails
+        # ("JetStream system temporarily unavailable"): wait for its election.
+        for node in self.nodes:
+            node.wait_log("metadata leader", timeout=30)
+        # ...and until every peer has joined it, a stream with replicas=3
+        # finds "no suitable peers for placement". No server logs that
+        # moment: ask until a probe stream on all three can be made.
+        asyncio.run(self._placeable(timeout=30))
+
+    async def _placeable(self, *, timeout: float) -> None:
+        import nats
+        import nats.js.errors
+        from nats.js.api import StreamConfig
+
+        nc = await nats.connect(self.url.split(","), max_reconnect_attempts=2)
+        try:
+            js = nc.jetstream()
+            config = StreamConfig(name="probe", subjects=["probe"], num_replicas=len(self.nodes))
+            async with asyncio.timeout(timeout):
+                while True:
+                    try:
+                        await js.add_stream(config)
+                        break
+                    except (nats.js.errors.APIError, nats.errors.TimeoutError):
+                        await asyncio.sleep(0.05)
+            await js.delete_stream("probe")
+        finally:
+            await nc.close()
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
+@contextlib.contextmanager
+def nats_cluster(root: Path, *, size: int = 3) -> Iterator[NatsCluster]:
+    """A running :class:`NatsCluster` under ``root``, stopped on exit."""
+    cluster = NatsCluster(root, size=size)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_shared_nats_cluster: NatsCluster | None = None
+
+
+def shared_nats_cluster_url(_tmp_path: Path | None = None) -> str:
+    """A URL on one three-node NATS cluster for the whole session, with a
+    stream of its own replicated on all three (``replicas=3``); started on
+    first use, stopped when the interpreter exits."""
+    global _shared_nats_cluster
+    if _shared_nats_cluster is None:
+        root = Path(tempfile.mkdtemp(prefix="surge-nats-cluster-"))
+        cluster = NatsCluster(root)
+        cluster.start()
+        _shared_nats_cluster = cluster
+
+        def stop() -> None:
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+        atexit.register(stop)
+    return f"{_shared_nats_cluster.url}?stream=t{uuid.uuid4().hex[:12]}&replicas=3"
+
+
 # --- Redis ---------------------------------------------------------------------
 
 
@@ -267,6 +385,50 @@ def shared_redis_url(_tmp_path: Path | None = None) -> str:
 
         atexit.register(stop)
     return f"{_shared_redis.url}?prefix=t{uuid.uuid4().hex[:12]}"
+
+
+class RedisCluster:
+    """A Redis Cluster of ``masters`` masters with one replica each, every
+    node a :class:`RedisServer` in its own directory on a free loopback port
+    (``cluster-node-timeout`` 1 s, so a dead master's replica takes over
+    within seconds). ``url`` is a plain ``redis://`` URL of the first node.
+    """
+
+    def __init__(self, root: Path, *, masters: int = 3) -> None:
+        self.root = root
+        extra = (
+            "--cluster-enabled", "yes",
+            "--cluster-config-file", "nodes.conf",
+            "--cluster-node-timeout", "1000",
+        )  # fmt: skip
+        self.nodes = [RedisServer(root / f"r{i}", extra=extra) for i in range(2 * masters)]
+
+    @property
+    def url(self) -> str:
+        return self.nodes[0].url
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        done = subprocess.run(
+            ["redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "1", "--cluster-yes"],
+            capture_output=True, timeout=60, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create: {done.stdout!r} {done.stderr!r}")
+        # Every node must see the whole cluster before clients route by it;
+        # each logs this once its view is complete.
+        for node in self.nodes:
+            node.wait_log("Cluster state changed: ok", timeout=30)
+
+    def node_at(self, port: int) -> RedisServer:
+        return next(n for n in self.nodes if n.port == port)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
 
 
 # --- PostgreSQL ----------------------------------------------------------------

@@ -31,6 +31,7 @@ from surge.transports import open_transport, register
 from .._servers import (
     drop_postgres_schema,
     shared_amqp_url,
+    shared_nats_cluster_url,
     shared_nats_url,
     shared_postgres_url,
     shared_redis_url,
@@ -63,6 +64,11 @@ class Case:
     ownership moves quickly when a consumer joins or leaves."""
     cleanup: Callable[[str], None] | None = None
     """Removes the store of ``url``'s result after the test (a server's)."""
+    quick: frozenset[str] | None = None
+    """When set, only these tests run by default; the case's others are
+    ``slow`` and ``soak`` (run them with ``-m soak``): the clustered cases
+    repeat the single-node ones at several times the cost, and CI's time
+    goes to what a cluster can break (replication, node lists, slots)."""
 
 
 # The transport written only from docs/transports.md: the core protocol, no
@@ -102,6 +108,36 @@ CASES.append(
         lease_options={"lease": 1.0, "extend_leases": False},
         partitioned=True,
         order_options={"lease": 2.0},
+    )
+)
+
+# The conformance tests a cluster runs by default (names, or names with
+# their parameters after the case's id): an app end to end, the transport's
+# core path, and the ones that write replicated state outside the stream
+# (dedup, the state bucket, leases). The whole suite: -m soak -k cluster.
+CLUSTER_QUICK = frozenset(
+    {
+        "test_publish_and_handle_each_once[bare]",
+        "test_publish_consume_ack",
+        "test_dedup_drops_repeated_derived_ids",
+        "test_state_round_trip",
+        "test_unsettled_delivery_returns_when_consumer_is_gone",
+    }
+)
+
+# A three-node NATS cluster (routes, JetStream, streams and buckets with
+# replicas=3), one for the session, a fresh stream per test.
+CASES.append(
+    Case(
+        "nats-cluster",
+        url=shared_nats_cluster_url,
+        realtime=True,
+        shared=True,
+        leases=True,
+        lease_options={"lease": 1.0, "extend_leases": False},
+        partitioned=True,
+        order_options={"lease": 2.0},
+        quick=CLUSTER_QUICK,
     )
 )
 
@@ -198,6 +234,22 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     names = pyfuncitem._fixtureinfo.argnames
     factory.clock.run(fn(**{name: pyfuncitem.funcargs[name] for name in names}))
     return True
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A case's tests outside its ``quick`` set are slow and soak (before
+    ``-m 'not soak'`` deselects)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        case = callspec.params.get("case") if callspec is not None else None
+        if not isinstance(case, Case) or case.quick is None:
+            continue
+        name: str = item.originalname  # type: ignore[attr-defined]
+        rest = item.name[len(name) :].replace(f"[{case.id}-", "[").replace(f"[{case.id}]", "")
+        if name not in case.quick and name + rest not in case.quick:
+            item.add_marker(pytest.mark.slow)
+            item.add_marker(pytest.mark.soak)
 
 
 def _param(case: Case) -> Any:

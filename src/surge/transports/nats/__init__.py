@@ -77,6 +77,17 @@ Why it is built this way:
   it; one that no declared group matches is not kept (as on every surge
   transport), so workers declare their groups before producers publish.
 
+- A cluster: name every server in the URL
+  (``nats://a:4222,b:4222,c:4222``; the client also learns the others from
+  the one it reaches, and reconnects to a survivor) and ``?replicas=3``: the
+  stream, the dead-letter stream and both buckets are kept on three servers
+  (consumers inherit the stream's replicas), so one node's loss loses no
+  acknowledged publish. While a dead node's streams elect new leaders
+  (seconds), publishes get no answer or "no responders" and are sent again
+  under the same ``Nats-Msg-Id`` until ``publish_timeout``; a publish of an
+  id another publish is still replicating ("duplicate message id is in
+  process") is asked again until the server settles it.
+
 Needs nats-server 2.10 or later (consumers with several filter subjects,
 stream metadata).
 """

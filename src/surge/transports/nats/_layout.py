@@ -34,9 +34,12 @@ def partition_durable(durable: str, part: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Layout:
-    """The names of one app's stream and what hangs off it."""
+    """The names of one app's stream and what hangs off it, and on how many
+    servers of a cluster each is kept."""
 
     stream: str
+    replicas: int = 1
+    """Copies of the streams and buckets (``?replicas=3`` on a 3-node cluster)."""
 
     @property
     def dlq_stream(self) -> str:
@@ -89,6 +92,7 @@ class Layout:
                 duplicate_window=dedup_window,
                 max_age=max_age,
                 metadata={_PARTITIONS: str(partitions)},
+                num_replicas=self.replicas,
             ),
             partitions=partitions,
             asked=asked,
@@ -101,6 +105,7 @@ class Layout:
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.LIMITS,
                 duplicate_window=dedup_window,
+                num_replicas=self.replicas,
             ),
         )
         return partitions
@@ -133,6 +138,7 @@ async def _ensure_stream(
     if (
         set(info.config.subjects or ()) != set(config.subjects or ())
         or info.config.duplicate_window != config.duplicate_window
+        or (info.config.num_replicas or 1) != config.num_replicas
         or (interest and (info.config.max_age or None) != config.max_age)
         or (interest and stored is None)
     ):

@@ -31,6 +31,7 @@ class Leases:
         self._conn = conn
         self._lease = lease
         self.bucket = layout.parts_bucket
+        self._replicas = layout.replicas
         self._kv_stream = f"KV_{self.bucket}"
         self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
         """This consumer's member id (members are ordered by it)."""
@@ -56,7 +57,11 @@ class Leases:
             kv = await js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
             kv = await js.create_key_value(
-                bucket=self.bucket, ttl=self._lease, history=1, storage=StorageType.FILE
+                bucket=self.bucket,
+                ttl=self._lease,
+                history=1,
+                storage=StorageType.FILE,
+                replicas=self._replicas,
             )
         info = await js.stream_info(self._kv_stream)
         if info.config.max_age != self._lease:

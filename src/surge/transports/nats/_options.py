@@ -31,6 +31,8 @@ class NatsOptions:
     partitions: int | None = None
     """Asked for (None: the stream's, or the default for a new stream)."""
     extend_leases: bool = True
+    replicas: int = 1
+    """Copies of the streams and key-value buckets in a JetStream cluster."""
 
     @classmethod
     def parse(cls, url: str, **given: Any) -> tuple[str, NatsOptions]:
@@ -48,6 +50,7 @@ class NatsOptions:
             "max_ack_pending": int,
             "max_age": float,
             "partitions": int,
+            "replicas": int,
         }
         try:
             for name, kind in kinds.items():
@@ -64,6 +67,8 @@ class NatsOptions:
             )
         if options.lease <= 0 or options.heartbeat <= 0 or options.max_pending < 1:
             raise ConfigurationError("lease, heartbeat and max_pending must be positive")
+        if not 1 <= options.replicas <= 5:
+            raise ConfigurationError("replicas must be 1 to 5 (JetStream's limit)")
         if options.partitions is not None and options.partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
         return url, options

@@ -28,6 +28,10 @@ __all__ = ("Item", "Publisher")
 
 log = logging.getLogger("surge.nats")
 
+_DUPLICATE_IN_PROCESS = 10158  # JSStreamDuplicateMessageConflict
+_IN_PROCESS_RETRY = 0.02  # s
+_NO_STREAM_RETRY = 0.1  # s
+
 Item = tuple[str, bytes, dict[str, str]]
 """(subject, payload, headers) of one message."""
 
@@ -174,10 +178,22 @@ class Publisher:
             return
         if not data:
             status = (msg.headers or {}).get("Status")
-            if status == "503":
-                self._settle(token, TransportError(f"no JetStream stream {self._stream!r} answers"))
+            entry = self._acks.get(token)
+            if status == "503" and entry is not None:
+                # No responders: the stream was there at start (ensured), so
+                # in a cluster its leader is being elected (its node died).
+                # Ask again shortly; past publish_timeout the sweeper fails it.
+                entry.unanswered = True
+                asyncio.get_running_loop().call_later(_NO_STREAM_RETRY, self._resend, [token])
             return  # anything else: the sweeper resends it after ack_timeout
         err = json.loads(data).get("error", {})
+        if err.get("err_code") == _DUPLICATE_IN_PROCESS:
+            # A cluster's stream is still replicating another message with
+            # this Nats-Msg-Id (the same derived id published twice at once).
+            # It may yet fail (its leader dies): ask again shortly, until the
+            # server answers "duplicate" (stored) or stores this one.
+            asyncio.get_running_loop().call_later(_IN_PROCESS_RETRY, self._resend, [token])
+            return
         self._settle(
             token, TransportError(f"JetStream refused a publish: {err.get('description', err)}")
         )
@@ -213,11 +229,16 @@ class Publisher:
             late: list[str] = []
             for token, e in list(self._acks.items()):
                 if now - e.first > self._publish_timeout:
+                    why = (
+                        f"no JetStream stream {self._stream!r} answered"
+                        if e.unanswered
+                        else "JetStream did not acknowledge a publish"
+                    )
                     self._settle(
                         token,
                         TransportError(
-                            f"JetStream did not acknowledge a publish within "
-                            f"{self._publish_timeout}s (is {safe_url(conn.url)} reachable?)"
+                            f"{why} within {self._publish_timeout}s "
+                            f"(is {safe_url(conn.url)} reachable?)"
                         ),
                     )
                 elif now - e.last > self._ack_timeout:
@@ -268,7 +289,7 @@ class Publisher:
 class _Pending:
     """A message awaiting its ack, kept for resending."""
 
-    __slots__ = ("data", "first", "fut", "headers", "last", "subject")
+    __slots__ = ("data", "first", "fut", "headers", "last", "subject", "unanswered")
 
     def __init__(
         self,
@@ -284,6 +305,7 @@ class _Pending:
         self.headers = headers
         self.first = now
         self.last = now
+        self.unanswered = False  # a 503: no stream took it
 
 
 def _retrieve(fut: asyncio.Future[None]) -> None:

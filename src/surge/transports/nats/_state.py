@@ -20,6 +20,7 @@ class StateBucket:
     def __init__(self, conn: Connection, layout: Layout) -> None:
         self._conn = conn
         self._bucket = layout.state_bucket
+        self._replicas = layout.replicas
 
     async def load(self, key: str) -> bytes | None:
         try:
@@ -47,7 +48,7 @@ class StateBucket:
         try:
             return await js.key_value(self._bucket)
         except nats.js.errors.BucketNotFoundError:
-            return await js.create_key_value(bucket=self._bucket)
+            return await js.create_key_value(bucket=self._bucket, replicas=self._replicas)
         except nats.errors.Error as exc:
             raise translate(exc, f"opening the state bucket {self._bucket!r}") from exc
 

@@ -40,7 +40,10 @@ class NatsTransport:
     ``max_deliver``, ``max_ack_pending`` (per consumer, all workers),
     ``heartbeat`` (s, idle heartbeat of pulls), ``max_age`` (s, the
     stream's retention limit; default none), ``partitions`` (of keyed
-    envelopes, per stream: the first process fixes it), credentials ``user`` /
+    envelopes, per stream: the first process fixes it), ``replicas`` (copies
+    of the streams and key-value buckets on a JetStream cluster: 3 on three
+    nodes survives the loss of one; give every server in the URL,
+    ``nats://a:4222,b:4222,c:4222``), credentials ``user`` /
     ``password`` / ``token`` (or in the URL), ``nkeys_seed``, ``creds`` (a
     ``.creds`` file), TLS via a ``tls://`` URL or ``tls`` (an SSLContext) or
     ``tls_ca`` / ``tls_cert`` / ``tls_key`` files; ``extend_leases``
@@ -71,6 +74,7 @@ class NatsTransport:
         ephemeral_ttl: float = 60.0,
         max_age: float | None = None,
         partitions: int | None = None,
+        replicas: int = 1,
         user: str | None = None,
         password: str | None = None,
         token: str | None = None,
@@ -101,6 +105,7 @@ class NatsTransport:
             max_age=max_age,
             partitions=partitions,
             extend_leases=extend_leases,
+            replicas=replicas,
         )
         self.url = url
         self.options = options
@@ -109,7 +114,7 @@ class NatsTransport:
         """Partitions of keyed envelopes (the stream's, once started)."""
         self.codec: Codec = codec or MsgpackCodec()
         self.clock: Clock = clock or RealClock()
-        layout = self._layout = Layout(options.stream)
+        layout = self._layout = Layout(options.stream, options.replicas)
         conn = self._conn = Connection(
             url,
             {

@@ -1,0 +1,167 @@
+"""A broker node killed under load: the figures of a cluster's failover.
+
+:func:`run_failover` runs ``workers`` supervised processes of the keyed
+Jepsen app (:data:`tests._jepsen.keyed_app`: one keyed subscription, each
+handling recorded when it starts and ends), publishes ``keys * per_key``
+keyed events from this process (each key's in publish order), and once a
+share of them is handled calls ``kill()``, which SIGKILLs a broker node (the
+stream's leader, the master of a group's slot) and returns. No worker is
+killed, so the order checker allows no rerun: a handling started again after
+the kill is a violation (an ack lost with the node and the event redelivered
+after later ones of its key).
+
+The figures: acknowledged (``publish`` returned), handled, lost, duplicates,
+the order verdict, and ``resumed``: seconds from the kill until an event
+whose publish was acknowledged after the kill was handled (publishing and
+handling both back).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from surge.cli._supervisor import Supervisor
+
+from ._jepsen import (
+    KEYED_APP_REF,
+    KEYED_GROUP,
+    CrashResult,
+    Keyed,
+    KeyOrder,
+    drain,
+    key_order,
+    produce_keyed,
+    read_keyed_records,
+    tally,
+    wait_for,
+    worker_env,
+)
+
+__all__ = ("FailoverResult", "run_failover")
+
+
+@dataclass(frozen=True)
+class FailoverResult:
+    """The figures of one failover run; :meth:`check` asserts the promises."""
+
+    crash: CrashResult
+    order: KeyOrder
+    resumed: float
+    """Seconds from the kill to the first handling of an event acknowledged after it."""
+
+    def check(self, *, lost: int = 0, order: bool = True) -> None:
+        """At most ``lost`` acknowledged events lost (0: none), nothing
+        invented or left, and (``order``) per-key order with no rerun."""
+        c = self.crash
+        assert c.lost <= lost, f"lost acknowledged events: {c.lost_sample} ({self})"
+        assert c.unexpected == 0, f"handled events never published ({self})"
+        assert c.left == 0, f"deliveries left on the transport ({self})"
+        assert not order or not self.order.violations, (
+            f"{len(self.order.violations)} order violations, first "
+            f"{self.order.violations[:5]} ({self})"
+        )
+
+    def __str__(self) -> str:
+        c = self.crash
+        return (
+            f"acked={c.acked} handled={c.handled} lost={c.lost} duplicates={c.duplicates} "
+            f"deliveries={c.deliveries} left={c.left} resumed={self.resumed:.2f}s "
+            f"keys={self.order.keys} handovers={self.order.handovers} "
+            f"reruns={self.order.reruns} order_violations={len(self.order.violations)} "
+            f"seconds={c.seconds:.1f}"
+        )
+
+
+async def run_failover(
+    url: str,
+    tmp: Path,
+    kill: Callable[[], Awaitable[object]],
+    *,
+    keys: int = 8,
+    per_key: int = 150,
+    kill_after: float = 0.3,
+    workers: int = 2,
+    delay: float = 0.002,
+    resume_timeout: float = 30.0,
+    drain_timeout: float = 60.0,
+) -> FailoverResult:
+    """Publish and handle ``keys * per_key`` keyed events; ``kill()`` a node
+    once ``kill_after`` of them are handled (publishing trickles from then
+    until the kill, so the kill finds events flowing); drain; the figures."""
+    records = tmp / "failover.txt"
+    names = [f"k{i}" for i in range(keys)]
+    events = keys * per_key
+    sup = Supervisor(
+        KEYED_APP_REF,
+        url,
+        workers,
+        shutdown_timeout=5.0,
+        backoff=0.05,
+        backoff_cap=0.5,
+        stable_after=0.5,
+        env=worker_env(records, concurrency=8, prefetch=16, delay=delay),
+    )
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    running = loop.create_task(sup.run())
+    acked: list[tuple[str, int]] = []
+    killed = loop.create_future()
+    threshold = int(events * kill_after)
+
+    def hold() -> bool:  # until the kill, publish no more than its share
+        return not killed.done() and len(acked) >= threshold
+
+    def handled() -> set[tuple[str, int]]:
+        return {(r.key, r.seq) for r in read_keyed_records(records) if r.kind == "h"}
+
+    resumed = float("nan")
+    try:
+        await sup.wait_ready()
+        producing = loop.create_task(produce_keyed(url, names, per_key, acked, slow_when=hold))
+        await wait_for(
+            lambda: len(handled()) >= threshold * 0.9,
+            timeout=resume_timeout,
+            what="handling before the kill",
+        )
+        await kill()
+        at_kill = len(acked)
+        kill_time = loop.time()
+        killed.set_result(None)
+
+        def resumed_after() -> bool:
+            after = acked[at_kill:]
+            return bool(after) and not handled().isdisjoint(after)
+
+        await wait_for(resumed_after, timeout=resume_timeout, what="handling after the kill")
+        resumed = loop.time() - kill_time
+        await producing
+        stats = await drain(
+            url,
+            records,
+            acked,
+            group=KEYED_GROUP,
+            topics=(Keyed.__topic__,),
+            handled=lambda _: set(handled()),
+            timeout=drain_timeout,
+        )
+    finally:
+        if not killed.done():
+            killed.set_result(None)
+        sup.request_stop()
+        with contextlib.suppress(Exception):
+            await running
+    lines = read_keyed_records(records)
+    crash = tally(
+        [(k, seq) for k in names for seq in range(per_key)],
+        acked,
+        [(r.key, r.seq) for r in lines if r.kind == "h"],
+        kills=0,
+        bound_per_kill=0,
+        left=stats.backlog + stats.pending + stats.scheduled,
+        seconds=loop.time() - start,
+    )
+    return FailoverResult(crash, key_order(lines), resumed)
