@@ -16,6 +16,7 @@ from ._errors import (
     DecodeError,
     Forbidden,
     HandlerTimeout,
+    InvalidCloudEvent,
     InvalidSignature,
     KeyFailed,
     MessageTooLarge,
@@ -27,7 +28,7 @@ from ._errors import (
     Unauthorized,
     UnknownTopic,
 )
-from ._event import Envelope, Event, derive_id, is_derived, new_id
+from ._event import Envelope, Event, derive_id, id_for, is_derived, new_id
 from ._middleware import Middleware
 from ._shutdown import StopPhase, StopReport
 from ._signing import SIGNATURE_HEADER, Signer
@@ -74,6 +75,7 @@ __all__ = (
     "HandlerTimeout",
     "HandsBack",
     "IdleAware",
+    "InvalidCloudEvent",
     "InvalidSignature",
     "JsonCodec",
     "KeyFailed",
@@ -106,6 +108,7 @@ __all__ = (
     "capabilities_of",
     "count",
     "derive_id",
+    "id_for",
     "is_derived",
     "new_id",
     "sequence",

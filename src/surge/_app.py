@@ -41,7 +41,7 @@ from ._errors import (
     RequestTimeout,
     UnknownTopic,
 )
-from ._event import Envelope, Event, derive_id, event_type, new_id
+from ._event import Envelope, Event, derive_id, event_type, is_event_id, new_id
 from ._lag import LoopLag
 from ._middleware import Middleware
 from ._runtime import LocalState, Part, Runtime, Timings
@@ -544,10 +544,23 @@ class App:
         return self._http
 
     # --- publishing ----------------------------------------------------------
-    def _envelope(self, event: Event, key: str | None, headers: dict[str, str] | None) -> Envelope:
+    def _envelope(
+        self,
+        event: Event,
+        key: str | None,
+        headers: dict[str, str] | None,
+        event_id: str | None = None,
+    ) -> Envelope:
         if not isinstance(event, Event):
             raise TypeError(f"publish takes an Event, not {type(event).__name__}")
-        return Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
+        if event_id is None:
+            event_id = new_id()
+        elif not is_event_id(event_id):
+            raise ValueError(
+                f"id={event_id!r}: an event id is 32 lowercase hex digits "
+                "(surge.id_for(key) makes one from an idempotency key)"
+            )
+        return Envelope(event_id, event.__topic__, key, self._wall(), headers, event)
 
     async def publish(
         self,
@@ -558,6 +571,7 @@ class App:
         delay: float | None = None,
         at: datetime | float | None = None,
         connection: Any = None,
+        id: str | None = None,
     ) -> str:
         """Publish ``event`` to every subscription of its topic; its id.
 
@@ -568,11 +582,19 @@ class App:
         the event is written through it: delivered if that transaction
         commits, never if it rolls back (the transactional outbox; a
         transport without one raises ``ConfigurationError``).
+
+        With ``id`` (32 hex digits), the event gets that id rather than a
+        new one. A derived id (``surge.id_for(key)``, ``surge.derive_id``)
+        makes the publish idempotent: the transport drops a second publish
+        of it within its dedup window (docs/guarantees.md), so a caller that
+        retries after a timeout publishes one event, not two.
         """
         if connection is not None:
-            return await self._publish_in(connection, event, key, headers, delay, at)
-        if delay is not None or at is not None:
-            return await self._publish_later(event, key, headers, delay, at)
+            return await self._publish_in(connection, event, key, headers, delay, at, id)
+        if delay is not None or at is not None or id is not None:
+            # a given id may be derived: it must reach the transport's dedup,
+            # which the synchronous puts below skip (they take fresh ids only)
+            return await self._publish_later(event, key, headers, delay, at, id)
         put_one = self._put_one
         if put_one is not None:
             # Running, no middleware, a transport that is not durable: one
@@ -640,8 +662,9 @@ class App:
         headers: dict[str, str] | None,
         delay: float | None,
         at: datetime | float | None,
+        event_id: str | None = None,
     ) -> str:
-        env = self._envelope(event, key, headers)
+        env = self._envelope(event, key, headers, event_id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
         _schedule(env, delay, at)
@@ -656,9 +679,10 @@ class App:
         headers: dict[str, str] | None,
         delay: float | None,
         at: datetime | float | None,
+        event_id: str | None = None,
     ) -> str:
         """The transactional outbox: ``event`` written through ``connection``."""
-        env = self._envelope(event, key, headers)
+        env = self._envelope(event, key, headers, event_id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
         outbox = self._caps.outbox
@@ -680,24 +704,30 @@ class App:
         return env.id
 
     def publish_nowait(
-        self, event: Event, *, key: str | None = None, headers: dict[str, str] | None = None
+        self,
+        event: Event,
+        *,
+        key: str | None = None,
+        headers: dict[str, str] | None = None,
+        id: str | None = None,
     ) -> str:
-        """Publish without waiting; raises :class:`Overloaded` when full."""
+        """Publish without waiting; raises :class:`Overloaded` when full.
+        ``id`` as for :meth:`publish`."""
         put_one = self._put_one
-        if put_one is not None:
+        if put_one is not None and id is None:
             if type(event) not in _EVENT_TYPES:
                 _check_event(event)
             env = Envelope(new_id(), event.__topic__, key, self._wall(), headers, event)
             if not put_one(env):
                 raise Overloaded(f"a subscription of {env.topic!r} holds all it can")
             return env.id
-        env = self._envelope(event, key, headers)
+        env = self._envelope(event, key, headers, id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
         for mw in self._middleware:
             mw.before_publish(env)
         direct_put = self._direct_put
-        if direct_put is not None:
+        if direct_put is not None and id is None:
             if not direct_put(env):
                 raise Overloaded(f"a subscription of {env.topic!r} holds all it can")
         else:
@@ -809,15 +839,30 @@ class App:
         expect: type[E],
         timeout: float = 5.0,
         headers: dict[str, str] | None = None,
+        id: str | None = None,
     ) -> E:
         """Publish ``event`` (with ``headers``) and wait for the first
         ``expect`` event that handling it (directly or downstream) publishes.
 
-        Raises :class:`RequestTimeout` after ``timeout`` seconds.
+        Raises :class:`RequestTimeout` after ``timeout`` seconds. ``id`` as
+        for :meth:`publish`: a request published again under a derived id
+        is dropped by the transport, and so handled once; only the first
+        request's caller gets the reply.
         """
-        env = self._envelope(event, None, None)
+        env = self._envelope(event, None, None, id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
+        if (waiting := self._pending.get(env.id)) is not None:
+            # The same request (one derived id) is waiting already: its
+            # publish went out, so wait for its reply rather than race it.
+            try:
+                async with asyncio.timeout(timeout):
+                    joined: E = await asyncio.shield(waiting[0])
+                    return joined
+            except TimeoutError:
+                raise RequestTimeout(
+                    f"no {expect.__topic__} reply to {env.topic} {env.id} within {timeout}s"
+                ) from None
         env.headers = {
             **(headers or {}),
             "surge-correlation-id": env.id,

@@ -7,7 +7,8 @@ builtin that fits, so ``except TimeoutError`` catches a request timeout::
     ├── ConfigurationError (ValueError)    an app or option that cannot work
     ├── DecodeError (ValueError)           a payload that does not fit its type
     │   ├── UnknownTopic (LookupError)     a topic no event type is declared for
-    │   └── InvalidSignature               an envelope unsigned, or signed wrongly
+    │   ├── InvalidSignature               an envelope unsigned, or signed wrongly
+    │   └── InvalidCloudEvent              a request that is no valid CloudEvent (HTTP 400/415)
     ├── MessageTooLarge (ValueError)       an encoded event over the size limit
     ├── KeyFailed (ValueError)             an event's key function or ``__key__`` failed
     ├── Overloaded                         a bounded buffer is full (``*_nowait``)
@@ -35,6 +36,7 @@ __all__ = (
     "DecodeError",
     "Forbidden",
     "HandlerTimeout",
+    "InvalidCloudEvent",
     "InvalidSignature",
     "KeyFailed",
     "MessageTooLarge",
@@ -76,6 +78,23 @@ class UnknownTopic(DecodeError, LookupError):
 class InvalidSignature(DecodeError):
     """An envelope without a valid signature where the app requires one
     (``App(signing_keys=...)``): dead-lettered with the reason, never handled."""
+
+
+class InvalidCloudEvent(DecodeError):
+    """A request that is not a valid CloudEvent 1.0 for its route.
+
+    ``code`` says what kind of fault, stable for programs to match
+    (``not-a-cloudevent``, ``missing-attribute``, ``invalid-attribute``,
+    ``unsupported-specversion``, ``unknown-type``, ``invalid-json``,
+    ``unsupported-format``); ``attribute`` names the CloudEvents attribute
+    at fault, when there is one. The ingress answers 415 for
+    ``unsupported-format`` and 400 for the others.
+    """
+
+    def __init__(self, message: str, *, code: str, attribute: str | None = None) -> None:
+        super().__init__(message, field=attribute)
+        self.code = code
+        self.attribute = attribute
 
 
 class Unauthorized(SurgeError, PermissionError):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import time
 from typing import TYPE_CHECKING, Any, ClassVar, dataclass_transform
 
@@ -15,7 +16,9 @@ __all__ = (
     "derive_id",
     "event_type",
     "id_at",
+    "id_for",
     "is_derived",
+    "is_event_id",
     "new_id",
 )
 
@@ -145,6 +148,30 @@ def derive_id(parent: str, position: int | str) -> str:
 def is_derived(event_id: str) -> bool:
     """Whether ``event_id`` was derived (and so may be published again)."""
     return event_id[12:13] == "8"
+
+
+def id_for(key: str) -> str:
+    """The derived event id of an idempotency key: the same ``key`` always
+    gives the same id, so ``app.publish(event, id=id_for(key))`` retried
+    publishes one event within the transport's dedup window.
+
+    Unlike other ids its first 48 bits are a hash too, not a time: a retry
+    cannot know when the first attempt was made. Scope the key yourself
+    (``f"orders:{client}:{key}"``): one key names one event everywhere.
+    """
+    digest = hashlib.blake2b(key.encode(), digest_size=16, person=b"surge.id_for").digest()
+    bits = int.from_bytes(digest, "big")
+    tail = bits & _RAND_MASK
+    value = ((bits >> 80) << 80) | _DERIVED_VARIANT | ((tail >> 62) << 64) | (tail & _LOW62)
+    return f"{value:032x}"
+
+
+def is_event_id(value: object) -> bool:
+    """Whether ``value`` has the form of an event id (32 lowercase hex digits)."""
+    return isinstance(value, str) and len(value) == 32 and _HEX.fullmatch(value) is not None
+
+
+_HEX = re.compile(r"[0-9a-f]{32}")
 
 
 def id_at(name: str, when: float) -> str:

@@ -419,3 +419,26 @@ async def test_batch_failure_fails_its_events_and_batch_failed_only_those_named(
     assert all(runs[n] in (1, 2) for n in range(21))
     if letters is not None:
         assert [(d.error_type, d.attempts) for d in letters] == [("KeyError", 2)]
+
+
+async def test_a_publish_retried_under_one_id_is_handled_once(transport_factory: Factory) -> None:
+    """publish(id=id_for(key)) sent again (a client's retry) is dropped by the
+    transport: one handled event per key, under the id the caller gave."""
+    app = make_app(transport_factory, None)
+    handled: Counter[str] = Counter()
+    done = Countdown(10)
+
+    @app.on(Placed)
+    async def take(ev: Placed, ctx: surge.Context) -> None:
+        handled[ctx.id] += 1
+        done.tick()
+
+    ids = [surge.id_for(f"conformance:{i}") for i in range(10)]
+    async with app:
+        for i, event_id in enumerate(ids):
+            assert await app.publish(Placed(n=i), id=event_id) == event_id
+        for i, event_id in enumerate(ids):
+            assert await app.publish(Placed(n=i), id=event_id) == event_id
+            assert app.publish_nowait(Placed(n=i), id=event_id) == event_id
+        await settle(app, done)
+    assert handled == dict.fromkeys(ids, 1)

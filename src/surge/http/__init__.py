@@ -22,6 +22,12 @@ app under a path prefix), :meth:`Ingress.add_collector` (more families at
 subscriptions' metrics and tracing spans that way, so this package never
 imports surge.observe.
 
+``app.http.cloudevents(path, *types)`` takes CloudEvents 1.0 (binary and
+structured mode) and publishes each as the class its ``type`` names;
+:func:`to_cloudevent` writes a surge event as one. A POST with an
+``Idempotency-Key`` header publishes under an id derived from the key, so a
+client's retry makes one event (docs/http.md says where that holds).
+
 Who may call a route is an ``auth=`` hook's decision, per route or for
 every route (:meth:`Ingress.set_auth`); :func:`api_keys` and
 :func:`jwt_bearer` are ready ones, and the principal they return travels
@@ -45,6 +51,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from ._auth import PRINCIPAL_HEADER, Auth, api_keys, jwt_bearer
+from ._cloudevents import CloudEventsRoute, to_cloudevent
 from ._config import Limits
 from ._ingress import (
     ADMIN_LISTENER,
@@ -65,6 +72,7 @@ __all__ = (
     "PRINCIPAL_HEADER",
     "ASGIApp",
     "Auth",
+    "CloudEventsRoute",
     "HttpStats",
     "Ingress",
     "Limits",
@@ -80,4 +88,5 @@ __all__ = (
     "jwt_bearer",
     "run",
     "serve",
+    "to_cloudevent",
 )

@@ -13,7 +13,7 @@ import inspect
 import ipaddress
 import logging
 import re
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -22,6 +22,7 @@ from .._errors import (
     Closed,
     ConfigurationError,
     Forbidden,
+    InvalidCloudEvent,
     MessageTooLarge,
     RequestTimeout,
     TransportError,
@@ -29,7 +30,9 @@ from .._errors import (
 )
 from .._event import Event
 from ._auth import PRINCIPAL_HEADER, Auth
+from ._cloudevents import CloudEventsReader, CloudEventsRoute, cloudevent_types
 from ._config import Limits
+from ._idempotency import Answers, idempotent_id
 from ._metrics import Metrics, RouteStats
 
 if TYPE_CHECKING:
@@ -109,19 +112,32 @@ class _Reject(Exception):
         self.close = close
 
 
+_Reader = Callable[
+    [list[tuple[bytes, bytes]], bytes, dict[str, str] | None], tuple[Event, dict[str, str], str]
+]
+"""Reads a request of a route that is not plain JSON (CloudEvents): the
+event, its headers and its id."""
+
+
 class _Bound:
     """A route with what its hot path needs at hand."""
 
-    __slots__ = ("auth", "decoder", "reply", "route", "stats", "timeout", "topic")
+    __slots__ = ("auth", "decoder", "key", "reader", "reply", "route", "stats", "timeout")
 
-    def __init__(self, route: Route, stats: RouteStats) -> None:
+    def __init__(
+        self, route: Route | CloudEventsRoute, stats: RouteStats, reader: _Reader | None = None
+    ) -> None:
         self.route = route
         self.auth = route.auth
         self.stats = stats
-        self.decoder = msgspec.json.Decoder(route.publish)
-        self.reply = route.reply
-        self.timeout = route.timeout
-        self.topic = route.publish.__topic__
+        self.reader = reader
+        self.key = f"{route.method} {route.path}"
+        if isinstance(route, Route):
+            self.decoder = msgspec.json.Decoder(route.publish)
+            self.reply = route.reply
+            self.timeout = route.timeout
+        else:
+            self.reply = None
 
 
 class Ingress:
@@ -147,6 +163,9 @@ class Ingress:
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
         self.configure(limits or Limits())
         self._now = app.clock.monotonic
+        self.answers = Answers(self._now)
+        """Reply routes' answers kept for retries under one Idempotency-Key
+        (``ttl`` and ``size`` can be set)."""
         for path in RESERVED:
             self._paths[path] = ["GET"]
         app.on_stop(self._on_app_stop)
@@ -216,6 +235,33 @@ class Ingress:
         )
         self._routes[(method, path)] = _Bound(route, self._stats_for(method, path))
         self._paths.setdefault(path, []).append(method)
+        return route
+
+    def cloudevents(
+        self,
+        path: str,
+        *types: type[Event] | Mapping[str, type[Event]],
+        auth: Auth | None = None,
+    ) -> CloudEventsRoute:
+        """``POST path`` takes CloudEvents 1.0 in binary mode (``ce-*``
+        headers) and structured mode (``application/cloudevents+json``) and
+        publishes each as the event class its ``type`` names: a class stands
+        for its topic (``OrderPlaced`` takes type ``"OrderPlaced"``, or its
+        ``__topic__``); a mapping names other types (``{"com.example.placed":
+        OrderPlaced}``). Answers 202 ``{"id": ...}``; the event id is derived
+        from ``source`` and ``id``, so a repeat is dropped; the attributes go
+        with the event as ``ce-*`` headers. See docs/http.md."""
+        if not path.startswith("/") or path in RESERVED:
+            raise ConfigurationError(f"route path {path!r} must start with '/', not be reserved")
+        if ("POST", path) in self._routes:
+            raise ConfigurationError(f"POST {path} is declared twice")
+        if auth is not None and not callable(auth):
+            raise ConfigurationError(f"auth= takes a callable, not {auth!r}")
+        table = cloudevent_types(types)
+        route = CloudEventsRoute(path=path, types=table, auth=auth)
+        bound = _Bound(route, self._stats_for("POST", path), CloudEventsReader(table))
+        self._routes[("POST", path)] = bound
+        self._paths.setdefault(path, []).append("POST")
         return route
 
     # --- extensions: surge.observe adds its routes, metrics and spans here ----
@@ -296,7 +342,13 @@ class Ingress:
 
     @property
     def routes(self) -> list[Route]:
-        return [b.route for b in self._routes.values()]
+        """The JSON routes (``post``, ``put``, ``route``)."""
+        return [b.route for b in self._routes.values() if isinstance(b.route, Route)]
+
+    @property
+    def cloudevent_routes(self) -> list[CloudEventsRoute]:
+        """The CloudEvents routes (:meth:`cloudevents`)."""
+        return [b.route for b in self._routes.values() if isinstance(b.route, CloudEventsRoute)]
 
     def statistics(self) -> HttpStats:
         """Requests answered per route and status, and requests in flight."""
@@ -410,8 +462,14 @@ class Ingress:
             if auth is not None:
                 headers = {PRINCIPAL_HEADER: await _authenticate(auth, scope)}
             body = await self._read(scope, receive)
+            reader = bound.reader
+            given: str | None
             try:
-                event = bound.decoder.decode(body)
+                if reader is None:
+                    event = bound.decoder.decode(body)
+                    given = self._idempotent_id(bound, scope, headers)
+                else:
+                    event, headers, given = reader(scope["headers"], body, headers)
             except msgspec.ValidationError as exc:
                 message = str(exc)
                 raise _Reject(422, message, field=_field_of(message)) from None
@@ -421,19 +479,30 @@ class Ingress:
                 # msgspec gives up on nesting past its depth limit at once
                 # (a JSON bomb costs well under a millisecond); say so.
                 raise _Reject(400, "the body is nested too deeply") from None
+            except InvalidCloudEvent as exc:
+                status = 415 if exc.code == "unsupported-format" else 400
+                if exc.attribute is None:
+                    raise _Reject(status, str(exc), code=exc.code) from None
+                raise _Reject(status, str(exc), code=exc.code, attribute=exc.attribute) from None
             if bound.reply is None:
-                event_id = await self.app.publish(event, headers=headers)
+                event_id = await self.app.publish(event, headers=headers, id=given)
                 await _answer(send, 202, b'{"id":"%s"}' % event_id.encode(), (_JSON,))
                 return 202
+            if given is not None and (kept := self.answers.get(given)) is not None:
+                await _answer(send, 200, kept, (_JSON,))
+                return 200
             try:
                 reply = await self.app.request(
-                    event, expect=bound.reply, timeout=bound.timeout, headers=headers
+                    event, expect=bound.reply, timeout=bound.timeout, headers=headers, id=given
                 )
             except RequestTimeout:
                 raise _Reject(
                     504, f"no {bound.reply.__topic__} reply within {bound.timeout}s"
                 ) from None
-            await _answer(send, 200, msgspec.json.encode(reply), (_JSON,))
+            encoded = msgspec.json.encode(reply)
+            if given is not None:
+                self.answers.put(given, encoded)
+            await _answer(send, 200, encoded, (_JSON,))
             return 200
         except _Reject as rej:
             answer = (_JSON, _CLOSE) if rej.close else (_JSON,)
@@ -461,6 +530,16 @@ class Ingress:
             log.exception("%s %s failed", scope["method"], scope["path"])
             await _answer(send, 500, b'{"error":"internal error"}', (_JSON, _CLOSE))
             return 500
+
+    @staticmethod
+    def _idempotent_id(bound: _Bound, scope: Scope, headers: dict[str, str] | None) -> str | None:
+        """The event id an ``Idempotency-Key`` header asks for (see
+        ``_idempotency``), or None."""
+        try:
+            principal = headers[PRINCIPAL_HEADER] if headers else ""
+            return idempotent_id(scope["headers"], bound.key, principal)
+        except ValueError as exc:
+            raise _Reject(400, str(exc), header="Idempotency-Key") from None
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._max_body
