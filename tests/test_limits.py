@@ -1,4 +1,7 @@
-"""Envelope size limits on every transport that carries bytes, at publish and at consume."""
+"""Envelope size limits at consume on every transport that carries bytes, and at the ingress.
+
+At publish, on every transport: tests/conformance (test_oversized_envelope_is_refused_at_publish,
+test_oversized_event_is_refused_at_publish)."""
 
 from __future__ import annotations
 
@@ -60,19 +63,6 @@ def make_app(url: str, limit: int) -> tuple[surge.App, list[int]]:
     return app, seen
 
 
-async def test_oversized_envelope_is_refused_at_publish(url: str) -> None:
-    """Publishing an event over the codec's max_message_size raises MessageTooLarge and
-    leaves nothing behind; the next event goes through."""
-    app, seen = make_app(url, LIMIT)
-    async with app:
-        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
-            await app.publish(Note(text="x" * LIMIT))
-        await app.publish(Note(text="fits"))
-        await app.drain()
-        assert await app.dead_letters() == []
-    assert seen == [4]
-
-
 async def test_oversized_envelope_is_dead_lettered_at_consume(
     url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -94,6 +84,28 @@ async def test_oversized_envelope_is_dead_lettered_at_consume(
     assert letter.attempts == 1
     assert letter.error_type == "DecodeError"
     assert "the limit is 4096" in letter.error
+
+
+class Ask(surge.Event):
+    __topic__ = "limits.ask"
+    n: int
+
+
+async def test_oversized_reply_fails_its_request(tmp_path: Path) -> None:
+    """A reply over the requester's limit (from a responder with a larger one) fails the
+    request with DecodeError and the reason, before it is decoded."""
+    url = f"sqlite:///{tmp_path / 'reply.db'}"
+    small = surge.MsgpackCodec(max_message_size=LIMIT)
+    requester = surge.App("front", transport=open_transport(url, codec=small), codec=small)
+    responder = surge.App("back", transport=url)
+
+    @responder.on(Ask)
+    async def answer(event: Ask) -> Note:
+        return Note(text="z" * (2 * LIMIT))
+
+    async with requester, responder:
+        with pytest.raises(surge.DecodeError, match="the limit is 4096"):
+            await requester.request(Ask(n=1), expect=Note, timeout=30)
 
 
 class Blob(surge.Event):

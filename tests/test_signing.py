@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 
@@ -11,8 +12,11 @@ from redis.asyncio import Redis
 
 import surge
 from surge import SIGNATURE_HEADER, Envelope, Signer, new_id
+from surge.observe import mount, snapshot
+from surge.transports import open_transport
 
 from ._servers import shared_redis_url
+from .test_metrics import asgi_get, metric
 
 pytestmark = pytest.mark.realtime
 
@@ -150,6 +154,69 @@ async def test_signed_in_process_and_through_request_reply() -> None:
         await app.drain()
     assert reply == Answered(n=2)
     assert headers[0].startswith("k:")
+
+
+class Asked(surge.Event):
+    __topic__ = "signing.asked"
+    n: int
+
+
+class Answered(surge.Event):
+    __topic__ = "signing.answered"
+    n: int
+
+
+async def test_forged_reply_is_counted_and_logged_and_the_request_waits_for_the_genuine_one(
+    tmp_path: Path,
+) -> None:
+    """A reply written into the broker that fails verification (unsigned, with the
+    request's correlation id read off the broker) neither resolves nor fails the request:
+    it is counted in statistics() and /metrics and logged with the reason, and the genuine
+    reply still resolves the request."""
+    url = f"sqlite:///{tmp_path / 'reply.db'}"
+    requester = surge.App("front", transport=url, signing_keys={"k1": OLD})
+    mount(requester.http)
+    responder = surge.App("back", transport=url, signing_keys={"k1": OLD})
+    mallory = open_transport(url, codec=requester.codec)
+    rejected = asyncio.Event()
+
+    class Seen(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("reply rejected"):
+                rejected.set()
+
+    @responder.on(Asked)
+    async def answer(event: Asked, ctx: surge.Context) -> Answered:
+        forged = Envelope(
+            new_id(),
+            ctx.headers["surge-reply-to"],
+            None,
+            0.0,
+            {k: v for k, v in ctx.headers.items() if k != SIGNATURE_HEADER},
+            None,
+            requester.codec.encode_event(Answered(n=-1)),
+        )
+        await mallory.publish([forged])
+        await rejected.wait()  # the forged reply reached the requester first
+        return Answered(n=event.n + 1)
+
+    seen = Seen()
+    logger = logging.getLogger("surge")
+    logger.addHandler(seen)
+    logger.setLevel(logging.WARNING)
+    await mallory.start()
+    try:
+        async with requester, responder:
+            reply = await requester.request(Asked(n=1), expect=Answered, timeout=30)
+            stats = requester.statistics()
+            _, body = await asgi_get(requester, "/metrics")
+    finally:
+        logger.removeHandler(seen)
+        await mallory.close()
+    assert reply == Answered(n=2)
+    assert stats.rejected_replies == 1
+    assert metric(body.decode(), "surge_rejected_replies_total", app="front") == 1
+    assert snapshot(requester).rejected_replies == 1
 
 
 def test_signing_configuration_errors() -> None:

@@ -194,6 +194,8 @@ class App:
         self._threadpool: ThreadPoolExecutor | None = None
         self._procpool: ProcessPoolExecutor | None = None
         self._pending: dict[str, tuple[asyncio.Future[Any], type[Event]]] = {}
+        # replies refused for their signature (see _resolve)
+        self._rejected_replies = 0
         self._inbox = f"_surge.reply.{name}.{new_id()[-12:]}"
         self._inbox_task: asyncio.Task[None] | None = None
         self._state: Literal["new", "running", "stopping", "stopped"] = "new"
@@ -223,13 +225,12 @@ class App:
         if self._transport is None:
             spec = self._transport_spec
             assert isinstance(spec, str)
-            # Transports that encode envelopes must use the app's codec, or
-            # the app would decode what they wrote in another format.
-            options: dict[str, Any] = {} if spec.startswith("memory:") else {"codec": self.codec}
+            # Transports encode (and measure) with the app's codec, or the
+            # app would decode what they wrote in another format.
             # Transports are a layer above the core: opened by URL, on use.
             from .transports import open_transport
 
-            self._transport = open_transport(spec, clock=self.clock, **options)
+            self._transport = open_transport(spec, clock=self.clock, codec=self.codec)
         return self._transport
 
     def use_transport(self, transport: str | Transport) -> None:
@@ -889,6 +890,19 @@ class App:
         return len(self._pending)
 
     def _resolve(self, env: Envelope) -> None:
+        ev = env.event
+        if ev is None and self._signer is not None:
+            try:
+                self._signer.verify(env)
+            except InvalidSignature as exc:
+                # Counted and logged, not dead-lettered: the inbox is this
+                # process's ephemeral queue, gone with it, and a reply has
+                # nothing to replay into. Nor does it fail the request: a
+                # forger who read the correlation id off the broker could
+                # then cancel it; the genuine reply still resolves it.
+                self._rejected_replies += 1
+                log.warning("reply rejected (%d so far): %s", self._rejected_replies, exc)
+                return
         corr = (env.headers or {}).get("surge-correlation-id")
         entry = self._pending.get(corr or "")
         if entry is None:
@@ -896,16 +910,16 @@ class App:
         fut, expect = entry
         if fut.done():
             return
-        ev = env.event
         if ev is None:
+            body = env.body or b""
             try:
-                if self._signer is not None:
-                    self._signer.verify(env)
-            except InvalidSignature as exc:
-                log.warning("reply ignored: %s", exc)
-                return
-            try:
-                ev = self.codec.decode_event(env.body or b"", expect, topic=env.topic)
+                if len(body) > self.codec.max_message_size:
+                    raise DecodeError(
+                        f"{env.topic}: reply {env.id} carries {len(body)} bytes; "
+                        f"the limit is {self.codec.max_message_size}",
+                        topic=env.topic,
+                    )
+                ev = self.codec.decode_event(body, expect, topic=env.topic)
             except Exception as exc:
                 fut.set_exception(exc)
                 return
@@ -1202,6 +1216,7 @@ class App:
         return AppStats(
             subscriptions=subs,
             pending_requests=len(self._pending),
+            rejected_replies=self._rejected_replies,
             loop_lag=self._lag.last,
             loop_lag_max=self._lag.max,
         )

@@ -27,6 +27,9 @@ class SubscriptionStats(msgspec.Struct, frozen=True, kw_only=True):
 class AppStats(msgspec.Struct, frozen=True, kw_only=True):
     subscriptions: dict[str, SubscriptionStats]
     pending_requests: int = 0
+    rejected_replies: int = 0
+    """Replies to this app's requests refused for a missing, unknown or
+    wrong signature (logged; the request waits on for the genuine one)."""
     loop_lag: float = 0.0
     """How late the event loop ran at the last look (seconds; see ``surge._lag``)."""
     loop_lag_max: float = 0.0

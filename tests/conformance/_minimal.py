@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
 
 import surge
 
@@ -38,10 +37,15 @@ class MinimalTransport:
     durable = False
 
     def __init__(
-        self, url: str = "minimal://", *, clock: surge.Clock | None = None, codec: Any = None
+        self,
+        url: str = "minimal://",
+        *,
+        clock: surge.Clock | None = None,
+        codec: surge.Codec | None = None,
     ) -> None:
         self.url = url
         self.clock: surge.Clock = clock or surge.RealClock()
+        self.codec = codec or surge.MsgpackCodec()
         self._groups: dict[str, _Group] = {}
         self._seen: set[str] = set()  # derived ids, for dedup
         self._seen_order: deque[str] = deque()
@@ -67,6 +71,8 @@ class MinimalTransport:
     def _accept(self, envelopes: Sequence[surge.Envelope]) -> None:
         if self._closed:
             raise surge.Closed("the transport is closed")
+        for env in envelopes:  # all or nothing: sizes first
+            self.codec.check_size(env)
         for env in envelopes:
             if surge.is_derived(env.id):
                 if env.id in self._seen:

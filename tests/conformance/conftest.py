@@ -217,8 +217,9 @@ class Factory:
             await t.close()
 
     def app(self, name: str = "conf", **options: Any) -> surge.App:
-        """An App on a new transport of this store."""
-        return surge.App(name, transport=self.open(), clock=self.clock, **options)
+        """An App on a new transport of this store (with the app's ``codec``, if given)."""
+        codec = {"codec": options["codec"]} if "codec" in options else {}
+        return surge.App(name, transport=self.open(**codec), clock=self.clock, **options)
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -302,6 +302,47 @@ async def test_request_reply(transport_factory: Factory, hooks: Hooks | None) ->
     assert reply == Shipped(n=42)
 
 
+class Note(surge.Event):
+    __topic__ = "conf.note"
+    text: str
+
+
+async def test_oversized_event_is_refused_at_publish(transport_factory: Factory) -> None:
+    """An event over the codec's limit raises MessageTooLarge from publish, publish_nowait
+    and request, and fails the attempt of a handler that returns one (dead-lettered with
+    the reason); nothing oversized is handled."""
+    codec = surge.MsgpackCodec(max_message_size=4096)
+    app = make_app(transport_factory, None, codec=codec)
+    notes: list[int] = []
+    done = Countdown(2)
+
+    @app.on(Item, retry=surge.Retry(attempts=1))
+    async def expand(ev: Item) -> Note:
+        done.tick()
+        return Note(text="x" * ev.n)
+
+    @app.on(Note)
+    async def read(ev: Note) -> None:
+        notes.append(len(ev.text))
+        done.tick()
+
+    async with app:
+        big = Note(text="x" * 4096)
+        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
+            await app.publish(big)
+        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
+            app.publish_nowait(big)
+        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
+            await app.request(big, expect=Note, timeout=5)
+        await app.publish(Item(n=8192))
+        await app.publish(Note(text="fits"))
+        await settle(app, done)
+        [letter] = await app.dead_letters()
+    assert notes == [4]
+    assert letter.error_type == "MessageTooLarge"
+    assert "the limit is 4096" in letter.error
+
+
 async def test_redelivered_handler_outputs_once(
     transport_factory: Factory, hooks: Hooks | None
 ) -> None:

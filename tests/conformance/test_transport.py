@@ -255,6 +255,25 @@ async def test_unsettled_delivery_returns_when_consumer_is_gone(
         await r1.aclose()
 
 
+async def test_oversized_envelope_is_refused_at_publish(transport_factory: Factory) -> None:
+    """A batch holding an envelope over the codec's max_message_size raises MessageTooLarge
+    from publish and publish_nowait and none of it is stored; the next batch goes through."""
+    codec = surge.MsgpackCodec(max_message_size=4096)
+    async with transport_factory.started(codec=codec) as t:
+        await t.declare("g", ["conf.item"])
+        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
+            await t.publish([env(1), env(2, pad=8192)])
+        with pytest.raises(surge.MessageTooLarge, match="the limit is 4096"):
+            t.publish_nowait([env(3), env(4, pad=8192)])
+        await t.publish([env(5), env(6, pad=1024)])
+        r = Reader(t, "g")
+        got = await r.take(2)
+        assert sorted(number(d) for d in got) == [5, 6]
+        await t.ack(got)
+        assert await r.quiet(0.5)
+        await r.aclose()
+
+
 async def test_closed_transport_refuses_publish(transport_factory: Factory) -> None:
     """Publishing on a closed transport raises Closed."""
     t = transport_factory.open()

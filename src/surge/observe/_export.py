@@ -118,6 +118,13 @@ def families(app: App) -> Iterator[Any]:
     )
     pending.add_metric((app_name,), snap.pending_requests)
     yield pending
+    rejected = CounterMetricFamily(
+        "surge_rejected_replies",
+        "Replies to the app's requests refused for their signature",
+        labels=("app",),
+    )
+    rejected.add_metric((app_name,), snap.rejected_replies)
+    yield rejected
     lag = GaugeMetricFamily(
         "surge_loop_lag_max_seconds",
         "The longest an event loop of the app was held by code that did not await",
@@ -160,6 +167,7 @@ class StatsView(msgspec.Struct, frozen=True, kw_only=True):
     time: float
     processes: int
     pending_requests: int
+    rejected_replies: int
     subscriptions: dict[str, SubscriptionView]
 
 
@@ -227,5 +235,6 @@ class StatsHistory:
             time=snap.time,
             processes=snap.processes,
             pending_requests=snap.pending_requests,
+            rejected_replies=snap.rejected_replies,
             subscriptions=subs,
         )

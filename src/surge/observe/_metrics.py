@@ -200,6 +200,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     time: float = 0.0
     subscriptions: dict[str, SubscriptionSnapshot]
     pending_requests: int = 0
+    rejected_replies: int = 0
     processes: int = 1
     loop_lag_max: float = 0.0
     """The longest any of the processes' event loops was held (seconds)."""
@@ -208,6 +209,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
         return AppStats(
             subscriptions={n: s.stats for n, s in self.subscriptions.items()},
             pending_requests=self.pending_requests,
+            rejected_replies=self.rejected_replies,
             loop_lag_max=self.loop_lag_max,
         )
 
@@ -237,6 +239,7 @@ def snapshot(app: App) -> Snapshot:
         time=app.clock.time(),
         subscriptions=subs,
         pending_requests=stats.pending_requests,
+        rejected_replies=stats.rejected_replies,
         loop_lag_max=stats.loop_lag_max,
     )
 
@@ -268,9 +271,10 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
     if not items:
         return None
     subs: dict[str, dict[str, Any]] = {}
-    pending = 0
+    pending = rejected = 0
     lag = 0.0
     for snap in items:
+        rejected += snap.rejected_replies
         live = _alive(snap.pid)
         if live:
             pending += snap.pending_requests
@@ -303,6 +307,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
             for name, acc in sorted(subs.items())
         },
         pending_requests=pending,
+        rejected_replies=rejected,
         processes=len(items),
         loop_lag_max=lag,
     )

@@ -4,6 +4,12 @@ Envelopes pass as objects, never encoded. Each group has a bounded queue;
 publishers wait while a queue is full. Delivery is at-least-once within the
 process; nothing survives the process.
 
+Size: an event whose encoding (by the app's codec) is over the codec's
+``max_message_size`` raises ``MessageTooLarge`` at publish, as on every
+transport that carries bytes, so an app tested here meets the same limit
+where it is deployed. That costs one encode per event (measured in
+BENCHMARKS.md, "Envelope size on memory://").
+
 Capabilities: ``DirectPut`` (``put_one``, the in-process hot path),
 ``HandsBack`` (``release``), ``IdleAware`` (``idle``, ``wait_idle``) and
 ``StateStore`` (a dict that lives as long as the transport).
@@ -16,6 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 from .._clock import Clock, RealClock
+from .._codec import Codec, MsgpackCodec
 from .._errors import Closed, ConfigurationError, Overloaded
 from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
@@ -73,7 +80,8 @@ class MemoryTransport:
 
     ``capacity`` bounds each group's queue of undelivered envelopes;
     ``dedup_window`` is how many recent event ids are remembered to drop
-    duplicates (between half of it and all of it, at any moment).
+    duplicates (between half of it and all of it, at any moment);
+    ``codec`` (the app's) measures events against its ``max_message_size``.
     """
 
     durable = False
@@ -85,12 +93,17 @@ class MemoryTransport:
         capacity: int = 10_000,
         dedup_window: int = 100_000,
         clock: Clock | None = None,
+        codec: Codec | None = None,
     ) -> None:
         if capacity < 1:
             raise ConfigurationError("capacity must be at least 1")
         self.url = url
         self.capacity = capacity
         self.clock: Clock = clock or RealClock()
+        self.codec: Codec = codec or MsgpackCodec()
+        self._check_size = self.codec.check_size
+        self._encode_event = self.codec.encode_event
+        self._limit = self.codec.max_message_size
         self._groups: dict[str, _Group] = {}
         self._routes: dict[str, tuple[_Group, ...]] = {}
         self._window = max(2, dedup_window // 2)
@@ -135,6 +148,9 @@ class MemoryTransport:
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if self._closed:
             raise Closed("transport is closed")
+        check_size = self._check_size
+        for env in envelopes:
+            check_size(env)
         routes = self._routes
         for env in envelopes:
             if env.id[12] == "8" and not self._fresh(env.id):
@@ -164,6 +180,17 @@ class MemoryTransport:
             groups = self._route(env.topic)
         if self._closed:
             raise Closed("transport is closed")
+        # codec.check_size, inlined: this is the hot path of App.publish.
+        event = env.event
+        if event is None:
+            self._check_size(env)
+        else:
+            try:
+                size = len(self._encode_event(event))
+            except (TypeError, OverflowError):
+                size = 0  # an event that cannot be encoded never leaves the process
+            if size > self._limit:
+                self._check_size(env)  # raises, naming the event
         if len(groups) == 1 and env.not_before is None:
             g = groups[0]
             q = g.queue
@@ -188,9 +215,11 @@ class MemoryTransport:
         if self._closed:
             raise Closed("transport is closed")
         routes = self._routes
-        # All or nothing: check room for the whole batch before taking any.
+        # All or nothing: check sizes and room for the whole batch before taking any.
         need: dict[_Group, int] = {}
+        check_size = self._check_size
         for env in envelopes:
+            check_size(env)
             for g in self._route(env.topic):
                 need[g] = need.get(g, 0) + 1
         for g, n in need.items():
