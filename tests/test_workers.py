@@ -186,7 +186,7 @@ async def _get(port: int, path: str) -> bytes:
 
 async def test_workers_serve_http_on_one_port(tmp_path: Path) -> None:
     """With http=(host, port) every worker listens on the same port (SO_REUSEPORT), and
-    with admin=(host, port) on an admin port that alone serves /metrics."""
+    with admin=(host, port) on an admin port that alone serves /metrics and /_surge/*."""
     port, admin = free_port(), free_port()
     sup = Supervisor(
         APP_REF,
@@ -201,8 +201,9 @@ async def test_workers_serve_http_on_one_port(tmp_path: Path) -> None:
         await sup.wait_ready()  # ready means listening, for an HTTP worker
         statuses = [await _get(port, "/healthz") for _ in range(8)]
         assert statuses == [b"HTTP/1.1 200 OK\r\n"] * 8
-        assert await _get(port, "/metrics") == b"HTTP/1.1 404 Not Found\r\n"
-        assert await _get(admin, "/metrics") == b"HTTP/1.1 200 OK\r\n"
+        for path in ("/metrics", "/_surge/dlq", "/_surge/stats"):
+            assert await _get(port, path) == b"HTTP/1.1 404 Not Found\r\n", path
+            assert await _get(admin, path) == b"HTTP/1.1 200 OK\r\n", path
         assert len(sup.ready_pids) == 2
     finally:
         sup.request_stop()

@@ -293,7 +293,7 @@ class Server:
         scheme = "https" if self._tls[0] else "http"
         host = self.host or "127.0.0.1"
         if host in ("0.0.0.0", "::"):  # noqa: S104 - compared, not bound
-            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104
+            host = "127.0.0.1" if host == "0.0.0.0" else "::1"  # noqa: S104 - same
         return (
             f"{scheme}://[{host}]:{self.port}" if ":" in host else f"{scheme}://{host}:{self.port}"
         )
