@@ -54,6 +54,7 @@ def other_app() -> surge.App:
         return []
 
     app.http.post("/pay", publish=shop.OrderShipped, reply=Paid)
+    app.http.cloudevents("/events", Paid, {"com.example.refund.v1": Refund})
     return app
 
 
@@ -101,6 +102,12 @@ def test_patterns_replies_and_servers() -> None:
     assert pay["reply"]["messages"] == [{"$ref": "#/channels/http_POST__pay/messages/Paid"}]
     assert doc["components"]["messages"]["Paid"]["summary"] == "An order was paid."
     assert doc["operations"]["billing.audit.publish.Refund"]["action"] == "send"
+    events = doc["operations"]["http.POST._events"]
+    assert events["messages"] == [
+        {"$ref": "#/channels/http_POST__events/messages/Paid"},
+        {"$ref": "#/channels/http_POST__events/messages/Refund"},
+    ]
+    assert "com.example.refund.v1 -> Refund" in doc["channels"]["http_POST__events"]["description"]
 
 
 def test_returned_types_reads_unions_optionals_and_sequences() -> None:

@@ -7,7 +7,8 @@
   (read from the handler's return annotation: an event type, a union of them,
   a sequence of them, or ``None``);
 - an HTTP channel and a receive operation per ingress route (with the reply,
-  when the route waits for one), on a server of protocol ``http``;
+  when the route waits for one), on a server of protocol ``http``; a
+  CloudEvents route's channel carries a message per event class it takes;
 - a **server** from the transport URL (credentials left out).
 
 Message payloads are msgspec's JSON Schema of the event types, shared in
@@ -98,11 +99,16 @@ def document(app: App, *, title: str | None = None, version: str = "1.0.0") -> d
             send.append((f"{sub.name}.publish.{tp.__topic__}", tp.__topic__))
     try:
         routes = app.http.routes
+        ce_routes = app.http.cloudevent_routes
     except ImportError:  # no http extra: no ingress, no routes
-        routes = []
+        routes, ce_routes = [], []
     for route in routes:
         for declared in (route.publish, route.reply):
             if declared is not None and topics.get(declared.__topic__) is None:
+                topics[declared.__topic__] = declared
+    for ce_route in ce_routes:
+        for declared in ce_route.types.values():
+            if topics.get(declared.__topic__) is None:
                 topics[declared.__topic__] = declared
 
     event_types = sorted({tp for tp in topics.values() if tp is not None}, key=_type_key)
@@ -174,6 +180,31 @@ def document(app: App, *, title: str | None = None, version: str = "1.0.0") -> d
             operation["summary"] += f", answers {route.reply.__topic__}"
         channels[key] = channel
         operations[_id(f"http.{route.method}.{route.path}")] = operation
+    for ce_route in ce_routes:
+        servers.setdefault(
+            _HTTP_SERVER,
+            {"host": "localhost:8000", "protocol": "http", "description": "the HTTP ingress"},
+        )
+        key = _id(f"http {ce_route.method} {ce_route.path}")
+        names = sorted({message_of[tp] for tp in ce_route.types.values()})
+        mapping = ", ".join(f"{kind} -> {tp.__topic__}" for kind, tp in ce_route.types.items())
+        channels[key] = {
+            "address": ce_route.path,
+            "servers": [{"$ref": f"#/servers/{_HTTP_SERVER}"}],
+            "description": (
+                "CloudEvents 1.0 in binary mode (ce-* headers) or structured mode "
+                "(application/cloudevents+json); the payload is the event's data. "
+                f"CloudEvents type -> topic: {mapping}."
+            ),
+            "messages": {name: {"$ref": f"#/components/messages/{name}"} for name in names},
+        }
+        operations[_id(f"http.{ce_route.method}.{ce_route.path}")] = {
+            "action": "receive",
+            "channel": {"$ref": f"#/channels/{key}"},
+            "summary": f"{ce_route.method} {ce_route.path}: CloudEvents, published by type",
+            "bindings": {"http": {"method": ce_route.method}},
+            "messages": [{"$ref": f"#/channels/{key}/messages/{name}"} for name in names],
+        }
 
     return {
         "asyncapi": ASYNCAPI_VERSION,
