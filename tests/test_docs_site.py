@@ -47,3 +47,33 @@ def test_a_broken_anchor_fails_the_build(tmp_path: Path) -> None:
     run = _build(config, tmp_path / "site")
     assert run.returncode != 0
     assert "no-such-heading" in run.stderr
+
+
+def test_the_home_page_example_runs() -> None:
+    """docs/index.md's app, as written, charges an order and ships it."""
+    import asyncio
+    import contextlib
+    import io
+    import re
+
+    import surge
+
+    text = (ROOT / "docs" / "index.md").read_text()
+    block = re.search(r"```python\n(.*?)```", text, re.S)
+    assert block is not None
+    namespace: dict[str, object] = {"__name__": "docs_index"}
+    exec(compile(block.group(1), "docs/index.md", "exec"), namespace)
+    app = namespace["app"]
+    placed = namespace["OrderPlaced"]
+    assert isinstance(app, surge.App)
+    assert isinstance(placed, type)
+
+    async def main() -> None:
+        async with app:
+            await app.publish(placed(order_id="o-1", amount=9.5))
+            await app.drain()
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        asyncio.run(main())
+    assert out.getvalue() == "shipping o-1\n"
