@@ -188,6 +188,7 @@ async def surge_latency(base: str, tmp: Path, rnd: int) -> dict[str, float]:
     proc = spawn_worker(url, total + 1, "latency", out)
     await asyncio.to_thread(_wait_ready, proc)
     producer = surge.App("bench-producer", transport=url)
+    commits: list[int] = []  # how long each publish waited for its commit
     async with producer:
         await producer.publish(Tick(sent_ns=time.time_ns()))  # warm-up
         t0 = time.perf_counter()
@@ -195,12 +196,17 @@ async def surge_latency(base: str, tmp: Path, rnd: int) -> dict[str, float]:
             delay = t0 + i / RATE - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await producer.publish(Tick(sent_ns=time.time_ns()))
+            sent = time.time_ns()
+            await producer.publish(Tick(sent_ns=sent))
+            commits.append(time.time_ns() - sent)
     await asyncio.to_thread(proc.wait)
     lat = sorted(json.loads(out.read_text())["latencies_ns"][1:])
+    commits.sort()
     return {
         "surge_latency_p50_us": lat[len(lat) // 2] / 1000,
         "surge_latency_p99_us": lat[int(len(lat) * 0.99)] / 1000,
+        "surge_publish_commit_p50_us": commits[len(commits) // 2] / 1000,
+        "surge_publish_commit_p99_us": commits[int(len(commits) * 0.99)] / 1000,
     }
 
 
@@ -261,12 +267,10 @@ async def raw(dsn: str, n: int) -> dict[str, float]:
         await conn.execute("DROP TABLE raw_jobs")
     finally:
         await conn.close()
-    notify = await raw_notify(dsn)
     return {
         "raw_insert_batch100_per_s": n / produce,
         "raw_skip_locked_drain_per_s": n / drain,
         "raw_skip_locked_delete_returning_per_s": n / drain_one,
-        **notify,
     }
 
 
@@ -300,6 +304,75 @@ async def raw_notify(dsn: str) -> dict[str, float]:
     }
 
 
+async def raw_queue_latency(dsn: str) -> dict[str, float]:
+    """The least a durable queue's publish-to-handle can cost: at 500/s, an
+    INSERT and a pg_notify in one statement (one durable commit); the
+    LISTENing connection's callback wakes a consumer that claims the row
+    with ``FOR UPDATE SKIP LOCKED`` on a connection of its own (as a worker
+    sharing the queue must), records the latency, then deletes it (ack)."""
+    setup = await asyncpg.connect(dsn)
+    await setup.execute(_JOBS)
+    await setup.close()
+    sender = await asyncpg.connect(dsn)
+    listener = await asyncpg.connect(dsn)
+    fast = {"synchronous_commit": "off"}
+    worker = await asyncpg.connect(dsn, server_settings=fast)
+    acker = await asyncpg.connect(dsn, server_settings=fast)
+    acks: list[tuple[list[int], int]] = []
+    acked = asyncio.Event()
+    total = int(RATE * DURATION)
+    lat: list[float] = []
+    done = asyncio.Event()
+    wake = asyncio.Event()
+    await listener.add_listener("rawq", lambda *_: wake.set())
+
+    async def consume() -> None:
+        token = 0
+        while len(lat) < total:
+            await wake.wait()
+            wake.clear()
+            token += 1
+            now = time.time()
+            rows = await worker.fetch(_CLAIM, now + 30, token, now)
+            t = time.perf_counter()
+            lat.extend((t - float(r[1])) * 1e6 for r in rows)
+            if rows:
+                acks.append(([r[0] for r in rows], token))
+                acked.set()
+            if len(rows) == 100:
+                wake.set()  # a full batch may leave more
+        done.set()
+
+    async def ack() -> None:  # beside the consumer, on a connection of its own
+        while True:
+            await acked.wait()
+            acked.clear()
+            while acks:
+                ids, tok = acks.pop()
+                await acker.execute(_ACK, ids, tok)
+
+    consumer = asyncio.create_task(consume())
+    acking = asyncio.create_task(ack())
+    send = "WITH i AS (INSERT INTO raw_jobs (payload) VALUES ($1)) SELECT pg_notify('rawq', '')"
+    t0 = time.perf_counter()
+    for i in range(total):
+        delay = t0 + i / RATE - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await sender.execute(send, repr(time.perf_counter()).encode())
+    await asyncio.wait_for(done.wait(), 30)
+    await consumer
+    acking.cancel()
+    await asyncio.gather(acking, return_exceptions=True)
+    for conn in (sender, listener, worker, acker):
+        await conn.close()
+    lat.sort()
+    return {
+        "raw_queue_latency_p50_us": lat[len(lat) // 2],
+        "raw_queue_latency_p99_us": lat[int(len(lat) * 0.99)],
+    }
+
+
 async def peers(python: str, dsn: str, n: int) -> dict[str, float]:
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "benchmarks.postgres_peers", dsn, str(n),
@@ -312,7 +385,12 @@ async def peers(python: str, dsn: str, n: int) -> dict[str, float]:
     return figures
 
 
-async def run(n: int, rounds: int, fsync: bool, python: str | None) -> dict[str, Any]:
+SCENARIOS = ("raw", "drain", "keyed", "latency", "peers")
+
+
+async def run(
+    n: int, rounds: int, fsync: bool, python: str | None, only: tuple[str, ...] = SCENARIOS
+) -> dict[str, Any]:
     server = PostgresServer(Path(tempfile.mkdtemp(prefix="surge-pg-bench-")), fsync=fsync)
     server.init()
     server.start()
@@ -321,13 +399,20 @@ async def run(n: int, rounds: int, fsync: bool, python: str | None) -> dict[str,
     tmp = server.root
     try:
         for rnd in range(rounds):
-            row: dict[str, float] = {}
-            row.update(await raw(base, n))
-            row.update(await surge_throughput(base, n, tmp, rnd))
-            row.update(await surge_keyed(base, n, tmp, rnd))
-            row.update(await surge_latency(base, tmp, rnd))
-            if python is not None:
+            row: dict[str, float] = {"load_1min": os.getloadavg()[0]}
+            if "raw" in only:
+                row.update(await raw(base, n))
+            if "latency" in only:
+                row.update(await raw_notify(base))
+                row.update(await raw_queue_latency(base))
+                row.update(await surge_latency(base, tmp, rnd))
+            if "drain" in only:
+                row.update(await surge_throughput(base, n, tmp, rnd))
+            if "keyed" in only:
+                row.update(await surge_keyed(base, n, tmp, rnd))
+            if python is not None and "peers" in only:
                 row.update(await peers(python, base, n))
+            row["load_1min_after"] = os.getloadavg()[0]
             rows.append(row)
             print(f"round {rnd + 1}: " + json.dumps({k: round(v, 3) for k, v in row.items()}))
     finally:
@@ -336,13 +421,15 @@ async def run(n: int, rounds: int, fsync: bool, python: str | None) -> dict[str,
 
         shutil.rmtree(server.root, ignore_errors=True)
     medians = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
-    medians["surge_drain_vs_raw_skip_locked"] = (
-        medians["surge_drain_per_s"] / medians["raw_skip_locked_drain_per_s"]
-    )
-    medians["surge_p99_vs_raw_notify_p99"] = (
-        medians["surge_latency_p99_us"] / medians["raw_notify_p99_us"]
-    )
-    if python is not None:
+    if "surge_drain_per_s" in medians and "raw_skip_locked_drain_per_s" in medians:
+        medians["surge_drain_vs_raw_skip_locked"] = (
+            medians["surge_drain_per_s"] / medians["raw_skip_locked_drain_per_s"]
+        )
+    if "surge_latency_p99_us" in medians:
+        medians["surge_p99_vs_raw_notify_p99"] = (
+            medians["surge_latency_p99_us"] / medians["raw_notify_p99_us"]
+        )
+    if "pgqueuer_drain_per_s" in medians and "surge_drain_per_s" in medians:
         best = max(medians["pgqueuer_drain_per_s"], medians["procrastinate_drain_per_s"])
         medians["surge_drain_vs_best_peer"] = medians["surge_drain_per_s"] / best
     return {"events": n, "rounds": rounds, "fsync": fsync, "medians": medians, "rows": rows}
@@ -358,8 +445,16 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--fsync", choices=("on", "off"), default="on")
     parser.add_argument("--peers", metavar="PYTHON", help="a Python with pgqueuer, procrastinate")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run (default all: {','.join(SCENARIOS)})",
+    )
     args = parser.parse_args()
-    result = asyncio.run(run(args.events, args.rounds, args.fsync == "on", args.peers))
+    only = tuple(args.only.split(","))
+    if unknown := set(only) - set(SCENARIOS):
+        parser.error(f"unknown scenarios: {sorted(unknown)}")
+    result = asyncio.run(run(args.events, args.rounds, args.fsync == "on", args.peers, only))
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "postgres.json").write_text(json.dumps(result, indent=2))
     for k, v in result["medians"].items():

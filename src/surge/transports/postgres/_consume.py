@@ -18,9 +18,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
-import asyncpg
 import msgspec
 
 from ..._event import Envelope
@@ -29,35 +28,66 @@ from ._db import Database, rowcount
 from ._partitions import Member
 from ._schema import Schema
 
-__all__ = ("Consumer", "Lease", "Queue")
+__all__ = ("Claimed", "Consumer", "Lease", "Queue")
 
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 
 log = logging.getLogger("surge.postgres")
 
-_SET = (
-    "UPDATE {s}.deliveries d SET visible_at = $4, token = $5, attempt = d.attempt + 1, "
-    "first_time = coalesce(d.first_time, $2) FROM c, {s}.messages m "
-    "WHERE d.id = c.id AND m.seq = d.msg RETURNING d.id, d.attempt, d.first_time, d.part, "
-    "m.id, m.topic, m.key, m.time, m.headers, m.body, m.not_before"
+# One claim is one statement (one round trip): the shared queue's visible
+# rows (``FOR UPDATE SKIP LOCKED``, so consumers of one group never wait for
+# each other) and the readable partitions' (in row, that is publish, order,
+# and no SKIP LOCKED: a row locked for a moment, its last owner's hand-back,
+# is waited for, not overtaken; the owners row is checked here, not in the
+# caller's view), the first arm taking up to ``room`` and the second what is
+# left. A last row, its delivery id NULL, says when the next delivery is due
+# (after ``now``), looked up only when the claim came back short: the loop
+# then naps until a notification or that time, with no second look.
+_SHARED = (
+    "SELECT id FROM {s}.deliveries WHERE grp = $1 AND part IS NULL AND visible_at <= $2 "
+    "ORDER BY visible_at, id LIMIT {limit} FOR UPDATE SKIP LOCKED"
 )
-_CLAIM_SHARED = (
-    "WITH c AS (SELECT id FROM {s}.deliveries WHERE grp = $1 AND part IS NULL "
-    "AND visible_at <= $2 ORDER BY visible_at, id LIMIT $3 FOR UPDATE SKIP LOCKED) " + _SET
-)
-# A partition's rows in row (publish) order, and no SKIP LOCKED: a row
-# locked for a moment (its last owner's hand-back) is waited for, not
-# overtaken. The owners row is checked here, not in the caller's view.
-_CLAIM_PARTS = (
-    "WITH c AS (SELECT d.id FROM {s}.deliveries d WHERE d.grp = $1 AND d.part = ANY($6::int[]) "
+_PARTS = (
+    "SELECT d.id FROM {s}.deliveries d WHERE d.grp = $1 AND d.part = ANY($6::int[]) "
     "AND d.visible_at <= $2 AND EXISTS (SELECT 1 FROM {s}.owners o WHERE o.grp = $1 "
-    "AND o.part = d.part AND o.owner = $7 AND o.until > $2) ORDER BY d.id LIMIT $3 "
-    "FOR UPDATE OF d) " + _SET
+    "AND o.part = d.part AND o.owner = $7 AND o.until > $2) ORDER BY d.id LIMIT {limit} "
+    "FOR UPDATE OF d"
 )
-_NEXT_DUE = (
-    "SELECT least((SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part IS NULL), "
-    "(SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part = ANY($2::int[])))"
+_DUE_SHARED = (
+    "(SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part IS NULL "
+    "AND visible_at > $2)"
 )
+_DUE_PARTS = (
+    "(SELECT min(visible_at) FROM {s}.deliveries WHERE grp = $1 AND part = ANY($6::int[]) "
+    "AND visible_at > $2)"
+)
+_CLAIM = (
+    "WITH {arms}, u AS (UPDATE {s}.deliveries d SET visible_at = $4, token = $5, "
+    "attempt = d.attempt + 1, first_time = coalesce(d.first_time, $2) FROM ({chosen}) c, "
+    "{s}.messages m WHERE d.id = c.id AND m.seq = d.msg RETURNING d.id, d.attempt, "
+    "d.first_time, d.part, m.id AS eid, m.topic, m.key, m.time, m.headers, m.body, "
+    "m.not_before) "
+    "SELECT *, NULL::float8 AS due FROM u UNION ALL SELECT NULL::bigint, NULL::int, "
+    "NULL::float8, NULL::int, NULL::text, NULL::text, NULL::text, NULL::float8, NULL::bytea, "
+    "NULL::bytea, NULL::float8, CASE WHEN (SELECT count(*) FROM u) < $3 THEN {due} END"
+)
+
+
+def _claim_sql(arms: tuple[str, ...]) -> str:
+    """The claim statement reading ``arms`` (``shared``, ``parts``) in order."""
+    sql = {"shared": _SHARED, "parts": _PARTS}
+    ctes = []
+    for i, arm in enumerate(arms):
+        limit = "$3" if not i else f"($3 - (SELECT count(*) FROM a{i - 1}))"
+        ctes.append(f"a{i} AS MATERIALIZED ({sql[arm].replace('{limit}', limit)})")
+    chosen = " UNION ALL ".join(f"SELECT id FROM a{i}" for i in range(len(arms)))
+    dues = [_DUE_SHARED] + ([_DUE_PARTS] if "parts" in arms else [])
+    due = dues[0] if len(dues) == 1 else f"least({', '.join(dues)})"
+    return (
+        _CLAIM.replace("{arms}", ", ".join(ctes)).replace("{chosen}", chosen).replace("{due}", due)
+    )
+
+
 _BUSY = "SELECT min(visible_at) FROM {s}.deliveries WHERE grp = ANY($1::int[])"
 _HELD = (
     "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tok) WHERE d.id = u.id AND d.token = u.tok"
@@ -95,10 +125,20 @@ _STATS = (
 Held = tuple[list[int], list[int]]  # delivery ids, their lease tokens
 
 
+class Claimed(NamedTuple):
+    """What one claim leased, whether it took all the room it was given
+    (there may be more to read at once), and when, if it did not, the next
+    delivery of what it read is due (inf: none, or not looked up)."""
+
+    deliveries: list[Delivery]
+    full: bool
+    due: float
+
+
 class Consumer:
     """One ``consume`` iterator: its room, its wake-up, its group's member."""
 
-    __slots__ = ("gid", "kicked", "member", "prefetch", "turn", "unsettled", "wake")
+    __slots__ = ("full", "gid", "kicked", "member", "prefetch", "turn", "unsettled", "wake")
 
     def __init__(self, gid: int, prefetch: int, member: Member | None) -> None:
         self.gid = gid
@@ -108,6 +148,7 @@ class Consumer:
         self.turn = 0
         self.wake: asyncio.Future[None] | None = None
         self.kicked = False  # woken while not napping: the next nap returns at once
+        self.full = False  # napping until a settle makes room
 
     def wake_up(self) -> None:
         fut = self.wake
@@ -165,9 +206,9 @@ class Queue:
     def __init__(self, db: Database, schema: Schema) -> None:
         self._db = db
         q = schema.q
-        self._shared = q(_CLAIM_SHARED)
-        self._parts = q(_CLAIM_PARTS)
-        self._next_due = q(_NEXT_DUE)
+        self._shared = q(_claim_sql(("shared",)))
+        self._shared_first = q(_claim_sql(("shared", "parts")))
+        self._parts_first = q(_claim_sql(("parts", "shared")))
         self._busy = q(_BUSY)
         self._ack = q(_ACK)
         self._release = q(_RELEASE)
@@ -188,31 +229,21 @@ class Queue:
         token: int,
         parts: list[int],
         me: str,
-    ) -> list[Delivery]:
+    ) -> Claimed:
         """Lease up to ``room`` deliveries of the shared queue and of
         ``parts``, starting with another each turn so that neither waits
         behind the other's backlog; sorted by row, token = (row, part)."""
-
-        async def run(conn: asyncpg.Connection) -> list[Any]:
-            rows: list[Any] = []
-            arms = ["shared", "parts"] if parts else ["shared"]
-            if parts and c.turn % 2:
-                arms.reverse()
+        if parts:
+            sql = self._parts_first if c.turn % 2 else self._shared_first
             c.turn += 1
-            for arm in arms:
-                left = room - len(rows)
-                if left <= 0:
-                    break
-                if arm == "shared":
-                    rows += await conn.fetch(self._shared, c.gid, now, left, until, token)
-                else:
-                    rows += await conn.fetch(self._parts, c.gid, now, left, until, token, parts, me)
-            return rows
-
-        rows = await self._db.call(run)
+            rows = await self._db.fetch(sql, c.gid, now, room, until, token, parts, me)
+        else:
+            rows = await self._db.fetch(self._shared, c.gid, now, room, until, token)
+        last = rows.pop()  # the due row
+        due = float("inf") if last[11] is None else float(last[11])
         rows.sort(key=lambda r: r[0])
         out = []
-        for did, attempt, first, part, eid, topic, key, time, headers, body, nb in rows:
+        for did, attempt, first, part, eid, topic, key, time, headers, body, nb, _ in rows:
             h = None
             if headers is not None:
                 try:
@@ -224,7 +255,7 @@ class Queue:
                     continue
             env = Envelope(eid, topic, key, time, h, None, body, nb)
             out.append(Delivery(env, group, attempt, (did, part), first))
-        return out
+        return Claimed(out, len(rows) >= room, due)
 
     async def _bury_foreign(
         self,
@@ -248,12 +279,6 @@ class Queue:
         await self._db.execute(
             self._foreign, did, token, eid, topic, key, body, reason, attempt, first or now, now
         )
-
-    async def next_due(self, gid: int, parts: list[int]) -> float:
-        """When the next delivery of the shared queue or ``parts`` is due
-        (inf: none)."""
-        due = await self._db.fetchval(self._next_due, gid, parts)
-        return float("inf") if due is None else float(due)
 
     async def busy(self, gids: list[int]) -> float | None:
         """When the first delivery of ``gids`` is (or was) due; None: none held."""

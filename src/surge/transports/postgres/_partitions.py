@@ -28,6 +28,7 @@ import contextlib
 import functools
 import logging
 from collections.abc import Callable
+from math import inf
 
 import asyncpg
 
@@ -133,6 +134,12 @@ class Member:
         """The partitions to claim from at ``now``."""
         ready = self.ready
         return sorted(p for p in self.own.readable if ready.get(p, 0.0) <= now)
+
+    def next_ready(self, now: float) -> float:
+        """When the first partition held but not yet readable becomes
+        readable (its predecessor's leases end; inf: none waits)."""
+        ready = self.ready
+        return min((ready[p] for p in self.own.readable if ready.get(p, 0.0) > now), default=inf)
 
     def reads(self, parts: list[int], delta: int) -> None:
         """A claim of ``parts`` began (+1) or ended (-1)."""

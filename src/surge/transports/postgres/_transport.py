@@ -15,7 +15,7 @@ from ..._errors import Closed, ConfigurationError, TransportError
 from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
 from .._partitions import Ownership
-from ._consume import Consumer, Lease, Queue, held_of
+from ._consume import Claimed, Consumer, Lease, Queue, held_of
 from ._db import Database
 from ._dead import DeadLetters
 from ._groups import Groups
@@ -63,13 +63,16 @@ class PostgresTransport:
         # reach the disk: one lost in a server crash only makes a delivery
         # come back (a duplicate, which at-least-once allows). Publishes,
         # dead letters, groups and partition owners keep durable commits.
+        # Their statements run with the plan made once per connection: the
+        # server chose a custom plan for every ack (planning it cost twice
+        # its execution).
         self._fast = Database(
             opts.dsn,
             size=opts.pool,
             clock=self.clock,
             reconnect_timeout=opts.reconnect_timeout,
             label=label,
-            settings={"synchronous_commit": "off"},
+            settings={"synchronous_commit": "off", "plan_cache_mode": "force_generic_plan"},
         )
         self._queue = Queue(self._fast, self.schema)
         self._groups = Groups(self._db, self.schema)
@@ -111,7 +114,7 @@ class PostgresTransport:
         self._idle = True
         self._ticker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
-        self._claims: set[asyncio.Future[list[Delivery]]] = set()
+        self._claims: set[asyncio.Future[Claimed]] = set()
 
     # --- lifecycle -----------------------------------------------------------
     async def start(self) -> None:
@@ -286,34 +289,31 @@ class PostgresTransport:
             while not self._closed:
                 room = prefetch - c.unsettled
                 if room <= 0:
+                    c.full = True  # a settle wakes it
                     await c.nap(None)
                     continue
                 now = self.clock.time()
                 try:
-                    batch = await self._claim(c, group, room, now)
-                    if batch:
-                        retry = _FIRST_POLL
-                        yield batch
-                        continue
-                    parts = [] if member is None else member.readable(now)
-                    due = await self._queue.next_due(gid, parts)
+                    claimed = await self._claim(c, group, room, now)
+                    retry = _FIRST_POLL
+                    if claimed.deliveries:
+                        yield claimed.deliveries
+                    if claimed.full:
+                        continue  # there may be more at once
+                    due = claimed.due
+                    if member is not None:
+                        due = min(due, member.next_ready(now))
                 except TransportError as exc:
                     # the server is gone or restarting: wait, try again
                     log.warning("postgres: cannot claim for %s: %s", group, exc)
-                    due = now + min(1.0, self.poll)
-                # A notification (a publish, a replay, partitions taken, a
-                # settle here) wakes the consumer; without one it looks
-                # again when the next delivery is due, and at least every
-                # ``poll`` seconds. A due time already past (rows another
-                # consumer holds locked) must not spin: back off from 5 ms.
-                now = self.clock.time()
-                if due > now:
-                    wait = min(due - now, self.poll)
-                    retry = _FIRST_POLL
-                else:
-                    wait = retry
+                    due = now + retry
                     retry = min(self.poll, retry * 2)
-                await c.nap(wait)
+                # What this claim read is drained: a notification (a
+                # publish, a replay, partitions taken, a nack here) wakes the
+                # consumer; without one it looks again when the next delivery
+                # is due, and at least every ``poll`` seconds. (A row another
+                # consumer held locked, skipped, gets its lease then.)
+                await c.nap(min(max(0.0, due - self.clock.time()), self.poll))
         finally:
             consumers = self._consumers.get(gid)
             if consumers is not None and c in consumers:
@@ -321,7 +321,7 @@ class PostgresTransport:
             if member is not None:
                 member.leave()
 
-    async def _claim(self, c: Consumer, group: str, room: int, now: float) -> list[Delivery]:
+    async def _claim(self, c: Consumer, group: str, room: int, now: float) -> Claimed:
         member = c.member
         parts = [] if member is None else member.readable(now)
         # random reseeds itself in forked children, so workers forked from
@@ -333,12 +333,12 @@ class PostgresTransport:
             self._queue.claim(c, group, room, now, now + self.lease, token, parts, self.member_id)
         )
 
-        def claimed(fut: asyncio.Future[list[Delivery]]) -> None:
+        def claimed(fut: asyncio.Future[Claimed]) -> None:
             if member is not None:
                 member.reads(parts, -1)
             if fut.cancelled() or fut.exception() is not None:
                 return
-            batch = fut.result()
+            batch = fut.result().deliveries
             if not batch:
                 return
             c.unsettled += len(batch)
@@ -361,10 +361,10 @@ class PostgresTransport:
             claim.add_done_callback(self._hand_back_claim)
             raise
 
-    def _hand_back_claim(self, fut: asyncio.Future[list[Delivery]]) -> None:
+    def _hand_back_claim(self, fut: asyncio.Future[Claimed]) -> None:
         if fut.cancelled() or fut.exception() is not None:
             return
-        leases = [d.token for d in fut.result() if isinstance(d.token, Lease)]
+        leases = [d.token for d in fut.result().deliveries if isinstance(d.token, Lease)]
         self._hand_back(leases)
 
     def _hand_back(self, leases: list[Lease]) -> None:
@@ -372,12 +372,21 @@ class PostgresTransport:
             return  # close hands back every lease still in self._leases
         held = [lease for lease in leases if self._settle_local(lease)]
         if held and not self._closed:
-            task = asyncio.get_running_loop().create_task(
-                self._queue.hand_back(held_of(held), self.clock.time())
-            )
+            task = asyncio.get_running_loop().create_task(self._handing_back(held))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
             task.add_done_callback(_log_failure)
+
+    async def _handing_back(self, held: list[Lease]) -> None:
+        await self._queue.hand_back(held_of(held), self.clock.time())
+        self._wake_consumers(held)
+
+    def _wake_consumers(self, held: list[Lease]) -> None:
+        """Wake this process's consumers of the groups ``held`` came from:
+        what was handed back is theirs to read again."""
+        for gid in {lease.consumer.gid for lease in held}:
+            for c in self._consumers.get(gid, ()):
+                c.wake_up()
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Hand back deliveries no handler has seen (the app is stopping):
@@ -388,6 +397,7 @@ class PostgresTransport:
             self._check_open()
             h = held_of(held)
             await self._settling(lambda: self._queue.hand_back(h, self.clock.time()))
+            self._wake_consumers(held)
 
     # --- settling ------------------------------------------------------------
     def _settle_local(self, lease: Lease) -> bool:
@@ -396,7 +406,10 @@ class PostgresTransport:
         lease.settle()
         if self._leases.get(lease.did) is lease:
             del self._leases[lease.did]
-        lease.consumer.wake_up()
+        c = lease.consumer
+        if c.full:  # it waits for room
+            c.full = False
+            c.wake_up()
         return True
 
     def _lease_of(self, d: Delivery) -> Lease:
@@ -436,8 +449,7 @@ class PostgresTransport:
         when = self.clock.time() + max(0.0, delay)
         h = held_of([lease])
         await self._settling(lambda: self._queue.release(h, when))
-        for c in self._consumers.get(lease.consumer.gid, ()):
-            c.wake_up()
+        self._wake_consumers([lease])
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         lease = self._lease_of(delivery)
