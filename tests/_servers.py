@@ -55,6 +55,7 @@ class _ServerProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log: list[str] = []
         self._logged = threading.Condition()
+        self._drainer: threading.Thread | None = None
 
     def _launch(self, args: list[str]) -> None:
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -68,14 +69,20 @@ class _ServerProcess:
             proc.wait()
             raise RuntimeError(f"{self.name} did not start:\n" + "\n".join(self.log[-20:]))
         self.proc = proc
-        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain_log, args=(proc,), daemon=True)
+        self._drainer.start()
 
     def _drain_log(self, proc: subprocess.Popen[bytes]) -> None:
+        # The pipe is closed here, at its end, never by ``stop``: closing a
+        # buffered reader another thread is blocked reading frees its buffer
+        # under it (CI: "PyMemoryView_FromBuffer(): info->buf must not be
+        # NULL", raised in this thread).
         assert proc.stdout is not None
-        for raw in proc.stdout:
-            with self._logged:
-                self.log.append(raw.decode(errors="replace").rstrip())
-                self._logged.notify_all()
+        with proc.stdout:
+            for raw in proc.stdout:
+                with self._logged:
+                    self.log.append(raw.decode(errors="replace").rstrip())
+                    self._logged.notify_all()
 
     def wait_log(self, text: str, *, timeout: float, since: int = 0) -> None:
         """Block until a log line from index ``since`` on contains ``text``
@@ -89,6 +96,16 @@ class _ServerProcess:
                     + "\n".join(self.log[-20:])
                 )
 
+    def _reaped(self, proc: subprocess.Popen[bytes]) -> None:
+        """After ``proc`` exited: its log read to the end. The pipe ends when
+        every process holding it has exited; one that outlives the broker
+        (RabbitMQ's epmd, say) keeps the thread, and the pipe, until it goes."""
+        drainer, self._drainer = self._drainer, None
+        if drainer is not None:
+            drainer.join(2)
+        elif proc.stdout is not None:
+            proc.stdout.close()
+
     def stop(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
@@ -98,8 +115,8 @@ class _ServerProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc is not None and proc.stdout is not None:
-            proc.stdout.close()
+        if proc is not None:
+            self._reaped(proc)
 
     def kill(self) -> None:
         """SIGKILL: the broker dies without a chance to save anything."""
@@ -107,8 +124,7 @@ class _ServerProcess:
         if proc is not None:
             proc.kill()
             proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
+            self._reaped(proc)
 
 
 class NatsServer(_ServerProcess):
@@ -704,7 +720,8 @@ class RabbitServer(_ServerProcess):
         except BaseException:
             self.kill()
             raise
-        threading.Thread(target=self._drain_log, args=(proc,), daemon=True).start()
+        self._drainer = threading.Thread(target=self._drain_log, args=(proc,), daemon=True)
+        self._drainer.start()
 
     def ctl(self, *args: str) -> str:
         """Run ``rabbitmqctl`` against this node; its output."""
@@ -740,8 +757,7 @@ class RabbitServer(_ServerProcess):
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        self._reaped(proc)
 
 
 @contextlib.contextmanager

@@ -279,23 +279,36 @@ class AmqpTransport:
                 await tag.source.ack([tag.delivery_tag])
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        by_source: dict[Source, list[int]] = {}
+        # A delivery counts as settled (``reader.settled``) only once its
+        # ack frame is written: a partition being given up closes its
+        # channel as soon as nothing it handed out is unsettled, and a close
+        # written before the ack makes the broker requeue an event that was
+        # handled, for the next owner to run again (CI, the amqp keyed crash
+        # test: a batch spanning partitions, acked source by source, while
+        # a second worker joined and took half the partitions over).
+        by_source: dict[Source, list[Delivery]] = {}
         for d in deliveries:
-            tag = d.token.source.reader.settled(d)
-            if tag.live:
-                by_source.setdefault(tag.source, []).append(tag.delivery_tag)
-        for src, tags in by_source.items():
-            with contextlib.suppress(*LOST):
-                await src.ack(tags)
+            by_source.setdefault(d.token.source, []).append(d)
+        for src, ds in by_source.items():
+            try:
+                tags = [d.token.delivery_tag for d in ds if d.token.live]
+                if tags:
+                    with contextlib.suppress(*LOST):
+                        await src.ack(tags)
+            finally:
+                for d in ds:
+                    src.reader.settled(d)
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         self._busy = True
         tag: Tag = delivery.token
         if delay <= 0:
-            tag.source.reader.settled(delivery)
-            if tag.live:
-                with contextlib.suppress(*LOST):
-                    await tag.source.nack(tag.delivery_tag)  # in place, before later events
+            try:
+                if tag.live:
+                    with contextlib.suppress(*LOST):
+                        await tag.source.nack(tag.delivery_tag)  # in place, before later events
+            finally:
+                tag.source.reader.settled(delivery)  # after the frame: see ack
             return
         due = self.clock.time() + delay
         self._pub.note_scheduled(delivery.group, delivery.envelope.id, due)
@@ -309,8 +322,10 @@ class AmqpTransport:
         await self._link.wait_up()
         msgs = await self._pub.delayed([item])
         await self._pub.send(msgs)
-        tag.source.reader.settled(d)
-        await self._settle(tag)
+        try:
+            await self._settle(tag)
+        finally:
+            tag.source.reader.settled(d)  # after the frame: see ack
 
     async def _early(self, reader: GroupReader, d: Delivery, _: Exception | None) -> None:
         """Came before its ``not_before`` (a delay bucket rounds up, but
@@ -335,8 +350,11 @@ class AmqpTransport:
         # Stored (confirmed) before the delivery is settled: a crash in
         # between leaves the event delivered again, and a second record.
         await self._dead.store(record)
-        tag = delivery.token.source.reader.settled(delivery)
-        await self._settle(tag)
+        tag: Tag = delivery.token
+        try:
+            await self._settle(tag)
+        finally:
+            tag.source.reader.settled(delivery)  # after the frame: see ack
 
     # --- dead letters ----------------------------------------------------------------------
     async def dead_letters(self, group: str | None = None) -> list[DeadLetter]:
