@@ -58,6 +58,7 @@ async def test_a_worker_blackholed_past_its_lease_never_shares_a_key(tmp_path: P
     keys = [f"k{i}" for i in range(8)]
     per_key = 30
     done = asyncio.Event()
+    cut_handles = asyncio.Event()  # the worker to be cut off holds keyed work
 
     def worker(name: str, url: str) -> surge.App:
         app = surge.App(f"faults-part-{name}", transport=open_transport(url))
@@ -67,6 +68,8 @@ async def test_a_worker_blackholed_past_its_lease_never_shares_a_key(tmp_path: P
             start = loop.time()
             await asyncio.sleep(HOLD)
             spans.append((event.key, event.seq, name, start, loop.time()))
+            if name == "cut":
+                cut_handles.set()
             if len({(k, s) for k, s, *_ in spans}) == len(keys) * per_key:
                 done.set()
 
@@ -87,7 +90,7 @@ async def test_a_worker_blackholed_past_its_lease_never_shares_a_key(tmp_path: P
                         await asyncio.sleep(0.02)
 
                 producing = asyncio.gather(*(produce(k) for k in keys))
-                await asyncio.sleep(0.3)
+                await asyncio.wait_for(cut_handles.wait(), 30)
                 proxy.blackhole()
                 await asyncio.sleep(6.0)
                 proxy.heal()
