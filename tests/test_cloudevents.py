@@ -15,6 +15,8 @@ import pytest
 from cloudevents.core.bindings import http as ce_http
 from cloudevents.core.formats.json import JSONFormat
 from cloudevents.core.v1.event import CloudEvent
+from cloudevents.v1 import conversion as legacy
+from cloudevents.v1.http import CloudEvent as LegacyCloudEvent
 
 import surge
 from surge.http import Server, to_cloudevent
@@ -87,15 +89,24 @@ def sdk_event(**attributes: Any) -> CloudEvent:
 
 
 @pytest.mark.parametrize("mode", ["binary", "structured"])
-async def test_sdk_cloudevents_are_handled_in_both_modes(mode: str) -> None:
-    """The official SDK's to_binary / to_structured request is handled as the
-    class its type names, under an id derived from source + id, with every
-    attribute at hand as a ce-* header."""
+@pytest.mark.parametrize("api", ["core", "v1"])
+async def test_sdk_cloudevents_are_handled_in_both_modes(api: str, mode: str) -> None:
+    """The official SDK's to_binary / to_structured request (its current API
+    and the 1.x one kept as cloudevents.v1) is handled as the class its type
+    names, under an id derived from source + id, with every attribute at
+    hand as a ce-* header."""
     ce = sdk_event(id="evt-1")
-    to = ce_http.to_binary if mode == "binary" else ce_http.to_structured
-    message = to(ce, JSONFormat())
+    if api == "core":
+        to = ce_http.to_binary if mode == "binary" else ce_http.to_structured
+        message = to(ce, JSONFormat())
+        headers, body = message.headers, message.body
+    else:
+        attributes = {**ce.get_attributes()}
+        attributes["time"] = attributes["time"].isoformat()  # 1.x takes strings only
+        old = LegacyCloudEvent(attributes, ce.get_data())
+        headers, body = (legacy.to_binary if mode == "binary" else legacy.to_structured)(old)
     async with serving() as (app, client, seen):
-        r = await client.post("/events", headers=message.headers, content=message.body)
+        r = await client.post("/events", headers=headers, content=body)
         assert r.status_code == 202, r.text
         await seen.wait_for(1)
         await app.drain()
