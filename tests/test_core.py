@@ -480,6 +480,26 @@ def test_ids_sort_by_time_and_derived_ids_repeat() -> None:
     assert d1[:12] == ids[0][:12]
 
 
+async def test_ids_from_publish_and_new_id_share_one_increasing_sequence(
+    clock: surge.VirtualClock,
+) -> None:
+    """Ids handed out in blocks (publish pops them inline) are valid UUIDv7s,
+    increasing across blocks and across both ways of taking one."""
+    import uuid
+
+    app = surge.App("t", clock=clock)
+
+    @app.on(Ping, executor="inline")
+    def handle(ev: Ping) -> None: ...
+
+    async with app:
+        ids = [await app.publish(Ping(n=i)) if i % 3 else surge.new_id() for i in range(200)]
+        await app.drain()
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 200
+    assert all(uuid.UUID(i).version == 7 and uuid.UUID(i).variant == uuid.RFC_4122 for i in ids)
+
+
 def test_bad_subscriptions_are_refused() -> None:
     """Misconfigured handlers fail at declaration with ConfigurationError."""
     app = surge.App("t")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import operator
 import pickle
 import traceback
 from collections import deque
@@ -58,6 +59,7 @@ _TRANSIENT_FIRST, _TRANSIENT_LAST = 0.05, 2.0
 # At most this many events of a per-event process handler cross to the pool
 # in one round trip (fewer when the queue is shared by several workers).
 _PROCESS_CHUNK = 64
+_ENVELOPE_KEY = operator.attrgetter("envelope.key")
 
 
 class Runner:
@@ -204,12 +206,17 @@ class Runner:
                         self._push_keyed(d)
                 else:
                     # An envelope key (publish(key=...)) orders too, even
-                    # when the subscription itself names no key.
-                    for d in batch:
-                        if d.envelope.key is None:
-                            queue.append(d)
-                        else:
-                            self._push_keyed(d)
+                    # when the subscription itself names no key. Most
+                    # batches have none: checked in C, then one extend.
+                    keys = list(map(_ENVELOPE_KEY, batch))
+                    if keys.count(None) == len(keys):
+                        queue.extend(batch)
+                    else:
+                        for d, key in zip(batch, keys, strict=True):
+                            if key is None:
+                                queue.append(d)
+                            else:
+                                self._push_keyed(d)
                     if queue and not self._starting and self._workers < self.concurrency:
                         self._spawn(self._work_shared)
         finally:

@@ -18,6 +18,7 @@ Capabilities: ``DirectPut`` (``put_one``, the in-process hot path),
 from __future__ import annotations
 
 import asyncio
+import operator
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
@@ -28,6 +29,8 @@ from .._event import Envelope
 from .._transport import DeadLetter, Delivery, TransportStats, topic_matches
 
 __all__ = ("MemoryTransport",)
+
+_GROUP_OF = operator.attrgetter("group")
 
 
 class _Group:
@@ -106,6 +109,8 @@ class MemoryTransport:
         self._limit = self.codec.max_message_size
         self._groups: dict[str, _Group] = {}
         self._routes: dict[str, tuple[_Group, ...]] = {}
+        # topic -> its one group, for topics routed to exactly one (put_one)
+        self._single: dict[str, _Group] = {}
         self._window = max(2, dedup_window // 2)
         self._seen: set[str] = set()
         self._seen_old: set[str] = set()
@@ -124,6 +129,7 @@ class MemoryTransport:
         else:
             g.patterns.extend(t for t in topics if t not in g.patterns)
         self._routes.clear()
+        self._single.clear()
 
     def _route(self, topic: str) -> tuple[_Group, ...]:
         groups = self._routes.get(topic)
@@ -175,24 +181,19 @@ class MemoryTransport:
         """Put one envelope whose id is fresh (a UUIDv7, never repeated, so no
         dedup check) if every group has room; False, taking nothing, if one
         is full. The hot path of App.publish and App.publish_nowait."""
-        groups = self._routes.get(env.topic)
-        if groups is None:
-            groups = self._route(env.topic)
-        if self._closed:
-            raise Closed("transport is closed")
-        # codec.check_size, inlined: this is the hot path of App.publish.
-        event = env.event
-        if event is None:
-            self._check_size(env)
-        else:
-            try:
-                size = len(self._encode_event(event))
-            except (TypeError, OverflowError):
-                size = 0  # an event that cannot be encoded never leaves the process
-            if size > self._limit:
-                self._check_size(env)  # raises, naming the event
-        if len(groups) == 1 and env.not_before is None:
-            g = groups[0]
+        g = self._single.get(env.topic)
+        if g is not None and env.not_before is None and not self._closed:
+            # codec.check_size, inlined: this is the hot path of App.publish.
+            event = env.event
+            if event is None:
+                self._check_size(env)
+            else:
+                try:
+                    size = len(self._encode_event(event))
+                except (TypeError, OverflowError):
+                    size = 0  # an event that cannot be encoded never leaves the process
+                if size > self._limit:
+                    self._check_size(env)  # raises, naming the event
             q = g.queue
             if len(q) >= g.capacity or g.space_waiters:
                 return False
@@ -200,6 +201,14 @@ class MemoryTransport:
             if g.consumers:
                 g.wake_consumers()
             return True
+        groups = self._routes.get(env.topic)
+        if groups is None:
+            groups = self._route(env.topic)
+        if self._closed:
+            raise Closed("transport is closed")
+        self._check_size(env)
+        if len(groups) == 1:
+            self._single[env.topic] = groups[0]
         for g in groups:
             if len(g.queue) >= g.capacity or g.space_waiters:
                 return False
@@ -297,6 +306,14 @@ class MemoryTransport:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         groups = self._groups
+        if deliveries:
+            # A runner acks its own group's deliveries: one count, checked in C.
+            names = set(map(_GROUP_OF, deliveries))
+            if len(names) == 1:
+                g = groups[names.pop()]
+                g.unacked -= len(deliveries)
+                self._settled(g)
+                return
         last: _Group | None = None
         for d in deliveries:
             g = groups[d.group]
