@@ -140,3 +140,22 @@ async def test_process_handlers_in_chunks_fail_and_succeed_per_event() -> None:
     assert batched == []
     expected = Counter({n * n: 1 if n % 7 == 0 else 2 for n in range(70)})
     assert got == expected
+
+
+async def test_a_stop_does_not_wait_out_a_lingering_batch(clock: surge.VirtualClock) -> None:
+    """A partial batch lingering when the app stops is handed back at once,
+    unhandled, rather than holding the stop for its linger."""
+    app = surge.App("t", clock=clock)
+    calls: list[int] = []
+
+    @app.on(Ping, batch=10, linger=60.0)
+    async def handle(events: list[Ping]) -> None:
+        calls.append(len(events))
+
+    async with app:
+        await app.publish_many([Ping(n=i) for i in range(3)])
+        await clock.sleep(1.0)
+        stopping = clock.time()
+    assert calls == []
+    assert clock.time() - stopping < 1.0
+    assert app.statistics().subscriptions["t.handle"].received == 3
