@@ -27,8 +27,10 @@ from ._errors import (
     TransportError,
     Unauthorized,
     UnknownTopic,
+    UnknownVersion,
+    Unroutable,
 )
-from ._event import Envelope, Event, derive_id, id_for, is_derived, new_id
+from ._event import Envelope, Event, derive_id, id_for, is_derived, new_id, upcaster
 from ._middleware import Middleware
 from ._shutdown import StopPhase, StopReport
 from ._signing import SIGNATURE_HEADER, Signer
@@ -41,6 +43,7 @@ from ._transport import (
     HandsBack,
     IdleAware,
     KeyRouting,
+    KnowsGroups,
     Outbox,
     StateStore,
     Transport,
@@ -80,6 +83,7 @@ __all__ = (
     "JsonCodec",
     "KeyFailed",
     "KeyRouting",
+    "KnowsGroups",
     "MessageTooLarge",
     "Middleware",
     "MsgpackCodec",
@@ -102,6 +106,8 @@ __all__ = (
     "TransportStats",
     "Unauthorized",
     "UnknownTopic",
+    "UnknownVersion",
+    "Unroutable",
     "VirtualClock",
     "__version__",
     "absence",
@@ -113,4 +119,5 @@ __all__ = (
     "new_id",
     "sequence",
     "topic_matches",
+    "upcaster",
 )

@@ -53,11 +53,12 @@ from ._event import (
 from ._event import ids as _ids
 from ._lag import LoopLag
 from ._middleware import Middleware
+from ._routing import Routing
 from ._runtime import LocalState, Part, Runtime, Timings
 from ._shutdown import Shutdown, StopReport
 from ._signing import Signer
 from ._stats import AppStats, SubscriptionStats
-from ._transport import Capabilities, DeadLetter, Transport, capabilities_of
+from ._transport import Capabilities, DeadLetter, KnowsGroups, Transport, capabilities_of
 
 if TYPE_CHECKING:
     from .http import Ingress
@@ -142,6 +143,9 @@ class App:
                          published and dead-letter any consumed one that is
                          not signed by one of these keys (see _signing.py)
     ``sign_with``        the key id to sign with (needed with several keys)
+    ``mandatory``        every ``publish`` and every handler's output must
+                         reach a declared group, or raise :class:`Unroutable`
+                         (default: counted and warned, see :meth:`publish`)
     """
 
     def __init__(
@@ -160,6 +164,7 @@ class App:
         seed: int | None = None,
         signing_keys: Mapping[str, str | bytes] | None = None,
         sign_with: str | None = None,
+        mandatory: bool = False,
     ) -> None:
         if not name or "/" in name or " " in name:
             raise ConfigurationError(f"app name {name!r}: use letters, digits, '.', '-', '_'")
@@ -170,6 +175,9 @@ class App:
         self.concurrency = concurrency
         self.retry = retry or Retry()
         self.shutdown_timeout = shutdown_timeout
+        self.mandatory = mandatory
+        """Whether a publish no declared group receives raises (see :meth:`publish`)."""
+        self._routing = Routing(name, self.clock)
         self.consume = True
         """Whether :meth:`start` consumes the subscriptions (``surge run
         --no-consume`` sets it False for a publish-only process)."""
@@ -582,6 +590,7 @@ class App:
         at: datetime | float | None = None,
         connection: Any = None,
         id: str | None = None,
+        mandatory: bool | None = None,
     ) -> str:
         """Publish ``event`` to every subscription of its topic; its id.
 
@@ -598,25 +607,35 @@ class App:
         makes the publish idempotent: the transport drops a second publish
         of it within its dedup window (docs/guarantees.md), so a caller that
         retries after a timeout publishes one event, not two.
+
+        A topic that no group declared on the transport receives (by any
+        process, running or not) is dropped by the transport: counted in
+        ``statistics().unroutable`` and warned once per topic; with
+        ``mandatory=True`` (default: the app's ``mandatory``) it raises
+        :class:`Unroutable` and publishes nothing (needs a transport that
+        knows its groups, ``KnowsGroups``; else ``NotImplementedError``).
         """
+        if mandatory is None:
+            mandatory = self.mandatory
         if connection is not None:
-            return await self._publish_in(connection, event, key, headers, delay, at, id)
+            return await self._publish_in(connection, event, key, headers, delay, at, id, mandatory)
         if delay is not None or at is not None or id is not None:
             # a given id may be derived: it must reach the transport's dedup,
             # which the synchronous puts below skip (they take fresh ids only)
-            return await self._publish_later(event, key, headers, delay, at, id)
+            return await self._publish_later(event, key, headers, delay, at, id, mandatory)
         put_one = self._put_one
         if put_one is not None:
             # Running, no middleware, a transport that is not durable: one
             # synchronous put, and a wait only when the transport is full.
             if type(event) not in _EVENT_TYPES:
                 _check_event(event)
-            # new_id() inlined: a list pop, no Python call per event
-            env_id = _ids.pop() if _ids else refill_ids()
-            env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
-            if not put_one(env):
-                await self._publish((env,))
-            return env_id
+            if event.__topic__ in self._routing.routed and not (mandatory and self._routing.blind):
+                # new_id() inlined: a list pop, no Python call per event
+                env_id = _ids.pop() if _ids else refill_ids()
+                env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
+                if not put_one(env):
+                    await self._publish((env,))
+                return env_id
         if self._state is not _RUNNING:
             raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
         if type(event) not in _EVENT_TYPES:
@@ -625,6 +644,8 @@ class App:
         middleware = self._middleware
         for mw in middleware:
             mw.before_publish(env)
+        if env.topic not in self._routing.routed or (mandatory and self._routing.blind):
+            await self._check_routes((env,), mandatory)
         direct_put = self._direct_put
         if direct_put is None or not direct_put(env):
             await self._publish((env,))
@@ -661,6 +682,11 @@ class App:
             for env in chunk:
                 for mw in middleware:
                     mw.before_publish(env)
+            routed = self._routing.routed
+            if any(env.topic not in routed for env in chunk) or (
+                self.mandatory and self._routing.blind
+            ):
+                await self._check_routes(chunk, self.mandatory)
             await self._publish(chunk)
             for env in chunk:
                 for mw in reversed(middleware):
@@ -675,12 +701,13 @@ class App:
         delay: float | None,
         at: datetime | float | None,
         event_id: str | None = None,
+        mandatory: bool = False,
     ) -> str:
         env = self._envelope(event, key, headers, event_id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
         _schedule(env, delay, at)
-        await self._publish_envelopes([env])
+        await self._publish_envelopes([env], mandatory=mandatory)
         return env.id
 
     async def _publish_in(
@@ -692,6 +719,7 @@ class App:
         delay: float | None,
         at: datetime | float | None,
         event_id: str | None = None,
+        mandatory: bool = False,
     ) -> str:
         """The transactional outbox: ``event`` written through ``connection``."""
         env = self._envelope(event, key, headers, event_id)
@@ -706,6 +734,8 @@ class App:
         _schedule(env, delay, at)
         for mw in self._middleware:
             mw.before_publish(env)
+        if env.topic not in self._routing.routed or (mandatory and self._routing.blind):
+            await self._check_routes((env,), mandatory)
         if self._partitioned:
             self._fill_keys((env,))
         if self._signer is not None:
@@ -724,16 +754,21 @@ class App:
         id: str | None = None,
     ) -> str:
         """Publish without waiting; raises :class:`Overloaded` when full.
-        ``id`` as for :meth:`publish`."""
+        ``id`` as for :meth:`publish`.
+
+        It cannot wait for the transport to say whether a group receives the
+        topic, so it never raises :class:`Unroutable`: an unroutable publish
+        is counted (a moment later) and warned as :meth:`publish` does."""
         put_one = self._put_one
         if put_one is not None and id is None:
             if type(event) not in _EVENT_TYPES:
                 _check_event(event)
-            env_id = _ids.pop() if _ids else refill_ids()
-            env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
-            if not put_one(env):
-                raise Overloaded(f"a subscription of {env.topic!r} holds all it can")
-            return env_id
+            if event.__topic__ in self._routing.routed:
+                env_id = _ids.pop() if _ids else refill_ids()
+                env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
+                if not put_one(env):
+                    raise Overloaded(f"a subscription of {env.topic!r} holds all it can")
+                return env_id
         env = self._envelope(event, key, headers, id)
         if self._state != "running":
             raise Closed(f"app {self.name!r} is {self._state}")
@@ -749,6 +784,8 @@ class App:
             if self._signer is not None:
                 self._signer.sign((env,))
             self.transport.publish_nowait((env,))
+        if env.topic not in self._routing.routed:
+            self._routing.note_soon((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
         return env.id
@@ -823,11 +860,28 @@ class App:
         self._signer.sign(envs)
         await self.transport.publish(envs)
 
-    async def _publish_envelopes(self, envs: list[Envelope]) -> None:
-        """Publish events made by handlers: middleware, then reply routing."""
+    async def _check_routes(self, envs: Sequence[Envelope], mandatory: bool) -> None:
+        if mandatory:
+            await self._routing.require(envs)
+        else:
+            # Counted in the background: a plain publish waits for no lookup.
+            self._routing.note_soon(envs)
+
+    async def _publish_envelopes(
+        self, envs: list[Envelope], *, mandatory: bool | None = None
+    ) -> None:
+        """Publish events made by handlers: middleware, then reply routing;
+        ``mandatory`` defaults to the app's."""
         for env in envs:
             for mw in self._middleware:
                 mw.before_publish(env)
+        if mandatory is None:
+            mandatory = self.mandatory
+        routed = self._routing.routed
+        for env in envs:
+            if env.topic not in routed or (mandatory and self._routing.blind):
+                await self._check_routes(envs, mandatory)
+                break
         extra: list[Envelope] = []
         for env in envs:
             h = env.headers
@@ -993,6 +1047,11 @@ class App:
             raise Closed("the app is stopping")
         self._stop_requested = asyncio.Event()
         transport = self.transport
+        if self.mandatory and not isinstance(transport, KnowsGroups):
+            raise ConfigurationError(
+                f"App(mandatory=True) needs a transport that can tell which groups exist "
+                f"(KnowsGroups, docs/transports.md); {type(transport).__name__} cannot"
+            )
         await transport.start()
         for sub in self._subs.values():
             await transport.declare(sub.name, sub.topics)
@@ -1000,6 +1059,7 @@ class App:
         self._state = _RUNNING
         self._runners.clear()
         caps = self._caps = capabilities_of(transport)
+        self._routing.use(caps.groups)
         self._publish = transport.publish
         self._keyers = self._partition_keys()
         self._partitioned = caps.partitions > 0
@@ -1110,6 +1170,7 @@ class App:
                         transport.url.split("?", 1)[0],
                         backlog,
                     )
+            await stop.wait(self._routing.close(), "unroutable lookups")
             await stop.wait(transport.close(), "closing the transport")
             if self._threadpool is not None:
                 self._threadpool.shutdown(wait=False, cancel_futures=True)
@@ -1227,6 +1288,7 @@ class App:
             )
         return AppStats(
             subscriptions=subs,
+            unroutable=self._routing.unroutable,
             pending_requests=len(self._pending),
             rejected_replies=self._rejected_replies,
             loop_lag=self._lag.last,

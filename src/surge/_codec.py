@@ -12,8 +12,8 @@ from typing import Any, Literal, TypeVar
 
 import msgspec
 
-from ._errors import DecodeError, MessageTooLarge
-from ._event import Envelope, Event
+from ._errors import DecodeError, MessageTooLarge, UnknownVersion
+from ._event import VERSION_FIELD, Envelope, Event
 
 __all__ = ("Codec", "JsonCodec", "MsgpackCodec", "codec_for")
 
@@ -32,6 +32,62 @@ class _Wire(msgspec.Struct, array_like=True, gc=False):
     headers: dict[str, str] | None
     body: bytes
     not_before: float | None = None
+
+
+class _Version(msgspec.Struct, rename={"v": VERSION_FIELD}):
+    """Only the version of a payload (1 when it carries none)."""
+
+    v: int = 1
+
+
+class _Versioned:
+    """The decoder of a type with ``__version__`` above 1: the payload's
+    version is read first; an earlier one goes through the upcasters."""
+
+    __slots__ = ("codec", "current", "peek", "plain", "tp")
+
+    def __init__(self, codec: Codec, tp: type[Event]) -> None:
+        self.codec = codec
+        self.tp = tp
+        self.current = codec._decoder(tp)
+        self.peek = codec._decoder(_Version)
+        self.plain = codec._decoder(dict[str, Any])
+
+    def decode(self, data: bytes) -> Any:
+        tp = self.tp
+        version: int = self.peek.decode(data).v
+        if version == tp.__version__:
+            return self.current.decode(data)
+        name = tp.__name__
+        if version > tp.__version__:
+            raise UnknownVersion(
+                f"{tp.__topic__}: a version {version} payload, and {name} is version "
+                f"{tp.__version__} here (a newer publisher: deploy the new type first)",
+                topic=tp.__topic__,
+                version=version,
+            )
+        fields: dict[str, Any] = self.plain.decode(data)
+        fields.pop(VERSION_FIELD, None)
+        for step in range(version, tp.__version__):
+            upcast = tp.__upcasters__.get(step)
+            if upcast is None:
+                raise UnknownVersion(
+                    f"{tp.__topic__}: a version {version} payload, and {name} (version "
+                    f"{tp.__version__}) has no upcaster from version {step}: register one "
+                    f"with @surge.upcaster({name}, from_version={step})",
+                    topic=tp.__topic__,
+                    version=version,
+                )
+            try:
+                fields = upcast(fields)
+            except Exception as exc:
+                raise DecodeError(
+                    f"{tp.__topic__}: the upcaster of {name} from version {step} raised "
+                    f"{type(exc).__name__}: {exc}",
+                    topic=tp.__topic__,
+                ) from exc
+        fields[VERSION_FIELD] = tp.__version__
+        return self.current.decode(self.codec._encode(fields))
 
 
 class Codec:
@@ -57,7 +113,11 @@ class Codec:
         """Decode ``data`` into ``event_type`` or raise :class:`DecodeError`."""
         decoder = self._decoders.get(event_type)
         if decoder is None:
-            decoder = self._decoders[event_type] = self._decoder(event_type)
+            decoder = self._decoders[event_type] = (
+                _Versioned(self, event_type)
+                if event_type.__version__ > 1
+                else self._decoder(event_type)
+            )
         try:
             result: E = decoder.decode(data)
         except msgspec.ValidationError as exc:

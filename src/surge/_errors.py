@@ -7,10 +7,12 @@ builtin that fits, so ``except TimeoutError`` catches a request timeout::
     ├── ConfigurationError (ValueError)    an app or option that cannot work
     ├── DecodeError (ValueError)           a payload that does not fit its type
     │   ├── UnknownTopic (LookupError)     a topic no event type is declared for
+    │   ├── UnknownVersion                 a payload version no upcaster leads from
     │   ├── InvalidSignature               an envelope unsigned, or signed wrongly
     │   └── InvalidCloudEvent              a request that is no valid CloudEvent (HTTP 400/415)
     ├── MessageTooLarge (ValueError)       an encoded event over the size limit
     ├── KeyFailed (ValueError)             an event's key function or ``__key__`` failed
+    ├── Unroutable (LookupError)           ``mandatory=True``: no declared group receives it
     ├── Overloaded                         a bounded buffer is full (``*_nowait``)
     ├── Closed (RuntimeError)              the app or transport is not running
     ├── TransportError (ConnectionError)   a broker's own failure, translated
@@ -47,6 +49,8 @@ __all__ = (
     "TransportError",
     "Unauthorized",
     "UnknownTopic",
+    "UnknownVersion",
+    "Unroutable",
 )
 
 
@@ -73,6 +77,16 @@ class DecodeError(SurgeError, ValueError):
 
 class UnknownTopic(DecodeError, LookupError):
     """A payload addressed to a topic that no event type is declared for."""
+
+
+class UnknownVersion(DecodeError):
+    """A payload whose version the event type cannot decode: newer than its
+    ``__version__``, or older with no upcaster registered for a step
+    (``surge.upcaster``). ``version`` is the payload's."""
+
+    def __init__(self, message: str, *, topic: str = "", version: int = 0) -> None:
+        super().__init__(message, topic=topic)
+        self.version = version
 
 
 class InvalidSignature(DecodeError):
@@ -116,6 +130,21 @@ class KeyFailed(SurgeError, ValueError):
     Nothing was published (an unkeyed copy would lose its per-key order
     across processes). ``topic`` is the event's topic; the error raised by
     the key function is ``__cause__``.
+    """
+
+    def __init__(self, message: str, *, topic: str) -> None:
+        super().__init__(message)
+        self.topic = topic
+
+
+class Unroutable(SurgeError, LookupError):
+    """A mandatory publish (``publish(..., mandatory=True)`` or
+    ``App(mandatory=True)``) to a topic that no group declared on the
+    transport receives: nothing was published.
+
+    "Declared on the transport" counts every process sharing the store,
+    running or not: a group a worker declared once keeps what is published
+    for it while no worker runs. ``topic`` is the event's topic.
     """
 
     def __init__(self, message: str, *, topic: str) -> None:

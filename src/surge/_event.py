@@ -6,7 +6,8 @@ import hashlib
 import os
 import re
 import time
-from typing import TYPE_CHECKING, Any, ClassVar, dataclass_transform
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar, dataclass_transform
 
 import msgspec
 
@@ -20,7 +21,17 @@ __all__ = (
     "is_derived",
     "is_event_id",
     "new_id",
+    "upcaster",
 )
+
+VERSION_FIELD = "_v"
+"""The field that carries an event's ``__version__`` in its payload (only
+for versions above 1: a payload without it is version 1)."""
+
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+"""Turns the fields of a version-N payload into those of version N+1."""
+
+U = TypeVar("U", bound=Upcaster)
 
 
 if TYPE_CHECKING:
@@ -34,12 +45,28 @@ if TYPE_CHECKING:
 
         __topic__: ClassVar[str]
         __key__: ClassVar[str | None]
+        __version__: ClassVar[int]
+        __upcasters__: ClassVar[dict[int, Upcaster]]
 
         def __init_subclass__(cls, **kwargs: Any) -> None: ...
 
 else:
 
-    class Event(msgspec.Struct, frozen=True, kw_only=True):
+    class _EventMeta(type(msgspec.Struct)):  # type: ignore[misc]
+        """Puts ``__version__`` (above 1) into the payload: the class is
+        a msgspec tagged struct whose tag field is ``_v``."""
+
+        def __new__(mcls, name: str, bases: Any, ns: dict[str, Any], **kw: Any) -> Any:
+            version = ns.get("__version__")
+            if version is not None:
+                if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+                    raise TypeError(f"{name}.__version__ = {version!r}: give an int >= 1")
+                if version > 1:
+                    kw.setdefault("tag_field", VERSION_FIELD)
+                    kw.setdefault("tag", version)
+            return super().__new__(mcls, name, bases, ns, **kw)
+
+    class Event(msgspec.Struct, frozen=True, kw_only=True, metaclass=_EventMeta):
         """Base class of every event: a frozen, typed msgspec Struct.
 
         The topic defaults to the class name; set ``__topic__`` in the class body
@@ -47,19 +74,47 @@ else:
         the field that orders events of this type (``__key__ = "order_id"``):
         subscriptions default to it, and every publisher sets the envelope's
         key from it, so order holds across processes (see docs/guarantees.md).
+        ``__version__`` (default 1) is the version of its fields: payloads of
+        earlier versions are turned into this one by the type's upcasters
+        (:func:`upcaster`) when they are decoded.
         """
 
         __topic__: ClassVar[str] = ""
         __key__: ClassVar[str | None] = None
+        __version__: ClassVar[int] = 1
+        __upcasters__: ClassVar[dict[int, Upcaster]] = {}
 
         def __init_subclass__(cls, **kwargs: Any) -> None:
             super().__init_subclass__(**kwargs)
             if "__topic__" not in cls.__dict__:
                 cls.__topic__ = cls.__name__
+            cls.__upcasters__ = {}
             _TYPES[cls.__topic__] = cls
 
 
 _TYPES: dict[str, type[Event]] = {}
+
+
+def upcaster(event_type: type[Event], *, from_version: int) -> Callable[[U], U]:
+    """Register the decorated function as the upcaster of ``event_type``'s
+    payloads from ``from_version`` to ``from_version + 1``: it takes the
+    payload's fields (a dict, without the version) and returns the next
+    version's. A payload of version N is decoded through the upcasters of
+    N, N+1, ... up to the type's ``__version__``."""
+    if not (isinstance(event_type, type) and issubclass(event_type, Event)):
+        raise TypeError(f"upcaster({event_type!r}): give an Event subclass")
+    if not 1 <= from_version < event_type.__version__:
+        raise ValueError(
+            f"upcaster({event_type.__name__}, from_version={from_version}): "
+            f"{event_type.__name__} is version {event_type.__version__}, so give 1 to "
+            f"{event_type.__version__ - 1}"
+        )
+
+    def register(fn: U) -> U:
+        event_type.__upcasters__[from_version] = fn
+        return fn
+
+    return register
 
 
 def event_type(topic: str) -> type[Event] | None:

@@ -26,6 +26,9 @@ class SubscriptionStats(msgspec.Struct, frozen=True, kw_only=True):
 
 class AppStats(msgspec.Struct, frozen=True, kw_only=True):
     subscriptions: dict[str, SubscriptionStats]
+    unroutable: dict[str, int] = msgspec.field(default_factory=dict)
+    """Publishes that no group declared on the transport received (dropped),
+    by topic, since the app was made."""
     pending_requests: int = 0
     rejected_replies: int = 0
     """Replies to this app's requests refused for a missing, unknown or

@@ -24,6 +24,7 @@ __all__ = (
     "HandsBack",
     "IdleAware",
     "KeyRouting",
+    "KnowsGroups",
     "Outbox",
     "StateStore",
     "Transport",
@@ -246,6 +247,23 @@ class Outbox(Protocol):
         ...
 
 
+@runtime_checkable
+class KnowsGroups(Protocol):
+    """The transport can tell which declared groups receive a topic, counting
+    the groups every process sharing its store declared.
+
+    ``publish(..., mandatory=True)`` needs it (a publish no group receives
+    raises ``Unroutable``), and so does the count of unroutable publishes;
+    without it, ``mandatory=True`` raises ``NotImplementedError`` and
+    nothing is counted.
+    """
+
+    async def groups_for(self, topic: str) -> list[str]:
+        """The names of the groups declared on this store (by any process,
+        running or not) whose topics match ``topic``, at a fresh look."""
+        ...
+
+
 @dataclass(frozen=True, slots=True)
 class Capabilities:
     """What a transport can do beyond ``Transport``, resolved once."""
@@ -256,6 +274,7 @@ class Capabilities:
     state: StateStore | None = None
     direct_put: DirectPut | None = None
     outbox: Outbox | None = None
+    groups: KnowsGroups | None = None
 
     @property
     def partitions(self) -> int:
@@ -273,6 +292,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         state=transport if isinstance(transport, StateStore) else None,
         direct_put=transport if isinstance(transport, DirectPut) else None,
         outbox=transport if isinstance(transport, Outbox) else None,
+        groups=transport if isinstance(transport, KnowsGroups) else None,
     )
 
 

@@ -315,6 +315,44 @@ async def test_trigger_state_in_the_store_is_shared(
     assert len(fired) == 8
 
 
+# --- KnowsGroups ---------------------------------------------------------------
+async def test_groups_for_names_the_groups_of_every_process(
+    transport_factory: Factory, case: Case
+) -> None:
+    """groups_for(topic) names the declared groups whose topics or patterns
+    match it, those another transport on a shared store declared included."""
+    _need(_caps(transport_factory).groups, "KnowsGroups", case)
+    async with transport_factory.started() as t:
+        groups = surge.capabilities_of(t).groups
+        assert groups is not None
+        assert await groups.groups_for("conf.a") == []
+        await t.declare("g-exact", ["conf.a"])
+        await t.declare("g-star", ["conf.*"])
+        if case.shared:
+            async with transport_factory.started() as other:
+                await other.declare("g-rest", ["conf.>"])
+        else:
+            await t.declare("g-rest", ["conf.>"])
+        assert sorted(await groups.groups_for("conf.a")) == ["g-exact", "g-rest", "g-star"]
+        assert sorted(await groups.groups_for("conf.b")) == ["g-rest", "g-star"]
+        assert await groups.groups_for("conf.b.c") == ["g-rest"]
+        assert await groups.groups_for("other") == []
+
+
+async def test_without_groups_mandatory_publish_cannot_tell(
+    transport_factory: Factory, case: Case
+) -> None:
+    """Without KnowsGroups, publish(mandatory=True) raises NotImplementedError
+    naming the capability, and a plain publish counts nothing."""
+    _lack(_caps(transport_factory).groups, "KnowsGroups", case)
+    app = transport_factory.app()
+    async with app:
+        with pytest.raises(NotImplementedError, match="KnowsGroups"):
+            await app.publish(Item(n=1), mandatory=True)
+        await app.publish(Item(n=2))
+        assert app.statistics().unroutable == {}
+
+
 # --- DirectPut -----------------------------------------------------------------
 async def test_put_one_takes_all_or_nothing(transport_factory: Factory, case: Case) -> None:
     """put_one queues a fresh envelope and says True, or takes nothing and

@@ -132,6 +132,14 @@ def families(app: App) -> Iterator[Any]:
     )
     lag.add_metric((app_name,), snap.loop_lag_max)
     yield lag
+    unroutable = CounterMetricFamily(
+        "surge_unroutable",
+        "Publishes that no group declared on the transport received (dropped), by topic",
+        labels=("app", "topic"),
+    )
+    for topic, n in sorted(snap.unroutable.items()):
+        unroutable.add_metric((app_name, topic), n)
+    yield unroutable
     yield GaugeMetricFamily(
         "surge_processes", "Worker processes whose numbers are summed here", value=snap.processes
     )

@@ -204,10 +204,13 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     processes: int = 1
     loop_lag_max: float = 0.0
     """The longest any of the processes' event loops was held (seconds)."""
+    unroutable: dict[str, int] = msgspec.field(default_factory=dict)
+    """Publishes no declared group received, by topic (summed over processes)."""
 
     def statistics(self) -> AppStats:
         return AppStats(
             subscriptions={n: s.stats for n, s in self.subscriptions.items()},
+            unroutable=dict(self.unroutable),
             pending_requests=self.pending_requests,
             rejected_replies=self.rejected_replies,
             loop_lag_max=self.loop_lag_max,
@@ -241,6 +244,7 @@ def snapshot(app: App) -> Snapshot:
         pending_requests=stats.pending_requests,
         rejected_replies=stats.rejected_replies,
         loop_lag_max=stats.loop_lag_max,
+        unroutable=stats.unroutable,
     )
 
 
@@ -273,8 +277,11 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
     subs: dict[str, dict[str, Any]] = {}
     pending = rejected = 0
     lag = 0.0
+    unroutable: dict[str, int] = {}
     for snap in items:
         rejected += snap.rejected_replies
+        for topic, n in snap.unroutable.items():
+            unroutable[topic] = unroutable.get(topic, 0) + n
         live = _alive(snap.pid)
         if live:
             pending += snap.pending_requests
@@ -310,6 +317,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
         rejected_replies=rejected,
         processes=len(items),
         loop_lag_max=lag,
+        unroutable=unroutable,
     )
 
 

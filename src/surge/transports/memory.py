@@ -139,6 +139,10 @@ class MemoryTransport:
             )
         return groups
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups whose topics match ``topic`` (``KnowsGroups``)."""
+        return [g.name for g in self._route(topic)]
+
     def _fresh(self, env_id: str) -> bool:
         # Only derived ids (UUIDv8, see surge._event) can repeat; callers
         # check that first, so fresh ids skip this on the hot path.

@@ -37,7 +37,7 @@ from ..._clock import Clock
 from ..._codec import Codec
 from ..._errors import Closed, ConfigurationError, DecodeError, TransportError
 from ..._event import Envelope
-from ..._transport import Delivery
+from ..._transport import Delivery, topic_matches
 from .._partitions import Ownership
 from ._balancer import Balancer, ended
 from ._connection import CancelGuard, Connection, translate
@@ -122,6 +122,32 @@ class Consumer:
             for src in g.sources.values():
                 await self._ensure_consumer(g, src)
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the stream, declared by any process, whose shared
+        consumer's filters take unkeyed envelopes of ``topic`` (a group's
+        partition consumers filter the same topics): the group's name, kept
+        in the consumer's description, or its consumer's name."""
+        subject = self._layout.subject(topic)
+        js = self._conn.js
+        found: list[str] = []
+        offset = 0
+        try:
+            while True:
+                page = await js.consumers_info(self._stream, offset or None)
+                for info in page:
+                    config = info.config
+                    filters = config.filter_subjects or (
+                        [config.filter_subject] if config.filter_subject else []
+                    )
+                    if any(topic_matches(f, subject) for f in filters):
+                        found.append(config.description or info.name)
+                if len(page) < 256:
+                    break
+                offset += len(page)
+        except nats.errors.Error as exc:
+            raise translate(exc, f"listing the groups of {topic!r}") from exc
+        return sorted(set(found))
+
     def _filter(self, g: Group, src: Source) -> list[str]:
         if src.part is None:
             return g.subjects
@@ -133,6 +159,7 @@ class Consumer:
         config = ConsumerConfig(
             durable_name=None if g.ephemeral else src.durable,
             name=src.durable,
+            description=g.name,
             ack_policy=AckPolicy.EXPLICIT,
             ack_wait=o.lease,
             max_deliver=o.max_deliver,

@@ -206,6 +206,12 @@ class NatsTransport:
                 group, topics, ephemeral=ephemeral, partitions=self.partitions
             )
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the stream, declared by any process, that receive
+        ``topic`` (``KnowsGroups``)."""
+        with CancelGuard():
+            return await self._consumer.groups_for(topic)
+
     def ownership(self, group: str) -> Ownership | None:
         """Which partitions of ``group`` this consumer reads (None: an
         ephemeral group, or not declared here)."""

@@ -36,6 +36,10 @@ class Groups:
         )
         self._lookup = q("SELECT id FROM {s}.groups WHERE name = $1")
         self._names = q("SELECT name FROM {s}.groups ORDER BY name")
+        self._routed = q(
+            "SELECT DISTINCT g.name FROM {s}.patterns p JOIN {s}.groups g ON g.id = p.grp "
+            "WHERE $1 ~ p.regex ORDER BY g.name"
+        )
         self._alive = q("UPDATE {s}.groups SET alive_until = $1 WHERE id = ANY($2::int[])")
         self._gone = q("SELECT id FROM {s}.groups WHERE ephemeral AND alive_until < $1")
         self._drop = [
@@ -70,6 +74,11 @@ class Groups:
             raise ConfigurationError(f"no group {name!r} in postgres; groups: {names}")
         self.ids[name] = int(found)
         return int(found)
+
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups, declared by any process, whose patterns route ``topic``
+        (the join the schema's ``publish`` makes)."""
+        return [r[0] for r in await self._db.fetch(self._routed, topic)]
 
     async def keep_alive(self, gids: list[int], until: float) -> None:
         """Ephemeral ``gids`` are in use until ``until``."""

@@ -191,6 +191,12 @@ class PostgresTransport:
         """The last statement reached the server."""
         return self._db.healthy and self._fast.healthy
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the schema, declared by any process, that receive
+        ``topic`` (``KnowsGroups``)."""
+        self._check_open()
+        return await self._groups.groups_for(topic)
+
     async def declare(self, group: str, topics: Sequence[str], *, ephemeral: bool = False) -> None:
         self._check_open()
         alive = self.clock.time() + self._inbox_life() if ephemeral else None

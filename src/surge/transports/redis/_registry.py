@@ -144,6 +144,14 @@ class Registry:
         await self.load()
         return sorted(self._groups)
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the prefix, declared by any process, that receive ``topic``."""
+        try:
+            await self.load()
+        except Exception as exc:
+            raise self._conn.error(exc, "reading the groups") from exc
+        return self._route_names(topic)
+
     async def known(self, name: str) -> GroupKeys:
         """The keys of a group declared by any process (for dead letters
         and stats); ``ConfigurationError`` when there is none."""

@@ -274,6 +274,12 @@ class RedisTransport:
             g.add_patterns(topics)
         await self._registry.declare(g.keys, g.patterns)
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the prefix, declared by any process, that receive
+        ``topic`` (``KnowsGroups``)."""
+        self._conn.client()  # Closed, when it is
+        return await self._registry.groups_for(topic)
+
     def _group(self, name: str) -> Group:
         g = self._groups.get(name)
         if g is None:

@@ -347,6 +347,11 @@ class Database:
             )
         return gid
 
+    def groups_for(self, topic: str) -> list[str]:
+        """The names of the groups that receive ``topic``, as the file says now."""
+        self._sync_groups()
+        return sorted(self._groups[gid][0] for gid in self._route(topic))
+
     def _route(self, topic: str) -> tuple[int, ...]:
         gids = self._routes.get(topic)
         if gids is None:

@@ -185,6 +185,13 @@ class SqliteTransport:
         elif group not in self._members:
             self._members[group] = self._member(group, gid)
 
+    async def groups_for(self, topic: str) -> list[str]:
+        """The groups of the file, declared by any process, that receive
+        ``topic`` (``KnowsGroups``)."""
+        self._check_open()
+        names: list[str] = await self._thread.submit(self._db.groups_for, topic, write=False)
+        return names
+
     def _member(self, group: str, gid: int) -> Member:
         return Member(
             group,
