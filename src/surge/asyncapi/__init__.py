@@ -8,7 +8,8 @@ See :func:`document` for what the document holds.
 
 from __future__ import annotations
 
-from ._document import ASYNCAPI_VERSION, document, returned_types
+from .._graph import returned_types
+from ._document import ASYNCAPI_VERSION, document
 from ._endpoint import PATH, mount
 
 __all__ = ("ASYNCAPI_VERSION", "PATH", "document", "mount", "returned_types")

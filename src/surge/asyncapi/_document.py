@@ -17,16 +17,14 @@ Message payloads are msgspec's JSON Schema of the event types, shared in
 
 from __future__ import annotations
 
-import collections.abc
 import re
-import types
-import typing
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import msgspec
 
 from .._event import Event
+from .._graph import returned_types
 
 if TYPE_CHECKING:
     from .._app import App
@@ -41,32 +39,6 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-]")
 def _id(text: str) -> str:
     """A key usable in a JSON pointer (``#/channels/<id>``) and readable."""
     return _UNSAFE.sub("_", text)
-
-
-def returned_types(handler: Any) -> list[type[Event]]:
-    """The event types ``handler`` says it returns: its return annotation,
-    unpacked through unions, ``Optional`` and sequences."""
-    try:
-        hints = typing.get_type_hints(handler)
-    except Exception:  # an annotation that does not resolve describes nothing
-        return []
-    found: list[type[Event]] = []
-
-    def walk(tp: Any) -> None:
-        if isinstance(tp, type) and issubclass(tp, Event):
-            if tp not in found:
-                found.append(tp)
-            return
-        origin = typing.get_origin(tp)
-        container = isinstance(origin, type) and issubclass(
-            origin, collections.abc.Iterable | collections.abc.Awaitable
-        )
-        if origin in (typing.Union, types.UnionType) or container:
-            for arg in typing.get_args(tp):
-                walk(arg)
-
-    walk(hints.get("return"))
-    return found
 
 
 def _server(url: str) -> dict[str, Any]:

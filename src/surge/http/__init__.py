@@ -50,6 +50,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
         f"surge.http needs the http extra ({exc.name} is missing): pip install 'surge[http]'"
     ) from exc
 
+from ._admission import AdmissionStats
 from ._auth import PRINCIPAL_HEADER, Auth, api_keys, jwt_bearer
 from ._cloudevents import CloudEventsRoute, to_cloudevent
 from ._config import Limits
@@ -71,6 +72,7 @@ __all__ = (
     "ADMIN_LISTENER",
     "PRINCIPAL_HEADER",
     "ASGIApp",
+    "AdmissionStats",
     "Auth",
     "CloudEventsRoute",
     "HttpStats",

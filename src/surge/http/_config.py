@@ -27,6 +27,15 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     ``max_connections`` open connections; past it a new one is answered 503
                         and closed at once, so a flood cannot exhaust file
                         descriptors (default: the descriptor limit less 128)
+    ``target_latency``  seconds an admitted event may queue in the pipeline
+                        behind its route (the subscriptions it reaches);
+                        while the estimate is over it, the route admits
+                        less and answers the rest 503 with ``Retry-After``
+                        (docs/http.md, "Admission"); a route's own
+                        ``target_latency=`` overrides it; None: admit by
+                        ``max_in_flight`` alone
+    ``admission_interval``
+                        seconds between two samples of those pipelines
     """
 
     max_in_flight: int = 1000
@@ -38,6 +47,8 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
     graceful_timeout: float = 10.0
     backlog: int = 4096
     max_connections: int | None = None
+    target_latency: float | None = 0.25
+    admission_interval: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("max_in_flight", "max_body", "max_header", "max_requests_per_connection"):
@@ -45,7 +56,9 @@ class Limits(msgspec.Struct, frozen=True, kw_only=True):
                 raise ConfigurationError(f"Limits.{name} must be at least 1")
         if self.max_connections is not None and self.max_connections < 1:
             raise ConfigurationError("Limits.max_connections must be at least 1")
-        for name in ("header_timeout", "keep_alive", "graceful_timeout"):
+        if self.target_latency is not None and not self.target_latency > 0:
+            raise ConfigurationError("Limits.target_latency must be positive (or None)")
+        for name in ("header_timeout", "keep_alive", "graceful_timeout", "admission_interval"):
             if getattr(self, name) <= 0:
                 raise ConfigurationError(f"Limits.{name} must be positive")
 

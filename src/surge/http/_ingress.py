@@ -29,6 +29,7 @@ from .._errors import (
     Unauthorized,
 )
 from .._event import Event
+from ._admission import AdaptiveLimit, Admission, AdmissionStats
 from ._auth import PRINCIPAL_HEADER, Auth
 from ._cloudevents import CloudEventsReader, CloudEventsRoute, cloudevent_types
 from ._config import Limits
@@ -76,6 +77,7 @@ _JSON = (b"content-type", b"application/json")
 _CLOSE = (b"connection", b"close")
 _RETRY = (b"retry-after", b"1")
 _BUSY = b'{"error":"overloaded: too many requests in flight, retry later"}'
+_SHED = b'{"error":"overloaded: the pipeline behind this route is behind, retry later"}'
 _UNAVAILABLE = b'{"error":"the event store is unavailable for now, retry later"}'
 _PROMETHEUS = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -84,7 +86,9 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     """A path that publishes its decoded body as ``publish`` and answers 202,
     or, with ``reply``, waits up to ``timeout`` for that event and answers
     200 with it. ``auth`` decides who may call it (else the ingress's
-    :meth:`~Ingress.set_auth` hook, if any)."""
+    :meth:`~Ingress.set_auth` hook, if any). ``target_latency`` bounds how
+    long what it admits may queue behind it (None: ``Limits.target_latency``;
+    ``math.inf``: never shed)."""
 
     method: str
     path: str
@@ -92,6 +96,7 @@ class Route(msgspec.Struct, frozen=True, kw_only=True):
     reply: type[Event] | None = None
     timeout: float = 5.0
     auth: Auth | None = None
+    target_latency: float | None = None
 
 
 class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -100,6 +105,8 @@ class HttpStats(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int
     requests: dict[str, dict[int, int]]
     """``"POST /orders"`` -> status -> count."""
+    admission: dict[str, AdmissionStats] = msgspec.field(default_factory=dict)
+    """``"POST /orders"`` -> its admission, for routes that have one."""
 
 
 class _Reject(Exception):
@@ -122,12 +129,23 @@ event, its headers and its id."""
 class _Bound:
     """A route with what its hot path needs at hand."""
 
-    __slots__ = ("auth", "decoder", "key", "reader", "reply", "route", "stats", "timeout")
+    __slots__ = (
+        "admission",
+        "auth",
+        "decoder",
+        "key",
+        "reader",
+        "reply",
+        "route",
+        "stats",
+        "timeout",
+    )
 
     def __init__(
         self, route: Route | CloudEventsRoute, stats: RouteStats, reader: _Reader | None = None
     ) -> None:
         self.route = route
+        self.admission: AdaptiveLimit | None = None
         self.auth = route.auth
         self.stats = stats
         self.reader = reader
@@ -161,6 +179,7 @@ class Ingress:
         self._around: RequestWrapper | None = None
         self._stopping = False
         self._shutdown_hooks: list[Callable[[], Awaitable[None]]] = []
+        self._admission: Admission | None = None
         self.configure(limits or Limits())
         self._now = app.clock.monotonic
         self.answers = Answers(self._now)
@@ -185,13 +204,23 @@ class Ingress:
         reply: type[Event] | None = None,
         timeout: float = 5.0,
         auth: Auth | None = None,
+        target_latency: float | None = None,
     ) -> Route:
         """``POST path``: decode the JSON body into ``publish`` and publish it;
         answer 202 ``{"id": ...}``, or with ``reply`` the reply event (200).
         With ``auth`` (or an app-wide :meth:`set_auth` hook), only callers
         it accepts (401/403 otherwise, before the body is read); the
-        principal goes with the event as its ``surge-principal`` header."""
-        return self.route("POST", path, publish=publish, reply=reply, timeout=timeout, auth=auth)
+        principal goes with the event as its ``surge-principal`` header.
+        ``target_latency``: see :class:`Route` and docs/http.md."""
+        return self.route(
+            "POST",
+            path,
+            publish=publish,
+            reply=reply,
+            timeout=timeout,
+            auth=auth,
+            target_latency=target_latency,
+        )
 
     def put(
         self,
@@ -201,9 +230,18 @@ class Ingress:
         reply: type[Event] | None = None,
         timeout: float = 5.0,
         auth: Auth | None = None,
+        target_latency: float | None = None,
     ) -> Route:
         """Like :meth:`post`, for ``PUT``."""
-        return self.route("PUT", path, publish=publish, reply=reply, timeout=timeout, auth=auth)
+        return self.route(
+            "PUT",
+            path,
+            publish=publish,
+            reply=reply,
+            timeout=timeout,
+            auth=auth,
+            target_latency=target_latency,
+        )
 
     def route(
         self,
@@ -214,6 +252,7 @@ class Ingress:
         reply: type[Event] | None = None,
         timeout: float = 5.0,
         auth: Auth | None = None,
+        target_latency: float | None = None,
     ) -> Route:
         """Declare a route; see :meth:`post`."""
         method = method.upper()
@@ -230,11 +269,30 @@ class Ingress:
             raise ConfigurationError("timeout must be positive")
         if auth is not None and not callable(auth):
             raise ConfigurationError(f"auth= takes a callable, not {auth!r}")
+        if target_latency is not None and not target_latency > 0:
+            raise ConfigurationError("target_latency must be positive (math.inf: never shed)")
         route = Route(
-            method=method, path=path, publish=publish, reply=reply, timeout=timeout, auth=auth
+            method=method,
+            path=path,
+            publish=publish,
+            reply=reply,
+            timeout=timeout,
+            auth=auth,
+            target_latency=target_latency,
         )
         self._routes[(method, path)] = _Bound(route, self._stats_for(method, path))
         self._paths.setdefault(path, []).append(method)
+        if self._admission is None and self.app.state not in ("running", "stopping"):
+            # The pipelines behind the routes are known once the app starts
+            # (subscriptions may come after the routes): a part of the app
+            # samples them while it runs.
+            self._admission = Admission(
+                self._admission_routes,
+                self._bind_admission,
+                lambda: self.limits.target_latency,
+                lambda: self.limits.admission_interval,
+            )
+            self.app.attach(self._admission)
         return route
 
     def cloudevents(
@@ -263,6 +321,23 @@ class Ingress:
         self._routes[("POST", path)] = bound
         self._paths.setdefault(path, []).append("POST")
         return route
+
+    def _admission_routes(self) -> list[tuple[tuple[str, str], tuple[str, ...], float | None]]:
+        """Each route's key, the topics it publishes and its own target."""
+        found: list[tuple[tuple[str, str], tuple[str, ...], float | None]] = []
+        for key, b in self._routes.items():
+            route = b.route
+            if isinstance(route, Route):
+                found.append((key, (route.publish.__topic__,), route.target_latency))
+            else:
+                topics = tuple(dict.fromkeys(tp.__topic__ for tp in route.types.values()))
+                found.append((key, topics, None))
+        return found
+
+    def _bind_admission(self, key: tuple[str, str], limit: AdaptiveLimit | None) -> None:
+        bound = self._routes.get(key)
+        if bound is not None:
+            bound.admission = limit
 
     # --- extensions: surge.observe adds its routes, metrics and spans here ----
     def mount(self, prefix: str, app: ASGIApp, *, admin: bool = True) -> None:
@@ -355,6 +430,11 @@ class Ingress:
         return HttpStats(
             in_flight=self.metrics.in_flight,
             requests={f"{s.method} {s.path}": dict(s.statuses) for s in self._stats.values()},
+            admission={
+                f"{m} {p}": b.admission.statistics()
+                for (m, p), b in self._routes.items()
+                if b.admission is not None
+            },
         )
 
     @property
@@ -422,6 +502,13 @@ class Ingress:
             # Refuse at once and drop the connection: a queue here would only
             # grow latency for everyone, and an open socket costs a descriptor.
             await _answer(send, 503, _BUSY, (_JSON, _RETRY, _CLOSE))
+            bound.stats.observe(503, self._now() - start)
+            return
+        admission = bound.admission
+        if admission is not None and not admission.admit():
+            # The pipeline behind the route is behind: what it admitted now
+            # would only wait in a queue. The connection stays open.
+            await _answer(send, 503, _SHED, (_JSON, _RETRY))
             bound.stats.observe(503, self._now() - start)
             return
         metrics.in_flight += 1

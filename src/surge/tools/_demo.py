@@ -81,6 +81,8 @@ class Tracker:
         self.prefix = f"{run}-"
         self.counts = bytearray(events)
         self.latencies = array("d")
+        self.placed = array("d")
+        """When each shipped order was placed (wall clock), as latencies."""
         self.unique = 0
         self.duplicates = 0
         self.strays = 0
@@ -101,6 +103,7 @@ class Tracker:
         self.counts[i] = 1
         self.unique += 1
         self.latencies.append(self.now() - ev.placed_at)
+        self.placed.append(ev.placed_at)
         if self.unique == len(self.counts):
             self.complete.set()
 

@@ -22,6 +22,7 @@ import logging
 import math
 import sys
 import time
+from array import array
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ from rich.progress import (
 
 from .._event import new_id
 from ..examples import shop
+from ..http import AdmissionStats
 from ._demo import (
     DemoReport,
     Tracker,
@@ -48,6 +50,10 @@ from ._demo import (
 )
 
 __all__ = ("HttpDemoReport", "http_demo", "print_http_report", "run_http_demo")
+
+RETRIES = 1_000
+"""A refused order is sent again after its ``Retry-After`` until it is
+accepted (a bound, so a server that never admits still ends the run)."""
 
 MODES = {
     "process": "load generator in a child process, server and pipeline in this one",
@@ -88,6 +94,15 @@ class HttpDemoReport(msgspec.Struct, frozen=True, kw_only=True):
     shed: int = 0
     """503 answers the load generator waited out and sent again (every one
     counted; a request accepted on its second try counts one here)."""
+    retried_requests: int = 0
+    """Requests sent more than once (shed at least once)."""
+    admission: AdmissionStats | None = None
+    """The route's admission at the end (limit, estimated delay, target)."""
+    pipeline_timeline: list[tuple[float, int, float, float, float]] = msgspec.field(
+        default_factory=list
+    )
+    """Placed-to-shipped latency per time slice, by when the order was
+    placed: (start s, orders, p50, p99, max)."""
     statuses: dict[int, int]
     errors: dict[str, int]
     """Requests with no answer, by cause."""
@@ -172,7 +187,7 @@ async def _http_demo(
     from ..http import Limits, Server
     from ._chart import write_chart
     from ._client import Response
-    from ._load import LoadReport, run_load
+    from ._load import LoadReport, _timeline, run_load
 
     app = shop.make_app(transport=transport, http=True)
     clock = app.clock
@@ -204,6 +219,7 @@ async def _http_demo(
             timeout=timeout,
             on_response=on_response,
             on_progress=on_progress,
+            retries=RETRIES,
         )
         return result, bytes(accepted)
 
@@ -275,6 +291,7 @@ async def _http_demo(
         drainable = app.capabilities.idle is not None  # App.drain needs IdleAware
         url = f"{server.url}/orders"
         start = clock.monotonic()
+        wall_start = clock.time()
         load = asyncio.ensure_future((in_child if client == "process" else in_loop)(url))
         settled: asyncio.Future[None] | None = None
         last_seen = (-1, start)
@@ -316,6 +333,7 @@ async def _http_demo(
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(app.drain(), stall_timeout)
         dead_ids = await dead_order_numbers(app, tracker)
+        admission = app.http.statistics().admission.get("POST /orders")
 
     shipped = tracker.counts
     lost = sum(1 for i in range(requests) if accepted[i] and not shipped[i] and i not in dead_ids)
@@ -324,9 +342,10 @@ async def _http_demo(
         app, subs, tracker, dead_ids, events=counts["accepted"], producers=concurrency,
         transport=transport, elapsed=elapsed, lost=lost,
     )  # fmt: skip
-    if chart is not None:
-        write_chart(result, chart)
-    return HttpDemoReport(
+    placed = array("d", (t - wall_start for t in tracker.placed))
+    span = max(result.duration, max(placed, default=0.0))
+    timeline = _timeline(placed, tracker.latencies, span)
+    report = HttpDemoReport(
         url=url,
         mode=MODES[client],
         concurrency=concurrency,
@@ -335,6 +354,9 @@ async def _http_demo(
         accepted=counts["accepted"],
         refused=result.statuses.get(503, 0),
         shed=result.retried,
+        retried_requests=result.retried_requests,
+        admission=admission,
+        pipeline_timeline=timeline,
         statuses=result.statuses,
         errors=result.errors,
         duration=result.duration,
@@ -346,6 +368,38 @@ async def _http_demo(
         pipeline=pipeline,
         unconfirmed=unconfirmed,
         chart=str(chart) if chart is not None else None,
+    )
+    if chart is not None:
+        write_chart(result, chart, pipeline=_chart_pipeline(report), rows=_chart_rows(report))
+    return report
+
+
+def _chart_pipeline(
+    report: HttpDemoReport,
+) -> tuple[str, list[tuple[float, int, float, float, float]]]:
+    return ("Orders: placed to shipped, by when the order was placed", report.pipeline_timeline)
+
+
+def _chart_rows(report: HttpDemoReport) -> list[tuple[str, str]]:
+    p = report.pipeline
+    rows = [
+        (
+            "placed -> shipped",
+            f"p50 {_ms(p.latency_p50)} · p95 {_ms(p.latency_p95)} · p99 {_ms(p.latency_p99)}",
+        ),
+        ("orders", f"{report.accepted:,} accepted · {p.delivered:,} shipped · lost {p.lost:,}"),
+        ("pipeline", f"{p.throughput:,.0f} orders/s over {p.elapsed:.2f} s on {p.transport}"),
+    ]
+    if report.admission is not None:
+        rows.append(("admission", _admission_line(report.admission)))
+    return rows
+
+
+def _admission_line(a: AdmissionStats) -> str:
+    limit = "none" if a.limit is None else f"{a.limit:,} events"
+    return (
+        f"target {_ms(a.target)} · shed {a.shed:,} · limit at the end {limit} "
+        f"· estimated queueing then {_ms(a.delay)}"
     )
 
 
@@ -372,9 +426,11 @@ def print_http_report(report: HttpDemoReport, console: Console) -> None:
     console.print(f"status codes: {codes}", highlight=False)
     console.print(
         f"accepted:    {report.accepted:,}   refused (503, not lost): {report.refused:,}"
-        f"   shed and sent again: {report.shed:,}",
+        f"   shed and sent again: {report.shed:,} ({report.retried_requests:,} requests)",
         highlight=False,
     )
+    if report.admission is not None:
+        console.print(f"admission:   {_admission_line(report.admission)}", highlight=False)
     if report.errors:
         errs = "  ".join(f"{k}: {v:,}" for k, v in sorted(report.errors.items()))
         console.print(f"[red]no answer:   {errs}[/red]", highlight=False)
@@ -383,7 +439,8 @@ def print_http_report(report: HttpDemoReport, console: Console) -> None:
     pipeline = report.pipeline
     header = (
         f"\n[bold]pipeline[/bold]: {pipeline.events:,} accepted orders on {pipeline.transport}"
-        " (time: first request to last order shipped)"
+        " (time: first request to last order shipped; placed: when the accepted"
+        " request was sent)"
     )
     print_report(pipeline, console, header=header)
     if report.chart is not None:
@@ -456,6 +513,7 @@ async def _client_main(url: str, requests: int, concurrency: int, run: str, time
             timeout=timeout,
             on_response=on_response,
             on_progress=on_progress,
+            retries=RETRIES,
         )
     finally:
         ticker.cancel()

@@ -11,7 +11,10 @@ A 503 (the server is overloaded or its transport in trouble) is sent again
 after the server's ``Retry-After`` (at most ``retries`` times, each wait
 capped at ``max_backoff`` and spread by half of it): a client backing off
 as a well-behaved one does. Its latency runs from the first send to the
-last answer, and ``retried`` counts the sends again.
+last answer, ``retried`` counts the sends again and ``retried_requests``
+the requests sent more than once. A request sent again is made again:
+``body_factory(i)`` is called for each send (a body that carries the time
+it was sent says when the accepted one was).
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
     """Per time slice: (start s, answers, p50, p99, max)."""
     retried: int = 0
     """Requests sent again after a 503, every time counted."""
+    retried_requests: int = 0
+    """Requests sent more than once (after one 503 or more)."""
 
     def summary(self) -> str:
         codes = ", ".join(f"{k}: {v}" for k, v in sorted(self.statuses.items())) or "none"
@@ -62,7 +67,8 @@ class LoadReport(msgspec.Struct, frozen=True, kw_only=True):
             f"{self.rps:,.0f} req/s\n"
             f"latency ms: p50 {self.p50 * ms:.2f}  p95 {self.p95 * ms:.2f}  "
             f"p99 {self.p99 * ms:.2f}  max {self.max * ms:.2f}  mean {self.mean * ms:.2f}\n"
-            f"status codes: {codes} (503 sent again: {self.retried})\nerrors: {errs}"
+            f"status codes: {codes} (503 sent again: {self.retried}, "
+            f"requests sent again: {self.retried_requests})\nerrors: {errs}"
         )
 
 
@@ -109,11 +115,12 @@ async def run_load(
     next_index = 0
     done = 0
     retried = 0
+    retried_requests = 0
     clock = time.perf_counter
     t0 = clock()
 
     async def worker() -> None:
-        nonlocal next_index, done, retried
+        nonlocal next_index, done, retried, retried_requests
         conn: Connection | None = None
         try:
             while next_index < requests:
@@ -141,9 +148,15 @@ async def run_load(
                         if response.status != 503 or again == retries:
                             break
                         retried += 1
+                        if not again:
+                            retried_requests += 1
                         if not conn.keep_alive:
                             conn.close()
                         await asyncio.sleep(_backoff(response, max_backoff))
+                        if body_factory is not None:
+                            request = build_request(
+                                verb, host, port, path, body_factory(i), headers
+                            )
                 except TimeoutError:
                     errors["timeout"] = errors.get("timeout", 0) + 1
                     if conn is not None:
@@ -174,7 +187,7 @@ async def run_load(
     await asyncio.gather(*(worker() for _ in range(min(concurrency, max(requests, 1)))))
     duration = clock() - t0
     report = _report(url, requests, statuses, errors, duration, starts, latencies)
-    return msgspec.structs.replace(report, retried=retried)
+    return msgspec.structs.replace(report, retried=retried, retried_requests=retried_requests)
 
 
 def _backoff(response: Response, cap: float) -> float:
