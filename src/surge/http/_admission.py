@@ -31,7 +31,8 @@ measured throughput (computed from the sample, so a backlog that takes a
 while to drain is not cut again at every sample); the second grows the
 limit only while it is what refused requests, fast while the pipeline is
 far under its target and slowly near it, so an idle route does not earn a
-limit it never tested. Both stay within ``[minimum, maximum]``.
+limit it never tested. Both stay within ``[minimum, maximum]``; it starts
+at the stages' summed ``concurrency`` (at least 100).
 """
 
 from __future__ import annotations
@@ -276,8 +277,14 @@ class Admission:
             pipeline = shared.get((groups, own))
             if pipeline is None:
                 pipeline = shared[(groups, own)] = _Pipeline(groups, own)
+                # What the stages' workers take at once queues nowhere: a
+                # burst of that many is admitted before the first sample.
+                concurrency = tuple(s.concurrency for s in reached)
                 pipeline.limit = AdaptiveLimit(
-                    own or 1.0, stages=groups, concurrency=tuple(s.concurrency for s in reached)
+                    own or 1.0,
+                    initial=max(100, sum(concurrency)),
+                    stages=groups,
+                    concurrency=concurrency,
                 )
                 # the app-wide target is read at each sample (a server may
                 # configure its limits after the app started)
