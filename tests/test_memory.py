@@ -72,3 +72,45 @@ async def test_fault_hooks_duplicate_and_hold_back(clock: surge.Clock) -> None:
     assert t.idle
     await r.aclose()
     await t.close()
+
+
+class _Fencing(MemoryTransport):
+    """memory:// with a fence that refuses every other keyed delivery asked
+    about (and settles it itself, as a fencing transport forgets it)."""
+
+    def __init__(self, clock: surge.Clock) -> None:
+        super().__init__(clock=clock)
+        self.asked = 0
+
+    def fenced(self, delivery: surge.Delivery) -> bool:
+        self.asked += 1
+        return self.asked % 2 == 0
+
+
+class _Step(surge.Event):
+    __topic__ = "fence.step"
+
+    key: str
+    seq: int
+
+
+async def test_the_runner_skips_fenced_keyed_deliveries(clock: surge.VirtualClock) -> None:
+    """A transport with ``fenced`` is asked before each keyed delivery
+    starts, and a fenced one is never handled (nor settled by the app)."""
+    transport = _Fencing(clock)
+    assert capabilities_of(transport).fences is transport
+    app = surge.App("fence", transport=transport)
+    seen: list[int] = []
+
+    @app.on(_Step, key="key", concurrency=1)
+    async def step(event: _Step) -> None:
+        seen.append(event.seq)
+
+    async with app:
+        for seq in range(10):
+            await app.publish(_Step(key="k", seq=seq))
+        await clock.sleep(1)
+        assert transport.asked == 10
+        assert seen == [0, 2, 4, 6, 8]
+        stats = await transport.stats("fence.step")
+        assert stats.pending == 5  # the fenced ones: forgotten by the app, left to the transport

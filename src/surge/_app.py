@@ -1087,6 +1087,7 @@ class App:
             codec=self.codec,
             middleware=self._middleware,
             hands_back=caps.hands_back,
+            fences=caps.fences,
             state=caps.state or self._local_state,
             rng=self._rng,
             timings=self._timings,

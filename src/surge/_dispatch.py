@@ -385,14 +385,24 @@ class Runner:
     async def _work_lane(self, lane_id: int, lane: deque[Delivery]) -> None:
         self._starting -= 1
         handle = self._handle
+        fences = self.runtime.fences
+        fenced = fences.fenced if fences is not None else None
         try:
             if self._chunked:
                 # in order: the chunk runs in one worker process, one by one
                 while lane:
                     n = min(len(lane), _PROCESS_CHUNK)
-                    await self._handle_in_process([lane.popleft() for _ in range(n)])
+                    chunk = [lane.popleft() for _ in range(n)]
+                    if fenced is not None:
+                        chunk = [d for d in chunk if not fenced(d)]
+                    if chunk:
+                        await self._handle_in_process(chunk)
             while lane:
-                await handle(lane.popleft())
+                d = lane.popleft()
+                # A delivery whose partition may have moved on is not started
+                # (the transport forgot it: its partition's owner handles it).
+                if fenced is None or not fenced(d):
+                    await handle(d)
         finally:
             if self._lanes.get(lane_id) is lane:
                 del self._lanes[lane_id]

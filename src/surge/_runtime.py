@@ -19,7 +19,7 @@ from ._clock import Clock
 from ._codec import Codec
 from ._event import Envelope, Event
 from ._middleware import Middleware
-from ._transport import HandsBack, StateStore, Transport
+from ._transport import Fences, HandsBack, StateStore, Transport
 
 if TYPE_CHECKING:
     from ._app import App, Subscription
@@ -61,6 +61,8 @@ class Runtime:
     middleware: tuple[Middleware, ...]
     hands_back: HandsBack | None
     """The transport's ``release``, when it has one (else: ``nack(d, 0)``)."""
+    fences: Fences | None = None
+    """The transport's ``fenced``, asked before each keyed delivery starts."""
     state: StateStore
     """The transport's state store, or one kept in the app's memory."""
     rng: Random

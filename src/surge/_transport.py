@@ -21,6 +21,7 @@ __all__ = (
     "DeadLetter",
     "Delivery",
     "DirectPut",
+    "Fences",
     "HandsBack",
     "IdleAware",
     "KeyRouting",
@@ -170,6 +171,27 @@ class HandsBack(Protocol):
 
 
 @runtime_checkable
+class Fences(Protocol):
+    """A keyed delivery does not start once its partition's lease may have
+    passed to another consumer.
+
+    A consumer cut off from its broker (a partition, a long pause) cannot
+    renew its partition leases, and after a lease's expiry the partition's
+    next owner handles what it finds pending, while the cut-off consumer
+    still holds deliveries it fetched before. With ``fenced``, the runtime
+    asks before it starts each keyed delivery, and skips one that is fenced:
+    the transport has forgotten it (neither handled nor settled here; the
+    partition's owner handles it). Without it, per-key exclusion across
+    processes holds only while every consumer renews its leases in time.
+    """
+
+    def fenced(self, delivery: Delivery) -> bool:
+        """True when ``delivery`` must not start here (the transport has
+        forgotten it); answered from local state, without a round trip."""
+        ...
+
+
+@runtime_checkable
 class KeyRouting(Protocol):
     """Keyed envelopes are routed by ``Envelope.key`` into ``partitions``,
     each read by one consumer at a time, so one key keeps its order across
@@ -275,6 +297,7 @@ class Capabilities:
     direct_put: DirectPut | None = None
     outbox: Outbox | None = None
     groups: KnowsGroups | None = None
+    fences: Fences | None = None
 
     @property
     def partitions(self) -> int:
@@ -293,6 +316,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         direct_put=transport if isinstance(transport, DirectPut) else None,
         outbox=transport if isinstance(transport, Outbox) else None,
         groups=transport if isinstance(transport, KnowsGroups) else None,
+        fences=transport if isinstance(transport, Fences) else None,
     )
 
 

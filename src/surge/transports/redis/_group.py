@@ -99,7 +99,12 @@ class Group:
         self._inflight = Inflight(keys, codec=codec, clock=clock, dead=dead)
         self._owner = (
             PartitionOwner(
-                conn, keys, consumer=consumer, lease=options.lease, inflight=self._inflight
+                conn,
+                keys,
+                consumer=consumer,
+                lease=options.lease,
+                inflight=self._inflight,
+                clock=clock,
             )
             if keys.parts
             else None
@@ -295,6 +300,30 @@ class Group:
         if self._owner is not None and self._keeper.reading and not self._conn.closed:
             # still ours and read: deliver it again
             self._owner.redeliver(int(token.partition(b"/")[0]))
+
+    def fenced(self, delivery: Delivery) -> bool:
+        """A partition's delivery whose lease may have lapsed (see
+        ``PartitionOwner.fenced``) is forgotten here, unsettled: pending to
+        this consumer on the server, it is claimed again if the partition is
+        still ours once a renewal succeeds, else by its next owner."""
+        token = delivery.token
+        owner = self._owner
+        if owner is None or b"/" not in token:
+            return False
+        p = int(token.partition(b"/")[0])
+        if not owner.fenced(p):
+            return False
+        if token in self._inflight:
+            if owner.first_fenced(p):
+                log.warning(
+                    "redis: %s: partition %d's lease was not renewed in time (Redis "
+                    "unreachable or this process stalled): its deliveries are left to its owner",
+                    self.keys.name,
+                    p,
+                )
+            self._inflight.settled(token)
+            owner.redeliver(p)
+        return True
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         await self._dead.bury(self.keys, delivery.token, record)

@@ -19,6 +19,7 @@ from typing import Any
 
 import redis.asyncio as aredis
 
+from ..._clock import Clock
 from .._partitions import Ownership
 from ._connection import Connection
 from ._inflight import Inflight
@@ -35,6 +36,7 @@ class PartitionOwner:
     claim again before reading them (``rescan``)."""
 
     __slots__ = (
+        "_clock",
         "_conn",
         "_consumer",
         "_inflight",
@@ -43,19 +45,38 @@ class PartitionOwner:
         "_own",
         "_reading",
         "_rescan",
+        "_safe_for",
+        "_valid",
+        "_warned",
     )
 
     def __init__(
-        self, conn: Connection, keys: GroupKeys, *, consumer: str, lease: float, inflight: Inflight
+        self,
+        conn: Connection,
+        keys: GroupKeys,
+        *,
+        consumer: str,
+        lease: float,
+        inflight: Inflight,
+        clock: Clock,
     ) -> None:
         self._conn = conn
         self._keys = keys
         self._consumer = consumer
         self._lease_ms = int(lease * 1000)
         self._inflight = inflight
+        self._clock = clock
         self._own = Ownership(keys.parts)
         self._reading: frozenset[int] = frozenset()  # partitions of the read in flight
         self._rescan: set[int] = set()  # owned partitions with entries pending, not held
+        # Fencing: a lease renewed by a call sent at t expires on the server
+        # no sooner than t + lease; this process starts a partition's
+        # delivery only until t + 2/3 lease (renewals come every lease/3), so
+        # a handler shorter than lease/3 ends before any other consumer can
+        # own the partition, even when this one was cut off from Redis.
+        self._safe_for = lease * 2 / 3
+        self._valid: dict[int, float] = {}  # partition -> monotonic time its starts stop
+        self._warned: set[int] = set()  # fenced partitions already logged
 
     @property
     def ownership(self) -> Ownership:
@@ -64,6 +85,18 @@ class PartitionOwner:
     def still_ours(self, token: bytes) -> bool:
         """The partition of ``token`` (a partition's entry) is still ours."""
         return int(token.partition(b"/")[0]) in self._own.owned
+
+    def fenced(self, p: int) -> bool:
+        """Partition ``p``'s lease may have expired (not renewed in time):
+        start nothing more of it here."""
+        return self._clock.monotonic() >= self._valid.get(p, 0.0)
+
+    def first_fenced(self, p: int) -> bool:
+        """True once per lapse of ``p``'s lease (to log it once)."""
+        if p in self._warned:
+            return False
+        self._warned.add(p)
+        return True
 
     # --- reads -----------------------------------------------------------------
     def begin_read(self) -> list[int]:
@@ -113,6 +146,7 @@ class PartitionOwner:
         ops = [(p, "r") for p in keep] + [(p, "a") for p in acquire] + [(p, "d") for p in release]
         if not ops:
             return False
+        sent = self._clock.monotonic()
         done = await conn.run(
             "own",
             keys=[self._keys.leases[p] for p, _ in ops],
@@ -122,7 +156,14 @@ class PartitionOwner:
         results = list(zip(ops, done, strict=True))
         lost = [p for (p, op), ok in results if op != "a" and (op == "d" or not ok)]
         gained = [p for (p, op), ok in results if op == "a" and ok]
+        valid_until = sent + self._safe_for
+        for (p, op), ok in results:
+            if ok and op != "d":
+                self._valid[p] = valid_until
+                self._warned.discard(p)
         if lost:
+            for p in lost:
+                self._valid.pop(p, None)
             own.lost(lost)
             self._rescan -= set(lost)  # the next owner claims what is pending there
         for p in gained:

@@ -99,7 +99,8 @@ class RedisTransport:
     ``redis.asyncio.Redis.from_url``.
 
     Implements ``Transport`` and the capabilities ``HandsBack``,
-    ``KeyRouting``, ``IdleAware`` and ``StateStore`` (``surge._transport``).
+    ``KeyRouting``, ``Fences``, ``IdleAware`` and ``StateStore``
+    (``surge._transport``).
     """
 
     durable = True
@@ -349,6 +350,10 @@ class RedisTransport:
         anything newer. Others are handed back as by ``nack(d, 0)``."""
         for d in deliveries:
             await self._group(d.group).release(d)
+
+    def fenced(self, delivery: Delivery) -> bool:
+        g = self._groups.get(delivery.group)
+        return g is not None and g.fenced(delivery)
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         await self._group(delivery.group).dead_letter(delivery, record)
