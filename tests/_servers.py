@@ -287,10 +287,10 @@ def nats_cluster(root: Path, *, size: int = 3) -> Iterator[NatsCluster]:
 _shared_nats_cluster: NatsCluster | None = None
 
 
-def shared_nats_cluster_url(_tmp_path: Path | None = None) -> str:
-    """A URL on one three-node NATS cluster for the whole session, with a
-    stream of its own replicated on all three (``replicas=3``); started on
-    first use, stopped when the interpreter exits."""
+def shared_nats_cluster() -> NatsCluster:
+    """One three-node NATS cluster for the whole session, started on first
+    use, stopped when the interpreter exits (a test that kills a node starts
+    it again before it ends)."""
     global _shared_nats_cluster
     if _shared_nats_cluster is None:
         root = Path(tempfile.mkdtemp(prefix="surge-nats-cluster-"))
@@ -303,7 +303,13 @@ def shared_nats_cluster_url(_tmp_path: Path | None = None) -> str:
             shutil.rmtree(root, ignore_errors=True)
 
         atexit.register(stop)
-    return f"{_shared_nats_cluster.url}?stream=t{uuid.uuid4().hex[:12]}&replicas=3"
+    return _shared_nats_cluster
+
+
+def shared_nats_cluster_url(_tmp_path: Path | None = None) -> str:
+    """A URL on the session's NATS cluster with a stream of its own,
+    replicated on all three nodes (``replicas=3``)."""
+    return f"{shared_nats_cluster().url}?stream=t{uuid.uuid4().hex[:12]}&replicas=3"
 
 
 # --- Redis ---------------------------------------------------------------------
@@ -416,8 +422,14 @@ class RedisCluster:
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", "1000",
+            # a replica (re)joining syncs at once, not after the default 5 s
+            "--repl-diskless-sync-delay", "0",
         )  # fmt: skip
-        self.nodes = [RedisServer(root / f"r{i}", extra=extra) for i in range(2 * masters)]
+        # the bus port given: the default (port + 10000) may be taken or > 65535
+        self.nodes = [
+            RedisServer(root / f"r{i}", extra=(*extra, "--cluster-port", str(free_port())))
+            for i in range(2 * masters)
+        ]
 
     @property
     def url(self) -> str:
@@ -434,10 +446,18 @@ class RedisCluster:
         )  # fmt: skip
         if done.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create: {done.stdout!r} {done.stderr!r}")
-        # Every node must see the whole cluster before clients route by it;
-        # each logs this once its view is complete.
+        # Every node must see the whole cluster before clients route by it
+        # (each logs this once its view is complete), and every replica must
+        # have its master's data: one that never synced does not take over.
         for node in self.nodes:
             node.wait_log("Cluster state changed: ok", timeout=30)
+        for node in self.nodes:
+            role = subprocess.run(
+                ["redis-cli", "-p", str(node.port), "ROLE"],
+                capture_output=True, timeout=10, check=True,
+            ).stdout.split()[0]  # fmt: skip
+            if role == b"slave":
+                node.wait_log("MASTER <-> REPLICA sync: Finished with success", timeout=30)
 
     def node_at(self, port: int) -> RedisServer:
         return next(n for n in self.nodes if n.port == port)
@@ -445,6 +465,33 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+_shared_redis_cluster: RedisCluster | None = None
+
+
+def shared_redis_cluster() -> RedisCluster:
+    """One Redis Cluster (3 masters, a replica each) for the whole session,
+    started on first use, stopped when the interpreter exits (a test that
+    kills a node starts it again before it ends)."""
+    global _shared_redis_cluster
+    if _shared_redis_cluster is None:
+        root = Path(tempfile.mkdtemp(prefix="surge-redis-cluster-"))
+        cluster = RedisCluster(root)
+        cluster.start()
+        _shared_redis_cluster = cluster
+
+        def stop() -> None:
+            cluster.stop()
+            shutil.rmtree(root, ignore_errors=True)
+
+        atexit.register(stop)
+    return _shared_redis_cluster
+
+
+def shared_redis_cluster_url(_tmp_path: Path | None = None) -> str:
+    """A URL on the session's Redis Cluster with a key prefix of its own."""
+    return f"{shared_redis_cluster().url}?prefix=t{uuid.uuid4().hex[:12]}"
 
 
 # --- PostgreSQL ----------------------------------------------------------------

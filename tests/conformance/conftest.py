@@ -34,6 +34,7 @@ from .._servers import (
     shared_nats_cluster_url,
     shared_nats_url,
     shared_postgres_url,
+    shared_redis_cluster_url,
     shared_redis_url,
 )
 
@@ -156,6 +157,21 @@ CASES.append(
     )
 )
 
+# A Redis Cluster (3 masters with a replica each), one for the session, a
+# fresh prefix per test (a hash tag: each test's keys live in one slot).
+CASES.append(
+    Case(
+        "redis-cluster",
+        url=shared_redis_cluster_url,
+        realtime=True,
+        shared=True,
+        leases=True,
+        lease_options={"lease": 0.5, "heartbeat": 0},
+        partitioned=True,
+        order_options={"lease": 1.0},
+        quick=CLUSTER_QUICK,
+    )
+)
 
 # PostgreSQL: one cluster for the whole session (initdb + pg_ctl, started on
 # first use by tests/_servers.py), and a fresh schema (named in the URL) per

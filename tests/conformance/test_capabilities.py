@@ -65,6 +65,7 @@ _RELEASE_COUNTS_AN_ATTEMPT = {
     "redis": "redis release() hands back through a path that counts a delivery",
     "nats": "nats release() NAKs, and JetStream counts the redelivery",
     "nats-cluster": "nats release() NAKs, and JetStream counts the redelivery",
+    "redis-cluster": "redis release() hands back through a path that counts a delivery",
     "amqp": "amqp has no release(), and a delivery nacked at a stop comes back as attempt 3",
 }
 

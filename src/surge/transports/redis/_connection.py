@@ -6,6 +6,21 @@ marks the connection unhealthy (``healthy``, ``last_error``) and retries with
 a backoff capped at one second; settles are retried until they succeed
 (``retrying``: they are idempotent). The broker's own errors are translated
 into :class:`~surge.TransportError` here (``error``) and never leak.
+
+A Redis Cluster is detected at ``open`` (``INFO cluster``) from a plain URL
+of any node. Every key of the transport then carries the prefix as a hash
+tag (``{surge}:s:<group>``: ``key_prefix``), so the whole prefix lives in
+one slot and every script, transaction and multi-stream read stays there;
+the connection talks to that slot's master directly. A redirection
+(``MOVED``, ``ASK``), ``TRYAGAIN``, ``CLUSTERDOWN`` or a write refused by a
+replica counts as a lost broker: retried like one, and each failure sends
+the connection looking for the slot's master again, among every node it
+has seen (``_find_master``), until a failover has promoted a replica.
+
+``wait=N`` (``run(..., replicated=True)``): the write and a ``WAIT N`` go
+over one connection, repeated until N replicas have confirmed it or
+``reconnect_timeout`` passes (then ``TransportError``; the write is on the
+master, unconfirmed).
 """
 
 from __future__ import annotations
@@ -14,12 +29,13 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import redis.asyncio as aredis
 import redis.exceptions as rexc
 from redis.asyncio.retry import Retry as _RedisRetry
 from redis.backoff import NoBackoff
+from redis.crc import key_slot
 
 from ..._clock import Clock
 from ..._errors import Closed, ConfigurationError, TransportError
@@ -30,8 +46,18 @@ __all__ = ("CONNECTION_ERRORS", "Connection")
 
 log = logging.getLogger("surge.redis")
 
-# What a lost or unreachable broker raises: retried, never fatal.
-CONNECTION_ERRORS = (rexc.ConnectionError, rexc.TimeoutError, OSError)
+# What a lost or unreachable broker raises: retried, never fatal. The cluster
+# ones (MovedError is an AskError, MasterDownError a ClusterDownError) come
+# only from a Redis Cluster: its slot moved, or a failover is under way.
+CONNECTION_ERRORS = (
+    rexc.ConnectionError,
+    rexc.TimeoutError,
+    OSError,
+    rexc.AskError,
+    rexc.TryAgainError,
+    rexc.ClusterDownError,
+    rexc.ReadOnlyError,
+)
 
 T = TypeVar("T")
 
@@ -50,11 +76,19 @@ class Connection:
     __slots__ = (
         "_clock",
         "_closed",
+        "_finding",
+        "_master",
+        "_nodes",
+        "_prefix",
         "_public_url",
         "_r",
+        "_reconnect_timeout",
         "_redis_options",
         "_scripts",
         "_url",
+        "_wait",
+        "_wait_ms",
+        "cluster",
         "healthy",
         "last_error",
     )
@@ -79,6 +113,21 @@ class Connection:
         """False while the broker cannot be reached; see ``last_error``."""
         self.last_error: str | None = None
         self._public_url = options.url
+        self._prefix = options.prefix
+        self._wait = options.wait
+        self._wait_ms = int(options.wait_timeout * 1000)
+        self._reconnect_timeout = options.reconnect_timeout
+        self.cluster = False
+        """The broker is a Redis Cluster (found at ``open``)."""
+        self._nodes: list[tuple[str, int]] = []  # every cluster node seen
+        self._master: tuple[str, int] | None = None  # the prefix slot's, in use
+        self._finding: asyncio.Task[None] | None = None
+
+    @property
+    def key_prefix(self) -> str:
+        """What every key starts with: the prefix, as a hash tag on a cluster
+        (known after ``open``)."""
+        return f"{{{self._prefix}}}" if self.cluster else self._prefix
 
     # --- lifecycle -----------------------------------------------------------
     @property
@@ -91,21 +140,88 @@ class Connection:
         return self._closed
 
     async def open(self) -> None:
-        try:
-            r = aredis.Redis.from_url(self._url, **self._redis_options)
-        except ValueError as exc:
-            raise ConfigurationError(f"{self._public_url!r}: {exc}") from None
-        for cmd in ("XREADGROUP", "XCLAIM", "XPENDING", "XRANGE"):
-            r.response_callbacks[cmd] = _raw
+        r = self._client(self._url)
         self._scripts = {name: r.register_script(src) for name, src in SCRIPTS.items()}
         try:
             await r.ping()
+            info = await r.info("cluster")
+            self.cluster = bool(info.get("cluster_enabled"))
+            if self.cluster:
+                master = await self._master_of(r)
+                host = urlsplit(self._url).hostname or "127.0.0.1"
+                if master != (host, urlsplit(self._url).port or 6379):
+                    await r.aclose()
+                    r = self._client(self._url_of(master))
+                    await r.ping()
+                self._master = master
         except Exception as exc:
             await r.aclose()
             raise self.error(exc, "cannot connect") from exc
         self._r = r
         self._closed = False
         self.ok()
+
+    def _client(self, url: str) -> aredis.Redis:
+        try:
+            r = aredis.Redis.from_url(url, **self._redis_options)
+        except ValueError as exc:
+            raise ConfigurationError(f"{self._public_url!r}: {exc}") from None
+        for cmd in ("XREADGROUP", "XCLAIM", "XPENDING", "XRANGE"):
+            r.response_callbacks[cmd] = _raw
+        return r
+
+    def _url_of(self, node: tuple[str, int]) -> str:
+        """Our URL (credentials, TLS, options) with another node's address."""
+        parts = urlsplit(self._url)
+        user, at, _ = parts.netloc.rpartition("@")
+        return urlunsplit(parts._replace(netloc=f"{user}{at}{node[0]}:{node[1]}"))
+
+    # --- a cluster's master for our slot -------------------------------------
+    async def _master_of(self, r: aredis.Redis) -> tuple[str, int]:
+        """The master of the prefix's slot as ``r``'s node sees the cluster;
+        remembers every node it names."""
+        slot = key_slot(self.key_prefix.encode())
+        ranges = await r.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+        master: tuple[str, int] | None = None
+        for (start, end), where in _slot_ranges(ranges):
+            for node in where:
+                if node not in self._nodes:
+                    self._nodes.append(node)
+            if start <= slot <= end:
+                master = where[0]
+        if master is None:
+            raise rexc.ClusterDownError(f"no master serves slot {slot}")
+        return master
+
+    def _find_master_soon(self) -> None:
+        if self.cluster and not self._closed and self._finding is None:
+            self._finding = asyncio.get_running_loop().create_task(self._find_master())
+
+    async def _find_master(self) -> None:
+        """Ask the nodes seen so far who holds the slot now, until one names
+        a master that answers; then talk to it. A failover takes the cluster
+        a node timeout or two: the dead master is named until then."""
+        delay = 0.05
+        try:
+            while not self._closed:
+                for node in list(self._nodes):
+                    found = await self._probe(node)
+                    if found is None:
+                        continue
+                    master, client = found
+                    if self._shut_meanwhile():
+                        await client.aclose()
+                        return
+                    old, self._r = self._r, client
+                    if master != self._master:
+                        log.warning("redis: slot of %r served by %s:%d now", self._prefix, *master)
+                    self._master = master
+                    if old is not None:
+                        await old.aclose()
+                    return
+                delay = await self.backoff(delay)
+        finally:
+            self._finding = None
 
     def shut(self) -> aredis.Redis | None:
         """Mark the connection closed (every loop ends) and return the client,
@@ -117,8 +233,32 @@ class Connection:
         """Close the client (``shut`` first, if not yet)."""
         r, self._r = self._r, None
         self._closed = True
+        finding, self._finding = self._finding, None
+        if finding is not None:
+            finding.cancel()
+            await asyncio.gather(finding, return_exceptions=True)
         if r is not None:
             await r.aclose()
+
+    def _shut_meanwhile(self) -> bool:
+        return self._closed  # a method: mypy keeps no narrowing across awaits for it
+
+    async def _probe(self, node: tuple[str, int]) -> tuple[tuple[str, int], aredis.Redis] | None:
+        """The master ``node`` names for our slot and a client of it, if that
+        master answers as a master; else None."""
+        probe = self._client(self._url_of(node))
+        try:
+            master = await self._master_of(probe)
+            if master != node:
+                await probe.aclose()
+                probe = self._client(self._url_of(master))
+            role = await probe.execute_command("ROLE")  # type: ignore[no-untyped-call]
+            if role[0] in (b"master", "master"):
+                return master, probe
+        except (rexc.RedisError, OSError):
+            pass
+        await probe.aclose()
+        return None
 
     # --- commands ------------------------------------------------------------
     def client(self) -> aredis.Redis:
@@ -137,11 +277,27 @@ class Connection:
         keys: Sequence[str],
         args: Sequence[Any],
         client: aredis.Redis | None = None,
+        *,
+        replicated: bool = False,
     ) -> Any:
-        """Run one of ``_scripts.SCRIPTS`` (on ``client``, by default ours)."""
-        return await self._scripts[script](
-            keys=keys, args=args, client=client if client is not None else self.client()
-        )
+        """Run one of ``_scripts.SCRIPTS`` (on ``client``, by default ours);
+        ``replicated``: then wait for ``wait`` replicas to have its writes."""
+        r = client if client is not None else self.client()
+        if not replicated or not self._wait:
+            return await self._scripts[script](keys=keys, args=args, client=r)
+        # WAIT counts the writes of its own connection: one for both.
+        async with r.client() as one:
+            result = await self._scripts[script](keys=keys, args=args, client=one)
+            deadline = self._clock.monotonic() + self._reconnect_timeout
+            while True:
+                n = await one.execute_command("WAIT", self._wait, self._wait_ms)  # type: ignore[no-untyped-call]
+                if n >= self._wait:
+                    return result
+                if self._clock.monotonic() >= deadline:
+                    raise TransportError(
+                        f"redis: a write ({script}) reached {n} of the {self._wait} replicas "
+                        f"asked for within {self._reconnect_timeout}s (it is on the master only)"
+                    )
 
     async def retrying(self, doing: str, op: Callable[[aredis.Redis], Awaitable[T]]) -> T:
         """Run ``op`` until the broker answers: settles are idempotent."""
@@ -182,8 +338,26 @@ class Connection:
             log.warning("redis: %s; retrying", msg)
         self.healthy = False
         self.last_error = msg
+        self._find_master_soon()
 
     async def backoff(self, delay: float) -> float:
         """Sleep ``delay`` (on the clock); the next delay, capped at 1 s."""
         await self._clock.sleep(delay)
         return min(1.0, delay * 2)
+
+
+def _slot_ranges(reply: Any) -> list[tuple[tuple[int, int], list[tuple[str, int]]]]:
+    """``CLUSTER SLOTS`` as ((first, last), [master, replicas...]) pairs,
+    whether redis-py parsed it (a dict) or not (the server's nested lists)."""
+    out: list[tuple[tuple[int, int], list[tuple[str, int]]]] = []
+    if isinstance(reply, dict):
+        for (start, end), v in reply.items():
+            nodes = [v["primary"], *v.get("replicas", [])]
+            out.append(((int(start), int(end)), [_node(n) for n in nodes]))
+        return out
+    return [((int(e[0]), int(e[1])), [_node(n) for n in e[2:]]) for e in reply]
+
+
+def _node(n: Any) -> tuple[str, int]:
+    host = n[0].decode() if isinstance(n[0], bytes) else str(n[0])
+    return (host, int(n[1]))

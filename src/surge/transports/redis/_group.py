@@ -132,7 +132,7 @@ class Group:
 
     # --- reading ---------------------------------------------------------------
     async def consume(self, prefetch: int) -> AsyncIterator[list[Delivery]]:
-        r = self._conn.client()
+        self._conn.client()  # raises Closed
         if prefetch < 1:
             raise ConfigurationError("prefetch must be at least 1")
         conn = self._conn
@@ -153,6 +153,7 @@ class Group:
                 if inflight.backlogged:  # left by a partition's previous owner: first
                     yield inflight.take_backlog()
                     continue
+                r = conn.client()  # each round: a cluster's failover swaps it
                 room = prefetch - len(inflight)
                 if room <= 0:
                     await inflight.wait_room()

@@ -25,6 +25,8 @@ _URL_OPTIONS: dict[str, Callable[[str], Any]] = {
     "poll": float,
     "reconnect_timeout": float,
     "partitions": int,
+    "wait": int,
+    "wait_timeout": float,
 }
 
 
@@ -50,6 +52,10 @@ class RedisOptions:
     poll: float
     reconnect_timeout: float
     partitions: int | None
+    wait: int = 0
+    """Replicas that must confirm each publish and ack (``WAIT``); 0: none."""
+    wait_timeout: float = 1.0
+    """Seconds one ``WAIT`` blocks; it is repeated until ``reconnect_timeout``."""
 
     @classmethod
     def parse(
@@ -67,6 +73,8 @@ class RedisOptions:
         poll: float,
         reconnect_timeout: float,
         partitions: int | None,
+        wait: int = 0,
+        wait_timeout: float = 1.0,
     ) -> RedisOptions:
         parts = urlsplit(url)
         if parts.scheme not in ("redis", "rediss"):
@@ -92,6 +100,10 @@ class RedisOptions:
         poll = options.get("poll", poll)
         reconnect_timeout = options.get("reconnect_timeout", reconnect_timeout)
         partitions = options.get("partitions", partitions)
+        wait = options.get("wait", wait)
+        wait_timeout = options.get("wait_timeout", wait_timeout)
+        if wait < 0 or wait_timeout <= 0:
+            raise ConfigurationError("wait must be >= 0 and wait_timeout positive")
         if partitions is not None and partitions < 1:
             raise ConfigurationError("partitions must be at least 1")
         if lease <= 0 or block <= 0 or poll <= 0 or dedup_window < 1:
@@ -114,6 +126,8 @@ class RedisOptions:
             poll=poll,
             reconnect_timeout=reconnect_timeout,
             partitions=partitions,
+            wait=wait,
+            wait_timeout=wait_timeout,
         )
 
     @property

@@ -61,7 +61,6 @@ class Publisher:
         "_clock",
         "_codec",
         "_conn",
-        "_dedup",
         "_dedup_window",
         "_flusher",
         "_lead",
@@ -94,7 +93,6 @@ class Publisher:
         self._touched = touched
         self._batch = options.batch
         self._buffer = options.buffer
-        self._dedup = registry.keys.dedup
         self._dedup_window = options.dedup_window
         self._max_len = options.max_len
         self._reconnect_timeout = options.reconnect_timeout
@@ -159,7 +157,7 @@ class Publisher:
     # --- publishing ----------------------------------------------------------
     def _encode(self, envelopes: Sequence[Envelope]) -> list[_Item]:
         encode = self._codec.encode_envelope
-        dedup = self._dedup
+        dedup = self._registry.keys.dedup
         return [
             (
                 env.topic,
@@ -269,7 +267,6 @@ class Publisher:
     async def _write(self, items: list[_Item]) -> None:
         conn = self._conn
         registry = self._registry
-        r = conn.client()
         clock = self._clock
         deadline = clock.monotonic() + self._reconnect_timeout
         delay = 0.05
@@ -293,7 +290,10 @@ class Publisher:
             if len(args) == 3:
                 return
             try:
-                added = await conn.run("publish", keys=[registry.keys.version], args=args, client=r)
+                r = conn.client()  # each round: a cluster's failover swaps it
+                added = await conn.run(
+                    "publish", keys=[registry.keys.version], args=args, client=r, replicated=True
+                )
             except CONNECTION_ERRORS as exc:
                 if conn.closed or clock.monotonic() > deadline:
                     raise conn.error(exc, "publish") from exc

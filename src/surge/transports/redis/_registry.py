@@ -67,6 +67,13 @@ class Registry:
         """The registry version the routes were computed from."""
         return self._version
 
+    def use_keys(self, keys: Keys) -> None:
+        """Name everything with ``keys`` (a cluster's tagged prefix), before
+        any group is declared."""
+        self.keys = keys
+        self._routes.clear()
+        self._keyed_routes.clear()
+
     # --- at start ------------------------------------------------------------
     async def fix_partitions(self) -> None:
         """Keyed envelopes written under one partition count must not be read

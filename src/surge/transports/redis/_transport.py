@@ -43,8 +43,15 @@ gets each group declared again by its consumers (NOGROUP); what it held is
 gone. ``await publish`` is only as durable as the server's ``appendonly`` /
 ``appendfsync`` settings (``always`` to lose nothing acknowledged).
 
-Limits: Redis >= 6.2 (XPENDING IDLE); Redis Cluster is not supported (the
-scripts touch keys of several slots). An ephemeral group (a reply inbox)
+Redis Cluster: found from a plain URL of any node (``INFO cluster``); the
+prefix becomes a hash tag, so a prefix lives in one slot, on one shard (its
+scripts fan out to several groups' streams atomically, which Redis allows
+only within a slot); spread load over shards with several prefixes. Lost
+masters and moved slots are followed (see ``_connection``); ``wait=1``
+makes publishes and acks wait until a replica has them, so a failover
+loses none of them.
+
+Limits: Redis >= 6.2 (XPENDING IDLE). An ephemeral group (a reply inbox)
 has a liveness key its consumer renews every lease/3; a process that starts
 deletes the inboxes whose key expired (``alive_ms``: their process died).
 """
@@ -95,7 +102,10 @@ class RedisTransport:
     waits; ``poll`` seconds between checks for delayed entries scheduled by
     other processes; ``reconnect_timeout`` seconds a publish retries a lost
     broker; ``partitions`` of every group's keyed envelopes (fixed per
-    ``prefix`` by its first user). Other keyword arguments go to
+    ``prefix`` by its first user); ``wait`` replicas that must confirm each
+    publish and ack (``WAIT``; 0, the default, waits for none), each ``WAIT``
+    blocking ``wait_timeout`` seconds and repeated up to
+    ``reconnect_timeout``. Other keyword arguments go to
     ``redis.asyncio.Redis.from_url``.
 
     Implements ``Transport`` and the capabilities ``HandsBack``,
@@ -120,6 +130,8 @@ class RedisTransport:
         poll: float = 0.25,
         reconnect_timeout: float = 30.0,
         partitions: int | None = None,
+        wait: int = 0,
+        wait_timeout: float = 1.0,
         codec: Codec | None = None,
         clock: Clock | None = None,
         **redis_options: Any,
@@ -137,6 +149,8 @@ class RedisTransport:
             poll=poll,
             reconnect_timeout=reconnect_timeout,
             partitions=partitions,
+            wait=wait,
+            wait_timeout=wait_timeout,
         )
         self.url = url
         self.prefix = o.prefix
@@ -175,6 +189,8 @@ class RedisTransport:
         if self._conn.connected:
             return
         await self._conn.open()
+        # on a cluster every key carries the prefix as a hash tag: one slot
+        self._registry.use_keys(Keys(self._conn.key_prefix))
         try:
             await self._registry.fix_partitions()
         except BaseException:
@@ -332,7 +348,7 @@ class RedisTransport:
                     args += (name, b",".join(entries))
 
         def op(r: aredis.Redis) -> Any:
-            return self._conn.run("ack", keys=keys, args=args, client=r)
+            return self._conn.run("ack", keys=keys, args=args, client=r, replicated=True)
 
         await self._conn.retrying("acknowledging", op)
         for name, tokens in by_group.items():
