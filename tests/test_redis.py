@@ -28,7 +28,7 @@ import surge
 from surge.transports.redis import RedisTransport
 from surge.transports.redis._group import Group
 
-from ._servers import free_port, redis_server
+from ._servers import free_port, redis_server, shared_redis_url
 
 pytestmark = pytest.mark.realtime
 
@@ -342,6 +342,24 @@ async def test_broker_restart_without_persistence_recreates_groups(tmp_path: Pat
             assert time.monotonic() - back < 5
             await app.drain()
         assert seen == [1, 2]
+
+
+async def test_a_publisher_started_before_the_group_was_declared_still_routes() -> None:
+    """A publish-only transport whose copy of the registry predates a group
+    (the workers declared it after the publisher started) delivers to it:
+    a publish that routes nowhere still checks the registry version."""
+    url = shared_redis_url()
+    publisher, worker = RedisTransport(url), RedisTransport(url)
+    await publisher.start()
+    await worker.start()
+    try:
+        await worker.declare("g", [Num.__topic__])
+        env = surge.Envelope(surge.new_id(), Num.__topic__, None, 0.0, None, Num(n=1))
+        await publisher.publish([env])
+        assert (await worker.stats("g")).backlog == 1
+    finally:
+        await publisher.close()
+        await worker.close()
 
 
 async def test_publish_nowait_and_max_len(tmp_path: Path) -> None:

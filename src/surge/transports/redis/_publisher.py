@@ -287,8 +287,10 @@ class Publisher:
                     later.append(not_before)
                 else:
                     args += ("s", dkey, "", "", len(streams), *streams, payload)
-            if len(args) == 3:
-                return
+            # Nothing routed still asks the script: our copy of the registry
+            # may predate the groups that want these topics (a publisher
+            # started before the workers declared them), and only the
+            # script's version check tells (-1 below).
             try:
                 r = conn.client()  # each round: a cluster's failover swaps it
                 added = await conn.run(
