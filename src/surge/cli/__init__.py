@@ -7,6 +7,7 @@
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
     surge load URL [-n N] [-c C] [--rate R]
     surge top URL_OR_MODULE:APP
+    surge relay POSTGRES_URL TARGET_URL [--topic PATTERN ...] [--declare-only]
 
 The top of the package graph: commands import the core, the transports,
 ``surge.http``, ``surge.observe`` and ``surge.tools``; nothing imports them.

@@ -8,6 +8,7 @@
     surge dlq list|show|replay|purge module:app [--subscription S] [--id ID ...]
     surge asyncapi module:app [--yaml] [--output PATH]
     surge declare module:app [--transport URL]
+    surge relay POSTGRES_URL TARGET_URL [--topic PATTERN ...] [--declare-only]
 
 Commands that live in optional modules (``surge load``, ``surge top``) are
 found lazily: the CLI works without them, and names what to install when one
@@ -519,6 +520,70 @@ def declare(app_ref: str, transport: str | None) -> None:
         raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
     for name, sub in sorted(app.subscriptions.items()):
         click.echo(f"{name}: {' '.join(sub.topics)}")
+
+
+# --- surge relay ---------------------------------------------------------------
+@main.command()
+@click.argument("source", metavar="POSTGRES_URL")
+@click.argument("target", metavar="TARGET_URL")
+@click.option(
+    "--topic",
+    "topics",
+    multiple=True,
+    metavar="PATTERN",
+    help="Relay only topics matching PATTERN (repeatable; '*' one token, '>' the rest). "
+    "Default: every topic.",
+)
+@click.option("--group", default="surge.relay", show_default=True, help="The relay's group.")
+@click.option(
+    "--declare-only", is_flag=True, help="Declare the relay's group, then exit (a deploy step)."
+)
+def relay(
+    source: str, target: str, topics: tuple[str, ...], group: str, declare_only: bool
+) -> None:
+    """Move the events committed to a postgresql:// outbox to TARGET_URL
+    (redis://, nats://, ...) until SIGINT or SIGTERM.
+
+    The app writes its events inside its own transactions on the schema
+    (app.publish(event, connection=conn) on an App whose transport is
+    POSTGRES_URL); the relay publishes each committed one on the target,
+    at least once, a key's events in order, and never a rolled-back one.
+    Only what is written after the group exists is kept: run the relay
+    (or --declare-only) before the first write."""
+    import signal
+
+    from ..transports.postgres import Relay
+
+    try:
+        r = Relay(source, target, topics=topics or (">",), group=group)
+    except ConfigurationError as exc:
+        raise click.ClickException(str(exc)) from None
+    except ImportError as exc:
+        raise click.ClickException(_missing(exc)) from None
+
+    async def go() -> None:
+        import asyncio
+
+        await r.start()
+        try:
+            if declare_only:
+                return
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, r.stop)
+            click.echo(f"relaying {', '.join(r.topics)} from {r.source!r} as {group}", err=True)
+            await r.run()
+        finally:
+            await r.close()
+
+    try:
+        _run(go)
+    except SurgeError as exc:
+        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+    if declare_only:
+        click.echo(f"{group}: {' '.join(r.topics)}")
+    else:
+        click.echo(f"relayed {r.relayed} events ({r.dead} dead-lettered)", err=True)
 
 
 # --- surge dlq ----------------------------------------------------------------

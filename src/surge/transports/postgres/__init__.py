@@ -41,7 +41,9 @@ hosts' clocks must agree to well within ``lease``.
 
 The transactional outbox: ``await app.publish(event, connection=conn)``
 writes through the caller's connection inside its transaction
-(:mod:`._outbox`).
+(:mod:`._outbox`). :class:`Relay` (``surge relay``) moves what is committed
+there to another transport, for an app whose bus is Redis or NATS
+(:mod:`._relay`).
 
 The schema is created on first start (the role needs CREATE on the
 database, or on an existing schema), versioned, migrated in place by a
@@ -53,13 +55,14 @@ cannot be reached: ``TransportError``.
 The parts: :mod:`._options` (URL), :mod:`._schema` (tables, versions),
 :mod:`._db` (pool, errors), :mod:`._publish` (group commit),
 :mod:`._outbox`, :mod:`._consume` (claims, settles), :mod:`._partitions`
-(owners), :mod:`._dead` (dead letters), :mod:`._groups`,
+(owners), :mod:`._dead` (dead letters), :mod:`._groups`, :mod:`._relay`,
 :mod:`._listen` (LISTEN/NOTIFY), :mod:`._retention` (housekeeping), and
 :mod:`._transport`, which wires them together.
 """
 
 from __future__ import annotations
 
+from ._relay import RELAY_GROUP, Relay
 from ._transport import PostgresTransport
 
-__all__ = ("PostgresTransport",)
+__all__ = ("RELAY_GROUP", "PostgresTransport", "Relay")
