@@ -103,19 +103,18 @@ def test_the_limit_grows_only_while_it_refuses_under_target() -> None:
 
 
 def test_a_stalled_stage_counts_how_long_it_has_not_moved() -> None:
-    """A stage with work queued that finishes nothing counts its stall as delay;
-    one that never finished anything (starting) does not."""
+    """A stage with work queued that finishes nothing counts its stall as delay,
+    weighted by the share of the route's events that reach it."""
     lim = AdaptiveLimit(0.25, initial=100, minimum=5, concurrency=(1, 1))
-    lim.update(0.0, [(0, 5), (3, 0)])
-    for t in (0.1, 0.2, 0.3, 0.4):
-        lim.update(t, [(0, 5), (3, 0)])  # stage 2 starting: ignored
-    assert lim.delay == 0.0
-    lim.update(0.5, [(0, 5), (3, 100)])  # it moved, then stops
-    for k in range(6, 18):
-        lim.update(k / 10, [(0, 5), (3, 100)])
-    # no rate over the last second; stalled since 0.5
-    assert lim.delay == pytest.approx(1.2)
-    assert lim.limit == pytest.approx(5.0)  # 2 queued * 0.25 / 1.2 < minimum
+    for k in range(11):  # stage 2 holds 3 (one handled, 2 queued) and stops
+        lim.update(k / 10, [(0, 100), (3, 97)])
+    assert lim.delay == pytest.approx(1.0)  # every event reaches it: the whole stall
+    assert lim.limit == pytest.approx(5.0)  # 2 queued * 0.25 / 1.0 < minimum
+    branch = AdaptiveLimit(0.25, initial=100, concurrency=(1, 1))
+    for k in range(11):  # a branch 3 of 100 events took, starting (a cold pool)
+        branch.update(k / 10, [(0, 100), (3, 0)])
+    assert branch.delay == pytest.approx(0.03)
+    assert branch.limit == 100
 
 
 def test_no_target_means_no_limit() -> None:

@@ -9,15 +9,13 @@ holds for it (waiting, or fetched and not yet settled) and how many
 attempts it has finished. What is beyond the stage's ``concurrency`` is
 queued; Little's law gives how long an event admitted now would queue::
 
-    delay = sum over stages of  queued / throughput
+    delay = sum over stages of  share * queued / throughput
 
-(throughput over the last ``window`` seconds). A stage with events queued
-that finished nothing for a while counts at least that while (it is
-stalled); one that has finished nothing since the app started is starting
-(a process pool comes up in seconds on a busy machine) and counts only in
-``queued``. The sum is the queueing of a chain; for branches (an event
-takes one of two stages) it counts both, which errs on the side of
-refusing.
+(throughput over the last ``window`` seconds), each stage weighted by the
+share of the route's events that reach it so far (a branch that 5% of
+them take adds 5% of its delay). A stage with events queued that finished
+nothing for a while counts at least that while: stalled, or starting (a
+process pool comes up in seconds on a busy machine).
 
 :class:`AdaptiveLimit` bounds the queued events (at the last sample, plus
 the requests admitted since) by ``limit``; a request over it is answered
@@ -191,6 +189,9 @@ class AdaptiveLimit:
         progress = self._progress
         if len(progress) != len(stages):
             progress[:] = [now] * len(stages)
+        # The share of the route's events that reach each stage (a branch
+        # taken by 5% of them adds 5% of its delay to the typical event's).
+        reached = max(max((w + d for w, d in stages), default=0), 1)
         for k, (waiting, done) in enumerate(stages):
             # what the stage's workers hold is being handled, not waiting
             q = waiting - (concurrency[k] if k < len(concurrency) else 0)
@@ -199,18 +200,13 @@ class AdaptiveLimit:
             if q <= 0:
                 continue
             queued += q
-            if not done:
-                # It finished nothing yet: starting (a process pool comes up
-                # in seconds on a busy machine). No rate to judge it by, and
-                # shedding the whole route for a cold branch would starve
-                # every other stage; its events still count in `waiting`.
-                continue
             # A stage that finished nothing since `progress` has kept its
-            # oldest event waiting at least that long (a stall, a cold
+            # oldest event waiting at least that long (stalled, or a cold
             # process pool): a lower bound that needs no rate.
             stalled = now - progress[k]
             rate = (done - before[k]) / elapsed if elapsed > 0 else 0.0
-            delay += max(q / rate if rate > 0 else 0.0, stalled)
+            share = min(1.0, (waiting + done) / reached)
+            delay += share * max(q / rate if rate > 0 else 0.0, stalled)
         self.delay = delay
         self.admitted += self.since
         self.since = 0
