@@ -27,6 +27,12 @@ payloads / no-op handlers, persistent messages on quorum queues throughout:
 
 Prints one JSON line per measurement and a summary table; ``--save FILE``
 also writes them, with the versions and the machine's load, as JSON.
+
+``--drain-rounds K`` measures drains only, K rounds interleaved on one node:
+surge, surge from ``--before SRC`` (another revision's ``src/``, imported by
+the worker through PYTHONPATH) and the peers named by ``--peer-names``
+(with ``--peers PYTHON``), in an order that alternates between rounds; each
+surge row also gives the worker's CPU time per event during the drain.
 """
 
 from __future__ import annotations
@@ -34,7 +40,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -158,6 +166,7 @@ launched = float(sys.argv[4])
 app = surge.App("bench", transport=open_transport(url))
 lat = []
 marks = []
+cpu = []
 done = asyncio.Event()
 counter = [0]
 
@@ -168,16 +177,19 @@ async def handle(ev: Tick) -> None:
         lat.append(now - ev.sent)
     if not marks:
         marks.append(now)
+        cpu.append(time.process_time())
     counter[0] += 1
     if counter[0] >= n:
         marks.append(now)
+        cpu.append(time.process_time())
         done.set()
 
 async def main() -> None:
     async with app:
         print("ready", flush=True)
         await done.wait()
-        out = {"first": marks[0], "last": marks[-1], "launched": launched}
+        out = {"first": marks[0], "last": marks[-1], "launched": launched,
+               "cpu": cpu[-1] - cpu[0]}
         if mode == "latency":
             lat.sort()
             out["p50"] = lat[len(lat) // 2]
@@ -188,10 +200,17 @@ asyncio.run(main())
 """
 
 
-async def _start_worker(url: str, n: int, mode: str) -> asyncio.subprocess.Process:
+async def _start_worker(
+    url: str, n: int, mode: str, src: str | None = None
+) -> asyncio.subprocess.Process:
+    """A worker process; with ``src``, surge is imported from that directory
+    (another revision's ``src/``, for before / after in one run)."""
+    env = None
+    if src is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join((src, _ROOT))}
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-c", _WORKER, url, str(n), mode, str(time.time()),
-        stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
+        stdout=asyncio.subprocess.PIPE, cwd=_ROOT, env=env,
     )  # fmt: skip
     assert proc.stdout is not None
     assert (await proc.stdout.readline()).strip() == b"ready"
@@ -206,11 +225,58 @@ async def _result(proc: asyncio.subprocess.Process) -> dict[str, float]:
     return out
 
 
-async def _declare(url: str) -> None:
+async def _declare(url: str, src: str | None = None) -> None:
     """Declare the worker's group (what its first start does), then leave."""
-    proc = await _start_worker(url, 1, "drain")
+    proc = await _start_worker(url, 1, "drain", src)
     proc.terminate()
     await proc.wait()
+
+
+async def drain_once(url: str, n: int, src: str | None = None) -> dict[str, float]:
+    """Store ``n`` events (``publish_nowait``, then flush), then time one
+    worker process draining them: first to last handler start, and the
+    worker's CPU time in between."""
+    await _declare(url, src)
+    app = surge.App("bench", transport=open_transport(url))
+    async with app:
+        for _ in range(n):
+            ev = Tick(sent=0.0, pad=PAYLOAD[:64])
+            try:
+                app.publish_nowait(ev)
+            except surge.Overloaded:
+                await app.publish(ev)
+        await app.transport.flush()  # type: ignore[attr-defined]
+    proc = await _start_worker(url, n, "drain", src)
+    return await _result(proc)
+
+
+async def drain_rounds(
+    url: str, n: int, rounds: int, before: str | None, python: str | None, names: str
+) -> list[dict[str, Any]]:
+    """Drains only, interleaved: per round surge (this checkout), surge from
+    ``before`` (another revision's src/) and each peer, in an order that
+    alternates between rounds, so that load moves them alike."""
+    runs: list[tuple[str, Any]] = [("surge", None)]
+    if before:
+        runs.append(("surge_before", before))
+    if python:
+        runs += [(name, python) for name in names.split(",")]
+    rows: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for who, arg in runs if r % 2 == 0 else runs[::-1]:
+            if who.startswith("surge"):
+                res = await drain_once(f"{url}?prefix=d{r}{who}", n, arg)
+                dt = res["last"] - res["first"]
+                cpu_us = round(res["cpu"] / n * 1e6)
+                load1 = round(os.getloadavg()[0], 1)
+                extra = {"round": r, "cpu_us_per_event": cpu_us, "load1": load1}
+                rows.append(emit(f"{who}_drain", n, dt, **extra))
+                continue
+            for row in await peers(arg, url, n, 0, 0.0, names=who, drain_only=True):
+                if row["scenario"] == "drain_one_worker":
+                    row.update(round=r, load1=round(os.getloadavg()[0], 1))
+                    rows.append(row)
+    return rows
 
 
 async def surge_runs(url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any]]:
@@ -292,12 +358,22 @@ async def surge_runs(url: str, n: int, rate: int, seconds: float) -> list[dict[s
     return rows
 
 
-async def peers(python: str, url: str, n: int, rate: int, seconds: float) -> list[dict[str, Any]]:
+async def peers(
+    python: str,
+    url: str,
+    n: int,
+    rate: int,
+    seconds: float,
+    *,
+    names: str = "celery,dramatiq,faststream",
+    drain_only: bool = False,
+) -> list[dict[str, Any]]:
     """The peer frameworks' rows, measured by ``benchmarks.amqp_peers`` run
     with ``python`` (their venv) on this node."""
+    extra = ["--drain-only"] if drain_only else []
     proc = await asyncio.create_subprocess_exec(
         python, "-m", "benchmarks.amqp_peers", "--url", url, "--events", str(n),
-        "--rate", str(rate), "--seconds", str(seconds),
+        "--rate", str(rate), "--seconds", str(seconds), "--peers", names, *extra,
         stdout=asyncio.subprocess.PIPE, cwd=_ROOT,
     )  # fmt: skip
     out, _ = await proc.communicate()
@@ -319,10 +395,33 @@ async def main() -> None:
         help="also run benchmarks.amqp_peers with this interpreter (a venv with "
         "celery, dramatiq[rabbitmq] and faststream[rabbit]) on the same node",
     )
+    ap.add_argument(
+        "--drain-rounds",
+        type=int,
+        metavar="K",
+        help="only drains, K interleaved rounds: surge, --before, and the peers (--peer-names)",
+    )
+    ap.add_argument("--before", metavar="SRC", help="with --drain-rounds: also surge from SRC")
+    ap.add_argument("--peer-names", default="celery,dramatiq,faststream")
     args = ap.parse_args()
     data = Path(tempfile.mkdtemp(prefix="surge-amqp-bench-"))
     node = RabbitServer(data)
     await asyncio.to_thread(node.start)
+    if args.drain_rounds:
+        try:
+            rows = await drain_rounds(
+                node.url, args.events, args.drain_rounds, args.before, args.peers, args.peer_names
+            )
+        finally:
+            await asyncio.to_thread(node.stop)
+            shutil.rmtree(data, ignore_errors=True)
+        print("\nscenario                       median/s  rounds")
+        for name in dict.fromkeys(r.get("system", r["scenario"]) for r in rows):
+            rates = [r["rate"] for r in rows if r.get("system", r["scenario"]) == name]
+            print(f"{name:<30} {statistics.median(rates):>8,.0f}  {rates}")
+        if args.save:
+            _save(args.save, rows, args.events)
+        return
     try:
         rows = await raw(node.url, args.events, args.rate, args.seconds)
         rows += await surge_runs(node.url, args.events, args.rate, args.seconds)
@@ -351,7 +450,6 @@ async def main() -> None:
 
 
 def _save(path: str, rows: list[dict[str, Any]], events: int) -> None:
-    import os
     import platform
     from importlib.metadata import version
 

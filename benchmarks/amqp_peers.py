@@ -281,7 +281,7 @@ class Bench:
 
 
 async def run(
-    url: str, names: list[str], n: int, rate: int, seconds: float
+    url: str, names: list[str], n: int, rate: int, seconds: float, *, drain_only: bool = False
 ) -> list[dict[str, Any]]:
     bench = Bench(Path(tempfile.mkdtemp(prefix="surge-amqp-peers-")))
     bindir = str(Path(sys.executable).parent)
@@ -289,7 +289,8 @@ async def run(
     for name in names:
         os.environ["BENCH_AMQP_URL"] = url  # the apps read it at import
         rows += await bench.throughput(PEERS[name](url, bindir), n)
-        rows.append(await bench.latency(PEERS[name](url, bindir), rate, seconds))
+        if not drain_only:
+            rows.append(await bench.latency(PEERS[name](url, bindir), rate, seconds))
     return rows
 
 
@@ -300,8 +301,12 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=20_000)
     ap.add_argument("--rate", type=int, default=500)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--drain-only", action="store_true", help="enqueue and drain; no latency")
     args = ap.parse_args()
-    asyncio.run(run(args.url, args.peers.split(","), args.events, args.rate, args.seconds))
+    asyncio.run(
+        run(args.url, args.peers.split(","), args.events, args.rate, args.seconds,
+            drain_only=args.drain_only)
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

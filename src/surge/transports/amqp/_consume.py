@@ -8,6 +8,15 @@ channel can be closed on its own: closing it is how a partition is handed
 over, since the broker then returns what it held to the queue ahead of
 later messages, in order, before the next single active consumer starts.
 
+Acks are coalesced: a settled delivery's tag waits in its source until a
+quarter of the prefetch window is settled or ``ACK_DELAY`` has passed,
+then goes out with the others in one ``multiple`` ack where the window
+allows. The broker refills the window as acks come, so acking one or two
+at a time locks both sides into one or two deliveries per frame, read,
+wake-up and ack; acking in chunks keeps deliveries in chunks too. An ack
+that waits is sent before its channel closes (a hand-over, a stop); one
+lost with a dead connection means a redelivery, as any unsent ack does.
+
 A delivery's token is its :class:`Tag`: the channel it came on and its
 delivery tag. When a channel dies (the connection dropped; the broker's
 ``consumer_timeout`` ran out on a long handler) the broker requeues what it
@@ -27,6 +36,7 @@ from typing import Any
 import aiormq
 from aiormq.abc import DeliveredMessage
 
+from ..._clock import Clock
 from ..._errors import DecodeError
 from ..._event import Envelope
 from ..._transport import Delivery
@@ -35,9 +45,12 @@ from ._link import LOST, Link
 from ._topology import GroupSpec
 from ._wire import attempts_before, first_time
 
-__all__ = ("GroupReader", "Source", "Tag")
+__all__ = ("ACK_DELAY", "GroupReader", "Source", "Tag")
 
 log = logging.getLogger("surge.amqp")
+
+ACK_DELAY = 0.05
+"""Longest a settled delivery's ack waits for others to join it (s)."""
 
 
 class Tag:
@@ -70,8 +83,12 @@ class Source:
         self.channel: aiormq.abc.AbstractChannel | None = None
         self.held: set[Tag] = set()
         self.unacked: set[int] = set()
-        """Delivery tags of the current channel not acked or nacked yet
-        (held, and also those fetched but never handed out)."""
+        """Delivery tags of the current channel not settled yet (held, and
+        also those fetched but never handed out)."""
+        self.to_ack: list[int] = []
+        """Tags of the current channel settled here, their ack not sent yet."""
+        self._ack_at = max(1, prefetch // 4)
+        self._ack_timer: asyncio.TimerHandle | None = None
         self.active = False
         self.giving_up = False
         """Hands out nothing more; closes once what it handed out is settled."""
@@ -83,6 +100,7 @@ class Source:
         ch = await self.reader.link.channel()
         self.channel = ch
         self.unacked = set()
+        self._forget_acks()  # the old channel's: the broker requeued those
         await ch.basic_qos(prefetch_count=self.prefetch)
 
         async def on_message(msg: DeliveredMessage) -> None:
@@ -109,18 +127,45 @@ class Source:
         self.reader.reopen_later(self)
 
     async def ack(self, tags: list[int]) -> None:
-        """Ack ``tags`` (of the current channel) in as few frames as safe:
-        one ``multiple`` ack up to the first tag still unsettled, then one
-        frame each, written together."""
+        """Settle ``tags`` (of the current channel): their acks go out with
+        the next ones, within ``ACK_DELAY`` (see the module's docstring)."""
         ch = self.channel
         if ch is None or ch.is_closed:
             return
-        batch = set(tags)
-        rest = self.unacked - batch
-        floor = min(rest) if rest else None
-        below = [t for t in tags if floor is None or t < floor]
-        above = [t for t in tags if floor is not None and t > floor]
-        self.unacked -= batch
+        self.unacked.difference_update(tags)
+        self.to_ack += tags
+        if len(self.to_ack) >= self._ack_at:
+            await self.flush()
+        elif self._ack_timer is None:
+            self._ack_timer = self.reader.clock.call_later(ACK_DELAY, self._flush_later)
+
+    def _flush_later(self) -> None:
+        self._ack_timer = None
+        if self.to_ack:
+            self.reader.spawn(self.flush())
+
+    def _forget_acks(self) -> None:
+        self.to_ack = []
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+
+    async def flush(self) -> None:
+        """Send the acks waiting here in as few frames as safe: one
+        ``multiple`` ack up to the first tag still unsettled, then one frame
+        each, written together."""
+        tags = self.to_ack
+        self._forget_acks()
+        ch = self.channel
+        if not tags or ch is None or ch.is_closed:
+            return
+        rest = self.unacked
+        if rest:
+            floor = min(rest)
+            below = [t for t in tags if t < floor]
+            above = [t for t in tags if t > floor]
+        else:
+            below, above = tags, []
         if below:
             await ch.basic_ack(max(below), multiple=len(below) > 1, wait=not above)
         for i, t in enumerate(above):
@@ -135,15 +180,18 @@ class Source:
         await ch.basic_nack(tag, requeue=True)
 
     async def close(self) -> None:
-        """Close the channel: what it held and did not settle goes back to
-        the queue, in order, ahead of later messages."""
+        """Close the channel, once the acks waiting here are sent: what it
+        held and did not settle goes back to the queue, in order, ahead of
+        later messages."""
         self._closing = True
         self.active = False
         ch = self.channel
         if ch is not None and not ch.is_closed:
             with contextlib.suppress(BaseException):
                 async with asyncio.timeout(2.0):
+                    await self.flush()
                     await ch.close()
+        self._forget_acks()
 
 
 Hook = Callable[["GroupReader", Delivery, Exception | None], Awaitable[None]]
@@ -158,7 +206,7 @@ class GroupReader:
         *,
         link: Link,
         prefetch: int,
-        now: Callable[[], float],
+        clock: Clock,
         decode: Callable[[bytes], Envelope],
         on_early: Hook,
         on_poison: Hook,
@@ -169,7 +217,8 @@ class GroupReader:
         self.name = spec.name
         self.link = link
         self.prefetch = prefetch
-        self.now = now
+        self.clock = clock
+        self.now = clock.time
         self._decode = decode
         self._on_early = on_early
         self._on_poison = on_poison
@@ -202,7 +251,7 @@ class GroupReader:
             src.held.add(tag)
             mid = msg.header.properties.message_id or f"amqp-{src.queue}-{tag.delivery_tag}"
             raw = Envelope(mid, _topic_of(msg.routing_key or ""), None, now, None, None, msg.body)
-            self._spawn(self._on_poison(self, Delivery(raw, self.name, attempt, tag, first), exc))
+            self.spawn(self._on_poison(self, Delivery(raw, self.name, attempt, tag, first), exc))
             return
         held = self.inflight.get(env.id)
         if held is not None and not held.token.live:
@@ -219,7 +268,7 @@ class GroupReader:
         nb = env.not_before
         if nb is not None and nb > now + 0.001:
             src.held.add(tag)
-            self._spawn(self._on_early(self, d, None))
+            self.spawn(self._on_early(self, d, None))
             return
         if self.stopping or src.giving_up:
             # Arrived after we began to stop, or to give the partition up:
@@ -227,10 +276,17 @@ class GroupReader:
             return
         src.held.add(tag)
         self.inflight[env.id] = d
-        self.buffer.append(d)
-        self.wake()
+        buffer = self.buffer
+        buffer.append(d)
+        if len(buffer) == 1:
+            # Only batches() waits for arrivals, and only on an empty
+            # buffer: one wake-up per batch, not one per message.
+            self.wake()
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` in a task of this reader (cancelled at close); a
+        lost channel is nothing to report, other errors are logged."""
+
         async def run() -> None:
             try:
                 await coro
@@ -249,13 +305,18 @@ class GroupReader:
         tag.source.held.discard(tag)
         if self.inflight.get(d.envelope.id) is d:
             del self.inflight[d.envelope.id]
-        if self.stopping or tag.source.part is not None:
+        if self.stopping or tag.source.giving_up:
             self.wake()  # a channel waiting to close may close now
         return tag
 
     @property
     def held(self) -> int:
         return len(self.shared.held) + sum(len(s.held) for s in self.parts.values())
+
+    @property
+    def acks_waiting(self) -> bool:
+        """Some source has settled deliveries whose ack is not sent yet."""
+        return any(s.to_ack for s in self.sources)
 
     # --- lifecycle -------------------------------------------------------------------
     @property
@@ -294,12 +355,12 @@ class GroupReader:
             return
         src.giving_up = True
         self.unbuffer(part)
-        self._spawn(self._close_when_settled(src))
+        self.spawn(self._close_when_settled(src))
 
     def reopen_later(self, src: Source) -> None:
         if self._closed or not self.link.connected:
             return
-        self._spawn(self._reopen(src))
+        self.spawn(self._reopen(src))
 
     async def _reopen(self, src: Source) -> None:
         if self._closed or self.stopping or src.active or src.giving_up:
@@ -376,7 +437,7 @@ class GroupReader:
         for src in self.sources:
             if not src.giving_up:
                 src.giving_up = True
-                self._spawn(self._close_when_settled(src))
+                self.spawn(self._close_when_settled(src))
 
     async def _close_when_settled(self, src: Source) -> None:
         await self.settled_all(src)

@@ -246,7 +246,7 @@ class AmqpTransport:
             spec,
             link=self._link,
             prefetch=max(1, prefetch),
-            now=self.clock.time,
+            clock=self.clock,
             decode=self.codec.decode_envelope,
             on_early=self._early,
             on_poison=self._poison,
@@ -412,6 +412,8 @@ class AmqpTransport:
         if self._pub.busy:
             return False
         if any(r.buffer or r.held for r in self._readers if not r.stopping):
+            return False
+        if any(r.acks_waiting for r in self._readers):
             return False
         groups = list(self._topology.groups)
         if any(self._pub.scheduled_count(g) for g in groups):
