@@ -39,7 +39,7 @@ import json, os, threading, time
 EXPECT = int(os.environ.get("BENCH_EXPECT", "0"))
 OUT = os.environ.get("BENCH_OUT", "")
 _lock = threading.Lock()
-_state = {"count": 0, "first": None}
+_state = {"count": 0, "first": None, "cpu0": 0.0}
 _lat = []
 
 def hit(t_ns):
@@ -50,10 +50,13 @@ def hit(t_ns):
         _lat.append(now - int(t_ns))
         if c == 1:
             _state["first"] = now
+            _state["cpu0"] = time.process_time()
             open(OUT + ".first", "w").write(str(now))
         if c == EXPECT:
+            cpu = time.process_time() - _state["cpu0"]
             with open(OUT + ".tmp", "w") as f:
-                json.dump({"first_ns": _state["first"], "last_ns": now, "lat_ns": _lat}, f)
+                json.dump({"first_ns": _state["first"], "last_ns": now, "lat_ns": _lat,
+                           "cpu": cpu}, f)
             os.replace(OUT + ".tmp", OUT)
 """
 
@@ -252,7 +255,8 @@ class Bench:
         res = json.loads(self.out.read_text())
         drain = (res["last_ns"] - res["first_ns"]) / 1e9
         rows.append(emit(peer, "drain_one_worker", n, drain,
-                         launch_to_last_s=round((res["last_ns"] - launched) / 1e9, 3)))  # fmt: skip
+                         launch_to_last_s=round((res["last_ns"] - launched) / 1e9, 3),
+                         cpu_us_per_event=round(res["cpu"] / n * 1e6)))  # fmt: skip
         return rows
 
     async def latency(self, peer: Peer, rate: int, seconds: float) -> dict[str, Any]:
