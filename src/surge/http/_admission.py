@@ -18,7 +18,8 @@ nothing for a while counts at least that while: stalled, or starting (a
 process pool comes up in seconds on a busy machine).
 
 :class:`AdaptiveLimit` bounds the queued events (at the last sample, plus
-the requests admitted since) by ``limit``; a request over it is answered
+the requests admitted since, less what the first stage finished since at
+its measured rate) by ``limit``; a request over it is answered
 503 with ``Retry-After: 1``. After each sample::
 
     delay > target                       limit = queued * target / delay
@@ -30,7 +31,8 @@ while to drain is not cut again at every sample); the second grows the
 limit only while it is what refused requests, fast while the pipeline is
 far under its target and slowly near it, so an idle route does not earn a
 limit it never tested. Both stay within ``[minimum, maximum]``; it starts
-at the stages' summed ``concurrency`` (at least 100).
+at the stages' summed ``concurrency`` (at least 1,000: a client's first
+burst is admitted).
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ class AdaptiveLimit:
         "_progress",
         "_refused",
         "admitted",
+        "clock",
         "concurrency",
         "delay",
         "initial",
@@ -99,6 +102,8 @@ class AdaptiveLimit:
         "maximum",
         "minimum",
         "queued",
+        "rate",
+        "sampled_at",
         "shed",
         "since",
         "stages",
@@ -117,6 +122,7 @@ class AdaptiveLimit:
         window: float = 1.0,
         stages: tuple[str, ...] = (),
         concurrency: tuple[int, ...] = (),
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not target > 0:
             raise ValueError("target_latency must be positive")
@@ -125,6 +131,11 @@ class AdaptiveLimit:
         """The subscriptions of the pipeline (for statistics)."""
         self.concurrency = concurrency
         """Per stage, the events its workers handle at once (not queued)."""
+        self.clock = clock
+        """Read only when a request is over the limit (see :meth:`admit`)."""
+        self.rate = 0.0
+        """Events per second the first stage finished, at the last sample."""
+        self.sampled_at = 0.0
         self.minimum = minimum
         self.maximum = maximum
         self.window = window
@@ -170,6 +181,15 @@ class AdaptiveLimit:
         if self.queued + self.since < self.limit:
             self.since += 1
             return True
+        clock = self.clock
+        if clock is not None and self.queued + self.since < self.limit + self.rate * (
+            clock() - self.sampled_at
+        ):
+            # What the first stage took on since the sample (at its measured
+            # rate) is no longer waiting for it: a sample that comes late (a
+            # busy loop) does not turn a pipeline that keeps up into a shed.
+            self.since += 1
+            return True
         self.shed += 1
         self._refused = True
         return False
@@ -208,6 +228,9 @@ class AdaptiveLimit:
             share = min(1.0, (waiting + done) / reached)
             delay += share * max(q / rate if rate > 0 else 0.0, stalled)
         self.delay = delay
+        self.sampled_at = now
+        if stages and elapsed > 0:
+            self.rate = max(0.0, (stages[0][1] - before[0]) / elapsed)
         self.admitted += self.since
         self.since = 0
         self.waiting = sum(w for w, _ in stages)
@@ -278,9 +301,10 @@ class Admission:
                 concurrency = tuple(s.concurrency for s in reached)
                 pipeline.limit = AdaptiveLimit(
                     own or 1.0,
-                    initial=max(100, sum(concurrency)),
+                    initial=max(1000, sum(concurrency)),
                     stages=groups,
                     concurrency=concurrency,
+                    clock=runtime.clock.monotonic,
                 )
                 # the app-wide target is read at each sample (a server may
                 # configure its limits after the app started)
