@@ -334,6 +334,52 @@ def test_bad_conditions_are_refused() -> None:
         surge.count(int, at_least=1, within=1)  # type: ignore[arg-type]
     with pytest.raises(surge.ConfigurationError, match=r"surge\.count"):
         surge.App("c").when("A then B")  # type: ignore[arg-type]
+    with pytest.raises(surge.ConfigurationError, match="keyed by 'order'"):
+        surge.count(Ordered, by="user", at_least=2, within=1)
+
+
+class Ordered(surge.Event):
+    """Routed by its order across processes, so not countable by user."""
+
+    __key__ = "order"
+    order: int
+    user: int
+
+
+@pytest.mark.realtime
+async def test_a_keys_state_follows_it_from_process_to_process(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """On a partitioned transport a key's window is in the state store: an
+    app that starts afresh (another process) completes what one before it
+    began, and an event routed by another key than the condition's is
+    warned about."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    fired: list[tuple[str | None, int]] = []
+    done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def make() -> surge.App:
+        app = surge.App("k", transport=url)
+
+        @app.when(surge.count(A, by="user", at_least=3, within=60), name="three")
+        async def three(m: surge.ConditionMet) -> None:
+            fired.append((m.key, len(m.ids)))
+            done.set_result(None)
+
+        return app
+
+    first = make()
+    async with first:
+        await first.publish(A(user=7))
+        await first.publish(A(user=7))
+        await asyncio.wait_for(first.drain(), 10)
+    assert fired == []
+    second = make()
+    async with second:
+        await second.publish(A(user=7), key="elsewhere")
+        await asyncio.wait_for(done, 10)
+    assert fired == [("7", 3)]
+    assert "routed by key 'elsewhere'" in caplog.text
 
 
 def _durable_url(kind: str, tmp_path: Path) -> str:

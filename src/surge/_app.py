@@ -1089,6 +1089,7 @@ class App:
             hands_back=caps.hands_back,
             fences=caps.fences,
             state=caps.state or self._local_state,
+            partitions=caps.partitions,
             rng=self._rng,
             timings=self._timings,
             decode=self._decode,

@@ -65,6 +65,9 @@ class Runtime:
     """The transport's ``fenced``, asked before each keyed delivery starts."""
     state: StateStore
     """The transport's state store, or one kept in the app's memory."""
+    partitions: int = 0
+    """The transport's partitions of keyed envelopes (0: it has none, and
+    per-key order holds within one process only)."""
     rng: Random
     """Retry jitter, seeded by the app."""
     timings: Timings | None

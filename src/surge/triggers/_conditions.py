@@ -1,14 +1,23 @@
 """Condition triggers: ``count``, ``sequence`` and ``absence`` over event streams.
 
-A condition is an internal subscription on its source topics that keeps
-bounded per-key state in memory and publishes a :class:`ConditionMet` (with
-an id derived from the event that completed it) when it holds; the decorated
-function subscribes to that. See docs/triggers.md for the exact semantics.
+A condition is an internal subscription on its source topics, keyed by the
+condition's ``by=`` (one constant key without it), that keeps per-key state
+and publishes a :class:`ConditionMet` (with an id derived from the event that
+completed it) when it holds; the decorated function subscribes to that.
+
+On a transport with partitions (``KeyRouting``) publishers route each key's
+source events to one partition, read by one process at a time in publish
+order, and the state of each key lives in the transport's state store,
+loaded and saved around each event before its ack: any process that owns
+the partition next carries on where the last one stopped. Elsewhere the
+state is kept in memory, bounded by an LRU over keys. See docs/triggers.md
+for the exact semantics.
 """
 
 from __future__ import annotations
 
 import bisect
+import logging
 import math
 import operator
 from collections import OrderedDict
@@ -55,6 +64,12 @@ class _AbsenceCheck(Event):
 
 KeyFn = Callable[[Any], Hashable]
 
+log = logging.getLogger("surge.triggers")
+
+# The routing key of a condition without ``by=``: every source event in one
+# partition, hence one process at a time and in publish order.
+_ALL = "_surge.when"
+
 
 class Condition:
     """A pattern over event streams; made by :func:`count`, :func:`sequence`
@@ -86,6 +101,16 @@ class Condition:
         self.max_keys = max_keys
         self.max_events = max_events
         self._key: KeyFn | None
+        if isinstance(by, str):
+            for s in sources:
+                if s.__key__ is not None and s.__key__ != by:
+                    # Across processes the publisher routes by __key__: one
+                    # key of the condition would be split between processes.
+                    raise ConfigurationError(
+                        f"{self.kind}(by={by!r}): {s.__name__} is keyed by "
+                        f"{s.__key__!r} (its __key__); give by={s.__key__!r} or key "
+                        "the event type by the condition's field"
+                    )
         if by is None:
             self._key = None
         elif isinstance(by, str):
@@ -98,6 +123,12 @@ class Condition:
 
     def key_of(self, event: Event) -> str | None:
         return None if self._key is None else str(self._key(event))
+
+    def route_of(self, event: Event) -> str:
+        """The key publishers route ``event`` by on a partitioned transport
+        (the internal subscription's ``key=``)."""
+        key = event.key if isinstance(event, _AbsenceCheck) else self.key_of(event)
+        return _ALL if key is None else key
 
     def engine(self) -> _Engine:
         raise NotImplementedError
@@ -180,10 +211,26 @@ def absence(
     return _Absence((first, then), by=by, within=within, max_keys=max_keys, max_events=max_events)
 
 
-class _Hit(msgspec.Struct, frozen=True):
+class _Hit(msgspec.Struct, frozen=True, array_like=True):
     key: str | None
     time: float
     ids: tuple[str, ...]
+
+
+class _Saved(msgspec.Struct, array_like=True, omit_defaults=True):
+    """One key's state in the transport's state store: a window (count,
+    sequence) or the pending A's (absence), and the events it took in most
+    recently with the firing each made, to recognise a redelivery."""
+
+    events: list[tuple[float, int, str]] = []
+    watermark: float = -math.inf
+    seq: int = 0
+    pending: dict[str, float] = {}
+    seen: list[tuple[str, _Hit | None]] = []
+
+
+_encode_saved = msgspec.msgpack.Encoder().encode
+_decode_saved = msgspec.msgpack.Decoder(_Saved).decode
 
 
 class _Engine:
@@ -198,7 +245,6 @@ class _Engine:
         self.keys: OrderedDict[str | None, Any] = OrderedDict()
         self.evicted_keys = 0
         self.dropped_events = 0
-        self._seq = 0
 
     def _state(self, key: str | None) -> Any:
         st = self.keys.get(key)
@@ -220,16 +266,32 @@ class _Engine:
     def check(self, key: str | None, a_id: str, deadline: float) -> _Hit | None:
         return None
 
+    def attach(self, key: str | None, saved: _Saved) -> None:
+        """Take ``key``'s state from the store (no LRU: one key at a time)."""
+        w = _Window()
+        w.events = saved.events
+        w.watermark = saved.watermark
+        w.seq = saved.seq
+        self.keys[key] = w
+
+    def detach(self, key: str | None) -> _Saved:
+        """``key``'s state, to store; the engine keeps nothing of it."""
+        w: _Window | None = self.keys.pop(key, None)
+        if w is None:
+            return _Saved()
+        return _Saved(events=w.events, watermark=w.watermark, seq=w.seq)
+
 
 class _Window:
     """A key's recent events, sorted by (time, arrival), and the newest time
     seen for the key (its watermark)."""
 
-    __slots__ = ("events", "watermark")
+    __slots__ = ("events", "seq", "watermark")
 
     def __init__(self) -> None:
         self.events: list[tuple[float, int, str]] = []
         self.watermark = -math.inf
+        self.seq = 0  # arrival order, for equal times
 
     def advance(self, time: float, within: float) -> bool:
         """Take ``time`` into the watermark and forget what fell out of the
@@ -255,8 +317,8 @@ class _CountEngine(_Engine):
         if not w.advance(time, self.cond.within):
             self.dropped_events += 1
             return None
-        self._seq += 1
-        bisect.insort(w.events, (time, self._seq, event_id))
+        w.seq += 1
+        bisect.insort(w.events, (time, w.seq, event_id))
         if len(w.events) < self.cond.at_least:
             return None
         hit = _Hit(key, time, tuple(e[2] for e in w.events))
@@ -274,8 +336,8 @@ class _SequenceEngine(_Engine):
             self.dropped_events += 1
             return None
         if role == 0:
-            self._seq += 1
-            bisect.insort(w.events, (time, self._seq, event_id))
+            w.seq += 1
+            bisect.insort(w.events, (time, w.seq, event_id))
             if len(w.events) > self.cond.max_events:
                 del w.events[0]
                 self.dropped_events += 1
@@ -318,10 +380,20 @@ class _AbsenceEngine(_Engine):
             del self.keys[key]
         return _Hit(key, deadline, (a_id,))
 
+    def attach(self, key: str | None, saved: _Saved) -> None:
+        self.keys[key] = saved.pending
+
+    def detach(self, key: str | None) -> _Saved:
+        pending: dict[str, float] | None = self.keys.pop(key, None)
+        return _Saved(pending=pending or {})
+
 
 # Redeliveries of an event the condition already took in: remembered so a
 # second delivery publishes the same derived events instead of counting again.
 _SEEN = 10_000
+# The same, per key, in the state store: a redelivery follows a crash or a
+# lost lease, and at most a prefetch of the condition's events was unsettled.
+_SEEN_PER_KEY = 64
 
 
 class _Observer:
@@ -337,9 +409,19 @@ class _Observer:
         self.roles = {s.__topic__: i for i, s in enumerate(condition.sources)}
         self._seen: OrderedDict[str, list[Envelope]] = OrderedDict()
         self._runtime: Runtime | None = None
+        self._stored = False
+        self._state_prefix = ""
+        self.misrouted = 0
+        """Source events that arrived routed by another key than the
+        condition's (on a partitioned transport): their key's firings may
+        differ from one process's."""
 
     async def start(self, runtime: Runtime) -> None:
         self._runtime = runtime
+        # Partitions keep one key's events with one process at a time; its
+        # state then has to follow the partition from process to process.
+        self._stored = runtime.partitions > 0
+        self._state_prefix = f"when:{runtime.app.name}.{self.name}:"
 
     async def stop(self) -> None:
         # Handlers still running keep publishing through the runtime.
@@ -347,44 +429,128 @@ class _Observer:
 
     async def observe(self, event: Event, ctx: Context) -> None:
         env = ctx.envelope
-        seen = self._seen
-        out = seen.get(env.id)
-        if out is None:
-            out = seen[env.id] = self._outputs(env, event)
-            if len(seen) > _SEEN:
-                seen.popitem(last=False)
+        runtime = self._runtime
+        assert runtime is not None, "the app runs its parts before its handlers"
+        if self._stored:
+            out = await self._observe_stored(runtime, env, event)
+        else:
+            seen = self._seen
+            cached = seen.get(env.id)
+            if cached is None:
+                key = self._key_of(event)
+                hit = self._feed(env, event, key)
+                cached = seen[env.id] = self._envelopes(env, event, key, hit)
+                if len(seen) > _SEEN:
+                    seen.popitem(last=False)
+            out = cached
         if out:
             # Published before the ack, with ids derived from this event's:
             # a redelivery republishes the same ids.
-            assert self._runtime is not None, "the app runs its parts before its handlers"
-            await self._runtime.publish(list(out))
+            await runtime.publish(list(out))
 
-    def _outputs(self, env: Envelope, event: Event) -> list[Envelope]:
-        condition = self.condition
+    async def _observe_stored(
+        self, runtime: Runtime, env: Envelope, event: Event
+    ) -> list[Envelope]:
+        """Take ``event`` in with its key's state from the store, saved
+        again before the ack."""
+        key = self._key_of(event)
+        route = self.condition.route_of(event)
+        if env.key != route:
+            self._misrouted(env, route)
+        name = self._state_prefix + route
+        raw = await runtime.state.load_state(name)
+        saved = _decode_saved(raw) if raw else _Saved()
+        for seen_id, hit in saved.seen:
+            if seen_id == env.id:
+                return self._envelopes(env, event, key, hit)
+        self.engine.attach(key, saved)
+        try:
+            hit = self._feed(env, event, key)
+        finally:
+            after = self.engine.detach(key)
+        after.seen = saved.seen[-(_SEEN_PER_KEY - 1) :]
+        after.seen.append((env.id, hit))
+        await runtime.state.save_state(name, _encode_saved(after))
+        return self._envelopes(env, event, key, hit)
+
+    def _misrouted(self, env: Envelope, route: str) -> None:
+        self.misrouted += 1
+        if self.misrouted == 1:
+            log.warning(
+                "condition %r: an event of %r came routed by key %r, not by the condition's "
+                "key %r (published with key=, by an app without this condition, or keyed by "
+                "another subscription of the topic): across processes the condition may miss "
+                "or split its firings",
+                self.name,
+                env.topic,
+                env.key,
+                route,
+            )
+
+    def _key_of(self, event: Event) -> str | None:
         if isinstance(event, _AbsenceCheck):
-            hit = self.engine.check(event.key, event.a_id, event.deadline)
-        else:
-            role = self.roles.get(env.topic, self.roles.get(event.__topic__, 0))
-            key = condition.key_of(event)
-            hit = self.engine.feed(role, key, env.time, env.id)
-            if isinstance(condition, _Absence) and role == 0:
-                deadline = env.time + condition.within
-                check = _AbsenceCheck(key=key, a_id=env.id, deadline=deadline)
-                # No envelope key: the observer already takes events one at
-                # a time, in arrival order.
-                chk = Envelope(
+            return event.key
+        return self.condition.key_of(event)
+
+    def _role(self, env: Envelope, event: Event) -> int:
+        return self.roles.get(env.topic, self.roles.get(event.__topic__, 0))
+
+    def _feed(self, env: Envelope, event: Event, key: str | None) -> _Hit | None:
+        if isinstance(event, _AbsenceCheck):
+            return self.engine.check(key, event.a_id, event.deadline)
+        return self.engine.feed(self._role(env, event), key, env.time, env.id)
+
+    def _envelopes(
+        self, env: Envelope, event: Event, key: str | None, hit: _Hit | None
+    ) -> list[Envelope]:
+        """What taking ``event`` in publishes: the same on every delivery."""
+        out: list[Envelope] = []
+        condition = self.condition
+        if (
+            isinstance(condition, _Absence)
+            and not isinstance(event, _AbsenceCheck)
+            and self._role(env, event) == 0
+        ):
+            deadline = env.time + condition.within
+            check = _AbsenceCheck(key=key, a_id=env.id, deadline=deadline)
+            # Routed with the key's source events when partitions carry the
+            # state (the check then meets the key's latest state); else no
+            # key: one observer takes events one at a time, in arrival order.
+            route = (_ALL if key is None else key) if self._stored else None
+            out.append(
+                Envelope(
                     derive_id(env.id, "absence"),
                     self.check_topic,
-                    None,
+                    route,
                     env.time,
                     event=check,
                     not_before=deadline,
                 )
-                return [chk]
-        if hit is None:
-            return []
-        met = ConditionMet(condition=self.name, key=hit.key, time=hit.time, ids=hit.ids)
-        return [Envelope(derive_id(env.id, "when"), self.topic, None, hit.time, None, met)]
+            )
+        if hit is not None:
+            met = ConditionMet(condition=self.name, key=hit.key, time=hit.time, ids=hit.ids)
+            out.append(Envelope(derive_id(env.id, "when"), self.topic, None, hit.time, None, met))
+        return out
+
+
+class _RouteKey:
+    """A condition's routing key function; equal for conditions keyed alike,
+    so two of them over one topic agree on how its events are routed."""
+
+    __slots__ = ("_by", "_condition")
+
+    def __init__(self, condition: Condition) -> None:
+        self._condition = condition
+        self._by = condition.by
+
+    def __call__(self, event: Event) -> str:
+        return self._condition.route_of(event)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _RouteKey) and other._by == self._by
+
+    def __hash__(self) -> int:
+        return hash(self._by)
 
 
 def when(
@@ -409,8 +575,16 @@ def when(
             topics.append(check_topic)
         observer = _Observer(condition, cname, topic, check_topic)
         app.attach(observer)
-        # One consumer in order: the state is per process and order matters.
-        app.on(*topics, name=f"_surge.when.{cname}", concurrency=1)(observer.observe)
+        # One consumer in order, keyed by the condition's key: on a
+        # partitioned transport publishers route each key's events to one
+        # process at a time, in publish order.
+        app.on(
+            *topics,
+            name=f"_surge.when.{cname}",
+            concurrency=1,
+            key=_RouteKey(condition),
+            prefetch=_SEEN_PER_KEY,
+        )(observer.observe)
         return fn
 
     return decorate
