@@ -227,7 +227,8 @@ class IdleAware(Protocol):
 
 @runtime_checkable
 class StateStore(Protocol):
-    """Small durable values shared by the processes of an app (trigger slots).
+    """Small durable values shared by the processes of an app (trigger
+    slots; with ``KeyRouting``, each condition key's state).
 
     Without it, triggers keep their last fired slot in the app's memory: a
     restarted process may fire a slot a second time.
