@@ -18,8 +18,8 @@ nothing for a while counts at least that while: stalled, or starting (a
 process pool comes up in seconds on a busy machine).
 
 :class:`AdaptiveLimit` bounds the queued events (at the last sample, plus
-the requests admitted since, less what the first stage finished since at
-its measured rate) by ``limit``; a request over it is answered
+the requests admitted since, less what the pipeline passed on since at the
+rate of its slowest stage) by ``limit``; a request over it is answered
 503 with ``Retry-After: 1``. After each sample::
 
     delay > target                       limit = queued * target / delay
@@ -134,7 +134,8 @@ class AdaptiveLimit:
         self.clock = clock
         """Read only when a request is over the limit (see :meth:`admit`)."""
         self.rate = 0.0
-        """Events per second the first stage finished, at the last sample."""
+        """The route's events per second the pipeline's slowest stage
+        passed on, at the last sample."""
         self.sampled_at = 0.0
         self.minimum = minimum
         self.maximum = maximum
@@ -185,9 +186,9 @@ class AdaptiveLimit:
         if clock is not None and self.queued + self.since < self.limit + self.rate * (
             clock() - self.sampled_at
         ):
-            # What the first stage took on since the sample (at its measured
-            # rate) is no longer waiting for it: a sample that comes late (a
-            # busy loop) does not turn a pipeline that keeps up into a shed.
+            # What the pipeline passed on since the sample (at its measured
+            # rate) no longer waits in it: a sample that comes late (a busy
+            # loop) does not turn a pipeline that keeps up into a shed.
             self.since += 1
             return True
         self.shed += 1
@@ -229,8 +230,16 @@ class AdaptiveLimit:
             delay += share * max(q / rate if rate > 0 else 0.0, stalled)
         self.delay = delay
         self.sampled_at = now
-        if stages and elapsed > 0:
-            self.rate = max(0.0, (stages[0][1] - before[0]) / elapsed)
+        if elapsed > 0:
+            # The route's events leave the pipeline as fast as its slowest
+            # stage passes them on (a stage's rate over its share); an idle
+            # stage, which nothing waits for, holds nothing up.
+            rate = math.inf
+            for k, (waiting, done) in enumerate(stages):
+                passed = (done - before[k]) / elapsed
+                if waiting > 0 or passed > 0:
+                    rate = min(rate, passed * reached / max(waiting + done, 1))
+            self.rate = 0.0 if math.isinf(rate) else max(0.0, rate)
         self.admitted += self.since
         self.since = 0
         self.waiting = sum(w for w, _ in stages)
@@ -270,6 +279,10 @@ class Admission:
     hands each route its limit (None: admit by ``max_in_flight`` alone).
     """
 
+    initial_limit = 1000
+    """The least a route's limit starts at (a client's first burst is
+    admitted; the first samples correct it)."""
+
     def __init__(
         self,
         routes: Callable[[], list[tuple[RouteKey, tuple[str, ...], float | None]]],
@@ -301,7 +314,7 @@ class Admission:
                 concurrency = tuple(s.concurrency for s in reached)
                 pipeline.limit = AdaptiveLimit(
                     own or 1.0,
-                    initial=max(1000, sum(concurrency)),
+                    initial=max(self.initial_limit, sum(concurrency)),
                     stages=groups,
                     concurrency=concurrency,
                     clock=runtime.clock.monotonic,
