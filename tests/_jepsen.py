@@ -169,7 +169,7 @@ async def handle(event: Numbered, ctx: surge.Context) -> None:
     _record("h", event.n, ctx.attempt)
 
 
-@app.on_stop
+@app.after_stop  # once the late acks were tried (on_stop runs before they settle)
 async def _report_stale() -> None:
     # Settles refused because the lease had passed to another consumer; a
     # transport that counts them says so (sqlite: ``stale_settles``).

@@ -199,6 +199,52 @@ async def test_a_hanging_on_stop_hook_leaves_time_to_close(clock: VirtualClock) 
     ]
 
 
+class _Slow(surge.Event):
+    __topic__ = "stops.slow"
+
+    n: int
+
+
+async def test_after_stop_hooks_run_once_handlers_and_acks_are_done(
+    clock: VirtualClock,
+) -> None:
+    """``on_stop`` runs as the stop begins, while a handler still runs;
+    ``after_stop`` once the handler ended, its event was acknowledged and
+    the transport closed (where a resource the handlers use is released)."""
+    transport = _Closing(clock=clock)
+    app = surge.App("t", clock=clock, transport=transport, shutdown_timeout=8)
+    started = asyncio.Event()
+    ended: list[int] = []
+    seen: dict[str, tuple[bool, bool, int]] = {}
+
+    @app.on(_Slow)
+    async def slow(event: _Slow) -> None:
+        started.set()
+        await clock.sleep(2)
+        ended.append(event.n)
+
+    async def look(when: str) -> None:
+        stats = await transport.stats("t.slow") if not transport.closed else None
+        pending = -1 if stats is None else stats.pending
+        seen[when] = (bool(ended), transport.closed, pending)
+
+    @app.on_stop
+    async def first() -> None:
+        await look("on_stop")
+
+    @app.after_stop
+    async def last() -> None:
+        await look("after_stop")
+
+    await app.start()
+    await app.publish(_Slow(n=1))
+    await started.wait()
+    await app.stop()
+    assert seen["on_stop"] == (False, False, 1)  # the handler still runs
+    assert seen["after_stop"] == (True, True, -1)  # ended, settled, closed
+    assert ended == [1]
+
+
 # --- surge run ----------------------------------------------------------------
 def test_surge_run_prints_one_line_with_the_phases_at_exit(tmp_path: Path) -> None:
     """`surge run` stopped by SIGTERM exits 0 and prints one line with the

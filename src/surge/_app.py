@@ -231,6 +231,7 @@ class App:
         self._keyers: dict[str, tuple[Callable[[Any], Hashable], ...]] = {}
         self._partitioned = False
         self._on_stop: list[Callable[[], Awaitable[None]]] = []
+        self._after_stop: list[Callable[[], Awaitable[None]]] = []
         self._stop_report: StopReport | None = None
         self.extensions: dict[str, Any] = {}
         """Per-app state of optional parts (surge.observe, surge.http), by
@@ -441,8 +442,17 @@ class App:
         return fn
 
     def on_stop(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
-        """Run ``fn`` when the app begins to stop."""
+        """Run ``fn`` when the app begins to stop (handlers may still run:
+        release what they use in an ``after_stop`` hook instead)."""
         self._on_stop.append(fn)
+        return fn
+
+    def after_stop(self, fn: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        """Run ``fn`` once the app has stopped: no handler runs any more,
+        what they settled is acknowledged and the transport is closed (the
+        place to close a database pool the handlers used). Bounded by what
+        is left of ``shutdown_timeout``, as the rest of the stop."""
+        self._after_stop.append(fn)
         return fn
 
     # --- triggers (implemented in surge.triggers) and HTTP (in surge.http) --
@@ -1180,6 +1190,8 @@ class App:
             if self._procpool is not None:
                 self._procpool.shutdown(wait=True, cancel_futures=True)
                 self._procpool = None
+            for fn in self._after_stop:
+                await stop.wait(fn(), f"after_stop hook {getattr(fn, '__qualname__', fn)}")
         self._state = "stopped"
         self._stop_report = report = stop.report()
         log.info("app %s %s", self.name, report)

@@ -84,6 +84,7 @@ class Connection:
         "_r",
         "_reconnect_timeout",
         "_redis_options",
+        "_released",
         "_scripts",
         "_url",
         "_wait",
@@ -107,6 +108,9 @@ class Connection:
         }
         self._clock = clock
         self._r: aredis.Redis | None = None
+        self._released = False
+        """``aclose`` ran: the pool is disconnected, and a command on a client
+        taken before would connect it again (a socket nobody closes)."""
         self._scripts: dict[str, Any] = {}
         self._closed = True
         self.healthy = False
@@ -159,6 +163,7 @@ class Connection:
             raise self.error(exc, "cannot connect") from exc
         self._r = r
         self._closed = False
+        self._released = False
         self.ok()
 
     def _client(self, url: str) -> aredis.Redis:
@@ -233,6 +238,7 @@ class Connection:
         """Close the client (``shut`` first, if not yet)."""
         r, self._r = self._r, None
         self._closed = True
+        self._released = True
         finding, self._finding = self._finding, None
         if finding is not None:
             finding.cancel()
@@ -269,6 +275,8 @@ class Connection:
     async def cmd(self, r: aredis.Redis, *args: Any) -> Any:
         """A command whose raw reply the caller parses (XREADGROUP, XCLAIM,
         XPENDING, XRANGE keep the server's shape)."""
+        if self._released:
+            raise Closed("transport is closed")
         return await r.execute_command(*args)  # type: ignore[no-untyped-call]
 
     async def run(
@@ -282,6 +290,8 @@ class Connection:
     ) -> Any:
         """Run one of ``_scripts.SCRIPTS`` (on ``client``, by default ours);
         ``replicated``: then wait for ``wait`` replicas to have its writes."""
+        if self._released:
+            raise Closed("transport is closed")
         r = client if client is not None else self.client()
         if not replicated or not self._wait:
             return await self._scripts[script](keys=keys, args=args, client=r)

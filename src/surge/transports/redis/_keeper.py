@@ -24,6 +24,7 @@ import contextlib
 import redis.exceptions as rexc
 
 from ..._clock import Clock
+from ..._errors import Closed
 from ._connection import CONNECTION_ERRORS, Connection
 from ._inflight import Inflight
 from ._keys import GroupKeys
@@ -174,9 +175,11 @@ class Keeper:
                         # they are settled; others' are taken soon after they go.
                         pace = min(pace, 0.05 if owner.ownership.releasing else 0.25)
                     elif self._ephemeral:
-                        await r.set(keys.alive, 1, px=self._alive_ms)
+                        await conn.cmd(r, "SET", keys.alive, 1, "PX", self._alive_ms)
                     next_balance = clock.monotonic() + pace
                 delay = 0.05
+            except Closed:
+                return  # the transport closed under this round
             except CONNECTION_ERRORS as exc:
                 conn.failed(exc, f"maintaining {keys.name!r}")
                 delay = await conn.backoff(delay)
