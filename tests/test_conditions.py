@@ -284,6 +284,29 @@ async def test_a_redelivered_event_is_not_counted_twice(clock: VirtualClock) -> 
     assert fired == [(ids[0], ids[1])]
 
 
+@pytest.mark.realtime
+async def test_a_redelivery_republishes_the_firing_kept_in_the_store(tmp_path: Path) -> None:
+    """On a partitioned transport the firing an event made is saved with the
+    key's state: retried after the save, the event republishes it instead
+    of being counted again."""
+    app = surge.App(
+        "c",
+        transport=f"sqlite:///{tmp_path / 'r.db'}",
+        middleware=[FailOnce()],
+        retry=surge.Retry(attempts=3, backoff=0.01),
+    )
+    fired: list[tuple[str, ...]] = []
+
+    @app.when(surge.count(A, by="user", at_least=2, within=100))
+    async def twice(m: surge.ConditionMet) -> None:
+        fired.append(m.ids)
+
+    async with app:
+        ids = [await app.publish(A(user=1)) for _ in range(3)]
+        await asyncio.wait_for(app.drain(), 10)
+    assert fired == [(ids[0], ids[1])]
+
+
 def test_absence_answers_are_half_open_in_event_time() -> None:
     """Only a B with a.time <= b.time < a.time + within answers an A: one at
     the deadline or older than the A does not."""

@@ -20,7 +20,7 @@ from surge.cli._supervisor import Supervisor
 
 from ._conditions_app import ALL_AT_LEAST, AT_LEAST, WITHIN, Opened, Pinged, Settled, build
 from ._jepsen import wait_for
-from ._servers import shared_nats_url, shared_redis_url
+from ._servers import shared_amqp_url, shared_nats_url, shared_postgres_url, shared_redis_url
 from .test_conditions import Ev, Fired, ref_absence, ref_count, ref_sequence
 
 
@@ -65,11 +65,28 @@ def _fired(path: Path) -> dict[str, Firing]:
 def _url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'cw.db'}"
-    return shared_redis_url() if kind == "redis" else shared_nats_url()
+    urls = {
+        "redis": shared_redis_url,
+        "nats": shared_nats_url,
+        "postgres": shared_postgres_url,
+        "amqp": shared_amqp_url,
+    }
+    return urls[kind]()
 
 
 @pytest.mark.realtime
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "sqlite",
+        "redis",
+        "nats",
+        # The same code; left to -m soak for the CI budget (their servers
+        # take seconds to start).
+        pytest.param("postgres", marks=[pytest.mark.slow, pytest.mark.soak]),
+        pytest.param("amqp", marks=[pytest.mark.slow, pytest.mark.soak]),
+    ],
+)
 async def test_four_workers_fire_what_the_reference_fires(tmp_path: Path, kind: str) -> None:
     """A random sequence over 5 keys of three types, published before 4
     worker processes start; partitions change hands while they join and
