@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import surge
 from surge._transport import capabilities_of
 from surge.transports import MemoryTransport
@@ -114,3 +116,48 @@ async def test_the_runner_skips_fenced_keyed_deliveries(clock: surge.VirtualCloc
         assert seen == [0, 2, 4, 6, 8]
         stats = await transport.stats("fence.step")
         assert stats.pending == 5  # the fenced ones: forgotten by the app, left to the transport
+
+
+class _FailsOnce(MemoryTransport):
+    """memory:// whose first consume of a group dies after one batch."""
+
+    def __init__(self, clock: surge.Clock) -> None:
+        super().__init__(clock=clock)
+        self.consumes: dict[str, int] = {}
+
+    async def consume(self, group: str, *, prefetch: int):  # type: ignore[no-untyped-def]
+        self.consumes[group] = self.consumes.get(group, 0) + 1
+        first = self.consumes[group] == 1
+        async for batch in super().consume(group, prefetch=prefetch):
+            yield batch
+            if first:
+                raise RuntimeError("the consumer's connection went away")
+
+
+async def test_a_failed_consume_is_logged_and_started_again(
+    clock: surge.VirtualClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transport's consume that raises does not leave the subscription
+    without a consumer: one error line, and consuming starts again after a
+    backoff; every event is handled."""
+    transport = _FailsOnce(clock)
+    app = surge.App("refail", transport=transport)
+    seen: list[int] = []
+
+    @app.on(_Step)
+    async def step(event: _Step) -> None:
+        seen.append(event.seq)
+
+    async with app:
+        await app.publish(_Step(key="k", seq=0))
+        await clock.sleep(0.05)
+        for seq in range(1, 4):
+            await app.publish(_Step(key="k", seq=seq))
+        await clock.sleep(1)
+        assert sorted(seen) == [0, 1, 2, 3]
+    assert transport.consumes["refail.step"] == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert errors == [
+        "refail.step: consuming failed (RuntimeError: the consumer's connection went away); "
+        "consuming again in 0.1 s"
+    ]

@@ -34,6 +34,7 @@ from ._config import Retry
 from ._context import Context
 from ._errors import (
     BatchFailed,
+    Closed,
     DecodeError,
     HandlerTimeout,
     KeyFailed,
@@ -187,6 +188,36 @@ class Runner:
 
     # --- intake --------------------------------------------------------------
     async def _consume(self) -> None:
+        """Consume until stopped. A consume that fails (anything the
+        transport did not turn into its own retries) is logged in one line
+        and started again after a backoff, instead of leaving the
+        subscription without a consumer while the app looks alive."""
+        delay = 0.1
+        while not self._stopping:
+            seen = self.received
+            try:
+                await self._consume_once()
+                return  # the transport ended the stream: it closed
+            except Closed:
+                if not self._stopping:
+                    log.error("%s: the transport closed under its consumer", self.group)
+                return
+            except Exception as exc:
+                if self._stopping:
+                    raise
+                if self.received > seen:
+                    delay = 0.1  # it had worked since the last failure
+                log.error(
+                    "%s: consuming failed (%s: %s); consuming again in %.1f s",
+                    self.group,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)  # the loop's time: virtual under a VirtualClock
+                delay = min(delay * 2, 5.0)
+
+    async def _consume_once(self) -> None:
         batches = self.transport.consume(self.group, prefetch=self.sub.prefetch)
         keyed = self.keyed
         queue = self._queue
