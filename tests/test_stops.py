@@ -280,6 +280,56 @@ def test_surge_run_prints_one_line_with_the_phases_at_exit(tmp_path: Path) -> No
         assert f" {phase} " in lines[0]
 
 
+@pytest.mark.parametrize("http", [False, True], ids=["plain", "http"])
+def test_a_second_sigterm_during_the_stop_does_not_kill_it(tmp_path: Path, http: bool) -> None:
+    """`surge run` (and with --http) gets SIGTERM, and again while its stop
+    runs (systemd's control-group kill signals a worker and its supervisor,
+    which signals it again): it finishes the stop and exits 0. With --http
+    the signal handlers used to be removed before the stop, and the second
+    SIGTERM killed the draining process."""
+    (tmp_path / "slowstop.py").write_text(
+        "import asyncio, sys\n"
+        "import surge\n"
+        "app = surge.App('slowstop')\n"
+        "@app.on_start\n"
+        "async def ready() -> None:\n"
+        "    print('ready', flush=True)\n"
+        "@app.on_stop\n"
+        "async def slow() -> None:\n"
+        "    print('stopping', flush=True)\n"
+        "    await asyncio.sleep(1.0)  # the app's own slow cleanup\n"
+        "    print('cleaned', flush=True)\n"
+    )
+    args = [sys.executable, "-m", "surge", "run", "slowstop:app"]
+    if http:
+        args += ["--http", "127.0.0.1:0"]
+    with subprocess.Popen(
+        args,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    ) as proc:
+        try:
+            assert proc.stdout is not None
+            assert proc.stdout.readline() == "ready\n"
+            proc.send_signal(signal.SIGTERM)
+            # (with --http a "serving HTTP on ..." line comes first)
+            line = proc.stdout.readline()
+            while line and line != "stopping\n":
+                line = proc.stdout.readline()
+            assert line == "stopping\n"
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
+    assert "cleaned" in out
+
+
 # --- worker processes under SIGTERM ----------------------------------------------
 def _sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / f'stops-{uuid.uuid4().hex[:8]}.db'}"

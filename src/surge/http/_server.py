@@ -500,13 +500,19 @@ async def serve(
             for w in waits:
                 w.cancel()
     finally:
-        loop = asyncio.get_running_loop()
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-        for each in servers:
-            await each.stop()
-        if started:
-            await app.stop()
+        try:
+            for each in servers:
+                await each.stop()
+            if started:
+                await app.stop()
+        finally:
+            # Only now: a second SIGTERM while the stop runs (systemd's
+            # control-group kill signals the workers and their supervisor,
+            # which signals them again) finds request_stop, a no-op by then,
+            # not the default action that kills a draining process.
+            loop = asyncio.get_running_loop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
 
 
 def _install_signals(app: App, install: bool | None) -> list[int]:
