@@ -224,6 +224,7 @@ class App:
         self._put_one: Callable[[Envelope], bool] | None = None
         self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
         self._stop_requested: asyncio.Event | None = None
+        self._stop_early = False  # request_stop came before start made the event
         self._http: Ingress | None = None
         self._on_start: list[Callable[[], Awaitable[None]]] = []
         # topic -> the key functions of this app's keyed subscriptions of it,
@@ -1056,6 +1057,9 @@ class App:
         if self._state == "stopping":
             raise Closed("the app is stopping")
         self._stop_requested = asyncio.Event()
+        if self._stop_early:  # a SIGTERM while the process started up
+            self._stop_early = False
+            self._stop_requested.set()
         transport = self.transport
         if self.mandatory and not isinstance(transport, KnowsGroups):
             raise ConfigurationError(
@@ -1261,6 +1265,8 @@ class App:
         """Ask :meth:`serve` to stop (safe from signal handlers)."""
         if self._stop_requested is not None:
             self._stop_requested.set()
+        else:
+            self._stop_early = True
 
     async def serve(self) -> None:
         """Run until :meth:`request_stop` (SIGINT / SIGTERM under :meth:`run`)."""

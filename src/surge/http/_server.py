@@ -482,9 +482,17 @@ async def serve(
             )
         )
     started = app.state != "running"
-    if started:
-        await app.start()
+    # Before the start: a SIGTERM while the app starts asks it to stop once
+    # started (the default action would kill it half started).
     installed = _install_signals(app, install_signals)
+    if started:
+        try:
+            await app.start()
+        except BaseException:
+            loop = asyncio.get_running_loop()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            raise
     try:
         for each in servers:
             await each.start()

@@ -320,6 +320,7 @@ class NatsTransport:
     async def wait_idle(self) -> None:
         """Return once every group of this transport holds nothing: nothing
         undelivered, unacknowledged or scheduled (asks the server)."""
+        troubled_since: float | None = None
         while True:
             self._busy = False
             try:
@@ -329,6 +330,19 @@ class NatsTransport:
                         and not self._consumer.unsettled
                         and await self._consumer.settled_on_server()
                     )
+            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                # JetStream's API has no leader for a moment (a cluster
+                # electing one after a node died): not idle yet, ask again
+                # for up to 30 s (CI: a drain right after the stream leader
+                # was killed got a TransportError here).
+                now = self.clock.monotonic()
+                if troubled_since is None:
+                    troubled_since = now
+                elif now - troubled_since > 30.0:
+                    raise translate(exc, "reading consumer state") from exc
+                self._busy = True
+                await self.clock.sleep(0.1)
+                continue
             except nats.errors.Error as exc:
                 raise translate(exc, "reading consumer state") from exc
             if settled and not self._busy:
