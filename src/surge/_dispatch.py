@@ -35,6 +35,7 @@ from ._context import Context
 from ._errors import (
     BatchFailed,
     Closed,
+    ConfigurationError,
     DecodeError,
     HandlerTimeout,
     KeyFailed,
@@ -201,6 +202,9 @@ class Runner:
             except Closed:
                 if not self._stopping:
                     log.error("%s: the transport closed under its consumer", self.group)
+                return
+            except ConfigurationError as exc:  # trying again cannot help
+                log.error("%s: cannot consume: %s", self.group, exc)
                 return
             except Exception as exc:
                 if self._stopping:
