@@ -68,6 +68,7 @@ async def test_broker_unreachable_mid_run_then_back(tmp_path: Path, kind: str, f
 
 
 @pytest.mark.slow
+@pytest.mark.soak  # 45 s each: past CI's 20 minutes; the short outages above run in CI
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize(
     "kind",
