@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -41,6 +42,10 @@ from ._servers import (
 )
 
 pytestmark = pytest.mark.realtime
+
+
+class Ping(surge.Event):
+    n: int
 
 
 @pytest.fixture
@@ -94,6 +99,62 @@ async def test_nats_stream_leader_killed_under_load(
     # Handling must resume (run_failover waits 30 s for it); how soon is a
     # figure (4.9-12.4 s on a loaded 2-core machine; the issue's goal is 5 s).
     result.check(order=False)
+
+
+@pytest.mark.timeout(90)
+async def test_nats_start_waits_out_a_cluster_without_quorum(
+    nats_cluster: NatsCluster,
+) -> None:
+    """A process started while JetStream has no leader (here two of three
+    nodes are down, as for a moment after a node died) waits for one instead
+    of failing with 'setting up JetStream: TimeoutError' (CI: the drain's
+    transport, opened right after the stream leader was killed), then works."""
+    stream = f"q{uuid.uuid4().hex[:8]}"
+    url = f"{nats_cluster.url}?stream={stream}&replicas=3"
+    first = NatsTransport(url)  # the streams exist, as after any first run
+    await first.start()
+    await first.close()
+    down = nats_cluster.nodes[1:]
+    for node in down:
+        node.kill()
+    asked = asyncio.Event()
+
+    class Asked(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "did not answer while setting up JetStream" in record.getMessage():
+                asked.set()
+
+    handler = Asked(logging.INFO)
+    logger = logging.getLogger("surge.nats")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    t = NatsTransport(url)
+    try:
+        starting = asyncio.get_running_loop().create_task(t.start())
+        await asyncio.wait_for(asked.wait(), 30)
+        assert not starting.done()
+        for node in down:
+            await asyncio.to_thread(node.start)
+        down = []
+        await asyncio.wait_for(starting, 60)
+        app = surge.App("quorum", transport=t)
+        got: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        @app.on(Ping)
+        async def on_ping(event: Ping) -> None:
+            if not got.done():
+                got.set_result(event.n)
+
+        async with app:
+            await app.publish(Ping(n=7))
+            assert await asyncio.wait_for(got, 30) == 7
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        for node in down:
+            node.start()
+        await t.close()
 
 
 def test_replicas_option_is_checked() -> None:

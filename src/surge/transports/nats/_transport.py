@@ -159,16 +159,25 @@ class NatsTransport:
             return
         await self._conn.connect()
         o = self.options
+        electing = _Election(self.clock, "setting up JetStream")
         try:
-            self.partitions = await self._layout.ensure_streams(
-                self._conn.js,
-                dedup_window=o.dedup_window,
-                max_age=o.max_age,
-                partitions=self.partitions,
-                asked=o.partitions is not None,
-            )
-            await self._pub.open()
-            await self._dead.open()
+            while True:
+                try:
+                    self.partitions = await self._layout.ensure_streams(
+                        self._conn.js,
+                        dedup_window=o.dedup_window,
+                        max_age=o.max_age,
+                        partitions=self.partitions,
+                        asked=o.partitions is not None,
+                    )
+                    await self._pub.open()
+                    await self._dead.open()
+                    break
+                except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                    # The same wait as wait_idle's: a process started while a
+                    # cluster elects a leader (CI: the drain's transport, opened
+                    # right after the stream leader was killed, timed out here).
+                    await electing.wait_out(exc)
         except nats.errors.Error as exc:
             await self._conn.close()
             raise translate(exc, "setting up JetStream") from exc
@@ -320,7 +329,7 @@ class NatsTransport:
     async def wait_idle(self) -> None:
         """Return once every group of this transport holds nothing: nothing
         undelivered, unacknowledged or scheduled (asks the server)."""
-        troubled_since: float | None = None
+        electing = _Election(self.clock, "reading consumer state")
         while True:
             self._busy = False
             try:
@@ -331,17 +340,10 @@ class NatsTransport:
                         and await self._consumer.settled_on_server()
                     )
             except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
-                # JetStream's API has no leader for a moment (a cluster
-                # electing one after a node died): not idle yet, ask again
-                # for up to 30 s (CI: a drain right after the stream leader
-                # was killed got a TransportError here).
-                now = self.clock.monotonic()
-                if troubled_since is None:
-                    troubled_since = now
-                elif now - troubled_since > 30.0:
-                    raise translate(exc, "reading consumer state") from exc
+                # Not idle yet (CI: a drain right after the stream leader was
+                # killed got a TransportError here).
                 self._busy = True
-                await self.clock.sleep(0.1)
+                await electing.wait_out(exc)
                 continue
             except nats.errors.Error as exc:
                 raise translate(exc, "reading consumer state") from exc
@@ -408,3 +410,26 @@ class _Phases:
 
     def __str__(self) -> str:
         return ", ".join(f"{phase} {took:.3f}s" for phase, took in self._took)
+
+
+class _Election:
+    """Waits out JetStream's API having no leader for a moment (a cluster
+    electing one after a node died answers with timeouts or 'no responders'):
+    :meth:`wait_out` pauses 0.1 s and returns, for up to ``bound`` seconds from
+    the first trouble, then raises the translated error. Says so once in the
+    log, at the first trouble."""
+
+    def __init__(self, clock: Clock, doing: str, bound: float = 30.0) -> None:
+        self._clock = clock
+        self._doing = doing
+        self._bound = bound
+        self._since: float | None = None
+
+    async def wait_out(self, exc: nats.errors.Error) -> None:
+        now = self._clock.monotonic()
+        if self._since is None:
+            self._since = now
+            log.info("JetStream did not answer while %s (%r): asking again", self._doing, exc)
+        elif now - self._since > self._bound:
+            raise translate(exc, self._doing) from exc
+        await self._clock.sleep(0.1)
