@@ -297,7 +297,8 @@ def test_a_second_sigterm_during_the_stop_does_not_kill_it(tmp_path: Path, http:
         "@app.on_stop\n"
         "async def slow() -> None:\n"
         "    print('stopping', flush=True)\n"
-        "    await asyncio.sleep(1.0)  # the app's own slow cleanup\n"
+        "    # the app's own slow cleanup: until the test says, after its SIGTERM\n"
+        "    assert await asyncio.to_thread(sys.stdin.readline) == 'go\\n'\n"
         "    print('cleaned', flush=True)\n"
     )
     args = [sys.executable, "-m", "surge", "run", "slowstop:app"]
@@ -308,11 +309,12 @@ def test_a_second_sigterm_during_the_stop_does_not_kill_it(tmp_path: Path, http:
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
-        stdin=subprocess.DEVNULL,
+        stdin=subprocess.PIPE,
         text=True,
     ) as proc:
         try:
             assert proc.stdout is not None
+            assert proc.stdin is not None
             assert proc.stdout.readline() == "ready\n"
             proc.send_signal(signal.SIGTERM)
             # (with --http a "serving HTTP on ..." line comes first)
@@ -321,7 +323,9 @@ def test_a_second_sigterm_during_the_stop_does_not_kill_it(tmp_path: Path, http:
                 line = proc.stdout.readline()
             assert line == "stopping\n"
             proc.send_signal(signal.SIGTERM)
-            out, err = proc.communicate(timeout=30)
+            # The signal is delivered at once: a process that still takes
+            # SIGTERM's default action is dead before it reads this line.
+            out, err = proc.communicate("go\n", timeout=30)
         finally:
             if proc.poll() is None:
                 proc.kill()
