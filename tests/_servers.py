@@ -330,19 +330,29 @@ def redis_binary() -> str:
 class RedisServer(_ServerProcess):
     """A redis-server process on a free loopback port; ``stop()`` / ``start()``
     (or ``kill()`` / ``start()``) restart it on the same port and directory,
-    so with ``appendonly`` its data survives."""
+    so with ``appendonly`` its data survives.
+
+    ``listen`` are more local addresses to accept clients on, besides
+    127.0.0.1 (a veth end, say); protected mode is then off, as Redis
+    refuses clients from other interfaces without a password otherwise."""
 
     name = "redis-server"
     ready = "Ready to accept connections"
 
     def __init__(
-        self, data_dir: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+        self,
+        data_dir: Path,
+        *,
+        appendonly: bool = False,
+        extra: tuple[str, ...] = (),
+        listen: tuple[str, ...] = (),
     ) -> None:
         super().__init__()
         self.port = free_port()
         self.data_dir = data_dir
         self.appendonly = appendonly
         self.extra = extra
+        self.listen = listen
         self.password: str | None = None
 
     @property
@@ -355,7 +365,7 @@ class RedisServer(_ServerProcess):
         args = [
             redis_binary(),
             "--port", str(self.port),
-            "--bind", "127.0.0.1",
+            "--bind", "127.0.0.1", *self.listen,
             "--save", "",
             "--dir", str(self.data_dir),
             "--logfile", "",
@@ -365,20 +375,28 @@ class RedisServer(_ServerProcess):
         if self.appendonly:
             # an acknowledged write is on disk before the reply
             args += ["--appendfsync", "always"]
+        if self.listen:
+            args += ["--protected-mode", "no"]
         args += list(self.extra)
         self._launch(args)
 
 
 @contextlib.contextmanager
 def redis_server(
-    tmp_path: Path, *, appendonly: bool = False, extra: tuple[str, ...] = ()
+    tmp_path: Path,
+    *,
+    appendonly: bool = False,
+    extra: tuple[str, ...] = (),
+    listen: tuple[str, ...] = (),
 ) -> Iterator[tuple[str, RedisServer]]:
     """A running redis-server on a free loopback port, stopped on exit;
     yields its URL and the :class:`RedisServer` (to restart or kill it).
 
-    ``extra`` are more ``--option value`` arguments (``--requirepass``...).
+    ``extra`` are more ``--option value`` arguments (``--requirepass``...);
+    ``listen`` more local addresses it accepts clients on (see
+    :class:`RedisServer`; the URL stays the loopback one).
     """
-    server = RedisServer(tmp_path / "redis-data", appendonly=appendonly, extra=extra)
+    server = RedisServer(tmp_path / "redis-data", appendonly=appendonly, extra=extra, listen=listen)
     server.start()
     try:
         yield server.url, server
