@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import enum
 import os
 import threading
+import uuid
 from pathlib import Path
+from typing import Annotated, Literal
 
 import msgspec
 import pytest
@@ -422,6 +426,33 @@ async def test_publish_outside_running_app_is_refused(clock: surge.VirtualClock)
         app.publish_nowait(Ping(n=1))
 
 
+async def test_publishing_a_known_type_after_stop_is_refused(clock: surge.VirtualClock) -> None:
+    """What publish learnt of an event type while running (its one synchronous put) is
+    forgotten at stop: publish and publish_nowait raise Closed, and a restarted app
+    handles the type again."""
+    app = surge.App("t", clock=clock)
+    got: list[int] = []
+
+    @app.on(Ping)
+    async def handle(ev: Ping) -> None:
+        got.append(ev.n)
+
+    async with app:
+        await app.publish(Ping(n=1))
+        await app.drain()  # the topic is known routed by now
+        await app.publish(Ping(n=2))
+        app.publish_nowait(Ping(n=3))
+        await app.drain()
+    with pytest.raises(surge.Closed):
+        await app.publish(Ping(n=4))
+    with pytest.raises(surge.Closed):
+        app.publish_nowait(Ping(n=4))
+    async with app:
+        await app.publish(Ping(n=5))
+        await app.drain()
+    assert got == [1, 2, 3, 5]
+
+
 def test_decoding_names_the_field() -> None:
     """A wrongly typed body gives a DecodeError naming the field."""
     codec = surge.MsgpackCodec()
@@ -464,6 +495,79 @@ def test_oversized_message_is_refused() -> None:
     )
     with pytest.raises(surge.MessageTooLarge):
         codec.encode_envelope(env)
+
+
+class _Colour(enum.Enum):
+    RED = "red"
+    BLUE = "a much longer value than red"
+
+
+class _Inner(msgspec.Struct):
+    at: datetime.datetime
+    ok: bool
+
+
+class _Fixed(surge.Event):
+    """Every field of a fixed size: a bound exists."""
+
+    __topic__ = "bounds.fixed"
+    __version__ = 2
+    n: int
+    x: float | None
+    colour: _Colour
+    mode: Literal["on", "off", "standby"]
+    pair: tuple[int, bool]
+    inner: _Inner | None
+    when: datetime.date
+    tick: datetime.timedelta
+    uid: uuid.UUID
+    small: Annotated[int, msgspec.Meta(ge=0, le=9)]
+
+
+class _Node(msgspec.Struct):
+    next: _Node | None = None
+
+
+def test_size_bound_covers_every_value_of_fixed_size_fields() -> None:
+    """A type of fixed-size fields has a size bound per codec that its extreme values stay
+    within (JSON has none: it writes ints of any size); text, bytes, collections, recursion
+    and a codec that does not say have none."""
+    msgpack, json = surge.MsgpackCodec(), surge.JsonCodec()
+    bound = msgpack.size_bound(_Fixed)
+    assert bound is not None
+    assert bound < 1024
+    assert json.size_bound(_Fixed) is None
+    tz = datetime.timezone(-datetime.timedelta(hours=23, minutes=59))
+    for n in (-(2**63), 2**64 - 1):
+        for at in (datetime.datetime.max, datetime.datetime.min.replace(tzinfo=tz)):
+            ev = _Fixed(
+                n=n,
+                x=-1.2345678901234567e-300,
+                colour=_Colour.BLUE,
+                mode="standby",
+                pair=(n, False),
+                inner=_Inner(at=at, ok=True),
+                when=datetime.date.max,
+                tick=datetime.timedelta(days=-999_999_999, microseconds=1),
+                uid=uuid.uuid4(),
+                small=n,  # types are not checked until decoding; an int is an int
+            )
+            assert len(msgpack.encode_event(ev)) <= bound
+
+    class Floats(surge.Event):
+        x: float
+        on: bool | None
+
+    assert json.size_bound(Floats) is not None
+    for codec in (msgpack, json):
+        assert codec.size_bound(Order) is None
+        assert codec.size_bound(_Node) is None
+    assert msgpack.size_bound(Floats) == msgpack.size_bound(Floats)  # cached, same answer
+
+    class Quiet(surge.Codec):
+        """A codec that says nothing of its sizes."""
+
+    assert Quiet().size_bound(Floats) is None
 
 
 def test_ids_sort_by_time_and_derived_ids_repeat() -> None:

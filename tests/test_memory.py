@@ -8,7 +8,7 @@ import surge
 from surge._transport import capabilities_of
 from surge.transports import MemoryTransport
 
-from .conformance._helpers import Reader, env, number
+from .conformance._helpers import Item, Reader, env, number
 
 
 async def test_memory_declares_its_capabilities(clock: surge.Clock) -> None:
@@ -161,3 +161,69 @@ async def test_a_failed_consume_is_logged_and_started_again(
         "refail.step: consuming failed (RuntimeError: the consumer's connection went away); "
         "consuming again in 0.1 s"
     ]
+
+
+class _CountingCodec(surge.MsgpackCodec):
+    """msgpack, counting the events it encodes."""
+
+    def __init__(self, *, max_message_size: int = 1 << 20) -> None:
+        super().__init__(max_message_size=max_message_size)
+        self.encoded = 0
+        encode = self._encode
+
+        def counting(obj: object) -> bytes:
+            self.encoded += 1
+            return encode(obj)
+
+        self._encode = self.encode_event = counting  # type: ignore[method-assign,assignment]
+
+
+class _Text(surge.Event):
+    __topic__ = "mem.text"
+    text: str
+
+
+class _Wide(surge.Event):
+    """Fixed-size fields whose bound (116 bytes) is over a 40-byte limit (45 at most encoded)."""
+
+    __topic__ = "mem.wide"
+    a: int
+    b: int
+    c: int
+    d: int
+
+
+@pytest.mark.parametrize("nowait", [False, True])
+async def test_only_events_that_may_not_fit_are_measured(clock: surge.Clock, nowait: bool) -> None:
+    """An event type whose every instance fits the codec's limit (Codec.size_bound) is
+    never encoded to be measured; a str field is measured each publish, and one whose
+    bound is over the limit too, so an oversized event of either is still refused."""
+    codec = _CountingCodec(max_message_size=40)
+    app = surge.App("m", clock=clock, transport=MemoryTransport(clock=clock, codec=codec))
+    got: list[object] = []
+
+    @app.on(Item, _Text, _Wide)
+    async def take(ev: surge.Event) -> None:
+        got.append(ev)
+
+    async def publish(ev: surge.Event) -> None:
+        if nowait:
+            app.publish_nowait(ev)
+        else:
+            await app.publish(ev)
+
+    async with app:
+        for first in (Item(n=0), _Text(text="a"), _Wide(a=0, b=0, c=0, d=0)):
+            await publish(first)  # each type's bound is worked out once
+        codec.encoded = 0
+        for i in range(1, 21):
+            await publish(Item(n=2**63 + i))
+        assert codec.encoded == 0
+        for ev in (_Text(text="short"), _Wide(a=1, b=2, c=3, d=4)):
+            await publish(ev)
+        assert codec.encoded == 2
+        for big in (_Text(text="x" * 40), _Wide(a=2**63, b=2**63, c=2**63, d=2**63)):
+            with pytest.raises(surge.MessageTooLarge, match="the limit is 40"):
+                await publish(big)
+        await app.drain()
+    assert len(got) == 25

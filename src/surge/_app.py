@@ -222,6 +222,12 @@ class App:
         # _put_one is the unhooked hot path, so only set without middleware.
         self._direct_put: Callable[[Envelope], bool] | None = None
         self._put_one: Callable[[Envelope], bool] | None = None
+        # Event type -> its topic, for the types whose plain publish is that
+        # one put: learnt on a type's first publish while _put_one is set
+        # and its topic is known routed (for good, see Routing), cleared
+        # with _put_one. One dict lookup stands for the type, routing and
+        # option checks of every later publish of the type.
+        self._put_types: dict[type[Event], str] = {}
         self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
         self._stop_requested: asyncio.Event | None = None
         self._stop_early = False  # request_stop came before start made the event
@@ -626,6 +632,17 @@ class App:
         :class:`Unroutable` and publishes nothing (needs a transport that
         knows its groups, ``KnowsGroups``; else ``NotImplementedError``).
         """
+        topic = self._put_types.get(type(event))
+        if topic is not None and delay is None and at is None and id is None and connection is None:
+            # Running, no middleware, a transport that is not durable, a
+            # routed topic: one synchronous put, and a wait only when the
+            # transport is full. (mandatory cannot refuse a routed topic.)
+            # new_id() inlined: a list pop, no Python call per event.
+            env_id = _ids.pop() if _ids else refill_ids()
+            env = Envelope(env_id, topic, key, self._wall(), headers, event)
+            if not self._put_one(env):  # type: ignore[misc]  # set while _put_types is filled
+                await self._publish((env,))
+            return env_id
         if mandatory is None:
             mandatory = self.mandatory
         if connection is not None:
@@ -636,12 +653,12 @@ class App:
             return await self._publish_later(event, key, headers, delay, at, id, mandatory)
         put_one = self._put_one
         if put_one is not None:
-            # Running, no middleware, a transport that is not durable: one
-            # synchronous put, and a wait only when the transport is full.
             if type(event) not in _EVENT_TYPES:
                 _check_event(event)
-            if event.__topic__ in self._routing.routed and not (mandatory and self._routing.blind):
-                # new_id() inlined: a list pop, no Python call per event
+            blind = self._routing.blind
+            if event.__topic__ in self._routing.routed and not (mandatory and blind):
+                if not blind:  # a blind app's mandatory publish must come here
+                    self._put_types[type(event)] = event.__topic__
                 env_id = _ids.pop() if _ids else refill_ids()
                 env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
                 if not put_one(env):
@@ -770,11 +787,20 @@ class App:
         It cannot wait for the transport to say whether a group receives the
         topic, so it never raises :class:`Unroutable`: an unroutable publish
         is counted (a moment later) and warned as :meth:`publish` does."""
+        topic = self._put_types.get(type(event))
+        if topic is not None and id is None:
+            env_id = _ids.pop() if _ids else refill_ids()
+            env = Envelope(env_id, topic, key, self._wall(), headers, event)
+            if not self._put_one(env):  # type: ignore[misc]  # set while _put_types is filled
+                raise Overloaded(f"a subscription of {topic!r} holds all it can")
+            return env_id
         put_one = self._put_one
         if put_one is not None and id is None:
             if type(event) not in _EVENT_TYPES:
                 _check_event(event)
             if event.__topic__ in self._routing.routed:
+                if not self._routing.blind:
+                    self._put_types[type(event)] = event.__topic__
                 env_id = _ids.pop() if _ids else refill_ids()
                 env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
                 if not put_one(env):
@@ -1093,6 +1119,7 @@ class App:
             self._direct_put = caps.direct_put.put_one
             if not self._middleware:
                 self._put_one = self._direct_put
+        self._put_types.clear()
         self._wall = self.clock.time
         runtime = Runtime(
             app=self,
@@ -1144,6 +1171,7 @@ class App:
                 await stop.wait(self.drain(), "drain")
         self._state = "stopping"
         self._put_one = self._direct_put = None
+        self._put_types.clear()
         async with stop.phase("triggers", early=True):
             for part in reversed(self._parts) if self._consuming else ():
                 await stop.wait(part.stop(), f"stopping {type(part).__name__}")

@@ -8,9 +8,11 @@ field and the reason.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal, TypeVar
 
 import msgspec
+import msgspec.inspect as mi
 
 from ._errors import DecodeError, MessageTooLarge, UnknownVersion
 from ._event import VERSION_FIELD, Envelope, Event
@@ -90,14 +92,26 @@ class _Versioned:
         return self.current.decode(self.codec._encode(fields))
 
 
+# What a container or one of its items adds to an encoding, at most: a
+# msgpack map or array header is 1-5 bytes; JSON adds braces, a colon and
+# a comma. Generous on purpose: a bound only has to be safe.
+_CONTAINER, _ITEM = 8, 8
+
+
 class Codec:
     """Encodes events and envelopes to bytes and back, validating on decode."""
 
     name: str = ""
 
+    _scalar_bounds: ClassVar[Mapping[type[mi.Type], int] | None] = None
+    """The most bytes a value of each bounded scalar kind (a
+    ``msgspec.inspect`` type) encodes to; None: no bound is known for any
+    type (a codec whose encoding :meth:`size_bound` cannot reason about)."""
+
     def __init__(self, *, max_message_size: int = 1 << 20) -> None:
         self.max_message_size = max_message_size
         self._decoders: dict[type[Any], Any] = {}
+        self._bounds: dict[type[Any], int | None] = {}
 
     # subclasses provide these two
     def _encode(self, obj: Any) -> bytes:
@@ -167,6 +181,67 @@ class Codec:
                 f"the limit is {self.max_message_size}"
             )
 
+    def size_bound(self, tp: type[Any]) -> int | None:
+        """The most bytes an instance of ``tp`` encodes to when its fields hold
+        their declared types, or None when that is unbounded (a ``str``,
+        ``bytes`` or collection field, an ``int`` in JSON) or unknown.
+
+        msgspec checks field types when it decodes, not when an instance is
+        made, so a field holding something else is not bounded by this; such
+        an event fails to decode wherever it crosses a wire anyway."""
+        if tp in self._bounds:
+            return self._bounds[tp]
+        bound: int | None = None
+        if self._scalar_bounds is not None:
+            try:
+                info = mi.type_info(tp)
+            except (TypeError, ValueError):  # a type msgspec cannot encode
+                info = None
+            if info is not None:
+                bound = self._bound(info, set())
+        self._bounds[tp] = bound
+        return bound
+
+    def _bound(self, info: mi.Type, seen: set[int]) -> int | None:
+        scalars = self._scalar_bounds
+        assert scalars is not None
+        kind = type(info)
+        if kind in scalars:
+            return scalars[kind]
+        if isinstance(info, mi.Metadata):
+            return self._bound(info.type, seen)
+        if isinstance(info, mi.LiteralType):
+            return max(len(self._encode(v)) for v in info.values)
+        if isinstance(info, mi.EnumType):
+            return max(len(self._encode(m)) for m in info.cls)
+        if isinstance(info, mi.UnionType):
+            parts = [self._bound(t, seen) for t in info.types]
+            return None if None in parts else max(p for p in parts if p is not None)
+        if isinstance(info, mi.TupleType):
+            return self._sum(info.item_types, seen)
+        if isinstance(info, (mi.StructType, mi.DataclassType, mi.NamedTupleType)):
+            if id(info) in seen:
+                return None  # recursive: as deep as the value goes
+            seen.add(id(info))
+            total = self._sum([f.type for f in info.fields], seen)
+            seen.discard(id(info))
+            if total is None:
+                return None
+            total += sum(len(self._encode(f.encode_name)) + _ITEM for f in info.fields)
+            if isinstance(info, mi.StructType) and info.tag_field is not None:
+                total += len(self._encode(info.tag_field)) + len(self._encode(info.tag)) + _ITEM
+            return total
+        return None  # str, bytes, collections, Decimal, Any, custom: no bound
+
+    def _sum(self, infos: Sequence[mi.Type], seen: set[int]) -> int | None:
+        total = _CONTAINER
+        for t in infos:
+            b = self._bound(t, seen)
+            if b is None:
+                return None
+            total += b + _ITEM
+        return total
+
     def decode_envelope(self, data: bytes) -> Envelope:
         """An envelope whose ``body`` still holds the encoded event."""
         try:
@@ -188,6 +263,20 @@ class MsgpackCodec(Codec):
 
     name = "msgpack"
 
+    # ints beyond 64 bits do not encode (OverflowError); datetimes are a
+    # 12-byte timestamp extension or, naive, a string, as dates and times
+    _scalar_bounds: ClassVar[Mapping[type[mi.Type], int] | None] = {
+        mi.IntType: 9,
+        mi.FloatType: 9,
+        mi.BoolType: 1,
+        mi.NoneType: 1,
+        mi.DateTimeType: 40,
+        mi.DateType: 40,
+        mi.TimeType: 40,
+        mi.TimeDeltaType: 40,
+        mi.UUIDType: 40,
+    }
+
     def __init__(self, *, max_message_size: int = 1 << 20) -> None:
         super().__init__(max_message_size=max_message_size)
         # encode_event is the encoder itself: a call less per event
@@ -201,6 +290,18 @@ class JsonCodec(Codec):
     """JSON: readable in a broker's console; bodies are base64 in envelopes."""
 
     name = "json"
+
+    # no IntType: JSON writes an int of any size
+    _scalar_bounds: ClassVar[Mapping[type[mi.Type], int] | None] = {
+        mi.FloatType: 24,
+        mi.BoolType: 5,
+        mi.NoneType: 4,
+        mi.DateTimeType: 40,
+        mi.DateType: 40,
+        mi.TimeType: 40,
+        mi.TimeDeltaType: 40,
+        mi.UUIDType: 40,
+    }
 
     def __init__(self, *, max_message_size: int = 1 << 20) -> None:
         super().__init__(max_message_size=max_message_size)

@@ -7,8 +7,10 @@ process; nothing survives the process.
 Size: an event whose encoding (by the app's codec) is over the codec's
 ``max_message_size`` raises ``MessageTooLarge`` at publish, as on every
 transport that carries bytes, so an app tested here meets the same limit
-where it is deployed. That costs one encode per event (measured in
-BENCHMARKS.md, "Envelope size on memory://").
+where it is deployed. An event type whose every instance fits
+(``Codec.size_bound``: only fixed-size fields, such as numbers, flags,
+times and enums) is never measured; any other event costs one encode
+(measured in BENCHMARKS.md, "Envelope size on memory://").
 
 Capabilities: ``DirectPut`` (``put_one``, the in-process hot path),
 ``HandsBack`` (``release``), ``IdleAware`` (``idle``, ``wait_idle``) and
@@ -105,8 +107,11 @@ class MemoryTransport:
         self.clock: Clock = clock or RealClock()
         self.codec: Codec = codec or MsgpackCodec()
         self._check_size = self.codec.check_size
-        self._encode_event = self.codec.encode_event
         self._limit = self.codec.max_message_size
+        # Event types whose size bound is within the limit (never measured),
+        # and those measured each time.
+        self._fit: set[type] = set()
+        self._measured: set[type] = set()
         self._groups: dict[str, _Group] = {}
         self._routes: dict[str, tuple[_Group, ...]] = {}
         # topic -> its one group, for topics routed to exactly one (put_one)
@@ -143,6 +148,19 @@ class MemoryTransport:
         """The groups whose topics match ``topic`` (``KnowsGroups``)."""
         return [g.name for g in self._route(topic)]
 
+    def _measure(self, env: Envelope) -> None:
+        """Raise ``MessageTooLarge`` if ``env`` is over the codec's limit;
+        the first event of a type that always fits puts the type in
+        ``_fit``, and no event of it is measured again."""
+        tp = type(env.event)
+        if env.event is not None and tp not in self._measured:
+            bound = self.codec.size_bound(tp)
+            if bound is not None and bound <= self._limit:
+                self._fit.add(tp)
+                return
+            self._measured.add(tp)
+        self._check_size(env)
+
     def _fresh(self, env_id: str) -> bool:
         # Only derived ids (UUIDv8, see surge._event) can repeat; callers
         # check that first, so fresh ids skip this on the hot path.
@@ -158,9 +176,10 @@ class MemoryTransport:
     async def publish(self, envelopes: Sequence[Envelope]) -> None:
         if self._closed:
             raise Closed("transport is closed")
-        check_size = self._check_size
+        fit = self._fit
         for env in envelopes:
-            check_size(env)
+            if type(env.event) not in fit:
+                self._measure(env)
         routes = self._routes
         for env in envelopes:
             if env.id[12] == "8" and not self._fresh(env.id):
@@ -185,19 +204,12 @@ class MemoryTransport:
         """Put one envelope whose id is fresh (a UUIDv7, never repeated, so no
         dedup check) if every group has room; False, taking nothing, if one
         is full. The hot path of App.publish and App.publish_nowait."""
+        # _single is empty while closed: close clears it, and only this
+        # method fills it, past the check that raises Closed.
         g = self._single.get(env.topic)
-        if g is not None and env.not_before is None and not self._closed:
-            # codec.check_size, inlined: this is the hot path of App.publish.
-            event = env.event
-            if event is None:
-                self._check_size(env)
-            else:
-                try:
-                    size = len(self._encode_event(event))
-                except (TypeError, OverflowError):
-                    size = 0  # an event that cannot be encoded never leaves the process
-                if size > self._limit:
-                    self._check_size(env)  # raises, naming the event
+        if g is not None and env.not_before is None:
+            if type(env.event) not in self._fit:
+                self._measure(env)
             q = g.queue
             if len(q) >= g.capacity or g.space_waiters:
                 return False
@@ -205,12 +217,13 @@ class MemoryTransport:
             if g.consumers:
                 g.wake_consumers()
             return True
+        if self._closed:
+            raise Closed("transport is closed")
         groups = self._routes.get(env.topic)
         if groups is None:
             groups = self._route(env.topic)
-        if self._closed:
-            raise Closed("transport is closed")
-        self._check_size(env)
+        if type(env.event) not in self._fit:
+            self._measure(env)
         if len(groups) == 1:
             self._single[env.topic] = groups[0]
         for g in groups:
@@ -230,9 +243,10 @@ class MemoryTransport:
         routes = self._routes
         # All or nothing: check sizes and room for the whole batch before taking any.
         need: dict[_Group, int] = {}
-        check_size = self._check_size
+        fit = self._fit
         for env in envelopes:
-            check_size(env)
+            if type(env.event) not in fit:
+                self._measure(env)
             for g in self._route(env.topic):
                 need[g] = need.get(g, 0) + 1
         for g, n in need.items():
@@ -433,6 +447,7 @@ class MemoryTransport:
 
     async def close(self) -> None:
         self._closed = True
+        self._single.clear()
         for h in self._timers:
             h.cancel()
         self._timers.clear()
