@@ -19,14 +19,19 @@ import signal
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import nats
+import nats.js
+import nats.js.errors
 import pytest
 import redis.asyncio as aredis
 from redis.crc import key_slot
 
 import surge
 from surge.transports.nats import NatsTransport
+from surge.transports.nats._layout import PeersOffline
+from surge.transports.nats._transport import _Election
 from surge.transports.redis import RedisTransport
 from surge.transports.redis._connection import _slot_ranges
 
@@ -38,6 +43,7 @@ from ._servers import (
     RedisCluster,
     RedisServer,
     shared_nats_cluster,
+    shared_nats_url,
     shared_redis_cluster,
 )
 
@@ -155,6 +161,63 @@ async def test_nats_start_waits_out_a_cluster_without_quorum(
         for node in down:
             node.start()
         await t.close()
+
+
+async def test_nats_new_stream_waits_for_peers_to_come_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """JetStream refuses a new replicated stream with 'no suitable peers for
+    placement' while too few nodes are online (CI: right after a test brought
+    back the node it killed, which takes a moment to rejoin): start waits
+    and asks again, as for an election, instead of failing. Here the refusal
+    is injected into a real server's answers twice."""
+    refusals = 2
+    add_stream = nats.js.JetStreamManager.add_stream
+
+    async def refuse(self: Any, config: Any = None, **params: Any) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise nats.js.errors.BadRequestError(
+                code=400,
+                err_code=10005,
+                description="no suitable peers for placement, peer offline",
+            )
+        return await add_stream(self, config, **params)
+
+    monkeypatch.setattr(nats.js.JetStreamManager, "add_stream", refuse)
+    t = NatsTransport(shared_nats_url())
+    try:
+        await asyncio.wait_for(t.start(), 30)
+        assert refusals == 0
+    finally:
+        await t.close()
+
+
+async def test_nats_no_peers_for_good_is_a_clear_error() -> None:
+    """Past the wait (30 s from the first refusal) the refusal is the error:
+    one line naming the stream and JetStream's reason."""
+
+    class Steps:  # a clock whose sleeps pass at once
+        now = 0.0
+
+        def monotonic(self) -> float:
+            return self.now
+
+        async def sleep(self, seconds: float) -> None:
+            self.now += seconds
+
+    clock = Steps()
+    electing = _Election(clock, "setting up JetStream")  # type: ignore[arg-type]
+    refusal = PeersOffline("cannot create stream 's': no suitable peers for placement")
+
+    async def ask_again() -> None:
+        for _ in range(400):  # 0.1 s apart: past 30 s
+            await electing.wait_out(refusal)
+
+    with pytest.raises(PeersOffline, match="no suitable peers"):
+        await ask_again()
+    assert 30 < clock.now < 30.5
 
 
 def test_replicas_option_is_checked() -> None:

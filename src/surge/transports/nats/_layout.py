@@ -111,6 +111,16 @@ class Layout:
         return partitions
 
 
+_NO_SUITABLE_PEERS = 10005
+"""JetStream's error code for 'no suitable peers for placement'."""
+
+
+class PeersOffline(TransportError):
+    """A replicated stream cannot be placed because too few of the cluster's
+    nodes are online: for a moment after a node (re)started, or for good on a
+    cluster smaller than ``replicas``."""
+
+
 async def _ensure_stream(
     js: Any, config: StreamConfig, *, partitions: int | None = None, asked: bool = False
 ) -> int:
@@ -124,7 +134,10 @@ async def _ensure_stream(
         try:
             await js.add_stream(config)
         except nats.js.errors.BadRequestError as exc:
-            raise TransportError(f"cannot create stream {name!r}: {exc.description}") from exc
+            error = f"cannot create stream {name!r}: {exc.description}"
+            if exc.err_code == _NO_SUITABLE_PEERS:
+                raise PeersOffline(error) from exc
+            raise TransportError(error) from exc
         return partitions or 0
     metadata = info.config.metadata or {}
     stored = metadata.get(_PARTITIONS)

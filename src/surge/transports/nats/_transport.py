@@ -21,7 +21,7 @@ from ._connection import CancelGuard, Connection, ssl_context, translate
 from ._consumer import Consumer
 from ._dead_letters import DeadLetters
 from ._groups import ack_meta
-from ._layout import Layout, consumer_name
+from ._layout import Layout, PeersOffline, consumer_name
 from ._leases import Leases
 from ._options import NatsOptions
 from ._publisher import Item, Publisher
@@ -173,10 +173,16 @@ class NatsTransport:
                     await self._pub.open()
                     await self._dead.open()
                     break
-                except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+                except (
+                    nats.errors.TimeoutError,
+                    nats.errors.NoRespondersError,
+                    PeersOffline,
+                ) as exc:
                     # The same wait as wait_idle's: a process started while a
                     # cluster elects a leader (CI: the drain's transport, opened
-                    # right after the stream leader was killed, timed out here).
+                    # right after the stream leader was killed, timed out here),
+                    # or while a restarted node rejoins (a new replicated stream
+                    # has no peers to be placed on until then).
                     await electing.wait_out(exc)
         except nats.errors.Error as exc:
             await self._conn.close()
@@ -414,7 +420,8 @@ class _Phases:
 
 class _Election:
     """Waits out JetStream's API having no leader for a moment (a cluster
-    electing one after a node died answers with timeouts or 'no responders'):
+    electing one after a node died answers with timeouts or 'no responders';
+    one whose node restarted cannot place a new replicated stream yet):
     :meth:`wait_out` pauses 0.1 s and returns, for up to ``bound`` seconds from
     the first trouble, then raises the translated error. Says so once in the
     log, at the first trouble."""
@@ -425,11 +432,13 @@ class _Election:
         self._bound = bound
         self._since: float | None = None
 
-    async def wait_out(self, exc: nats.errors.Error) -> None:
+    async def wait_out(self, exc: Exception) -> None:
         now = self._clock.monotonic()
         if self._since is None:
             self._since = now
             log.info("JetStream did not answer while %s (%r): asking again", self._doing, exc)
         elif now - self._since > self._bound:
-            raise translate(exc, self._doing) from exc
+            if isinstance(exc, nats.errors.Error):
+                raise translate(exc, self._doing) from exc
+            raise exc
         await self._clock.sleep(0.1)
