@@ -9,7 +9,7 @@ import os
 import threading
 import uuid
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 import pytest
@@ -144,6 +144,37 @@ async def test_many_handlers_in_flight_at_once(clock: surge.VirtualClock) -> Non
         assert app.statistics().subscriptions["t.handle"].in_flight == 5_000
         gate.set()
         await app.drain()
+
+
+async def test_handlers_that_never_wait_take_one_worker_per_batch(
+    clock: surge.VirtualClock,
+) -> None:
+    """A burst for a handler that never awaits is handled by one worker task per
+    fetched batch: no helper worker is started to find the queue already drained."""
+    app = surge.App("t", clock=clock)
+    seen: list[int] = []
+
+    @app.on(Ping, concurrency=100, prefetch=256)
+    async def handle(ev: Ping) -> None:
+        seen.append(ev.n)
+
+    started: list[str] = []
+
+    def counting(loop: asyncio.AbstractEventLoop, coro: Any, **kwargs: Any) -> asyncio.Task[Any]:
+        started.append(coro.__qualname__)
+        return asyncio.Task(coro, loop=loop, **kwargs)
+
+    async with app:
+        loop = asyncio.get_running_loop()
+        loop.set_task_factory(counting)
+        try:
+            for i in range(1_000):
+                app.publish_nowait(Ping(n=i))
+            await app.drain()
+        finally:
+            loop.set_task_factory(None)
+    assert seen == list(range(1_000))
+    assert [n for n in started if n.endswith("_work_shared")] == ["Runner._work_shared"] * 4
 
 
 async def test_backpressure_bounds_the_buffer(clock: surge.VirtualClock) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import operator
 import pickle
 import traceback
 from collections import deque
@@ -61,7 +60,6 @@ _TRANSIENT_FIRST, _TRANSIENT_LAST = 0.05, 2.0
 # At most this many events of a per-event process handler cross to the pool
 # in one round trip (fewer when the queue is shared by several workers).
 _PROCESS_CHUNK = 64
-_ENVELOPE_KEY = operator.attrgetter("envelope.key")
 
 
 class Runner:
@@ -88,6 +86,7 @@ class Runner:
         self._waiting_lanes: deque[tuple[int, deque[Delivery]]] = deque()
         self._workers = 0
         self._starting = 0
+        self._growing = False  # a _grow is scheduled
         self._tasks: set[asyncio.Task[None]] = set()
         self._acks_in_flight: asyncio.Future[None] | None = None
         self._acks: list[Delivery] = []
@@ -243,7 +242,7 @@ class Runner:
                     # An envelope key (publish(key=...)) orders too, even
                     # when the subscription itself names no key. Most
                     # batches have none: checked in C, then one extend.
-                    keys = list(map(_ENVELOPE_KEY, batch))
+                    keys = [d.envelope.key for d in batch]  # half of a dotted attrgetter
                     if keys.count(None) == len(keys):
                         queue.extend(batch)
                     else:
@@ -356,15 +355,15 @@ class Runner:
             finally:
                 self._worker_done()
             return
+        loop = asyncio.get_running_loop()
         try:
             while queue:
                 d = popleft()
-                if queue and not self._starting and self._workers < self.concurrency:
-                    # Work is waiting and nobody is coming for it: add workers,
-                    # doubling, so a burst reaches full concurrency quickly.
-                    n = min(len(queue), self.concurrency - self._workers, self._workers)
-                    for _ in range(n):
-                        self._spawn(self._work_shared)
+                if queue and not self._growing:
+                    # Work is waiting: once this worker lets the loop run
+                    # (its handler awaits), more may be needed (_grow).
+                    self._growing = True
+                    loop.call_soon(self._grow)
                 ev = d.envelope.event
                 if not fast or ev is None:
                     await handle(d)
@@ -416,6 +415,18 @@ class Runner:
                     waiter.set_result(None)
         finally:
             self._worker_done()
+
+    def _grow(self) -> None:
+        """Add shared workers, doubling, while work waits and nobody is coming
+        for it, so a burst reaches full concurrency quickly. Called soon after
+        a worker saw work waiting: a worker whose handlers never await has
+        drained the queue by then, and no task is started for nothing."""
+        self._growing = False
+        queue = self._queue
+        if queue and not self._stopping and not self._starting:
+            n = min(len(queue), self.concurrency - self._workers, max(1, self._workers))
+            for _ in range(n):
+                self._spawn(self._work_shared)
 
     async def _work_lane(self, lane_id: int, lane: deque[Delivery]) -> None:
         self._starting -= 1
