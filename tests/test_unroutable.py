@@ -4,6 +4,7 @@ transport "declared" counts the groups of every process sharing the store."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 import surge
 from surge.observe import mount
+from surge.transports import MemoryTransport
 
 from ._servers import shared_nats_url, shared_redis_url
 from .test_metrics import asgi_get, metric
@@ -75,6 +77,44 @@ async def test_unroutable_publish_is_counted_warned_once_and_refused_when_mandat
     warnings = [r for r in caplog.records if "shop.nobody" in r.getMessage()]
     assert len(warnings) == 1
     assert seen == [1]
+
+
+class _CountingLookups(MemoryTransport):
+    """memory://, counting the route lookups it answers, each taking a turn of the
+    loop as a broker's round trip would."""
+
+    lookups = 0
+
+    async def groups_for(self, topic: str) -> list[str]:
+        self.lookups += 1
+        await asyncio.sleep(0)
+        return await super().groups_for(topic)
+
+
+async def test_a_burst_before_the_loop_runs_looks_each_topic_up_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A topic the app subscribes to is known routed from the start (no lookup); a
+    burst of unroutable publishes made before the loop runs is looked up once
+    per topic and counted in full."""
+    transport = _CountingLookups()
+    app = surge.App("shop", transport=transport)
+    seen: list[int] = []
+
+    @app.on(Ordered)
+    async def take(ev: Ordered) -> None:
+        seen.append(ev.n)
+
+    async with app:
+        with caplog.at_level(logging.CRITICAL, logger="surge"):
+            for i in range(100):
+                await app.publish(Ordered(n=i))
+                await app.publish(Nobody(n=i))
+                app.publish_nowait(Nobody(n=i))
+            await app.drain()
+        assert app.statistics().unroutable == {"shop.nobody": 200}
+    assert seen == list(range(100))
+    assert transport.lookups == 1
 
 
 async def test_app_wide_mandatory_fails_the_handler_whose_output_nobody_receives() -> None:

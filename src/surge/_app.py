@@ -1099,7 +1099,7 @@ class App:
         self._state = _RUNNING
         self._runners.clear()
         caps = self._caps = capabilities_of(transport)
-        self._routing.use(caps.groups)
+        self._routing.use(caps.groups, [t for sub in self._subs.values() for t in sub.topics])
         self._publish = transport.publish
         self._keyers = self._partition_keys()
         self._partitioned = caps.partitions > 0

@@ -55,15 +55,22 @@ class Routing:
         """Topics some declared group receives (for good): a set lookup on
         the publish path, so a known topic costs no more."""
         self._unrouted_at: dict[str, float] = {}
+        # topic -> publishes noted while its background lookup runs (one
+        # lookup per topic at a time, however many publish meanwhile)
+        self._looking: dict[str, int] = {}
         self._counts: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
-    def use(self, groups: KnowsGroups | None) -> None:
+    def use(self, groups: KnowsGroups | None, declared: Sequence[str] = ()) -> None:
         """Look routes up with ``groups`` (at each start; None: cannot, and
-        every topic counts as routed)."""
+        every topic counts as routed). ``declared``: topics this app's own
+        groups receive, just declared: routed without a lookup (patterns
+        among them are skipped)."""
         self._groups = groups
         self.blind = groups is None
         self.routed = _Everything() if groups is None else set()
+        if isinstance(self.routed, set):
+            self.routed.update(t for t in declared if "*" not in t and ">" not in t)
         self._unrouted_at.clear()
 
     @property
@@ -103,29 +110,35 @@ class Routing:
                     topic=env.topic,
                 )
 
-    async def note(self, envs: Sequence[Envelope]) -> None:
-        """Count the envelopes whose topic no declared group receives (a
-        lookup that fails counts nothing: the count never fails a publish)."""
+    def note_soon(self, envs: Sequence[Envelope]) -> None:
+        """:meth:`note` in the background: a publish never waits for it. One
+        lookup per topic at a time: publishes of a topic whose lookup is
+        under way wait for its answer to be counted (a burst published
+        before the loop runs starts one task, not one per publish)."""
         if self._groups is None:
             return
+        looking = self._looking
         for env in envs:
-            if env.topic in self.routed:
+            topic = env.topic
+            if topic in self.routed:
                 continue
-            try:
-                routed = await self._routed(env.topic, fresh=False)
-            except Exception as exc:
-                log.debug("could not look up the groups of %r: %r", env.topic, exc)
-                continue
-            if not routed:
-                self._count(env.topic)
+            n = looking.get(topic)
+            looking[topic] = 1 if n is None else n + 1
+            if n is None:
+                task = asyncio.get_running_loop().create_task(self._note_topic(topic))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
-    def note_soon(self, envs: Sequence[Envelope]) -> None:
-        """:meth:`note` in the background: a publish never waits for it."""
-        if self._groups is None or all(env.topic in self.routed for env in envs):
-            return
-        task = asyncio.get_running_loop().create_task(self.note(list(envs)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    async def _note_topic(self, topic: str) -> None:
+        try:
+            routed = await self._routed(topic, fresh=False)
+        except Exception as exc:
+            log.debug("could not look up the groups of %r: %r", topic, exc)
+            routed = True  # the count never fails a publish, nor guesses
+        finally:
+            n = self._looking.pop(topic)
+        if not routed:
+            self._count(topic, n)
 
     async def close(self) -> None:
         """Wait for the lookups still running in the background (before the
@@ -135,9 +148,9 @@ class Routing:
         if tasks:
             await asyncio.wait(tasks)
 
-    def _count(self, topic: str) -> None:
+    def _count(self, topic: str, n: int = 1) -> None:
         before = self._counts.get(topic, 0)
-        self._counts[topic] = before + 1
+        self._counts[topic] = before + n
         if not before:
             log.warning(
                 "app %s published to %r, which no group declared on the transport receives: "
