@@ -1,6 +1,7 @@
 """The Jepsen checker shared by every transport (tests/_jepsen.py): on the
 brokers, and its keyed mode (per-key order across processes) on every
-transport several processes share."""
+transport several processes share. Each broker is one the test starts
+(RabbitMQ: the session's node, with a prefix of the test's own)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ._jepsen import KeyedRecord, key_order, run_crash, run_keyed_crash
-from ._servers import nats_server, redis_server, shared_amqp_url
+from ._servers import nats_server, postgres_server, redis_server, shared_amqp_url
 
 pytestmark = pytest.mark.realtime
 
@@ -26,48 +27,71 @@ def _broker(kind: str, tmp_path: Path) -> Iterator[str]:
         yield f"{shared_amqp_url()}&lease=2"
     elif kind == "sqlite":
         yield f"sqlite:///{tmp_path / 'jepsen.db'}?lease=2"
+    elif kind == "postgres":
+        # a cluster of the test's own; fsync off: these tests kill
+        # processes, not the machine
+        with postgres_server(tmp_path, fsync=False) as server:
+            yield f"{server.dsn()}?lease=2"
     else:
         with redis_server(tmp_path) as (url, _server):
             yield f"{url}?lease=2"
 
 
+SIZES = [
+    pytest.param(1, id="ci"),
+    pytest.param(2, id="full", marks=pytest.mark.soak),
+]
+"""How big a run: CI's (half the events and kills, within its 20 minutes)
+and the full one (``-m soak``)."""
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["redis", "nats", "amqp"])
-async def test_two_workers_sigkilled_with_the_shared_checker(tmp_path: Path, kind: str) -> None:
-    """20,000 acked events, two supervised workers SIGKILLed 20+ times: nothing
-    lost or invented, duplicates within in-flight, nothing pending."""
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite", "amqp", "postgres"])
+async def test_two_workers_sigkilled_with_the_shared_checker(
+    tmp_path: Path, kind: str, size: int
+) -> None:
+    """10,000 (full: 20,000) acked events, two supervised workers SIGKILLed
+    10+ (20+) times: nothing lost or invented, duplicates within in-flight,
+    nothing pending."""
+    events = 10_000 * size
     with _broker(kind, tmp_path) as url:
         result = await run_crash(
             url,
             tmp_path,
-            events=20_000,
-            kills=22,  # the last share can run out before the last kill or two
+            events=events,
+            kills=11 * size,  # the last share can run out before the last kill or two
             workers=2,
             seed=5,
             rate=2000,
         )
     print(f"\n{kind} crash test (shared checker): {result}")
-    assert result.acked == 20_000
-    assert result.kills >= 20
+    assert result.acked == events
+    assert result.kills >= 10 * size
     result.check()
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite", "amqp"])
-async def test_keyed_order_holds_across_sigkilled_workers(tmp_path: Path, kind: str) -> None:
-    """24 keys x 300 events, each key's published in order, two supervised
-    workers of a keyed subscription SIGKILLed 20+ times: nothing lost or
-    invented, duplicates within in-flight, no two processes on one key at
-    once, every key's first handlings in publish order (see key_order)."""
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("kind", ["redis", "nats", "sqlite", "amqp", "postgres"])
+async def test_keyed_order_holds_across_sigkilled_workers(
+    tmp_path: Path, kind: str, size: int
+) -> None:
+    """24 keys x 150 (full: 300) events, each key's published in order, two
+    supervised workers of a keyed subscription SIGKILLed 10+ (20+) times:
+    nothing lost or invented, duplicates within in-flight, no two processes
+    on one key at once, every key's first handlings in publish order (see
+    key_order)."""
+    per_key = 150 * size
     with _broker(kind, tmp_path) as url:
         result = await run_keyed_crash(
-            url, tmp_path, keys=24, per_key=300, kills=22, workers=2, seed=7
+            url, tmp_path, keys=24, per_key=per_key, kills=11 * size, workers=2, seed=7
         )
     print(f"\n{kind} keyed crash test: {result}")
-    assert result.crash.acked == 24 * 300
-    assert result.crash.kills >= 20
+    assert result.crash.acked == 24 * per_key
+    assert result.crash.kills >= 10 * size
     # the keys did move between processes, and kills did cut handlings
     assert result.order.handovers >= result.crash.kills
     assert result.order.cut > 0

@@ -1,9 +1,9 @@
 """The PostgreSQL transport under crashes, on a cluster each test starts
-itself (tests/_servers.py): workers SIGKILLed (the shared Jepsen checker,
-tests/_jepsen.py, plain and keyed), every backend killed with
+itself (tests/_servers.py): every backend killed with
 ``pg_terminate_backend`` again and again under load, and the server itself
 restarted under load (a clean stop and a crash). Nothing acknowledged is
-lost in any of them."""
+lost in any of them. Workers SIGKILLed (the shared Jepsen checker, plain
+and keyed) are in tests/test_crash_brokers.py, the ``postgres`` cases."""
 
 from __future__ import annotations
 
@@ -22,8 +22,6 @@ from ._jepsen import (
     drain,
     produce,
     read_records,
-    run_crash,
-    run_keyed_crash,
     tally,
     worker_env,
 )
@@ -44,38 +42,6 @@ def pg(tmp_path: Path) -> Iterator[PostgresServer]:
 
 def _url(pg: PostgresServer) -> str:
     return f"{pg.dsn()}?lease=2"
-
-
-@pytest.mark.timeout(200)
-async def test_two_workers_sigkilled_with_the_shared_checker(
-    pg: PostgresServer, tmp_path: Path
-) -> None:
-    """20,000 acked events, two supervised workers SIGKILLed 20+ times:
-    nothing lost or invented, duplicates within in-flight, nothing pending."""
-    result = await run_crash(
-        _url(pg), tmp_path, events=20_000, kills=22, workers=WORKERS, seed=5, rate=2000
-    )
-    print(f"\npostgres crash test (shared checker): {result}")
-    assert result.acked == 20_000
-    assert result.kills >= 20
-    result.check()
-
-
-@pytest.mark.timeout(200)
-async def test_keyed_order_holds_across_sigkilled_workers(
-    pg: PostgresServer, tmp_path: Path
-) -> None:
-    """24 keys x 300 events, two workers of a keyed subscription SIGKILLed
-    20+ times: nothing lost, no two processes on one key at once, every
-    key's first handlings in publish order."""
-    result = await run_keyed_crash(
-        _url(pg), tmp_path, keys=24, per_key=300, kills=22, workers=WORKERS, seed=7
-    )
-    print(f"\npostgres keyed crash test: {result}")
-    assert result.crash.acked == 24 * 300
-    assert result.crash.kills >= 20
-    assert result.order.handovers >= result.crash.kills
-    result.check()
 
 
 async def _under_load(
