@@ -129,27 +129,34 @@ class _ServerProcess:
 
 class NatsServer(_ServerProcess):
     """A nats-server process; ``stop()`` / ``start()`` restart it on the same
-    port and store (file storage survives)."""
+    port and store (file storage survives). It listens on ``host`` (one
+    address: nats-server has one client listener), 127.0.0.1 by default."""
 
     name = "nats-server"
     # it listens, and JetStream has recovered its streams
     ready = "Server is ready"
 
     def __init__(
-        self, store_dir: Path, *, jetstream: bool = True, config: str | None = None
+        self,
+        store_dir: Path,
+        *,
+        jetstream: bool = True,
+        config: str | None = None,
+        host: str = "127.0.0.1",
     ) -> None:
         super().__init__()
         self.port = free_port()
         self.store_dir = store_dir
         self.jetstream = jetstream
         self.config = config
+        self.host = host
 
     @property
     def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
+        return f"nats://{self.host}:{self.port}"
 
     def start(self) -> None:
-        args = [nats_binary(), "-a", "127.0.0.1", "-p", str(self.port)]
+        args = [nats_binary(), "-a", self.host, "-p", str(self.port)]
         if self.jetstream:
             args += ["-js", "-sd", str(self.store_dir)]
         if self.config is not None:
@@ -167,12 +174,16 @@ def nats_server(
     jetstream: bool = True,
     store_dir: Path | None = None,
     config: str | None = None,
+    host: str = "127.0.0.1",
 ) -> Iterator[NatsServer]:
     """A running nats-server on a free loopback port, stopped on exit.
 
-    ``config`` is the text of a server config file (users, tokens, TLS).
+    ``config`` is the text of a server config file (users, tokens, TLS);
+    ``host`` the address it listens on.
     """
-    server = NatsServer(store_dir or tmp_path / "nats-store", jetstream=jetstream, config=config)
+    server = NatsServer(
+        store_dir or tmp_path / "nats-store", jetstream=jetstream, config=config, host=host
+    )
     server.start()
     try:
         yield server

@@ -29,6 +29,7 @@ from surge.transports.nats import NatsTransport
 from surge.transports.nats._layout import consumer_name
 
 from ._servers import NatsServer, nats_server
+from .faults._proxy import Proxy
 
 pytestmark = pytest.mark.realtime
 
@@ -365,6 +366,7 @@ async def test_capabilities(tmp_path: Path) -> None:
             caps = capabilities_of(t)
             assert caps.hands_back is t
             assert caps.key_routing is t
+            assert caps.fences is t
             assert caps.partitions == 4
             assert caps.idle is t
             assert caps.state is t
@@ -556,6 +558,69 @@ async def test_killed_owner_partition_taken_over_after_lease(tmp_path: Path) -> 
             assert (await b.stats("g")).pending == 0
         finally:
             await b.close()
+
+
+async def test_a_cut_off_owner_fences_its_partition_for_the_next_owner(tmp_path: Path) -> None:
+    """An owner cut off from NATS (blackholed: no reply, no close) starts
+    none of its partition's deliveries from 2/3 of a lease after its last
+    renewal was sent on (``fenced``: forgotten, the partition dropped); the
+    next owner, after the lease, gets them, in order, as redeliveries."""
+    lease = 1.5
+    with nats_server(tmp_path) as srv:
+        async with Proxy(srv.port) as proxy:
+            a = await _partitioned(f"nats://127.0.0.1:{proxy.port}?stream=fence", "a", lease=lease)
+            b = await _partitioned(f"{srv.url}?stream=fence", "b", lease=lease)
+            try:
+                batches = a.consume("g", prefetch=10)
+                first = asyncio.ensure_future(_take(batches, 5))
+                await _owning(a, {0})
+                await a.publish([_keyed(n) for n in range(5)])
+                got = await first
+                assert not any(a.fenced(d) for d in got)
+                proxy.blackhole()
+                taken = asyncio.ensure_future(_collect(b, 5))
+                # a renewal sent before the cut was the last: its window ends
+                # 2/3 of a lease after it at the latest
+                await asyncio.sleep(lease * 2 / 3 + 0.05)
+                assert [a.fenced(d) for d in got] == [True] * 5
+                assert a.ownership("g") is not None
+                assert a.ownership("g").owned == set()  # type: ignore[union-attr]
+                assert await taken == [(n, 2) for n in range(5)]
+            finally:
+                proxy.heal()
+                await a.close()
+                await b.close()
+
+
+async def test_a_lapsed_partition_still_ours_keeps_its_order(tmp_path: Path) -> None:
+    """A partition whose lease lapsed here (a short cut) and that comes back
+    to the same owner: what was fenced comes back first, then what was
+    published since, in order (it is taken again as a new owner would)."""
+    lease = 1.5
+    with nats_server(tmp_path) as srv:
+        async with Proxy(srv.port) as proxy:
+            a = await _partitioned(f"nats://127.0.0.1:{proxy.port}?stream=lapse", "a", lease=lease)
+            batches = a.consume("g", prefetch=10)
+            try:
+                first = asyncio.ensure_future(_take(batches, 5))
+                await _owning(a, {0})
+                await a.publish([_keyed(n) for n in range(5)])
+                got = await first
+                proxy.blackhole()
+                await asyncio.sleep(lease * 2 / 3 + 0.05)
+                assert [a.fenced(d) for d in got] == [True] * 5
+                proxy.heal()
+                await a.publish([_keyed(n) for n in range(5, 8)])
+                again = await _take(batches, 8)
+                assert [(_number(d), d.attempt) for d in again] == [
+                    *((n, 2) for n in range(5)),
+                    *((n, 1) for n in range(5, 8)),
+                ]
+                await a.ack(again)
+            finally:
+                proxy.heal()
+                await batches.aclose()  # type: ignore[attr-defined]
+                await a.close()
 
 
 # --- cancellation ---------------------------------------------------------------------

@@ -171,7 +171,17 @@ class Balancer:
         ready = g.returnable()
         if ready:
             await g.hand_back(self._conn, ready)
-        lost = [p for p in sorted(own.owned) if not await leases.renew(g.durable, p)]
+        # Fencing (``Consumer.fenced``): a lease written by a request sent at
+        # ``sent`` lasts on the server until ``sent + lease`` at least.
+        safe = self._lease * 2 / 3
+        clock = self._clock
+        lost = []
+        for p in sorted(own.owned):
+            sent = clock.monotonic()
+            if await leases.renew(g.durable, p):
+                g.parts[p].valid_until = sent + safe
+            else:
+                lost.append(p)
         if lost:
             log.warning("%s lost the lease of partitions %s", g.name, lost)
             own.lost(lost)
@@ -180,7 +190,9 @@ class Balancer:
                 await leases.release(g.durable, p)
                 own.lost((p,))
         for p in acquire:
+            sent = clock.monotonic()
             if await leases.acquire(g.durable, p):
+                g.parts[p].valid_until = sent + safe
                 await self._take_over(g.parts[p])
                 own.acquired((p,))
         if acquire:

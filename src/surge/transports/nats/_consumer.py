@@ -429,6 +429,53 @@ class Consumer:
             src.stalled for g in self._groups.values() if g.consuming for src in g.sources.values()
         )
 
+    # --- fencing ---------------------------------------------------------------------
+    def fenced(self, d: Delivery) -> bool:
+        """``d`` must not start here: its partition's lease may have passed
+        to another consumer (``surge.Fences``).
+
+        A lease written by a request sent at t expires on the server no
+        sooner than t + lease (the bucket's max age), and renewals go out
+        every lease/3; this process starts a partition's deliveries only
+        until t + 2/3 lease, so a handler shorter than lease/3 ends before
+        another consumer can own the partition, even when this one was cut
+        off from NATS or stalled. At the first lapse seen, every delivery of
+        the partition read here is forgotten, unsettled (JetStream
+        redelivers it after its AckWait, to the partition's owner then), and
+        the partition is dropped here: if it is still ours, the balancer
+        takes it again as a new owner does, keeping back what it reads until
+        those redeliveries came, so its keys keep their order."""
+        g = self._groups.get(d.group)
+        if g is None or g.own is None:
+            return False
+        src = g.held.get(d.token)
+        if src is None:
+            # A delivery is held from its arrival until it is settled: one
+            # handed out and not held was forgotten at a lapse.
+            return self._of_partition(g, d.token)
+        p = src.part
+        if p is None or (p in g.own.owned and self._clock.monotonic() < src.valid_until):
+            return False
+        n = g.fence(src)
+        g.own.lost((p,))
+        g.rebalance.set()
+        log.warning(
+            "nats: %s: partition %d's lease was not renewed in time (NATS unreachable or "
+            "this process stalled): its %d deliveries here are left to its owner",
+            g.name,
+            p,
+            n,
+        )
+        return True
+
+    @staticmethod
+    def _of_partition(g: Group, token: str) -> bool:
+        try:
+            src = g.by_durable.get(ack_info(token)[0])
+        except (ValueError, IndexError):
+            return False
+        return src is not None and src.part is not None
+
     # --- settling --------------------------------------------------------------------
     def _settled(self, d: Delivery) -> Group | None:
         g = self._groups.get(d.group)

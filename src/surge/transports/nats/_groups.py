@@ -66,6 +66,7 @@ class Source:
         "recreate",
         "stalled",
         "token",
+        "valid_until",
     )
 
     def __init__(self, durable: str, part: int | None) -> None:
@@ -78,6 +79,10 @@ class Source:
         self.last_seen = 0.0
         self.stalled = False
         self.recreate = False
+        # A partition's: the monotonic time until which its deliveries may
+        # start here (fencing: 2/3 of a lease after its lease's last write
+        # was sent; see ``Consumer.fenced``).
+        self.valid_until = 0.0
 
     @property
     def drained(self) -> bool:
@@ -163,6 +168,21 @@ class Group:
             src.held -= 1
             if src.part is not None and not src.held:
                 self.rebalance.set()  # a partition being given up may be free now
+
+    def fence(self, src: Source) -> int:
+        """Forget every delivery of partition ``src`` read here and not
+        settled (handed out, buffered or kept by its hold; not those waiting
+        to be NAKed), unsettled on the server: its lease may have lapsed, so
+        its next owner gets them. The count forgotten."""
+        back = set(self.returning)
+        tokens = [t for t, s in self.held.items() if s is src and t not in back]
+        src.hold = None
+        if tokens:
+            gone = set(tokens)
+            self.buffer = deque(d for d in self.buffer if d.token not in gone)
+            for t in tokens:
+                self.forget(t)
+        return len(tokens)
 
     def take(self, src: Source, seq: int, d: Delivery) -> bool:
         """Keep ``d`` back if ``src`` is held; True when kept."""

@@ -110,7 +110,11 @@ class Leases:
             rev = await self._mine(kv, key)
             if rev is None:
                 return False
+            # Ours already (a write whose answer was lost, or a partition
+            # dropped at a fence): written again, so it lasts a lease from
+            # this call on, as the fence counts.
             self._revs[key] = rev
+            return await self.renew(durable, part)
         return True
 
     async def renew(self, durable: str, part: int) -> bool:

@@ -53,7 +53,7 @@ class NatsTransport:
     ``nats://host:4222?stream=shop&lease=10``.
 
     Besides ``Transport`` it implements ``HandsBack``, ``KeyRouting``,
-    ``IdleAware`` and ``StateStore`` (``surge._transport``).
+    ``Fences``, ``IdleAware`` and ``StateStore`` (``surge._transport``).
     """
 
     durable = True
@@ -277,6 +277,11 @@ class NatsTransport:
     async def release(self, deliveries: Sequence[Delivery]) -> None:
         """Hand deliveries back untouched, at stop (``HandsBack``)."""
         await self._consumer.release(deliveries)
+
+    def fenced(self, delivery: Delivery) -> bool:
+        """A keyed delivery whose partition lease may have lapsed is not to
+        start (``Fences``; see ``Consumer.fenced``)."""
+        return self._consumer.fenced(delivery)
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
         _, seq, _ = ack_meta(delivery.token)
