@@ -19,6 +19,20 @@ graceful hand-over leaves no such lease (a partition is given up once
 nothing read from it is unsettled, and ``close`` hands leases back), so the
 next owner reads at once. (The same design as ``sqlite://``, whose
 ``_sqlite_partitions`` says more; here the rows live in PostgreSQL.)
+
+Fencing (``surge.Fences``): a round that renews or takes a partition writes
+``until = now + lease`` with ``now`` read as its transaction starts, so no
+other consumer takes the partition before then; this process starts the
+partition's deliveries only until 2/3 of a lease after that moment
+(:meth:`Member.valid`), so a handler shorter than lease/3 ends before the
+partition can pass on, even when this process was cut off from the server
+or stalled. At a lapse (:meth:`Member.fence`: seen by the runner's question,
+or by a round that renewed the partition only after its window ended) the
+deliveries of the partition held here are forgotten, unsettled (their rows
+keep this process's leases, which run out), and the partition is dropped:
+if it is still ours, the next round takes it again as a new owner does,
+reading it only once those leases ended, oldest row first, so its keys
+keep their order.
 """
 
 from __future__ import annotations
@@ -41,8 +55,9 @@ __all__ = ("Member", "Step")
 
 log = logging.getLogger("surge.postgres")
 
-# (live members, partitions still held, (partition, readable from) taken)
-Step = tuple[list[str], list[int], list[tuple[int, float]]]
+# (live members, partitions still held, (partition, readable from) taken,
+# the monotonic time the round's leases count from)
+Step = tuple[list[str], list[int], list[tuple[int, float]], float]
 
 
 class _Statements:
@@ -84,7 +99,10 @@ class Member:
     ``unsettled`` and ``reading`` count, per partition, the deliveries this
     process holds and the claims under way: a partition is released only
     when both are zero. ``ready`` is when a partition just taken becomes
-    readable (its predecessor's leases end).
+    readable (its predecessor's leases end). ``valid_until`` is the
+    monotonic time until which a held partition's deliveries may start
+    (fencing); ``fences`` counts the lapses, ``fenced_at`` the count at each
+    partition's last, so a claim begun before a lapse is told apart.
     """
 
     def __init__(
@@ -97,7 +115,9 @@ class Member:
         me: str,
         lease: float,
         now: Callable[[], float],
+        monotonic: Callable[[], float],
         woken: Callable[[], None],
+        lapsed: Callable[[Member, int], None],
     ) -> None:
         self.group = group
         self.gid = gid
@@ -106,12 +126,17 @@ class Member:
         self._me = me
         self._lease = lease
         self._now = now
+        self._monotonic = monotonic
         self._woken = woken  # partitions taken: there may be more to read
+        self._lapsed = lapsed  # forget what this process holds of a partition
         self.own = Ownership(schema.partitions)
         self.consumers = 0
         self.unsettled: dict[int, int] = {}
         self.reading: dict[int, int] = {}
         self.ready: dict[int, float] = {}
+        self.valid_until: dict[int, float] = {}
+        self.fences = 0
+        self.fenced_at: dict[int, int] = {}
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
@@ -146,8 +171,32 @@ class Member:
         reading = self.reading
         for p in parts:
             reading[p] = reading.get(p, 0) + delta
-        if delta < 0 and self.own.releasing:
-            self.kick()
+        if delta < 0:
+            own = self.own
+            # released, or dropped at a lapse (taken again once no claim
+            # begun before is under way)
+            if own.releasing or not own.owned.issuperset(parts):
+                self.kick()
+
+    def valid(self, part: int) -> bool:
+        """Deliveries of ``part`` may start here now: it is held, and less
+        than 2/3 of a lease passed since its lease was last written."""
+        return part in self.own.owned and self._monotonic() < self.valid_until.get(part, 0.0)
+
+    def fence(self, part: int) -> None:
+        """``part``'s lease may have lapsed: forget what this process holds
+        of it and drop it (the next round takes it again if it is ours)."""
+        self.fences += 1
+        self.fenced_at[part] = self.fences
+        self.valid_until.pop(part, None)
+        self.own.lost((part,))
+        self._lapsed(self, part)
+        self.kick()
+
+    def stale(self, part: int, fences: int) -> bool:
+        """A delivery of ``part`` claimed by a claim begun when ``fences``
+        lapses were counted is from before a lapse of ``part``."""
+        return self.fenced_at.get(part, 0) > fences
 
     def held(self, part: int) -> None:
         self.unsettled[part] = self.unsettled.get(part, 0) + 1
@@ -172,6 +221,7 @@ class Member:
         """One round of this member's ownership, in one transaction."""
         sql, gid, me = self._sql, self.gid, self._me
         now = self._now()
+        sent = self._monotonic()
         until = now + self._lease
         if leaving:
             await conn.execute(sql.leave, gid, me)
@@ -187,19 +237,28 @@ class Member:
             mine = [r[0] for r in await conn.fetch(sql.renew, until, gid, me, keep)]
         taken: list[tuple[int, float]] = []
         if not leaving:
-            want = sorted(assignment(members, me, self.own.partitions) - set(mine))
+            # not a partition dropped at a lapse while a claim of it begun
+            # before is under way: what that claim leases must be in ``ready``
+            reading = self.reading
+            want = sorted(
+                p
+                for p in assignment(members, me, self.own.partitions) - set(mine)
+                if not reading.get(p)
+            )
             if want:
                 got = [r[0] for r in await conn.fetch(sql.take, gid, me, until, want, now)]
                 if got:
                     ends = dict(await conn.fetch(sql.ready, gid, got, now))
                     taken = [(p, float(ends.get(p) or now)) for p in sorted(got)]
-        return members, mine, taken
+        return members, mine, taken, sent
 
     async def run(self) -> None:
         """Keep the membership and the partitions until no consumer is left
         and every partition is given back."""
         own = self.own
         lease = self._lease
+        safe = lease * 2 / 3
+        valid_until = self.valid_until
         loop = asyncio.get_running_loop()
         while True:
             leaving = self.consumers == 0
@@ -210,7 +269,7 @@ class Member:
             ]
             held = sorted(own.owned)
             try:
-                members, mine, taken = await self._db.transaction(
+                members, mine, taken, sent = await self._db.transaction(
                     functools.partial(self._step, held=held, give_back=give_back, leaving=leaving)
                 )
             except TransportError as exc:
@@ -219,10 +278,21 @@ class Member:
                 log.warning("postgres: cannot keep the partitions of %s: %s", self.group, exc)
                 wait = lease / 10
             else:
-                own.lost([p for p in own.owned if p not in mine])
+                gone = [p for p in own.owned if p not in mine]
+                own.lost(gone)
+                for p in gone:
+                    valid_until.pop(p, None)
+                for p in mine:
+                    if p not in own.owned:
+                        continue  # dropped at a lapse during the round
+                    if sent >= valid_until.get(p, 0.0):
+                        self.fence(p)  # renewed only after its window ended
+                    else:
+                        valid_until[p] = sent + safe
                 for p, at in taken:
                     self.ready[p] = at
                     self.unsettled.setdefault(p, 0)
+                    valid_until[p] = sent + safe
                 own.acquired(p for p, _ in taken)
                 if leaving:
                     if not own.owned:

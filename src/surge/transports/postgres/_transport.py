@@ -37,7 +37,12 @@ _CLOSE_BOUND = 5.0  # seconds close spends handing back leases and partitions
 
 class PostgresTransport:
     """Groups, leases, partitions and dead letters in one PostgreSQL schema
-    (see :mod:`surge.transports.postgres`)."""
+    (see :mod:`surge.transports.postgres`).
+
+    Besides ``Transport`` it implements ``HandsBack``, ``KeyRouting``,
+    ``Fences``, ``IdleAware``, ``KnowsGroups``, ``Outbox`` and ``StateStore``
+    (``surge._transport``).
+    """
 
     durable = True
 
@@ -223,7 +228,9 @@ class PostgresTransport:
             me=self.member_id,
             lease=self.lease,
             now=self.clock.time,
+            monotonic=self.clock.monotonic,
             woken=woken,
+            lapsed=self._forget,
         )
 
     def ownership(self, group: str) -> Ownership | None:
@@ -333,8 +340,10 @@ class PostgresTransport:
         # random reseeds itself in forked children, so workers forked from
         # one parent still draw different tokens
         token = random.getrandbits(62)
+        fences = 0
         if member is not None:
             member.reads(parts, 1)
+            fences = member.fences
         claim = asyncio.ensure_future(
             self._queue.claim(c, group, room, now, now + self.lease, token, parts, self.member_id)
         )
@@ -345,6 +354,12 @@ class PostgresTransport:
             if fut.cancelled() or fut.exception() is not None:
                 return
             batch = fut.result().deliveries
+            if member is not None and member.fences != fences:
+                # leased before a lapse of their partition: left to their
+                # lease, as the deliveries forgotten at the lapse are
+                batch[:] = [
+                    d for d in batch if d.token[1] is None or not member.stale(d.token[1], fences)
+                ]
             if not batch:
                 return
             c.unsettled += len(batch)
@@ -404,6 +419,42 @@ class PostgresTransport:
             h = held_of(held)
             await self._settling(lambda: self._queue.hand_back(h, self.clock.time()))
             self._wake_consumers(held)
+
+    # --- fencing -------------------------------------------------------------
+    def fenced(self, delivery: Delivery) -> bool:
+        """A keyed delivery whose partition lease may have lapsed is not to
+        start (``Fences``): see ``Member.valid``. At the first lapse seen the
+        partition's deliveries held here are forgotten (``_forget``)."""
+        lease = self._lease_of(delivery)
+        part = lease.part
+        if part is None:
+            return False
+        if lease.settled:
+            return True  # forgotten at a lapse
+        member = lease.consumer.member
+        if member is None or member.valid(part):
+            return False
+        member.fence(part)
+        return True
+
+    def _forget(self, member: Member, part: int) -> None:
+        """Forget, unsettled, every delivery of ``member``'s partition
+        ``part`` held here: their rows keep this process's leases, which run
+        out unextended, and the partition's owner then reads them again."""
+        held = [
+            lease
+            for lease in self._leases.values()
+            if lease.part == part and lease.consumer.member is member
+        ]
+        for lease in held:
+            self._settle_local(lease)
+        log.warning(
+            "postgres: %s: partition %d's lease was not renewed in time (the server "
+            "unreachable or this process stalled): its %d deliveries here are left to its owner",
+            member.group,
+            part,
+            len(held),
+        )
 
     # --- settling ------------------------------------------------------------
     def _settle_local(self, lease: Lease) -> bool:
