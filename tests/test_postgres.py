@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -173,6 +174,46 @@ async def test_an_idle_consumer_is_woken_by_notify(url: str) -> None:
         (d,) = await r.take(1, timeout=10)
         assert number(d) == 1
         await a.ack([d])
+        await r.aclose()
+
+
+async def test_a_claim_cut_off_by_a_stop_is_handed_back_unseen(url: str) -> None:
+    """A claim under way when its consumer is cancelled (the app stopping)
+    and that completes only once close began: what it took was never seen by
+    a handler, so close hands it back with its attempt not counted (CI: the
+    conformance stop test saw such an event come back as attempt 2)."""
+    t = PostgresTransport(url)
+    await t.start()
+    await t.declare("g", ["conf.item"])
+    await t.publish([env(1)])
+    entered, gate = asyncio.Event(), asyncio.Event()
+    claim = t._queue.claim
+
+    async def slow_claim(*args: Any) -> Any:
+        entered.set()
+        await gate.wait()
+        return await claim(*args)
+
+    t._queue.claim = slow_claim  # type: ignore[method-assign,assignment]
+    batches = t.consume("g", prefetch=10)
+
+    async def first_batch() -> list[surge.Delivery]:
+        return await anext(batches)
+
+    consuming = asyncio.get_running_loop().create_task(first_batch())
+    await asyncio.wait_for(entered.wait(), 10)
+    consuming.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await consuming
+    closing = asyncio.get_running_loop().create_task(t.close())
+    await asyncio.sleep(0)  # close began: the transport is closed
+    gate.set()
+    await asyncio.wait_for(closing, 10)
+    async with contextlib_started(url) as again:
+        r = Reader(again, "g")
+        (d,) = await r.take(1, timeout=10)
+        assert (number(d), d.attempt) == (1, 1)
+        await again.ack([d])
         await r.aclose()
 
 
