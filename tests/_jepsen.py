@@ -788,6 +788,31 @@ def key_order(records: Sequence[KeyedRecord]) -> KeyOrder:
     return KeyOrder(len(keys), handovers, reruns, cut, problems)
 
 
+def overlaps(
+    records: Sequence[KeyedRecord], exempt: Iterable[tuple[int, str, int]] = ()
+) -> list[str]:
+    """Starts of a key's handling while another process's handling of that
+    key was open (started, not ended), in file order; the first start of
+    each of ``exempt`` ((pid, key, seq): handlings a process was stalled in
+    the middle of, which no fence can stop) does not count as open."""
+    skip = set(exempt)
+    open_: dict[str, dict[int, int]] = {}  # key -> pid -> seq being handled
+    found = []
+    for r in records:
+        held = open_.setdefault(r.key, {})
+        if r.kind == "s":
+            others = {pid: seq for pid, seq in held.items() if pid != r.pid}
+            if others:
+                found.append(f"{r.key}: pid {r.pid} started {r.seq} while {others} handled")
+            if (r.pid, r.key, r.seq) in skip:
+                skip.discard((r.pid, r.key, r.seq))  # its first start only
+            else:
+                held[r.pid] = r.seq
+        elif r.kind == "h" and held.get(r.pid) == r.seq:
+            del held[r.pid]
+    return found
+
+
 @dataclass(frozen=True)
 class KeyedResult:
     """The figures of a keyed crash run: the unkeyed ones and the order."""

@@ -35,6 +35,7 @@ from .._jepsen import (
     Keyed,
     KeyedRecord,
     drain,
+    overlaps,
     produce_keyed,
     tally,
     wait_for,
@@ -51,23 +52,6 @@ CUT = 3.5 * LEASE
 # a handling shorter than lease/3 (the fence's promise), long enough that
 # the prefetched tail of a cut-off worker outlasts its lease without it
 HOLD = 0.3
-
-
-def overlaps(records: list[KeyedRecord]) -> list[str]:
-    """Starts of a key's handling while another process's handling of that
-    key was open (started, not ended), in file order."""
-    open_: dict[str, dict[int, int]] = {}  # key -> pid -> seq being handled
-    found = []
-    for r in records:
-        held = open_.setdefault(r.key, {})
-        if r.kind == "s":
-            others = {pid: seq for pid, seq in held.items() if pid != r.pid}
-            if others:
-                found.append(f"{r.key}: pid {r.pid} started {r.seq} while {others} handled")
-            held[r.pid] = r.seq
-        elif r.kind == "h" and held.get(r.pid) == r.seq:
-            del held[r.pid]
-    return found
 
 
 def _size(path: Path) -> int:

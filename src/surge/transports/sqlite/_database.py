@@ -792,12 +792,14 @@ class Database:
         held: list[int],
         give_back: list[int],
         leaving: bool,
+        busy: list[int],
     ) -> Step:
         """One round of ``me``'s ownership of group ``gid`` (see
         ``_ownership``): renew the membership (or end it when ``leaving``),
         release ``give_back``, renew the rest of ``held`` and take the free
-        partitions that ``assignment`` gives ``me``; (live members,
-        partitions still held, (partition, readable from) taken)."""
+        partitions that ``assignment`` gives ``me``, but not those in
+        ``busy`` (read by a claim under way); (live members, partitions
+        still held, (partition, readable from) taken)."""
         conn = self._c
         until = now + lease
         if leaving:
@@ -828,7 +830,7 @@ class Database:
             ]
         taken: list[tuple[int, float]] = []
         if not leaving:
-            for p in sorted(assignment(members, me, self.partitions) - set(mine)):
+            for p in sorted(assignment(members, me, self.partitions) - {*mine, *busy}):
                 cur = conn.execute(
                     "INSERT INTO owners (grp, part, owner, until) VALUES (?, ?, ?, ?) "
                     "ON CONFLICT (grp, part) DO UPDATE SET owner = excluded.owner, "

@@ -104,6 +104,14 @@ class Leases:
             del self._rows[lease.did]
         return True
 
+    def of(self, member: Member, part: int) -> list[Lease]:
+        """The unsettled leases of ``member``'s partition ``part``."""
+        return [
+            lease
+            for lease in self._rows.values()
+            if lease.part == part and lease.consumer.member is member
+        ]
+
     def held(self) -> list[tuple[int, int]]:
         """(row, token) of every unsettled lease."""
         return [(lease.did, lease.token) for lease in self._rows.values()]

@@ -23,6 +23,21 @@ A graceful handover leaves no such lease (a partition is given up once
 nothing read from it is unsettled, and ``close`` hands leases back), so the
 next owner reads at once.
 
+Fencing (``surge.Fences``): a round writes ``until = now + lease`` with
+``now`` read before it is submitted, so no other consumer takes the
+partition before then; this process starts the partition's deliveries only
+until 2/3 of a lease after that moment (:meth:`Member.valid`), so a handler
+shorter than lease/3 ends before the partition can pass on, even when this
+process was stalled (SIGSTOP, a blocked loop, a write lock held for long).
+At a lapse (:meth:`Member.fence`: seen by the runner's question, or by a
+round that renewed the partition only after its window ended) the
+deliveries of the partition held here are forgotten, unsettled (their rows
+keep this process's leases, which run out), and the partition is dropped:
+if it is still ours, the next round takes it again as a new owner does,
+reading it only once those leases ended, oldest row first, so its keys keep
+their order. A claim begun before a lapse is not taken again until it
+ended, and what it leased of the partition is forgotten as well.
+
 The statements of a round (``Database.keep_partitions``) run on the
 connection's thread; :class:`Member` is the loop's side: it decides what
 to give back and when to run the next round.
@@ -55,15 +70,21 @@ class Member:
     partition, the deliveries this process holds (``held``/``settled``) and
     the claims under way (``reads``): a partition is released only when both
     are zero. A partition just taken becomes readable once its
-    predecessor's leases end.
+    predecessor's leases end. ``_valid_until`` is the monotonic time until
+    which a held partition's deliveries may start (fencing); ``fences``
+    counts the lapses, ``_fenced_at`` the count at each partition's last, so
+    a claim begun before a lapse is told apart (:meth:`stale`).
     """
 
     __slots__ = (
         "_consumers",
         "_database",
+        "_fenced_at",
         "_kicked",
+        "_lapsed",
         "_lease",
         "_me",
+        "_monotonic",
         "_now",
         "_on_taken",
         "_reading",
@@ -71,7 +92,9 @@ class Member:
         "_submit",
         "_task",
         "_unsettled",
+        "_valid_until",
         "_wake",
+        "fences",
         "gid",
         "group",
         "own",
@@ -87,11 +110,14 @@ class Member:
         me: str,
         lease: float,
         now: Callable[[], float],
+        monotonic: Callable[[], float],
         on_taken: Callable[[], None],
+        lapsed: Callable[[Member, int], None],
     ) -> None:
         """``submit`` runs a ``database`` method on its thread; ``me`` names
         this transport among the group's members; ``on_taken`` is called
-        when partitions were taken (there may be more to read)."""
+        when partitions were taken (there may be more to read), ``lapsed``
+        when a partition's lease may have lapsed (forget what is held of it)."""
         self.group = group
         self.gid = gid
         self.own = Ownership(database.partitions)
@@ -100,11 +126,16 @@ class Member:
         self._me = me
         self._lease = lease
         self._now = now
+        self._monotonic = monotonic
         self._on_taken = on_taken
+        self._lapsed = lapsed
         self._consumers = 0
         self._unsettled: dict[int, int] = {}
         self._reading: dict[int, int] = {}
         self._ready: dict[int, float] = {}
+        self._valid_until: dict[int, float] = {}
+        self.fences = 0
+        self._fenced_at: dict[int, int] = {}
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
@@ -141,8 +172,32 @@ class Member:
         reading = self._reading
         for p in parts:
             reading[p] = reading.get(p, 0) + delta
-        if delta < 0 and self.own.releasing:
-            self.kick()
+        if delta < 0:
+            own = self.own
+            # released, or dropped at a lapse (taken again once no claim
+            # begun before is under way)
+            if own.releasing or not own.owned.issuperset(parts):
+                self.kick()
+
+    def valid(self, part: int) -> bool:
+        """Deliveries of ``part`` may start here now: it is held, and less
+        than 2/3 of a lease passed since its lease was last written."""
+        return part in self.own.owned and self._monotonic() < self._valid_until.get(part, 0.0)
+
+    def fence(self, part: int) -> None:
+        """``part``'s lease may have lapsed: forget what this process holds
+        of it and drop it (the next round takes it again if it is ours)."""
+        self.fences += 1
+        self._fenced_at[part] = self.fences
+        self._valid_until.pop(part, None)
+        self.own.lost((part,))
+        self._lapsed(self, part)
+        self.kick()
+
+    def stale(self, part: int, fences: int) -> bool:
+        """A delivery of ``part`` leased by a claim begun when ``fences``
+        lapses were counted is from before a lapse of ``part``."""
+        return self._fenced_at.get(part, 0) > fences
 
     def held(self, part: int) -> None:
         """A delivery of ``part`` was claimed."""
@@ -169,6 +224,8 @@ class Member:
         own = self.own
         me = self._me
         lease = self._lease
+        safe = lease * 2 / 3
+        valid_until = self._valid_until
         loop = asyncio.get_running_loop()
         while True:
             leaving = self._consumers == 0
@@ -177,16 +234,22 @@ class Member:
             give_back = [
                 p for p in own.releasing if not self._unsettled.get(p) and not self._reading.get(p)
             ]
+            # not a partition dropped at a lapse while a claim of it begun
+            # before is under way: what that claim leases must be in ``ready``
+            busy = [p for p, n in self._reading.items() if n and p not in own.owned]
+            now = self._now()
+            sent = self._monotonic()
             try:
                 members, mine, taken = await self._submit(
                     self._database.keep_partitions,
                     self.gid,
                     me,
-                    self._now(),
+                    now,
                     lease,
                     sorted(own.owned),
                     give_back,
                     leaving,
+                    busy,
                 )
             except TransportError as exc:
                 # the leases run on meanwhile: the next round renews them in
@@ -194,10 +257,21 @@ class Member:
                 log.warning("sqlite: cannot keep the partitions of %s: %s", self.group, exc)
                 wait = lease / 10
             else:
-                own.lost([p for p in own.owned if p not in mine])
+                gone = [p for p in own.owned if p not in mine]
+                own.lost(gone)
+                for p in gone:
+                    valid_until.pop(p, None)
+                for p in mine:
+                    if p not in own.owned:
+                        continue  # dropped at a lapse during the round
+                    if sent >= valid_until.get(p, 0.0):
+                        self.fence(p)  # renewed only after its window ended
+                    else:
+                        valid_until[p] = sent + safe
                 for p, at in taken:
                     self._ready[p] = at
                     self._unsettled.setdefault(p, 0)
+                    valid_until[p] = sent + safe
                 own.acquired(p for p, _ in taken)
                 if leaving:
                     if not own.owned:

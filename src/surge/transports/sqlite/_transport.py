@@ -12,6 +12,8 @@ the :class:`~._thread.DatabaseThread` runs every statement, a
   (a local publish, a settle, a partition taken) or until the next row is
   due, polling (5 ms doubling to ``poll``) for other processes' publishes;
 - settling through the leases (a lost lease settles nothing);
+- fencing: ``fenced`` asks the partition's ``Member`` whether its lease is
+  still safely ours, and at a lapse the partition's leases are forgotten;
 - idleness for ``App.drain`` (``idle``, ``wait_idle``);
 - housekeeping: lease extension every ``heartbeat``, compaction every
   ``maintenance``.
@@ -52,8 +54,8 @@ class SqliteTransport:
     """Groups, leases and dead letters in one SQLite file (see the package).
 
     Capabilities: ``HandsBack`` (``release``), ``KeyRouting``
-    (``partitions``), ``IdleAware`` (``idle``, ``wait_idle``) and
-    ``StateStore`` (``load_state``, ``save_state``).
+    (``partitions``), ``Fences`` (``fenced``), ``IdleAware`` (``idle``,
+    ``wait_idle``) and ``StateStore`` (``load_state``, ``save_state``).
     """
 
     durable = True
@@ -201,7 +203,9 @@ class SqliteTransport:
             me=self.member_id,
             lease=self.lease,
             now=self.clock.time,
+            monotonic=self.clock.monotonic,
             on_taken=lambda: self._wake_consumers(gid),
+            lapsed=self._forget,
         )
 
     def ownership(self, group: str) -> Ownership | None:
@@ -389,8 +393,10 @@ class SqliteTransport:
         fut: asyncio.Future[Any]
         member = c.member
         parts = () if member is None else member.readable(now)
+        fences = 0
         if member is not None:
             member.reads(parts, 1)
+            fences = member.fences
 
         def after(result: tuple[list[Delivery], float, dict[int, int]] | None) -> None:
             if member is not None:
@@ -398,6 +404,14 @@ class SqliteTransport:
             if not result or not result[0]:
                 return
             batch, _, where = result
+            if member is not None and where and member.fences != fences:
+                # leased before a lapse of their partition: left to their
+                # lease, as the deliveries forgotten at the lapse are
+                batch[:] = [
+                    d
+                    for d in batch
+                    if (p := where.get(d.token)) is None or not member.stale(p, fences)
+                ]
             self._activity += 1
             self._idle = False
             for d in batch:
@@ -443,6 +457,38 @@ class SqliteTransport:
                     self._db.hand_back, held, self.clock.time(), after=self._after_settle
                 )
             )
+
+    # --- fencing -------------------------------------------------------------
+    def fenced(self, delivery: Delivery) -> bool:
+        """A keyed delivery whose partition lease may have lapsed is not to
+        start (``Fences``): see ``Member.valid``. At the first lapse seen the
+        partition's deliveries held here are forgotten (``_forget``)."""
+        lease = self._lease_of(delivery)
+        part = lease.part
+        if part is None:
+            return False
+        if lease.settled:
+            return True  # forgotten at a lapse
+        member = lease.consumer.member
+        if member is None or member.valid(part):
+            return False
+        member.fence(part)
+        return True
+
+    def _forget(self, member: Member, part: int) -> None:
+        """Forget, unsettled, every delivery of ``member``'s partition
+        ``part`` held here: their rows keep this process's leases, which run
+        out unextended, and the partition's owner then reads them again."""
+        held = self._leases.of(member, part)
+        for lease in held:
+            self._leases.settle(lease)
+        log.warning(
+            "sqlite: %s: partition %d's lease was not renewed in time (this process "
+            "stalled): its %d deliveries here are left to its owner",
+            member.group,
+            part,
+            len(held),
+        )
 
     # --- settling ------------------------------------------------------------
     def _lease_of(self, d: Delivery) -> Lease:
