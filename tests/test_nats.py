@@ -623,6 +623,39 @@ async def test_a_lapsed_partition_still_ours_keeps_its_order(tmp_path: Path) -> 
                 await a.close()
 
 
+async def test_a_lease_expiring_inside_create_is_taken(tmp_path: Path) -> None:
+    """A partition lease that expires between nats-py's refused create and
+    its look-up of the key (which then raises KeyNotFoundError) is free:
+    acquire creates it again and holds it, instead of failing the round.
+    (The expiry is forced: the entry is removed, as max age removes it,
+    just before that look-up.)"""
+    with nats_server(tmp_path) as srv:
+        a = await _partitioned(f"{srv.url}?stream=race", "a")
+        b = await _partitioned(f"{srv.url}?stream=race", "b")
+        try:
+            assert await b._leases.acquire("d", 0)
+            kv = await a._leases._open()
+            js = a._leases._conn.js
+            look_up = kv._get
+            expired: list[str] = []
+
+            async def expiring(key: str, *args: Any, **kwargs: Any) -> Any:
+                if not expired:
+                    expired.append(key)
+                    await js.purge_stream(
+                        f"KV_{a._leases.bucket}", subject=f"{a._leases.prefix}{key}"
+                    )
+                return await look_up(key, *args, **kwargs)
+
+            kv._get = expiring
+            assert await a._leases.acquire("d", 0)
+            assert expired == ["l.d.0"]
+            assert (await kv.get("l.d.0")).value == b"a"
+        finally:
+            await a.close()
+            await b.close()
+
+
 # --- cancellation ---------------------------------------------------------------------
 
 

@@ -104,18 +104,26 @@ class Leases:
     async def acquire(self, durable: str, part: int) -> bool:
         kv = await self._open()
         key = self._lease_key(durable, part)
-        try:
-            self._revs[key] = await kv.create(key, self.me.encode())
-        except nats.js.errors.KeyWrongLastSequenceError:
-            rev = await self._mine(kv, key)
-            if rev is None:
-                return False
-            # Ours already (a write whose answer was lost, or a partition
-            # dropped at a fence): written again, so it lasts a lease from
-            # this call on, as the fence counts.
-            self._revs[key] = rev
-            return await self.renew(durable, part)
-        return True
+        for _ in range(2):
+            try:
+                self._revs[key] = await kv.create(key, self.me.encode())
+            except nats.js.errors.KeyNotFoundError:
+                # nats-py's create, refused (the key was there), looks the
+                # key up to tell a delete marker from a live entry: a lease
+                # that expired in between is absent by then. Free now: try
+                # again (a second such race leaves it to the next round).
+                continue
+            except nats.js.errors.KeyWrongLastSequenceError:
+                rev = await self._mine(kv, key)
+                if rev is None:
+                    return False
+                # Ours already (a write whose answer was lost, or a partition
+                # dropped at a fence): written again, so it lasts a lease from
+                # this call on, as the fence counts.
+                self._revs[key] = rev
+                return await self.renew(durable, part)
+            return True
+        return False
 
     async def renew(self, durable: str, part: int) -> bool:
         kv = await self._open()
