@@ -436,7 +436,7 @@ class PostgresTransport:
         """A keyed delivery whose partition lease may have lapsed is not to
         start (``Fences``): see ``Member.valid``. At the first lapse seen the
         partition's deliveries held here are forgotten (``_forget``)."""
-        lease = self._lease_of(delivery)
+        lease: Lease = delivery.token  # the runner asks of this transport's own
         part = lease.part
         if part is None:
             return False
