@@ -284,7 +284,10 @@ class Member:
                 complete = not own.releasing and own.owned == assignment(
                     members, me, own.partitions
                 )
-                wait = lease / 3 if complete else lease / 10
+                # every lease/3 from one round's start to the next: a slow
+                # round must not eat into the window the fence counts
+                since = self._monotonic() - sent
+                wait = max(lease / 30, lease / 3 - since) if complete else lease / 10
             if self._kicked:
                 self._kicked = False
                 continue
