@@ -19,17 +19,19 @@ events of a key wait for the earlier ones. A consumer that dies holds its
 partitions until its lease runs out, as it holds its deliveries.
 
 :class:`Ownership` is the local bookkeeping that the transports share; each
-stores leases and memberships in its own broker.
+stores leases and memberships in its own broker. :class:`Fencing` is the
+fence's (``surge.Fences``) for transports whose rounds renew every lease
+at once (sqlite, postgres).
 """
 
 from __future__ import annotations
 
 import asyncio
 import zlib
-from collections.abc import Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Literal
 
-__all__ = ("DEFAULT_PARTITIONS", "Ownership", "assignment", "partition_of")
+__all__ = ("DEFAULT_PARTITIONS", "Fencing", "Ownership", "assignment", "partition_of")
 
 DEFAULT_PARTITIONS = 8
 
@@ -102,3 +104,64 @@ class Ownership:
         this call (the call, not the await, marks the start: a change in
         between is not missed)."""
         return self._changed.wait()
+
+
+class Fencing:
+    """Until when each held partition's deliveries may start here, for
+    ``surge.Fences``, and the lapses seen.
+
+    A round that renews or takes a partition's lease, begun at ``sent``
+    (the monotonic time it read before writing ``until = now + lease``),
+    keeps the partition from any other consumer until ``sent + lease``;
+    its deliveries start here only until ``sent + 2/3 lease``, so a handler
+    shorter than lease/3 ends before then. ``count`` numbers the lapses, so
+    a claim begun before a partition's lapse is told apart (:meth:`stale`).
+    """
+
+    __slots__ = ("_fenced_at", "_monotonic", "_safe", "_until", "count", "own")
+
+    def __init__(self, own: Ownership, lease: float, monotonic: Callable[[], float]) -> None:
+        self.own = own
+        self._safe = lease * 2 / 3
+        self._monotonic = monotonic
+        self._until: dict[int, float] = {}
+        self._fenced_at: dict[int, int] = {}
+        self.count = 0
+
+    def valid(self, part: int) -> bool:
+        """Deliveries of ``part`` may start here now: it is held, and less
+        than 2/3 of a lease passed since its lease was last written."""
+        return part in self.own.owned and self._monotonic() < self._until.get(part, 0.0)
+
+    def lapse(self, part: int) -> None:
+        """``part``'s lease may have lapsed: count it, and drop the partition."""
+        self.count += 1
+        self._fenced_at[part] = self.count
+        self._until.pop(part, None)
+        self.own.lost((part,))
+
+    def stale(self, part: int, count: int) -> bool:
+        """A delivery of ``part`` leased by a claim begun when ``count``
+        lapses were counted is from before a lapse of ``part``."""
+        return self._fenced_at.get(part, 0) > count
+
+    def renewed(self, sent: float, mine: Iterable[int], taken: Iterable[int]) -> list[int]:
+        """A round begun at ``sent`` renewed ``mine`` (those still held count)
+        and took ``taken``: their windows now end 2/3 of a lease after
+        ``sent``. The partitions renewed only after their window had ended
+        (they lapsed meanwhile: to fence) are returned."""
+        until, owned = self._until, self.own.owned
+        for p in [p for p in until if p not in owned]:
+            del until[p]  # released, lost or fenced
+        end = sent + self._safe
+        late = []
+        for p in mine:
+            if p not in owned:
+                continue  # dropped at a lapse during the round
+            if sent >= until.get(p, 0.0):
+                late.append(p)
+            else:
+                until[p] = end
+        for p in taken:
+            until[p] = end
+        return late

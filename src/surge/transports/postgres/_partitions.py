@@ -24,7 +24,7 @@ Fencing (``surge.Fences``): a round that renews or takes a partition writes
 ``until = now + lease`` with ``now`` read as its transaction starts, so no
 other consumer takes the partition before then; this process starts the
 partition's deliveries only until 2/3 of a lease after that moment
-(:meth:`Member.valid`), so a handler shorter than lease/3 ends before the
+(``Fencing.valid``), so a handler shorter than lease/3 ends before the
 partition can pass on, even when this process was cut off from the server
 or stalled. At a lapse (:meth:`Member.fence`: seen by the runner's question,
 or by a round that renewed the partition only after its window ended) the
@@ -47,7 +47,7 @@ from math import inf
 import asyncpg
 
 from ..._errors import TransportError
-from .._partitions import Ownership, assignment
+from .._partitions import Fencing, Ownership, assignment
 from ._db import Database
 from ._schema import Schema
 
@@ -99,10 +99,8 @@ class Member:
     ``unsettled`` and ``reading`` count, per partition, the deliveries this
     process holds and the claims under way: a partition is released only
     when both are zero. ``ready`` is when a partition just taken becomes
-    readable (its predecessor's leases end). ``valid_until`` is the
-    monotonic time until which a held partition's deliveries may start
-    (fencing); ``fences`` counts the lapses, ``fenced_at`` the count at each
-    partition's last, so a claim begun before a lapse is told apart.
+    readable (its predecessor's leases end). ``fencing`` says until when a
+    held partition's deliveries may start.
     """
 
     def __init__(
@@ -134,9 +132,7 @@ class Member:
         self.unsettled: dict[int, int] = {}
         self.reading: dict[int, int] = {}
         self.ready: dict[int, float] = {}
-        self.valid_until: dict[int, float] = {}
-        self.fences = 0
-        self.fenced_at: dict[int, int] = {}
+        self.fencing = Fencing(self.own, lease, monotonic)
         self.task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
@@ -178,25 +174,12 @@ class Member:
             if own.releasing or not own.owned.issuperset(parts):
                 self.kick()
 
-    def valid(self, part: int) -> bool:
-        """Deliveries of ``part`` may start here now: it is held, and less
-        than 2/3 of a lease passed since its lease was last written."""
-        return part in self.own.owned and self._monotonic() < self.valid_until.get(part, 0.0)
-
     def fence(self, part: int) -> None:
         """``part``'s lease may have lapsed: forget what this process holds
         of it and drop it (the next round takes it again if it is ours)."""
-        self.fences += 1
-        self.fenced_at[part] = self.fences
-        self.valid_until.pop(part, None)
-        self.own.lost((part,))
+        self.fencing.lapse(part)
         self._lapsed(self, part)
         self.kick()
-
-    def stale(self, part: int, fences: int) -> bool:
-        """A delivery of ``part`` claimed by a claim begun when ``fences``
-        lapses were counted is from before a lapse of ``part``."""
-        return self.fenced_at.get(part, 0) > fences
 
     def held(self, part: int) -> None:
         self.unsettled[part] = self.unsettled.get(part, 0) + 1
@@ -257,8 +240,6 @@ class Member:
         and every partition is given back."""
         own = self.own
         lease = self._lease
-        safe = lease * 2 / 3
-        valid_until = self.valid_until
         loop = asyncio.get_running_loop()
         while True:
             leaving = self.consumers == 0
@@ -278,21 +259,12 @@ class Member:
                 log.warning("postgres: cannot keep the partitions of %s: %s", self.group, exc)
                 wait = lease / 10
             else:
-                gone = [p for p in own.owned if p not in mine]
-                own.lost(gone)
-                for p in gone:
-                    valid_until.pop(p, None)
-                for p in mine:
-                    if p not in own.owned:
-                        continue  # dropped at a lapse during the round
-                    if sent >= valid_until.get(p, 0.0):
-                        self.fence(p)  # renewed only after its window ended
-                    else:
-                        valid_until[p] = sent + safe
+                own.lost([p for p in own.owned if p not in mine])
+                for p in self.fencing.renewed(sent, mine, (p for p, _ in taken)):
+                    self.fence(p)  # renewed only after its window ended
                 for p, at in taken:
                     self.ready[p] = at
                     self.unsettled.setdefault(p, 0)
-                    valid_until[p] = sent + safe
                 own.acquired(p for p, _ in taken)
                 if leaving:
                     if not own.owned:

@@ -349,7 +349,7 @@ class PostgresTransport:
         fences = 0
         if member is not None:
             member.reads(parts, 1)
-            fences = member.fences
+            fences = member.fencing.count
         claim = asyncio.ensure_future(
             self._queue.claim(c, group, room, now, now + self.lease, token, parts, self.member_id)
         )
@@ -360,11 +360,13 @@ class PostgresTransport:
             if fut.cancelled() or fut.exception() is not None:
                 return
             batch = fut.result().deliveries
-            if member is not None and member.fences != fences:
+            if member is not None and member.fencing.count != fences:
                 # leased before a lapse of their partition: left to their
                 # lease, as the deliveries forgotten at the lapse are
                 batch[:] = [
-                    d for d in batch if d.token[1] is None or not member.stale(d.token[1], fences)
+                    d
+                    for d in batch
+                    if d.token[1] is None or not member.fencing.stale(d.token[1], fences)
                 ]
             if not batch:
                 return
@@ -434,7 +436,7 @@ class PostgresTransport:
     # --- fencing -------------------------------------------------------------
     def fenced(self, delivery: Delivery) -> bool:
         """A keyed delivery whose partition lease may have lapsed is not to
-        start (``Fences``): see ``Member.valid``. At the first lapse seen the
+        start (``Fences``): see ``Fencing.valid``. At the first lapse seen the
         partition's deliveries held here are forgotten (``_forget``)."""
         lease: Lease = delivery.token  # the runner asks of this transport's own
         part = lease.part
@@ -443,7 +445,7 @@ class PostgresTransport:
         if lease.settled:
             return True  # forgotten at a lapse
         member = lease.consumer.member
-        if member is None or member.valid(part):
+        if member is None or member.fencing.valid(part):
             return False
         member.fence(part)
         return True

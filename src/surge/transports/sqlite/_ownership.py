@@ -26,7 +26,7 @@ next owner reads at once.
 Fencing (``surge.Fences``): a round writes ``until = now + lease`` with
 ``now`` read before it is submitted, so no other consumer takes the
 partition before then; this process starts the partition's deliveries only
-until 2/3 of a lease after that moment (:meth:`Member.valid`), so a handler
+until 2/3 of a lease after that moment (``Fencing.valid``), so a handler
 shorter than lease/3 ends before the partition can pass on, even when this
 process was stalled (SIGSTOP, a blocked loop, a write lock held for long).
 At a lapse (:meth:`Member.fence`: seen by the runner's question, or by a
@@ -52,7 +52,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._errors import TransportError
-from .._partitions import Ownership, assignment
+from .._partitions import Fencing, Ownership, assignment
 from ._database import Database
 
 __all__ = ("Member",)
@@ -70,16 +70,13 @@ class Member:
     partition, the deliveries this process holds (``held``/``settled``) and
     the claims under way (``reads``): a partition is released only when both
     are zero. A partition just taken becomes readable once its
-    predecessor's leases end. ``_valid_until`` is the monotonic time until
-    which a held partition's deliveries may start (fencing); ``fences``
-    counts the lapses, ``_fenced_at`` the count at each partition's last, so
-    a claim begun before a lapse is told apart (:meth:`stale`).
+    predecessor's leases end. ``fencing`` says until when a held
+    partition's deliveries may start.
     """
 
     __slots__ = (
         "_consumers",
         "_database",
-        "_fenced_at",
         "_kicked",
         "_lapsed",
         "_lease",
@@ -92,9 +89,8 @@ class Member:
         "_submit",
         "_task",
         "_unsettled",
-        "_valid_until",
         "_wake",
-        "fences",
+        "fencing",
         "gid",
         "group",
         "own",
@@ -133,9 +129,7 @@ class Member:
         self._unsettled: dict[int, int] = {}
         self._reading: dict[int, int] = {}
         self._ready: dict[int, float] = {}
-        self._valid_until: dict[int, float] = {}
-        self.fences = 0
-        self._fenced_at: dict[int, int] = {}
+        self.fencing = Fencing(self.own, lease, monotonic)
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Future[None] | None = None
         self._kicked = False
@@ -179,25 +173,12 @@ class Member:
             if own.releasing or not own.owned.issuperset(parts):
                 self.kick()
 
-    def valid(self, part: int) -> bool:
-        """Deliveries of ``part`` may start here now: it is held, and less
-        than 2/3 of a lease passed since its lease was last written."""
-        return part in self.own.owned and self._monotonic() < self._valid_until.get(part, 0.0)
-
     def fence(self, part: int) -> None:
         """``part``'s lease may have lapsed: forget what this process holds
         of it and drop it (the next round takes it again if it is ours)."""
-        self.fences += 1
-        self._fenced_at[part] = self.fences
-        self._valid_until.pop(part, None)
-        self.own.lost((part,))
+        self.fencing.lapse(part)
         self._lapsed(self, part)
         self.kick()
-
-    def stale(self, part: int, fences: int) -> bool:
-        """A delivery of ``part`` leased by a claim begun when ``fences``
-        lapses were counted is from before a lapse of ``part``."""
-        return self._fenced_at.get(part, 0) > fences
 
     def held(self, part: int) -> None:
         """A delivery of ``part`` was claimed."""
@@ -224,8 +205,6 @@ class Member:
         own = self.own
         me = self._me
         lease = self._lease
-        safe = lease * 2 / 3
-        valid_until = self._valid_until
         loop = asyncio.get_running_loop()
         while True:
             leaving = self._consumers == 0
@@ -257,21 +236,12 @@ class Member:
                 log.warning("sqlite: cannot keep the partitions of %s: %s", self.group, exc)
                 wait = lease / 10
             else:
-                gone = [p for p in own.owned if p not in mine]
-                own.lost(gone)
-                for p in gone:
-                    valid_until.pop(p, None)
-                for p in mine:
-                    if p not in own.owned:
-                        continue  # dropped at a lapse during the round
-                    if sent >= valid_until.get(p, 0.0):
-                        self.fence(p)  # renewed only after its window ended
-                    else:
-                        valid_until[p] = sent + safe
+                own.lost([p for p in own.owned if p not in mine])
+                for p in self.fencing.renewed(sent, mine, (p for p, _ in taken)):
+                    self.fence(p)  # renewed only after its window ended
                 for p, at in taken:
                     self._ready[p] = at
                     self._unsettled.setdefault(p, 0)
-                    valid_until[p] = sent + safe
                 own.acquired(p for p, _ in taken)
                 if leaving:
                     if not own.owned:

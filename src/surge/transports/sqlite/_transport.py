@@ -396,7 +396,7 @@ class SqliteTransport:
         fences = 0
         if member is not None:
             member.reads(parts, 1)
-            fences = member.fences
+            fences = member.fencing.count
 
         def after(result: tuple[list[Delivery], float, dict[int, int]] | None) -> None:
             if member is not None:
@@ -404,13 +404,13 @@ class SqliteTransport:
             if not result or not result[0]:
                 return
             batch, _, where = result
-            if member is not None and where and member.fences != fences:
+            if member is not None and where and member.fencing.count != fences:
                 # leased before a lapse of their partition: left to their
                 # lease, as the deliveries forgotten at the lapse are
                 batch[:] = [
                     d
                     for d in batch
-                    if (p := where.get(d.token)) is None or not member.stale(p, fences)
+                    if (p := where.get(d.token)) is None or not member.fencing.stale(p, fences)
                 ]
             self._activity += 1
             self._idle = False
@@ -461,7 +461,7 @@ class SqliteTransport:
     # --- fencing -------------------------------------------------------------
     def fenced(self, delivery: Delivery) -> bool:
         """A keyed delivery whose partition lease may have lapsed is not to
-        start (``Fences``): see ``Member.valid``. At the first lapse seen the
+        start (``Fences``): see ``Fencing.valid``. At the first lapse seen the
         partition's deliveries held here are forgotten (``_forget``)."""
         lease: Lease = delivery.token  # the runner asks of this transport's own
         part = lease.part
@@ -470,7 +470,7 @@ class SqliteTransport:
         if lease.settled:
             return True  # forgotten at a lapse
         member = lease.consumer.member
-        if member is None or member.valid(part):
+        if member is None or member.fencing.valid(part):
             return False
         member.fence(part)
         return True
