@@ -177,6 +177,46 @@ async def test_handlers_that_never_wait_take_one_worker_per_batch(
     assert [n for n in started if n.endswith("_work_shared")] == ["Runner._work_shared"] * 4
 
 
+async def test_in_flight_counts_the_handlers_running_then(clock: surge.VirtualClock) -> None:
+    """statistics().in_flight counts handlers running at that moment: itself for a handler
+    that never awaits, each suspended one, none once all is handled (a failure retried
+    on the way), with every success counted."""
+    app = surge.App("t", clock=clock)
+    seen: list[int] = []
+    gate = asyncio.Event()
+    waiting = 0
+    three = asyncio.Event()
+
+    def stats() -> surge.SubscriptionStats:
+        return app.statistics().subscriptions["t.sync"]
+
+    @app.on(Ping, executor="inline", retry=surge.Retry(attempts=2, backoff=0.001, jitter=0.0))
+    def sync(ev: Ping) -> None:
+        seen.append(stats().in_flight)
+        if ev.n == 0 and stats().failed == 0:
+            raise RuntimeError("once")
+
+    @app.on(Ping, name="held")
+    async def held(ev: Ping) -> None:
+        nonlocal waiting
+        waiting += 1
+        if waiting == 3:
+            three.set()
+        await gate.wait()
+
+    async with app:
+        for i in range(3):
+            await app.publish(Ping(n=i))
+        await three.wait()
+        assert app.statistics().subscriptions["t.held"].in_flight == 3
+        gate.set()
+        await app.drain()
+        both = app.statistics().subscriptions
+    assert seen == [1, 1, 1, 1]
+    assert (both["t.sync"].in_flight, both["t.sync"].succeeded, both["t.sync"].failed) == (0, 3, 1)
+    assert (both["t.held"].in_flight, both["t.held"].succeeded) == (0, 3)
+
+
 async def test_backpressure_bounds_the_buffer(clock: surge.VirtualClock) -> None:
     """A publisher of 1,000,000 events into a stalled handler waits at the bound."""
     transport = MemoryTransport(capacity=1_000, clock=clock)

@@ -65,6 +65,44 @@ _PROCESS_CHUNK = 64
 class Runner:
     """Consumes one subscription's group and runs its handler."""
 
+    # Slots: the worker loop reads and writes these per event; past 30
+    # attributes a plain instance loses CPython's inline attribute values
+    # and every access is a dict lookup (BENCHMARKS.md, issue 17).
+    __slots__ = (
+        "_ack_waiter",
+        "_acked",
+        "_acker",
+        "_acks",
+        "_acks_in_flight",
+        "_batch_full",
+        "_chunked",
+        "_consumer",
+        "_growing",
+        "_idle",
+        "_lanes",
+        "_queue",
+        "_starting",
+        "_stopping",
+        "_tasks",
+        "_virtual_clock",
+        "_waiting_lanes",
+        "_workers",
+        "batch",
+        "concurrency",
+        "dead_lettered",
+        "failed",
+        "group",
+        "keyed",
+        "received",
+        "retried",
+        "running",
+        "runtime",
+        "sub",
+        "timed_out_threads",
+        "timings",
+        "transport",
+    )
+
     def __init__(self, runtime: Runtime, sub: Subscription) -> None:
         self.runtime = runtime
         self.sub = sub
@@ -97,7 +135,9 @@ class Runner:
         self._stopping = False
         # counters, read by statistics()
         self.received = 0
-        self.succeeded = 0
+        # succeeded = _acked + len(_acks): every delivery in _acks succeeded,
+        # so a success costs an append, not a counter too
+        self._acked = 0
         self.failed = 0
         self.retried = 0
         self.dead_lettered = 0
@@ -160,6 +200,11 @@ class Runner:
     def idle(self) -> bool:
         """No worker runs and every handled delivery is settled."""
         return not self._workers and not self._acks
+
+    @property
+    def succeeded(self) -> int:
+        """Deliveries handled successfully (acknowledged or about to be)."""
+        return self._acked + len(self._acks)
 
     async def wait_idle(self) -> None:
         """Return once :attr:`idle`."""
@@ -356,6 +401,9 @@ class Runner:
                 self._worker_done()
             return
         loop = asyncio.get_running_loop()
+        if fast and not middleware and not every:
+            await self._work_plain(fn, inline, loop)
+            return
         try:
             while queue:
                 d = popleft()
@@ -407,13 +455,70 @@ class Runner:
                 if t0 >= 0.0:
                     timings.done(t0, d.envelope.time)
                     t0 = -1.0
-                self.succeeded += 1
                 self._acks.append(d)
                 waiter = self._ack_waiter
                 if waiter is not None:
                     self._ack_waiter = None
                     waiter.set_result(None)
         finally:
+            self._worker_done()
+
+    async def _work_plain(
+        self, fn: Callable[[Any], Any], inline: bool, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        """_work_shared's loop for the most common subscription: an async or
+        inline handler of the event alone, no timeout, no middleware, no
+        timings; the same steps without per-event checks for what it lacks.
+
+        ``running`` counts this worker once for its whole run of handlers
+        rather than once per event: between two handlers it never lets the
+        loop run, so no one can tell the difference, except while it waits
+        for ``_failed`` or ``_handle``, which it steps out of the count for."""
+        queue = self._queue
+        popleft = queue.popleft
+        counted = False
+        try:
+            if queue:
+                self.running += 1
+                counted = True
+            while queue:
+                d = popleft()
+                if queue and not self._growing:
+                    self._growing = True
+                    loop.call_soon(self._grow)
+                ev = d.envelope.event
+                if ev is None:  # encoded: _handle decodes it (and counts itself)
+                    self.running -= 1
+                    counted = False
+                    await self._handle(d)
+                    self.running += 1
+                    counted = True
+                    continue
+                try:
+                    result = fn(ev) if inline else await fn(ev)
+                    if result is not None:
+                        await self._publish_children(d, result, None)
+                except Exception as exc:
+                    self.running -= 1
+                    counted = False
+                    await self._failed(d, exc, None)
+                    self.running += 1
+                    counted = True
+                    continue
+                except asyncio.CancelledError:
+                    self.running -= 1
+                    counted = False
+                    if self._stopping:
+                        await asyncio.shield(self.transport.nack(d, 0.0))
+                    raise
+                self._acks.append(d)
+                waiter = self._ack_waiter
+                if waiter is not None:
+                    self._ack_waiter = None
+                    waiter.set_result(None)
+        finally:
+            if counted:
+                self.running -= 1
             self._worker_done()
 
     def _grow(self) -> None:
@@ -563,7 +668,6 @@ class Runner:
         self.running -= 1
         if t0 >= 0.0:
             timings.done(t0, d.envelope.time)
-        self.succeeded += 1
         self._acks.append(d)
         waiter = self._ack_waiter
         if waiter is not None:
@@ -597,7 +701,6 @@ class Runner:
         return ctxs
 
     def _succeeded(self, ds: list[Delivery]) -> None:
-        self.succeeded += len(ds)
         self._acks.extend(ds)
         waiter = self._ack_waiter
         if waiter is not None:
@@ -951,6 +1054,7 @@ class Runner:
         if self._acks:
             batch = self._acks
             self._acks = []
+            self._acked += len(batch)
             landed = self._acks_in_flight = asyncio.get_running_loop().create_future()
             try:
                 await self._ack_batch(batch, closing=closing)
