@@ -473,7 +473,7 @@ class Runner:
         ``running`` counts this worker once for its whole run of handlers
         rather than once per event: between two handlers it never lets the
         loop run, so no one can tell the difference, except while it waits
-        for ``_failed`` or ``_handle``, which it steps out of the count for."""
+        for ``_failed``, which it steps out of the count for."""
         queue = self._queue
         popleft = queue.popleft
         counted = False
@@ -487,14 +487,9 @@ class Runner:
                     self._growing = True
                     loop.call_soon(self._grow)
                 ev = d.envelope.event
-                if ev is None:  # encoded: _handle decodes it (and counts itself)
-                    self.running -= 1
-                    counted = False
-                    await self._handle(d)
-                    self.running += 1
-                    counted = True
-                    continue
                 try:
+                    if ev is None:  # off a wire: decoded here, once
+                        ev = self._event(d)
                     result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
