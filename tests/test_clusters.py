@@ -30,8 +30,8 @@ from redis.crc import key_slot
 
 import surge
 from surge.transports.nats import NatsTransport
+from surge.transports.nats._connection import Election
 from surge.transports.nats._layout import PeersOffline
-from surge.transports.nats._transport import _Election
 from surge.transports.redis import RedisTransport
 from surge.transports.redis._connection import _slot_ranges
 
@@ -194,6 +194,32 @@ async def test_nats_new_stream_waits_for_peers_to_come_back(
         await t.close()
 
 
+async def test_nats_declare_waits_out_an_election(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Creating a group's consumer times out while a cluster elects its
+    leader or settles after a node came back (CI: the quorum test's first
+    declare once its nodes were back): declare asks again instead of failing.
+    Here two timeouts are injected into a real server's answers."""
+    timeouts = 2
+    add_consumer = nats.js.JetStreamManager.add_consumer
+
+    async def time_out(self: Any, stream: str, config: Any = None, **params: Any) -> Any:
+        nonlocal timeouts
+        if timeouts:
+            timeouts -= 1
+            raise nats.errors.TimeoutError
+        return await add_consumer(self, stream, config, **params)
+
+    t = NatsTransport(shared_nats_url())
+    await t.start()
+    try:
+        monkeypatch.setattr(nats.js.JetStreamManager, "add_consumer", time_out)
+        await asyncio.wait_for(t.declare("g", ["conf.item"]), 30)
+        assert timeouts == 0
+        assert await t.groups_for("conf.item") == ["g"]
+    finally:
+        await t.close()
+
+
 async def test_nats_no_peers_for_good_is_a_clear_error() -> None:
     """Past the wait (30 s from the first refusal) the refusal is the error:
     one line naming the stream and JetStream's reason."""
@@ -208,7 +234,7 @@ async def test_nats_no_peers_for_good_is_a_clear_error() -> None:
             self.now += seconds
 
     clock = Steps()
-    electing = _Election(clock, "setting up JetStream")  # type: ignore[arg-type]
+    electing = Election(clock, "setting up JetStream")  # type: ignore[arg-type]
     refusal = PeersOffline("cannot create stream 's': no suitable peers for placement")
 
     async def ask_again() -> None:

@@ -14,13 +14,34 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 
+from ..._clock import Clock
 from ..._errors import Closed, TransportError
 
-__all__ = ("CancelGuard", "Connection", "safe_url", "ssl_context", "translate")
+__all__ = (
+    "ELECTION_BOUND",
+    "ELECTION_ERRORS",
+    "CancelGuard",
+    "Connection",
+    "Election",
+    "safe_url",
+    "ssl_context",
+    "translate",
+)
 
 log = logging.getLogger("surge.nats")
+
+ELECTION_BOUND = 30.0
+ELECTION_ERRORS: tuple[type[Exception], ...] = (
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,  # "JetStream system temporarily unavailable"
+)
+"""What JetStream's API answers while a cluster has no leader for it."""
+"""How long a JetStream API that does not answer (a cluster electing a
+leader, a node rejoining) is asked again before its error is the caller's."""
 
 
 class Connection:
@@ -251,3 +272,29 @@ def translate(exc: Exception, doing: str) -> Exception:
         return Closed(f"NATS connection closed while {doing}")
     desc = getattr(exc, "description", None) or repr(exc)
     return TransportError(f"NATS failed while {doing}: {desc}")
+
+
+class Election:
+    """Waits out JetStream's API having no leader for a moment (a cluster
+    electing one after a node died answers with timeouts or 'no responders';
+    one whose node restarted cannot place a new replicated stream yet):
+    :meth:`wait_out` pauses 0.1 s and returns, for up to ``bound`` seconds from
+    the first trouble, then raises the translated error. Says so once in the
+    log, at the first trouble."""
+
+    def __init__(self, clock: Clock, doing: str, bound: float = ELECTION_BOUND) -> None:
+        self._clock = clock
+        self._doing = doing
+        self._bound = bound
+        self._since: float | None = None
+
+    async def wait_out(self, exc: Exception) -> None:
+        now = self._clock.monotonic()
+        if self._since is None:
+            self._since = now
+            log.info("JetStream did not answer while %s (%r): asking again", self._doing, exc)
+        elif now - self._since > self._bound:
+            if isinstance(exc, nats.errors.Error):
+                raise translate(exc, self._doing) from exc
+            raise exc
+        await self._clock.sleep(0.1)

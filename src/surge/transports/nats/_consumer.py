@@ -40,7 +40,7 @@ from ..._event import Envelope
 from ..._transport import Delivery, topic_matches
 from .._partitions import Ownership
 from ._balancer import Balancer, ended
-from ._connection import CancelGuard, Connection, translate
+from ._connection import ELECTION_ERRORS, CancelGuard, Connection, Election, translate
 from ._groups import Group, Source, ack_info, ack_meta
 from ._layout import Layout, consumer_name, partition_durable
 from ._options import NatsOptions
@@ -168,22 +168,32 @@ class Consumer:
             max_ack_pending=o.max_ack_pending,
             inactive_threshold=o.ephemeral_ttl if g.ephemeral else None,
         )
-        try:
+        doing = f"declaring group {g.name!r}"
+        electing = Election(self._clock, doing)
+        while True:
             try:
-                await js.add_consumer(self._stream, config)
-            except nats.js.errors.BadRequestError:
-                # It exists with settings we may not change (its deliver
-                # policy, say): keep those, update what we can.
-                info = await js.consumer_info(self._stream, src.durable)
-                old = info.config
-                old.filter_subject = None
-                old.filter_subjects = sorted(
-                    set(old.filter_subjects or ()) | set(config.filter_subjects or ())
-                )
-                old.ack_wait = o.lease
-                await js.add_consumer(self._stream, old)
-        except nats.errors.Error as exc:
-            raise translate(exc, f"declaring group {g.name!r}") from exc
+                try:
+                    await js.add_consumer(self._stream, config)
+                except nats.js.errors.BadRequestError:
+                    # It exists with settings we may not change (its deliver
+                    # policy, say): keep those, update what we can.
+                    info = await js.consumer_info(self._stream, src.durable)
+                    old = info.config
+                    old.filter_subject = None
+                    old.filter_subjects = sorted(
+                        set(old.filter_subjects or ()) | set(config.filter_subjects or ())
+                    )
+                    old.ack_wait = o.lease
+                    await js.add_consumer(self._stream, old)
+                break
+            except ELECTION_ERRORS as exc:
+                # a cluster electing the new consumer's leader, or still
+                # settling after a node came back (CI: the quorum test's
+                # first declare once its nodes were back): ask again; adding
+                # the same consumer twice is no change
+                await electing.wait_out(exc)
+            except nats.errors.Error as exc:
+                raise translate(exc, doing) from exc
         src.recreate = False
 
     # --- pulling ---------------------------------------------------------------------

@@ -17,7 +17,14 @@ from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
 from .._partitions import DEFAULT_PARTITIONS, Ownership, partition_of
 from ._balancer import Balancer
-from ._connection import CancelGuard, Connection, ssl_context, translate
+from ._connection import (
+    ELECTION_ERRORS,
+    CancelGuard,
+    Connection,
+    Election,
+    ssl_context,
+    translate,
+)
 from ._consumer import Consumer
 from ._dead_letters import DeadLetters
 from ._groups import ack_meta
@@ -30,6 +37,9 @@ from ._state import StateBucket
 __all__ = ("NatsTransport",)
 
 log = logging.getLogger("surge.nats")
+
+# waited out while setting up: an election, or a restarted node rejoining
+_ELECTING_AT_START: tuple[type[Exception], ...] = (*ELECTION_ERRORS, PeersOffline)
 
 
 class NatsTransport:
@@ -159,7 +169,7 @@ class NatsTransport:
             return
         await self._conn.connect()
         o = self.options
-        electing = _Election(self.clock, "setting up JetStream")
+        electing = Election(self.clock, "setting up JetStream")
         try:
             while True:
                 try:
@@ -173,11 +183,7 @@ class NatsTransport:
                     await self._pub.open()
                     await self._dead.open()
                     break
-                except (
-                    nats.errors.TimeoutError,
-                    nats.errors.NoRespondersError,
-                    PeersOffline,
-                ) as exc:
+                except _ELECTING_AT_START as exc:
                     # The same wait as wait_idle's: a process started while a
                     # cluster elects a leader (CI: the drain's transport, opened
                     # right after the stream leader was killed, timed out here),
@@ -340,7 +346,7 @@ class NatsTransport:
     async def wait_idle(self) -> None:
         """Return once every group of this transport holds nothing: nothing
         undelivered, unacknowledged or scheduled (asks the server)."""
-        electing = _Election(self.clock, "reading consumer state")
+        electing = Election(self.clock, "reading consumer state")
         while True:
             self._busy = False
             try:
@@ -350,7 +356,7 @@ class NatsTransport:
                         and not self._consumer.unsettled
                         and await self._consumer.settled_on_server()
                     )
-            except (nats.errors.TimeoutError, nats.errors.NoRespondersError) as exc:
+            except ELECTION_ERRORS as exc:
                 # Not idle yet (CI: a drain right after the stream leader was
                 # killed got a TransportError here).
                 self._busy = True
@@ -421,29 +427,3 @@ class _Phases:
 
     def __str__(self) -> str:
         return ", ".join(f"{phase} {took:.3f}s" for phase, took in self._took)
-
-
-class _Election:
-    """Waits out JetStream's API having no leader for a moment (a cluster
-    electing one after a node died answers with timeouts or 'no responders';
-    one whose node restarted cannot place a new replicated stream yet):
-    :meth:`wait_out` pauses 0.1 s and returns, for up to ``bound`` seconds from
-    the first trouble, then raises the translated error. Says so once in the
-    log, at the first trouble."""
-
-    def __init__(self, clock: Clock, doing: str, bound: float = 30.0) -> None:
-        self._clock = clock
-        self._doing = doing
-        self._bound = bound
-        self._since: float | None = None
-
-    async def wait_out(self, exc: Exception) -> None:
-        now = self._clock.monotonic()
-        if self._since is None:
-            self._since = now
-            log.info("JetStream did not answer while %s (%r): asking again", self._doing, exc)
-        elif now - self._since > self._bound:
-            if isinstance(exc, nats.errors.Error):
-                raise translate(exc, self._doing) from exc
-            raise exc
-        await self._clock.sleep(0.1)
