@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -126,6 +127,62 @@ async def test_a_lapsed_partition_still_ours_keeps_its_order(url: str) -> None:
         finally:
             proxy.heal()
             await a.close()
+
+
+async def test_an_extension_in_flight_at_a_lapse_holds_back_the_retake(url: str) -> None:
+    """The heartbeat's lease extension is under way when the stall ends and
+    the partition lapses: its statement still matches the forgotten rows
+    and moves their leases on. The round that takes the partition again
+    waits for it, so it reads when those leases now end, and the key's later
+    events do not overtake them (CI: 5, 6, 7 came before 0-4's
+    redeliveries)."""
+    a = await _partitioned(url, "a")
+    try:
+        r, _ = await _owner_with_five(a)
+        own = a.ownership("g")
+        member = a._members["g"]
+        assert own is not None
+        entered, gate = asyncio.Event(), asyncio.Event()
+        extend = a._queue.extend
+
+        async def held_extend(*args: Any) -> Any:
+            entered.set()
+            await gate.wait()
+            return await extend(*args)
+
+        a._queue.extend = held_extend  # type: ignore[method-assign,assignment]
+        rounds = asyncio.Event()
+        step = member._step
+
+        async def counted_step(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return await step(*args, **kwargs)
+            finally:
+                rounds.set()
+
+        member._step = counted_step  # type: ignore[method-assign]
+        extending = asyncio.get_running_loop().create_task(a.extend())
+        await asyncio.wait_for(entered.wait(), 10)
+        dropped = own.changed()
+        time.sleep(LEASE * 2 / 3 + 0.1)  # noqa: ASYNC251  (the stall under test)
+        async with asyncio.timeout(10):
+            await dropped
+        assert own.owned == set()
+        rounds.clear()
+        async with asyncio.timeout(10):
+            await rounds.wait()  # a round after the lapse (it may not take it back)
+        gate.set()
+        await extending
+        await a.publish([_keyed(n) for n in range(5, 8)])
+        again = await r.take(8, timeout=20)
+        assert [(number(d), d.attempt) for d in again] == [
+            *((n, 2) for n in range(5)),
+            *((n, 1) for n in range(5, 8)),
+        ]
+        await a.ack(again)
+        await r.aclose()
+    finally:
+        await a.close()
 
 
 async def test_a_stalled_owner_fences_at_its_next_round(url: str) -> None:
