@@ -99,6 +99,8 @@ class VirtualClock:
         clock = self
 
         class _VirtualLoop(asyncio.SelectorEventLoop):
+            surge_clock = clock  # virtual_clock_of() finds it
+
             def time(self) -> float:
                 return clock._now
 
@@ -133,3 +135,11 @@ class VirtualClock:
 
     def call_later(self, delay: float, callback: Callable[[], object]) -> asyncio.TimerHandle:
         return asyncio.get_running_loop().call_later(delay, callback)
+
+
+def virtual_clock_of(loop: asyncio.AbstractEventLoop) -> VirtualClock | None:
+    """The VirtualClock whose loop ``loop`` is (None: a real loop), whatever
+    clock object the code running on it was given: work handed to a thread
+    must hold it, or virtual time races ahead of the thread."""
+    clock = getattr(loop, "surge_clock", None)
+    return clock if isinstance(clock, VirtualClock) else None
