@@ -28,7 +28,7 @@ from collections.abc import Callable, Coroutine, Hashable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
-from ._clock import VirtualClock
+from ._clock import VirtualClock, virtual_clock_of
 from ._config import Retry
 from ._context import Context
 from ._errors import (
@@ -149,7 +149,10 @@ class Runner:
         self.timings: HandlerTimer | None = timings(self.group) if timings is not None else None
         # A virtual clock stands still while a thread works for the loop.
         clock = runtime.clock
-        self._virtual_clock = clock if isinstance(clock, VirtualClock) else None
+        # (the loop's own, when the app was given no clock: see
+        # virtual_clock_of; runners are made as the app starts, on its loop)
+        loop = asyncio.get_running_loop()
+        self._virtual_clock = clock if isinstance(clock, VirtualClock) else virtual_clock_of(loop)
 
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
