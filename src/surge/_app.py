@@ -54,7 +54,7 @@ from ._event import ids as _ids
 from ._lag import LoopLag
 from ._middleware import Middleware
 from ._routing import Routing
-from ._runtime import LocalState, Part, Runtime, Timings
+from ._runtime import LocalState, Observer, Part, Runtime, Timings
 from ._shutdown import Shutdown, StopReport
 from ._signing import Signer
 from ._stats import AppStats, SubscriptionStats
@@ -195,6 +195,7 @@ class App:
         self._processes = processes or os.cpu_count() or 1
         self._middleware: tuple[Middleware, ...] = tuple(middleware)
         self._timings: Timings | None = None
+        self._observer: Observer | None = None
         # how late the loop runs: a handler that blocks it is reported
         self._lag = LoopLag(self.clock, name)
         self._parts: list[Part] = [self._lag]
@@ -219,7 +220,9 @@ class App:
         self._wall = self.clock.time
         # Set only while running, on a transport that is not durable and
         # has put_one (DirectPut): then publish is one synchronous put.
-        # _put_one is the unhooked hot path, so only set without middleware.
+        # _put_one is the unhooked hot path, so only set without middleware
+        # (with an observer it is put_one telling the observer, see
+        # _observed_put: the same path, watched).
         self._direct_put: Callable[[Envelope], bool] | None = None
         self._put_one: Callable[[Envelope], bool] | None = None
         # Event type -> its topic, for the types whose plain publish is that
@@ -300,6 +303,22 @@ class App:
         if self._state in ("running", "stopping"):
             raise ConfigurationError("choose the timings before the app starts")
         self._timings = timings
+
+    @property
+    def observer(self) -> Observer | None:
+        """The observer (``surge.testing.Harness``), if any."""
+        return self._observer
+
+    def use_observer(self, observer: Observer | None) -> None:
+        """Tell ``observer`` of every publish the transport accepted and of
+        every handling and its outcome; only before the app starts.
+
+        Unlike a middleware, an observer leaves the app on its plainest
+        paths (the synchronous put, the runner's plain loop), so a test
+        harness watching through one runs the code production runs."""
+        if self._state in ("running", "stopping"):
+            raise ConfigurationError("choose the observer before the app starts")
+        self._observer = observer
 
     def attach(self, part: Part) -> None:
         """Run ``part`` inside the app: started with the app's runtime before
@@ -641,7 +660,7 @@ class App:
             env_id = _ids.pop() if _ids else refill_ids()
             env = Envelope(env_id, topic, key, self._wall(), headers, event)
             if not self._put_one(env):  # type: ignore[misc]  # set while _put_types is filled
-                await self._publish((env,))
+                await self._publish_put((env,))
             return env_id
         if mandatory is None:
             mandatory = self.mandatory
@@ -662,7 +681,7 @@ class App:
                 env_id = _ids.pop() if _ids else refill_ids()
                 env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
                 if not put_one(env):
-                    await self._publish((env,))
+                    await self._publish_put((env,))
                 return env_id
         if self._state is not _RUNNING:
             raise Closed(f"app {self.name!r} is {self._state}; publish inside 'async with app'")
@@ -677,6 +696,8 @@ class App:
         direct_put = self._direct_put
         if direct_put is None or not direct_put(env):
             await self._publish((env,))
+        if self._observer is not None:
+            self._observer.published((env,))
         for mw in reversed(middleware):
             mw.after_publish(env)
         return env.id
@@ -716,6 +737,8 @@ class App:
             ):
                 await self._check_routes(chunk, self.mandatory)
             await self._publish(chunk)
+            if self._observer is not None:
+                self._observer.published(chunk)
             for env in chunk:
                 for mw in reversed(middleware):
                     mw.after_publish(env)
@@ -769,6 +792,8 @@ class App:
         if self._signer is not None:
             self._signer.sign((env,))
         await outbox.publish_in(connection, (env,))
+        if self._observer is not None:
+            self._observer.published((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
         return env.id
@@ -823,6 +848,8 @@ class App:
             self.transport.publish_nowait((env,))
         if env.topic not in self._routing.routed:
             self._routing.note_soon((env,))
+        if self._observer is not None:
+            self._observer.published((env,))
         for mw in reversed(self._middleware):
             mw.after_publish(env)
         return env.id
@@ -885,6 +912,12 @@ class App:
                     topic=env.topic,
                 ) from exc
 
+    async def _publish_put(self, envs: Sequence[Envelope]) -> None:
+        """What a synchronous put could not take (the transport is full)."""
+        await self._publish(envs)
+        if self._observer is not None:
+            self._observer.published(envs)
+
     async def _publish_keyed(self, envs: Sequence[Envelope]) -> None:
         self._fill_keys(envs)
         await self.transport.publish(envs)
@@ -931,6 +964,8 @@ class App:
                         Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event)
                     )
         await self._publish(envs + extra if extra else envs)
+        if self._observer is not None:
+            self._observer.published(envs)
         for env in envs:
             for mw in reversed(self._middleware):
                 mw.after_publish(env)
@@ -1119,6 +1154,8 @@ class App:
             self._direct_put = caps.direct_put.put_one
             if not self._middleware:
                 self._put_one = self._direct_put
+                if self._observer is not None:
+                    self._put_one = _observed_put(self._direct_put, self._observer)
         self._put_types.clear()
         self._wall = self.clock.time
         runtime = Runtime(
@@ -1137,6 +1174,7 @@ class App:
             publish=self._publish_envelopes,
             thread_pool=self._thread_pool,
             process_pool=self._process_pool,
+            observer=self._observer,
         )
         self._consuming = consume
         if consume:
@@ -1403,6 +1441,20 @@ def _check_event(event: object) -> None:
     if not isinstance(event, Event):
         raise TypeError(f"publish takes an Event, not {type(event).__name__}")
     _EVENT_TYPES.add(type(event))
+
+
+def _observed_put(
+    put: Callable[[Envelope], bool], observer: Observer
+) -> Callable[[Envelope], bool]:
+    """``put``, telling ``observer`` of each envelope it took."""
+
+    def put_one(env: Envelope) -> bool:
+        if put(env):
+            observer.published((env,))
+            return True
+        return False
+
+    return put_one
 
 
 async def _not_running(envelopes: Sequence[Envelope]) -> None:

@@ -384,6 +384,7 @@ class Runner:
         inline = sub.kind == INLINE
         fn = sub.handler
         middleware = self.runtime.middleware
+        observer = self.runtime.observer
         app = self.runtime.app
         group = self.group
         ctx: Context | None = None
@@ -432,6 +433,8 @@ class Runner:
                         ctx = Context(app, d, group)
                         for mw in middleware:
                             mw.before_handle(ctx)
+                        if observer is not None:
+                            observer.handling(group, d)
                         result = fn(ev) if inline else await fn(ev)
                         for mw in reversed(middleware):
                             mw.after_handle(ctx, result)
@@ -439,6 +442,8 @@ class Runner:
                             await self._publish_children(d, result, ctx.outbox)
                             result = None
                     else:
+                        if observer is not None:
+                            observer.handling(group, d)
                         result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
@@ -458,6 +463,8 @@ class Runner:
                 if t0 >= 0.0:
                     timings.done(t0, d.envelope.time)
                     t0 = -1.0
+                if observer is not None:
+                    observer.handled(group, d)
                 self._acks.append(d)
                 waiter = self._ack_waiter
                 if waiter is not None:
@@ -471,7 +478,9 @@ class Runner:
     ) -> None:
         """_work_shared's loop for the most common subscription: an async or
         inline handler of the event alone, no timeout, no middleware, no
-        timings; the same steps without per-event checks for what it lacks.
+        timings; the same steps without per-event checks for what it lacks
+        but an observer (``surge.testing.Harness``), which watches this loop
+        rather than switching it off.
 
         ``running`` counts this worker once for its whole run of handlers
         rather than once per event: between two handlers it never lets the
@@ -479,6 +488,8 @@ class Runner:
         for ``_failed``, which it steps out of the count for."""
         queue = self._queue
         popleft = queue.popleft
+        observer = self.runtime.observer
+        group = self.group
         counted = False
         try:
             if queue:
@@ -493,6 +504,8 @@ class Runner:
                 try:
                     if ev is None:  # off a wire: decoded here, once
                         ev = self._event(d)
+                    if observer is not None:
+                        observer.handling(group, d)
                     result = fn(ev) if inline else await fn(ev)
                     if result is not None:
                         await self._publish_children(d, result, None)
@@ -509,6 +522,8 @@ class Runner:
                     if self._stopping:
                         await asyncio.shield(self.transport.nack(d, 0.0))
                     raise
+                if observer is not None:
+                    observer.handled(group, d)
                 self._acks.append(d)
                 waiter = self._ack_waiter
                 if waiter is not None:
@@ -624,6 +639,9 @@ class Runner:
                 ctx = Context(self.runtime.app, d, self.group)
                 for mw in middleware:
                     mw.before_handle(ctx)
+            observer = self.runtime.observer
+            if observer is not None:
+                observer.handling(self.group, d)
             kind = sub.kind
             fn = sub.handler
             if kind == ASYNC:
@@ -666,6 +684,9 @@ class Runner:
         self.running -= 1
         if t0 >= 0.0:
             timings.done(t0, d.envelope.time)
+        observer = self.runtime.observer
+        if observer is not None:
+            observer.handled(self.group, d)
         self._acks.append(d)
         waiter = self._ack_waiter
         if waiter is not None:
@@ -688,17 +709,27 @@ class Runner:
         return ok, events, bad
 
     def _contexts(self, ds: list[Delivery]) -> list[Context] | None:
+        """The middleware's contexts of ``ds`` (None without middleware),
+        their ``before_handle`` hooks run, then the observer told."""
         middleware = self.runtime.middleware
-        if not middleware:
-            return None
-        app = self.runtime.app
-        ctxs = [Context(app, d, self.group) for d in ds]
-        for ctx in ctxs:
-            for mw in middleware:
-                mw.before_handle(ctx)
+        ctxs: list[Context] | None = None
+        if middleware:
+            app = self.runtime.app
+            ctxs = [Context(app, d, self.group) for d in ds]
+            for ctx in ctxs:
+                for mw in middleware:
+                    mw.before_handle(ctx)
+        observer = self.runtime.observer
+        if observer is not None:
+            for d in ds:
+                observer.handling(self.group, d)
         return ctxs
 
     def _succeeded(self, ds: list[Delivery]) -> None:
+        observer = self.runtime.observer
+        if observer is not None:
+            for d in ds:
+                observer.handled(self.group, d)
         self._acks.extend(ds)
         waiter = self._ack_waiter
         if waiter is not None:

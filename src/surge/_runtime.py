@@ -9,7 +9,7 @@ app's own attributes; the app stays free to change how it keeps them.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from random import Random
@@ -19,12 +19,12 @@ from ._clock import Clock
 from ._codec import Codec
 from ._event import Envelope, Event
 from ._middleware import Middleware
-from ._transport import Fences, HandsBack, StateStore, Transport
+from ._transport import Delivery, Fences, HandsBack, StateStore, Transport
 
 if TYPE_CHECKING:
     from ._app import App, Subscription
 
-__all__ = ("HandlerTimer", "LocalState", "Part", "Runtime", "Timings")
+__all__ = ("HandlerTimer", "LocalState", "Observer", "Part", "Runtime", "Timings")
 
 
 class HandlerTimer(Protocol):
@@ -47,6 +47,32 @@ class HandlerTimer(Protocol):
 
 Timings = Callable[[str], HandlerTimer]
 """Gives the :class:`HandlerTimer` of a subscription, by name."""
+
+
+class Observer(Protocol):
+    """Watches an app run without changing the path its events take
+    (``surge.testing.Harness``; ``App.use_observer``).
+
+    A middleware would do as much, but any middleware switches off the
+    runner's plainest loop and the app's synchronous put, so a test through
+    one would not run the code production runs. The runtime calls an
+    observer from those paths too; unset, it costs an ``is None`` test
+    before and after each handler. Calls come on the event loop,
+    synchronously: keep them cheap.
+    """
+
+    def published(self, envelopes: Sequence[Envelope]) -> None:
+        """The transport accepted ``envelopes`` (the app's publishes, its
+        handlers' outputs and trigger firings)."""
+
+    def handling(self, subscription: str, delivery: Delivery) -> None:
+        """The handler is about to run for ``delivery`` (after the
+        middleware's ``before_handle``); raising here fails the attempt as
+        the handler raising would."""
+
+    def handled(self, subscription: str, delivery: Delivery) -> None:
+        """The handler succeeded on ``delivery`` and its outputs were
+        published; the acknowledgement follows."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -78,6 +104,8 @@ class Runtime:
     firings): middleware hooks, reply routing, partition keys."""
     thread_pool: Callable[[], Executor]
     process_pool: Callable[[], Executor]
+    observer: Observer | None = None
+    """Told of each handling and its outcome (``App.use_observer``)."""
 
 
 class Part(Protocol):

@@ -9,9 +9,7 @@ from typing import Any, TypeVar
 import msgspec
 
 from .._app import App
-from .._context import Context
 from .._event import Envelope, Event
-from .._middleware import Middleware
 from .._transport import DeadLetter, Delivery, Transport
 from ..transports import MemoryTransport
 
@@ -77,23 +75,28 @@ class FaultyTransport(MemoryTransport):
                 yield out
 
 
-class _Recorder(Middleware):
+class _Recorder:
+    """The harness's observer (``App.use_observer``): records and injects
+    handler faults without a middleware, so the app keeps its plain paths."""
+
     def __init__(self, harness: Harness) -> None:
         self.h = harness
 
-    def after_publish(self, envelope: Envelope) -> None:
-        self.h.published.append(envelope)
+    def published(self, envelopes: Sequence[Envelope]) -> None:
+        self.h.published.extend(envelopes)
 
-    def before_handle(self, ctx: Context) -> None:
+    def handling(self, subscription: str, delivery: Delivery) -> None:
         h = self.h
         h._deliveries += 1
         f = h.faults
         if h._deliveries in f.fail or (f.fail_rate and h._rng.random() < f.fail_rate):
             h.injected += 1
-            raise InjectedFault(f"injected fault on delivery #{h._deliveries} ({ctx.id})")
+            raise InjectedFault(
+                f"injected fault on delivery #{h._deliveries} ({delivery.envelope.id})"
+            )
 
-    def after_handle(self, ctx: Context, result: Any) -> None:
-        self.h.handled.append((ctx.subscription, ctx.envelope))
+    def handled(self, subscription: str, delivery: Delivery) -> None:
+        self.h.handled.append((subscription, delivery.envelope))
 
 
 class Harness:
@@ -107,8 +110,9 @@ class Harness:
             await h.drain()
             assert h.events(OrderPaid) == [OrderPaid(order_id="1")]
 
-    The harness watches through a middleware (``app.add_middleware``), so
-    the app runs the same dispatch paths as without it. Handler faults
+    The harness watches as the app's observer (``app.use_observer``), not
+    through a middleware, so the app runs the dispatch paths it runs without
+    the harness: the synchronous put, the runner's plain loop. Handler faults
     (``fail``, ``fail_rate``) work on any transport; the transport faults
     (``duplicate_rate``, ``delay_rate``) need the app on ``memory://``: the
     harness puts a :class:`FaultyTransport` in its place. :meth:`drain`
@@ -136,7 +140,9 @@ class Harness:
                 clock=app.clock,
             )
             app.use_transport(self.transport)
-        app.add_middleware(_Recorder(self))
+        if app.observer is not None:
+            raise ValueError("the app already has an observer (another harness?)")
+        app.use_observer(_Recorder(self))
 
     async def __aenter__(self) -> Harness:
         await self.app.start()
