@@ -142,14 +142,17 @@ async def test_app_wide_api_keys_from_env_and_a_route_of_its_own(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """set_auth(api_keys(env=)) guards every route without its own auth=; a route's own
-    async hook may refuse with 403; the refused requests publish nothing."""
+    async hook answers 403 to a known principal it does not permit (bob) and 202 to one it
+    does (alice); the refused requests publish nothing."""
     monkeypatch.setenv("SHOP_KEYS", "alice:alice-key-0123456789,bob:bob-key-0123456789ab")
     app, seen = make_app()
     app.http.set_auth(api_keys(env="SHOP_KEYS"))
     app.http.post("/orders", publish=Order)
 
+    known = api_keys(env="SHOP_KEYS")
+
     async def admins_only(headers: Mapping[str, str]) -> str:
-        who = api_keys({"alice-key-0123456789": "alice"}, header="x-api-key")(headers)
+        who = known(headers)
         assert isinstance(who, str)
         if who != "alice":
             raise surge.Forbidden(f"{who} may not reserve")
@@ -164,11 +167,27 @@ async def test_app_wide_api_keys_from_env_and_a_route_of_its_own(
         )
         assert r.status == 401
         assert r.headers["www-authenticate"].startswith("Bearer")
+        r = await fetch(
+            url + "/reserve",
+            "PUT",
+            json={"item": "x"},
+            headers={"x-api-key": "bob-key-0123456789ab"},
+        )
+        assert (r.status, r.json()) == (403, {"error": "bob may not reserve"})
         await app.drain()
         assert seen == []
         assert await post(url + "/orders", **{"x-api-key": "bob-key-0123456789ab"}) == 202
         await app.drain()
-        assert seen[0] == ("book", "bob")
+        assert seen == [("book", "bob"), ("confirmed book", "bob")]
+        r = await fetch(
+            url + "/reserve",
+            "PUT",
+            json={"item": "seat"},
+            headers={"x-api-key": "alice-key-0123456789"},
+        )
+        assert r.status == 202
+        await app.drain()
+        assert seen[2:] == [("seat", "alice"), ("confirmed seat", "alice")]
     with pytest.raises(surge.ConfigurationError):
         api_keys({"short": "x"})
 
@@ -188,3 +207,24 @@ async def test_reply_route_carries_the_principal() -> None:
         assert (r.status, r.json()) == (401, {"error": "who are you?"})
         r = await fetch(url + "/confirm", "POST", json={"item": "pen"}, headers={"x-user": "carol"})
         assert (r.status, r.json()) == (200, {"item": "pen", "by": "carol"})
+
+
+async def test_jwt_key_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """jwt_bearer(key_env=) reads the secret from the variable, once, at construction:
+    tokens signed with it pass, others are refused; an unset variable is refused at once."""
+    monkeypatch.setenv("SHOP_JWT_SECRET", SECRET)
+    auth = jwt_bearer(key_env="SHOP_JWT_SECRET", clock=FixedClock())
+    monkeypatch.setenv("SHOP_JWT_SECRET", "another-32-byte-secret-of-mallory")
+    app, seen = make_app()
+    app.http.post("/orders", publish=Order, auth=auth)
+    claims = {"sub": "dave", "exp": NOW + 60}
+    async with serving(app) as url:
+        url += "/orders"
+        mallory = hs256(claims, secret="another-32-byte-secret-of-mallory")
+        assert await post(url, authorization=f"Bearer {mallory}") == 401
+        assert await post(url, authorization=f"Bearer {hs256(claims)}") == 202
+        await app.drain()
+    assert seen == [("book", "dave"), ("confirmed book", "dave")]
+    monkeypatch.delenv("SHOP_JWT_SECRET")
+    with pytest.raises(surge.ConfigurationError, match="SHOP_JWT_SECRET"):
+        jwt_bearer(key_env="SHOP_JWT_SECRET")
