@@ -51,8 +51,9 @@ def _quiet(caplog: pytest.LogCaptureFixture) -> None:
 
 async def test_forged_envelopes_written_into_redis_are_dead_lettered_not_handled() -> None:
     """Envelopes XADDed straight into the group's stream (unsigned, signed with a key the
-    app does not hold, or a signed one with its body altered) are dead-lettered at once
-    with the reason; a signed one is handled."""
+    app does not hold, or a validly signed one with its body, topic, key or a header
+    (surge-principal) altered, a header added or dropped) are dead-lettered at once with
+    the reason; the genuine signed one, written the same way, is handled."""
     url = shared_redis_url()
     prefix = url.rpartition("prefix=")[2]
     app, seen = make_app(url, {"k1": OLD})
@@ -63,8 +64,14 @@ async def test_forged_envelopes_written_into_redis_are_dead_lettered_not_handled
 
         codec = app.codec
 
-        def wire(headers: dict[str, str] | None, body: bytes) -> bytes:
-            env = Envelope(new_id(), "bank.transfer", None, 0.0, headers, None, body)
+        def wire(
+            headers: dict[str, str] | None,
+            body: bytes,
+            *,
+            topic: str = "bank.transfer",
+            key: str | None = None,
+        ) -> bytes:
+            env = Envelope(new_id(), topic, key, 0.0, headers, None, body)
             return codec.encode_envelope(env)
 
         evil = codec.encode_event(Transfer(to="mallory", amount=10**6))
@@ -72,31 +79,49 @@ async def test_forged_envelopes_written_into_redis_are_dead_lettered_not_handled
         Signer({"k1": MALLORY}, "k1", codec).sign([signed])
         assert signed.headers is not None
         mallory_signed = signed.headers
-        good = Envelope(new_id(), "bank.transfer", None, 0.0, None, Transfer(to="bob", amount=1))
+        good = Envelope(
+            new_id(),
+            "bank.transfer",
+            "acct-1",
+            0.0,
+            {"surge-principal": "alice"},
+            Transfer(to="bob", amount=1),
+        )
         Signer({"k1": OLD}, "k1", codec).sign([good])
         assert good.headers is not None
+        body = codec.encode_event(Transfer(to="bob", amount=1))
+        # the genuine envelope, as its publisher wrote it, is accepted
+        genuine = wire(good.headers, body, key="acct-1")
         entries = {
             "unsigned": wire(None, evil),
             "unknown key": wire({SIGNATURE_HEADER: "k9:AAAA"}, evil),
             "wrong secret": wire(mallory_signed, evil),
-            "altered body": wire(good.headers, evil),
+            "altered body": wire(good.headers, evil, key="acct-1"),
+            "altered topic": wire(good.headers, body, topic="bank.refund", key="acct-1"),
+            "altered key": wire(good.headers, body, key="acct-2"),
+            "no key": wire(good.headers, body),
+            "altered header": wire({**good.headers, "surge-principal": "root"}, body, key="acct-1"),
+            "added header": wire({**good.headers, "x-approved": "yes"}, body, key="acct-1"),
+            "dropped header": wire(
+                {SIGNATURE_HEADER: good.headers[SIGNATURE_HEADER]}, body, key="acct-1"
+            ),
         }
         client = Redis.from_url(url.partition("?")[0])
         try:
-            for payload in entries.values():
+            for payload in (*entries.values(), genuine):
                 await client.xadd(f"{prefix}:s:bank.pay", {"e": payload})
         finally:
             await client.aclose()
         await app.drain()
         letters = await app.dead_letters("bank.pay")
-    assert [t.to for t in seen] == ["alice"]
-    assert len(letters) == 4
+    assert [t.to for t in seen] == ["alice", "bob"]
+    assert len(letters) == len(entries)
     assert {d.error_type for d in letters} == {"InvalidSignature"}
     assert all(d.attempts == 1 for d in letters)
     reasons = sorted(d.error for d in letters)
     assert sum("unsigned envelope" in r for r in reasons) == 1
     assert sum("unknown key 'k9'" in r for r in reasons) == 1
-    assert sum("does not match" in r for r in reasons) == 2
+    assert sum("does not match" in r for r in reasons) == len(entries) - 2
 
 
 async def test_keys_rotate_without_downtime(tmp_path: Path) -> None:
