@@ -42,6 +42,23 @@ def test_every_security_claim_names_a_test_that_exists() -> None:
             assert re.search(rf"^(async )?def {name}\(", source, re.M), f"{path}::{name}"
 
 
+def test_no_page_says_the_public_listener_serves_the_operator_surface() -> None:
+    """Every paragraph of README.md and docs/ that puts `--http` beside `/_surge/` says
+    where the operator surface is served (`--admin` or `SURGE_ADMIN_TOKEN`): the public
+    listener of `surge run --http` alone serves none of it."""
+    pages = [DOCS.parent / "README.md", *sorted(DOCS.glob("*.md"))]
+    stale = [
+        f"{page.name}: {para[:80]!r}"
+        for page in pages
+        for para in re.split(r"\n\s*\n", page.read_text())
+        if "--http" in para
+        and "/_surge" in para
+        and "--admin" not in para
+        and "SURGE_ADMIN_TOKEN" not in para
+    ]
+    assert stale == []
+
+
 def test_ruff_security_rules_are_on_and_every_ignore_gives_its_reason() -> None:
     """pyproject selects ruff's S rules (CI's `ruff check .` runs them), and each S ignore,
     in pyproject or on a line of src/, carries a reason (on its line or the one above);
