@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -15,6 +16,8 @@ import surge
 from surge.cli import main
 from surge.http import Server
 from surge.observe import mount
+
+from ._surge_run import get, surge_run
 
 pytestmark = pytest.mark.realtime
 
@@ -196,3 +199,27 @@ async def test_the_dashboard_path_without_its_slash_redirects_where_it_is_served
         assert status == 200
         status, _ = await raw(public, "GET", "/_surge")
         assert status == 404
+
+
+def test_surge_run_serves_the_operator_surface_on_the_admin_listener_only(
+    tmp_path: Path,
+) -> None:
+    """`surge run module:app --http A --admin B` (one process): /metrics and /_surge/*
+    answer 404 on A and 200 on B; the public routes answer on A."""
+    pytest.importorskip("uvicorn")
+    with surge_run(
+        "surge.examples.shop:app",
+        "--http",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        log=tmp_path / "stderr.log",
+        admin=True,
+    ) as at:
+        assert at.admin is not None
+        assert at.admin != at.public
+        assert get(f"{at.public}/healthz")[0] == 200
+        for path in ("/metrics", "/_surge/", "/_surge/stats", "/_surge/dlq"):
+            assert get(at.public + path)[0] == 404, path
+            assert get(at.admin + path)[0] == 200, path
+        assert b"surge_" in get(f"{at.admin}/metrics")[1]
