@@ -17,6 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 import surge
+from surge._graph import downstream
 from surge.asyncapi import document, mount, returned_types
 from surge.cli import main
 from surge.examples import shop
@@ -41,8 +42,15 @@ class Refund(surge.Event):
     cents: int
 
 
+class Receipt(surge.Event):
+    """A receipt was sent."""
+
+    order_id: str
+
+
 def other_app() -> surge.App:
-    """Pattern topics, sequences returned, a reply route, a broker URL with a password."""
+    """Pattern topics, sequences returned, outputs declared with publishes=, a reply
+    route, a broker URL with a password."""
     app = surge.App("billing", transport="redis://user:s3cret@broker.example:6380/2")
 
     @app.on(shop.OrderShipped)
@@ -52,6 +60,11 @@ def other_app() -> surge.App:
     @app.on("refunds.*", Paid)
     async def audit(ev: surge.Event) -> Sequence[Refund]:
         return []
+
+    @app.on(Paid, publishes=(Receipt, Refund, Receipt))
+    async def notify(ev: Paid, ctx: surge.Context) -> Refund | None:
+        ctx.publish(Receipt(order_id=ev.order_id))
+        return None
 
     app.http.post("/pay", publish=shop.OrderShipped, reply=Paid)
     app.http.cloudevents("/events", Paid, {"com.example.refund.v1": Refund})
@@ -108,6 +121,45 @@ def test_patterns_replies_and_servers() -> None:
         {"$ref": "#/channels/http_POST__events/messages/Refund"},
     ]
     assert "com.example.refund.v1 -> Refund" in doc["channels"]["http_POST__events"]["description"]
+
+
+def test_declared_outputs_are_send_operations_beside_returned_ones() -> None:
+    """app.on(publishes=...) names what a handler publishes through ctx.publish: each
+    type gets a send operation and a channel with its message, merged with the returned
+    types (each once); the event graph follows them too."""
+    app = other_app()
+    sub = app.subscriptions["billing.notify"]
+    assert sub.publishes == (Receipt, Refund)
+    doc = document(app)
+    sends = sorted(
+        (k, v["channel"]["$ref"], v["messages"][0]["$ref"])
+        for k, v in doc["operations"].items()
+        if k.startswith("billing.notify.") and v["action"] == "send"
+    )
+    assert doc["operations"]["billing.notify"]["action"] == "receive"
+    assert sends == [
+        (
+            "billing.notify.publish.Receipt",
+            "#/channels/Receipt",
+            "#/channels/Receipt/messages/Receipt",
+        ),
+        (
+            "billing.notify.publish.Refund",
+            "#/channels/Refund",
+            "#/channels/Refund/messages/Refund",
+        ),
+    ]
+    assert doc["components"]["messages"]["Receipt"]["summary"] == "A receipt was sent."
+
+    @app.on(Receipt)
+    async def archive(ev: Receipt) -> None: ...
+
+    reached = [s.name for s in downstream(app.subscriptions.values(), "Paid")]
+    assert "billing.archive" in reached
+    with pytest.raises(surge.ConfigurationError, match="tuple of Event subclasses"):
+        app.on(Paid, name="bad", publishes=Receipt)  # type: ignore[arg-type]
+    with pytest.raises(surge.ConfigurationError, match="tuple of Event subclasses"):
+        app.on(Paid, name="worse", publishes=("Receipt",))  # type: ignore[arg-type]
 
 
 def test_returned_types_reads_unions_optionals_and_sequences() -> None:

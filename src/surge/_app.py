@@ -96,6 +96,9 @@ class Subscription(msgspec.Struct, frozen=True, kw_only=True):
     """Events per call of a batch handler (it takes a list); 0: one event."""
     linger: float = 0.0
     """How long a batch handler's partial batch waits for more events."""
+    publishes: tuple[type[Event], ...] = ()
+    """Event types the handler declares it publishes through ``ctx.publish``
+    (``app.on(publishes=...)``), beside those its return annotation names."""
 
 
 class HandlerOptions(msgspec.Struct, frozen=True, kw_only=True):
@@ -343,6 +346,7 @@ class App:
         prefetch: int | None = None,
         batch: int | None = None,
         linger: float | None = None,
+        publishes: tuple[type[Event], ...] = (),
     ) -> Callable[[F], F]:
         """Subscribe the decorated function to ``topics`` (event types or
         topic names and patterns such as ``"orders.*"``).
@@ -364,6 +368,12 @@ class App:
         :class:`BatchFailed` to fail some of its events and not the others
         (docs/guarantees.md, "Batch handlers"). ``concurrency`` then counts
         batches.
+
+        ``publishes`` declares the event types the handler publishes through
+        ``ctx.publish`` (a tuple of event types): the AsyncAPI document gives
+        them send operations and the event graph (the HTTP ingress's
+        admission) follows them, as it does the types of the return
+        annotation. It declares; it does not restrict what is published.
         """
         if not topics:
             raise ConfigurationError("app.on() needs at least one event type or topic")
@@ -396,6 +406,13 @@ class App:
             raise ConfigurationError(
                 f"prefetch={prefetch} is below batch={size}: a batch could never fill"
             )
+        if not isinstance(publishes, tuple) or not all(
+            isinstance(tp, type) and issubclass(tp, Event) for tp in publishes
+        ):
+            raise ConfigurationError(
+                f"app.on(publishes={publishes!r}): give a tuple of Event subclasses"
+            )
+        declared_outputs = tuple(dict.fromkeys(publishes))
 
         def decorate(fn: F) -> F:
             kind = _kind_of(fn, executor)
@@ -441,6 +458,7 @@ class App:
                 timeout=timeout,
                 batch=size,
                 linger=linger or 0.0,
+                publishes=declared_outputs,
             )
             return fn
 

@@ -1,10 +1,11 @@
 """The event graph an app declares: which subscriptions an event reaches.
 
-A subscription's handler names the events it publishes in its return
+A subscription names the events it publishes in its handler's return
 annotation (an event type, a union of them, a sequence of them, or
-``None``); following those from a topic gives the pipeline behind it. Events
-a handler publishes with ``ctx.publish`` alone are not declared, so the
-graph stops there.
+``None``) and in ``app.on(publishes=...)`` (what the handler publishes
+through ``ctx.publish``); following those from a topic gives the pipeline
+behind it. Events a handler publishes with ``ctx.publish`` and does not
+declare are unknown here, so the graph stops there.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ._transport import topic_matches
 if TYPE_CHECKING:
     from ._app import Subscription
 
-__all__ = ("downstream", "returned_types")
+__all__ = ("downstream", "published_types", "returned_types")
 
 
 def returned_types(handler: Any) -> list[type[Event]]:
@@ -50,6 +51,14 @@ def returned_types(handler: Any) -> list[type[Event]]:
     return found
 
 
+def published_types(sub: Subscription) -> list[type[Event]]:
+    """The event types ``sub`` publishes, as far as it says: those its
+    handler's return annotation names, then those of ``publishes=``."""
+    found = returned_types(sub.handler)
+    found += [tp for tp in sub.publishes if tp not in found]
+    return found
+
+
 def downstream(subscriptions: Iterable[Subscription], *topics: str) -> list[Subscription]:
     """The subscriptions events of ``topics`` reach: those consuming them,
     then those consuming what their handlers return, and so on (each once,
@@ -69,5 +78,5 @@ def downstream(subscriptions: Iterable[Subscription], *topics: str) -> list[Subs
                 continue
             names.add(sub.name)
             reached.append(sub)
-            todo.extend(tp.__topic__ for tp in returned_types(sub.handler))
+            todo.extend(tp.__topic__ for tp in published_types(sub))
     return reached

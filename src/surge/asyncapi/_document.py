@@ -3,9 +3,10 @@
 - a **channel** per topic (its address is the topic), with the message of the
   event type that topic decodes into;
 - a **receive** operation per subscription and topic it consumes;
-- a **send** operation per subscription and event type its handler returns
-  (read from the handler's return annotation: an event type, a union of them,
-  a sequence of them, or ``None``);
+- a **send** operation per subscription and event type it publishes: those
+  its handler's return annotation names (an event type, a union of them, a
+  sequence of them, or ``None``) and those declared with
+  ``app.on(publishes=...)`` (published through ``ctx.publish``);
 - an HTTP channel and a receive operation per ingress route (with the reply,
   when the route waits for one), on a server of protocol ``http``; a
   CloudEvents route's channel carries a message per event class it takes;
@@ -24,7 +25,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from .._event import Event
-from .._graph import returned_types
+from .._graph import published_types
 
 if TYPE_CHECKING:
     from .._app import App
@@ -64,7 +65,7 @@ def document(app: App, *, title: str | None = None, version: str = "1.0.0") -> d
             topics.setdefault(topic, sub.types.get(topic))
             op = sub.name if len(sub.topics) == 1 else f"{sub.name}.{topic}"
             receive.append((op, topic))
-        for tp in returned_types(sub.handler):
+        for tp in published_types(sub):
             topics.setdefault(tp.__topic__, tp)
             if topics[tp.__topic__] is None:
                 topics[tp.__topic__] = tp
