@@ -24,6 +24,8 @@ from surge.examples import shop
 from surge.http import Server
 from surge.tools import fetch
 
+from ._surge_run import get, surge_run
+
 ROOT = Path(__file__).resolve().parent.parent
 PARSER_VERSION = "3.6.6"
 PARSER_DIR = Path(os.environ.get("SURGE_ASYNCAPI_PARSER", ROOT / ".cache" / "asyncapi-parser"))
@@ -289,3 +291,15 @@ def test_python_m_surge_asyncapi_runs() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["asyncapi"] == "3.0.0"
+
+
+def test_surge_run_http_serves_the_document(tmp_path: Path) -> None:
+    """`surge run module:app --http 127.0.0.1:PORT` (a subprocess, on a free port) serves
+    the app's document at /asyncapi.json on its public listener."""
+    pytest.importorskip("uvicorn")
+    with surge_run(
+        "surge.examples.shop:app", "--http", "127.0.0.1:0", log=tmp_path / "stderr.log"
+    ) as at:
+        status, body = get(f"{at.public}/asyncapi.json")
+    assert status == 200
+    assert json.loads(body) == json.loads(json.dumps(document(shop.make_app(http=True))))
