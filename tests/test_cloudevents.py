@@ -19,7 +19,7 @@ from cloudevents.v1 import conversion as legacy
 from cloudevents.v1.http import CloudEvent as LegacyCloudEvent
 
 import surge
-from surge.http import Server, to_cloudevent
+from surge.http import Server, from_cloudevent, to_cloudevent
 
 pytestmark = pytest.mark.realtime
 
@@ -313,6 +313,97 @@ async def test_surge_events_written_as_cloudevents_read_back() -> None:
         await app.drain()
     assert [e for e, _, _ in seen.items] == [event, event]
     assert seen.items[0][2]["ce-tenant"] == "t1"
+
+
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+def test_from_cloudevent_round_trips_with_the_sdk(mode: str) -> None:
+    """An SDK CloudEvent (either mode) read with from_cloudevent is the surge event of its
+    type, its attributes as ce-* headers and an id derived from source + id (the one a
+    route gives it); written back with to_cloudevent it parses with the SDK into the same
+    attributes and data."""
+    ce = sdk_event(id="evt-7")
+    to = ce_http.to_binary if mode == "binary" else ce_http.to_structured
+    message = to(ce, JSONFormat())
+    # header names as a client or proxy may spell them
+    given = {name.title(): value for name, value in message.headers.items()}
+    event, headers, event_id = from_cloudevent(given, message.body, OrderPlaced, Refund)
+    assert event == OrderPlaced(order_id="o-1", amount=9.5)
+    assert surge.is_derived(event_id)
+    assert (
+        event_id
+        == from_cloudevent(
+            dict(ce_http.to_binary(ce, JSONFormat()).headers),
+            ce_http.to_binary(ce, JSONFormat()).body,
+            OrderPlaced,
+        )[2]
+    )
+    assert headers["ce-source"] == "/shop/web"
+    assert headers["ce-partition"] == "eu"
+    standard = {"id", "source", "type", "specversion", "subject", "time"}
+    back_headers, back_body = to_cloudevent(
+        event,
+        id=headers["ce-id"],
+        source=headers["ce-source"],
+        type=headers["ce-type"],
+        subject=headers["ce-subject"],
+        time=datetime.fromisoformat(headers["ce-time"]),
+        extensions={
+            k[3:]: v for k, v in headers.items() if k.startswith("ce-") and k[3:] not in standard
+        },
+        structured=mode == "structured",
+    )
+    back = ce_http.from_http_event(ce_http.HTTPMessage(headers=back_headers, body=back_body))
+    original = ce.get_attributes()
+    assert {k: v for k, v in back.get_attributes().items() if k != "datacontenttype"} == {
+        k: v for k, v in original.items() if k != "datacontenttype"
+    }
+    assert back.get_data() == ce.get_data()
+
+
+def test_from_cloudevent_refuses_what_a_route_refuses() -> None:
+    """No CloudEvent, an unknown type, non-JSON data and data that does not fit its class
+    raise InvalidCloudEvent or DecodeError (with the field), as the ingress answers them."""
+    with pytest.raises(surge.InvalidCloudEvent) as not_ce:
+        from_cloudevent({"content-type": "application/json"}, b"{}", OrderPlaced)
+    assert not_ce.value.code == "not-a-cloudevent"
+    refund = ce_http.to_binary(
+        CloudEvent(
+            attributes={"type": "com.example.refund.v1", "source": "urn:b", "id": "1"},
+            data={"order_id": "o-7"},
+        ),
+        JSONFormat(),
+    )
+    with pytest.raises(surge.InvalidCloudEvent) as unknown:
+        from_cloudevent(refund.headers, refund.body, OrderPlaced)
+    assert (unknown.value.code, unknown.value.attribute) == ("unknown-type", "type")
+    event, _, _ = from_cloudevent(
+        refund.headers, refund.body.decode(), {"com.example.refund.v1": Refund}
+    )
+    assert event == Refund(order_id="o-7")
+    bad = ce_http.to_structured(
+        CloudEvent(
+            attributes={"type": "orders.placed", "source": "/s", "id": "3"},
+            data={"order_id": "o-1", "amount": "nine"},
+        ),
+        JSONFormat(),
+    )
+    with pytest.raises(surge.DecodeError) as wrong:
+        from_cloudevent(bad.headers, bad.body, OrderPlaced)
+    assert not isinstance(wrong.value, surge.InvalidCloudEvent)
+    assert wrong.value.field == "$.amount"
+    missing = ce_http.to_binary(
+        CloudEvent(
+            attributes={"type": "orders.placed", "source": "/s", "id": "4"},
+            data={"order_id": "o-1"},
+        ),
+        JSONFormat(),
+    )
+    with pytest.raises(surge.DecodeError) as absent:
+        from_cloudevent(missing.headers, missing.body, OrderPlaced)
+    assert absent.value.field == "$.amount"
+    with pytest.raises(surge.InvalidCloudEvent) as garbled:
+        from_cloudevent(refund.headers, b"{", {"com.example.refund.v1": Refund})
+    assert garbled.value.code == "invalid-json"
 
 
 def test_routes_refuse_what_cannot_work() -> None:

@@ -22,6 +22,16 @@ __all__ = ("Codec", "JsonCodec", "MsgpackCodec", "codec_for")
 E = TypeVar("E", bound=Event)
 
 _PATH = re.compile(r"at `(\$[^`]*)`")
+_MISSING = re.compile(r"missing required field `([^`]*)`")
+
+
+def field_of(message: str) -> str:
+    """The JSON path a msgspec ``ValidationError`` message names
+    (``$.amount``); for a missing field, the path the field would have had."""
+    head, at, where = message.rpartition(" - at `")
+    path = where.rstrip("`") if at else "$"
+    missing = _MISSING.search(head if at else message)
+    return f"{path}.{missing.group(1)}" if missing else path
 
 
 class _Wire(msgspec.Struct, array_like=True, gc=False):

@@ -24,7 +24,8 @@ imports surge.observe.
 
 ``app.http.cloudevents(path, *types)`` takes CloudEvents 1.0 (binary and
 structured mode) and publishes each as the class its ``type`` names;
-:func:`to_cloudevent` writes a surge event as one. A POST with an
+:func:`to_cloudevent` writes a surge event as one, and
+:func:`from_cloudevent` reads one received by other means. A POST with an
 ``Idempotency-Key`` header publishes under an id derived from the key, so a
 client's retry makes one event (docs/http.md says where that holds).
 
@@ -52,7 +53,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
 
 from ._admission import AdmissionStats
 from ._auth import PRINCIPAL_HEADER, Auth, api_keys, jwt_bearer
-from ._cloudevents import CloudEventsRoute, to_cloudevent
+from ._cloudevents import CloudEventsRoute, from_cloudevent, to_cloudevent
 from ._config import Limits
 from ._ingress import (
     ADMIN_LISTENER,
@@ -87,6 +88,7 @@ __all__ = (
     "Server",
     "api_keys",
     "bind_socket",
+    "from_cloudevent",
     "jwt_bearer",
     "run",
     "serve",

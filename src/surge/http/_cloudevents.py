@@ -26,7 +26,9 @@ the fault's ``code`` and ``attribute``; nothing is published.
 
 :func:`to_cloudevent` goes the other way: a surge event as the headers and
 body of an HTTP request in either mode, for a handler that forwards events
-to a CloudEvents consumer.
+to a CloudEvents consumer. :func:`from_cloudevent` reads such headers and
+body outside a route (a CloudEvent received by other means: a queue, a
+webhook framework, a file) exactly as a route would.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ from urllib.parse import quote, unquote
 
 import msgspec
 
-from .._errors import ConfigurationError, InvalidCloudEvent
+from .._codec import field_of
+from .._errors import ConfigurationError, DecodeError, InvalidCloudEvent
 from .._event import Event, id_for
 from ._auth import PRINCIPAL_HEADER, Auth
 
@@ -50,6 +53,7 @@ __all__ = (
     "CloudEventsReader",
     "CloudEventsRoute",
     "cloudevent_types",
+    "from_cloudevent",
     "to_cloudevent",
 )
 
@@ -321,3 +325,45 @@ def to_cloudevent(
         text = ("true" if value else "false") if isinstance(value, bool) else str(value)
         headers[f"ce-{name}"] = quote(text, safe=_SAFE)
     return headers, msgspec.json.encode(event)
+
+
+def from_cloudevent(
+    headers: Mapping[str, str],
+    body: bytes | str,
+    *types: type[Event] | Mapping[str, type[Event]],
+) -> tuple[Event, dict[str, str], str]:
+    """A CloudEvent 1.0 given as the headers and body of an HTTP message, in
+    either content mode, as a surge event: ``(event, headers, id)``.
+
+    ``types`` are those of ``app.http.cloudevents``: event classes (each
+    takes its topic as CloudEvents ``type``) or mappings of foreign types to
+    classes. ``headers`` holds every attribute as a ``ce-<name>`` header
+    (``ce-source``, extensions too), ``id`` is derived from ``source`` and
+    ``id`` as on a route without ``auth=``, so
+    ``await app.publish(event, headers=headers, id=id)`` publishes a
+    redelivered CloudEvent once within the dedup window. Header names may
+    be in any case. Raises :class:`~surge.InvalidCloudEvent` for what is no
+    valid CloudEvent of these types, and :class:`~surge.DecodeError` (with
+    the ``field``) for data that does not fit the class.
+    """
+    reader = CloudEventsReader(cloudevent_types(types))
+    raw: list[tuple[bytes, bytes]] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        try:
+            raw.append((lower.encode("latin-1"), value.encode("latin-1")))
+        except UnicodeEncodeError:
+            attribute = lower[3:] if lower.startswith("ce-") else None
+            raise InvalidCloudEvent(
+                f"header {name!r} is not ISO-8859-1 text: percent-encode it (the HTTP binding)",
+                code="invalid-attribute",
+                attribute=attribute,
+            ) from None
+    data = body.encode() if isinstance(body, str) else body
+    try:
+        return reader(raw, data, None)
+    except msgspec.ValidationError as exc:
+        raise DecodeError(
+            f"the CloudEvent's data does not fit its event class: {exc}",
+            field=field_of(str(exc)),
+        ) from None

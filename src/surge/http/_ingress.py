@@ -12,12 +12,12 @@ import hmac
 import inspect
 import ipaddress
 import logging
-import re
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from .._codec import field_of
 from .._errors import (
     Closed,
     ConfigurationError,
@@ -566,7 +566,7 @@ class Ingress:
                     event, headers, given = reader(scope["headers"], body, headers)
             except msgspec.ValidationError as exc:
                 message = str(exc)
-                raise _Reject(422, message, field=_field_of(message)) from None
+                raise _Reject(422, message, field=field_of(message)) from None
             except msgspec.DecodeError as exc:
                 raise _Reject(400, f"the body is not valid JSON: {exc}") from None
             except RecursionError:
@@ -815,18 +815,6 @@ async def _refuse(send: Send, rej: _Reject) -> int:
     headers = (_JSON, _BEARER) if rej.status == 401 else (_JSON,)
     await _answer(send, rej.status, rej.body, headers)
     return rej.status
-
-
-_MISSING = re.compile(r"missing required field `([^`]*)`")
-
-
-def _field_of(message: str) -> str:
-    """The JSON path msgspec's message names (``$.amount``); for a missing
-    field, the path the field would have had."""
-    head, at, where = message.rpartition(" - at `")
-    path = where.rstrip("`") if at else "$"
-    missing = _MISSING.search(head if at else message)
-    return f"{path}.{missing.group(1)}" if missing else path
 
 
 async def _answer(
