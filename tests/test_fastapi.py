@@ -1,6 +1,7 @@
 """surge inside a FastAPI app: the ingress mounted as an ASGI sub-app, the
-app started and drained by the host's lifespan, over httpx's ASGI transport
-and over a real uvicorn socket."""
+app started and drained by the host's lifespan, the host's middleware (not
+its dependencies) or surge's auth= guarding the mount, over httpx's ASGI
+transport and over a real uvicorn socket."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from typing import Any
 import httpx
 import pytest
 import uvicorn
-from fastapi import FastAPI, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 
 import surge
+from surge.http import PRINCIPAL_HEADER, api_keys
 
 pytestmark = pytest.mark.realtime
 
@@ -147,3 +149,57 @@ async def test_mounted_over_a_real_uvicorn_socket() -> None:
     assert state(app) == "stopped"
     report: Any = app.stop_report
     assert report is not None
+
+
+async def test_fastapi_dependencies_do_not_reach_the_mount_but_auth_does() -> None:
+    """An app-wide FastAPI dependency guards FastAPI's own routes and never runs for the
+    mounted surge routes (FastAPI resolves dependencies per route, and the mount is no
+    route of its); surge's auth= on the ingress does guard them, over a real socket."""
+    app = surge.App("deps")
+    handled: list[str] = []
+    calls: list[str] = []
+
+    @app.on(Order)
+    async def take(ev: Order, ctx: surge.Context) -> None:
+        handled.append(f"{ev.order_id} by {ctx.headers.get(PRINCIPAL_HEADER)}")
+
+    app.http.post("/open", publish=Order)
+    app.http.post("/guarded", publish=Order, auth=api_keys({"k-0123456789abcdef": "ops"}))
+
+    async def require_token(request: Request) -> None:
+        calls.append(request.url.path)
+        if request.headers.get("authorization") != f"Bearer {TOKEN}":
+            raise HTTPException(status_code=401)
+
+    api = FastAPI(lifespan=app.lifespan, dependencies=[Depends(require_token)])
+
+    @api.get("/mine")
+    async def mine() -> dict[str, str]:
+        return {"ok": "yes"}
+
+    api.mount("/events", app.http)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(api, lifespan="on", log_level="warning"))
+    serving = asyncio.get_running_loop().create_task(server.serve(sockets=[sock]))
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+            assert (await client.get("/mine")).status_code == 401
+            assert (await client.get("/mine", headers=AUTH)).status_code == 200
+            order = {"order_id": "o", "amount": 1.0}
+            # the dependency does not run: the mounted route is not guarded by it
+            assert (await client.post("/events/open", json=order)).status_code == 202
+            assert calls == ["/mine", "/mine"]
+            guarded = "/events/guarded"
+            assert (await client.post(guarded, json=order)).status_code == 401
+            assert (await client.post(guarded, json=order, headers=AUTH)).status_code == 401
+            r = await client.post(guarded, json=order, headers={"x-api-key": "k-0123456789abcdef"})
+            assert r.status_code == 202
+            await app.drain()
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(serving, 30)
+        sock.close()
+    assert sorted(handled) == ["o by None", "o by ops"]
