@@ -45,6 +45,8 @@ class Case:
     says: tuple[str, ...]
     block: str | None = None  # a module made unimportable, as if its extra were missing
     exit_code: int = 1
+    alone: bool = True
+    """The error line is all the command prints (no log lines or warnings before it)."""
 
 
 CASES: dict[str, Case] = {
@@ -82,6 +84,30 @@ CASES: dict[str, Case] = {
         ("dlq", "list", "tinyapp:app", "-t", "redis://127.0.0.1:{port}"),
         ("cannot connect",),
     ),
+    "unreachable nats": Case(
+        ("run", "tinyapp:app", "-t", "nats://127.0.0.1:{port}"),
+        ("TransportError: cannot connect to NATS", "127.0.0.1:{port}", "Connection refused"),
+    ),
+    "unreachable nats in dlq": Case(
+        ("dlq", "list", "tinyapp:app", "-t", "nats://127.0.0.1:{port}"),
+        ("cannot connect to NATS", "Connection refused"),
+    ),
+    "unreachable postgres": Case(
+        ("run", "tinyapp:app", "-t", "postgresql://u:pw@127.0.0.1:{port}/shop"),
+        ("TransportError: cannot connect to PostgreSQL at 127.0.0.1:{port}/shop", "refused"),
+    ),
+    "unreachable postgres in dlq": Case(
+        ("dlq", "list", "tinyapp:app", "-t", "postgresql://u:pw@127.0.0.1:{port}/shop"),
+        ("cannot connect to PostgreSQL at 127.0.0.1:{port}/shop",),
+    ),
+    "unreachable amqp": Case(
+        ("run", "tinyapp:app", "-t", "amqp://guest:pw@127.0.0.1:{port}/"),
+        ("TransportError: cannot connect to RabbitMQ", "127.0.0.1:{port}", "refused"),
+    ),
+    "unreachable amqp in dlq": Case(
+        ("dlq", "list", "tinyapp:app", "-t", "amqp://guest:pw@127.0.0.1:{port}/"),
+        ("cannot connect to RabbitMQ", "127.0.0.1:{port}"),
+    ),
     "sqlite relative path in a missing directory": Case(
         ("run", "tinyapp:app", "-t", "sqlite:///nodir/x.db"),
         ("{dir}/nodir/x.db", "does not exist", "sqlite:////tmp/x.db"),
@@ -93,6 +119,7 @@ CASES: dict[str, Case] = {
     "port in use": Case(
         ("run", "tinyapp:app", "--http", "127.0.0.1:{busy}"),
         ("127.0.0.1:{busy}", "in use", "another port"),
+        alone=False,  # the app started before the bind failed: its INFO stop line
     ),
     "missing TLS file": Case(
         ("run", "tinyapp:app", "--http", "127.0.0.1:0", "--tls-cert", "no.pem", "--tls-key", "no"),
@@ -117,6 +144,7 @@ CASES: dict[str, Case] = {
     "load at a server that is down": Case(
         ("load", "http://127.0.0.1:{port}/", "-n", "2", "-c", "1"),
         ("no request to http://127.0.0.1:{port}/ was answered", "is the server up?"),
+        alone=False,  # the progress bar and the table of errors come first
     ),
     "top at a server that is down": Case(
         ("top", "http://127.0.0.1:{port}"), ("cannot reach http://127.0.0.1:{port}",)
@@ -186,6 +214,9 @@ def test_an_operator_mistake_gets_one_line_and_no_traceback(
     assert code == case.exit_code, output
     errors = [line for line in output.splitlines() if line.startswith("Error")]
     assert len(errors) == 1, output
+    if case.alone and case.exit_code != 2:  # click prints a usage error's usage above it
+        assert output.strip() == errors[0], output
+    assert ":pw@" not in output  # a password in a URL is never printed
     # click puts a usage error's reason on the line after "Usage:"; others are one line
     said = output if case.exit_code == 2 else errors[0]
     for text in case.says:

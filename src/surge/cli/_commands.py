@@ -178,6 +178,14 @@ def _run(coro_fn: Callable[[], Awaitable[T]]) -> T:
     return run_loop(main())
 
 
+def _failed(exc: SurgeError) -> click.ClickException:
+    """The one line for a surge error: the class a user can look up (a
+    transport's private subclass shows as the public class it refines) and
+    the message."""
+    name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
+    return click.ClickException(f"{name}: {exc}")
+
+
 # --- surge run ----------------------------------------------------------------
 @main.command()
 @click.argument("app_ref", metavar="MODULE:APP")
@@ -283,7 +291,7 @@ def run(
         else:
             app.run()
     except SurgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise _failed(exc) from None
 
 
 def _admin_address(value: str | None, http: tuple[str, int] | None) -> tuple[str, int] | None:
@@ -451,7 +459,7 @@ def demo(
                 client=client,
             ).ok
     except SurgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise _failed(exc) from None
     if not ok:
         sys.exit(1)
 
@@ -517,7 +525,7 @@ def declare(app_ref: str, transport: str | None) -> None:
     try:
         _run(go)
     except SurgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise _failed(exc) from None
     for name, sub in sorted(app.subscriptions.items()):
         click.echo(f"{name}: {' '.join(sub.topics)}")
 
@@ -579,7 +587,7 @@ def relay(
     try:
         _run(go)
     except SurgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise _failed(exc) from None
     if declare_only:
         click.echo(f"{group}: {' '.join(r.topics)}")
     else:
@@ -633,7 +641,7 @@ def _with_transport(app_ref: str, transport: str | None, work: Callable[[App], A
     try:
         return _run(go)
     except SurgeError as exc:
-        raise click.ClickException(f"{type(exc).__name__}: {exc}") from None
+        raise _failed(exc) from None
 
 
 def _console() -> Console:

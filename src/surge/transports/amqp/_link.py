@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -26,6 +27,23 @@ __all__ = ("Link", "safe_url", "translate")
 log = logging.getLogger("surge.amqp")
 
 Hook = Callable[[], Awaitable[None]]
+
+_connecting = contextvars.ContextVar("surge_amqp_connecting", default=False)
+"""True in the task of a Link's connection attempt."""
+
+
+class _OwnConnectErrors(logging.Filter):
+    """Drops aiormq's ERROR record of a failed connection attempt made by a
+    Link: the Link reports that failure itself (the ``TransportError`` of
+    ``open``, one line for the operator; ``last_error`` while reconnecting),
+    so a refused connection is not told twice, once with a traceback-like
+    repr. Other aiormq users of the process keep the record."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_connecting.get() and record.msg == "error when creating transport: %r")
+
+
+logging.getLogger("aiormq.connection").addFilter(_OwnConnectErrors())
 
 
 def safe_url(url: str) -> str:
@@ -110,6 +128,7 @@ class Link:
         )
 
     async def _connect(self) -> None:
+        token = _connecting.set(True)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 conn = await aiormq.connect(self.url)
@@ -117,6 +136,8 @@ class Link:
             raise TransportError(
                 f"cannot connect to RabbitMQ at {safe_url(self.url)}: {exc!r}"
             ) from exc
+        finally:
+            _connecting.reset(token)
         self._conn = conn
         self.generation += 1
         self.last_error = None

@@ -99,6 +99,7 @@ class Connection:
     async def connect(self) -> None:
         opts = {k: v for k, v in self._connect.items() if v is not None}
         nc = Client()
+        self.last_error = None
         try:
             # A failed TLS handshake can leave nats-py's connect hanging:
             # bound it, then clean up what it left.
@@ -119,8 +120,11 @@ class Connection:
         except (nats.errors.Error, OSError, TimeoutError) as exc:
             with contextlib.suppress(Exception):
                 await nc.close()
+            # nats-py ends with NoServersError; the reason is the last error
+            # its callback saw (a refused connection, a TLS failure)
+            reason = self.last_error or repr(exc)
             raise TransportError(
-                f"cannot connect to NATS at {safe_url(self.url)}: {exc!r}"
+                f"cannot connect to NATS at {safe_url(self.url)}: {reason}"
             ) from exc
         nc.options["max_reconnect_attempts"] = -1
         version = nc.connected_server_version
@@ -134,10 +138,14 @@ class Connection:
         self._js = nc.jetstream()
         self._open = True
         self._connected = True
+        self.last_error = None  # a server of the list that failed before one answered
 
     async def _on_error(self, exc: Exception) -> None:
         self.last_error = repr(exc)
-        log.warning("NATS connection error (%s): %r", safe_url(self.url), exc)
+        # Before the first connection the error is the one connect() raises
+        # (one line for the operator, not a warning per attempt besides).
+        level = logging.WARNING if self._open else logging.DEBUG
+        log.log(level, "NATS connection error (%s): %r", safe_url(self.url), exc)
 
     async def _on_disconnect(self) -> None:
         if self._open:

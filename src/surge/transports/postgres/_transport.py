@@ -9,6 +9,7 @@ import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 from ..._clock import Clock, RealClock
 from ..._errors import Closed, ConfigurationError, TransportError
@@ -16,7 +17,7 @@ from ..._event import Envelope
 from ..._transport import DeadLetter, Delivery, TransportStats
 from .._partitions import Ownership
 from ._consume import Claimed, Consumer, Lease, Queue, held_of
-from ._db import Database
+from ._db import Database, retryable
 from ._dead import DeadLetters
 from ._groups import Groups
 from ._listen import Listener
@@ -135,10 +136,16 @@ class PostgresTransport:
         try:
             await self._db.call(self.schema.prepare)
             await self.listener.start()
-        except BaseException:
+        except BaseException as exc:
             await self.listener.close()
             await self._db.close()
             await self._fast.close()
+            if isinstance(exc, TransportError) and retryable(exc):
+                # the pool connects lazily: its first statement is the first
+                # connection, so a server that cannot be reached shows here
+                raise TransportError(
+                    f"cannot connect to PostgreSQL at {_server_of(self.url)}: {exc}"
+                ) from None
             raise
         self._started = True
         self._ticker = asyncio.get_running_loop().create_task(
@@ -679,3 +686,11 @@ class PostgresTransport:
 def _log_failure(fut: asyncio.Future[Any]) -> None:
     if not fut.cancelled() and fut.exception() is not None:
         log.error("postgres: a background write failed: %s", fut.exception())
+
+
+def _server_of(url: str) -> str:
+    """``host:port/database`` of a postgres URL, without its credentials."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query))
+    host = parts.hostname or query.get("host") or "localhost"
+    return f"{host}:{parts.port or query.get('port') or 5432}{parts.path}"
