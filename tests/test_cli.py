@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import itertools
+import logging
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import click
+import msgspec
 import pytest
 from click.testing import CliRunner
 
@@ -262,6 +265,74 @@ def test_dlq_unknown_id_and_subscription_are_errors(
     bad = runner.invoke(main, ["dlq", "list", ref, "-s", "nosuch", *extra])
     assert bad.exit_code == 1
     assert "no subscription 'nosuch'" in bad.output
+
+
+BOOM = """
+import surge
+from surge.observe import mount
+
+class Order(surge.Event):
+    n: int
+
+app = surge.App("failing")
+mount(app.http)
+
+@app.on(Order, retry=surge.Retry(attempts=1))
+async def boom(event: Order) -> None:
+    raise ValueError(f"boom {event.n}")
+"""
+
+
+def test_a_failing_subscription_has_one_name_everywhere(
+    write_app: Callable[[str], str], tmp_path: Path
+) -> None:
+    """One failing subscription is named alike (app.handler: failing.boom) in `surge dlq
+    list`, the /metrics label, the dashboard's dead letters and its dead-letter log record."""
+    from .test_metrics import asgi_get
+
+    name = write_app(BOOM)
+    ref = f"{name}:app"
+    url = f"sqlite:///{tmp_path / 'boom.db'}"
+    app = _cli.load_app(ref)
+    app.use_transport(url)
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    async def fail_one() -> tuple[str, bytes, bytes]:
+        async with app:
+            event_id = await app.publish(sys.modules[name].Order(n=1))
+            await app.drain()
+            status, metrics = await asgi_get(app, "/metrics")
+            assert status == 200
+            status, letters = await asgi_get(app, "/_surge/dlq")
+            assert status == 200
+        return event_id, metrics, letters
+
+    keep = Keep(logging.ERROR)
+    surge_log = logging.getLogger("surge")
+    surge_log.addHandler(keep)
+    try:
+        event_id, metrics, letters = asyncio.run(fail_one())
+    finally:
+        surge_log.removeHandler(keep)
+    [label] = re.findall(
+        r'surge_subscription_dead_lettered_total\{app="failing",subscription="([^"]+)"\} 1\.0',
+        metrics.decode(),
+    )
+    [dashboard] = [d["subscription"] for d in msgspec.json.decode(letters)["dead_letters"]]
+    [logged] = [
+        r.__dict__["subscription"]
+        for r in records
+        if "dead-lettered" in r.getMessage() and r.__dict__.get("event_id") == event_id
+    ]
+    listed = CliRunner().invoke(main, ["dlq", "list", ref, "--transport", url])
+    assert listed.exit_code == 0, listed.output
+    [row] = [line.split() for line in listed.output.splitlines() if event_id in line]
+    assert row[0] == event_id
+    assert (row[1], label, dashboard, logged) == ("failing.boom",) * 4
 
 
 # --- optional commands ------------------------------------------------------------
