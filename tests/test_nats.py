@@ -446,6 +446,43 @@ async def test_released_come_back_before_newer_messages(tmp_path: Path) -> None:
             await t.close()
 
 
+async def test_hand_backs_are_not_attempts_and_their_counts_are_removed(
+    tmp_path: Path,
+) -> None:
+    """Deliveries handed back (release) come back as the attempt they had,
+    though JetStream counted the redelivery; a retry after that counts one
+    more; once they are acknowledged or dead-lettered, the hand-back counts
+    leave the server (``<stream>_released`` is empty)."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(srv.url, lease=30.0)
+        await t.start()
+        try:
+            await t.declare("g", [Numbered.__topic__])
+            await t.publish([_env(n) for n in range(3)])
+            batches = t.consume("g", prefetch=10)
+            await t.release(await _take(batches, 3))
+            again = await _take(batches, 3)
+            assert sorted((_number(d), d.attempt) for d in again) == [(0, 1), (1, 1), (2, 1)]
+            by_n = {_number(d): d for d in again}
+            await t.nack(by_n[0], 0.0)
+            await t.ack([by_n[1]])
+            record = surge.DeadLetter(
+                id=by_n[2].envelope.id, group="g", topic=Numbered.__topic__, key=None,
+                headers=None, body=b"", error_type="Boom", error="", traceback="",
+                attempts=1, first_attempt_at=0.0, failed_at=0.0,
+            )  # fmt: skip
+            await t.dead_letter(by_n[2], record)
+            (retried,) = await _take(batches, 1)
+            assert (_number(retried), retried.attempt) == (0, 2)
+            await t.ack([retried])
+            await batches.aclose()  # type: ignore[attr-defined]
+            async with _jetstream(srv.url) as js:
+                info = await js.stream_info(f"{t.stream}_released")
+                assert info.state.messages == 0
+        finally:
+            await t.close()
+
+
 async def test_prefetch_below_the_partition_count_still_reads_keyed(tmp_path: Path) -> None:
     """A consumer whose prefetch is smaller than the number of partitions it
     owns (8 by default) still gets every keyed delivery, one key's in order."""

@@ -19,7 +19,9 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 import redis.asyncio
 from redis.asyncio import Redis
@@ -29,6 +31,7 @@ from surge.transports.redis import RedisTransport
 from surge.transports.redis._group import Group
 
 from ._servers import free_port, redis_server, shared_redis_url
+from .conformance._helpers import Reader
 
 pytestmark = pytest.mark.realtime
 
@@ -496,3 +499,48 @@ async def test_reply_inboxes_of_killed_processes_are_swept(tmp_path: Path) -> No
             await late.close()
             await live.close()
             await r.aclose()
+
+
+async def test_what_a_cut_off_read_took_is_handed_back_at_close_uncounted() -> None:
+    """Entries Redis gave this consumer in a read whose reply it never got (a
+    stop's cancel cut the read off) are handed back at close as the attempt
+    they had, unkeyed and keyed alike, not left for a takeover that counts
+    the lost read as an attempt."""
+    url = shared_redis_url()
+    first = RedisTransport(url, lease=0.5)
+    await first.start()
+    await first.declare("g", [Num.__topic__])
+    envs = [
+        surge.Envelope(surge.new_id(), Num.__topic__, None, 0.0, None, Num(n=n)) for n in range(5)
+    ]
+    await first.publish(envs[:1])
+    reader = Reader(first, "g", prefetch=10)
+    await first.ack(await reader.take(1))  # this consumer now exists in the group
+    await reader.aclose()
+    envs[3].key = envs[4].key = "k"  # keyed: partition entries
+    await first.publish(envs[1:])
+    r = redis.asyncio.Redis.from_url(url.split("?")[0])
+    try:
+        shared = f"{first.prefix}:s:g"
+        (consumer,) = [c["name"] for c in await r.xinfo_consumers(shared, "g")]
+        streams = [shared, *(f"{first.prefix}:p{p}:g" for p in range(first.partitions))]
+        # the read whose reply is lost: Redis counts it, this process never sees it
+        got: Any = await r.xreadgroup("g", consumer, dict.fromkeys(streams, ">"))
+        assert sum(len(entries) for _, entries in got) == 4
+    finally:
+        await r.aclose()
+    await first.close()
+    second = RedisTransport(url, lease=0.5)
+    await second.start()
+    try:
+        await second.declare("g", [Num.__topic__])
+        reader = Reader(second, "g", prefetch=10)
+        back = await reader.take(4, timeout=10)
+        await second.ack(back)
+        await reader.aclose()
+        attempts = {
+            msgspec.msgpack.decode(d.envelope.body or b"", type=Num).n: d.attempt for d in back
+        }
+        assert attempts == {1: 1, 2: 1, 3: 1, 4: 1}
+    finally:
+        await second.close()

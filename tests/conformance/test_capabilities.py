@@ -59,30 +59,10 @@ async def _reopened(
 
 
 # --- HandsBack -----------------------------------------------------------------
-# Known gaps, strict: each case fails here until its transport keeps the
-# promise, and then must lose its entry.
-_RELEASE_COUNTS_AN_ATTEMPT = {
-    "redis": "redis release() hands back through a path that counts a delivery",
-    "nats": "nats release() NAKs, and JetStream counts the redelivery",
-    "nats-cluster": "nats release() NAKs, and JetStream counts the redelivery",
-    "redis-cluster": "redis release() hands back through a path that counts a delivery",
-    "amqp": "amqp has no release(), and a delivery nacked at a stop comes back as attempt 3",
-}
-
-
-def _known_gap(request: pytest.FixtureRequest, case: Case) -> None:
-    reason = _RELEASE_COUNTS_AN_ATTEMPT.get(case.id)
-    if reason is not None:
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason=reason))
-
-
-async def test_release_keeps_attempt_and_place(
-    transport_factory: Factory, case: Case, request: pytest.FixtureRequest
-) -> None:
+async def test_release_keeps_attempt_and_place(transport_factory: Factory, case: Case) -> None:
     """Released deliveries come back at once, in order and before envelopes
     of their key published later, with the attempt they had."""
     _need(_caps(transport_factory).hands_back, "HandsBack", case)
-    _known_gap(request, case)
     # keyed: short leases, so that a partition's first owner takes it at once
     first = transport_factory.open(**case.order_options)
     await first.start()
@@ -114,13 +94,10 @@ async def test_release_keeps_attempt_and_place(
         await r.aclose()
 
 
-async def test_stop_hands_back_what_no_handler_saw(
-    transport_factory: Factory, case: Case, request: pytest.FixtureRequest
-) -> None:
+async def test_stop_hands_back_what_no_handler_saw(transport_factory: Factory, case: Case) -> None:
     """Events fetched but never handled when the app stops come back with
     attempt 1 where the transport hands back, attempt 2 (a nack) where not."""
     releases = surge.capabilities_of(transport_factory.open()).hands_back is not None
-    _known_gap(request, case)
     app = transport_factory.app(shutdown_timeout=0)
     started = asyncio.Event()
     blocked: list[int] = []

@@ -172,9 +172,16 @@ class Source:
             await ch.basic_ack(t, wait=i == len(above) - 1)
 
     async def nack(self, tag: int) -> None:
-        """Back to the queue, in its place (counts a delivery)."""
+        """Back to the queue, in its place (counts a delivery).
+
+        While the source gives up (a stop, a partition handed over) no frame
+        is sent: the channel's close returns the message, in its place. A
+        nack would count it, and then, the subscription being still open,
+        bring it straight back to this channel, whose close would return and
+        count it a second time (a stop cost each untouched event two
+        attempts). The tag stays unacked, so no ``multiple`` ack covers it."""
         ch = self.channel
-        if ch is None or ch.is_closed:
+        if ch is None or ch.is_closed or self.giving_up:
             return
         self.unacked.discard(tag)
         await ch.basic_nack(tag, requeue=True)

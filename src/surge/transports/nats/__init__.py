@@ -20,6 +20,10 @@ bucket ``surge_parts``      partition leases and group memberships
 bucket ``surge_state``      small durable values (trigger state)
 stream ``surge_dlq``        dead letters, ``surge_dlq.<group>`` (JetStream
                             has no dead-letter queue of its own)
+stream ``surge_released``   how many times a message was handed back
+                            untouched (``release``), one message per
+                            ``surge_released.<consumer>.<seq>``, so that the
+                            hand-back does not count as an attempt
 ==========================  ================================================
 
 The parts, each an object owning its state (:class:`NatsTransport` composes
@@ -36,6 +40,7 @@ them and orders their start and stop):
 ``_leases``           ``Leases``: memberships and partition leases in a bucket
 ``_balancer``         ``Balancer``: partition rounds, takeovers, hand-over at close
 ``_dead_letters``     ``DeadLetters``: the dlq stream, MaxDeliver, replay, purge
+``_released``         ``Released``: hand-back counts, subtracted from attempts
 ``_state``            ``StateBucket``: trigger state
 ``_transport``        ``NatsTransport``: the facade
 ====================  ==========================================================

@@ -56,6 +56,7 @@ from ._connection import Connection
 from ._groups import Group, Hold, Source
 from ._leases import Leases
 from ._options import NatsOptions
+from ._released import Released
 
 __all__ = ("Balancer", "ended")
 
@@ -67,10 +68,16 @@ class Balancer:
     members, one task per group, and hands them over at close."""
 
     def __init__(
-        self, conn: Connection, leases: Leases, options: NatsOptions, clock: Clock
+        self,
+        conn: Connection,
+        leases: Leases,
+        options: NatsOptions,
+        clock: Clock,
+        released: Released,
     ) -> None:
         self._conn = conn
         self._leases = leases
+        self._released = released
         self._stream = options.stream
         self._lease = options.lease
         self._part_expires = options.part_expires
@@ -170,7 +177,7 @@ class Balancer:
             own.releasing = set(give_up)
         ready = g.returnable()
         if ready:
-            await g.hand_back(self._conn, ready)
+            await g.hand_back(self._conn, self._released, ready)
         # Fencing (``Consumer.fenced``): a lease written by a request sent at
         # ``sent`` lasts on the server until ``sent + lease`` at least.
         safe = self._lease * 2 / 3
@@ -227,7 +234,7 @@ class Balancer:
         deadline = clock.monotonic() + self._part_expires + 0.5
         while any(s.outstanding for s in g.parts) and clock.monotonic() < deadline:
             await clock.sleep(0.02)
-        await g.hand_back(self._conn, g.take_back())
+        await g.hand_back(self._conn, self._released, g.take_back())
         own = g.own
         if own is None:
             return

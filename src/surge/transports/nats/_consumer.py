@@ -15,7 +15,8 @@ nothing more can come (see ``_balancer``).
 arrives early is NAKed with a delay for the remainder and not handed out.
 That delivery still counts in ``num_delivered``; the attempt handed to the
 runner subtracts the deferrals (counted here when this process deferred it,
-otherwise inferred from the stored time being before ``not_before``).
+otherwise inferred from the stored time being before ``not_before``), and
+the hand-backs (``release``; counted on the server, see ``_released``).
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from ._connection import ELECTION_ERRORS, CancelGuard, Connection, Election, tra
 from ._groups import Group, Source, ack_info, ack_meta
 from ._layout import Layout, consumer_name, partition_durable
 from ._options import NatsOptions
+from ._released import Released
 
 __all__ = ("Consumer",)
 
@@ -62,10 +64,12 @@ class Consumer:
         clock: Clock,
         codec: Codec,
         balancer: Balancer,
+        released: Released,
         *,
         touched: Callable[[], None],
     ) -> None:
         self._conn = conn
+        self._released = released
         self._layout = layout
         self._options = options
         self._stream = options.stream
@@ -363,10 +367,6 @@ class Consumer:
         src.stalled = False
         g.errors = 0
         self._touched()
-        if src.outstanding:
-            src.outstanding -= 1
-            if not src.outstanding and src.part is not None:
-                g.rebalance.set()  # a partition being given up may be free now
         try:
             env = self._codec.decode_envelope(msg.data)
         except DecodeError:
@@ -380,6 +380,7 @@ class Consumer:
         if nb is not None:
             wait = nb - self._clock.time()
             if wait > 0:
+                self._arrived(g, src)
                 g.deferred[seq] = deferrals + 1
                 g.scheduled[seq] = nb
                 await self._conn.send(reply, b'-NAK {"delay": %d}' % int(wait * 1e9 + 1e6))
@@ -388,7 +389,14 @@ class Consumer:
                 return
             if not deferrals and stored < nb:
                 deferrals = 1  # deferred by another process, most likely
-        d = Delivery(env, g.name, max(1, delivered - deferrals), reply)
+        attempt = delivered - deferrals
+        if attempt > 1:
+            # Handed back untouched before (a stop): not an attempt. Looked
+            # up while its pull still counts it outstanding, so a partition
+            # is not given up under it.
+            attempt -= await self._released.times(reply)
+        self._arrived(g, src)
+        d = Delivery(env, g.name, max(1, attempt), reply)
         g.held[reply] = src
         src.held += 1
         if src.part is not None and (
@@ -403,6 +411,14 @@ class Consumer:
             return
         g.buffer.append(d)
         g.wake()
+
+    @staticmethod
+    def _arrived(g: Group, src: Source) -> None:
+        """A message of an open pull of ``src`` arrived."""
+        if src.outstanding:
+            src.outstanding -= 1
+            if not src.outstanding and src.part is not None:
+                g.rebalance.set()  # a partition being given up may be free now
 
     def _on_status(self, g: Group, src: Source, headers: dict[str, str]) -> None:
         status = headers.get("Status", "")
@@ -495,10 +511,13 @@ class Consumer:
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
         last: Group | None = None
+        released = self._released
         with CancelGuard():
             for d in deliveries:
                 g = self._settled(d)
                 await self._conn.ack(d.token)
+                if released.has(d.token):
+                    await released.settled(d.token)
                 if g is not last and last is not None:
                     last.wake()
                 last = g
@@ -507,6 +526,7 @@ class Consumer:
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._settled(delivery)
+        self._released.moved(delivery.token)
         with CancelGuard():
             if delay > 0:
                 if g is not None:
@@ -522,6 +542,7 @@ class Consumer:
         g = self._settled(delivery)
         with CancelGuard():
             await self._conn.send(delivery.token, b"+TERM")
+            await self._released.settled(delivery.token)
         if g is not None:
             g.wake()
 
@@ -536,14 +557,14 @@ class Consumer:
             if g is None:
                 continue
             mine = [d for d in deliveries if d.group == name]
-            if g.consuming:  # not at stop: as nack(d, 0)
-                await g.hand_back(conn, [d.token for d in mine])
+            if g.consuming:  # not at stop: NAKed now
+                await g.hand_back(conn, self._released, [d.token for d in mine])
                 continue
             back = [d.token for d in (*mine, *g.buffer) if d.token in g.held]
             g.buffer.clear()
             shared = [t for t in back if g.held[t].part is None]
             g.returning += [t for t in back if g.held[t].part is not None]
-            await g.hand_back(conn, shared)
+            await g.hand_back(conn, self._released, shared)
             g.handed_back = True
             g.rebalance.set()
 
@@ -628,6 +649,7 @@ class Consumer:
         """After the hand-over (the connection is closing): wake the consume
         loops, delete the ephemeral consumers (each bounded), forget the groups."""
         await self.stop()
+        self._released.forget()
         for g in self._groups.values():
             g.wake()
             if g.ephemeral:

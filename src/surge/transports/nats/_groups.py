@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from nats.aio.subscription import Subscription
 
@@ -17,6 +18,9 @@ from ..._transport import Delivery
 from .._partitions import Ownership
 from ._connection import Connection
 from ._layout import consumer_name, partition_durable
+
+if TYPE_CHECKING:
+    from ._released import Released
 
 __all__ = ("Group", "Hold", "Source", "ack_info", "ack_meta")
 
@@ -228,15 +232,18 @@ class Group:
             self.returning = [t for t in self.returning if t not in done and t in self.held]
         return ready
 
-    async def hand_back(self, conn: Connection, tokens: Iterable[str]) -> None:
-        """NAK ``tokens`` (read from this group, not settled) in stream order,
-        and wait until the server has processed them: it takes acks off a
-        queue of their own, so a pull (or a lease released) right after a
-        plain NAK can overtake it and get newer messages first."""
+    async def hand_back(self, conn: Connection, released: Released, tokens: Iterable[str]) -> None:
+        """NAK ``tokens`` (read from this group, not settled, untouched) in
+        stream order, and wait until the server has processed them: it takes
+        acks off a queue of their own, so a pull (or a lease released) right
+        after a plain NAK can overtake it and get newer messages first. Each
+        hand-back is counted first (``released``), so that the redelivery it
+        causes is not counted as an attempt."""
         back = sorted((t for t in tokens if t in self.held), key=lambda t: ack_meta(t)[1])
         # They count as settled (forget, which may let a partition go) only
         # once confirmed.
         try:
+            await released.record(back)
             failed = await conn.nak_confirmed(back)
         finally:
             for token in back:

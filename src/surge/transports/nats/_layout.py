@@ -46,6 +46,10 @@ class Layout:
         return f"{self.stream}_dlq"
 
     @property
+    def released_stream(self) -> str:
+        return f"{self.stream}_released"
+
+    @property
     def parts_bucket(self) -> str:
         return f"{self.stream}_parts"
 
@@ -70,6 +74,11 @@ class Layout:
         """The dead letters of group ``durable`` (``">"``: of every group)."""
         return f"{self.stream}_dlq.{durable}"
 
+    def released(self, consumer: str, seq: int) -> str:
+        """Where the hand-back count of message ``seq`` to JetStream consumer
+        ``consumer`` is kept (``_released``)."""
+        return f"{self.stream}_released.{consumer}.{seq}"
+
     def topic_of(self, subject: str) -> str:
         """The topic of a message from its subject."""
         keyed = subject.startswith(f"{self.stream}_k.")
@@ -78,10 +87,10 @@ class Layout:
     async def ensure_streams(
         self, js: Any, *, dedup_window: float, max_age: float | None, partitions: int, asked: bool
     ) -> int:
-        """Create or update the events stream and the dead-letter stream; the
-        partition count of the events stream (``partitions`` for a new one;
-        a stream's count never changes under its data: a different one
-        ``asked`` for is refused)."""
+        """Create or update the events stream, the dead-letter stream and the
+        stream of hand-back counts; the partition count of the events stream
+        (``partitions`` for a new one; a stream's count never changes under
+        its data: a different one ``asked`` for is refused)."""
         partitions = await _ensure_stream(
             js,
             StreamConfig(
@@ -104,6 +113,19 @@ class Layout:
                 subjects=[self.dead(">")],
                 storage=StorageType.FILE,
                 retention=RetentionPolicy.LIMITS,
+                duplicate_window=dedup_window,
+                num_replicas=self.replicas,
+            ),
+        )
+        await _ensure_stream(
+            js,
+            StreamConfig(
+                name=self.released_stream,
+                subjects=[f"{self.released_stream}.>"],
+                storage=StorageType.FILE,
+                retention=RetentionPolicy.LIMITS,
+                max_msgs_per_subject=1,
+                max_age=max_age,
                 duplicate_window=dedup_window,
                 num_replicas=self.replicas,
             ),

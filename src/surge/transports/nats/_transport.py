@@ -32,6 +32,7 @@ from ._layout import Layout, PeersOffline, consumer_name
 from ._leases import Leases
 from ._options import NatsOptions
 from ._publisher import Item, Publisher
+from ._released import Released
 from ._state import StateBucket
 
 __all__ = ("NatsTransport",)
@@ -143,9 +144,17 @@ class NatsTransport:
         )
         self._pub = Publisher(conn, options, self.clock)
         self._leases = Leases(conn, layout, lease=options.lease)
-        self._balancer = Balancer(conn, self._leases, options, self.clock)
+        released = Released(conn, layout)
+        self._balancer = Balancer(conn, self._leases, options, self.clock, released)
         self._consumer = Consumer(
-            conn, layout, options, self.clock, self.codec, self._balancer, touched=self._touched
+            conn,
+            layout,
+            options,
+            self.clock,
+            self.codec,
+            self._balancer,
+            released,
+            touched=self._touched,
         )
         self._dead = DeadLetters(
             conn, layout, options, self.clock, self.codec, self._pub, self._consumer

@@ -10,6 +10,13 @@ over (XPENDING IDLE + XCLAIM, which also yields its delivery count for
 sorted set (XACK + XDEL + ZADD, in Lua), from where the keeper moves it back
 when due. Each script checks XACK's reply first, so a retried settle never
 duplicates.
+
+Handing back (``HandsBack``) keeps the attempt: what the runner releases at
+a stop, and at close whatever is still pending to this consumer that no
+handler got (a read cut off by the stop's cancel after Redis answered it, a
+partition's claimed backlog), goes back through the ``handback`` script,
+which sets the delivery count back so that the next claim (or read) gives
+the attempt it had.
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ class Group:
         "_keeper",
         "_lease",
         "_owner",
+        "_read",
         "_registry",
         "_spread",
         "_touched",
@@ -121,6 +129,8 @@ class Group:
         )
         self._consuming = False  # consume() was called: close() forgets the consumer
         self._spread = 1  # how many streams the last read found entries in
+        # a read its consumer's cancel left running (see _read_group)
+        self._read: asyncio.Task[Any] | None = None
 
     @property
     def ownership(self) -> Ownership | None:
@@ -167,11 +177,7 @@ class Group:
                         streams, count = self._plan_read(min(room, self._batch))
                         lost = True
                         try:
-                            reply = await conn.cmd(r,
-                                "XREADGROUP", "GROUP", self.name, self.consumer,
-                                "COUNT", count, "BLOCK", self._block_ms,
-                                "STREAMS", *streams, *(">" for _ in streams),
-                            )  # fmt: skip
+                            reply = await self._read_group(r, streams, count)
                             task = asyncio.current_task()
                             if task is not None and task.cancelling():
                                 # redis-py can turn a cancel that lands in a
@@ -223,6 +229,27 @@ class Group:
             # consumer read from it is settled (the keeper sees to it).
             self._keeper.stop_reading()
 
+    async def _read_group(self, r: aredis.Redis, streams: list[str], count: int) -> Any:
+        """XREADGROUP ... BLOCK, in a task of its own, so that a cancel ends
+        the consumer at once: redis-py can swallow one (while it opens a
+        connection), and the read then runs its whole BLOCK, which held up
+        a stop's intake past its bound. A read left running this way is
+        awaited at close (``cancel``); what it took is pending to this
+        consumer, and close hands it back (``leave``)."""
+        cmd = self._conn.cmd(r,
+            "XREADGROUP", "GROUP", self.name, self.consumer,
+            "COUNT", count, "BLOCK", self._block_ms,
+            "STREAMS", *streams, *(">" for _ in streams),
+        )  # fmt: skip
+        read: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cmd)
+        try:
+            return await asyncio.shield(read)
+        except asyncio.CancelledError:
+            read.cancel()
+            read.add_done_callback(_retrieve)
+            self._read = read
+            raise
+
     def _plan_read(self, room: int) -> tuple[list[str], int]:
         """The streams of the next read and its COUNT.
 
@@ -250,10 +277,12 @@ class Group:
         counts = {p[0]: int(p[3]) for p in pending if p[0] not in inflight}
         if not counts:
             return []
+        me = self.consumer.encode()
+        own = {p[0] for p in pending if p[1] == me}
         claimed = await self._conn.cmd(
             r, "XCLAIM", keys.stream, keys.name, self.consumer, lease_ms, *counts
         )
-        out = await inflight.take(claimed, counts)
+        out = await inflight.take(claimed, counts, own=own)
         if out:
             log.warning(
                 "redis: took over %d deliveries of %s idle for more than %.1fs",
@@ -271,14 +300,17 @@ class Group:
         """An entry of the group's sorted set is due at ``when`` (epoch s)."""
         self._keeper.due_by(when)
 
-    async def nack(self, delivery: Delivery, delay: float) -> None:
+    async def nack(self, delivery: Delivery, delay: float, *, counted: bool = True) -> None:
+        """Hand ``delivery`` back for another attempt after ``delay``; with
+        ``counted=False`` (a hand-back of an untouched delivery) the next
+        delivery keeps its attempt."""
         keys = self.keys
         now = self._clock.time()
         first = delivery.first_time or now
         due = now + delay
         stream, entry = keys.locate(delivery.token)
         args: list[Any] = [keys.name, entry, "1" if delay > 0 else "0", repr(due)]
-        args += [delivery.attempt + 1, repr(first), delivery.token]
+        args += [delivery.attempt + 1 if counted else delivery.attempt, repr(first), delivery.token]
         self._touched()
 
         def op(r: aredis.Redis) -> Any:
@@ -290,14 +322,26 @@ class Group:
             self._keeper.due_by(due)
 
     async def release(self, delivery: Delivery) -> None:
-        """Hand back a delivery untouched (at stop). A partition's entry stays
-        pending where it is: its next owner claims it before anything newer.
-        Another is handed back as by ``nack(d, 0)``."""
+        """Hand back a delivery untouched (at stop), its attempt not counted.
+        A partition's entry stays pending where it is, its delivery count
+        set back (the ``release`` script): its next owner claims it before
+        anything newer, as the attempt it was. Another goes to the end of
+        the group's stream as by ``nack(d, 0)``, with the attempt it had
+        (unkeyed entries keep no order to keep)."""
         token = delivery.token
         if b"/" not in token:
-            await self.nack(delivery, 0.0)
+            await self.nack(delivery, 0.0, counted=False)
             return
-        self._inflight.settled(token)
+        keys = self.keys
+        stream, entry = keys.locate(token)
+        conn = self._conn
+        args = [keys.name, self.consumer, "p", entry, delivery.attempt]
+
+        def op(r: aredis.Redis) -> Any:
+            return conn.run("handback", keys=[stream], args=args, client=r)
+
+        await conn.retrying("handing back a delivery", op)
+        self._inflight.released(token, delivery.attempt)
         if self._owner is not None and self._keeper.reading and not self._conn.closed:
             # still ours and read: deliver it again
             self._owner.redeliver(int(token.partition(b"/")[0]))
@@ -331,10 +375,17 @@ class Group:
         self._inflight.settled(delivery.token)
 
     # --- close -----------------------------------------------------------------
-    def cancel(self) -> asyncio.Task[None] | None:
-        """Cancel the keeper (close); its task, to await, if it was running.
-        A consumer waiting for room wakes to see the connection closed."""
-        return self._keeper.cancel()
+    def cancel(self) -> list[asyncio.Task[Any]]:
+        """Cancel the keeper (close); the tasks to await: the keeper's if it
+        was running, and a read that a consumer's cancel left running."""
+        tasks: list[asyncio.Task[Any]] = []
+        keeper = self._keeper.cancel()
+        if keeper is not None:
+            tasks.append(keeper)
+        read, self._read = self._read, None
+        if read is not None and not read.done():
+            tasks.append(read)
+        return tasks
 
     def wake(self) -> None:
         """A consumer waiting for room wakes (to see the connection closed)."""
@@ -345,7 +396,59 @@ class Group:
         every stream where it holds nothing (at close, on ``r``)."""
         if not self._consuming:
             return
+        await self._hand_back_unseen(r)
         if self._owner is not None:
             await self._owner.leave(r)
         for stream in self.keys.streams():
             await self._conn.run("forget", keys=[stream], args=[self.name, self.consumer], client=r)
+
+    async def _hand_back_unseen(self, r: aredis.Redis) -> None:
+        """At close, before the partitions go: every entry still pending to
+        this consumer that no handler has (read by a read whose reply never
+        came, claimed into the backlog and not handed out, released in
+        place) goes back as the attempt it had (``handback``: a partition's
+        in place, the shared stream's to its end). What a handler still
+        holds (a stop cut it off) stays pending, for a takeover."""
+        inflight = self._inflight
+        unseen = {d.token: d.attempt for d in inflight.take_backlog()}
+        keys = self.keys
+        for stream in keys.streams():
+            part = keys.pindex.get(stream.encode())
+            prefix = b"" if part is None else b"%d/" % part
+            start = "-"
+            while True:
+                pending: Any = await self._conn.cmd(
+                    r, "XPENDING", stream, keys.name, start, "+", _PAGE, self.consumer
+                )
+                args: list[Any] = []
+                for entry in pending:
+                    token = prefix + entry[0]
+                    if token in unseen:
+                        attempt = unseen[token]
+                    elif token in inflight:
+                        continue  # a handler has it
+                    else:
+                        attempt = inflight.released_attempt(token) or 0
+                    args += [entry[0], attempt]
+                if args:
+                    mode = "s" if part is None else "p"
+                    await self._conn.run(
+                        "handback",
+                        keys=[stream],
+                        args=[keys.name, self.consumer, mode, *args],
+                        client=r,
+                    )
+                if len(pending) < _PAGE:
+                    break
+                start = "(" + pending[-1][0].decode()
+        inflight.forget_released()
+
+
+_PAGE = 500
+"""Pending entries looked at per request at close."""
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """A read left running: its outcome is not news."""
+    if not task.cancelled():
+        task.exception()

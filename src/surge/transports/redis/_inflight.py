@@ -1,6 +1,7 @@
 """What one consumer holds of one group: the deliveries it read and has not
 settled, those claimed from a partition's previous owner and not yet handed
-out (the backlog), and a consumer waiting for room under its prefetch."""
+out (the backlog), those it released in place (still pending to it), and a
+consumer waiting for room under its prefetch."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ log = logging.getLogger("surge.redis")
 class Inflight:
     """One group's unsettled deliveries in this process, by token."""
 
-    __slots__ = ("_backlog", "_clock", "_codec", "_dead", "_held", "_keys", "_room")
+    __slots__ = ("_backlog", "_clock", "_codec", "_dead", "_held", "_keys", "_released", "_room")
 
     def __init__(self, keys: GroupKeys, *, codec: Codec, clock: Clock, dead: DeadLetters) -> None:
         self._keys = keys
@@ -33,6 +34,8 @@ class Inflight:
         self._dead = dead
         self._held: dict[bytes, Delivery] = {}
         self._backlog: list[Delivery] = []  # claimed from a partition's previous owner
+        # released in place (pending to this consumer): token -> its attempt
+        self._released: dict[bytes, int] = {}
         self._room: asyncio.Future[None] | None = None  # a consumer waiting for room
 
     def __len__(self) -> int:
@@ -50,11 +53,19 @@ class Inflight:
         return any(t.startswith(prefix) for t in self._held)
 
     async def take(
-        self, entries: list[Any], counts: dict[bytes, int] | None, prefix: bytes = b""
+        self,
+        entries: list[Any],
+        counts: dict[bytes, int] | None,
+        prefix: bytes = b"",
+        own: frozenset[bytes] | set[bytes] = frozenset(),
     ) -> list[Delivery]:
         """Deliveries of stream ``entries``, now held; ``prefix`` names their
         partition in the tokens (``b"3/"``); ``counts`` are XPENDING delivery
-        counts. An entry that is no envelope is dead-lettered."""
+        counts of claimed entries. ``own``: the claimed entries that were
+        pending to this consumer without its holding them, read by a read
+        whose reply never came (a cancel, a lost connection): that read's
+        delivery is not counted. One this consumer released in place gets
+        the attempt it had. An entry that is no envelope is dead-lettered."""
         decode = self._codec.decode_envelope
         now = self._clock.time()
         held = self._held
@@ -81,7 +92,11 @@ class Inflight:
                         elif f == b"f":
                             first = float(fields[k + 1]) or now
                 if counts is not None:
-                    attempt += counts.get(entry_id, 1)
+                    back = self._released.pop(token, None)
+                    if back is not None:
+                        attempt = back
+                    else:
+                        attempt += counts.get(entry_id, 1) - (entry_id in own)
                 env = decode(payload)
             except (DecodeError, ValueError) as exc:
                 # an entry some other writer put on the stream (a field surge
@@ -123,6 +138,19 @@ class Inflight:
     def settled(self, token: bytes) -> None:
         self._held.pop(token, None)
         self.make_room()
+
+    def released(self, token: bytes, attempt: int) -> None:
+        """Released in place: pending to this consumer, no longer held; a
+        claim of it gives ``attempt`` back."""
+        self._released[token] = attempt
+        self.settled(token)
+
+    def released_attempt(self, token: bytes) -> int | None:
+        return self._released.get(token)
+
+    def forget_released(self) -> None:
+        """At close: what was released in place is its next owner's."""
+        self._released.clear()
 
     # --- room and backlog ------------------------------------------------------
     async def wait_room(self) -> None:

@@ -194,10 +194,12 @@ class PartitionOwner:
             )
             counts = {e[0]: int(e[3]) for e in pending if prefix + e[0] not in inflight}
             if counts:
+                me = self._consumer.encode()
+                own = {e[0] for e in pending if e[1] == me}
                 claimed: Any = await self._conn.cmd(
                     r, "XCLAIM", stream, keys.name, self._consumer, 0, *counts
                 )
-                inflight.queue(await inflight.take(claimed, counts, prefix))
+                inflight.queue(await inflight.take(claimed, counts, prefix, own))
             if len(pending) < _CLAIM_PAGE:
                 return
             start = "(" + pending[-1][0].decode()

@@ -14,6 +14,7 @@ __all__ = (
     "DEAD",
     "DECLARE",
     "FORGET",
+    "HANDBACK",
     "MOVE",
     "NACK",
     "OWN",
@@ -117,6 +118,54 @@ else
   redis.call('ZADD', KEYS[2], ARGV[4], member)
 end
 return 1
+"""
+
+# Hand back entries pending to this consumer that no handler saw (released
+# at a stop, read and never handed out), as the attempt they had: ARGV's,
+# or when 0 (read by a read whose reply never came) the entry's 'a' field
+# (1 without) plus its delivery count less that read. Mode 'p' (a
+# partition): they stay pending where they are, for the partition's next
+# owner to claim first, with the delivery count that makes the claim's
+# attempt (the 'a' field plus the count) that one; setting the count rather
+# than taking one off keeps a retried call harmless. Mode 's' (the shared
+# stream): moved to its end as by NACK, the attempt in their 'a' field.
+# KEYS: stream; ARGV: group, consumer, mode, then per entry its id and
+# attempt. Returns how many were still this consumer's.
+HANDBACK = """
+local n = 0
+for i = 4, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 1 and p[1][2] == ARGV[2] then
+    local base, payload, first = 1, nil, nil
+    local e = redis.call('XRANGE', KEYS[1], id, id)
+    if #e == 1 then
+      local f = e[1][2]
+      for k = 1, #f, 2 do
+        if f[k] == 'a' then base = tonumber(f[k + 1]) or 1
+        elseif f[k] == 'e' then payload = f[k + 1]
+        elseif f[k] == 'f' then first = f[k + 1] end
+      end
+    end
+    local attempt = tonumber(ARGV[i + 1])
+    if attempt == 0 then attempt = base + math.max(0, tonumber(p[1][4]) - 1) end
+    if ARGV[3] == 'p' then
+      local count = math.max(0, attempt - base)
+      redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'RETRYCOUNT', count, 'JUSTID')
+      n = n + 1
+    elseif payload then
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      redis.call('XDEL', KEYS[1], id)
+      if first then
+        redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', attempt, 'f', first)
+      else
+        redis.call('XADD', KEYS[1], '*', 'e', payload, 'a', attempt)
+      end
+      n = n + 1
+    end
+  end
+end
+return n
 """
 
 # KEYS: stream, dead stream; ARGV: group, token, record, envelope id
@@ -240,6 +289,7 @@ SCRIPTS: dict[str, str] = {
     "ack": ACK,
     "declare": DECLARE,
     "nack": NACK,
+    "handback": HANDBACK,
     "dead": DEAD,
     "move": MOVE,
     "forget": FORGET,

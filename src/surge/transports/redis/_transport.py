@@ -209,8 +209,12 @@ class RedisTransport:
         r = self._conn.shut()
         assert r is not None
         try:
-            cancelled = (self._publisher.cancel(), *(g.cancel() for g in self._groups.values()))
-            running = [t for t in cancelled if t is not None]
+            running: list[asyncio.Task[Any]] = [
+                t for g in self._groups.values() for t in g.cancel()
+            ]
+            publisher = self._publisher.cancel()
+            if publisher is not None:
+                running.append(publisher)
             if running:
                 # bounded: a task whose cancel redis-py swallowed ends at its next check
                 _, stuck = await asyncio.wait(running, timeout=5.0)
@@ -368,9 +372,10 @@ class RedisTransport:
         await self._group(delivery.group).nack(delivery, delay)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
-        """Hand back deliveries untouched (at stop). A partition's entries
-        stay pending where they are: its next owner claims them before
-        anything newer. Others are handed back as by ``nack(d, 0)``."""
+        """Hand back deliveries untouched (at stop), their attempts not
+        counted (``Group.release``). A partition's entries stay pending
+        where they are: its next owner claims them before anything newer.
+        Others go to the end of their group's stream."""
         for d in deliveries:
             await self._group(d.group).release(d)
 
