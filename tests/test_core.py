@@ -883,3 +883,24 @@ def test_one_executor_choice() -> None:
         app.on(Ping, executor="async", name="y")(plain)
     with pytest.raises(surge.ConfigurationError, match="unknown executor"):
         app.on(Ping, executor="fiber", name="z")(plain)  # type: ignore[arg-type]
+
+
+async def test_virtual_clock_jump_is_a_stall(clock: surge.VirtualClock) -> None:
+    """jump() moves virtual time on at once, and what fell due meanwhile
+    runs only when the loop goes on, late; time never moves back."""
+    fired: list[float] = []
+    done = asyncio.Event()
+
+    def due() -> None:
+        fired.append(clock.monotonic())
+        done.set()
+
+    clock.call_later(1.0, due)
+    start = clock.monotonic()
+    clock.jump(5.0)
+    assert clock.monotonic() == start + 5.0
+    assert fired == []
+    await done.wait()
+    assert fired == [start + 5.0]
+    with pytest.raises(ValueError, match="forward"):
+        clock.jump(-1.0)

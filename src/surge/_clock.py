@@ -114,6 +114,14 @@ class VirtualClock:
     def _advance(self, seconds: float) -> None:
         self._now += seconds
 
+    def jump(self, seconds: float) -> None:
+        """Move virtual time ``seconds`` on at once, as a loop that stalled
+        that long (a blocking call, a paused process) finds it: nothing
+        scheduled in between has run; it runs, late, when the loop goes on."""
+        if seconds < 0:
+            raise ValueError("virtual time only moves forward")
+        self._advance(seconds)
+
     def hold(self) -> None:
         """Freeze virtual time while real work (a thread) runs for the loop."""
         with self._lock:

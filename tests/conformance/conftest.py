@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 
 import surge
@@ -65,6 +66,10 @@ class Case:
     ownership moves quickly when a consumer joins or leaves."""
     cleanup: Callable[[str], None] | None = None
     """Removes the store of ``url``'s result after the test (a server's)."""
+    transaction: Callable[[str, bool], AbstractAsyncContextManager[Any]] | None = None
+    """For a transport with an outbox (``surge.Outbox``): ``transaction(url,
+    commit)`` gives a driver connection to the store of ``url`` inside an
+    open transaction, committed (``commit``) or rolled back on exit."""
     quick: frozenset[str] | None = None
     """When set, only these tests run by default; the case's others are
     ``slow`` and ``soak`` (run them with ``-m soak``): the clustered cases
@@ -173,9 +178,27 @@ CASES.append(
     )
 )
 
+
 # PostgreSQL: one cluster for the whole session (initdb + pg_ctl, started on
 # first use by tests/_servers.py), and a fresh schema (named in the URL) per
 # test, dropped after it.
+@asynccontextmanager
+async def _pg_transaction(url: str, commit: bool) -> AsyncIterator[Any]:
+    conn = await asyncpg.connect(url.split("?", 1)[0])
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        try:
+            yield conn
+        finally:
+            if commit:
+                await tx.commit()
+            else:
+                await tx.rollback()
+    finally:
+        await conn.close()
+
+
 CASES.append(
     Case(
         "postgres",
@@ -187,6 +210,7 @@ CASES.append(
         partitioned=True,
         order_options={"lease": 1.0},
         cleanup=drop_postgres_schema,
+        transaction=_pg_transaction,
     )
 )
 # RabbitMQ: one node for the whole session, started on first use by

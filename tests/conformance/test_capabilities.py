@@ -9,6 +9,7 @@ where the capability is missing and skips where it is there.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -329,6 +330,163 @@ async def test_without_groups_mandatory_publish_cannot_tell(
             await app.publish(Item(n=1), mandatory=True)
         await app.publish(Item(n=2))
         assert app.statistics().unroutable == {}
+
+
+# --- Fences --------------------------------------------------------------------
+def _stall(clock: surge.Clock, seconds: float) -> None:
+    """Nothing of this process runs for ``seconds`` (a blocked loop, a pause):
+    virtual time jumps, real time passes with the loop blocked."""
+    if isinstance(clock, surge.VirtualClock):
+        clock.jump(seconds)
+    else:
+        time.sleep(seconds)
+
+
+def _past_fence(case: Case) -> float:
+    """Longer than 2/3 of the case's short lease (``order_options``)."""
+    lease: float = case.order_options.get("lease", 1.0)
+    return lease * 2 / 3 + 0.2
+
+
+async def test_a_delivery_held_past_its_fence_is_fenced(
+    transport_factory: Factory, case: Case, clock: surge.Clock
+) -> None:
+    """Keyed deliveries are not fenced while their partition's lease is fresh,
+    and all are once their consumer stalled past 2/3 of a lease; they come
+    back, in order, to the partition's owner (this consumer, taking it again)."""
+    _need(_caps(transport_factory).fences, "Fences", case)
+    async with transport_factory.started(**case.order_options) as t:
+        fences = surge.capabilities_of(t).fences
+        assert fences is not None
+        await t.declare("g", ["conf.item"])
+        envs = [env(i) for i in range(5)]
+        for e in envs:
+            e.key = "k"
+        await t.publish(envs)
+        r = Reader(t, "g", prefetch=100)
+        held = await r.take(5)
+        assert [number(d) for d in held] == list(range(5))
+        assert not any(fences.fenced(d) for d in held)
+        _stall(clock, _past_fence(case))
+        assert all(fences.fenced(d) for d in held)
+        again = await r.take(5)
+        assert [number(d) for d in again] == list(range(5))
+        await t.ack(again)
+        await r.aclose()
+
+
+async def test_the_runner_skips_what_is_fenced_and_nothing_else(
+    transport_factory: Factory, case: Case, clock: surge.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler stalls past 2/3 of a lease while later deliveries of its key
+    wait in its lane. Where the transport fences, the runner starts none that
+    it reports fenced, and they are handled once they come back, in order;
+    where it does not, the runner skips nothing: each is handled once, in
+    order, right after the stall."""
+    transport = transport_factory.open(**case.order_options)
+    fences = surge.capabilities_of(transport).fences
+    refused: list[surge.Delivery] = []
+    if fences is not None:
+        ask = fences.fenced
+
+        def fenced(d: surge.Delivery) -> bool:
+            out = ask(d)
+            if out:
+                refused.append(d)
+            return out
+
+        monkeypatch.setattr(transport, "fenced", fenced)
+    # The handler stalls only once all five are in the runner's lane.
+    received = asyncio.Event()
+    consume = transport.consume
+
+    async def counting(group: str, *, prefetch: int) -> AsyncIterator[list[surge.Delivery]]:
+        seen = 0
+        async for batch in consume(group, prefetch=prefetch):
+            seen += len(batch)
+            if seen >= 5:
+                received.set()
+            yield batch
+
+    monkeypatch.setattr(transport, "consume", counting)
+    app = surge.App("conf", transport=transport, clock=transport_factory.clock)
+    handled: list[tuple[int, surge.Delivery]] = []
+    done = asyncio.Event()
+
+    @app.on(Keyed, concurrency=1, prefetch=100)
+    async def handle(ev: Keyed, ctx: surge.Context) -> None:
+        handled.append((ev.n, ctx.delivery))
+        if ev.n == 0 and len(handled) == 1:
+            await received.wait()
+            _stall(clock, _past_fence(case))
+        if {n for n, _ in handled} == set(range(5)):
+            done.set()
+
+    async with app:
+        await app.publish_many([Keyed(account="a", n=i) for i in range(5)])
+        async with asyncio.timeout(60):
+            await done.wait()
+    numbers = [n for n, _ in handled]
+    if fences is None:
+        assert numbers == list(range(5))
+        return
+    assert refused, "nothing held was fenced after the stall"
+    started = {id(d) for _, d in handled}
+    assert not any(id(d) in started for d in refused)
+    assert list(dict.fromkeys(numbers)) == list(range(5))
+
+
+# --- Outbox --------------------------------------------------------------------
+async def test_outbox_publishes_with_the_callers_commit(
+    transport_factory: Factory, case: Case
+) -> None:
+    """publish(connection=...) writes the event inside the caller's
+    transaction: delivered once it commits, never when it rolls back."""
+    _need(_caps(transport_factory).outbox, "Outbox", case)
+    assert case.transaction is not None, f"{case.id}: give its Case a transaction"
+    app = transport_factory.app()
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    @app.on(Item)
+    async def handle(ev: Item) -> None:
+        seen.append(ev.n)
+        if ev.n == 2:
+            done.set()
+
+    async with app:
+        async with case.transaction(transport_factory.url, False) as conn:
+            await app.publish(Item(n=1), connection=conn)
+        async with case.transaction(transport_factory.url, True) as conn:
+            await app.publish(Item(n=2), connection=conn)
+        async with asyncio.timeout(30):
+            await done.wait()
+        await app.drain()
+    assert seen == [2]
+
+
+async def test_without_an_outbox_publish_through_a_connection_is_refused(
+    transport_factory: Factory, case: Case
+) -> None:
+    """Without Outbox, publish(connection=...) raises ConfigurationError and
+    publishes nothing; a plain publish still works."""
+    _lack(_caps(transport_factory).outbox, "Outbox", case)
+    app = transport_factory.app()
+    seen: list[int] = []
+    done = asyncio.Event()
+
+    @app.on(Item)
+    async def handle(ev: Item) -> None:
+        seen.append(ev.n)
+        done.set()
+
+    async with app:
+        with pytest.raises(surge.ConfigurationError, match="outbox"):
+            await app.publish(Item(n=1), connection=object())
+        await app.publish(Item(n=2))
+        async with asyncio.timeout(30):
+            await done.wait()
+    assert seen == [2]
 
 
 # --- DirectPut -----------------------------------------------------------------
