@@ -234,3 +234,205 @@ def test_http_exports_the_ingress_not_the_load_generator() -> None:
 
     assert {"fetch", "Response", "run_load", "LoadReport"}.isdisjoint(surge.http.__all__)
     assert {"fetch", "Response", "run_load", "LoadReport"} <= set(surge.tools.__all__)
+
+
+# --- no reach-ins (issue 12, item 3; STYLE.md habits 13 and 14) ---------------
+# Counted over src/surge with ast; each function lists its findings as
+# "path:line what", so a failure says where.
+
+# namedtuple's own API, underscored so as not to clash with field names
+_NAMEDTUPLE_API = frozenset({"_asdict", "_field_defaults", "_fields", "_make", "_replace"})
+
+
+def _sources(root: Path) -> Iterator[tuple[str, str, ast.Module]]:
+    """(path relative to root, dotted module name, tree) of every module."""
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        parts = list(rel.parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        yield str(path.relative_to(root)), ".".join(parts), ast.parse(path.read_text(), str(path))
+
+
+def _in_transports(rel: str) -> bool:
+    return rel.startswith("transports/")
+
+
+def transport_probes(root: Path) -> list[str]:
+    """``getattr`` / ``hasattr`` on a transport outside surge/transports: a
+    member the protocols do not declare, looked for (use a capability)."""
+    found: list[str] = []
+    for rel, _, tree in _sources(root):
+        if _in_transports(rel):
+            continue
+        found.extend(
+            f"{rel}:{node.lineno} {ast.unparse(node)}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "hasattr")
+            and node.args
+            and "transport" in ast.unparse(node.args[0]).lower()
+        )
+    return found
+
+
+def concrete_transport_checks(root: Path) -> list[str]:
+    """``isinstance`` / ``issubclass`` against a concrete transport class
+    (any class named ``*Transport`` but the protocol) outside surge/transports."""
+    classes = {
+        node.name
+        for _, _, tree in _sources(root)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Transport")
+    } - {"Transport"}
+    found: list[str] = []
+    for rel, _, tree in _sources(root):
+        if _in_transports(rel):
+            continue
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("isinstance", "issubclass")
+                and len(node.args) == 2
+            ):
+                named = {n.id for n in ast.walk(node.args[1]) if isinstance(n, ast.Name)}
+                named |= {n.attr for n in ast.walk(node.args[1]) if isinstance(n, ast.Attribute)}
+                if named & classes:
+                    found.append(f"{rel}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def private_imports_across_packages(root: Path) -> list[str]:
+    """Imports from another package (core, transports, http, observe, ...;
+    ``package_of``) of an underscored name, or of any name out of another
+    package's underscored module (the core's are the layer all build on),
+    ``if TYPE_CHECKING:`` blocks included."""
+    found: list[str] = []
+    for rel, module, tree in _sources(root):
+        is_package = rel.endswith("__init__.py")
+        mine = package_of(module)
+        for node in ast.walk(tree):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            (base,) = resolve(module, is_package, node)[:1] or [""]
+            if not base:
+                continue
+            if node.module is None:
+                base = base.rsplit(".", 1)[0]
+            theirs = package_of(base)
+            if theirs == mine:
+                continue
+            private_module = theirs != "core" and any(
+                p.startswith("_") and not p.startswith("__") for p in base.split(".")
+            )
+            for alias in node.names:
+                private_name = alias.name.startswith("_") and not alias.name.startswith("__")
+                if private_name or private_module:
+                    found.append(f"{rel}:{node.lineno} from {base} import {alias.name}")
+    return found
+
+
+def _by_id(node: ast.AST) -> bool:
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "id"
+
+
+def _keyed_by_id(node: ast.AST, module_level: set[str]) -> bool:
+    """``node`` looks a module-level container up, stores or tests by ``id(...)``."""
+
+    def held(n: ast.AST) -> bool:
+        return isinstance(n, ast.Name) and n.id in module_level
+
+    if isinstance(node, ast.Subscript):
+        return held(node.value) and _by_id(node.slice)
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute):
+        return held(node.func.value) and bool(node.args) and _by_id(node.args[0])
+    if isinstance(node, ast.Compare):
+        return (
+            _by_id(node.left)
+            and any(isinstance(op, (ast.In, ast.NotIn)) for op in node.ops)
+            and any(held(c) for c in node.comparators)
+        )
+    return False
+
+
+def id_keyed_module_state(root: Path) -> list[str]:
+    """A module-level container looked up, stored into or tested by
+    ``id(obj)``: per-object state that outlives its object (an id is
+    reused once the object is collected); keep it on the object."""
+    found: list[str] = []
+    for rel, _, tree in _sources(root):
+        module_level = set()
+        for stmt in tree.body:
+            if isinstance(stmt, ast.Assign):
+                module_level |= {t.id for t in stmt.targets if isinstance(t, ast.Name)}
+            elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                module_level.add(stmt.target.id)
+        found.extend(
+            f"{rel}:{getattr(node, 'lineno', 0)} {ast.unparse(node)}"
+            for node in ast.walk(tree)
+            if _keyed_by_id(node, module_level)
+        )
+    return found
+
+
+def private_reach_ins(root: Path) -> list[str]:
+    """Reads and writes of ``x._name`` where ``x`` is not ``self`` / ``cls``
+    and no class or function of this module defines ``_name`` (a method, a
+    slot, a class attribute or ``self._name = ...``): another module's
+    object's private state."""
+    found: list[str] = []
+    for rel, _, tree in _sources(root):
+        own: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.ctx, ast.Store)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in ("self", "cls")
+            ):
+                own.add(node.attr)
+        for cls in (n for n in ast.walk(tree) if isinstance(n, ast.ClassDef)):
+            for stmt in cls.body:
+                if isinstance(stmt, ast.Assign):
+                    for t in stmt.targets:
+                        if isinstance(t, ast.Name):
+                            own.add(t.id)
+                            if t.id == "__slots__" and isinstance(stmt.value, ast.Tuple):
+                                own |= {
+                                    e.value
+                                    for e in stmt.value.elts
+                                    if isinstance(e, ast.Constant) and isinstance(e.value, str)
+                                }
+                elif isinstance(stmt, ast.AnnAssign) and isinstance(stmt.target, ast.Name):
+                    own.add(stmt.target.id)
+        found.extend(
+            f"{rel}:{node.lineno} {ast.unparse(node)}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Attribute)
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+            and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+            and node.attr not in own
+            and node.attr not in _NAMEDTUPLE_API
+        )
+    return found
+
+
+def test_no_reach_ins() -> None:
+    """Over src/surge: no getattr probes of transports, no isinstance on a
+    concrete transport outside surge/transports, no private names imported
+    across packages, no id()-keyed module state, and at most 10 touches of
+    another module's object's private attributes (issue 12's targets)."""
+    found = {
+        "transport probes": transport_probes(SRC),
+        "concrete transport checks": concrete_transport_checks(SRC),
+        "private imports across packages": private_imports_across_packages(SRC),
+        "id()-keyed module state": id_keyed_module_state(SRC),
+    }
+    assert found == {name: [] for name in found}
+    reach_ins = private_reach_ins(SRC)
+    assert len(reach_ins) <= 10, "\n".join(reach_ins)
