@@ -8,8 +8,10 @@ of another process would.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -198,3 +200,60 @@ def _someone_waits(other: Other) -> bool:
         return True
     fcntl.flock(other.queue_fd, fcntl.LOCK_UN)
     return False
+
+
+async def test_calls_queued_while_waiting_for_the_lock_commit_with_the_waiter(db: Path) -> None:
+    """Group commit: a batch that waits for the write lock takes in the calls
+    queued meanwhile, up to the first that must run alone (a checkpoint),
+    and commits them in one transaction, in queue order; the rest run after."""
+    from surge._clock import RealClock
+    from surge.transports.sqlite._database import Database
+    from surge.transports.sqlite._thread import DatabaseThread
+
+    database = Database(
+        db,
+        synchronous="normal",
+        busy_timeout=10.0,
+        check="off",
+        max_size=None,
+        dedup_window=60.0,
+        partitions=4,
+    )
+    waiting = threading.Event()
+    proceed = threading.Event()
+
+    def nap(seconds: float) -> None:  # the database thread, finding the lock taken
+        waiting.set()
+        assert proceed.wait(10.0), "the test never let the writer go"
+
+    database.writer = WriteLock(db, 10.0, sleep=nap)
+    thread = DatabaseThread(database, RealClock())
+    thread.start(asyncio.get_running_loop())
+    await thread.submit(database.open)
+    other = Other(db)
+    try:
+        other.take()
+        first = thread.submit(database.save_state, "k", b"1")
+        assert await asyncio.to_thread(waiting.wait, 10.0), "the writer never waited"
+        before = database.transactions
+        settled: list[object] = []
+        later = [
+            thread.submit(database.save_state, "k", str(i).encode(), after=settled.append)
+            for i in (2, 3, 4)
+        ]
+        check = thread.submit(database.checkpoint)
+        after = thread.submit(database.load_state, "k", write=False)
+        last = thread.submit(database.save_state, "k", b"5")
+        other.give()
+        proceed.set()
+        await asyncio.gather(first, *later, check, last)
+        # one transaction for the four saves (the last joined wrote last),
+        # then the checkpoint alone, then the rest
+        assert database.transactions - before == 2
+        assert settled == [None, None, None], "each joined call is settled once"
+        assert await after == b"4"
+        assert await thread.submit(database.load_state, "k", write=False) == b"5"
+    finally:
+        proceed.set()
+        other.close()
+        await thread.stop()

@@ -140,20 +140,29 @@ class Database:
         self._turn = 0
 
     # --- transactions --------------------------------------------------------
-    def run(self, jobs: list[Job]) -> None:
+    @property
+    def alone(self) -> tuple[Callable[[], None], ...]:
+        """The calls that run outside a transaction, each alone."""
+        return (self.open, self.checkpoint)
+
+    def run(self, jobs: list[Job], more: Callable[[], list[Job]] | None = None) -> None:
         """Run ``jobs`` (fn, args, write; result, error) in one transaction.
 
-        When one fails for a reason of its own, the others are run again,
-        each in a transaction of its own, so one bad call fails alone.
+        ``more``, when given, is asked once the write lock is held for the
+        calls queued meanwhile, which join the transaction (group commit:
+        a writer that waited for the lock commits everything that came in
+        while it waited, not one transaction per wait); ``jobs`` grows by
+        them. When one fails for a reason of its own, the others are run
+        again, each in a transaction of its own, so one bad call fails alone.
         """
-        raw = (self.open, self.checkpoint)
+        raw = self.alone
         if any(j.fn in raw for j in jobs):
             # these run outside a transaction, each alone, in queue order
             batch: list[Job] = []
             for job in [*jobs, None]:
                 if job is None or job.fn in raw:
                     if batch:
-                        self.run(batch)
+                        self.run(batch, more if job is None else None)
                         batch = []
                     if job is not None:
                         try:
@@ -164,7 +173,7 @@ class Database:
                     batch.append(job)
             return
         try:
-            self._transaction(jobs)
+            self._transaction(jobs, more)
         except Exception as exc:
             text = str(exc)
             if len(jobs) == 1 or "locked" in text or "busy" in text:
@@ -180,7 +189,7 @@ class Database:
                 except Exception as exc1:
                     job.error = exc1
 
-    def _transaction(self, jobs: list[Job]) -> None:
+    def _transaction(self, jobs: list[Job], more: Callable[[], list[Job]] | None = None) -> None:
         conn = self._conn
         if conn is None:
             raise TransportError(f"{self.path}: the connection is closed")
@@ -192,6 +201,8 @@ class Database:
         except BaseException:
             self.writer.release()
             raise
+        if write and more is not None:
+            jobs.extend(more())
         publish = self.publish
         try:
             i = 0

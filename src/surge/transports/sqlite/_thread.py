@@ -4,7 +4,11 @@ SQLite calls block, so one thread per transport owns the connection and runs
 every statement (:class:`~._database.Database`). The loop hands it calls
 through a queue (:meth:`DatabaseThread.submit`, which returns a future);
 the thread takes everything queued at once and runs it as one batch (one
-transaction, see ``Database.run``), then hands the batch back to the loop,
+transaction, see ``Database.run``), joined by what was queued while it
+waited for the write lock (group commit: under contention a writer waits
+about one transaction of each other process, and what came in meanwhile
+commits with it instead of waiting a turn of its own), then hands the
+batch back to the loop,
 which resolves the futures in order and runs each job's ``after`` callback
 first (so a transport's books change in the same loop step as the file).
 
@@ -21,6 +25,7 @@ import logging
 import queue
 import sqlite3
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +38,9 @@ __all__ = ("DatabaseThread",)
 log = logging.getLogger("surge.sqlite")
 
 _STOP: Any = object()  # the job that closes the connection and ends the thread
+# The most calls one transaction takes in after the lock was won: bounds the
+# transaction's length (and so the other processes' wait for their turn).
+_JOIN = 512
 
 
 class DatabaseThread:
@@ -41,6 +49,8 @@ class DatabaseThread:
     def __init__(self, database: Database, clock: Clock) -> None:
         self.database = database
         self._jobs: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._pending: deque[Job] = deque()  # taken off the queue, not yet run
+        self._joined: list[Job] = []  # taken into the running batch by _more
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._virtual = clock if isinstance(clock, VirtualClock) else None
@@ -101,31 +111,61 @@ class DatabaseThread:
         """Run what is queued, batch by batch, and hand each batch back to
         the loop, until the stop job."""
         database = self.database
-        jobs_q = self._jobs
+        pending = self._pending
         loop = self._loop
         assert loop is not None
         while True:
-            jobs = [jobs_q.get()]
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    jobs.append(jobs_q.get_nowait())
+            if not pending:
+                pending.append(self._jobs.get())
+            self._drain()
+            jobs = list(pending)
+            pending.clear()
             stop = any(j.fn is _STOP for j in jobs)
             work = [j for j in jobs if j.fn is not _STOP]
+            joined = self._joined
             try:
                 if work:
-                    database.run(work)
+                    # what comes after a stop waits for it (and fails there);
+                    # run() extends the list it is given by the joined calls,
+                    # which are settled from self._joined
+                    database.run(list(work), None if stop else self._more)
                 if stop:
                     database.close()
             except BaseException as exc:  # a bug here must not strand the waiters
-                for job in work:
+                for job in (*work, *joined):
                     if job.error is None:
                         job.error = exc
+            done = [*work, *joined, *(j for j in jobs if j.fn is _STOP)]
+            joined.clear()
             try:
-                loop.call_soon_threadsafe(self._settle, jobs)
+                loop.call_soon_threadsafe(self._settle, done)
             except RuntimeError:  # the loop is gone: nobody waits any more
                 return
             if stop:
                 return
+
+    def _drain(self) -> None:
+        jobs_q = self._jobs
+        pending = self._pending
+        with contextlib.suppress(queue.Empty):
+            while True:
+                pending.append(jobs_q.get_nowait())
+
+    def _more(self) -> list[Job]:
+        """The calls queued since the batch was taken, up to the first that
+        must run alone (a stop, an open, a checkpoint), to join the batch's
+        transaction: called by ``Database.run`` with the write lock held."""
+        self._drain()
+        pending = self._pending
+        alone = self.database.alone
+        out: list[Job] = []
+        while pending and len(out) < _JOIN:
+            fn = pending[0].fn
+            if fn is _STOP or fn in alone:
+                break
+            out.append(pending.popleft())
+        self._joined.extend(out)
+        return out
 
     # --- back on the loop ----------------------------------------------------
     def _settle(self, jobs: list[Job]) -> None:
