@@ -222,3 +222,37 @@ def test_an_operator_mistake_gets_one_line_and_no_traceback(
     for text in case.says:
         assert text.format(**values) in said, output
     assert "no dead letters" not in output
+
+
+def test_workers_that_cannot_start_stop_the_run_with_one_line_each(tmp_path: Path) -> None:
+    """``--workers 2`` on a file that cannot be opened: each worker says why
+    in one line, the supervisor stops instead of restarting them, exit 1,
+    no traceback (it used to restart them forever, a traceback each time)."""
+    (tmp_path / "tinyapp.py").write_text(textwrap.dedent(APP))
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "surge",
+            "run",
+            "tinyapp:app",
+            "--transport",
+            f"sqlite:///{tmp_path}/no-such-dir/x.db",
+            "--workers",
+            "2",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output, output
+    assert "restarting" not in output, output
+    said = [line for line in output.splitlines() if "TransportError: cannot open" in line]
+    assert 1 <= len(said) <= 2, output
+    assert all("no-such-dir does not exist" in line for line in said), output
+    assert "could not start the app" in output, output

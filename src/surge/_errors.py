@@ -203,3 +203,11 @@ class BatchFailed(Exception):
         super().__init__(f"{len(failures)} events of the batch failed")
         self.failures = dict(failures)
         self.outputs = list(outputs)
+
+
+def one_line(exc: SurgeError) -> str:
+    """What an operator reads of ``exc``: the class a user can look up (a
+    transport's private subclass shows as the public class it refines) and
+    the message, on one line."""
+    name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
+    return f"{name}: {exc}"

@@ -34,7 +34,7 @@ import msgspec
 from rich.console import Console
 from rich.table import Table
 
-from .._errors import ConfigurationError, SurgeError
+from .._errors import ConfigurationError, SurgeError, one_line
 
 if TYPE_CHECKING:
     from .._app import App
@@ -182,8 +182,7 @@ def _failed(exc: SurgeError) -> click.ClickException:
     """The one line for a surge error: the class a user can look up (a
     transport's private subclass shows as the public class it refines) and
     the message."""
-    name = next(c.__name__ for c in type(exc).__mro__ if not c.__name__.startswith("_"))
-    return click.ClickException(f"{name}: {exc}")
+    return click.ClickException(one_line(exc))
 
 
 # --- surge run ----------------------------------------------------------------

@@ -17,6 +17,12 @@ one that several processes share (sqlite, redis, nats; never memory).
 - A worker whose app cannot be loaded or configured exits with
   :data:`EX_CONFIG`; restarting cannot fix that, so the supervisor stops the
   others and returns that code.
+- A worker whose app cannot start (a surge error before it was ready: a
+  file it cannot open, a broker it cannot reach) logs one line and exits
+  with :data:`EX_START`. Before any worker was ever ready that is a bad
+  deploy, not a crash: the supervisor stops the others and returns 1, as
+  ``surge run`` does in one process. Once workers have run, it is an
+  outage: the worker is restarted with the backoff above, until it is back.
 - A worker notices its supervisor's death (its stdin pipe closes) and drains.
 
 The worker learns its settings from the ``SURGE_WORKER`` environment
@@ -42,17 +48,29 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from .._clock import Clock, RealClock
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, SurgeError, one_line
 
 if TYPE_CHECKING:
     from .._app import App
 
-__all__ = ("EX_CONFIG", "Supervisor", "WorkerSpec", "check_workers", "load_app", "run_workers")
+__all__ = (
+    "EX_CONFIG",
+    "EX_START",
+    "Supervisor",
+    "WorkerSpec",
+    "check_workers",
+    "load_app",
+    "run_workers",
+)
 
 log = logging.getLogger("surge.supervisor")
 
 EX_CONFIG = 78
 """Exit code of a worker (and the supervisor) whose app cannot work as given."""
+
+EX_START = 69
+"""Exit code of a worker whose app raised a surge error before it was ready
+(EX_UNAVAILABLE: a file it cannot open, a broker it cannot reach)."""
 
 _ENV = "SURGE_WORKER"
 _METRICS_ENV = "SURGE_METRICS_DIR"
@@ -184,6 +202,7 @@ class Supervisor:
         self.env = env
         self.clock: Clock = clock or RealClock()
         self.restarts = 0
+        self._ever_ready = False  # a worker of this run was ready once
         self.exit_codes: list[int] = []
         self._slots = [_Slot(i) for i in range(workers)]
         # asyncio.Event binds to a loop on first wait, not here
@@ -323,6 +342,7 @@ class Supervisor:
             data = b""
         if data and slot.ready_fd == fd:
             slot.ready = True
+            self._ever_ready = True
             self._notify()
         if not data:
             self._close_ready(slot, fd)
@@ -354,6 +374,16 @@ class Supervisor:
                 code,
             )
             self._fatal = EX_CONFIG
+            self._stop.set()
+            self._notify()
+            return
+        if code == EX_START and not self._ever_ready:
+            log.error(
+                "worker %d (pid %d) could not start the app (its line above says why); stopping",
+                slot.index,
+                proc.pid,
+            )
+            self._fatal = 1
             self._stop.set()
             self._notify()
             return
@@ -565,22 +595,31 @@ def worker_main(spec: WorkerSpec) -> int:
     if not spec.consume:
         app.consume = False
     ready_fd = spec.ready_fd
+    ready = False
+
+    def tell_ready() -> None:
+        nonlocal ready
+        ready = True
+        if ready_fd is not None:
+            _tell_ready(ready_fd)
+
     try:
         if spec.http is not None:
             # ready once the port listens, not merely once the app started
-            on_listen = None if ready_fd is None else (lambda: _tell_ready(ready_fd))
-            _serve_http(spec, app, on_listen)
+            _serve_http(spec, app, tell_ready)
         else:
-            if ready_fd is not None:
 
-                async def started() -> None:
-                    _tell_ready(ready_fd)
+            async def started() -> None:
+                tell_ready()
 
-                app.on_start(started)
+            app.on_start(started)
             app.run()
     except ConfigurationError as exc:
         log.error("%s", exc)
         return EX_CONFIG
+    except SurgeError as exc:
+        log.error("%s", one_line(exc))  # as surge run prints in one process
+        return 1 if ready else EX_START
     finally:
         # The app's loop (and its SIGTERM handler) is gone; the process
         # still has its interpreter to end. A SIGTERM now (the supervisor's
