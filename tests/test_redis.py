@@ -319,6 +319,40 @@ async def test_broker_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
         assert all(r.levelno == logging.WARNING for r in logs.records)
 
 
+async def test_a_server_busy_running_a_script_is_waited_out(tmp_path: Path) -> None:
+    """A server stuck in another client's script answers BUSY (past
+    ``busy-reply-threshold``): a publish and the consumer's reads wait it
+    out as they wait out a lost connection, and nothing is raised to the
+    caller (issue 21: a transient broker error is retried in the transport)."""
+    with (
+        redis_server(tmp_path, extra=("--busy-reply-threshold", "50")) as (url, _),
+        _captured() as logs,
+    ):
+        app = surge.App("busy", transport=RedisTransport(url, reconnect_timeout=30))
+        seen, done = _counter(app, 2)
+        async with app:
+            await app.publish(Num(n=1))
+            other = Redis.from_url(url)
+            busy = logs.expect("BUSY")
+            stuck = asyncio.ensure_future(other.eval("while true do end", 0))  # type: ignore[misc]
+            await _until(busy, 10, "a WARNING about the busy server")
+            told = logs.expect("publish: ResponseError: BUSY")
+            publishing = asyncio.ensure_future(app.publish(Num(n=2)))
+            await _until(told, 10, "the publish meeting the busy server")
+            assert not publishing.done()
+            killer = Redis.from_url(url)
+            await killer.script_kill()
+            with pytest.raises(redis.exceptions.ResponseError, match="killed"):
+                await stuck
+            await publishing
+            await _until(done, 10, "both events handled")
+            await app.drain()
+            await other.aclose()
+            await killer.aclose()
+        assert sorted(set(seen)) == [1, 2]
+        assert all(r.levelno == logging.WARNING for r in logs.records)
+
+
 async def test_broker_restart_without_persistence_recreates_groups(tmp_path: Path) -> None:
     """A broker that comes back empty gets its groups declared again by their
     consumers, and new events flow within 5 s of its return."""

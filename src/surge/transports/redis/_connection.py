@@ -42,7 +42,7 @@ from ..._errors import Closed, ConfigurationError, TransportError
 from ._options import RedisOptions
 from ._scripts import SCRIPTS
 
-__all__ = ("CONNECTION_ERRORS", "Connection")
+__all__ = ("CONNECTION_ERRORS", "Connection", "transient")
 
 log = logging.getLogger("surge.redis")
 
@@ -60,6 +60,17 @@ CONNECTION_ERRORS = (
 )
 
 T = TypeVar("T")
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether ``exc`` passes if waited out: a lost or timed-out connection,
+    a failover (CONNECTION_ERRORS, LOADING among them: redis-py's
+    ``BusyLoadingError`` is a ``ConnectionError``), or a server busy running
+    a script past ``busy-reply-threshold`` (``BUSY``, which redis-py gives as
+    a plain ``ResponseError``)."""
+    if isinstance(exc, CONNECTION_ERRORS):
+        return True
+    return isinstance(exc, rexc.ResponseError) and str(exc).startswith("BUSY")
 
 
 def _raw(response: Any, **options: Any) -> Any:
@@ -85,6 +96,7 @@ class Connection:
         "_reconnect_timeout",
         "_redis_options",
         "_released",
+        "_said",
         "_scripts",
         "_url",
         "_wait",
@@ -116,6 +128,7 @@ class Connection:
         self.healthy = False
         """False while the broker cannot be reached; see ``last_error``."""
         self.last_error: str | None = None
+        self._said: set[str] = set()  # the failures logged since the last success
         self._public_url = options.url
         self._prefix = options.prefix
         self._wait = options.wait
@@ -316,7 +329,9 @@ class Connection:
             r = self.client()
             try:
                 result = await op(r)
-            except CONNECTION_ERRORS as exc:
+            except (rexc.RedisError, OSError) as exc:
+                if not transient(exc):
+                    raise self.error(exc, doing) from exc
                 task = asyncio.current_task()
                 if task is not None and task.cancelling():
                     raise asyncio.CancelledError from exc  # a cancel redis-py swallowed
@@ -325,8 +340,6 @@ class Connection:
                 self.failed(exc, doing)
                 delay = await self.backoff(delay)
                 continue
-            except rexc.RedisError as exc:
-                raise self.error(exc, doing) from exc
             self.ok()
             return result
 
@@ -341,10 +354,15 @@ class Connection:
             if self.last_error is not None:
                 log.warning("redis: connection restored")
             self.healthy = True
+            self._said.clear()
 
     def failed(self, exc: BaseException, doing: str) -> None:
-        msg = f"{doing}: {exc!r}"
-        if self.healthy or msg != self.last_error:
+        # redis-py's repr of its errors hides the server's words ("server:
+        # ResponseError"): name the class and say the message. Each failure
+        # once per outage, however many tasks meet it in turn.
+        msg = f"{doing}: {type(exc).__name__}: {exc}"
+        if msg not in self._said:
+            self._said.add(msg)
             log.warning("redis: %s; retrying", msg)
         self.healthy = False
         self.last_error = msg

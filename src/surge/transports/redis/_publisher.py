@@ -23,7 +23,7 @@ from ..._clock import Clock
 from ..._codec import Codec
 from ..._errors import Closed, Overloaded, TransportError
 from ..._event import Envelope
-from ._connection import CONNECTION_ERRORS, Connection
+from ._connection import Connection, transient
 from ._options import RedisOptions
 from ._registry import Registry
 
@@ -296,14 +296,12 @@ class Publisher:
                 added = await conn.run(
                     "publish", keys=[registry.keys.version], args=args, client=r, replicated=True
                 )
-            except CONNECTION_ERRORS as exc:
-                if conn.closed or clock.monotonic() > deadline:
+            except (rexc.RedisError, OSError) as exc:
+                if not transient(exc) or conn.closed or clock.monotonic() > deadline:
                     raise conn.error(exc, "publish") from exc
                 conn.failed(exc, "publish")
                 delay = await conn.backoff(delay)
                 continue
-            except rexc.RedisError as exc:
-                raise conn.error(exc, "publish") from exc
             conn.ok()
             if added == -1:  # a group was declared since we routed: reroute
                 await registry.load()

@@ -101,7 +101,11 @@ class Registry:
                 "sweep", keys=[k.registry, k.version, k.registry_parts], args=[k.prefix]
             )
         except rexc.RedisError as exc:  # housekeeping: never fatal
-            log.warning("redis: could not sweep the inboxes of dead processes: %r", exc)
+            log.warning(
+                "redis: could not sweep the inboxes of dead processes: %s: %s",
+                type(exc).__name__,
+                exc,
+            )
             return
         if n:
             log.info("redis: removed %d reply inboxes of processes that are gone", n)

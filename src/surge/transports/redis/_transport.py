@@ -233,7 +233,7 @@ class RedisTransport:
                     else:
                         await g.leave(r)
             except Exception as exc:  # closing anyway: say so, do not raise
-                log.warning("redis: cleanup at close failed: %r", exc)
+                log.warning("redis: cleanup at close failed: %s: %s", type(exc).__name__, exc)
         finally:
             # Even when the close is cut (an app's stop bounds it and cancels
             # it at its deadline): the pool's sockets are closed, and a
