@@ -334,7 +334,7 @@ async def test_a_server_busy_running_a_script_is_waited_out(tmp_path: Path) -> N
             await app.publish(Num(n=1))
             other = Redis.from_url(url)
             busy = logs.expect("BUSY")
-            stuck = asyncio.ensure_future(other.eval("while true do end", 0))  # type: ignore[misc]
+            stuck = asyncio.ensure_future(other.eval("while true do end", 0))
             await _until(busy, 10, "a WARNING about the busy server")
             told = logs.expect("publish: ResponseError: BUSY")
             publishing = asyncio.ensure_future(app.publish(Num(n=2)))
