@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -450,3 +451,80 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
         await app.publish(A(user=1), key="1")
         await asyncio.wait_for(app.drain(), 60)
     assert fired == ["1"]
+
+
+@pytest.mark.realtime
+async def test_a_stalled_owners_state_save_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An app stalls (its loop blocked) between loading a key's state and
+    saving it; meanwhile another takes the partition over and takes the
+    key's events in. The stalled save is refused (FencedState), so the key
+    keeps the other's window: the third event fires with all three."""
+    url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
+    fired: list[tuple[str, ...]] = []
+    three = threading.Event()
+    went_on = threading.Event()
+
+    def make() -> surge.App:
+        app = surge.App("f", transport=url)
+
+        @app.when(surge.count(A, by="user", at_least=3, within=60), name="three")
+        async def on_three(m: surge.ConditionMet) -> None:
+            fired.append(m.ids)
+            three.set()
+
+        return app
+
+    def other() -> None:
+        """The other process: takes the partition over once the lease ran out."""
+
+        async def run() -> None:
+            app = make()
+            saves = 0
+            held = surge.capabilities_of(app.transport).fenced_state
+            assert held is not None
+            save = held.save_state_held
+
+            async def counted(key: str, value: bytes, d: surge.Delivery) -> bool:
+                nonlocal saves
+                ok: bool = await save(key, value, d)
+                saves += ok
+                if saves == 2:
+                    went_on.set()
+                return ok
+
+            monkeypatch.setattr(app.transport, "save_state_held", counted)
+            async with app:
+                await asyncio.get_running_loop().run_in_executor(None, three.wait, 30)
+
+        asyncio.run(run())
+
+    stalled = make()
+    thread = threading.Thread(target=other)
+    held = surge.capabilities_of(stalled.transport).fenced_state
+    assert held is not None
+    first = held.save_state_held
+    refused: list[bool] = []
+
+    async def stall_once(key: str, value: bytes, d: surge.Delivery) -> bool:
+        if not thread.is_alive() and not refused:
+            thread.start()
+            # The loop blocked: no lease renewed until the other went on.
+            assert went_on.wait(30), "the other app did not take the key's events"
+            ok: bool = await first(key, value, d)
+            refused.append(not ok)
+            return ok
+        ok = await first(key, value, d)
+        return ok
+
+    monkeypatch.setattr(stalled.transport, "save_state_held", stall_once)
+    async with stalled:
+        # One write: both are stored before the stalled app takes the first.
+        ids = await stalled.publish_many([A(user=7), A(user=7)])
+        await asyncio.get_running_loop().run_in_executor(None, went_on.wait, 30)
+        ids.append(await stalled.publish(A(user=7)))
+        await asyncio.get_running_loop().run_in_executor(None, three.wait, 30)
+    await asyncio.get_running_loop().run_in_executor(None, thread.join, 30)
+    assert fired == [tuple(ids)]
+    assert refused == [True]

@@ -1184,6 +1184,7 @@ class App:
             middleware=self._middleware,
             hands_back=caps.hands_back,
             fences=caps.fences,
+            fenced_state=caps.fenced_state,
             state=caps.state or self._local_state,
             partitions=caps.partitions,
             rng=self._rng,

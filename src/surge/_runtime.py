@@ -19,7 +19,7 @@ from ._clock import Clock
 from ._codec import Codec
 from ._event import Envelope, Event
 from ._middleware import Middleware
-from ._transport import Delivery, Fences, HandsBack, StateStore, Transport
+from ._transport import Delivery, FencedState, Fences, HandsBack, StateStore, Transport
 
 if TYPE_CHECKING:
     from ._app import App, Subscription
@@ -89,6 +89,9 @@ class Runtime:
     """The transport's ``release``, when it has one (else: ``nack(d, 0)``)."""
     fences: Fences | None = None
     """The transport's ``fenced``, asked before each keyed delivery starts."""
+    fenced_state: FencedState | None = None
+    """The transport's ``save_state_held``: a condition's state saved only
+    while its source event's delivery is still this process's."""
     state: StateStore
     """The transport's state store, or one kept in the app's memory."""
     partitions: int = 0

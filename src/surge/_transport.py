@@ -21,6 +21,7 @@ __all__ = (
     "DeadLetter",
     "Delivery",
     "DirectPut",
+    "FencedState",
     "Fences",
     "HandsBack",
     "IdleAware",
@@ -192,6 +193,28 @@ class Fences(Protocol):
 
 
 @runtime_checkable
+class FencedState(Protocol):
+    """A state save that takes effect only while a delivery is still this
+    consumer's (conditions save each key's state before the event's ack).
+
+    A consumer stalled past its lease while handling a keyed delivery (a
+    pause, a blocked loop) may wake after the partition's next owner took
+    the delivery again and went on with later events of its key. Without
+    it, the stalled consumer's save then overwrites the next owner's, and
+    the key forgets what the next owner took in since; with it, that save
+    is refused, and the handling fails (``RetryLater``): what it would have
+    published is not, and the next owner handles the event from the state
+    it saved.
+    """
+
+    async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
+        """``save_state(key, value)`` in one write with a check that
+        ``delivery`` is still leased to this consumer and its lease is not
+        over (at the store's time); False, nothing saved, when it is not."""
+        ...
+
+
+@runtime_checkable
 class KeyRouting(Protocol):
     """Keyed envelopes are routed by ``Envelope.key`` into ``partitions``,
     each read by one consumer at a time, so one key keeps its order across
@@ -299,6 +322,7 @@ class Capabilities:
     outbox: Outbox | None = None
     groups: KnowsGroups | None = None
     fences: Fences | None = None
+    fenced_state: FencedState | None = None
 
     @property
     def partitions(self) -> int:
@@ -318,6 +342,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         outbox=transport if isinstance(transport, Outbox) else None,
         groups=transport if isinstance(transport, KnowsGroups) else None,
         fences=transport if isinstance(transport, Fences) else None,
+        fenced_state=transport if isinstance(transport, FencedState) else None,
     )
 
 

@@ -436,6 +436,37 @@ async def test_the_runner_skips_what_is_fenced_and_nothing_else(
     assert list(dict.fromkeys(numbers)) == list(range(5))
 
 
+# --- FencedState ---------------------------------------------------------------
+async def test_a_state_save_holds_only_while_its_delivery_is_leased(
+    transport_factory: Factory, case: Case, clock: surge.Clock
+) -> None:
+    """save_state_held saves while its keyed delivery's lease is fresh; once
+    the consumer stalled past the whole lease it saves nothing and says so,
+    the stored value stays, and the delivery taken again saves."""
+    _need(_caps(transport_factory).fenced_state, "FencedState", case)
+    async with transport_factory.started(**case.order_options) as t:
+        held = surge.capabilities_of(t).fenced_state
+        store = surge.capabilities_of(t).state
+        assert held is not None
+        assert store is not None
+        await t.declare("g", ["conf.item"])
+        e = env(0)
+        e.key = "k"
+        await t.publish([e])
+        r = Reader(t, "g", prefetch=100)
+        [d] = await r.take(1)
+        assert await held.save_state_held("when:k", b"1", d)
+        _stall(clock, case.order_options.get("lease", 1.0) + 0.2)
+        assert not await held.save_state_held("when:k", b"2", d)
+        assert await store.load_state("when:k") == b"1"
+        [again] = await r.take(1)
+        assert number(again) == 0
+        assert await held.save_state_held("when:k", b"3", again)
+        assert await store.load_state("when:k") == b"3"
+        await t.ack([again])
+        await r.aclose()
+
+
 # --- Outbox --------------------------------------------------------------------
 async def test_outbox_publishes_with_the_callers_commit(
     transport_factory: Factory, case: Case

@@ -27,13 +27,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from .._context import Context
-from .._errors import ConfigurationError
+from .._errors import ConfigurationError, RetryLater
 from .._event import Envelope, Event, derive_id
 from ._subscription import adapt, trigger_name
 
 if TYPE_CHECKING:
     from .._app import App, HandlerOptions
     from .._runtime import Runtime
+    from .._transport import Delivery
 
 __all__ = ("Condition", "ConditionMet", "absence", "count", "sequence", "when")
 
@@ -411,6 +412,9 @@ class _Observer:
         self._runtime: Runtime | None = None
         self._stored = False
         self._state_prefix = ""
+        self.fenced = 0
+        """State saves refused because the source event's lease had run
+        out (``FencedState``): the event went to the partition's next owner."""
         self.misrouted = 0
         """Source events that arrived routed by another key than the
         condition's (on a partitioned transport): their key's firings may
@@ -432,7 +436,7 @@ class _Observer:
         runtime = self._runtime
         assert runtime is not None, "the app runs its parts before its handlers"
         if self._stored:
-            out = await self._observe_stored(runtime, env, event)
+            out = await self._observe_stored(runtime, ctx.delivery, event)
         else:
             seen = self._seen
             cached = seen.get(env.id)
@@ -449,10 +453,12 @@ class _Observer:
             await runtime.publish(list(out))
 
     async def _observe_stored(
-        self, runtime: Runtime, env: Envelope, event: Event
+        self, runtime: Runtime, delivery: Delivery, event: Event
     ) -> list[Envelope]:
         """Take ``event`` in with its key's state from the store, saved
-        again before the ack."""
+        again before the ack (only while ``delivery`` is still ours, where
+        the transport can tell)."""
+        env = delivery.envelope
         key = self._key_of(event)
         route = self.condition.route_of(event)
         if env.key != route:
@@ -470,7 +476,16 @@ class _Observer:
             after = self.engine.detach(key)
         after.seen = saved.seen[-(_SEEN_PER_KEY - 1) :]
         after.seen.append((env.id, hit))
-        await runtime.state.save_state(name, _encode_saved(after))
+        value = _encode_saved(after)
+        held = runtime.fenced_state
+        if held is None:
+            await runtime.state.save_state(name, value)
+        elif not await held.save_state_held(name, value, delivery):
+            # Stalled past the delivery's lease: the partition's next owner
+            # may have gone on from the state loaded here. Publish nothing;
+            # the event is the next owner's to take in.
+            self.fenced += 1
+            raise RetryLater(0.0, f"condition {self.name!r}: the event's lease ran out")
         return self._envelopes(env, event, key, hit)
 
     def _misrouted(self, env: Envelope, route: str) -> None:

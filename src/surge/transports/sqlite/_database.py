@@ -712,6 +712,21 @@ class Database:
             ("state:" + key, value),
         )
 
+    def save_state_held(
+        self, key: str, value: bytes, did: int, token: int, now: Callable[[], float]
+    ) -> bool:
+        """``save_state`` while the delivery row ``did`` still carries the
+        claim ``token`` and its lease is not over; False, nothing written,
+        when it is not. ``now`` is read here, under the write lock: the
+        partition's next owner claims the row only after its lease ends."""
+        cur = self._c.execute(
+            "INSERT INTO meta (key, value) SELECT ?, ? WHERE EXISTS (SELECT 1 FROM "
+            "deliveries WHERE id = ? AND token = ? AND visible_at > ?) "
+            "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            ("state:" + key, value, did, token, now()),
+        )
+        return cur.rowcount == 1
+
     def stats(self, gid: int, now: float) -> tuple[int, int, int, int]:
         conn = self._c
         backlog, pending, scheduled = conn.execute(

@@ -55,7 +55,8 @@ class SqliteTransport:
 
     Capabilities: ``HandsBack`` (``release``), ``KeyRouting``
     (``partitions``), ``Fences`` (``fenced``), ``IdleAware`` (``idle``,
-    ``wait_idle``) and ``StateStore`` (``load_state``, ``save_state``).
+    ``wait_idle``), ``StateStore`` (``load_state``, ``save_state``) and
+    ``FencedState`` (``save_state_held``).
     """
 
     durable = True
@@ -588,6 +589,17 @@ class SqliteTransport:
     async def save_state(self, key: str, value: bytes) -> None:
         self._check_open()
         await self._thread.submit(self._db.save_state, key, value)
+
+    async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
+        """``save_state`` fenced by ``delivery``'s lease (``FencedState``)."""
+        lease = self._lease_of(delivery)
+        if lease.settled:
+            return False  # forgotten at a lapse of its partition
+        self._check_open()
+        saved: bool = await self._thread.submit(
+            self._db.save_state_held, key, value, lease.did, lease.token, self.clock.time
+        )
+        return saved
 
     async def stats(self, group: str) -> TransportStats:
         self._check_open()
