@@ -248,12 +248,48 @@ async def test_calls_queued_while_waiting_for_the_lock_commit_with_the_waiter(db
         proceed.set()
         await asyncio.gather(first, *later, check, last)
         # one transaction for the four saves (the last joined wrote last),
-        # then the checkpoint alone, then the rest
+        # then the checkpoint alone, then the rest (the read after the
+        # write of its batch, see the next test)
         assert database.transactions - before == 2
         assert settled == [None, None, None], "each joined call is settled once"
-        assert await after == b"4"
+        assert await after == b"5"
         assert await thread.submit(database.load_state, "k", write=False) == b"5"
     finally:
         proceed.set()
         other.close()
+        await thread.stop()
+
+
+async def test_reads_run_after_their_batchs_writes_outside_the_write_lock(db: Path) -> None:
+    """A batch of reads and writes commits the writes, lets the write lock
+    go, then runs the reads: the other processes do not wait for them, and
+    each read sees at least what was committed when it was queued."""
+    from surge._clock import RealClock
+    from surge.transports.sqlite._database import Database
+    from surge.transports.sqlite._thread import DatabaseThread
+
+    database = Database(
+        db,
+        synchronous="normal",
+        busy_timeout=10.0,
+        check="off",
+        max_size=None,
+        dedup_window=60.0,
+        partitions=4,
+    )
+    thread = DatabaseThread(database, RealClock())
+    thread.start(asyncio.get_running_loop())
+    await thread.submit(database.open)
+    gate = threading.Event()
+    try:
+        # the thread is busy, so what comes next is queued as one batch
+        busy = thread.submit(lambda: gate.wait(10.0), write=False)
+        read = thread.submit(lambda: (database.writer.held, database.load_state("k")), write=False)
+        write = thread.submit(database.save_state, "k", b"v")
+        gate.set()
+        assert await busy
+        await write
+        assert await read == (False, b"v")
+    finally:
+        gate.set()
         await thread.stop()

@@ -172,6 +172,20 @@ class Database:
                 else:
                     batch.append(job)
             return
+        if not all(j.write for j in jobs) and any(j.write for j in jobs):
+            # Reads wait for the writes' commit and run after it, outside
+            # the write lock, which the other processes wait for: a read
+            # sees at least what was committed when it was queued.
+            writes = [j for j in jobs if j.write]
+            self._settled(writes, more)
+            self._settled([j for j in jobs if not j.write], None)
+            jobs[:] = writes + [j for j in jobs if not j.write]
+            return
+        self._settled(jobs, more)
+
+    def _settled(self, jobs: list[Job], more: Callable[[], list[Job]] | None) -> None:
+        """Run ``jobs`` in one transaction (see :meth:`run`), each ending with
+        a result or an error."""
         try:
             self._transaction(jobs, more)
         except Exception as exc:
