@@ -18,7 +18,7 @@ from surge import VirtualClock
 from surge._event import Envelope
 from surge.triggers._conditions import _Hit
 
-from ._servers import shared_nats_url, shared_redis_url
+from ._servers import shared_nats_url, shared_postgres_url, shared_redis_url
 
 T0 = 1_767_225_600.0
 
@@ -454,14 +454,18 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
 
 
 @pytest.mark.realtime
+@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 async def test_a_stalled_owners_state_save_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """An app stalls (its loop blocked) between loading a key's state and
     saving it; meanwhile another takes the partition over and takes the
     key's events in. The stalled save is refused (FencedState), so the key
     keeps the other's window: the third event fires with all three."""
-    url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
+    else:
+        url = shared_postgres_url() + "&lease=1"
     fired: list[tuple[str, ...]] = []
     three = threading.Event()
     went_on = threading.Event()

@@ -41,8 +41,8 @@ class PostgresTransport:
     (see :mod:`surge.transports.postgres`).
 
     Besides ``Transport`` it implements ``HandsBack``, ``KeyRouting``,
-    ``Fences``, ``IdleAware``, ``KnowsGroups``, ``Outbox`` and ``StateStore``
-    (``surge._transport``).
+    ``Fences``, ``IdleAware``, ``KnowsGroups``, ``Outbox``, ``StateStore`` and
+    ``FencedState`` (``surge._transport``).
     """
 
     durable = True
@@ -580,6 +580,29 @@ class PostgresTransport:
             key,
             value,
         )
+
+    async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
+        """``save_state`` fenced by ``delivery``'s lease (``FencedState``):
+        the row is locked while its claim's token is still there, so a next
+        owner's claim of it waits for this write and its load sees it."""
+        lease = self._lease_of(delivery)
+        if lease.settled:
+            return False  # forgotten at a lapse of its partition
+        self._check_open()
+        saved = await self._db.fetchval(
+            self.schema.q(
+                "WITH held AS (SELECT id FROM {s}.deliveries WHERE id = $3 AND token = $4 "
+                "AND visible_at > $5 FOR UPDATE) "
+                "INSERT INTO {s}.state (key, value) SELECT $1, $2 FROM held "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value RETURNING true"
+            ),
+            key,
+            value,
+            lease.did,
+            lease.token,
+            self.clock.time(),
+        )
+        return saved is True
 
     async def stats(self, group: str) -> TransportStats:
         self._check_open()
