@@ -18,7 +18,7 @@ from surge import VirtualClock
 from surge._event import Envelope
 from surge.triggers._conditions import _Hit
 
-from ._servers import shared_nats_url, shared_postgres_url, shared_redis_url
+from ._servers import shared_nats_url, shared_redis_url
 
 T0 = 1_767_225_600.0
 
@@ -454,18 +454,18 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
 
 
 @pytest.mark.realtime
-@pytest.mark.parametrize("kind", ["sqlite", "postgres"])
 async def test_a_stalled_owners_state_save_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """An app stalls (its loop blocked) between loading a key's state and
     saving it; meanwhile another takes the partition over and takes the
     key's events in. The stalled save is refused (FencedState), so the key
     keeps the other's window: the third event fires with all three."""
-    if kind == "sqlite":
-        url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
-    else:
-        url = shared_postgres_url() + "&lease=1"
+    # sqlite only: on postgres a loop blocked inside its partition round's
+    # transaction holds the group's rows, and the other app cannot take the
+    # partition over until it resumes (postgres's fenced save is in the
+    # conformance suite, on one transport).
+    url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
     fired: list[tuple[str, ...]] = []
     three = threading.Event()
     went_on = threading.Event()
@@ -512,7 +512,7 @@ async def test_a_stalled_owners_state_save_is_refused(
     refused: list[bool] = []
 
     async def stall_once(key: str, value: bytes, d: surge.Delivery) -> bool:
-        if not thread.is_alive() and not refused:
+        if thread.ident is None:
             thread.start()
             # The loop blocked: no lease renewed until the other went on.
             assert went_on.wait(30), "the other app did not take the key's events"
