@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import random
 import signal
@@ -317,6 +318,37 @@ async def wait_for(
         if loop.time() - start > timeout:
             raise TimeoutError(f"{what} did not hold within {timeout}s")
         await asyncio.sleep(interval)
+
+
+async def stop_process(pid: int, sqlite_file: Path | None = None) -> None:
+    """SIGSTOP ``pid``; with ``sqlite_file``, at a moment it holds no write
+    lock on it. A process frozen inside a write transaction stalls every
+    writer of the file until it resumes or dies (SQLite's lock cannot be
+    taken from it: docs/guarantees.md), a fault other than a stalled
+    worker's. While stopped it cannot take the lock, and the other writers
+    hold it a transaction at a time: if it is not free within 0.5 s, the
+    stopped one holds it; resume it and stop it again. (No notification
+    exists for a flock being given back: a short bounded poll.)"""
+    if sqlite_file is None:
+        os.kill(pid, signal.SIGSTOP)
+        return
+    fd = os.open(f"{sqlite_file}-lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for _ in range(40):
+            os.kill(pid, signal.SIGSTOP)
+            for _ in range(50):
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+                    continue
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            os.kill(pid, signal.SIGCONT)
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"process {pid} held {sqlite_file}'s write lock at every stop")
+    finally:
+        os.close(fd)
 
 
 # --- producers, killer, drain -----------------------------------------------------

@@ -28,6 +28,7 @@ from ._jepsen import (
     read_keyed_records,
     run_crash,
     run_keyed_crash,
+    stop_process,
     tally,
     wait_for,
     worker_env,
@@ -154,7 +155,7 @@ async def test_a_stopped_keyed_worker_starts_none_of_what_moved_on(
             before = read_keyed_records(records)
             stopped = before[-1].pid
             its_keys = {r.key for r in before if r.pid == stopped}
-            os.kill(stopped, signal.SIGSTOP)
+            await stop_process(stopped, tmp_path / "jepsen.db" if kind == "sqlite" else None)
             t_stop = loop.time()
             try:
                 await wait_for(

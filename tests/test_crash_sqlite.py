@@ -32,6 +32,7 @@ from ._jepsen import (
     publish_process,
     read_acked,
     read_records,
+    stop_process,
     wait_for,
     worker_env,
 )
@@ -61,7 +62,7 @@ async def test_a_stopped_worker_loses_its_lease(tmp_path: Path) -> None:
         await wait_for(lambda: len(starts()) == 1, timeout=10, what="first attempt")
         [(stopped, attempt)] = starts()
         assert attempt == 1
-        os.kill(stopped, signal.SIGSTOP)
+        await stop_process(stopped, tmp_path / "stop.db")
         t_stop = loop.time()
         try:
             await wait_for(lambda: len(starts()) == 2, timeout=lease + 5, what="redelivery")

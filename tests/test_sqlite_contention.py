@@ -174,6 +174,33 @@ def test_a_waiter_that_never_takes_its_turn_delays_the_writer_briefly(
     assert lock.yields == 1
 
 
+def test_a_writer_stopped_inside_its_probe_does_not_hang_the_waiters(
+    lock: WriteLock, other: Other, fake: FakeTime
+) -> None:
+    """A writer stopped (SIGSTOP) while it holds the lock and its
+    contended() probe (the queue file, exclusively) leaves the others
+    waiting only up to their bound: marking itself waiting never blocks."""
+    other.take()
+    fcntl.flock(other.queue_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # stopped mid-probe
+    outcome: list[BaseException | None] = []
+
+    def acquire() -> None:
+        try:
+            lock.acquire()
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    waiter = threading.Thread(target=acquire, daemon=True)
+    waiter.start()
+    waiter.join(10.0)
+    assert not waiter.is_alive(), "acquire blocked on the queue file"
+    [exc] = outcome
+    assert isinstance(exc, surge.TransportError)
+    assert "locked by another process" in str(exc)
+    assert not lock.held
+
+
 def test_two_transports_in_one_process_exclude_each_other(db: Path) -> None:
     """The lock belongs to an open file, not to a process: a second WriteLock
     on the same file in the same process cannot take it while the first holds it."""

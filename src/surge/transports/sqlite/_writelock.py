@@ -130,7 +130,10 @@ class WriteLock:
         self.waits += 1
         queue = self._queue
         assert queue is not None
-        fcntl.flock(queue, fcntl.LOCK_SH)  # "I am waiting", seen by contended()
+        # "I am waiting", seen by contended(); never a blocking flock: a
+        # writer stopped (SIGSTOP, a VM pause) inside its contended() probe
+        # holds the queue file exclusively, and the bound must still hold
+        marked = self._mark(queue)
         try:
             nap = _FIRST_NAP
             while not self._try(lock):
@@ -141,8 +144,18 @@ class WriteLock:
                     )
                 self._sleep(nap)
                 nap = min(_LONGEST_NAP, nap * 2)
+                marked = marked or self._mark(queue)
         finally:
-            fcntl.flock(queue, fcntl.LOCK_UN)
+            if marked:
+                fcntl.flock(queue, fcntl.LOCK_UN)
+
+    @staticmethod
+    def _mark(queue: int) -> bool:
+        try:
+            fcntl.flock(queue, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False  # a writer is probing (or stopped while probing)
+        return True
 
     def _try(self, lock: int) -> bool:
         try:
