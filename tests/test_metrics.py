@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
+import subprocess
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from surge.observe import (
     BUCKETS,
     METRICS_DIR_ENV,
     Instruments,
+    Snapshot,
     instrument,
+    merge,
     mount,
     quantile,
     read_directory,
@@ -227,8 +231,6 @@ async def test_two_workers_sum_their_metrics(tmp_path: Path) -> None:
     """Two supervised worker processes on sqlite: the metrics directory sums both exactly."""
     url = f"sqlite:///{tmp_path / 'm.db'}"
     directory = tmp_path / "metrics"
-    import os
-
     env = dict(os.environ, **{METRICS_DIR_ENV: str(directory)})
     sup = Supervisor(APP_REF, url, 2, env=env, shutdown_timeout=10.0)
     running = asyncio.create_task(sup.run())
@@ -259,3 +261,43 @@ async def test_two_workers_sum_their_metrics(tmp_path: Path) -> None:
     want = expected(COUNT)
     assert {k: getattr(sub.stats, k) for k in want} == want
     assert sum(sub.duration) == want["received"]
+
+
+async def test_resident_memory_is_reported_and_exported() -> None:
+    """statistics() reads the process's resident memory, and /metrics
+    exports it as surge_resident_memory_bytes."""
+    app = surge.App("metered")
+    mount(app.http)
+    async with app:
+        before = app.statistics().resident_memory
+        held = b"\x01" * (16 << 20)  # resident: written, not just mapped
+        stats = app.statistics()
+        status, body = await asgi_get(app, "/metrics")
+    assert status == 200
+    assert before is not None
+    assert stats.resident_memory is not None
+    assert stats.resident_memory - before >= len(held) * 0.9
+    exported = metric(body.decode(), "surge_resident_memory_bytes", app="metered")
+    # read again at the scrape: the same process, within a few MiB
+    assert abs(exported - stats.resident_memory) < 4 << 20
+
+
+def test_workers_resident_memory_is_summed_over_the_live_ones() -> None:
+    """Several workers' snapshots sum their resident memory over the live
+    processes that told (an exited one's memory is gone); None when none did."""
+    gone = subprocess.Popen(["true"])  # a pid that no longer runs
+    gone.wait()
+    me = os.getpid()
+    snaps = [
+        Snapshot(app="metered", pid=me, subscriptions={}, resident_memory=100),
+        Snapshot(app="metered", pid=me, subscriptions={}, resident_memory=20),
+        Snapshot(app="metered", pid=me, subscriptions={}),  # could not tell
+        Snapshot(app="metered", pid=gone.pid, subscriptions={}, resident_memory=1000),
+    ]
+    merged = merge(snaps)
+    assert merged is not None
+    assert merged.resident_memory == 120
+    assert merged.statistics().resident_memory == 120
+    unknown = merge(snaps[2:])
+    assert unknown is not None
+    assert unknown.resident_memory is None

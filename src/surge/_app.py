@@ -52,6 +52,7 @@ from ._event import (
 )
 from ._event import ids as _ids
 from ._lag import LoopLag
+from ._memory import resident_memory
 from ._middleware import Middleware
 from ._routing import Routing
 from ._runtime import LocalState, Observer, Part, Runtime, Timings
@@ -1398,6 +1399,7 @@ class App:
             rejected_replies=self._rejected_replies,
             loop_lag=self._lag.last,
             loop_lag_max=self._lag.max,
+            resident_memory=resident_memory(),
         )
 
     def _group(self, subscription: str | Callable[..., Any] | None) -> str | None:

@@ -37,3 +37,7 @@ class AppStats(msgspec.Struct, frozen=True, kw_only=True):
     """How late the event loop ran at the last look (seconds; see ``surge._lag``)."""
     loop_lag_max: float = 0.0
     """The longest the event loop was held since the app started (seconds)."""
+    resident_memory: int | None = None
+    """The process's resident memory now (bytes; every app of the process
+    shares it), read when asked; None where the platform does not tell
+    (see ``surge._memory``)."""

@@ -132,6 +132,14 @@ def families(app: App) -> Iterator[Any]:
     )
     lag.add_metric((app_name,), snap.loop_lag_max)
     yield lag
+    if snap.resident_memory is not None:
+        memory = GaugeMetricFamily(
+            "surge_resident_memory_bytes",
+            "Resident memory of the app's processes now (summed over the live workers)",
+            labels=("app",),
+        )
+        memory.add_metric((app_name,), snap.resident_memory)
+        yield memory
     unroutable = CounterMetricFamily(
         "surge_unroutable",
         "Publishes that no group declared on the transport received (dropped), by topic",

@@ -204,6 +204,9 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     processes: int = 1
     loop_lag_max: float = 0.0
     """The longest any of the processes' event loops was held (seconds)."""
+    resident_memory: int | None = None
+    """Resident memory in bytes: the process's, or the sum of the live
+    processes' that told (None when none did)."""
     unroutable: dict[str, int] = msgspec.field(default_factory=dict)
     """Publishes no declared group received, by topic (summed over processes)."""
 
@@ -214,6 +217,7 @@ class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
             pending_requests=self.pending_requests,
             rejected_replies=self.rejected_replies,
             loop_lag_max=self.loop_lag_max,
+            resident_memory=self.resident_memory,
         )
 
 
@@ -244,6 +248,7 @@ def snapshot(app: App) -> Snapshot:
         pending_requests=stats.pending_requests,
         rejected_replies=stats.rejected_replies,
         loop_lag_max=stats.loop_lag_max,
+        resident_memory=stats.resident_memory,
         unroutable=stats.unroutable,
     )
 
@@ -277,6 +282,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
     subs: dict[str, dict[str, Any]] = {}
     pending = rejected = 0
     lag = 0.0
+    memory: int | None = None
     unroutable: dict[str, int] = {}
     for snap in items:
         rejected += snap.rejected_replies
@@ -286,6 +292,8 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
         if live:
             pending += snap.pending_requests
             lag = max(lag, snap.loop_lag_max)
+            if snap.resident_memory is not None:
+                memory = (memory or 0) + snap.resident_memory
         for name, s in snap.subscriptions.items():
             acc = subs.setdefault(
                 name,
@@ -317,6 +325,7 @@ def merge(snapshots: Iterable[Snapshot]) -> Snapshot | None:
         rejected_replies=rejected,
         processes=len(items),
         loop_lag_max=lag,
+        resident_memory=memory,
         unroutable=unroutable,
     )
 
