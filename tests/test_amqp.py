@@ -5,18 +5,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiormq
 import pytest
 
 import surge
+from surge._clock import RealClock
 from surge._transport import capabilities_of
 from surge.transports import open_transport
 from surge.transports.amqp import AmqpTransport
+from surge.transports.amqp._link import LOST, Link
 
-from ._servers import rabbit_server, shared_amqp_url
+from ._servers import rabbit_server, shared_amqp_url, shared_rabbit
 from .conformance._helpers import Item, Reader, env, number
 
 pytestmark = pytest.mark.realtime
@@ -313,3 +316,48 @@ async def test_connection_reset_loses_no_acked_event(amqp_log: _LogEvents) -> No
         assert missing == [], f"lost: {missing[:10]}"
     finally:
         await proxy.close()
+
+
+def _first_step(coro: Coroutine[Any, Any, Any]) -> BaseException | str:
+    """Run ``coro`` up to its first suspension, here and now (no other task
+    runs meanwhile): the exception it raised, or what it did."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return "returned"
+    except BaseException as exc:
+        return exc
+    coro.close()
+    return "suspended"
+
+
+async def test_a_dropped_connection_is_down_before_the_link_has_seen_it() -> None:
+    """In the loop turns between a connection's drop and the link's watcher
+    seeing it: the link is not connected and ``channel()`` raises a
+    lost-connection error. (It raised aiormq's RuntimeError, which dropped
+    publish_nowait's messages; once that was caught, a publisher that took
+    the link for connected looped without yielding, and the watcher never
+    ran.) Then ``wait_up()`` returns with the next connection."""
+    link = Link(shared_rabbit().url, clock=RealClock())
+    await link.open()
+    try:
+        conn = link._conn  # dropped from under the link below
+        assert conn is not None
+        first = link.generation
+        seen: list[tuple[bool, BaseException | str]] = []
+        # the watcher observes the drop the same way, and was first: this
+        # callback runs after its observer's, before the watcher's task does
+        conn.closing.add_done_callback(
+            lambda _: seen.append((link.connected, _first_step(link.channel())))
+        )
+        await conn.close()
+        await link.wait_up(timeout=20)
+        [(connected, channel)] = seen
+        assert not connected
+        assert isinstance(channel, LOST), channel
+        assert link.connected
+        assert link.generation == first + 1
+        ch = await link.channel()
+        await ch.close()
+    finally:
+        await link.close()

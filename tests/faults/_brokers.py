@@ -10,7 +10,13 @@ from typing import Any
 
 from surge.transports import Transport, open_transport
 
-from .._servers import drop_postgres_schema, nats_server, redis_server, shared_postgres
+from .._servers import (
+    drop_postgres_schema,
+    nats_server,
+    redis_server,
+    shared_postgres,
+    shared_rabbit,
+)
 from ._proxy import Proxy
 
 __all__ = ("OPTIONS", "broker", "transport")
@@ -23,6 +29,9 @@ OPTIONS: dict[str, tuple[str, dict[str, Any]]] = {
     "redis": ("?lease=2&socket_timeout=2&reconnect_timeout=30", {}),
     "nats": ("?stream=faults&lease=2", {"ack_timeout": 2.0}),
     "postgres": ("?lease=2", {}),
+    # heartbeat (aiormq's, sent every heartbeat / 2; the connection is given
+    # up after (heartbeat + 1) * 3 s of silence; RabbitMQ's after about two)
+    "amqp": ("?lease=2&heartbeat=2", {"publish_timeout": 30.0}),
 }
 
 
@@ -44,6 +53,16 @@ async def broker(kind: str, tmp_path: Path, **query: Any) -> AsyncIterator[tuple
                 finally:
                     proxy.heal()
                     drop_postgres_schema(f"x?schema={schema}")
+            return
+        if kind == "amqp":
+            # the session's node, names under a prefix of their own
+            prefix = f"faults{uuid.uuid4().hex[:12]}"
+            async with Proxy(shared_rabbit().port) as proxy:
+                url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/{base}{extra}"
+                try:
+                    yield f"{url}&prefix={prefix}", proxy
+                finally:
+                    proxy.heal()
             return
         if kind == "redis":
             _, server = stack.enter_context(redis_server(tmp_path))

@@ -54,7 +54,7 @@ async def run_outage(
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("fault", ["blackhole", "reset"])
-@pytest.mark.parametrize("kind", ["redis", "nats", "postgres"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "postgres", "amqp"])
 async def test_broker_unreachable_mid_run_then_back(tmp_path: Path, kind: str, fault: str) -> None:
     """The broker is blackholed (or every connection reset) for 5 s under
     load: nothing acknowledged is lost, and within 10 s of the heal

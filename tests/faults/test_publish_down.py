@@ -2,11 +2,12 @@
 
 ``publish`` waits up to its transport's bound (redis: ``reconnect_timeout``
 plus one ``socket_timeout`` for the attempt on the wire; nats:
-``publish_timeout``, checked every ``ack_timeout / 2``) and then raises
-:class:`~surge.TransportError`. ``publish_nowait`` accepts into a bounded
-buffer (redis ``buffer``, nats ``max_pending``) and raises
-:class:`~surge.Overloaded` once it is full; everything it accepted is
-handled after the broker is back.
+``publish_timeout``, checked every ``ack_timeout / 2``; postgres:
+``reconnect_timeout`` plus one ``command_timeout``; amqp:
+``publish_timeout``) and then raises :class:`~surge.TransportError`.
+``publish_nowait`` accepts into a bounded buffer (redis ``buffer``, the
+others ``max_pending``) and raises :class:`~surge.Overloaded` once it is
+full; everything it accepted is handled after the broker is back.
 """
 
 from __future__ import annotations
@@ -35,12 +36,21 @@ class Sent(surge.Event):
 BOUNDS = {
     "redis": ({"reconnect_timeout": 2}, {}, 2.0 + 2.0),
     "nats": ({}, {"publish_timeout": 2.0, "ack_timeout": 0.5}, 2.0 + 0.25),
+    "postgres": ({"reconnect_timeout": 2, "command_timeout": 1}, {}, 2.0 + 1.0),
+    "amqp": ({}, {"publish_timeout": 2.0}, 2.0),
+}
+# the option that bounds what publish_nowait accepts and has not stored yet
+BUFFER = {
+    "redis": "buffer",
+    "nats": "max_pending",
+    "postgres": "max_pending",
+    "amqp": "max_pending",
 }
 
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault", ["blackhole", "reset"])
-@pytest.mark.parametrize("kind", ["redis", "nats"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "postgres", "amqp"])
 async def test_publish_while_the_broker_is_down_raises_within_its_bound(
     tmp_path: Path, kind: str, fault: str
 ) -> None:
@@ -80,14 +90,14 @@ async def test_publish_while_the_broker_is_down_raises_within_its_bound(
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("fault", ["blackhole", "reset"])
-@pytest.mark.parametrize("kind", ["redis", "nats"])
+@pytest.mark.parametrize("kind", ["redis", "nats", "postgres", "amqp"])
 async def test_publish_nowait_raises_overloaded_when_full_and_delivers_what_it_accepted(
     tmp_path: Path, kind: str, fault: str
 ) -> None:
     """With the broker unreachable, ``publish_nowait`` accepts up to its buffer
     (50) and then raises Overloaded; after the heal every accepted event is
     handled, none lost."""
-    query = {"buffer": 50} if kind == "redis" else {"max_pending": 50}
+    query = {BUFFER[kind]: 50}
     async with broker(kind, tmp_path, **query) as (url, proxy):
         app = surge.App("faults-nowait", transport=transport(kind, url))
         handled: set[int] = set()

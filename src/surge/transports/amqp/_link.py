@@ -99,13 +99,23 @@ class Link:
         self.last_error: str | None = None
         self._conn: aiormq.abc.AbstractConnection | None = None
         self._up = asyncio.Event()
+        # set once _watch has seen the current connection drop (or at close)
+        self._seen_down = asyncio.Event()
         self._hooks: list[Hook] = []
         self._watcher: asyncio.Task[None] | None = None
         self._closed = True
 
     @property
     def connected(self) -> bool:
-        return self._up.is_set()
+        return self._up.is_set() and self._usable()
+
+    def _usable(self) -> bool:
+        """The current connection is open. A connection that dropped is
+        closed at once, while ``_up`` stays set until ``_watch`` runs: a
+        caller that took ``_up`` alone for a connection, and looped without
+        waiting, would keep ``_watch`` from ever running."""
+        conn = self._conn
+        return conn is not None and not conn.is_closed
 
     @property
     def closed(self) -> bool:
@@ -141,6 +151,7 @@ class Link:
         self._conn = conn
         self.generation += 1
         self.last_error = None
+        self._seen_down.clear()
         self._up.set()
 
     def _ended(self) -> bool:
@@ -156,6 +167,7 @@ class Link:
             if self._ended():
                 return
             self._up.clear()
+            self._seen_down.set()
             self.last_error = "connection lost"
             log.warning("lost the connection to RabbitMQ at %s; reconnecting", safe_url(self.url))
             pause = 0.1
@@ -183,7 +195,13 @@ class Link:
         if self._closed:
             raise Closed("transport is closed")
         async with asyncio.timeout(timeout):
-            await self._up.wait()
+            while True:
+                await self._up.wait()
+                if self._closed or self._usable():
+                    break
+                # dropped, not yet seen by _watch: let it run, clear _up
+                # and connect again
+                await self._seen_down.wait()
         if self._closed:
             raise Closed("transport is closed")
 
@@ -192,7 +210,10 @@ class Link:
         if self._closed:
             raise Closed("transport is closed")
         conn = self._conn
-        if conn is None or not self._up.is_set():
+        # not connected() alone: on a connection that dropped (and _watch
+        # has not seen it yet) aiormq raises a bare RuntimeError, which
+        # callers would not know for a lost connection
+        if conn is None or not self.connected:
             raise aexc.ConnectionClosed(320, "not connected")
         return await conn.channel(publisher_confirms=confirms)
 
@@ -208,6 +229,7 @@ class Link:
             return
         self._closed = True
         self._up.set()  # waiters wake and see Closed
+        self._seen_down.set()
         if self._watcher is not None:
             self._watcher.cancel()
             with contextlib.suppress(BaseException):

@@ -86,6 +86,7 @@ class Database:
         size: int,
         clock: Clock,
         reconnect_timeout: float,
+        command_timeout: float | None = None,
         label: str,
         settings: dict[str, str] | None = None,
     ) -> None:
@@ -94,6 +95,7 @@ class Database:
         self.size = size
         self.clock = clock
         self.reconnect_timeout = reconnect_timeout
+        self.command_timeout = command_timeout
         self.label = label
         self._pool: asyncpg.Pool | None = None
         self.healthy = True
@@ -108,6 +110,13 @@ class Database:
                 max_inactive_connection_lifetime=60,
                 server_settings=self.settings,
                 reset=_keep,
+                # On a silent network (a host gone, packets dropped) a
+                # statement's answer never comes and TCP may not say so for
+                # minutes: give the connection up after command_timeout
+                # (the statement's cancel request, and a new connection's
+                # handshake, are bounded by it too), and retry() goes on.
+                command_timeout=self.command_timeout,
+                timeout=self.command_timeout or 60.0,
             )
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError):
@@ -133,6 +142,15 @@ class Database:
         try:
             async with self.pool.acquire() as conn:
                 result = await fn(conn)
+        except TimeoutError:
+            # asyncpg's command_timeout (or a new connection's handshake)
+            error = _Lost(
+                f"{self.label}: no answer within {self.command_timeout}s "
+                "(command_timeout; is the server reachable?)"
+            )
+            self.healthy = False
+            self.last_error = str(error)
+            raise error from None
         except (asyncpg.PostgresError, *_TRANSIENT) as exc:
             self.healthy = False
             self.last_error = str(exc)
@@ -160,9 +178,13 @@ class Database:
 
     async def retry(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
         """``fn()`` until it succeeds, while its error is transient and
-        ``reconnect_timeout`` has not passed since the first failure."""
+        ``reconnect_timeout`` has not passed since the call began: it raises
+        within ``reconnect_timeout`` plus the attempt under way then (at most
+        ``command_timeout`` waiting for an answer)."""
         clock = self.clock
-        deadline: float | None = None
+        # from the call's start, not its first failure: on a silent network
+        # the first attempt alone takes command_timeout
+        deadline = clock.monotonic() + self.reconnect_timeout
         backoff = 0.05
         while True:
             try:
@@ -171,12 +193,10 @@ class Database:
                 if not retryable(exc) or self._pool is None:
                     raise
                 now = clock.monotonic()
-                if deadline is None:
-                    deadline = now + self.reconnect_timeout
                 if now >= deadline:
                     raise
                 log.warning("postgres: %s failed, trying again: %s", what, exc)
-                await clock.sleep(backoff)
+                await clock.sleep(min(backoff, deadline - now))
                 backoff = min(1.0, backoff * 2)
 
 

@@ -27,6 +27,7 @@ _NUMBERS: dict[str, tuple[float, float]] = {
     "partitions": (DEFAULT_PARTITIONS, 1),
     "pool": (4, 2),
     "reconnect_timeout": (30.0, 0.0),
+    "command_timeout": (30.0, 0.001),
     "batch": (2000, 1),
 }
 
@@ -49,6 +50,7 @@ class Options:
     partitions: int
     pool: int
     reconnect_timeout: float
+    command_timeout: float
     batch: int
     codec: Codec
 
@@ -112,6 +114,7 @@ def parse(url: str, given: dict[str, Any]) -> Options:
         partitions=int(numbers["partitions"]),
         pool=int(numbers["pool"]),
         reconnect_timeout=numbers["reconnect_timeout"],
+        command_timeout=numbers["command_timeout"],
         batch=int(numbers["batch"]),
         codec=codec if isinstance(codec, Codec) else MsgpackCodec(),
     )

@@ -63,6 +63,7 @@ class PostgresTransport:
             size=opts.pool,
             clock=self.clock,
             reconnect_timeout=opts.reconnect_timeout,
+            command_timeout=opts.command_timeout,
             label=label,
         )
         # Claims, settles and lease extensions need not wait for the WAL to
@@ -77,6 +78,7 @@ class PostgresTransport:
             size=opts.pool,
             clock=self.clock,
             reconnect_timeout=opts.reconnect_timeout,
+            command_timeout=opts.command_timeout,
             label=label,
             settings={"synchronous_commit": "off", "plan_cache_mode": "force_generic_plan"},
         )
