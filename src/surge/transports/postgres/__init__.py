@@ -21,6 +21,11 @@ arguments (the rest of the query string goes to the driver, asyncpg):
 ``pool``               4          connections in the pool (one more LISTENs)
 ``reconnect_timeout``  30         seconds a publish or settle retries a lost
                                   server before raising ``TransportError``
+``command_timeout``    30         seconds a statement waits for the server's
+                                  answer before its connection counts as
+                                  lost (a silent network); ``publish``
+                                  raises within ``reconnect_timeout`` plus
+                                  this
 ``codec``              msgpack    a ``Codec`` for events given as objects
 =====================  =========  ==========================================
 
