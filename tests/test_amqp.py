@@ -116,6 +116,31 @@ async def test_unreachable_broker_is_a_transport_error() -> None:
         await t.start()
 
 
+async def test_timeouts_in_the_url_are_the_transports() -> None:
+    """``?publish_timeout=`` and ``?connect_timeout=`` in the URL bound a
+    publish and a connection attempt (they were passed on to the client,
+    which ignored them: the waits were the defaults, 60 s and 5 s)."""
+    from .faults._proxy import Proxy
+
+    loop = asyncio.get_running_loop()
+    async with Proxy(shared_rabbit().port) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?{shared_amqp_url().split('?')[1]}"
+        app = surge.App("timeouts", transport=open_transport(f"{url}&publish_timeout=0.5"))
+        async with app:
+            proxy.blackhole()  # nothing flows, and new connections are held
+            start = loop.time()
+            with pytest.raises(surge.TransportError):
+                await app.publish(Num(n=1))
+            published = loop.time() - start
+            start = loop.time()
+            with pytest.raises(surge.TransportError):
+                await open_transport(f"{url}&connect_timeout=0.5").start()
+            connected = loop.time() - start
+            proxy.heal()
+    assert 0.5 <= published < 2.0
+    assert 0.5 <= connected < 2.0
+
+
 class _LogEvents(logging.Handler):
     """Sets an asyncio.Event when a surge.amqp log message containing a phrase arrives."""
 

@@ -98,6 +98,8 @@ class AmqpTransport:
             dedup_window = float(q.pop("dedup_window", dedup_window))
             max_deliver = int(q.pop("max_deliver", max_deliver))
             lease = float(q.pop("lease", lease))
+            publish_timeout = float(q.pop("publish_timeout", publish_timeout))
+            connect_timeout = float(q.pop("connect_timeout", connect_timeout))
         except ValueError as exc:
             raise ConfigurationError(f"bad option in the AMQP URL query {query!r}: {exc}") from None
         q.setdefault("heartbeat", "10")
