@@ -454,18 +454,22 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
 
 
 @pytest.mark.realtime
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_stalled_owners_state_save_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
     """An app stalls (its loop blocked) between loading a key's state and
     saving it; meanwhile another takes the partition over and takes the
     key's events in. The stalled save is refused (FencedState), so the key
     keeps the other's window: the third event fires with all three."""
-    # sqlite only: on postgres a loop blocked inside its partition round's
+    # Not postgres: there a loop blocked inside its partition round's
     # transaction holds the group's rows, and the other app cannot take the
     # partition over until it resumes (postgres's fenced save is in the
     # conformance suite, on one transport).
-    url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
+    if kind == "sqlite":
+        url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
+    else:
+        url = shared_redis_url() + "&lease=1"
     fired: list[tuple[str, ...]] = []
     three = threading.Event()
     went_on = threading.Event()

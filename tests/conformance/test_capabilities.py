@@ -442,8 +442,8 @@ async def test_a_state_save_holds_only_while_its_delivery_is_leased(
 ) -> None:
     """save_state_held saves while its keyed delivery's lease is fresh; once
     the consumer stalled past the whole lease it saves nothing and says so,
-    the stored value stays, and the delivery taken again saves (unless
-    fenced again)."""
+    the stored value stays, and the delivery, nacked as the runner does,
+    comes back and saves (unless fenced again)."""
     _need(_caps(transport_factory).fenced_state, "FencedState", case)
     async with transport_factory.started(**case.order_options) as t:
         held = surge.capabilities_of(t).fenced_state
@@ -460,6 +460,8 @@ async def test_a_state_save_holds_only_while_its_delivery_is_leased(
         _stall(clock, case.order_options.get("lease", 1.0) + 0.2)
         assert not await held.save_state_held("when:k", b"2", d)
         assert await store.load_state("when:k") == b"1"
+        # The runner's answer to a refused save (RetryLater): a nack.
+        await t.nack(d, 0.0)
         [again] = await r.take(1)
         assert number(again) == 0
         fences = surge.capabilities_of(t).fences

@@ -346,6 +346,26 @@ class Group:
             # still ours and read: deliver it again
             self._owner.redeliver(int(token.partition(b"/")[0]))
 
+    async def save_state_held(self, state_key: str, value: bytes, delivery: Delivery) -> bool:
+        """``SET state_key value`` while ``delivery`` is still this
+        consumer's: held here, pending to it on the server, and (a
+        partition's entry) the partition's lease ours (``FencedState``)."""
+        token = delivery.token
+        if token not in self._inflight:
+            return False  # settled, or forgotten at a lapse of its partition
+        keys = self.keys
+        stream, entry = keys.locate(token)
+        part, slash, _ = token.partition(b"/")
+        lease = keys.leases[int(part)] if slash else stream
+        conn = self._conn
+        args = [self.consumer, keys.name, entry, value, "1" if slash else "0"]
+
+        def op(r: aredis.Redis) -> Any:
+            return conn.run("save_held", keys=[lease, stream, state_key], args=args, client=r)
+
+        saved = await conn.retrying("saving state", op)
+        return bool(saved)
+
     def fenced(self, delivery: Delivery) -> bool:
         """A partition's delivery whose lease may have lapsed (see
         ``PartitionOwner.fenced``) is forgotten here, unsettled: pending to

@@ -283,6 +283,20 @@ if n > 0 then redis.call('INCR', KEYS[2]) end
 return n
 """
 
+# A condition's state saved only while its source delivery is this
+# consumer's (``FencedState``): the partition's lease still ours, and the
+# entry still pending to us (the next owner acks it once handled).
+# KEYS: the partition's lease (or the stream again, unkeyed), its stream, the
+# state key; ARGV: consumer, group, entry id, value, '1' to check the lease.
+SAVE_HELD = """
+if ARGV[5] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if #redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[3], ARGV[3], 1, ARGV[1]) == 0 then
+  return 0
+end
+redis.call('SET', KEYS[3], ARGV[4])
+return 1
+"""
+
 # name -> source, as the connection registers them (see ``Connection.run``)
 SCRIPTS: dict[str, str] = {
     "publish": PUBLISH,
@@ -296,4 +310,5 @@ SCRIPTS: dict[str, str] = {
     "balance": BALANCE,
     "own": OWN,
     "sweep": SWEEP,
+    "save_held": SAVE_HELD,
 }

@@ -109,8 +109,8 @@ class RedisTransport:
     ``redis.asyncio.Redis.from_url``.
 
     Implements ``Transport`` and the capabilities ``HandsBack``,
-    ``KeyRouting``, ``Fences``, ``IdleAware`` and ``StateStore``
-    (``surge._transport``).
+    ``KeyRouting``, ``Fences``, ``IdleAware``, ``StateStore`` and
+    ``FencedState`` (``surge._transport``).
     """
 
     durable = True
@@ -439,6 +439,13 @@ class RedisTransport:
             await self._conn.client().set(self._registry.keys.state(key), value)
         except rexc.RedisError as exc:
             raise self._conn.error(exc, f"writing state {key!r}") from exc
+
+    async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
+        """``save_state`` fenced by ``delivery`` (``FencedState``): saved in
+        one script only while its partition's lease is this consumer's and
+        its entry still pending to it."""
+        group = self._group(delivery.group)
+        return await group.save_state_held(self._registry.keys.state(key), value, delivery)
 
     # --- idle ------------------------------------------------------------------
     def _touched(self) -> None:
