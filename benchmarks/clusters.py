@@ -45,7 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -69,14 +69,32 @@ class Tick(surge.Event):
 
 
 # --- the brokers ---------------------------------------------------------------------
+class Broker:
+    """A running broker: ``url(name)`` is the URL of a fresh, empty prefix
+    or stream; ``cpu()`` the CPU seconds its server processes used so far."""
+
+    def __init__(self, base: str, nodes: Sequence[Any]) -> None:
+        self.base = base
+        self.nodes = nodes
+
+    def url(self, name: str) -> str:
+        return self.base + name
+
+    def cpu(self) -> float:
+        total = 0
+        for node in self.nodes:
+            fields = Path(f"/proc/{node.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime, in ticks
+        return total / os.sysconf("SC_CLK_TCK")
+
+
 @contextmanager
-def brokers(root: Path, only: str | None) -> Iterator[dict[str, Callable[[str], str]]]:
-    """Every broker running; for each, a function of a fresh name to a URL
-    of an empty prefix or stream."""
+def brokers(root: Path, only: str | None) -> Iterator[dict[str, Broker]]:
+    """Every broker running, by name."""
     sys.path.insert(0, str(ROOT))
     from tests import _servers
 
-    urls: dict[str, Callable[[str], str]] = {}
+    urls: dict[str, Broker] = {}
     with ExitStack() as stack:
         if only in (None, "redis"):
             single = _servers.RedisServer(root / "redis")
@@ -85,8 +103,8 @@ def brokers(root: Path, only: str | None) -> Iterator[dict[str, Callable[[str], 
             cluster = _servers.RedisCluster(root / "redis-cluster")
             stack.callback(cluster.stop)
             cluster.start()
-            urls["redis"] = lambda name, u=single.url: f"{u}?prefix={name}"
-            urls["redis-cluster"] = lambda name, u=cluster.url: f"{u}?prefix={name}"
+            urls["redis"] = Broker(f"{single.url}?prefix=", [single])
+            urls["redis-cluster"] = Broker(f"{cluster.url}?prefix=", cluster.nodes)
         if only in (None, "nats"):
             nats = _servers.NatsServer(root / "nats")
             nats.start()
@@ -94,8 +112,8 @@ def brokers(root: Path, only: str | None) -> Iterator[dict[str, Callable[[str], 
             ncluster = _servers.NatsCluster(root / "nats-cluster")
             stack.callback(ncluster.stop)
             ncluster.start()
-            urls["nats"] = lambda name, u=nats.url: f"{u}?stream={name}"
-            urls["nats-cluster"] = lambda name, u=ncluster.url: f"{u}?stream={name}&replicas=3"
+            urls["nats"] = Broker(f"{nats.url}?stream=", [nats])
+            urls["nats-cluster"] = Broker(f"{ncluster.url}?replicas=3&stream=", ncluster.nodes)
         yield urls
 
 
@@ -109,20 +127,23 @@ def worker(
     out: Any,
 ) -> None:
     """Handle Tick events with a no-op handler until ``stop`` is set; count
-    them in ``counts[index]`` (its only writer), put (first, last, latencies)."""
+    them in ``counts[index]`` (its only writer); at the end put (index, first,
+    last, count, latencies, CPU seconds from first to last) on ``out``."""
     app = surge.App("bench", transport=url)
     first = last = 0.0
+    cpu_first = cpu_last = 0.0
     count = 0
     latencies: list[float] = []
 
     @app.on(Tick, name="noop")
     async def noop(ev: Tick) -> None:
-        nonlocal first, last, count
+        nonlocal first, last, count, cpu_first, cpu_last
         now = time.time()
+        cpu_last = time.process_time()
         if ev.sent and ev.n >= WARMUP:
             latencies.append(now - ev.sent)
         if not count:
-            first = now
+            first, cpu_first = now, cpu_last
         last = now
         count += 1
         counts[index] = count
@@ -134,7 +155,7 @@ def worker(
             await app.drain()
 
     asyncio.run(main())
-    out.put((index, first, last, count, latencies))
+    out.put((index, first, last, count, latencies, cpu_last - cpu_first))
 
 
 class Workers:
@@ -190,7 +211,7 @@ async def declare(url: str) -> None:
         await t.close()
 
 
-async def keyed(url: str, n: int, workers: int) -> dict[str, float]:
+async def keyed(broker: Broker, url: str, n: int, workers: int) -> dict[str, float]:
     await declare(url)
     producer = surge.App("bench-producer", transport=url)
     events = [Tick() for _ in range(n)]
@@ -205,10 +226,19 @@ async def keyed(url: str, n: int, workers: int) -> dict[str, float]:
         enqueue = time.perf_counter() - t0
     pool = Workers(url, workers)
     await pool.start()
+    server_cpu = broker.cpu()
     reports = await pool.wait_for(n)
+    server_cpu = broker.cpu() - server_cpu
     first = min(r[1] for r in reports if r[3])
     last = max(r[2] for r in reports)
-    return {"keyed_enqueue_per_s": n / enqueue, "keyed_drain_per_s": (n - 1) / (last - first)}
+    span = last - first
+    return {
+        "keyed_enqueue_per_s": n / enqueue,
+        "keyed_drain_per_s": (n - 1) / span,
+        # where the drain's time goes: the share of one core each side used
+        "drain_worker_cpu": sum(r[5] for r in reports) / span,
+        "drain_server_cpu": server_cpu / span,
+    }
 
 
 async def latency(url: str, workers: int, rate: int, seconds: float) -> dict[str, float]:
@@ -232,12 +262,10 @@ async def latency(url: str, workers: int, rate: int, seconds: float) -> dict[str
     }
 
 
-async def one(
-    broker: str, url_of: Callable[[str], str], rnd: int, args: argparse.Namespace
-) -> dict[str, float]:
+async def one(broker: Broker, rnd: int, args: argparse.Namespace) -> dict[str, float]:
     row: dict[str, float] = {}
-    row.update(await keyed(url_of(f"k{rnd}"), args.events, args.workers))
-    row.update(await latency(url_of(f"l{rnd}"), args.workers, args.rate, args.seconds))
+    row.update(await keyed(broker, broker.url(f"k{rnd}"), args.events, args.workers))
+    row.update(await latency(broker.url(f"l{rnd}"), args.workers, args.rate, args.seconds))
     return row
 
 
@@ -252,23 +280,21 @@ def revision() -> str:
     return rev + ("+dirty" if git("status", "--porcelain", "src") else "")
 
 
-async def run(args: argparse.Namespace, urls: dict[str, Callable[[str], str]]) -> dict[str, Any]:
+async def run(args: argparse.Namespace, urls: dict[str, Broker]) -> dict[str, Any]:
     names = [b for b in BROKERS if b in urls]
     rows: list[dict[str, dict[str, float]]] = []
     for rnd in range(args.rounds):
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
         row: dict[str, dict[str, float]] = {}
         for broker in order:
-            row[broker] = await one(broker, urls[broker], rnd, args)
+            row[broker] = await one(urls[broker], rnd, args)
             print(
                 f"round {rnd + 1} {broker:13s} "
                 + json.dumps({k: round(v, 2) for k, v in row[broker].items()}),
                 flush=True,
             )
         rows.append(row)
-    medians = {
-        b: {k: statistics.median(r[b][k] for r in rows) for k in rows[0][b]} for b in names
-    }
+    medians = {b: {k: statistics.median(r[b][k] for r in rows) for k in rows[0][b]} for b in names}
     ratios: dict[str, dict[str, Any]] = {}
     for single in ("redis", "nats"):
         cluster = f"{single}-cluster"
@@ -312,7 +338,9 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     path = RESULTS / f"clusters-{time.strftime('%Y%m%dT%H%MZ', time.gmtime())}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"\nmedians of {args.rounds} rounds, {args.events} keyed events, {args.workers} worker(s)")
+    print(
+        f"\nmedians of {args.rounds} rounds, {args.events} keyed events, {args.workers} worker(s)"
+    )
     for broker, figures in result["medians"].items():
         print(f"{broker:14s} " + "  ".join(f"{k} {v:,.2f}" for k, v in figures.items()))
     for cluster, figures in result["ratios"].items():
