@@ -660,6 +660,38 @@ async def test_a_lapsed_partition_still_ours_keeps_its_order(tmp_path: Path) -> 
                 await a.close()
 
 
+async def test_a_lease_found_lost_forgets_what_was_read_of_it(tmp_path: Path) -> None:
+    """A renewal that finds the partition's lease taken (here overwritten in
+    the bucket, as by a worker that took it while this one's renewals timed
+    out in an election) forgets what was read of it at once, as a fence
+    does: taken back before they start, those deliveries stay fenced (CI:
+    else they ran after later ones of their key that the other owner had
+    started), and come back in order as redeliveries."""
+    lease = 1.5
+    with nats_server(tmp_path) as srv:
+        a = await _partitioned(f"{srv.url}?stream=lost", "a", lease=lease)
+        batches = a.consume("g", prefetch=10)
+        try:
+            first = asyncio.ensure_future(_take(batches, 5))
+            await _owning(a, {0})
+            await a.publish([_keyed(n) for n in range(5)])
+            got = await first
+            assert not any(a.fenced(d) for d in got)
+            kv = await a._leases._open()
+            key = a._leases._lease_key(consumer_name("g"), 0)
+            await kv.put(key, b"someone-else")
+            await _owning(a, set())
+            await kv.delete(key)  # free again: a takes it back
+            await _owning(a, {0})
+            assert [a.fenced(d) for d in got] == [True] * 5
+            again = await _take(batches, 5)
+            assert [(_number(d), d.attempt) for d in again] == [(n, 2) for n in range(5)]
+            await a.ack(again)
+        finally:
+            await batches.aclose()  # type: ignore[attr-defined]
+            await a.close()
+
+
 async def test_a_lease_expiring_inside_create_is_taken(tmp_path: Path) -> None:
     """A partition lease that expires between nats-py's refused create and
     its look-up of the key (which then raises KeyNotFoundError) is free:

@@ -190,7 +190,18 @@ class Balancer:
             else:
                 lost.append(p)
         if lost:
-            log.warning("%s lost the lease of partitions %s", g.name, lost)
+            # As at a fence: what this process read of them is forgotten,
+            # unsettled, for their owner now. Left held, it would pass the
+            # fence at its start if the partition came back here first, and
+            # run after what the other owner started meanwhile.
+            left = sum(g.fence(g.parts[p]) for p in lost)
+            log.warning(
+                "%s lost the lease of partitions %s: its %d deliveries here are left to "
+                "their owner",
+                g.name,
+                lost,
+                left,
+            )
             own.lost(lost)
         for p in give_up:
             if p in own.owned and g.parts[p].drained:
