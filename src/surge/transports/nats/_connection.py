@@ -215,9 +215,11 @@ class Connection:
             await nc.flush(timeout=2)
         except (nats.errors.Error, TimeoutError):
             log.warning("could not flush the last acks to NATS before closing")
-        with contextlib.suppress(nats.errors.Error, TimeoutError):
-            async with asyncio.timeout(2.0):
-                await nc.close()
+        finally:
+            # also when the close is cancelled: the socket must not outlive it
+            with contextlib.suppress(nats.errors.Error, TimeoutError):
+                async with asyncio.timeout(2.0):
+                    await nc.close()
 
     async def drop(self) -> None:
         """Close at once, flushing nothing (as a killed process would)."""
