@@ -454,7 +454,7 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
 
 
 @pytest.mark.realtime
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
 async def test_a_stalled_owners_state_save_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:
@@ -469,7 +469,7 @@ async def test_a_stalled_owners_state_save_is_refused(
     if kind == "sqlite":
         url = f"sqlite:///{tmp_path / 'f.db'}?lease=1"
     else:
-        url = shared_redis_url() + "&lease=1"
+        url = _durable_url(kind, tmp_path) + "&lease=1"
     fired: list[tuple[str, ...]] = []
     three = threading.Event()
     went_on = threading.Event()
