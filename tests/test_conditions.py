@@ -413,7 +413,7 @@ def _durable_url(kind: str, tmp_path: Path) -> str:
 
 
 @pytest.mark.realtime
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_conditions_on_durable_transports(tmp_path: Path, kind: str) -> None:
     """On encoding transports, events, the absence check (a delayed publish)
     and ConditionMet all travel as bytes: the unpaid order fires, the paid
@@ -454,7 +454,7 @@ async def test_sources_published_with_and_without_envelope_keys(clock: VirtualCl
 
 
 @pytest.mark.realtime
-@pytest.mark.parametrize("kind", ["sqlite", "redis", "nats"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
 async def test_a_stalled_owners_state_save_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
 ) -> None:

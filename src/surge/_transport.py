@@ -208,12 +208,9 @@ class FencedState(Protocol):
     """
 
     async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
-        """``save_state(key, value)``, refused (False, nothing saved) once a
-        save could land after the partition's next owner went on: checked
-        in the same write where the store has transactions or scripts
-        (``delivery`` still leased here and its lease not over), by a
-        compare-and-set on the key's revision since this transport loaded
-        it where it has not (nats)."""
+        """``save_state(key, value)`` in one write with a check that
+        ``delivery`` is still leased to this consumer and its lease is not
+        over (at the store's time); False, nothing saved, when it is not."""
         ...
 
 

@@ -437,13 +437,14 @@ async def test_the_runner_skips_what_is_fenced_and_nothing_else(
 
 
 # --- FencedState ---------------------------------------------------------------
-async def test_a_state_save_holds_only_while_its_delivery_is_leased(
+async def test_a_stalled_consumers_state_save_is_refused(
     transport_factory: Factory, case: Case, clock: surge.Clock
 ) -> None:
-    """save_state_held saves while its keyed delivery's lease is fresh; once
-    the consumer stalled past the whole lease it saves nothing and says so,
-    the stored value stays, and the delivery, nacked as the runner does,
-    comes back and saves (unless fenced again)."""
+    """save_state_held saves while its keyed delivery is fresh; once the
+    consumer stalled past the whole lease and the partition's next owner
+    saved the key, it saves nothing and says so, and the next owner's value
+    stays; the delivery, nacked as the runner does, comes back and saves
+    (unless fenced again). Each save follows a load, as a condition's does."""
     _need(_caps(transport_factory).fenced_state, "FencedState", case)
     async with transport_factory.started(**case.order_options) as t:
         held = surge.capabilities_of(t).fenced_state
@@ -456,15 +457,19 @@ async def test_a_state_save_holds_only_while_its_delivery_is_leased(
         await t.publish([e])
         r = Reader(t, "g", prefetch=100)
         [d] = await r.take(1)
+        assert await store.load_state("when:k") is None
         assert await held.save_state_held("when:k", b"1", d)
-        _stall(clock, case.order_options.get("lease", 1.0) + 0.2)
-        assert not await held.save_state_held("when:k", b"2", d)
         assert await store.load_state("when:k") == b"1"
+        _stall(clock, case.order_options.get("lease", 1.0) + 0.2)
+        await store.save_state("when:k", b"next")  # the next owner went on
+        assert not await held.save_state_held("when:k", b"2", d)
+        assert await store.load_state("when:k") == b"next"
         # The runner's answer to a refused save (RetryLater): a nack.
         await t.nack(d, 0.0)
         [again] = await r.take(1)
         assert number(again) == 0
         fences = surge.capabilities_of(t).fences
+        assert await store.load_state("when:k") == b"next"
         if await held.save_state_held("when:k", b"3", again):
             assert await store.load_state("when:k") == b"3"
         else:

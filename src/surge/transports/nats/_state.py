@@ -21,9 +21,6 @@ class StateBucket:
         self._conn = conn
         self._bucket = layout.state_bucket
         self._replicas = layout.replicas
-        # The revision each key had at its last load here (0: absent), until
-        # its next save_unchanged: the compare of that compare-and-set.
-        self._loaded: dict[str, int] = {}
 
     async def load(self, key: str) -> bytes | None:
         try:
@@ -31,33 +28,11 @@ class StateBucket:
                 kv = await self._open()
                 entry = await kv.get(_state_key(key))
         except nats.js.errors.KeyNotFoundError:
-            self._loaded[key] = 0
             return None
         except nats.errors.Error as exc:
             raise translate(exc, f"reading state {key!r}") from exc
-        self._loaded[key] = entry.revision or 0
         value: bytes | None = entry.value
         return value
-
-    async def save_unchanged(self, key: str, value: bytes) -> bool:
-        """Save ``value`` only if nobody wrote ``key`` since its last load
-        here (a compare-and-set on its revision); False, nothing written,
-        when someone did. Without a load before, a plain save."""
-        last = self._loaded.pop(key, None)
-        try:
-            with CancelGuard():
-                kv = await self._open()
-                if last is None:
-                    await kv.put(_state_key(key), value)
-                elif last == 0:
-                    await kv.create(_state_key(key), value)
-                else:
-                    await kv.update(_state_key(key), value, last=last)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            return False
-        except nats.errors.Error as exc:
-            raise translate(exc, f"writing state {key!r}") from exc
-        return True
 
     async def save(self, key: str, value: bytes) -> None:
         try:

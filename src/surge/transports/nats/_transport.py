@@ -334,18 +334,6 @@ class NatsTransport:
         async with self._session():
             await self._state.save(key, value)
 
-    async def save_state_held(self, key: str, value: bytes, delivery: Delivery) -> bool:
-        """``save_state`` fenced (``FencedState``): not once ``delivery``'s
-        partition lease may have lapsed (``fenced``), and then only if
-        nobody wrote ``key`` since this transport loaded it (a
-        compare-and-set on its revision: a key-value bucket has no
-        transaction to check the lease in), so a consumer stalled past its
-        lease cannot overwrite what the partition's next owner saved."""
-        if self._consumer.fenced(delivery):
-            return False
-        async with self._session():
-            return await self._state.save_unchanged(key, value)
-
     async def stats(self, group: str) -> TransportStats:
         with CancelGuard():
             async with self._session():
