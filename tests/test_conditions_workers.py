@@ -88,7 +88,13 @@ def _url(kind: str, tmp_path: Path) -> str:
         # pending, claimed by the next owner once idle for a lease (30 s by
         # default): a short lease keeps that handoff short here.
         "redis": lambda: shared_redis_url() + "&lease=5",
-        "nats": shared_nats_url,
+        # A nats takeover holds what it reads of a partition until the
+        # redeliveries it expects have come, at most a lease (30 s by
+        # default; docs/guarantees.md): a leave and the replacement's join
+        # are two takeovers, so with the default lease a key could wait out
+        # a minute (CI: 'every firing did not hold within 60s', 2 of ~12 runs
+        # at load 10-12, one worker's keys stuck).
+        "nats": lambda: shared_nats_url() + "&lease=5",
         "postgres": shared_postgres_url,
         "amqp": shared_amqp_url,
     }
