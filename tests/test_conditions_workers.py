@@ -10,7 +10,7 @@ import random
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -83,7 +83,7 @@ def _fired(path: Path) -> dict[str, Firing]:
 def _url(kind: str, tmp_path: Path) -> str:
     if kind == "sqlite":
         return f"sqlite:///{tmp_path / 'cw.db'}"
-    urls = {
+    urls: dict[str, Callable[[], str]] = {
         # A graceful leave leaves a redis partition's handed-back entries
         # pending, claimed by the next owner once idle for a lease (30 s by
         # default): a short lease keeps that handoff short here.

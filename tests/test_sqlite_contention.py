@@ -18,6 +18,9 @@ from pathlib import Path
 import pytest
 
 import surge
+from surge._clock import RealClock
+from surge.transports.sqlite._database import Database
+from surge.transports.sqlite._thread import DatabaseThread
 from surge.transports.sqlite._writelock import WriteLock
 
 
@@ -229,15 +232,9 @@ def _someone_waits(other: Other) -> bool:
     return False
 
 
-async def test_calls_queued_while_waiting_for_the_lock_commit_with_the_waiter(db: Path) -> None:
-    """Group commit: a batch that waits for the write lock takes in the calls
-    queued meanwhile, up to the first that must run alone (a checkpoint),
-    and commits them in one transaction, in queue order; the rest run after."""
-    from surge._clock import RealClock
-    from surge.transports.sqlite._database import Database
-    from surge.transports.sqlite._thread import DatabaseThread
-
-    database = Database(
+def _database(db: Path) -> Database:
+    """A transport's connection object on ``db``, to run on a DatabaseThread."""
+    return Database(
         db,
         synchronous="normal",
         busy_timeout=10.0,
@@ -246,6 +243,13 @@ async def test_calls_queued_while_waiting_for_the_lock_commit_with_the_waiter(db
         dedup_window=60.0,
         partitions=4,
     )
+
+
+async def test_calls_queued_while_waiting_for_the_lock_commit_with_the_waiter(db: Path) -> None:
+    """Group commit: a batch that waits for the write lock takes in the calls
+    queued meanwhile, up to the first that must run alone (a checkpoint),
+    and commits them in one transaction, in queue order; the rest run after."""
+    database = _database(db)
     waiting = threading.Event()
     proceed = threading.Event()
 
@@ -291,19 +295,7 @@ async def test_reads_run_after_their_batchs_writes_outside_the_write_lock(db: Pa
     """A batch of reads and writes commits the writes, lets the write lock
     go, then runs the reads: the other processes do not wait for them, and
     each read sees at least what was committed when it was queued."""
-    from surge._clock import RealClock
-    from surge.transports.sqlite._database import Database
-    from surge.transports.sqlite._thread import DatabaseThread
-
-    database = Database(
-        db,
-        synchronous="normal",
-        busy_timeout=10.0,
-        check="off",
-        max_size=None,
-        dedup_window=60.0,
-        partitions=4,
-    )
+    database = _database(db)
     thread = DatabaseThread(database, RealClock())
     thread.start(asyncio.get_running_loop())
     await thread.submit(database.open)
