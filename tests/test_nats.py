@@ -666,7 +666,7 @@ async def test_a_lease_found_lost_forgets_what_was_read_of_it(tmp_path: Path) ->
     out in an election) forgets what was read of it at once, as a fence
     does: taken back before they start, those deliveries stay fenced (CI:
     else they ran after later ones of their key that the other owner had
-    started), and come back in order as redeliveries."""
+    started), and come back as redeliveries."""
     lease = 1.5
     with nats_server(tmp_path) as srv:
         a = await _partitioned(f"{srv.url}?stream=lost", "a", lease=lease)
@@ -685,7 +685,12 @@ async def test_a_lease_found_lost_forgets_what_was_read_of_it(tmp_path: Path) ->
             await _owning(a, {0})
             assert [a.fenced(d) for d in got] == [True] * 5
             again = await _take(batches, 5)
-            assert [(_number(d), d.attempt) for d in again] == [(n, 2) for n in range(5)]
+            # Each comes back once, as a redelivery; their order is not
+            # asserted: the takeover's hold ends after one lease, and a
+            # redelivery later than that comes after the others (CI6 saw
+            # 1, 2, 3, 4, 0 on a quiet machine): the open cause of order
+            # through a failover that docs/guarantees.md gives.
+            assert sorted((_number(d), d.attempt) for d in again) == [(n, 2) for n in range(5)]
             await a.ack(again)
         finally:
             await batches.aclose()  # type: ignore[attr-defined]
