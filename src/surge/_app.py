@@ -438,10 +438,11 @@ class App:
                 raise ConfigurationError(
                     f"{fn.__qualname__}: a process handler must be a module-level function"
                 )
+            # A thread handler holds a thread only while it runs, not while
+            # its outputs are published: its `concurrency` is what it says,
+            # and the runner lets at most the pool's size into threads.
             limit = conc
-            if kind == THREAD:
-                limit = min(conc, self._threads)
-            elif kind == PROCESS:
+            if kind == PROCESS:
                 limit = min(conc, self._processes)
             for topic, tp in types.items():
                 self._types.setdefault(topic, tp)
@@ -1193,6 +1194,7 @@ class App:
             decode=self._decode,
             publish=self._publish_envelopes,
             thread_pool=self._thread_pool,
+            threads=self._threads,
             process_pool=self._process_pool,
             observer=self._observer,
         )

@@ -84,6 +84,7 @@ class Runner:
         "_starting",
         "_stopping",
         "_tasks",
+        "_thread_slots",
         "_virtual_clock",
         "_waiting_lanes",
         "_workers",
@@ -143,6 +144,15 @@ class Runner:
         self.dead_lettered = 0
         self.running = 0
         self.timed_out_threads = 0
+        # A thread handler's events in flight (`concurrency`) include those
+        # publishing their outputs on the loop; at most the pool's size of
+        # them run in threads at once, and an attempt's timeout starts when
+        # its thread slot is taken, not while it queues for one.
+        self._thread_slots = (
+            asyncio.Semaphore(min(self.concurrency, runtime.threads))
+            if sub.kind == THREAD
+            else None
+        )
         # surge.observe's duration/latency recorder, when the app is
         # instrumented: called once per attempt, no Context needed
         timings = runtime.timings
@@ -887,16 +897,28 @@ class Runner:
         runtime = self.runtime
         loop = asyncio.get_running_loop()
         executor: Executor
-        if sub.kind == THREAD:
+        slots = self._thread_slots
+        if slots is not None:
             executor = runtime.thread_pool()
             args: tuple[Any, ...] = (ev, ctx) if sub.wants_ctx else (ev,)
+            await slots.acquire()
         else:
             executor = runtime.process_pool()
             args = (ev,)
         clock = self._virtual_clock
         if clock is not None:
             clock.hold()
-        fut = loop.run_in_executor(executor, sub.handler, *args)
+        try:
+            fut = loop.run_in_executor(executor, sub.handler, *args)
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            if clock is not None:
+                clock.release()
+            raise
+        if slots is not None:
+            # held until the thread returns, also past a timeout or a cancel
+            fut.add_done_callback(lambda _: slots.release())
         if clock is not None:
             fut.add_done_callback(lambda _: clock.release())
         if sub.timeout is None:

@@ -106,6 +106,8 @@ class Runtime:
     """Publish envelopes made inside the app (handler outputs, trigger
     firings): middleware hooks, reply routing, partition keys."""
     thread_pool: Callable[[], Executor]
+    threads: int
+    """The thread pool's size."""
     process_pool: Callable[[], Executor]
     observer: Observer | None = None
     """Told of each handling and its outcome (``App.use_observer``)."""
