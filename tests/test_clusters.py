@@ -493,6 +493,85 @@ async def test_redis_lagging_replica_failover(redis_cluster: RedisCluster, wait:
         assert lost == 0
 
 
+async def _masters(cluster: RedisCluster) -> list[RedisServer]:
+    """The live nodes that are masters now."""
+    out = []
+    for node in cluster.nodes:
+        if node.proc is None:
+            continue
+        r = aredis.Redis(host="127.0.0.1", port=node.port, protocol=2)
+        try:
+            role = await r.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        finally:
+            await r.aclose()
+        if role[0] in (b"master", "master"):
+            out.append(node)
+    return out
+
+
+async def _entries_by_master(cluster: RedisCluster, prefix: str) -> dict[int, int]:
+    """Stream entries of ``prefix``'s keys on each master (by port), from
+    the masters themselves (a node's SCAN sees only its own slots)."""
+    out: dict[int, int] = {}
+    for node in await _masters(cluster):
+        r = aredis.Redis(host="127.0.0.1", port=node.port, protocol=2)
+        try:
+            async for key in r.scan_iter(match=f"*{prefix}*", _type="STREAM"):
+                out[node.port] = out.get(node.port, 0) + await r.xlen(key)
+        finally:
+            await r.aclose()
+    return out
+
+
+async def test_redis_group_partitions_spread_over_the_masters(redis_cluster: RedisCluster) -> None:
+    """A group's keyed envelopes land on more than one master of the three
+    (each partition in a slot of its own), and are each read back once."""
+    prefix = f"sp{uuid.uuid4().hex[:8]}"
+    t = RedisTransport(f"{redis_cluster.url}?prefix={prefix}&partitions=16")
+    await t.start()
+    try:
+        await t.declare("g", ["spread.n"])
+        total = 400
+        await t.publish(
+            [
+                surge.Envelope(surge.new_id(), "spread.n", key=f"k{n}", body=b"%d" % n)
+                for n in range(total)
+            ]
+        )
+        placed = await _entries_by_master(redis_cluster, prefix)
+        assert sum(placed.values()) == total
+        assert len([n for n in placed.values() if n]) >= 2, placed
+        seen: list[int] = []
+        it = t.consume("g", prefetch=1000)
+        async with asyncio.timeout(20):
+            while len(seen) < total:
+                batch = await anext(it)
+                seen.extend(int(d.envelope.body or b"-1") for d in batch)
+                await t.ack(batch)
+        assert sorted(seen) == list(range(total))
+        assert await t.stats("g") == surge.TransportStats(0, 0, 0, 0)
+    finally:
+        await t.close()
+
+
+async def test_redis_cluster_refuses_a_prefix_of_the_one_slot_layout(
+    redis_cluster: RedisCluster,
+) -> None:
+    """A prefix written by the layout that kept every key in one slot (it
+    recorded no layout) is refused with the way out, not read as empty."""
+    prefix = f"ol{uuid.uuid4().hex[:8]}"
+    r = aredis.RedisCluster.from_url(redis_cluster.url)
+    try:
+        await r.set(f"{{{prefix}}}:partitions", 8)
+        t = RedisTransport(f"{redis_cluster.url}?prefix={prefix}")
+        with pytest.raises(surge.ConfigurationError, match=r"layout 1.*another prefix"):
+            await t.start()
+        assert t.closed
+    finally:
+        await r.delete(f"{{{prefix}}}:partitions")
+        await r.aclose()
+
+
 def test_wait_option_is_read_from_the_url() -> None:
     """``?wait=1&wait_timeout=0.5`` reach the options; a negative wait is refused."""
     t = RedisTransport("redis://127.0.0.1:1/0?wait=1&wait_timeout=0.5")

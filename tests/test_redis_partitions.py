@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis.asyncio as aredis
 
 import surge
 from surge._event import Envelope
@@ -70,6 +71,26 @@ async def test_partition_count_is_fixed_per_prefix(tmp_path: Path) -> None:
             await first.close()
         with pytest.raises(surge.ConfigurationError, match="at least 1"):
             RedisTransport(url, partitions=0)
+
+
+async def test_a_single_server_keeps_the_layout_without_hash_tags(tmp_path: Path) -> None:
+    """On one redis-server the keys keep their names (no hash tags, no layout
+    key): a prefix written before partitions got slots of their own on a
+    cluster reads on."""
+    with redis_server(tmp_path) as (url, _):
+        t = await _started(url, partitions=4)
+        try:
+            await t.publish([_keyed(1, "k")])
+            r = aredis.Redis.from_url(url)
+            try:
+                p = partition_of("k", 4)
+                assert await r.xlen(f"surge:p{p}:{GROUP}") == 1
+                assert await r.exists(f"surge:s:{GROUP}", "surge:partitions") == 2
+                assert not await r.exists("surge:layout")
+            finally:
+                await r.aclose()
+        finally:
+            await t.close()
 
 
 async def test_dead_owner_partitions_and_entries_are_taken_over_in_order(

@@ -178,7 +178,7 @@ CASES.append(
 )
 
 # A Redis Cluster (3 masters with a replica each), one for the session, a
-# fresh prefix per test (a hash tag: each test's keys live in one slot).
+# fresh prefix per test (its keys in a slot of its own and one per partition).
 CASES.append(
     Case(
         "redis-cluster",

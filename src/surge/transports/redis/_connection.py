@@ -8,14 +8,16 @@ a backoff capped at one second; settles are retried until they succeed
 into :class:`~surge.TransportError` here (``error``) and never leak.
 
 A Redis Cluster is detected at ``open`` (``INFO cluster``) from a plain URL
-of any node. Every key of the transport then carries the prefix as a hash
-tag (``{surge}:s:<group>``: ``key_prefix``), so the whole prefix lives in
-one slot and every script, transaction and multi-stream read stays there;
-the connection talks to that slot's master directly. A redirection
-(``MOVED``, ``ASK``), ``TRYAGAIN``, ``CLUSTERDOWN`` or a write refused by a
-replica counts as a lost broker: retried like one, and each failure sends
-the connection looking for the slot's master again, among every node it
-has seen (``_find_master``), until a failover has promoted a replica.
+of any node. Its keys are laid out by slot (``_keys``: the prefix's own
+keys under one hash tag, each partition's under another) and every script,
+transaction and multi-stream read stays within one slot; the connection
+keeps a client per master and sends each command to the master of its key's
+slot (``client(key)``), from the slot map of ``CLUSTER SLOTS``. A
+redirection (``MOVED``, ``ASK``), ``TRYAGAIN``, ``CLUSTERDOWN`` or a write
+refused by a replica counts as a lost broker: retried like one, and each
+failure sends the connection looking for the cluster's masters again, among
+every node it has seen (``_find_masters``), until each master the map names
+answers as one (a failover has promoted a replica).
 
 ``wait=N`` (``run(..., replicated=True)``): the write and a ``WAIT N`` go
 over one connection, repeated until N replicas have confirmed it or
@@ -26,6 +28,8 @@ master, unconfirmed).
 from __future__ import annotations
 
 import asyncio
+import bisect
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -85,19 +89,22 @@ class Connection:
     """
 
     __slots__ = (
+        "_clients",
         "_clock",
         "_closed",
         "_finding",
-        "_master",
+        "_home",
         "_nodes",
         "_prefix",
         "_public_url",
         "_r",
+        "_ranges",
         "_reconnect_timeout",
         "_redis_options",
         "_released",
         "_said",
         "_scripts",
+        "_slots",
         "_url",
         "_wait",
         "_wait_ms",
@@ -119,7 +126,7 @@ class Connection:
             **redis_options,
         }
         self._clock = clock
-        self._r: aredis.Redis | None = None
+        self._r: aredis.Redis | None = None  # the prefix's slot's master (a cluster's)
         self._released = False
         """``aclose`` ran: the pool is disconnected, and a command on a client
         taken before would connect it again (a socket nobody closes)."""
@@ -137,14 +144,12 @@ class Connection:
         self.cluster = False
         """The broker is a Redis Cluster (found at ``open``)."""
         self._nodes: list[tuple[str, int]] = []  # every cluster node seen
-        self._master: tuple[str, int] | None = None  # the prefix slot's, in use
+        self._home = key_slot(f"{{{self._prefix}}}".encode())
+        # a cluster's slot map: (first slot, last slot, master), by first slot
+        self._ranges: list[tuple[int, int, tuple[str, int]]] = []
+        self._slots: dict[int, aredis.Redis] = {}  # slot -> its master's client, as used
+        self._clients: dict[tuple[str, int], aredis.Redis] = {}  # master -> its client
         self._finding: asyncio.Task[None] | None = None
-
-    @property
-    def key_prefix(self) -> str:
-        """What every key starts with: the prefix, as a hash tag on a cluster
-        (known after ``open``)."""
-        return f"{{{self._prefix}}}" if self.cluster else self._prefix
 
     # --- lifecycle -----------------------------------------------------------
     @property
@@ -164,15 +169,21 @@ class Connection:
             info = await r.info("cluster")
             self.cluster = bool(info.get("cluster_enabled"))
             if self.cluster:
-                master = await self._master_of(r)
-                host = urlsplit(self._url).hostname or "127.0.0.1"
-                if master != (host, urlsplit(self._url).port or 6379):
+                ranges = await self._slot_map(r)
+                parts = urlsplit(self._url)
+                here = (parts.hostname or "127.0.0.1", parts.port or 6379)
+                clients = {
+                    m: r if m == here else self._client(self._url_of(m)) for _, _, m in ranges
+                }
+                self._install(ranges, clients)
+                if here not in clients:
                     await r.aclose()
-                    r = self._client(self._url_of(master))
-                    await r.ping()
-                self._master = master
+                r = self._slot_client(self._home)
+                await r.ping()
         except Exception as exc:
-            await r.aclose()
+            await self._close_clients(r, *self._clients.values())
+            self._clients = {}
+            self._slots = {}
             raise self.error(exc, "cannot connect") from exc
         self._r = r
         self._closed = False
@@ -194,31 +205,57 @@ class Connection:
         user, at, _ = parts.netloc.rpartition("@")
         return urlunsplit(parts._replace(netloc=f"{user}{at}{node[0]}:{node[1]}"))
 
-    # --- a cluster's master for our slot -------------------------------------
-    async def _master_of(self, r: aredis.Redis) -> tuple[str, int]:
-        """The master of the prefix's slot as ``r``'s node sees the cluster;
+    # --- a cluster's masters -------------------------------------------------
+    async def _slot_map(self, r: aredis.Redis) -> list[tuple[int, int, tuple[str, int]]]:
+        """The slot ranges and their masters as ``r``'s node sees the cluster;
         remembers every node it names."""
-        slot = key_slot(self.key_prefix.encode())
-        ranges = await r.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
-        master: tuple[str, int] | None = None
-        for (start, end), where in _slot_ranges(ranges):
+        reply = await r.execute_command("CLUSTER SLOTS")  # type: ignore[no-untyped-call]
+        out: list[tuple[int, int, tuple[str, int]]] = []
+        for (start, end), where in _slot_ranges(reply):
             for node in where:
                 if node not in self._nodes:
                     self._nodes.append(node)
-            if start <= slot <= end:
-                master = where[0]
-        if master is None:
+            out.append((start, end, where[0]))
+        out.sort()
+        if not any(start <= self._home <= end for start, end, _ in out):
+            raise rexc.ClusterDownError(f"no master serves slot {self._home}")
+        return out
+
+    def _install(
+        self,
+        ranges: list[tuple[int, int, tuple[str, int]]],
+        clients: dict[tuple[str, int], aredis.Redis],
+    ) -> list[aredis.Redis]:
+        """Use ``ranges`` and a client of each of their masters; the clients
+        of nodes no longer masters, to close."""
+        stale = [c for node, c in self._clients.items() if clients.get(node) is not c]
+        self._ranges = ranges
+        self._clients = clients
+        self._slots = {}
+        if self._r is not None:
+            self._r = self._slot_client(self._home)
+        return stale
+
+    def _slot_client(self, slot: int) -> aredis.Redis:
+        """The client of ``slot``'s master (from the slot map)."""
+        r = self._slots.get(slot)
+        if r is not None:
+            return r
+        i = bisect.bisect_right(self._ranges, (slot, _LAST, ("", 0))) - 1
+        if i < 0 or not self._ranges[i][0] <= slot <= self._ranges[i][1]:
             raise rexc.ClusterDownError(f"no master serves slot {slot}")
-        return master
+        r = self._slots[slot] = self._clients[self._ranges[i][2]]
+        return r
 
     def _find_master_soon(self) -> None:
         if self.cluster and not self._closed and self._finding is None:
-            self._finding = asyncio.get_running_loop().create_task(self._find_master())
+            self._finding = asyncio.get_running_loop().create_task(self._find_masters())
 
-    async def _find_master(self) -> None:
-        """Ask the nodes seen so far who holds the slot now, until one names
-        a master that answers; then talk to it. A failover takes the cluster
-        a node timeout or two: the dead master is named until then."""
+    async def _find_masters(self) -> None:
+        """Ask the nodes seen so far for the slot map, until one gives a map
+        whose masters all answer as masters; then talk to those. A failover
+        takes the cluster a node timeout or two: the dead master is named
+        until then."""
         delay = 0.05
         try:
             while not self._closed:
@@ -226,29 +263,67 @@ class Connection:
                     found = await self._probe(node)
                     if found is None:
                         continue
-                    master, client = found
+                    ranges, clients = found
                     if self._shut_meanwhile():
-                        await client.aclose()
+                        await self._close_clients(
+                            *(c for c in clients.values() if c not in self._clients.values())
+                        )
                         return
-                    old, self._r = self._r, client
-                    if master != self._master:
-                        log.warning("redis: slot of %r served by %s:%d now", self._prefix, *master)
-                    self._master = master
-                    if old is not None:
-                        await old.aclose()
+                    home = self._master_at(self._home)
+                    stale = self._install(ranges, clients)
+                    now = self._master_at(self._home)
+                    if now is not None and now != home:
+                        log.warning("redis: slot of %r served by %s:%d now", self._prefix, *now)
+                    await self._close_clients(*stale)
                     return
                 delay = await self.backoff(delay)
         finally:
             self._finding = None
 
-    def shut(self) -> aredis.Redis | None:
-        """Mark the connection closed (every loop ends) and return the client,
-        still open, for the last words of a close."""
+    def _master_at(self, slot: int) -> tuple[str, int] | None:
+        for start, end, master in self._ranges:
+            if start <= slot <= end:
+                return master
+        return None
+
+    async def _probe(
+        self, node: tuple[str, int]
+    ) -> tuple[list[tuple[int, int, tuple[str, int]]], dict[tuple[str, int], aredis.Redis]] | None:
+        """The slot map ``node`` gives and a client of each of its masters,
+        if every one of them answers as a master; else None."""
+        probe = self._clients.get(node) or self._client(self._url_of(node))
+        made: list[aredis.Redis] = [] if probe in self._clients.values() else [probe]
+        clients: dict[tuple[str, int], aredis.Redis] = {}
+        try:
+            ranges = await self._slot_map(probe)
+            for master in {m for _, _, m in ranges}:
+                c = self._clients.get(master)
+                if c is None:
+                    c = probe if master == node else self._client(self._url_of(master))
+                    if c is not probe:
+                        made.append(c)
+                role = await c.execute_command("ROLE")  # type: ignore[no-untyped-call]
+                if role[0] not in (b"master", "master"):
+                    raise rexc.ReadOnlyError(f"{master} is no master")
+                clients[master] = c
+        except (rexc.RedisError, OSError):
+            await self._close_clients(*made)
+            return None
+        await self._close_clients(*(c for c in made if c not in clients.values()))
+        return ranges, clients
+
+    async def _close_clients(self, *clients: aredis.Redis) -> None:
+        for c in clients:
+            with contextlib.suppress(Exception):
+                await c.aclose()
+
+    def shut(self) -> None:
+        """Mark the connection closed (every loop ends); the clients stay
+        open for the last words of a close (``node``)."""
         self._closed = True
-        return self._r
 
     async def aclose(self) -> None:
-        """Close the client (``shut`` first, if not yet)."""
+        """Close the clients (``shut`` first, if not yet)."""
         r, self._r = self._r, None
         self._closed = True
         self._released = True
@@ -256,34 +331,57 @@ class Connection:
         if finding is not None:
             finding.cancel()
             await asyncio.gather(finding, return_exceptions=True)
-        if r is not None:
-            await r.aclose()
+        clients, self._clients = list(self._clients.values()), {}
+        self._slots = {}
+        if r is not None and r not in clients:
+            clients.append(r)
+        for c in clients:
+            await c.aclose()
 
     def _shut_meanwhile(self) -> bool:
         return self._closed  # a method: mypy keeps no narrowing across awaits for it
 
-    async def _probe(self, node: tuple[str, int]) -> tuple[tuple[str, int], aredis.Redis] | None:
-        """The master ``node`` names for our slot and a client of it, if that
-        master answers as a master; else None."""
-        probe = self._client(self._url_of(node))
-        try:
-            master = await self._master_of(probe)
-            if master != node:
-                await probe.aclose()
-                probe = self._client(self._url_of(master))
-            role = await probe.execute_command("ROLE")  # type: ignore[no-untyped-call]
-            if role[0] in (b"master", "master"):
-                return master, probe
-        except (rexc.RedisError, OSError):
-            pass
-        await probe.aclose()
-        return None
-
     # --- commands ------------------------------------------------------------
-    def client(self) -> aredis.Redis:
+    def client(self, key: str | None = None) -> aredis.Redis:
+        """The client for ``key`` (on a cluster, its slot's master; no key:
+        the prefix's own slot's)."""
         if self._r is None or self._closed:
             raise Closed("transport is closed")
-        return self._r
+        if key is None or not self.cluster:
+            return self._r
+        return self._slot_client(key_slot(key.encode()))
+
+    def node(self, key: str | None = None) -> aredis.Redis:
+        """``client(key)``, also once ``shut`` (for a close's last words)."""
+        if self._r is None or self._released:
+            raise Closed("transport is closed")
+        if key is None or not self.cluster:
+            return self._r
+        return self._slot_client(key_slot(key.encode()))
+
+    async def each(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Run ``commands`` (each ``(name, key, *args)``), those of one master
+        in one pipeline (no transaction), the masters at once; their replies,
+        in order (an error as its exception)."""
+        by_client: dict[int, tuple[aredis.Redis, list[int]]] = {}
+        for i, c in enumerate(commands):
+            r = self.client(c[1])
+            by_client.setdefault(id(r), (r, []))[1].append(i)
+
+        async def run(r: aredis.Redis, which: list[int]) -> list[Any]:
+            pipe = r.pipeline(transaction=False)
+            for i in which:
+                pipe.execute_command(*commands[i])
+            return await pipe.execute(raise_on_error=False)
+
+        out: list[Any] = [None] * len(commands)
+        groups = list(by_client.values())
+        for (_, which), replies in zip(
+            groups, await asyncio.gather(*(run(r, w) for r, w in groups)), strict=True
+        ):
+            for i, reply in zip(which, replies, strict=True):
+                out[i] = reply
+        return out
 
     async def cmd(self, r: aredis.Redis, *args: Any) -> Any:
         """A command whose raw reply the caller parses (XREADGROUP, XCLAIM,
@@ -301,11 +399,12 @@ class Connection:
         *,
         replicated: bool = False,
     ) -> Any:
-        """Run one of ``_scripts.SCRIPTS`` (on ``client``, by default ours);
-        ``replicated``: then wait for ``wait`` replicas to have its writes."""
+        """Run one of ``_scripts.SCRIPTS`` (on ``client``, by default the
+        master of ``keys[0]``'s slot); ``replicated``: then wait for ``wait``
+        replicas to have its writes."""
         if self._released:
             raise Closed("transport is closed")
-        r = client if client is not None else self.client()
+        r = client if client is not None else self.client(keys[0] if keys else None)
         if not replicated or not self._wait:
             return await self._scripts[script](keys=keys, args=args, client=r)
         # WAIT counts the writes of its own connection: one for both.
@@ -322,13 +421,13 @@ class Connection:
                         f"asked for within {self._reconnect_timeout}s (it is on the master only)"
                     )
 
-    async def retrying(self, doing: str, op: Callable[[aredis.Redis], Awaitable[T]]) -> T:
+    async def retrying(self, doing: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until the broker answers: settles are idempotent."""
         delay = 0.05
         while True:
-            r = self.client()
+            self.client()  # Closed, when it is
             try:
-                result = await op(r)
+                result = await op()
             except (rexc.RedisError, OSError) as exc:
                 if not transient(exc):
                     raise self.error(exc, doing) from exc
@@ -372,6 +471,9 @@ class Connection:
         """Sleep ``delay`` (on the clock); the next delay, capped at 1 s."""
         await self._clock.sleep(delay)
         return min(1.0, delay * 2)
+
+
+_LAST = 1 << 14  # above every slot: bisects by first slot
 
 
 def _slot_ranges(reply: Any) -> list[tuple[tuple[int, int], list[tuple[str, int]]]]:

@@ -64,8 +64,9 @@ class Group:
         "_inflight",
         "_keeper",
         "_lease",
+        "_left",
         "_owner",
-        "_read",
+        "_reads",
         "_registry",
         "_spread",
         "_touched",
@@ -129,8 +130,9 @@ class Group:
         )
         self._consuming = False  # consume() was called: close() forgets the consumer
         self._spread = 1  # how many streams the last read found entries in
-        # a read its consumer's cancel left running (see _read_group)
-        self._read: asyncio.Task[Any] | None = None
+        self._reads: dict[str, _Read] = {}  # lane -> its read in flight
+        # reads their consumer's end left running (see _read_group)
+        self._left: list[asyncio.Task[Any]] = []
 
     @property
     def ownership(self) -> Ownership | None:
@@ -148,11 +150,11 @@ class Group:
         conn = self._conn
         clock = self._clock
         inflight = self._inflight
-        owner = self._owner
         self._consuming = True
         self._keeper.start()
         next_scan = 0.0
         delay = 0.05
+        reads = self._reads
         try:
             while not conn.closed:
                 task = asyncio.current_task()
@@ -163,108 +165,161 @@ class Group:
                 if inflight.backlogged:  # left by a partition's previous owner: first
                     yield inflight.take_backlog()
                     continue
-                r = conn.client()  # each round: a cluster's failover swaps it
                 room = prefetch - len(inflight)
-                if room <= 0:
+                if room <= 0 and not reads:
                     await inflight.wait_room()
                     continue
+                batch: list[Delivery] = []
+                error: BaseException | None = None
                 try:
-                    batch: list[Delivery] = []
-                    if clock.monotonic() >= next_scan:
+                    if room > 0 and clock.monotonic() >= next_scan:
                         next_scan = clock.monotonic() + self._lease / 2
-                        batch = await self.reclaim(r, room)
+                        batch = await self.reclaim(conn.client(self.keys.stream), room)
                     if not batch:
-                        streams, count = self._plan_read(min(room, self._batch))
-                        lost = True
-                        try:
-                            reply = await self._read_group(r, streams, count)
-                            task = asyncio.current_task()
-                            if task is not None and task.cancelling():
-                                # redis-py can turn a cancel that lands in a
-                                # blocking read into an empty reply; do not lose
-                                # it. (Ask for the current task each time: each
-                                # anext() of this generator may run in a task of
-                                # its own.)
-                                raise asyncio.CancelledError
-                            if reply:
-                                self._spread = len(reply)
-                            for stream, entries in reply or ():
-                                part = self.keys.pindex.get(stream)
-                                prefix = b"" if part is None else b"%d/" % part
-                                batch += await inflight.take(entries, None, prefix)
-                            lost = False
-                        finally:
-                            # A read whose reply was lost may have run on the
-                            # server: those entries are pending to us but not
-                            # held. Claim them (in order) before reading these
-                            # again.
-                            if owner is not None and owner.end_read(lost=lost):
-                                self._keeper.poke()
-                except CONNECTION_ERRORS as exc:
+                        if room > 0:
+                            self._start_reads(reads, room)
+                        batch, error = await self._read_some(reads)
+                except (rexc.RedisError, OSError) as exc:
+                    error = exc
+                if error is not None:
                     if self._conn.closed:  # closed while reading
                         return
-                    conn.failed(exc, f"reading {self.name!r}")
-                    delay = await conn.backoff(delay)
-                    continue
-                except rexc.RedisError as exc:
-                    # Never let the consumer die silently: say so, back off, retry.
-                    if isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
-                        # The broker lost the group (restarted without persistence).
-                        with contextlib.suppress(TransportError, *CONNECTION_ERRORS):
-                            await self._registry.declare(self.keys, self.patterns)
-                            log.warning(
-                                "redis: group %r was gone from the broker; declared it again",
-                                self.name,
-                            )
-                    else:
-                        conn.failed(exc, f"reading {self.name!r}")
-                    delay = await conn.backoff(delay)
-                    continue
-                delay = 0.05
-                conn.ok()
+                    delay = await self._read_failed(error, delay)
+                else:
+                    delay = 0.05
+                    conn.ok()
                 if batch:
                     yield batch
         finally:
+            self._left_reads(reads)
             # Stop owning partitions: each is handed over once what this
             # consumer read from it is settled (the keeper sees to it).
             self._keeper.stop_reading()
 
-    async def _read_group(self, r: aredis.Redis, streams: list[str], count: int) -> Any:
-        """XREADGROUP ... BLOCK, in a task of its own, so that a cancel ends
-        the consumer at once: redis-py can swallow one (while it opens a
-        connection), and the read then runs its whole BLOCK, which held up
-        a stop's intake past its bound. A read left running this way is
-        awaited at close (``cancel``); what it took is pending to this
-        consumer, and close hands it back (``leave``)."""
-        cmd = self._conn.cmd(r,
-            "XREADGROUP", "GROUP", self.name, self.consumer,
-            "COUNT", count, "BLOCK", self._block_ms,
-            "STREAMS", *streams, *(">" for _ in streams),
-        )  # fmt: skip
-        read: asyncio.Task[Any] = asyncio.get_running_loop().create_task(cmd)
-        try:
-            return await asyncio.shield(read)
-        except asyncio.CancelledError:
-            read.cancel()
-            read.add_done_callback(_retrieve)
-            self._read = read
-            raise
+    def _lanes(self) -> list[tuple[str, list[str], list[int]]]:
+        """What to read: (lane, its streams, their partitions). One lane on a
+        single node, the shared stream and the partitions it owns; on a
+        cluster, a lane per slot (Redis reads several streams at once only
+        within one): the shared stream's, and each owned partition's."""
+        keys = self.keys
+        parts = self._owner.readable() if self._owner is not None else []
+        if not keys.slotted:
+            return [("", [keys.stream, *(keys.pstreams[p] for p in parts)], parts)]
+        return [
+            (keys.stream, [keys.stream], []),
+            *((keys.pstreams[p], [keys.pstreams[p]], [p]) for p in parts),
+        ]
 
-    def _plan_read(self, room: int) -> tuple[list[str], int]:
-        """The streams of the next read and its COUNT.
+    def _start_reads(self, reads: dict[str, _Read], room: int) -> None:
+        """Start a read in each lane without one (``room`` > 0).
 
         Redis applies COUNT to each stream of a read. When the last read found
         entries in one stream only (the common case: unkeyed events, or one
         busy partition), the whole room goes to each stream, for big batches;
         when it found several, the room is split among them (at least one
-        each). So a consumer holds at most ``prefetch`` plus one per partition
-        it owns, except right after events start flowing into several streams
-        at once (up to ``prefetch`` per stream, for one read)."""
-        parts = self._owner.begin_read() if self._owner is not None else []
-        streams = [self.keys.stream, *(self.keys.pstreams[p] for p in parts)]
-        if self._spread <= 1:
-            return streams, room
-        return streams, max(1, room // len(streams))
+        each), as it is among a cluster's lanes. So a consumer holds at most
+        ``prefetch`` plus one per partition it owns, except right after events
+        start flowing into several streams at once (up to ``prefetch`` per
+        stream, for one read)."""
+        lanes = [lane for lane in self._lanes() if lane[0] not in reads]
+        if not lanes:
+            return
+        room -= sum(rd.count for rd in reads.values())
+        room = max(1, min(room, self._batch) // len(lanes))
+        for lane, streams, parts in lanes:
+            count = room
+            if self._spread > 1 and len(streams) > 1:
+                count = max(1, room // len(streams))
+            if self._owner is not None:
+                self._owner.begin_read(parts)
+            task = asyncio.get_running_loop().create_task(self._read_group(streams, count))
+            reads[lane] = _Read(task, parts, count)
+
+    async def _read_some(
+        self, reads: dict[str, _Read]
+    ) -> tuple[list[Delivery], BaseException | None]:
+        """Wait for a read to end (or for room, or a partition to read), and
+        take what the ended ones read; the first failure among them."""
+        room = self._inflight.room()
+        done, _ = await asyncio.wait(
+            [room, *(rd.task for rd in reads.values())], return_when=asyncio.FIRST_COMPLETED
+        )
+        batch: list[Delivery] = []
+        error: BaseException | None = None
+        owner = self._owner
+        for lane, rd in list(reads.items()):
+            if rd.task not in done:
+                continue
+            del reads[lane]
+            exc = _CancelledRead() if rd.task.cancelled() else rd.task.exception()
+            if exc is not None:
+                error = error or exc
+                # A read whose reply was lost may have run on the server:
+                # those entries are pending to us but not held. Claim them
+                # (in order) before reading these again.
+                if owner is not None and owner.end_read(rd.parts, lost=True):
+                    self._keeper.poke()
+                continue
+            reply = rd.task.result()
+            if reply:
+                self._spread = len(reply)
+            for stream, entries in reply or ():
+                part = self.keys.pindex.get(stream)
+                prefix = b"" if part is None else b"%d/" % part
+                batch += await self._inflight.take(entries, None, prefix)
+            if owner is not None:
+                owner.end_read(rd.parts, lost=False)
+        return batch, error
+
+    async def _read_failed(self, exc: BaseException, delay: float) -> float:
+        """Say why a read failed and back off (never let the consumer die
+        silently); the next delay. A group the broker lost (restarted without
+        persistence) is declared again."""
+        conn = self._conn
+        if isinstance(exc, CONNECTION_ERRORS):
+            conn.failed(exc, f"reading {self.name!r}")
+        elif isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
+            with contextlib.suppress(TransportError, *CONNECTION_ERRORS):
+                await self._registry.declare(self.keys, self.patterns)
+                log.warning(
+                    "redis: group %r was gone from the broker; declared it again", self.name
+                )
+        elif isinstance(exc, rexc.RedisError):
+            conn.failed(exc, f"reading {self.name!r}")
+        else:
+            raise exc
+        return await conn.backoff(delay)
+
+    async def _read_group(self, streams: list[str], count: int) -> Any:
+        """XREADGROUP ... BLOCK, run in a task of its own, so that a cancel
+        ends the consumer at once: redis-py can swallow one (while it opens a
+        connection), and the read then runs its whole BLOCK, which held up
+        a stop's intake past its bound. A read left running this way is
+        awaited at close (``cancel``); what it took is pending to this
+        consumer, and close hands it back (``leave``)."""
+        r = self._conn.client(streams[0])
+        return await self._conn.cmd(r,
+            "XREADGROUP", "GROUP", self.name, self.consumer,
+            "COUNT", count, "BLOCK", self._block_ms,
+            "STREAMS", *streams, *(">" for _ in streams),
+        )  # fmt: skip
+
+    def _left_reads(self, reads: dict[str, _Read]) -> None:
+        """The consumer ends with reads in flight: each is cancelled and left
+        for close to await; their partitions are claimed again before being
+        read (their replies are lost)."""
+        owner = self._owner
+        lost = False
+        for rd in reads.values():
+            if not rd.task.done():
+                rd.task.cancel()
+            rd.task.add_done_callback(_retrieve)
+            self._left.append(rd.task)
+            if owner is not None:
+                lost = owner.end_read(rd.parts, lost=True) or lost
+        reads.clear()
+        if lost:
+            self._keeper.poke()
 
     async def reclaim(self, r: aredis.Redis, room: int) -> list[Delivery]:
         """Take over deliveries whose consumer has been silent for a lease."""
@@ -313,8 +368,10 @@ class Group:
         args += [delivery.attempt + 1 if counted else delivery.attempt, repr(first), delivery.token]
         self._touched()
 
-        def op(r: aredis.Redis) -> Any:
-            return self._conn.run("nack", keys=[stream, keys.zset], args=args, client=r)
+        zset = keys.zset_of(delivery.token)
+
+        def op() -> Any:
+            return self._conn.run("nack", keys=[stream, zset], args=args)
 
         await self._conn.retrying("handing back a delivery", op)
         self._inflight.settled(delivery.token)
@@ -337,8 +394,8 @@ class Group:
         conn = self._conn
         args = [keys.name, self.consumer, "p", entry, delivery.attempt]
 
-        def op(r: aredis.Redis) -> Any:
-            return conn.run("handback", keys=[stream], args=args, client=r)
+        def op() -> Any:
+            return conn.run("handback", keys=[stream], args=args)
 
         await conn.retrying("handing back a delivery", op)
         self._inflight.released(token, delivery.attempt)
@@ -356,12 +413,30 @@ class Group:
         keys = self.keys
         stream, entry = keys.locate(token)
         part, slash, _ = token.partition(b"/")
-        lease = keys.leases[int(part)] if slash else stream
         conn = self._conn
-        args = [self.consumer, keys.name, entry, value, "1" if slash else "0"]
+        if slash and keys.slotted:
+            # The stream is in another slot than the lease and the state: the
+            # entry is checked first, the lease and the save in one script.
+            # (Between the two, the entry could go only to a next owner of a
+            # lease that comes back to us: the lease is checked at the save.)
+            async def pending() -> Any:
+                r = conn.client(stream)
+                return await conn.cmd(
+                    r, "XPENDING", stream, keys.name, entry, entry, 1, self.consumer
+                )
 
-        def op(r: aredis.Redis) -> Any:
-            return conn.run("save_held", keys=[lease, stream, state_key], args=args, client=r)
+            if not await conn.retrying("saving state", pending):
+                return False
+            lease = keys.leases[int(part)]
+            script_keys = [lease, lease, state_key]
+            args = [self.consumer, keys.name, entry, value, "1", "0"]
+        else:
+            lease = keys.leases[int(part)] if slash else stream
+            script_keys = [lease, stream, state_key]
+            args = [self.consumer, keys.name, entry, value, "1" if slash else "0", "1"]
+
+        def op() -> Any:
+            return conn.run("save_held", keys=script_keys, args=args)
 
         saved = await conn.retrying("saving state", op)
         return bool(saved)
@@ -402,27 +477,34 @@ class Group:
         keeper = self._keeper.cancel()
         if keeper is not None:
             tasks.append(keeper)
-        read, self._read = self._read, None
-        if read is not None and not read.done():
-            tasks.append(read)
+        # a consumer waiting at a yield may have reads in flight (a cluster's
+        # other lanes): their replies are lost, their entries handed back
+        self._left_reads(self._reads)
+        left, self._left = self._left, []
+        tasks.extend(t for t in left if not t.done())
         return tasks
 
     def wake(self) -> None:
         """A consumer waiting for room wakes (to see the connection closed)."""
         self._inflight.make_room()
 
-    async def leave(self, r: aredis.Redis) -> None:
+    async def leave(self) -> None:
         """Give up partitions and membership, and forget this consumer in
-        every stream where it holds nothing (at close, on ``r``)."""
+        every stream where it holds nothing (at close)."""
         if not self._consuming:
             return
-        await self._hand_back_unseen(r)
+        await self._hand_back_unseen()
         if self._owner is not None:
-            await self._owner.leave(r)
+            await self._owner.leave()
         for stream in self.keys.streams():
-            await self._conn.run("forget", keys=[stream], args=[self.name, self.consumer], client=r)
+            await self._conn.run(
+                "forget",
+                keys=[stream],
+                args=[self.name, self.consumer],
+                client=self._conn.node(stream),
+            )
 
-    async def _hand_back_unseen(self, r: aredis.Redis) -> None:
+    async def _hand_back_unseen(self) -> None:
         """At close, before the partitions go: every entry still pending to
         this consumer that no handler has (read by a read whose reply never
         came, claimed into the backlog and not handed out, released in
@@ -433,6 +515,7 @@ class Group:
         unseen = {d.token: d.attempt for d in inflight.take_backlog()}
         keys = self.keys
         for stream in keys.streams():
+            r = self._conn.node(stream)
             part = keys.pindex.get(stream.encode())
             prefix = b"" if part is None else b"%d/" % part
             start = "-"
@@ -466,6 +549,21 @@ class Group:
 
 _PAGE = 500
 """Pending entries looked at per request at close."""
+
+
+class _CancelledRead(ConnectionError):
+    """A read cancelled before its reply came (taken as a lost reply)."""
+
+
+class _Read:
+    """A read in flight: its task, the partitions it reads, its COUNT."""
+
+    __slots__ = ("count", "parts", "task")
+
+    def __init__(self, task: asyncio.Task[Any], parts: list[int], count: int) -> None:
+        self.task = task
+        self.parts = parts
+        self.count = count
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -155,11 +155,14 @@ class Inflight:
     # --- room and backlog ------------------------------------------------------
     async def wait_room(self) -> None:
         """Until a delivery is settled, or ``make_room`` is called."""
-        self._room = asyncio.get_running_loop().create_future()
-        try:
-            await self._room
-        finally:
-            self._room = None
+        await self.room()
+
+    def room(self) -> asyncio.Future[None]:
+        """A future done at the next settle or ``make_room``."""
+        room = self._room
+        if room is None or room.done():
+            room = self._room = asyncio.get_running_loop().create_future()
+        return room
 
     def make_room(self) -> None:
         """Wake a consumer waiting for room (a settle, work in the backlog, close)."""

@@ -33,6 +33,9 @@ from ._partitions import PartitionOwner
 
 __all__ = ("Keeper",)
 
+_MOVE_PAGE = 500
+"""Due entries moved per script call."""
+
 
 class Keeper:
     """The maintenance task of one group; ``reading`` says whether a consumer
@@ -126,6 +129,31 @@ class Keeper:
         task.cancel()
         return task
 
+    async def _move(self, now: float) -> float:
+        """Move what is due (``now``) from the delayed sets back into their
+        streams: the group's, and on a cluster each owned partition's (its
+        owner moves a partition's: it is the one to read them); when to
+        move again."""
+        keys = self._keys
+        conn = self._conn
+        if not keys.slotted:
+            pends = keys.pstream_ends if keys.parts else ("", "")
+            sets = [(keys.zset, keys.stream, pends)]
+        else:
+            owned = self._owner.ownership.owned if self._owner is not None else ()
+            sets = [(keys.zset, keys.stream, ("", ""))]
+            sets += [(keys.pzsets[p], keys.pstreams[p], ("", "")) for p in sorted(owned)]
+        due = now + self._poll
+        for zset, stream, ends in sets:
+            moved, nxt = await conn.run(
+                "move", keys=[zset, stream], args=[repr(now), _MOVE_PAGE, *ends]
+            )
+            if moved >= _MOVE_PAGE:
+                due = now
+            elif nxt:
+                due = min(due, float(nxt))
+        return due
+
     async def _run(self, wake: asyncio.Event) -> None:
         keys = self._keys
         conn = self._conn
@@ -134,27 +162,16 @@ class Keeper:
         next_extend = clock.monotonic() + self._heartbeat
         next_balance = clock.monotonic()
         reading = self._reading
-        pends = keys.pstream_ends if keys.parts else ("", "")
         delay = 0.05
         task = asyncio.current_task()
         assert task is not None
         while not conn.closed:
             if task.cancelling():  # see Group.consume(): redis-py may swallow a cancel
                 raise asyncio.CancelledError
-            r = conn.client()
             try:
                 now = clock.time()
                 if self._due <= now:
-                    moved, nxt = await conn.run(
-                        "move",
-                        keys=[keys.zset, keys.stream],
-                        args=[repr(now), 500, *pends],
-                        client=r,
-                    )
-                    if moved >= 500:
-                        self._due = now
-                    else:
-                        self._due = min(float(nxt) if nxt else now + self._poll, now + self._poll)
+                    self._due = await self._move(now)
                 if self._heartbeat > 0 and clock.monotonic() >= next_extend:
                     next_extend = clock.monotonic() + self._heartbeat
                     by_stream: dict[str, list[bytes]] = {}
@@ -165,11 +182,13 @@ class Keeper:
                         by_stream.setdefault(stream, []).append(entry)
                     for stream, entries in by_stream.items():
                         await conn.cmd(
-                            r, "XCLAIM", stream, keys.name, self._consumer, 0, *entries, "JUSTID"
-                        )
+                            conn.client(stream),
+                            "XCLAIM", stream, keys.name, self._consumer, 0, *entries, "JUSTID",
+                        )  # fmt: skip
                 if clock.monotonic() >= next_balance or self._reading != reading:
                     reading = self._reading
                     pace = self._lease / 3
+                    r = conn.client()
                     if owner is not None and await owner.balance(r, leaving=not reading):
                         # Quicker while partitions change hands: ours go as soon as
                         # they are settled; others' are taken soon after they go.

@@ -67,7 +67,7 @@ class PartitionOwner:
         self._inflight = inflight
         self._clock = clock
         self._own = Ownership(keys.parts)
-        self._reading: frozenset[int] = frozenset()  # partitions of the read in flight
+        self._reading: set[int] = set()  # partitions of the reads in flight
         self._rescan: set[int] = set()  # owned partitions with entries pending, not held
         # Fencing: a lease renewed by a call sent at t expires on the server
         # no sooner than t + lease; this process starts a partition's
@@ -99,22 +99,24 @@ class PartitionOwner:
         return True
 
     # --- reads -----------------------------------------------------------------
-    def begin_read(self) -> list[int]:
-        """The partitions the next read covers: owned, not being given up,
-        and with nothing pending to claim first."""
-        parts = sorted(self._own.readable - self._rescan)
-        self._reading = frozenset(parts)
-        return parts
+    def readable(self) -> list[int]:
+        """The partitions to read: owned, not being given up, and with
+        nothing pending to claim first."""
+        return sorted(self._own.readable - self._rescan)
 
-    def end_read(self, *, lost: bool) -> bool:
-        """The read is over. When its reply was ``lost`` (the read may have
-        run on the server), its partitions' entries are pending to us but not
+    def begin_read(self, parts: list[int]) -> None:
+        """A read of ``parts`` is on its way (they are not given up meanwhile)."""
+        self._reading.update(parts)
+
+    def end_read(self, parts: list[int], *, lost: bool) -> bool:
+        """The read of ``parts`` is over. When its reply was ``lost`` (the read
+        may have run on the server), their entries are pending to us but not
         held: claim them, in order, before reading these again. True when
         there is something to claim (wake the keeper)."""
-        rescan = lost and bool(self._reading)
+        self._reading.difference_update(parts)
+        rescan = lost and bool(parts)
         if rescan:
-            self._rescan |= self._reading
-        self._reading = frozenset()
+            self._rescan.update(parts)
         return rescan
 
     def redeliver(self, p: int) -> None:
@@ -168,23 +170,25 @@ class PartitionOwner:
             self._rescan -= set(lost)  # the next owner claims what is pending there
         for p in gained:
             # What the previous owner left unsettled comes before anything new.
-            await self._claim_pending(r, p)
+            await self._claim_pending(p)
             own.acquired((p,))
         if leaving:
             self._rescan.clear()  # nobody reads a backlog now: the next owner claims them
         for p in sorted(self._rescan):
             if p in own.owned and p not in own.releasing:
-                await self._claim_pending(r, p)
+                await self._claim_pending(p)
             self._rescan.discard(p)  # only once claimed: a failure leaves it for the next round
-        if self._inflight.backlogged:
-            self._inflight.make_room()  # wake a consumer waiting for room: there is work
+        if self._inflight.backlogged or gained:
+            # wake the consumer: there is work, or a partition to read
+            self._inflight.make_room()
         return len(gained) < len(acquire) or bool(own.releasing)
 
-    async def _claim_pending(self, r: aredis.Redis, p: int) -> None:
+    async def _claim_pending(self, p: int) -> None:
         """Every unsettled entry of partition ``p`` not held here, oldest first,
         onto the backlog (page by page: a failure keeps what was taken)."""
         keys = self._keys
         stream = keys.pstreams[p]
+        r = self._conn.client(stream)
         prefix = b"%d/" % p
         inflight = self._inflight
         start = "-"
@@ -204,8 +208,9 @@ class PartitionOwner:
                 return
             start = "(" + pending[-1][0].decode()
 
-    async def leave(self, r: aredis.Redis) -> None:
+    async def leave(self) -> None:
         """Give up every partition and the membership (at close)."""
+        r = self._conn.node()
         # Every partition, not only those we know we own: a lease taken by a
         # round that close() cancelled before it saw the reply is ours too. The
         # script deletes a lease only if it is ours.

@@ -31,7 +31,7 @@ __all__ = ("Publisher",)
 
 log = logging.getLogger("surge.redis")
 
-# topic, encoded envelope, dedup key ('' for a fresh id), not_before, key
+# topic, encoded envelope, its id if derived (deduplicated; else ''), not_before, key
 _Item = tuple[str, bytes, str, float | None, str | None]
 
 
@@ -157,12 +157,11 @@ class Publisher:
     # --- publishing ----------------------------------------------------------
     def _encode(self, envelopes: Sequence[Envelope]) -> list[_Item]:
         encode = self._codec.encode_envelope
-        dedup = self._registry.keys.dedup
         return [
             (
                 env.topic,
                 encode(env),
-                dedup + env.id if env.id[12:13] == "8" else "",
+                env.id if env.id[12:13] == "8" else "",
                 env.not_before,
                 env.key,
             )
@@ -264,38 +263,105 @@ class Publisher:
         except Exception as exc:
             raise self._conn.error(exc, "publish") from exc
 
+    def _route(self, items: list[_Item]) -> tuple[list[Any], dict[int, list[Any]], list[float]]:
+        """The publish script's entries for the prefix's slot and, on a
+        cluster, for each partition's slot (its first key ahead); the
+        not_before times of delayed entries."""
+        registry = self._registry
+        keys = registry.keys
+        slotted = keys.slotted
+        now = self._clock.time()
+        home: list[Any] = []
+        parts: dict[int, list[Any]] = {}
+        later: list[float] = []
+        for topic, payload, did, not_before, key in items:
+            streams, zsets = registry.route(topic)
+            if not streams:
+                continue
+            delayed = not_before is not None and not_before > now
+            if delayed:
+                assert not_before is not None
+                later.append(not_before)
+            if key is None:
+                _entry(home, keys.dedup, did, delayed, not_before, "", streams, zsets, payload)
+                continue
+            route = registry.keyed_route(topic, key)
+            part = f"{route.part}/"
+            if not slotted:  # one slot: one entry
+                _entry(
+                    home, keys.dedup, did, delayed, not_before, part,
+                    route.streams + route.home_streams, route.zsets + route.home_zsets, payload,
+                )  # fmt: skip
+                continue
+            if route.streams:
+                targets = route.zsets if delayed else route.streams
+                out = parts.get(route.part)
+                if out is None:
+                    out = parts[route.part] = [targets[0]]
+                dedup = keys.dedup_of(route.part)
+                _entry(
+                    out, dedup, did, delayed, not_before, part,
+                    route.streams, route.zsets, payload,
+                )  # fmt: skip
+            if route.home_streams:
+                _entry(
+                    home, keys.dedup, did, delayed, not_before, part,
+                    route.home_streams, route.home_zsets, payload,
+                )  # fmt: skip
+        return home, parts, later
+
     async def _write(self, items: list[_Item]) -> None:
+        """Write ``items``: first the script of the prefix's slot, which checks
+        the registry version (a stale route: reload and route again); then, on
+        a cluster, one per partition's slot, at once, each retried alone
+        until written. Checking the version in another script than the
+        partitions' writes keeps the promise: a group declared before the
+        publish began has bumped the version before that check."""
         conn = self._conn
         registry = self._registry
         clock = self._clock
         deadline = clock.monotonic() + self._reconnect_timeout
         delay = 0.05
+        head = [self._dedup_window, self._max_len or ""]
+        parts: dict[int, list[Any]] | None = None  # once the prefix's slot is written
+        later: list[float] = []
         while True:
-            now = clock.time()
-            args: list[Any] = [registry.version, self._dedup_window, self._max_len or ""]
-            later: list[float] = []
-            for topic, payload, dkey, not_before, key in items:
-                streams, zsets = registry.route(topic)
-                if not streams:
-                    continue
-                part = ""
-                if key is not None:
-                    n, streams = registry.keyed_route(topic, key)
-                    part = f"{n}/"
-                if not_before is not None and not_before > now:
-                    args += ("z", dkey, repr(not_before), part, len(zsets), *zsets, payload)
-                    later.append(not_before)
-                else:
-                    args += ("s", dkey, "", "", len(streams), *streams, payload)
-            # Nothing routed still asks the script: our copy of the registry
-            # may predate the groups that want these topics (a publisher
-            # started before the workers declared them), and only the
-            # script's version check tells (-1 below).
             try:
-                r = conn.client()  # each round: a cluster's failover swaps it
-                added = await conn.run(
-                    "publish", keys=[registry.keys.version], args=args, client=r, replicated=True
-                )
+                if parts is None:
+                    home, routed, later = self._route(items)
+                    # Nothing routed still asks the script: our copy of the
+                    # registry may predate the groups that want these topics (a
+                    # publisher started before the workers declared them), and
+                    # only the script's version check tells (-1 below).
+                    added = await conn.run(
+                        "publish",
+                        keys=[registry.keys.version],
+                        args=[registry.version, *head, *home],
+                        replicated=True,
+                    )
+                    if added == -1:  # a group was declared since we routed: reroute
+                        await registry.load()
+                        continue
+                    parts = routed
+                if parts:
+                    todo = list(parts.items())
+                    outcomes = await asyncio.gather(
+                        *(
+                            conn.run(
+                                "publish", keys=[e[0]], args=["-", *head, *e[1:]], replicated=True
+                            )
+                            for _, e in todo
+                        ),
+                        return_exceptions=True,
+                    )
+                    failed: BaseException | None = None
+                    for (p, _), outcome in zip(todo, outcomes, strict=True):
+                        if isinstance(outcome, BaseException):
+                            failed = failed or outcome
+                        else:
+                            del parts[p]
+                    if failed is not None:
+                        raise failed
             except (rexc.RedisError, OSError) as exc:
                 if not transient(exc) or conn.closed or clock.monotonic() > deadline:
                     raise conn.error(exc, "publish") from exc
@@ -303,12 +369,28 @@ class Publisher:
                 delay = await conn.backoff(delay)
                 continue
             conn.ok()
-            if added == -1:  # a group was declared since we routed: reroute
-                await registry.load()
-                continue
             if later:
                 self._scheduled(min(later))
             return
+
+
+def _entry(
+    out: list[Any],
+    dedup: str,
+    did: str,
+    delayed: bool,
+    not_before: float | None,
+    part: str,
+    streams: tuple[str, ...],
+    zsets: tuple[str, ...],
+    payload: bytes,
+) -> None:
+    """One envelope's entry of the publish script (see ``_scripts.PUBLISH``)."""
+    dkey = dedup + did if did else ""
+    if delayed:
+        out += ("z", dkey, repr(not_before), part, len(zsets), *zsets, payload)
+    else:
+        out += ("s", dkey, "", "", len(streams), *streams, payload)
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

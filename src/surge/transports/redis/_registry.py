@@ -12,20 +12,33 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
-import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from ..._errors import ConfigurationError
 from ..._transport import topic_matches
 from .._partitions import partition_of
 from ._connection import Connection
-from ._keys import GroupKeys, Keys
+from ._keys import LAYOUT, GroupKeys, Keys
 from ._options import RedisOptions
 
-__all__ = ("Registry",)
+__all__ = ("KeyedRoute", "Registry")
 
 log = logging.getLogger("surge.redis")
+
+
+class KeyedRoute(NamedTuple):
+    """Where a keyed envelope goes: ``part``, its partition; the streams and
+    delayed sets of the groups with partitions (partition ``part``'s); those
+    of the groups without (inboxes: their shared stream, in the prefix's
+    slot)."""
+
+    part: int
+    streams: tuple[str, ...]
+    zsets: tuple[str, ...]
+    home_streams: tuple[str, ...]
+    home_zsets: tuple[str, ...]
 
 
 class Registry:
@@ -60,7 +73,7 @@ class Registry:
         self._parts: dict[str, int] = {}  # group -> its partitions (0: none)
         self._version = b""
         self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
-        self._keyed_routes: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._keyed_routes: dict[tuple[str, int], KeyedRoute] = {}
 
     @property
     def version(self) -> bytes:
@@ -68,7 +81,7 @@ class Registry:
         return self._version
 
     def use_keys(self, keys: Keys) -> None:
-        """Name everything with ``keys`` (a cluster's tagged prefix), before
+        """Name everything with ``keys`` (a cluster's slotted layout), before
         any group is declared."""
         self.keys = keys
         self._routes.clear()
@@ -82,8 +95,21 @@ class Registry:
         r = self._conn.client()
         key = self.keys.partitions
         try:
+            if self.keys.slotted:
+                layout = await self._conn.run(
+                    "layout", keys=[self.keys.layout, key], args=[LAYOUT], client=r
+                )
+                layout = layout.decode() if isinstance(layout, bytes) else str(layout)
+                if layout != LAYOUT:
+                    held = f"layout {layout}" if layout else "layout 1 (every key in one slot)"
+                    raise ConfigurationError(
+                        f"redis prefix {self.keys.prefix!r} holds keys of {held}, not of "
+                        f"layout {LAYOUT}: drain it and delete its keys, or use another prefix"
+                    )
             await r.set(key, self.partitions, nx=True)
             stored = int(await r.get(key) or 0)
+        except ConfigurationError:
+            raise
         except Exception as exc:
             raise self._conn.error(exc, "reading the partition count") from exc
         if self._asked is not None and stored != self._asked:
@@ -117,6 +143,10 @@ class Registry:
         inbox: its liveness key is set."""
         k = self.keys
         try:
+            if keys.slotted:
+                # other slots than the script's: each partition's stream first
+                for stream in keys.pstreams:
+                    await self._create(stream, keys.name)
             await self._conn.run(
                 "declare",
                 keys=[k.registry, k.version, keys.stream, k.registry_parts, keys.alive],
@@ -126,9 +156,18 @@ class Registry:
             raise self._conn.error(exc, f"declaring {keys.name!r}") from exc
         await self.load()
 
-    async def drop(self, keys: GroupKeys, r: aredis.Redis) -> None:
-        """Delete an inbox and what it holds (at close, on ``r``)."""
-        pipe = r.pipeline(transaction=True)
+    async def _create(self, stream: str, group: str) -> None:
+        """The consumer group ``group`` of ``stream`` (and the stream), if not yet."""
+        conn = self._conn
+        try:
+            await conn.cmd(conn.client(stream), "XGROUP", "CREATE", stream, group, "0", "MKSTREAM")
+        except rexc.ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+
+    async def drop(self, keys: GroupKeys) -> None:
+        """Delete an inbox and what it holds (at close)."""
+        pipe = self._conn.node().pipeline(transaction=True)
         pipe.hdel(self.keys.registry, keys.name)
         pipe.incr(self.keys.version)
         pipe.delete(keys.stream, keys.zset, keys.dead, keys.alive)
@@ -184,18 +223,24 @@ class Registry:
             )
         return route
 
-    def keyed_route(self, topic: str, key: str) -> tuple[int, tuple[str, ...]]:
-        """The partition of ``key`` and the streams a keyed envelope of
-        ``topic`` goes to (a group without partitions: its shared stream)."""
+    def keyed_route(self, topic: str, key: str) -> KeyedRoute:
+        """Where a keyed envelope of ``topic`` goes: see ``KeyedRoute``."""
         part = partition_of(key, self.partitions)
         route = self._keyed_routes.get((topic, part))
         if route is None:
             k = self.keys
-            route = self._keyed_routes[(topic, part)] = tuple(
-                k.partition_stream(g, part) if self._parts.get(g) else s
-                for g, s in zip(self._route_names(topic), self.route(topic)[0], strict=True)
+            names = self._route_names(topic)
+            streams, zsets = self.route(topic)
+            parted = [i for i, g in enumerate(names) if self._parts.get(g)]
+            rest = [i for i, g in enumerate(names) if not self._parts.get(g)]
+            route = self._keyed_routes[(topic, part)] = KeyedRoute(
+                part,
+                tuple(k.partition_stream(names[i], part) for i in parted),
+                tuple(k.partition_zset(names[i], part) for i in parted),
+                tuple(streams[i] for i in rest),
+                tuple(zsets[i] for i in rest),
             )
-        return part, route
+        return route
 
     def _route_names(self, topic: str) -> list[str]:
         return sorted(

@@ -15,6 +15,7 @@ __all__ = (
     "DECLARE",
     "FORGET",
     "HANDBACK",
+    "LAYOUT",
     "MOVE",
     "NACK",
     "OWN",
@@ -23,9 +24,15 @@ __all__ = (
     "SWEEP",
 )
 
+# KEYS: the registry version (or, with ARGV[1] '-', any key of the slot the
+# batch is for: a partition's, on a cluster); ARGV: the version routed on,
+# the dedup window, max_len, then per envelope: kind ('s' stream, 'z'
+# delayed), dedup key, not_before, partition ('n/'), n, n keys, payload.
 PUBLISH = """
-local v = redis.call('GET', KEYS[1]) or ''
-if v ~= ARGV[1] then return -1 end
+if ARGV[1] ~= '-' then
+  local v = redis.call('GET', KEYS[1]) or ''
+  if v ~= ARGV[1] then return -1 end
+end
 local window = ARGV[2]
 local maxlen = ARGV[3]
 local i = 4
@@ -63,8 +70,9 @@ return added
 
 # KEYS: registry hash, its version, shared stream, partition counts hash,
 # the group's liveness key; ARGV: group, partitions (0: none, an ephemeral
-# group), partition stream key before and after the number, liveness TTL
-# (ms, ephemeral groups), patterns...
+# group), partition stream key before and after the number ('' on a
+# cluster: the partitions' streams are in other slots, created before),
+# liveness TTL (ms, ephemeral groups), patterns...
 DECLARE = """
 local cur = redis.call('HGET', KEYS[1], ARGV[1])
 local seen = {}
@@ -94,8 +102,10 @@ if ARGV[2] == '0' then
   redis.call('SET', KEYS[5], '1', 'PX', ARGV[5])
 end
 redis.pcall('XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
-for p = 0, tonumber(ARGV[2]) - 1 do
-  redis.pcall('XGROUP', 'CREATE', ARGV[3] .. p .. ARGV[4], ARGV[1], '0', 'MKSTREAM')
+if ARGV[3] ~= '' then
+  for p = 0, tonumber(ARGV[2]) - 1 do
+    redis.pcall('XGROUP', 'CREATE', ARGV[3] .. p .. ARGV[4], ARGV[1], '0', 'MKSTREAM')
+  end
 end
 return redis.call('GET', KEYS[2])
 """
@@ -287,14 +297,30 @@ return n
 # consumer's (``FencedState``): the partition's lease still ours, and the
 # entry still pending to us (the next owner acks it once handled).
 # KEYS: the partition's lease (or the stream again, unkeyed), its stream, the
-# state key; ARGV: consumer, group, entry id, value, '1' to check the lease.
+# state key; ARGV: consumer, group, entry id, value, '1' to check the lease,
+# '1' to check the entry (on a cluster a partition's stream is in another
+# slot than its lease and the state: the entry is checked just before, and
+# KEYS[2] is the lease again).
 SAVE_HELD = """
 if ARGV[5] == '1' and redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if #redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[3], ARGV[3], 1, ARGV[1]) == 0 then
+if ARGV[6] == '1' and
+    #redis.call('XPENDING', KEYS[2], ARGV[2], ARGV[3], ARGV[3], 1, ARGV[1]) == 0 then
   return 0
 end
 redis.call('SET', KEYS[3], ARGV[4])
 return 1
+"""
+
+# The key layout of a cluster's prefix (``_keys.LAYOUT``): recorded by the
+# first process, refused when it differs, or when the prefix has keys of the
+# layout before any was recorded. KEYS: layout key, partition count key;
+# ARGV: our layout. Returns the prefix's ('' : the unrecorded first one).
+LAYOUT = """
+local cur = redis.call('GET', KEYS[1])
+if cur then return cur end
+if redis.call('EXISTS', KEYS[2]) == 1 then return '' end
+redis.call('SET', KEYS[1], ARGV[1])
+return ARGV[1]
 """
 
 # name -> source, as the connection registers them (see ``Connection.run``)
@@ -311,4 +337,5 @@ SCRIPTS: dict[str, str] = {
     "own": OWN,
     "sweep": SWEEP,
     "save_held": SAVE_HELD,
+    "layout": LAYOUT,
 }

@@ -44,12 +44,15 @@ gone. ``await publish`` is only as durable as the server's ``appendonly`` /
 ``appendfsync`` settings (``always`` to lose nothing acknowledged).
 
 Redis Cluster: found from a plain URL of any node (``INFO cluster``); the
-prefix becomes a hash tag, so a prefix lives in one slot, on one shard (its
-scripts fan out to several groups' streams atomically, which Redis allows
-only within a slot); spread load over shards with several prefixes. Lost
+keys are laid out by slot (``_keys``): the prefix's own under one hash tag,
+each partition's under another, so a group's partitions spread over the
+shards while every script stays in one slot (a publish batch is one script
+per slot it touches, a consumer reads one stream per slot at once). Unkeyed
+events stay in the prefix's slot: spread those with several prefixes. Lost
 masters and moved slots are followed (see ``_connection``); ``wait=1``
 makes publishes and acks wait until a replica has them, so a failover
-loses none of them.
+loses none of them. On one redis-server the keys keep the names they
+always had.
 
 Limits: Redis >= 6.2 (XPENDING IDLE). An ephemeral group (a reply inbox)
 has a liveness key its consumer renews every lease/3; a process that starts
@@ -66,7 +69,6 @@ import socket
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-import redis.asyncio as aredis
 import redis.exceptions as rexc
 
 from ..._clock import Clock, RealClock
@@ -189,8 +191,8 @@ class RedisTransport:
         if self._conn.connected:
             return
         await self._conn.open()
-        # on a cluster every key carries the prefix as a hash tag: one slot
-        self._registry.use_keys(Keys(self._conn.key_prefix))
+        # on a cluster the keys are laid out by slot (see _keys)
+        self._registry.use_keys(Keys(self.prefix, slotted=self._conn.cluster))
         try:
             await self._registry.fix_partitions()
         except BaseException:
@@ -206,8 +208,7 @@ class RedisTransport:
             return
         # Let what was accepted reach Redis before the door shuts.
         await self._publisher.flush()
-        r = self._conn.shut()
-        assert r is not None
+        self._conn.shut()
         try:
             running: list[asyncio.Task[Any]] = [
                 t for g in self._groups.values() for t in g.cancel()
@@ -229,9 +230,9 @@ class RedisTransport:
             try:
                 for g in self._groups.values():
                     if g.ephemeral:
-                        await self._registry.drop(g.keys, r)
+                        await self._registry.drop(g.keys)
                     else:
-                        await g.leave(r)
+                        await g.leave()
             except Exception as exc:  # closing anyway: say so, do not raise
                 log.warning("redis: cleanup at close failed: %s: %s", type(exc).__name__, exc)
         finally:
@@ -340,12 +341,16 @@ class RedisTransport:
         by_group: dict[str, list[Any]] = {}
         for d in deliveries:
             by_group.setdefault(d.group, []).append(d.token)
-        keys: list[str] = []
-        args: list[Any] = []
+        # one script per slot (a cluster's partitions have slots of their
+        # own), all of a single node's in one
+        calls: dict[str, tuple[list[str], list[Any]]] = {}
+        slotted = self._registry.keys.slotted
         for name, tokens in by_group.items():
             shared = [t for t in tokens if b"/" not in t]
             if shared:
-                keys.append(self._registry.keys.stream(name))
+                stream = self._registry.keys.stream(name)
+                keys, args = calls.setdefault(_slot_of(stream, slotted), ([], []))
+                keys.append(stream)
                 args += (name, b",".join(shared))
             if len(shared) < len(tokens):  # entries of partitions
                 g = self._group(name)
@@ -355,11 +360,23 @@ class RedisTransport:
                         stream, entry = g.keys.locate(t)
                         by_stream.setdefault(stream, []).append(entry)
                 for stream, entries in by_stream.items():
+                    keys, args = calls.setdefault(_slot_of(stream, slotted), ([], []))
                     keys.append(stream)
                     args += (name, b",".join(entries))
+        run = self._conn.run
 
-        def op(r: aredis.Redis) -> Any:
-            return self._conn.run("ack", keys=keys, args=args, client=r, replicated=True)
+        async def op() -> Any:
+            if len(calls) == 1:
+                ((keys, args),) = calls.values()
+                return await run("ack", keys=keys, args=args, replicated=True)
+            outcomes = await asyncio.gather(
+                *(run("ack", keys=k, args=a, replicated=True) for k, a in calls.values()),
+                return_exceptions=True,
+            )
+            for outcome in outcomes:
+                if isinstance(outcome, BaseException):
+                    raise outcome  # all again: acks are idempotent
+            return sum(outcomes)
 
         await self._conn.retrying("acknowledging", op)
         for name, tokens in by_group.items():
@@ -392,7 +409,7 @@ class RedisTransport:
         out: list[DeadLetter] = []
         for name in names:
             keys = await self._keys_of(name)
-            out.extend(rec for _, rec in await self._dead.entries(keys))
+            out.extend(rec for _, _, rec in await self._dead.entries(keys))
         return sorted(out, key=lambda d: d.failed_at)
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
@@ -404,16 +421,21 @@ class RedisTransport:
     async def stats(self, group: str) -> TransportStats:
         keys = await self._keys_of(group)
         streams = keys.streams()
-        pipe = self._conn.client().pipeline(transaction=True)
+        commands: list[tuple[Any, ...]] = []
         for stream in streams:
-            pipe.xlen(stream)
-            pipe.xpending(stream, keys.name)
-        pipe.zcard(keys.zset)
-        pipe.xlen(keys.dead)
+            commands.append(("XLEN", stream))
+            commands.append(("XPENDING", stream, keys.name))
+        zsets = [z for z, _ in keys.zsets()]
+        deads = [d for d, _ in keys.deads()]
+        commands += [("ZCARD", z) for z in zsets]
+        commands += [("XLEN", d) for d in deads]
         try:
-            *counts, scheduled, dead = await pipe.execute(raise_on_error=False)
+            replies = await self._conn.each(commands)
         except rexc.RedisError as exc:
             raise self._conn.error(exc, "reading stats") from exc
+        counts = replies[: 2 * len(streams)]
+        scheduled = sum(n for n in replies[2 * len(streams) : -len(deads)] if isinstance(n, int))
+        dead = sum(n for n in replies[-len(deads) :] if isinstance(n, int))
         length = n_pending = 0
         for k in range(len(streams)):
             n, pending = counts[2 * k], counts[2 * k + 1]
@@ -469,11 +491,19 @@ class RedisTransport:
             self._idle = False
             await self.clock.sleep(0.02)
 
-    async def _counts(self, r: aredis.Redis) -> list[int]:
-        pipe = r.pipeline(transaction=False)
+    async def _counts(self) -> list[int]:
+        commands: list[tuple[Any, ...]] = []
         for g in self._groups.values():
-            for stream in g.keys.streams():
-                pipe.xlen(stream)
-            pipe.zcard(g.keys.zset)
-        result: list[int] = await pipe.execute()
+            commands += [("XLEN", stream) for stream in g.keys.streams()]
+            commands += [("ZCARD", zset) for zset, _ in g.keys.zsets()]
+        result = await self._conn.each(commands)
+        for n in result:
+            if isinstance(n, Exception):
+                raise n
         return result
+
+
+def _slot_of(key: str, slotted: bool) -> str:
+    """What decides ``key``'s slot: its hash tag (``{surge:3}``) in a slotted
+    layout, else nothing (one server: one slot for all)."""
+    return key[: key.index("}") + 1] if slotted else ""
