@@ -448,10 +448,24 @@ async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
             )
 
         async with producer:
-            producing = asyncio.gather(
-                *(produce(i, i + total // 4) for i in range(0, total, total // 4))
-            )
-            for _ in range(kills):
+            # Each round's worker gets a share of events published as it
+            # starts (four publishers), so it has them to make progress on:
+            # with the whole run published at once, workers on a loaded
+            # machine could handle everything before the last rounds, whose
+            # workers then had nothing to print (CI: 'no progress in 60 s'
+            # with backlog, pending and scheduled all 0).
+            share = total // kills
+            rounds: list[asyncio.Future[list[None]]] = []
+            for i in range(kills):
+                first = i * share
+                rounds.append(
+                    asyncio.gather(
+                        *(
+                            produce(a, a + share // 4)
+                            for a in range(first, first + share, share // 4)
+                        )
+                    )
+                )
                 proc = spawn()
                 assert proc.stdout is not None
                 for _ in range(rng.randint(1, 4)):
@@ -468,7 +482,7 @@ async def test_crash_kill_worker_twenty_times(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
                 proc.stdout.close()
-            await producing
+            await asyncio.gather(*rounds)
         final = spawn()
         try:
             async with asyncio.timeout(60):
