@@ -59,7 +59,14 @@ from ._runtime import LocalState, Observer, Part, Runtime, Timings
 from ._shutdown import Shutdown, StopReport
 from ._signing import Signer
 from ._stats import AppStats, SubscriptionStats
-from ._transport import Capabilities, DeadLetter, KnowsGroups, Transport, capabilities_of
+from ._transport import (
+    Capabilities,
+    DeadLetter,
+    KnowsGroups,
+    TopicPut,
+    Transport,
+    capabilities_of,
+)
 
 if TYPE_CHECKING:
     from .http import Ingress
@@ -229,12 +236,14 @@ class App:
         # _observed_put: the same path, watched).
         self._direct_put: Callable[[Envelope], bool] | None = None
         self._put_one: Callable[[Envelope], bool] | None = None
-        # Event type -> its topic, for the types whose plain publish is that
-        # one put: learnt on a type's first publish while _put_one is set
-        # and its topic is known routed (for good, see Routing), cleared
-        # with _put_one. One dict lookup stands for the type, routing and
-        # option checks of every later publish of the type.
-        self._put_types: dict[type[Event], str] = {}
+        # The transport's putters (TopicPut), while _put_one is set.
+        self._topic_put: TopicPut | None = None
+        # Event type -> its topic and the put for it, for the types whose
+        # plain publish is that one put: learnt on a type's first publish
+        # while _put_one is set and its topic is known routed (for good, see
+        # Routing), cleared with _put_one. One dict lookup stands for the
+        # type, routing and option checks of every later publish of the type.
+        self._put_types: dict[type[Event], tuple[str, Callable[[Envelope], bool]]] = {}
         self._publish: Callable[[Sequence[Envelope]], Awaitable[None]] = _not_running
         self._stop_requested: asyncio.Event | None = None
         self._stop_early = False  # request_stop came before start made the event
@@ -671,15 +680,15 @@ class App:
         :class:`Unroutable` and publishes nothing (needs a transport that
         knows its groups, ``KnowsGroups``; else ``NotImplementedError``).
         """
-        topic = self._put_types.get(type(event))
-        if topic is not None and delay is None and at is None and id is None and connection is None:
+        put = self._put_types.get(type(event))
+        if put is not None and delay is None and at is None and id is None and connection is None:
             # Running, no middleware, a transport that is not durable, a
             # routed topic: one synchronous put, and a wait only when the
             # transport is full. (mandatory cannot refuse a routed topic.)
             # new_id() inlined: a list pop, no Python call per event.
             env_id = _ids.pop() if _ids else refill_ids()
-            env = Envelope(env_id, topic, key, self._wall(), headers, event)
-            if not self._put_one(env):  # type: ignore[misc]  # set while _put_types is filled
+            env = Envelope(env_id, put[0], key, self._wall(), headers, event)
+            if not put[1](env):
                 await self._publish_put((env,))
             return env_id
         if mandatory is None:
@@ -697,7 +706,7 @@ class App:
             blind = self._routing.blind
             if event.__topic__ in self._routing.routed and not (mandatory and blind):
                 if not blind:  # a blind app's mandatory publish must come here
-                    self._put_types[type(event)] = event.__topic__
+                    self._learn_put(type(event))
                 env_id = _ids.pop() if _ids else refill_ids()
                 env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
                 if not put_one(env):
@@ -832,12 +841,12 @@ class App:
         It cannot wait for the transport to say whether a group receives the
         topic, so it never raises :class:`Unroutable`: an unroutable publish
         is counted (a moment later) and warned as :meth:`publish` does."""
-        topic = self._put_types.get(type(event))
-        if topic is not None and id is None:
+        put = self._put_types.get(type(event))
+        if put is not None and id is None:
             env_id = _ids.pop() if _ids else refill_ids()
-            env = Envelope(env_id, topic, key, self._wall(), headers, event)
-            if not self._put_one(env):  # type: ignore[misc]  # set while _put_types is filled
-                raise Overloaded(f"a subscription of {topic!r} holds all it can")
+            env = Envelope(env_id, put[0], key, self._wall(), headers, event)
+            if not put[1](env):
+                raise Overloaded(f"a subscription of {put[0]!r} holds all it can")
             return env_id
         put_one = self._put_one
         if put_one is not None and id is None:
@@ -845,7 +854,7 @@ class App:
                 _check_event(event)
             if event.__topic__ in self._routing.routed:
                 if not self._routing.blind:
-                    self._put_types[type(event)] = event.__topic__
+                    self._learn_put(type(event))
                 env_id = _ids.pop() if _ids else refill_ids()
                 env = Envelope(env_id, event.__topic__, key, self._wall(), headers, event)
                 if not put_one(env):
@@ -931,6 +940,18 @@ class App:
                     f"{type(exc).__name__}: {exc}; nothing was published",
                     topic=env.topic,
                 ) from exc
+
+    def _learn_put(self, event_type: type[Event]) -> None:
+        """Keep the put for ``event_type``'s plain publish (``_put_types``):
+        the transport's putter for its topic and type where it has one
+        (``TopicPut``), else ``_put_one``; watched as ``_put_one`` is."""
+        topic = event_type.__topic__
+        put = self._put_one
+        assert put is not None
+        made = self._topic_put.putter(topic, event_type) if self._topic_put is not None else None
+        if made is not None:
+            put = made if self._observer is None else _observed_put(made, self._observer)
+        self._put_types[event_type] = (topic, put)
 
     async def _publish_put(self, envs: Sequence[Envelope]) -> None:
         """What a synchronous put could not take (the transport is full)."""
@@ -1174,6 +1195,7 @@ class App:
             self._direct_put = caps.direct_put.put_one
             if not self._middleware:
                 self._put_one = self._direct_put
+                self._topic_put = caps.topic_put
                 if self._observer is not None:
                     self._put_one = _observed_put(self._direct_put, self._observer)
         self._put_types.clear()
@@ -1231,6 +1253,7 @@ class App:
                 await stop.wait(self.drain(), "drain")
         self._state = "stopping"
         self._put_one = self._direct_put = None
+        self._topic_put = None
         self._put_types.clear()
         async with stop.phase("triggers", early=True):
             for part in reversed(self._parts) if self._consuming else ():

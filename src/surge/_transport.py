@@ -8,7 +8,7 @@ time and stays pending until it is acknowledged (at-least-once).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -29,6 +29,7 @@ __all__ = (
     "KnowsGroups",
     "Outbox",
     "StateStore",
+    "TopicPut",
     "Transport",
     "TransportStats",
     "capabilities_of",
@@ -277,6 +278,23 @@ class DirectPut(Protocol):
 
 
 @runtime_checkable
+class TopicPut(Protocol):
+    """``DirectPut`` made once per topic and event type (in-process
+    transports): the app keeps what ``putter`` returns for each type it
+    publishes and calls it instead of ``put_one``, skipping per event what
+    the topic and type settle once (routing, whether the type always fits).
+    """
+
+    def putter(self, topic: str, event_type: type) -> Callable[[Envelope], bool] | None:
+        """A function with ``put_one``'s contract for fresh envelopes of
+        ``topic`` carrying ``event_type`` events and no ``not_before``, or
+        None where there is none cheaper. It stays correct for the
+        transport's life: after routes change or the transport closes, it
+        hands each envelope to ``put_one``."""
+        ...
+
+
+@runtime_checkable
 class Outbox(Protocol):
     """Envelopes written through the caller's own database connection,
     inside its open transaction (the transactional outbox): rolled back,
@@ -319,6 +337,7 @@ class Capabilities:
     idle: IdleAware | None = None
     state: StateStore | None = None
     direct_put: DirectPut | None = None
+    topic_put: TopicPut | None = None
     outbox: Outbox | None = None
     groups: KnowsGroups | None = None
     fences: Fences | None = None
@@ -339,6 +358,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         idle=transport if isinstance(transport, IdleAware) else None,
         state=transport if isinstance(transport, StateStore) else None,
         direct_put=transport if isinstance(transport, DirectPut) else None,
+        topic_put=transport if isinstance(transport, TopicPut) else None,
         outbox=transport if isinstance(transport, Outbox) else None,
         groups=transport if isinstance(transport, KnowsGroups) else None,
         fences=transport if isinstance(transport, Fences) else None,
