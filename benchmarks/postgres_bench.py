@@ -16,7 +16,10 @@ removes it at the end. Scenarios:
 ``surge keyed drain``    the same with every event published with ``key=``
                          (1,000 keys): partitions with owners, the worker owns all 8
 ``surge latency``        worker running and idle; 2,500 events at a fixed 500/s;
-                         ``time.time_ns()`` before ``publish`` to handler start
+                         ``time.time_ns()`` before ``publish`` to handler start;
+                         also how long each publish waited for its commit, the
+                         worker's part alone (publish returned to handler start)
+                         and the worker process's CPU time per event
 ``raw insert``           ``INSERT ... SELECT unnest(...)`` batches of 100 rows
                          (100-byte payload), each a durable commit
 ``raw drain``            the baseline the issue names: one consumer claiming 100
@@ -77,6 +80,7 @@ def worker(url: str, n: int, mode: str, out: str) -> None:
     first = last = 0.0
     count = 0
     latencies: list[int] = []
+    sent: list[int] = []
     done: asyncio.Event | None = None
 
     @app.on(Tick, name="noop")
@@ -85,6 +89,7 @@ def worker(url: str, n: int, mode: str, out: str) -> None:
         now = time.perf_counter()
         if mode == "latency":
             latencies.append(time.time_ns() - ev.sent_ns)
+            sent.append(ev.sent_ns)
         if not count:
             first = now
         last = now
@@ -93,19 +98,22 @@ def worker(url: str, n: int, mode: str, out: str) -> None:
             done.set()
 
     launched = 0.0
+    cpu = 0.0  # the process's CPU seconds from ready to the last event
 
     async def main() -> None:
-        nonlocal done, launched
+        nonlocal done, launched, cpu
         done = asyncio.Event()
         launched = time.perf_counter()
         async with app:
+            cpu = -time.process_time()
             print("ready", flush=True)
             await done.wait()
+            cpu += time.process_time()
             await app.drain()
 
     run_loop(main())
-    result = {"first": first - launched, "span": last - first, "count": count}
-    Path(out).write_text(json.dumps({**result, "latencies_ns": latencies}))
+    result = {"first": first - launched, "span": last - first, "count": count, "cpu": cpu}
+    Path(out).write_text(json.dumps({**result, "latencies_ns": latencies, "sent_ns": sent}))
 
 
 def spawn_worker(url: str, n: int, mode: str, out: Path) -> subprocess.Popen[bytes]:
@@ -189,6 +197,7 @@ async def surge_latency(base: str, tmp: Path, rnd: int) -> dict[str, float]:
     await asyncio.to_thread(_wait_ready, proc)
     producer = surge.App("bench-producer", transport=url)
     commits: list[int] = []  # how long each publish waited for its commit
+    committed: dict[int, int] = {}  # sent_ns -> when its publish returned
     async with producer:
         await producer.publish(Tick(sent_ns=time.time_ns()))  # warm-up
         t0 = time.perf_counter()
@@ -198,15 +207,28 @@ async def surge_latency(base: str, tmp: Path, rnd: int) -> dict[str, float]:
                 await asyncio.sleep(delay)
             sent = time.time_ns()
             await producer.publish(Tick(sent_ns=sent))
-            commits.append(time.time_ns() - sent)
+            done = time.time_ns()
+            commits.append(done - sent)
+            committed[sent] = done
     await asyncio.to_thread(proc.wait)
-    lat = sorted(json.loads(out.read_text())["latencies_ns"][1:])
+    res = json.loads(out.read_text())
+    lat = sorted(res["latencies_ns"][1:])
+    after = sorted(
+        s + d - committed[s]
+        for s, d in zip(res["sent_ns"], res["latencies_ns"], strict=True)
+        if s in committed
+    )
     commits.sort()
     return {
         "surge_latency_p50_us": lat[len(lat) // 2] / 1000,
         "surge_latency_p99_us": lat[int(len(lat) * 0.99)] / 1000,
         "surge_publish_commit_p50_us": commits[len(commits) // 2] / 1000,
         "surge_publish_commit_p99_us": commits[int(len(commits) * 0.99)] / 1000,
+        # the worker's side alone: from the publish's return (its commit) to
+        # the handler's start (NOTIFY, wake-up, claim, dispatch)
+        "surge_commit_to_handle_p50_us": after[len(after) // 2] / 1000,
+        "surge_commit_to_handle_p99_us": after[int(len(after) * 0.99)] / 1000,
+        "surge_worker_cpu_us_per_event": res["cpu"] / total * 1e6,
     }
 
 
