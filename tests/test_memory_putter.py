@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import surge
@@ -115,3 +117,61 @@ async def test_a_subclass_overriding_put_one_gets_no_putter(clock: surge.Clock) 
         await app.drain()
     assert got == [0, 1, 2, 3]
     assert t.puts == 4
+
+
+async def _settle_loop() -> None:
+    """Let every callback that is ready run (a consumer that was woken)."""
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+async def test_a_put_does_not_wake_a_consumer_without_room(clock: surge.Clock) -> None:
+    """A consumer whose whole prefetch is unsettled waits for room: puts
+    leave it asleep; the ack that makes room wakes it, and it takes them."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("a", ["put.small"])
+    put = t.putter("put.small", Small)
+    assert put is not None
+    reader = Reader(t, "a", prefetch=1)
+    assert put(_env(Small(n=1)))
+    [first] = await reader.take(1)
+    pending = reader.start()._pending()
+    await _settle_loop()
+    woken = 0
+
+    def count(_: object) -> None:
+        nonlocal woken
+        woken += 1
+
+    [waiting] = t._groups["a"].roomless  # the reader waits for room
+    waiting.add_done_callback(count)
+    for i in range(2, 5):
+        assert put(_env(Small(n=i)))
+    await _settle_loop()
+    assert woken == 0
+    assert not pending.done()
+    await t.ack([first])
+    got = await reader.take(1)
+    assert woken == 1
+    assert [d.envelope.event for d in got] == [Small(n=2)]
+
+
+async def test_a_nack_makes_room_for_a_waiting_consumer(clock: surge.Clock) -> None:
+    """A nack with a long delay frees its prefetch slot at once: the
+    consumer waiting for room takes the next envelope without waiting for
+    the retry."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("a", ["put.small"])
+    reader = Reader(t, "a", prefetch=1)
+    await t.publish([_env(Small(n=1))])
+    [first] = await reader.take(1)
+    reader.start()
+    await _settle_loop()
+    await t.publish([_env(Small(n=2))])
+    await _settle_loop()  # the consumer saw the put and still has no room
+    await t.nack(first, 3600.0)
+    [second] = await reader.take(1, timeout=5.0)
+    assert second.envelope.event == Small(n=2)
+    await t.ack([second])

@@ -44,6 +44,7 @@ class _Group:
         "name",
         "patterns",
         "queue",
+        "roomless",
         "scheduled",
         "space_waiters",
         "unacked",
@@ -56,16 +57,30 @@ class _Group:
         self.queue: deque[Delivery] = deque()
         self.unacked = 0
         self.scheduled = 0
+        # Consumers waiting for envelopes, and those waiting for room (all
+        # their prefetch unsettled): a put wakes only the first, so a
+        # consumer that cannot take anything is not woken by each burst.
         self.consumers: list[asyncio.Future[None]] = []
+        self.roomless: list[asyncio.Future[None]] = []
         self.space_waiters: deque[asyncio.Future[None]] = deque()
         self.dead: dict[str, DeadLetter] = {}
 
+    def wake_readers(self) -> None:
+        """Wake the consumers waiting for envelopes (one was put)."""
+        for fut in self.consumers:
+            if not fut.done():
+                fut.set_result(None)
+        self.consumers.clear()
+
     def wake_consumers(self) -> None:
+        """Wake every waiting consumer (envelopes came, or room was made)."""
         if self.consumers:
-            for fut in self.consumers:
+            self.wake_readers()
+        if self.roomless:
+            for fut in self.roomless:
                 if not fut.done():
                     fut.set_result(None)
-            self.consumers.clear()
+            self.roomless.clear()
 
     def wake_publishers(self) -> None:
         waiters = self.space_waiters
@@ -214,7 +229,7 @@ class MemoryTransport:
                         raise Closed("transport is closed")
                 g.queue.append(Delivery(env, g.name))
                 if g.consumers:
-                    g.wake_consumers()
+                    g.wake_readers()
 
     def put_one(self, env: Envelope) -> bool:
         """Put one envelope whose id is fresh (a UUIDv7, never repeated, so no
@@ -231,7 +246,7 @@ class MemoryTransport:
                 return False
             q.append(Delivery(env, g.name))
             if g.consumers:
-                g.wake_consumers()
+                g.wake_readers()
             return True
         if self._closed:
             raise Closed("transport is closed")
@@ -250,7 +265,7 @@ class MemoryTransport:
         for g in groups:
             g.queue.append(Delivery(env, g.name))
             if g.consumers:
-                g.wake_consumers()
+                g.wake_readers()
         return True
 
     def putter(self, topic: str, event_type: type) -> Callable[[Envelope], bool] | None:
@@ -270,7 +285,7 @@ class MemoryTransport:
         g = groups[0]
         live = self._live
         queue, capacity, waiting = g.queue, g.capacity, g.space_waiters
-        consumers, wake, name = g.consumers, g.wake_consumers, g.name
+        consumers, wake, name = g.consumers, g.wake_readers, g.name
         put_one = self.put_one
         check = None if self._always_fits(event_type) else self._check_size
 
@@ -314,7 +329,7 @@ class MemoryTransport:
             for g in groups:
                 g.queue.append(Delivery(env, g.name))
                 if g.consumers:
-                    g.wake_consumers()
+                    g.wake_readers()
 
     async def consume(self, group: str, *, prefetch: int) -> AsyncIterator[list[Delivery]]:
         g = self._groups.get(group)
@@ -327,7 +342,7 @@ class MemoryTransport:
             room = prefetch - g.unacked
             if room <= 0 or not queue:
                 fut = loop.create_future()
-                g.consumers.append(fut)
+                (g.roomless if room <= 0 else g.consumers).append(fut)
                 await fut
                 continue
             n = len(queue)
@@ -366,7 +381,7 @@ class MemoryTransport:
         self._timers.add(handle)
 
     def _settled(self, g: _Group) -> None:
-        if g.consumers:
+        if g.consumers or g.roomless:
             g.wake_consumers()
         if self._idle_waiters and g.idle:
             self._check_idle()
@@ -395,6 +410,8 @@ class MemoryTransport:
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._groups[delivery.group]
         g.unacked -= 1
+        if g.roomless:
+            g.wake_consumers()
         self._schedule(g, delivery, delay)
 
     async def release(self, deliveries: Sequence[Delivery]) -> None:
@@ -462,6 +479,8 @@ class MemoryTransport:
         with its attempt not counted (a late delivery)."""
         g = self._groups[delivery.group]
         g.unacked -= 1
+        if g.roomless:
+            g.wake_consumers()
         delivery.attempt -= 1
         self._schedule(g, delivery, delay)
 
