@@ -29,6 +29,7 @@ import redis.asyncio as aredis
 from redis.crc import key_slot
 
 import surge
+from surge.transports._partitions import DEFAULT_PARTITIONS, partition_of
 from surge.transports.nats import NatsTransport
 from surge.transports.nats._connection import Election
 from surge.transports.nats._layout import PeersOffline
@@ -278,8 +279,26 @@ async def _slot_master(cluster: RedisCluster, prefix: str, *, not_port: int = 0)
     raise AssertionError("no live node names a master of the slot")
 
 
+async def _partition_master(cluster: RedisCluster, prefix: str, keys: int) -> RedisServer:
+    """A master holding partitions of ``keys`` keyed events (``k0``...) of
+    ``prefix``, not the prefix's own slot: the one holding most of them."""
+    home = await _slot_master(cluster, prefix)
+    held: dict[int, int] = {}
+    for p in {partition_of(f"k{i}", DEFAULT_PARTITIONS) for i in range(keys)}:
+        node = await _slot_master(cluster, f"{prefix}:{p}")
+        if node is not home:
+            held[node.port] = held.get(node.port, 0) + 1
+    assert held, "every partition of these keys is in the prefix's master"
+    return cluster.node_at(max(held, key=lambda port: held[port]))
+
+
 async def _redis_failover(
-    cluster: RedisCluster, tmp_path: Path, *, wait: int, **load: int
+    cluster: RedisCluster,
+    tmp_path: Path,
+    *,
+    wait: int,
+    partition_master: bool = False,
+    **load: int,
 ) -> FailoverResult:
     prefix = f"fo{uuid.uuid4().hex[:8]}"
     url = f"{cluster.url}?prefix={prefix}&lease=2&wait={wait}"
@@ -291,13 +310,17 @@ async def _redis_failover(
         # took over, and joins as that one's replica (with wait=1, writes
         # wait for it: the promoted master has no other replica).
         async def promoted() -> bool:
-            return (await _slot_master(cluster, prefix, not_port=victim.port)) is not victim
+            masters = await _masters(cluster)
+            return len(masters) == len(cluster.nodes) // 2 and victim not in masters
 
         await wait_for(promoted, timeout=30, interval=0.1, what="a replica promoted")
         await asyncio.to_thread(victim.start)
 
     async def kill() -> None:
-        master = await _slot_master(cluster, prefix)
+        if partition_master:
+            master = await _partition_master(cluster, prefix, load["keys"])
+        else:
+            master = await _slot_master(cluster, prefix)
         master.kill()
         victims.append(master)
         back.append(asyncio.get_running_loop().create_task(restart_after_failover(master)))
@@ -307,7 +330,8 @@ async def _redis_failover(
     finally:
         for task in back:
             await task
-    print(f"redis cluster, slot master killed, wait={wait}: {result}")
+    which = "a master of partitions only" if partition_master else "slot master"
+    print(f"redis cluster, {which} killed, wait={wait}: {result}")
     return result
 
 
@@ -320,6 +344,20 @@ async def test_redis_slot_master_killed_under_load_with_wait(
     once a replica has them): nothing acknowledged is lost or left, handling
     resumes, per-key order holds."""
     result = await _redis_failover(redis_cluster, tmp_path, wait=1, keys=8, per_key=60)
+    result.check()
+
+
+@pytest.mark.timeout(90)
+async def test_redis_partition_master_killed_under_load_with_wait(
+    redis_cluster: RedisCluster, tmp_path: Path
+) -> None:
+    """SIGKILL of a master that holds partitions of the group but not the
+    prefix's own slot (its registry, leases, shared streams), with wait=1:
+    the lanes and publishes of those partitions follow the promoted
+    replica, nothing acknowledged is lost, per-key order holds."""
+    result = await _redis_failover(
+        redis_cluster, tmp_path, wait=1, partition_master=True, keys=8, per_key=60
+    )
     result.check()
 
 

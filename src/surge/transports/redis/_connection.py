@@ -77,6 +77,10 @@ def transient(exc: BaseException) -> bool:
     return isinstance(exc, rexc.ResponseError) and str(exc).startswith("BUSY")
 
 
+_RAW = ("XREADGROUP", "XCLAIM", "XPENDING", "XRANGE")
+"""Commands whose replies are parsed here, in the server's shape."""
+
+
 def _raw(response: Any, **options: Any) -> Any:
     return response
 
@@ -195,7 +199,7 @@ class Connection:
             r = aredis.Redis.from_url(url, **self._redis_options)
         except ValueError as exc:
             raise ConfigurationError(f"{self._public_url!r}: {exc}") from None
-        for cmd in ("XREADGROUP", "XCLAIM", "XPENDING", "XRANGE"):
+        for cmd in _RAW:
             r.response_callbacks[cmd] = _raw
         return r
 
@@ -383,6 +387,14 @@ class Connection:
                 out[i] = reply
         return out
 
+    def single(self, r: aredis.Redis) -> aredis.Redis:
+        """A client of one connection of ``r``'s pool (``async with``), with
+        the raw replies of ``cmd``."""
+        one = r.client()
+        for cmd in _RAW:
+            one.response_callbacks[cmd] = _raw
+        return one
+
     async def cmd(self, r: aredis.Redis, *args: Any) -> Any:
         """A command whose raw reply the caller parses (XREADGROUP, XCLAIM,
         XPENDING, XRANGE keep the server's shape)."""
@@ -420,6 +432,55 @@ class Connection:
                         f"redis: a write ({script}) reached {n} of the {self._wait} replicas "
                         f"asked for within {self._reconnect_timeout}s (it is on the master only)"
                     )
+
+    async def run_each(
+        self, script: str, calls: Sequence[tuple[Sequence[str], Sequence[Any]]], *, replicated: bool
+    ) -> list[Any]:
+        """Run ``script`` once per (keys, args) of ``calls``, each on the
+        master of its first key: those of one master in one pipeline (no
+        transaction: each call stays atomic on its own), the masters at once;
+        their outcomes, in order, once all ended (a failure as its exception).
+        ``replicated`` with ``wait``: one call at a time per connection
+        (``run``)."""
+        if replicated and self._wait:
+            outcomes = await asyncio.gather(
+                *(self.run(script, k, a, replicated=True) for k, a in calls),
+                return_exceptions=True,
+            )
+        else:
+            by_client: dict[int, tuple[aredis.Redis, list[int]]] = {}
+            for i, (keys, _) in enumerate(calls):
+                r = self.client(keys[0])
+                by_client.setdefault(id(r), (r, []))[1].append(i)
+            groups = list(by_client.values())
+            outcomes = [None] * len(calls)
+            done = await asyncio.gather(
+                *(self._pipelined(script, r, [calls[i] for i in which]) for r, which in groups),
+                return_exceptions=True,
+            )
+            for (_, which), replies in zip(groups, done, strict=True):
+                for n, i in enumerate(which):
+                    outcomes[i] = replies if isinstance(replies, BaseException) else replies[n]
+        return outcomes
+
+    async def _pipelined(
+        self, script: str, r: aredis.Redis, calls: Sequence[tuple[Sequence[str], Sequence[Any]]]
+    ) -> list[Any]:
+        if self._released:
+            raise Closed("transport is closed")
+        s = self._scripts[script]
+        if len(calls) == 1:
+            keys, args = calls[0]
+            return [await s(keys=keys, args=args, client=r)]
+        pipe = r.pipeline(transaction=False)
+        for keys, args in calls:
+            pipe.execute_command("EVALSHA", s.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
+        for n, reply in enumerate(replies):
+            if isinstance(reply, rexc.NoScriptError):  # not run: load it, run it
+                keys, args = calls[n]
+                replies[n] = await s(keys=keys, args=args, client=r)
+        return replies
 
     async def retrying(self, doing: str, op: Callable[[], Awaitable[T]]) -> T:
         """Run ``op`` until the broker answers: settles are idempotent."""

@@ -177,7 +177,7 @@ class Group:
                         batch = await self.reclaim(conn.client(self.keys.stream), room)
                     if not batch:
                         if room > 0:
-                            self._start_reads(reads, room)
+                            self._start_reads(reads, room, prefetch)
                         batch, error = await self._read_some(reads)
                 except (rexc.RedisError, OSError) as exc:
                     error = exc
@@ -198,42 +198,77 @@ class Group:
 
     def _lanes(self) -> list[tuple[str, list[str], list[int]]]:
         """What to read: (lane, its streams, their partitions). One lane on a
-        single node, the shared stream and the partitions it owns; on a
-        cluster, a lane per slot (Redis reads several streams at once only
-        within one): the shared stream's, and each owned partition's."""
+        single node: the shared stream and the partitions it owns, in one
+        XREADGROUP. On a cluster, a lane per master (Redis reads several
+        streams at once only within one slot): the streams of the slots it
+        serves, read as ``_read_master`` says."""
         keys = self.keys
         parts = self._owner.readable() if self._owner is not None else []
         if not keys.slotted:
             return [("", [keys.stream, *(keys.pstreams[p] for p in parts)], parts)]
-        return [
-            (keys.stream, [keys.stream], []),
-            *((keys.pstreams[p], [keys.pstreams[p]], [p]) for p in parts),
-        ]
+        client = self._conn.client
+        lanes: dict[int, tuple[str, list[str], list[int]]] = {}
+        for stream, p in [(keys.stream, -1), *((keys.pstreams[p], p) for p in parts)]:
+            r = client(stream)
+            lane = lanes.get(id(r))
+            if lane is None:
+                lane = lanes[id(r)] = (str(id(r)), [], [])
+            lane[1].append(stream)
+            if p >= 0:
+                lane[2].append(p)
+        return list(lanes.values())
 
-    def _start_reads(self, reads: dict[str, _Read], room: int) -> None:
+    def _start_reads(self, reads: dict[str, _Read], room: int, prefetch: int) -> None:
         """Start a read in each lane without one (``room`` > 0).
 
         Redis applies COUNT to each stream of a read. When the last read found
         entries in one stream only (the common case: unkeyed events, or one
         busy partition), the whole room goes to each stream, for big batches;
         when it found several, the room is split among them (at least one
-        each), as it is among a cluster's lanes. So a consumer holds at most
-        ``prefetch`` plus one per partition it owns, except right after events
-        start flowing into several streams at once (up to ``prefetch`` per
-        stream, for one read)."""
-        lanes = [lane for lane in self._lanes() if lane[0] not in reads]
+        each). So a consumer holds at most ``prefetch`` plus one per partition
+        it owns, except right after events start flowing into several streams
+        at once (up to ``prefetch`` per stream, for one read). On a cluster
+        each stream read gets at most its fair share of the prefetch (its
+        lanes' reads run side by side), at least one."""
+        reading = {s for rd in reads.values() for s in rd.streams}
+        lanes = []
+        slotted = self.keys.slotted
+        for lane, streams, parts in self._lanes():
+            if lane in reads:
+                if slotted and not reading.issuperset(streams):
+                    # a partition to read joined a lane blocked on others
+                    reads[lane].interrupt()
+                continue
+            # a stream still read by a lane of a master it left (a failover)
+            kept = [s for s in streams if s not in reading]
+            if len(kept) < len(streams):
+                pindex = self.keys.pindex
+                parts = [pindex[s.encode()] for s in kept if s.encode() in pindex]
+            lanes.append((lane, kept, parts))
+        lanes = [lane for lane in lanes if lane[1]]
         if not lanes:
             return
-        room -= sum(rd.count for rd in reads.values())
-        room = max(1, min(room, self._batch) // len(lanes))
+        if slotted:
+            # each stream's fair share of the prefetch: the lanes' reads run
+            # side by side, and one blocked on an idle stream must not starve
+            # the others
+            share = len(reading) + sum(len(streams) for _, streams, _ in lanes)
+            room = max(1, min(prefetch, self._batch) // share)
+        else:
+            room -= sum(rd.count for rd in reads.values())
+            room = max(1, min(room, self._batch))
+        loop = asyncio.get_running_loop()
         for lane, streams, parts in lanes:
             count = room
-            if self._spread > 1 and len(streams) > 1:
+            if self._spread > 1 and len(streams) > 1 and not slotted:
                 count = max(1, room // len(streams))
             if self._owner is not None:
                 self._owner.begin_read(parts)
-            task = asyncio.get_running_loop().create_task(self._read_group(streams, count))
-            reads[lane] = _Read(task, parts, count)
+            rd = reads[lane] = _Read(streams, parts, count * len(streams))
+            if slotted:
+                rd.task = loop.create_task(self._read_master(rd, count))
+            else:
+                rd.task = loop.create_task(self._read_group(streams, count))
 
     async def _read_some(
         self, reads: dict[str, _Read]
@@ -304,15 +339,91 @@ class Group:
             "STREAMS", *streams, *(">" for _ in streams),
         )  # fmt: skip
 
+    async def _read_master(self, rd: _Read, count: int) -> Any:
+        """A cluster lane's read of ``rd.streams``, each in its own slot on
+        one master: one XREADGROUP per stream in one pipeline, without BLOCK
+        (one round trip while entries flow). When none had any, one blocking
+        XREADGROUP per stream, each on a connection of its own; once one
+        returns (or the lane is ``interrupt``-ed: a partition joined it), the
+        others are ended with ``CLIENT UNBLOCK`` (as if their BLOCK ran out:
+        a reply, nothing taken, the connection reusable), and their replies
+        are kept too."""
+        conn = self._conn
+        streams = rd.streams
+        r = conn.client(streams[0])
+        pipe = r.pipeline(transaction=False)
+        for stream in streams:
+            pipe.execute_command(
+                "XREADGROUP", "GROUP", self.name, self.consumer,
+                "COUNT", count, "STREAMS", stream, ">",
+            )  # fmt: skip
+        out = [e for reply in await pipe.execute() if reply for e in reply]
+        if out or rd.stopped:
+            return out
+        ids: dict[int, int] = {}
+
+        async def one(i: int, stream: str) -> Any:
+            c = conn.single(r)
+            try:
+                ids[i] = await conn.cmd(c, "CLIENT", "ID")
+                if rd.stopped:
+                    return None
+                return await conn.cmd(c,
+                    "XREADGROUP", "GROUP", self.name, self.consumer,
+                    "COUNT", count, "BLOCK", self._block_ms, "STREAMS", stream, ">",
+                )  # fmt: skip
+            finally:
+                # its connection back to the pool, even when cancelled
+                # (redis-py drops a connection whose read was cut)
+                await asyncio.shield(c.aclose())
+
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(one(i, s)) for i, s in enumerate(streams)]
+        try:
+            await asyncio.wait([*tasks, rd.wake], return_when=asyncio.FIRST_COMPLETED)
+            rd.interrupt()
+            unblocking = True
+            running = [t for t in tasks if not t.done()]
+            while running:
+                if unblocking:
+                    for i, task in enumerate(tasks):
+                        if not task.done() and i in ids:
+                            try:
+                                await conn.cmd(r, "CLIENT", "UNBLOCK", ids[i])
+                            except rexc.ResponseError:  # not allowed: let BLOCK run out
+                                unblocking = False
+                # an UNBLOCK may overtake its read: send it again shortly
+                tick = loop.create_task(self._clock.sleep(0.01))
+                await asyncio.wait([*running, tick], return_when=asyncio.FIRST_COMPLETED)
+                tick.cancel()
+                running = [t for t in running if not t.done()]
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+                task.add_done_callback(_retrieve)
+            # their connections dropped before this read counts as ended
+            await asyncio.wait(tasks)
+            raise
+        out = []
+        for task in tasks:
+            reply = task.result()  # the first failure, once all ended
+            if reply:
+                out += reply
+        return out
+
     def _left_reads(self, reads: dict[str, _Read]) -> None:
-        """The consumer ends with reads in flight: each is cancelled and left
-        for close to await; their partitions are claimed again before being
-        read (their replies are lost)."""
+        """The consumer ends with reads in flight: each is cancelled (a
+        cluster lane's interrupted) and left for close to await; their
+        partitions are claimed again before being read (their replies are
+        lost), and close hands back what they took."""
         owner = self._owner
         lost = False
         for rd in reads.values():
             if not rd.task.done():
-                rd.task.cancel()
+                if self.keys.slotted:
+                    rd.interrupt()  # its blocking reads end, each with its reply
+                else:
+                    rd.task.cancel()
             rd.task.add_done_callback(_retrieve)
             self._left.append(rd.task)
             if owner is not None:
@@ -556,14 +667,26 @@ class _CancelledRead(ConnectionError):
 
 
 class _Read:
-    """A read in flight: its task, the partitions it reads, its COUNT."""
+    """A read in flight: its task, its streams and their partitions, the
+    most it can take; ``interrupt`` ends a cluster lane's blocking read."""
 
-    __slots__ = ("count", "parts", "task")
+    __slots__ = ("count", "parts", "streams", "task", "wake")
 
-    def __init__(self, task: asyncio.Task[Any], parts: list[int], count: int) -> None:
-        self.task = task
+    task: asyncio.Task[Any]  # set once made (the read needs its _Read)
+
+    def __init__(self, streams: list[str], parts: list[int], count: int) -> None:
+        self.streams = streams
         self.parts = parts
         self.count = count
+        self.wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def stopped(self) -> bool:
+        return self.wake.done()
+
+    def interrupt(self) -> None:
+        if not self.wake.done():
+            self.wake.set_result(None)
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

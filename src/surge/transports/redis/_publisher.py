@@ -344,15 +344,13 @@ class Publisher:
                         continue
                     parts = routed
                 if parts:
+                    # each slot's script on its own: the one of a lost master
+                    # fails without undoing or redoing the others'
                     todo = list(parts.items())
-                    outcomes = await asyncio.gather(
-                        *(
-                            conn.run(
-                                "publish", keys=[e[0]], args=["-", *head, *e[1:]], replicated=True
-                            )
-                            for _, e in todo
-                        ),
-                        return_exceptions=True,
+                    outcomes = await conn.run_each(
+                        "publish",
+                        [([e[0]], ["-", *head, *e[1:]]) for _, e in todo],
+                        replicated=True,
                     )
                     failed: BaseException | None = None
                     for (p, _), outcome in zip(todo, outcomes, strict=True):

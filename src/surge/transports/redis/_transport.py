@@ -363,16 +363,13 @@ class RedisTransport:
                     keys, args = calls.setdefault(_slot_of(stream, slotted), ([], []))
                     keys.append(stream)
                     args += (name, b",".join(entries))
-        run = self._conn.run
+        conn = self._conn
 
         async def op() -> Any:
             if len(calls) == 1:
                 ((keys, args),) = calls.values()
-                return await run("ack", keys=keys, args=args, replicated=True)
-            outcomes = await asyncio.gather(
-                *(run("ack", keys=k, args=a, replicated=True) for k, a in calls.values()),
-                return_exceptions=True,
-            )
+                return await conn.run("ack", keys=keys, args=args, replicated=True)
+            outcomes = await conn.run_each("ack", list(calls.values()), replicated=True)
             for outcome in outcomes:
                 if isinstance(outcome, BaseException):
                     raise outcome  # all again: acks are idempotent
