@@ -13,8 +13,10 @@ from typing import Any
 import pytest
 
 import surge
+from surge._clock import Clock, RealClock
 from surge.transports import open_transport
 from surge.transports.postgres import PostgresTransport
+from surge.transports.postgres._db import Database
 
 from ._servers import PostgresServer, drop_postgres_schema, shared_postgres, shared_postgres_url
 from .conformance._helpers import Reader, env, number
@@ -291,3 +293,120 @@ class _Started:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.t.close()
+
+
+class _SteppedClock(RealClock):
+    """The real clock, its monotonic time moved on by hand."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return super().monotonic() + self.ahead
+
+
+def _database(pg: PostgresServer, *, size: int, clock: Clock | None = None) -> Database:
+    return Database(
+        pg.dsn(), size=size, clock=clock or RealClock(), reconnect_timeout=5, label="test"
+    )
+
+
+async def _pid(db: Database) -> int:
+    pid: int = await db.fetchval("SELECT pg_backend_pid()")
+    return pid
+
+
+async def test_the_pool_reuses_a_connection_unless_it_broke(pg: PostgresServer) -> None:
+    """The connection released last is used next, also after the server
+    refused a statement on it; one whose backend was ended is dropped and
+    the next statement (tried again as every call is) gets a new one."""
+    db = _database(pg, size=4)
+    await db.open()
+    try:
+        first = await _pid(db)
+        assert await _pid(db) == first
+        with pytest.raises(surge.TransportError, match="division by zero"):
+            await db.fetchval("SELECT 1 / 0")
+        assert await _pid(db) == first
+        pg.psql(f"SELECT pg_terminate_backend({first})")
+        again = await db.retry(lambda: _pid(db), "test")
+        assert again != first
+        assert await _pid(db) == again
+    finally:
+        await db.close()
+
+
+async def test_the_pool_holds_at_most_size_connections(pg: PostgresServer) -> None:
+    """With every connection in use, a statement waits for one to be
+    released and then runs on it; none beyond ``size`` is opened."""
+    db = _database(pg, size=2)
+    await db.open()
+    gate, both = asyncio.Event(), asyncio.Event()
+    pids: list[int] = []
+
+    async def held(conn: Any) -> None:
+        pids.append(await conn.fetchval("SELECT pg_backend_pid()"))
+        if len(pids) == 2:
+            both.set()
+        await gate.wait()
+
+    try:
+        holders = [asyncio.create_task(db.call(held)) for _ in range(2)]
+        await both.wait()
+        third = asyncio.create_task(_pid(db))
+        await asyncio.sleep(0)  # the third asks for a connection while both are held
+        gate.set()
+        await asyncio.gather(*holders)
+        assert await third in pids
+        assert len(set(pids)) == 2
+    finally:
+        await db.close()
+
+
+async def test_the_pool_closes_connections_idle_for_a_minute(pg: PostgresServer) -> None:
+    """prune() closes the connections released more than a minute ago (as
+    asyncpg's pool did), not the ones released since."""
+    clock = _SteppedClock()
+    db = _database(pg, size=4, clock=clock)
+    await db.open()
+    gate = asyncio.Event()
+
+    async def held(conn: Any) -> int:
+        pid: int = await conn.fetchval("SELECT pg_backend_pid()")
+        await gate.wait()
+        return pid
+
+    try:
+        old = asyncio.gather(*(db.call(held) for _ in range(2)))
+        gate.set()
+        old_pids = await old
+        clock.ahead = 61.0
+        kept = await _pid(db)  # released now
+        db.prune()
+        assert kept in old_pids
+        alive = pg.psql(
+            "SELECT string_agg(pid::text, ',') FROM pg_stat_activity "
+            f"WHERE pid IN ({old_pids[0]}, {old_pids[1]})"
+        )
+        assert alive == str(kept)
+    finally:
+        await db.close()
+
+
+async def test_closing_the_pool_does_not_wait_for_a_statement_out(pg: PostgresServer) -> None:
+    """close() ends a connection still in use at once (the transport closes
+    its pools after its own statements ended); the statement fails."""
+    db = _database(pg, size=2)
+    await db.open()
+    started = asyncio.Event()
+
+    async def stuck(conn: Any) -> None:
+        started.set()
+        await conn.execute("SELECT pg_sleep(30)")
+
+    out = asyncio.create_task(db.call(stuck))
+    await started.wait()
+    async with asyncio.timeout(2):
+        await db.close()
+        with pytest.raises(surge.TransportError):
+            await out

@@ -657,6 +657,8 @@ class PostgresTransport:
         while True:
             await clock.sleep(step)
             now = clock.monotonic()
+            self._db.prune()
+            self._fast.prune()
             try:
                 if self.heartbeat and now >= next_beat:
                     next_beat = now + self.heartbeat
