@@ -117,6 +117,18 @@ def test_a_stalled_stage_counts_how_long_it_has_not_moved() -> None:
     assert branch.limit == 100
 
 
+def test_each_consumer_of_a_stage_holds_its_concurrency() -> None:
+    """Two worker processes of a stage each handle ``concurrency`` at once:
+    what the transport says is held by them is not queued."""
+    one = AdaptiveLimit(0.1, initial=100, concurrency=(4,))
+    one.update(0.0, [(8, 0)])
+    assert one.queued == 4
+    two = AdaptiveLimit(0.1, initial=100, concurrency=(4,))
+    two.consumers = (2,)
+    two.update(0.0, [(8, 0)])
+    assert two.queued == 0
+
+
 def test_no_target_means_no_limit() -> None:
     """open(None) admits everything until a target is set again."""
     lim = AdaptiveLimit(0.1, initial=1, minimum=1)

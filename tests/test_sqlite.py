@@ -332,7 +332,9 @@ async def test_lease_expiry_and_stale_settles(tmp_path: Path, clock: surge.Clock
 
 
 async def test_competing_transports_share_the_work(tmp_path: Path, clock: surge.Clock) -> None:
-    """Two transports on one file (two processes) each get a share, none twice."""
+    """Two transports on one file (two processes) each get a share, none
+    twice; each one's stats count every settle and both consumers (what
+    admission reads a stage's rate from)."""
     db = tmp_path / "d.db"
     async with started(db, clock) as a, started(db, clock) as b:
         await a.declare("g", ["conf.item"])
@@ -347,6 +349,9 @@ async def test_competing_transports_share_the_work(tmp_path: Path, clock: surge.
             seen.extend(number(d) for d in batch)
             await t.ack(batch)
         assert sorted(seen) == list(range(100))
+        for t in (a, b):
+            stats = await t.stats("g")
+            assert (stats.settled, stats.consumers) == (100, 2)
         await ra.aclose()
         await rb.aclose()
 

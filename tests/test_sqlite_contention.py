@@ -312,3 +312,37 @@ async def test_reads_run_after_their_batchs_writes_outside_the_write_lock(db: Pa
     finally:
         gate.set()
         await thread.stop()
+
+
+async def test_only_what_publishes_waits_for_an_fsync(db: Path) -> None:
+    """synchronous=full (the default): a transaction that publishes (or
+    saves state) commits with an fsync; one of claims, settles and leases
+    only commits without one (NORMAL: durable with the next that syncs)."""
+    database = _database(db)
+    database.synchronous = "full"
+    thread = DatabaseThread(database, RealClock())
+    thread.start(asyncio.get_running_loop())
+    await thread.submit(database.open)
+
+    async def level() -> int:
+        found: int = await thread.submit(database.pragma, "synchronous", write=False)
+        return found
+
+    try:
+        assert await level() == 2
+        await thread.submit(database.ack, [])
+        assert await level() == 1
+        await thread.submit(database.extend, [], 0.0, 0.0, "me")
+        assert await level() == 1
+        await thread.submit(database.save_state, "k", b"v")
+        assert await level() == 2
+        # one batch of a settle and a save: the save's fsync covers both
+        gate = threading.Event()
+        busy = thread.submit(lambda: gate.wait(10.0), write=False)
+        settle = thread.submit(database.ack, [])
+        save = thread.submit(database.save_state, "k", b"w")
+        gate.set()
+        await asyncio.gather(busy, settle, save)
+        assert await level() == 2
+    finally:
+        await thread.stop()

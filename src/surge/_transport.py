@@ -76,6 +76,13 @@ class TransportStats(msgspec.Struct, frozen=True):
     pending: int
     scheduled: int
     dead: int
+    settled: int | None = None
+    """Attempts every consumer of the group finished (acknowledged, retried
+    or dead-lettered), counted on the transport since the group was
+    declared; None: the transport does not count them (then each process
+    knows only its own, from ``App.statistics()``)."""
+    consumers: int | None = None
+    """Processes consuming the group now; None: the transport cannot tell."""
 
 
 @runtime_checkable

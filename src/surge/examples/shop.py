@@ -159,7 +159,10 @@ def make_app(name: str = "shop", *, http: bool | None = None, **options: Any) ->
     app.on(
         OrderScored,
         key="order_id",
-        concurrency=16,
+        # Little's law: each event holds its lane until its output's publish
+        # commits (on sqlite, ~30-45 ms at 1,000 orders/s with two workers
+        # sharing the write lock): 16 lanes a worker kept up with ~700/s
+        concurrency=64,
         retry=surge.Retry(attempts=5, backoff=0.05),
     )(charge_and_ship)
     return app

@@ -6,8 +6,10 @@ The pipeline of a route is every subscription its event reaches
 what their handlers return, and so on). Every ``interval`` seconds an
 :class:`Admission` part reads, for each stage, the events its transport
 holds for it (waiting, or fetched and not yet settled) and how many
-attempts it has finished. What is beyond the stage's ``concurrency`` is
-queued; Little's law gives how long an event admitted now would queue::
+attempts it has finished (every process's, where the transport counts them:
+``TransportStats.settled``; else this process's). What is beyond the
+stage's ``concurrency`` times its consumers is queued; Little's law gives
+how long an event admitted now would queue::
 
     delay = sum over stages of  share * queued / throughput
 
@@ -96,6 +98,7 @@ class AdaptiveLimit:
         "admitted",
         "clock",
         "concurrency",
+        "consumers",
         "delay",
         "initial",
         "limit",
@@ -131,6 +134,9 @@ class AdaptiveLimit:
         """The subscriptions of the pipeline (for statistics)."""
         self.concurrency = concurrency
         """Per stage, the events its workers handle at once (not queued)."""
+        self.consumers: tuple[int, ...] = ()
+        """Per stage, the processes consuming it (from the transport; 1
+        when it cannot tell): each handles ``concurrency`` at once."""
         self.clock = clock
         """Read only when a request is over the limit (see :meth:`admit`)."""
         self.rate = 0.0
@@ -213,9 +219,11 @@ class AdaptiveLimit:
         # The share of the route's events that reach each stage (a branch
         # taken by 5% of them adds 5% of its delay to the typical event's).
         reached = max(max((w + d for w, d in stages), default=0), 1)
+        consumers = self.consumers
         for k, (waiting, done) in enumerate(stages):
             # what the stage's workers hold is being handled, not waiting
-            q = waiting - (concurrency[k] if k < len(concurrency) else 0)
+            held = concurrency[k] if k < len(concurrency) else 0
+            q = waiting - held * (consumers[k] if k < len(consumers) else 1)
             if q <= 0 or (len(history) > 1 and done != history[-2][1][k]):
                 progress[k] = now
             if q <= 0:
@@ -356,8 +364,18 @@ class Admission:
                     continue
                 counters = app.statistics().subscriptions
                 stages = []
+                workers = []
                 for g, st in zip(p.groups, found, strict=True):
-                    c = counters.get(g)
-                    done = c.succeeded + c.failed if c is not None else 0
+                    if st.settled is not None:
+                        # every process's attempts: the queue is every
+                        # process's too (a keyed stage's partitions may all
+                        # be read by another worker, and this one's own
+                        # count would call the stage stalled)
+                        done = st.settled
+                    else:
+                        c = counters.get(g)
+                        done = c.succeeded + c.failed if c is not None else 0
                     stages.append((st.backlog + st.pending, done))
+                    workers.append(st.consumers or 1)
+                lim.consumers = tuple(workers)
                 lim.update(clock.monotonic(), stages)

@@ -66,6 +66,12 @@ _LIVE = (
     "(SELECT 1 FROM deliveries WHERE grp = o.grp AND part = o.part AND visible_at <= ?3)"
 )
 
+# Attempts settled by every process, per group (``settled:<group id>``).
+_COUNT_SETTLED = (
+    "INSERT INTO meta (key, value) VALUES (?1, ?2) "
+    "ON CONFLICT (key) DO UPDATE SET value = value + ?2"
+)
+
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 _encode_headers = msgspec.msgpack.Encoder().encode
 
@@ -138,6 +144,26 @@ class Database:
         self._upto = 0
         self._rounds = 0
         self._turn = 0
+        self._level = synchronous  # the connection's synchronous level now
+        # Writes that need no fsync of their own (synchronous=full): a claim,
+        # a settle or a lease (a delivery's, a partition's, a member's) lost
+        # with the last unsynced WAL frames is a delivery that comes again,
+        # as after any crash. Only a power loss or an OS crash loses them,
+        # and every worker of the host (one file, flock: one host) dies
+        # with it; a process crash loses nothing (the OS holds the writes).
+        # The next commit that syncs (a publish's) makes them durable with
+        # it: WAL frames are synced in order.
+        self.soft: frozenset[Callable[..., Any]] = frozenset(
+            (
+                self.claim,
+                self.ack,
+                self.release,
+                self.hand_back,
+                self.extend,
+                self.keep_partitions,
+                self.leave,
+            )
+        )
 
     # --- transactions --------------------------------------------------------
     @property
@@ -145,15 +171,17 @@ class Database:
         """The calls that run outside a transaction, each alone."""
         return (self.open, self.checkpoint)
 
-    def run(self, jobs: list[Job], more: Callable[[], list[Job]] | None = None) -> None:
+    def run(self, jobs: list[Job], more: Callable[[bool], list[Job]] | None = None) -> None:
         """Run ``jobs`` (fn, args, write; result, error) in one transaction.
 
         ``more``, when given, is asked once the write lock is held for the
         calls queued meanwhile, which join the transaction (group commit:
         a writer that waited for the lock commits everything that came in
         while it waited, not one transaction per wait); ``jobs`` grows by
-        them. When one fails for a reason of its own, the others are run
-        again, each in a transaction of its own, so one bad call fails alone.
+        them. Told True, it takes only calls of :attr:`soft` (the
+        transaction commits without an fsync). When one fails for a reason
+        of its own, the others are run again, each in a transaction of its
+        own, so one bad call fails alone.
         """
         raw = self.alone
         if any(j.fn in raw for j in jobs):
@@ -183,7 +211,7 @@ class Database:
             return
         self._settled(jobs, more)
 
-    def _settled(self, jobs: list[Job], more: Callable[[], list[Job]] | None) -> None:
+    def _settled(self, jobs: list[Job], more: Callable[[bool], list[Job]] | None) -> None:
         """Run ``jobs`` in one transaction (see :meth:`run`), each ending with
         a result or an error."""
         try:
@@ -203,11 +231,21 @@ class Database:
                 except Exception as exc1:
                     job.error = exc1
 
-    def _transaction(self, jobs: list[Job], more: Callable[[], list[Job]] | None = None) -> None:
+    def _transaction(
+        self, jobs: list[Job], more: Callable[[bool], list[Job]] | None = None
+    ) -> None:
         conn = self._conn
         if conn is None:
             raise TransportError(f"{self.path}: the connection is closed")
         write = any(j.write for j in jobs)
+        soft = False
+        if write and self.synchronous == "full":
+            # a level is set outside a transaction only
+            soft = all(j.fn in self.soft for j in jobs)
+            level = "normal" if soft else "full"
+            if level != self._level:
+                conn.execute(f"PRAGMA synchronous = {level.upper()}")
+                self._level = level
         if write:
             self.writer.acquire()
         try:
@@ -216,7 +254,7 @@ class Database:
             self.writer.release()
             raise
         if write and more is not None:
-            jobs.extend(more())
+            jobs.extend(more(soft))
         publish = self.publish
         try:
             i = 0
@@ -288,6 +326,7 @@ class Database:
             if str(mode).lower() != "wal":
                 raise TransportError(f"{path}: cannot use WAL mode (got {mode})")
             conn.execute(f"PRAGMA synchronous = {self.synchronous.upper()}")
+            self._level = self.synchronous
             conn.execute("PRAGMA journal_size_limit = 67108864")
             conn.execute("PRAGMA temp_store = MEMORY")
             if self.max_size is not None:
@@ -584,18 +623,31 @@ class Database:
         return due != float("inf"), due
 
     # --- settling ------------------------------------------------------------
-    def ack(self, held: list[tuple[int, int]]) -> int:
+    def ack(self, held: list[tuple[int, int]], gid: int | None = None) -> int:
+        """Delete settled deliveries (of group ``gid``, which counts them)."""
         cur = self._c.executemany("DELETE FROM deliveries WHERE id = ? AND token = ?", held)
         self.stale += len(held) - cur.rowcount
+        if gid is not None:
+            self._count_settled(gid, cur.rowcount)
         return cur.rowcount
 
-    def release(self, held: list[tuple[int, int]], when: float) -> int:
+    def release(self, held: list[tuple[int, int]], when: float, gid: int | None = None) -> int:
+        """Make deliveries visible again at ``when``: a retry (counted as a
+        settled attempt of ``gid``) or a hand-back (``gid`` None)."""
         cur = self._c.executemany(
             "UPDATE deliveries SET visible_at = ?, token = NULL WHERE id = ? AND token = ?",
             [(when, did, token) for did, token in held],
         )
         self.stale += len(held) - cur.rowcount
+        if gid is not None:
+            self._count_settled(gid, cur.rowcount)
         return cur.rowcount
+
+    def _count_settled(self, gid: int, n: int) -> None:
+        """Add ``n`` to the attempts every process finished for ``gid`` (a
+        ``meta`` row; admission reads the group's rate from it)."""
+        if n:
+            self._c.execute(_COUNT_SETTLED, (f"settled:{gid}", n))
 
     def hand_back(self, held: list[tuple[int, int]], now: float) -> int:
         """Release deliveries never handed to a handler: visible at once, in
@@ -626,6 +678,7 @@ class Database:
         if cur.rowcount != 1:
             self.stale += 1
             return False
+        self._count_settled(gid, 1)
         conn.execute(
             "INSERT OR REPLACE INTO dead_letters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
@@ -741,7 +794,8 @@ class Database:
         )
         return cur.rowcount == 1
 
-    def stats(self, gid: int, now: float) -> tuple[int, int, int, int]:
+    def stats(self, gid: int, now: float) -> tuple[int, int, int, int, int, int]:
+        """(backlog, pending, scheduled, dead, settled, consumers) of ``gid``."""
         conn = self._c
         backlog, pending, scheduled = conn.execute(
             "SELECT coalesce(sum(visible_at <= :now), 0), "
@@ -751,7 +805,20 @@ class Database:
             {"now": now, "gid": gid},
         ).fetchone()
         dead = conn.execute("SELECT count(*) FROM dead_letters WHERE grp = ?", (gid,)).fetchone()
-        return int(backlog), int(pending), int(scheduled), int(dead[0])
+        settled = conn.execute(
+            "SELECT value FROM meta WHERE key = ?", (f"settled:{gid}",)
+        ).fetchone()
+        consumers = conn.execute(
+            "SELECT count(*) FROM members WHERE grp = ? AND until > ?", (gid, now)
+        ).fetchone()
+        return (
+            int(backlog),
+            int(pending),
+            int(scheduled),
+            int(dead[0]),
+            int(settled[0]) if settled else 0,
+            int(consumers[0]),
+        )
 
     def compact(self, upto: int, now: float, mine: list[int], lease: float) -> tuple[int, int]:
         """Delete settled events up to seq ``upto`` (-1: all), expired dedup
@@ -813,6 +880,7 @@ class Database:
         conn.executemany("DELETE FROM owners WHERE grp = ?", args)
         conn.executemany("DELETE FROM dead_letters WHERE grp = ?", args)
         conn.executemany("DELETE FROM groups WHERE id = ?", args)
+        conn.executemany("DELETE FROM meta WHERE key = 'settled:' || ?", args)
         self._bump_groups()
 
     def shutdown(self, held: list[tuple[int, int]], ephemeral: list[int], now: float) -> None:

@@ -151,17 +151,20 @@ class DatabaseThread:
             while True:
                 pending.append(jobs_q.get_nowait())
 
-    def _more(self) -> list[Job]:
+    def _more(self, soft: bool) -> list[Job]:
         """The calls queued since the batch was taken, up to the first that
-        must run alone (a stop, an open, a checkpoint), to join the batch's
-        transaction: called by ``Database.run`` with the write lock held."""
+        must run alone (a stop, an open, a checkpoint), or with ``soft`` the
+        first that needs an fsync (see ``Database.soft``), to join the
+        batch's transaction: called by ``Database.run`` with the write lock
+        held."""
         self._drain()
         pending = self._pending
         alone = self.database.alone
+        needs_no_sync = self.database.soft
         out: list[Job] = []
         while pending and len(out) < _JOIN:
             fn = pending[0].fn
-            if fn is _STOP or fn in alone:
+            if fn is _STOP or fn in alone or (soft and fn not in needs_no_sync):
                 break
             out.append(pending.popleft())
         self._joined.extend(out)

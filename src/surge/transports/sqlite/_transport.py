@@ -508,10 +508,20 @@ class SqliteTransport:
         return held
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        held = self._settle_all(deliveries)
-        if held:
+        by_group: dict[int, list[tuple[int, int]]] = {}
+        for d in deliveries:
+            lease = self._lease_of(d)
+            if self._leases.settle(lease):
+                by_group.setdefault(lease.consumer.gid, []).append((lease.did, lease.token))
+        if by_group:
             self._check_open()
-            await self._settling(self._thread.submit(self._db.ack, held, after=self._after_settle))
+            submit = self._thread.submit
+            acks = [
+                submit(self._db.ack, held, gid, after=self._after_settle)
+                for gid, held in by_group.items()
+            ]
+            for fut in acks:
+                await self._settling(fut)
 
     async def _settling(self, fut: asyncio.Future[Any]) -> None:
         # A settle that cannot be written (a lock held past busy_timeout, a
@@ -533,7 +543,9 @@ class SqliteTransport:
         self._activity += 1
         when = self.clock.time() + max(0.0, delay)
         await self._settling(
-            self._thread.submit(self._db.release, [(lease.did, lease.token)], when)
+            self._thread.submit(
+                self._db.release, [(lease.did, lease.token)], when, lease.consumer.gid
+            )
         )
         self._wake_consumers(lease.consumer.gid)
         self._notify_changed()
@@ -604,7 +616,7 @@ class SqliteTransport:
     async def stats(self, group: str) -> TransportStats:
         self._check_open()
         gid = await self._gid(group)
-        counts: tuple[int, int, int, int] = await self._thread.submit(
+        counts: tuple[int, int, int, int, int, int] = await self._thread.submit(
             self._db.stats, gid, self.clock.time(), write=False
         )
         return TransportStats(*counts)
