@@ -510,6 +510,37 @@ async def test_partition_count_is_kept_in_the_file(tmp_path: Path, clock: surge.
     assert _value(db, "SELECT value FROM meta WHERE key = 'partitions'") == 4
 
 
+async def test_a_joining_consumer_gets_its_partitions_within_a_round_trip(
+    tmp_path: Path, clock: surge.Clock
+) -> None:
+    """A second consumer joins a group whose partitions the first holds:
+    once the first sees it (at its next round) it gives half back at once
+    (nothing of it unsettled), and the second takes it within a few 50 ms
+    looks, not at its next round of lease/10 (3 s by default: a worker
+    joining under load left those keys with no reader that long)."""
+    db = tmp_path / "d.db"
+    async with started(db, clock) as a, started(db, clock) as b:
+        await a.declare("g", ["conf.item"])
+        await b.declare("g", ["conf.item"])
+        ra = Reader(a, "g")
+        await _owns_all(a, "g", ra)
+        rb = Reader(b, "g").start()
+        own_a, own_b = a.ownership("g"), b.ownership("g")
+        assert own_a is not None
+        assert own_b is not None
+        async with asyncio.timeout(60):
+            while len(own_a.owned) == own_a.partitions:
+                await own_a.changed()  # given back: nobody's until b takes it
+        start = clock.time()
+        async with asyncio.timeout(60):
+            while len(own_b.owned) < own_b.partitions // 2 or own_a.releasing:
+                await own_b.changed()
+        assert clock.time() - start < 0.5, clock.time() - start
+        assert own_a.owned.isdisjoint(own_b.owned)
+        await ra.aclose()
+        await rb.aclose()
+
+
 async def test_a_dead_consumers_partitions_go_to_the_next_after_the_lease(
     tmp_path: Path, clock: surge.VirtualClock
 ) -> None:

@@ -59,6 +59,10 @@ __all__ = ("Member",)
 
 log = logging.getLogger("surge.sqlite")
 
+# Between rounds while a wanted partition is not yet this member's (a small
+# soft transaction each: see Database.soft).
+_HANDOVER = 0.05
+
 Submit = Callable[..., "asyncio.Future[Any]"]
 
 
@@ -257,7 +261,15 @@ class Member:
                 # every lease/3 from one round's start to the next: a slow
                 # round must not eat into the window the fence counts
                 since = self._monotonic() - sent
-                wait = max(lease / 30, lease / 3 - since) if complete else lease / 10
+                # Incomplete: a partition this member wants is still another's
+                # (it gives a partition back once what it read is settled,
+                # and tells this process nothing): look again soon, or the
+                # partition is nobody's until the next round (a worker
+                # joining under load: lease/10, 3 s by default, in which
+                # the partition's keys waited and the shop's admission shed)
+                wait = (
+                    max(lease / 30, lease / 3 - since) if complete else min(lease / 10, _HANDOVER)
+                )
             if self._kicked:
                 self._kicked = False
                 continue
