@@ -315,6 +315,11 @@ async def _redis_failover(
 
         await wait_for(promoted, timeout=30, interval=0.1, what="a replica promoted")
         await asyncio.to_thread(victim.start)
+        # the next test may kill its master: a replica still syncing could
+        # not take over
+        await wait_for(
+            lambda: _replica_synced(victim), timeout=30, interval=0.1, what="the replica synced"
+        )
 
     async def kill() -> None:
         if partition_master:
@@ -507,6 +512,15 @@ async def _lagging_replica_loss(
     return len(acked), len(acked - found)
 
 
+def _replica_synced(node: RedisServer) -> bool:
+    """``node`` is a replica whose link to its master is up (synced)."""
+    out = subprocess.run(
+        ["redis-cli", "-p", str(node.port), "INFO", "replication"],
+        capture_output=True, timeout=10, check=False, text=True,
+    ).stdout  # fmt: skip
+    return "role:slave" in out and "master_link_status:up" in out
+
+
 def _replica_of(cluster: RedisCluster, master: RedisServer) -> RedisServer:
     out = subprocess.run(
         ["redis-cli", "-p", str(master.port), "INFO", "replication"],
@@ -590,6 +604,34 @@ async def test_redis_group_partitions_spread_over_the_masters(redis_cluster: Red
         assert await t.stats("g") == surge.TransportStats(0, 0, 0, 0)
     finally:
         await t.close()
+
+
+@pytest.mark.parametrize("copy", [None, b"999"], ids=["missing", "ahead"])
+async def test_redis_publish_repairs_a_partition_slot_version_copy(
+    redis_cluster: RedisCluster, copy: bytes | None
+) -> None:
+    """A partition slot's copy of the registry version (checked by the
+    publish script there) that a declare cut short never raised, or that is
+    ahead of the prefix's (its master lost its data), is set right by the
+    next publish, which then goes through."""
+    prefix = f"vc{uuid.uuid4().hex[:8]}"
+    t = RedisTransport(f"{redis_cluster.url}?prefix={prefix}&partitions=4")
+    r = aredis.RedisCluster.from_url(redis_cluster.url)
+    await t.start()
+    try:
+        await t.declare("g", ["copy.n"])
+        for p in range(4):
+            key = f"{{{prefix}:{p}}}:groups:v"
+            await (r.delete(key) if copy is None else r.set(key, copy))
+        await t.publish(
+            [surge.Envelope(surge.new_id(), "copy.n", key=f"k{n}", body=b"x") for n in range(20)]
+        )
+        assert (await t.stats("g")).backlog == 20
+        version = await r.get(f"{{{prefix}}}:groups:v")
+        assert {await r.get(f"{{{prefix}:{p}}}:groups:v") for p in range(4)} == {version}
+    finally:
+        await t.close()
+        await r.aclose()
 
 
 async def test_redis_cluster_refuses_a_prefix_of_the_one_slot_layout(

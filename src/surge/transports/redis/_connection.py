@@ -387,14 +387,6 @@ class Connection:
                 out[i] = reply
         return out
 
-    def single(self, r: aredis.Redis) -> aredis.Redis:
-        """A client of one connection of ``r``'s pool (``async with``), with
-        the raw replies of ``cmd``."""
-        one = r.client()
-        for cmd in _RAW:
-            one.response_callbacks[cmd] = _raw
-        return one
-
     async def cmd(self, r: aredis.Redis, *args: Any) -> Any:
         """A command whose raw reply the caller parses (XREADGROUP, XCLAIM,
         XPENDING, XRANGE keep the server's shape)."""

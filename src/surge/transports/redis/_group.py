@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from typing import Any
 
 import redis.asyncio as aredis
@@ -57,6 +57,7 @@ class Group:
     __slots__ = (
         "_batch",
         "_block_ms",
+        "_busy",
         "_clock",
         "_conn",
         "_consuming",
@@ -130,7 +131,8 @@ class Group:
         )
         self._consuming = False  # consume() was called: close() forgets the consumer
         self._spread = 1  # how many streams the last read found entries in
-        self._reads: dict[str, _Read] = {}  # lane -> its read in flight
+        self._reads: dict[str, _Read] = {}  # lane (or stream) -> its read in flight
+        self._busy: dict[str, bool] = {}  # a cluster lane -> its reads find entries
         # reads their consumer's end left running (see _read_group)
         self._left: list[asyncio.Task[Any]] = []
 
@@ -201,7 +203,7 @@ class Group:
         single node: the shared stream and the partitions it owns, in one
         XREADGROUP. On a cluster, a lane per master (Redis reads several
         streams at once only within one slot): the streams of the slots it
-        serves, read as ``_read_master`` says."""
+        serves (see ``_start_reads``)."""
         keys = self.keys
         parts = self._owner.readable() if self._owner is not None else []
         if not keys.slotted:
@@ -212,14 +214,14 @@ class Group:
             r = client(stream)
             lane = lanes.get(id(r))
             if lane is None:
-                lane = lanes[id(r)] = (str(id(r)), [], [])
+                lane = lanes[id(r)] = (f"m{id(r)}", [], [])
             lane[1].append(stream)
             if p >= 0:
                 lane[2].append(p)
         return list(lanes.values())
 
     def _start_reads(self, reads: dict[str, _Read], room: int, prefetch: int) -> None:
-        """Start a read in each lane without one (``room`` > 0).
+        """Start the reads of the lanes without one (``room`` > 0).
 
         Redis applies COUNT to each stream of a read. When the last read found
         entries in one stream only (the common case: unkeyed events, or one
@@ -227,48 +229,57 @@ class Group:
         when it found several, the room is split among them (at least one
         each). So a consumer holds at most ``prefetch`` plus one per partition
         it owns, except right after events start flowing into several streams
-        at once (up to ``prefetch`` per stream, for one read). On a cluster
-        each stream read gets at most its fair share of the prefetch (its
-        lanes' reads run side by side), at least one."""
-        reading = {s for rd in reads.values() for s in rd.streams}
-        lanes = []
-        slotted = self.keys.slotted
-        for lane, streams, parts in self._lanes():
+        at once (up to ``prefetch`` per stream, for one read).
+
+        On a cluster a stream is in one read at a time, and a master's lane
+        is busy or idle. Busy (at first, and while its reads find entries):
+        one pipeline of XREADGROUPs without BLOCK over its streams not being
+        read, one round trip. Idle (its last pipeline found nothing): one
+        XREADGROUP BLOCK per such stream, each on its own, so an entry in any
+        is read at once and makes the lane busy again. Each stream's COUNT is
+        its fair share of the prefetch, at least one."""
+        lanes = self._lanes()
+        if not self.keys.slotted:
+            ((lane, streams, parts),) = lanes
             if lane in reads:
-                if slotted and not reading.issuperset(streams):
-                    # a partition to read joined a lane blocked on others
-                    reads[lane].interrupt()
-                continue
-            # a stream still read by a lane of a master it left (a failover)
-            kept = [s for s in streams if s not in reading]
-            if len(kept) < len(streams):
-                pindex = self.keys.pindex
-                parts = [pindex[s.encode()] for s in kept if s.encode() in pindex]
-            lanes.append((lane, kept, parts))
-        lanes = [lane for lane in lanes if lane[1]]
-        if not lanes:
+                return
+            room = max(1, min(room - sum(rd.count for rd in reads.values()), self._batch))
+            count = room if self._spread <= 1 else max(1, room // len(streams))
+            self._start(reads, lane, streams, parts, count, self._read_group(streams, count))
             return
-        if slotted:
-            # each stream's fair share of the prefetch: the lanes' reads run
-            # side by side, and one blocked on an idle stream must not starve
-            # the others
-            share = len(reading) + sum(len(streams) for _, streams, _ in lanes)
-            room = max(1, min(prefetch, self._batch) // share)
-        else:
-            room -= sum(rd.count for rd in reads.values())
-            room = max(1, min(room, self._batch))
-        loop = asyncio.get_running_loop()
-        for lane, streams, parts in lanes:
-            count = room
-            if self._spread > 1 and len(streams) > 1 and not slotted:
-                count = max(1, room // len(streams))
-            if self._owner is not None:
-                self._owner.begin_read(parts)
-            rd = reads[lane] = _Read(streams, parts, count * len(streams))
-            if slotted:
-                rd.task = loop.create_task(self._read_master(rd, count))
-            else:
-                rd.task = loop.create_task(self._read_group(streams, count))
+        reading = {s for rd in reads.values() for s in rd.streams}
+        share = max(1, min(prefetch, self._batch) // sum(len(ln[1]) for ln in lanes))
+        pindex = self.keys.pindex
+        for lane, streams, _ in lanes:
+            free = [s for s in streams if s not in reading]
+            if not free:
+                continue
+            if self._busy.get(lane, True):
+                if lane not in reads:
+                    parts = [pindex[s.encode()] for s in free if s.encode() in pindex]
+                    read = self._read_master(free, share)
+                    self._start(reads, lane, free, parts, share, read)
+                continue
+            for stream in free:
+                p = pindex.get(stream.encode())
+                parts = [] if p is None else [p]
+                read = self._read_group([stream], share)
+                self._start(reads, stream, [stream], parts, share, read, idle=lane)
+
+    def _start(
+        self,
+        reads: dict[str, _Read],
+        key: str,
+        streams: list[str],
+        parts: list[int],
+        count: int,
+        read: Coroutine[Any, Any, Any],
+        idle: str = "",
+    ) -> None:
+        if self._owner is not None:
+            self._owner.begin_read(parts)
+        task = asyncio.get_running_loop().create_task(read)
+        reads[key] = _Read(task, streams, parts, count * len(streams), idle)
 
     async def _read_some(
         self, reads: dict[str, _Read]
@@ -298,6 +309,10 @@ class Group:
             reply = rd.task.result()
             if reply:
                 self._spread = len(reply)
+            if lane.startswith("m"):  # a cluster lane's pipeline: busy while it finds entries
+                self._busy[lane] = bool(reply)
+            elif reply and rd.idle:  # an idle lane's blocking read found some
+                self._busy[rd.idle] = True
             for stream, entries in reply or ():
                 part = self.keys.pindex.get(stream)
                 prefix = b"" if part is None else b"%d/" % part
@@ -339,91 +354,27 @@ class Group:
             "STREAMS", *streams, *(">" for _ in streams),
         )  # fmt: skip
 
-    async def _read_master(self, rd: _Read, count: int) -> Any:
-        """A cluster lane's read of ``rd.streams``, each in its own slot on
-        one master: one XREADGROUP per stream in one pipeline, without BLOCK
-        (one round trip while entries flow). When none had any, one blocking
-        XREADGROUP per stream, each on a connection of its own; once one
-        returns (or the lane is ``interrupt``-ed: a partition joined it), the
-        others are ended with ``CLIENT UNBLOCK`` (as if their BLOCK ran out:
-        a reply, nothing taken, the connection reusable), and their replies
-        are kept too."""
-        conn = self._conn
-        streams = rd.streams
-        r = conn.client(streams[0])
+    async def _read_master(self, streams: list[str], count: int) -> Any:
+        """A busy cluster lane's read: one XREADGROUP per stream (each in its
+        own slot of one master) in one pipeline, without BLOCK."""
+        r = self._conn.client(streams[0])
         pipe = r.pipeline(transaction=False)
         for stream in streams:
             pipe.execute_command(
                 "XREADGROUP", "GROUP", self.name, self.consumer,
                 "COUNT", count, "STREAMS", stream, ">",
             )  # fmt: skip
-        out = [e for reply in await pipe.execute() if reply for e in reply]
-        if out or rd.stopped:
-            return out
-        ids: dict[int, int] = {}
-
-        async def one(i: int, stream: str) -> Any:
-            c = conn.single(r)
-            try:
-                ids[i] = await conn.cmd(c, "CLIENT", "ID")
-                if rd.stopped:
-                    return None
-                return await conn.cmd(c,
-                    "XREADGROUP", "GROUP", self.name, self.consumer,
-                    "COUNT", count, "BLOCK", self._block_ms, "STREAMS", stream, ">",
-                )  # fmt: skip
-            finally:
-                # its connection back to the pool, even when cancelled
-                # (redis-py drops a connection whose read was cut)
-                await asyncio.shield(c.aclose())
-
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(one(i, s)) for i, s in enumerate(streams)]
-        try:
-            await asyncio.wait([*tasks, rd.wake], return_when=asyncio.FIRST_COMPLETED)
-            rd.interrupt()
-            unblocking = True
-            running = [t for t in tasks if not t.done()]
-            while running:
-                if unblocking:
-                    for i, task in enumerate(tasks):
-                        if not task.done() and i in ids:
-                            try:
-                                await conn.cmd(r, "CLIENT", "UNBLOCK", ids[i])
-                            except rexc.ResponseError:  # not allowed: let BLOCK run out
-                                unblocking = False
-                # an UNBLOCK may overtake its read: send it again shortly
-                tick = loop.create_task(self._clock.sleep(0.01))
-                await asyncio.wait([*running, tick], return_when=asyncio.FIRST_COMPLETED)
-                tick.cancel()
-                running = [t for t in running if not t.done()]
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-                task.add_done_callback(_retrieve)
-            # their connections dropped before this read counts as ended
-            await asyncio.wait(tasks)
-            raise
-        out = []
-        for task in tasks:
-            reply = task.result()  # the first failure, once all ended
-            if reply:
-                out += reply
-        return out
+        return [e for reply in await pipe.execute() if reply for e in reply]
 
     def _left_reads(self, reads: dict[str, _Read]) -> None:
-        """The consumer ends with reads in flight: each is cancelled (a
-        cluster lane's interrupted) and left for close to await; their
-        partitions are claimed again before being read (their replies are
-        lost), and close hands back what they took."""
+        """The consumer ends with reads in flight: each is cancelled and left
+        for close to await; their partitions are claimed again before being
+        read (their replies are lost), and close hands back what they took."""
         owner = self._owner
         lost = False
         for rd in reads.values():
             if not rd.task.done():
-                if self.keys.slotted:
-                    rd.interrupt()  # its blocking reads end, each with its reply
-                else:
-                    rd.task.cancel()
+                rd.task.cancel()
             rd.task.add_done_callback(_retrieve)
             self._left.append(rd.task)
             if owner is not None:
@@ -668,25 +619,24 @@ class _CancelledRead(ConnectionError):
 
 class _Read:
     """A read in flight: its task, its streams and their partitions, the
-    most it can take; ``interrupt`` ends a cluster lane's blocking read."""
+    most it can take, and (a blocking read of an idle cluster lane) that
+    lane."""
 
-    __slots__ = ("count", "parts", "streams", "task", "wake")
+    __slots__ = ("count", "idle", "parts", "streams", "task")
 
-    task: asyncio.Task[Any]  # set once made (the read needs its _Read)
-
-    def __init__(self, streams: list[str], parts: list[int], count: int) -> None:
+    def __init__(
+        self,
+        task: asyncio.Task[Any],
+        streams: list[str],
+        parts: list[int],
+        count: int,
+        idle: str,
+    ) -> None:
+        self.task = task
         self.streams = streams
         self.parts = parts
         self.count = count
-        self.wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    @property
-    def stopped(self) -> bool:
-        return self.wake.done()
-
-    def interrupt(self) -> None:
-        if not self.wake.done():
-            self.wake.set_result(None)
+        self.idle = idle
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

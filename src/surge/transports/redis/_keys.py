@@ -27,6 +27,8 @@ one slot (Redis refuses a script whose keys are in several):
     {{prefix:n}}:z:{group}   its delayed entries,
     {{prefix:n}}:d:{group}   its dead letters,
     {{prefix:n}}:dd:{id}     the dedup markers of keyed envelopes of partition n
+    {{prefix:n}}:groups:v    a copy of the registry version, raised by every
+                             declare (the publish script checks it there)
 
 Partition n of every group shares the slot of ``{prefix:n}``, so a keyed
 envelope's fan-out to several groups stays one script; a prefix (never
@@ -82,6 +84,10 @@ class Keys:
     def tag(self, p: int) -> str:
         """What partition ``p``'s own keys start with (``slotted`` only)."""
         return f"{{{self._base}:{p}}}"
+
+    def version_of(self, p: int) -> str:
+        """Partition ``p``'s slot's copy of the registry version (``slotted``)."""
+        return f"{self.tag(p)}:groups:v"
 
     def dedup_of(self, p: int | None) -> str:
         """The dedup marker's key (without the id) of an envelope written to

@@ -265,8 +265,8 @@ class Publisher:
 
     def _route(self, items: list[_Item]) -> tuple[list[Any], dict[int, list[Any]], list[float]]:
         """The publish script's entries for the prefix's slot and, on a
-        cluster, for each partition's slot (its first key ahead); the
-        not_before times of delayed entries."""
+        cluster, for each partition's slot; the not_before times of delayed
+        entries."""
         registry = self._registry
         keys = registry.keys
         slotted = keys.slotted
@@ -294,14 +294,9 @@ class Publisher:
                 )  # fmt: skip
                 continue
             if route.streams:
-                targets = route.zsets if delayed else route.streams
-                out = parts.get(route.part)
-                if out is None:
-                    out = parts[route.part] = [targets[0]]
-                dedup = keys.dedup_of(route.part)
                 _entry(
-                    out, dedup, did, delayed, not_before, part,
-                    route.streams, route.zsets, payload,
+                    parts.setdefault(route.part, []), keys.dedup_of(route.part), did, delayed,
+                    not_before, part, route.streams, route.zsets, payload,
                 )  # fmt: skip
             if route.home_streams:
                 _entry(
@@ -311,55 +306,69 @@ class Publisher:
         return home, parts, later
 
     async def _write(self, items: list[_Item]) -> None:
-        """Write ``items``: first the script of the prefix's slot, which checks
-        the registry version (a stale route: reload and route again); then, on
-        a cluster, one per partition's slot, at once, each retried alone
-        until written. Checking the version in another script than the
-        partitions' writes keeps the promise: a group declared before the
-        publish began has bumped the version before that check."""
+        """Write ``items``: one script per slot they go to (a single server:
+        one), those of one master in one pipeline, the masters at once. Each
+        checks the registry version routed on (a partition's slot its copy,
+        raised by every declare before it returns): a stale one refuses, and
+        its slot is routed again and retried; a slot written is not written
+        again. A batch that goes to partitions only skips the prefix's slot:
+        the partitions' checks tell whether the routes are current."""
         conn = self._conn
         registry = self._registry
+        keys = registry.keys
         clock = self._clock
         deadline = clock.monotonic() + self._reconnect_timeout
         delay = 0.05
         head = [self._dedup_window, self._max_len or ""]
-        parts: dict[int, list[Any]] | None = None  # once the prefix's slot is written
+        done: set[int] = set()  # slots written (-1: the prefix's)
         later: list[float] = []
+        rounds = 0  # refused as stale
         while True:
+            version = registry.version
+            home, parts, later = self._route(items)
+            calls: list[tuple[int, list[str], list[Any]]] = []
+            # Nothing routed still asks the script: our copy of the registry
+            # may predate the groups that want these topics (a publisher
+            # started before the workers declared them), and only the
+            # script's version check tells (-1 below).
+            if -1 not in done and (home or not parts):
+                calls.append((-1, [keys.version], [version, *head, *home]))
+            for p, entries in parts.items():
+                if p not in done:
+                    calls.append((p, [keys.version_of(p)], [version, *head, *entries]))
             try:
-                if parts is None:
-                    home, routed, later = self._route(items)
-                    # Nothing routed still asks the script: our copy of the
-                    # registry may predate the groups that want these topics (a
-                    # publisher started before the workers declared them), and
-                    # only the script's version check tells (-1 below).
-                    added = await conn.run(
-                        "publish",
-                        keys=[registry.keys.version],
-                        args=[registry.version, *head, *home],
-                        replicated=True,
-                    )
-                    if added == -1:  # a group was declared since we routed: reroute
-                        await registry.load()
-                        continue
-                    parts = routed
-                if parts:
-                    # each slot's script on its own: the one of a lost master
-                    # fails without undoing or redoing the others'
-                    todo = list(parts.items())
-                    outcomes = await conn.run_each(
-                        "publish",
-                        [([e[0]], ["-", *head, *e[1:]]) for _, e in todo],
-                        replicated=True,
-                    )
-                    failed: BaseException | None = None
-                    for (p, _), outcome in zip(todo, outcomes, strict=True):
-                        if isinstance(outcome, BaseException):
-                            failed = failed or outcome
-                        else:
-                            del parts[p]
-                    if failed is not None:
-                        raise failed
+                outcomes = await conn.run_each(
+                    "publish", [(k, a) for _, k, a in calls], replicated=True
+                )
+                stale: list[int] = []
+                failed: BaseException | None = None
+                for (slot, _, _), outcome in zip(calls, outcomes, strict=True):
+                    if isinstance(outcome, BaseException):
+                        failed = failed or outcome
+                    elif outcome == -1:
+                        stale.append(slot)
+                    else:
+                        done.add(slot)
+                if failed is not None:
+                    raise failed
+                if stale:  # a group was declared since we routed: reroute
+                    await registry.load()
+                    lag = [p for p in stale if p >= 0]
+                    if lag and registry.version == version:
+                        # The prefix's version is ours: those copies lag (a
+                        # declare cut short before it raised them), or are
+                        # ahead (the prefix's master lost its data: set back).
+                        ahead = await registry.raise_copies(lag, version)
+                        if ahead:
+                            await registry.load()
+                            if registry.version == version:
+                                await registry.raise_copies(ahead, version, force=True)
+                    rounds += 1
+                    if rounds > 3:  # never spin: something keeps moving
+                        if clock.monotonic() > deadline:
+                            raise TransportError("redis: publish: the registry kept changing")
+                        delay = await conn.backoff(delay)
+                    continue
             except (rexc.RedisError, OSError) as exc:
                 if not transient(exc) or conn.closed or clock.monotonic() > deadline:
                     raise conn.error(exc, "publish") from exc

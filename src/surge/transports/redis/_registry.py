@@ -11,7 +11,7 @@ process to start delete the inboxes of processes that died.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import redis.exceptions as rexc
@@ -147,14 +147,38 @@ class Registry:
                 # other slots than the script's: each partition's stream first
                 for stream in keys.pstreams:
                     await self._create(stream, keys.name)
-            await self._conn.run(
+            version = await self._conn.run(
                 "declare",
                 keys=[k.registry, k.version, keys.stream, k.registry_parts, keys.alive],
                 args=[keys.name, keys.parts, *keys.pstream_ends, self._alive_ms, *patterns],
             )
+            if k.slotted:
+                # before the declare returns: publishes check it there
+                await self.raise_copies(range(self.partitions), version)
         except Exception as exc:
             raise self._conn.error(exc, f"declaring {keys.name!r}") from exc
         await self.load()
+
+    async def raise_copies(
+        self, parts: Iterable[int], version: bytes | str, *, force: bool = False
+    ) -> list[int]:
+        """Raise the copies of the registry version in the slots of ``parts``
+        (a cluster's) to ``version`` (``force``: set them to it); the parts
+        whose copy is ahead of it."""
+        if not version:
+            return []
+        parts = list(parts)
+        flag = "1" if force else "0"
+        calls = [([self.keys.version_of(p)], [version, flag]) for p in parts]
+        ahead = []
+        for p, outcome in zip(
+            parts, await self._conn.run_each("raise", calls, replicated=False), strict=True
+        ):
+            if isinstance(outcome, BaseException):
+                raise outcome
+            if outcome:
+                ahead.append(p)
+        return ahead
 
     async def _create(self, stream: str, group: str) -> None:
         """The consumer group ``group`` of ``stream`` (and the stream), if not yet."""

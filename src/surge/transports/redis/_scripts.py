@@ -20,19 +20,18 @@ __all__ = (
     "NACK",
     "OWN",
     "PUBLISH",
+    "RAISE",
     "SCRIPTS",
     "SWEEP",
 )
 
-# KEYS: the registry version (or, with ARGV[1] '-', any key of the slot the
-# batch is for: a partition's, on a cluster); ARGV: the version routed on,
+# KEYS: the registry version (on a cluster, in a partition's slot: its copy
+# there); ARGV: the version routed on,
 # the dedup window, max_len, then per envelope: kind ('s' stream, 'z'
 # delayed), dedup key, not_before, partition ('n/'), n, n keys, payload.
 PUBLISH = """
-if ARGV[1] ~= '-' then
-  local v = redis.call('GET', KEYS[1]) or ''
-  if v ~= ARGV[1] then return -1 end
-end
+local v = redis.call('GET', KEYS[1]) or ''
+if v ~= ARGV[1] then return -1 end
 local window = ARGV[2]
 local maxlen = ARGV[3]
 local i = 4
@@ -323,6 +322,20 @@ redis.call('SET', KEYS[1], ARGV[1])
 return ARGV[1]
 """
 
+# A partition slot's copy of the registry version raised to ARGV[1] (never
+# lowered: declares may race), or with ARGV[2] '1' set to it (the prefix's
+# version went back: its master lost its data). KEYS: the copy. Returns how
+# far the copy is ahead (0: not).
+RAISE = """
+local cur = tonumber(redis.call('GET', KEYS[1]) or '0') or 0
+local v = tonumber(ARGV[1])
+if cur < v or (ARGV[2] == '1' and cur ~= v) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  return 0
+end
+return cur - v
+"""
+
 # name -> source, as the connection registers them (see ``Connection.run``)
 SCRIPTS: dict[str, str] = {
     "publish": PUBLISH,
@@ -338,4 +351,5 @@ SCRIPTS: dict[str, str] = {
     "sweep": SWEEP,
     "save_held": SAVE_HELD,
     "layout": LAYOUT,
+    "raise": RAISE,
 }
