@@ -141,6 +141,37 @@ async def test_timeouts_in_the_url_are_the_transports() -> None:
     assert 0.5 <= connected < 2.0
 
 
+async def test_a_stop_with_the_broker_silent_waits_one_close_bound_not_each() -> None:
+    """Blackholed while a keyed consumer (a channel per partition it reads,
+    the publisher's, the members') runs: the stop waits out one channel
+    close, then skips the rest and cuts the connection's close short (each
+    bound waited in turn took 5.3 s of a worker's exit)."""
+    from .faults._proxy import Proxy
+
+    loop = asyncio.get_running_loop()
+    async with Proxy(shared_rabbit().port) as proxy:
+        url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/?{shared_amqp_url().split('?')[1]}"
+        app = surge.App("silent-close", transport=url, shutdown_timeout=10.0)
+        seen = asyncio.Event()
+
+        @app.on(Num, key=lambda ev: str(ev.n))
+        async def handle(ev: Num) -> None:
+            seen.set()
+
+        await app.start()
+        try:
+            await app.publish(Num(n=1))
+            await asyncio.wait_for(seen.wait(), 30)
+            proxy.blackhole()
+            start = loop.time()
+        finally:
+            await app.stop()
+        stopped = loop.time() - start
+        proxy.heal()
+    print(f"stopped in {stopped:.2f}s with the broker silent")
+    assert stopped < 3.5, stopped
+
+
 class _LogEvents(logging.Handler):
     """Sets an asyncio.Event when a surge.amqp log message containing a phrase arrives."""
 

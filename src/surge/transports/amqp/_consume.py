@@ -28,7 +28,6 @@ given to the delivery in hand, whose ack then settles it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -192,12 +191,7 @@ class Source:
         later messages."""
         self._closing = True
         self.active = False
-        ch = self.channel
-        if ch is not None and not ch.is_closed:
-            with contextlib.suppress(BaseException):
-                async with asyncio.timeout(2.0):
-                    await self.flush()
-                    await ch.close()
+        await self.reader.link.close_channel(self.channel, self.flush, 2.0)
         self._forget_acks()
 
 

@@ -15,6 +15,7 @@ import contextvars
 import logging
 import urllib.parse
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import aiormq
 import aiormq.exceptions as aexc
@@ -104,6 +105,9 @@ class Link:
         self._hooks: list[Hook] = []
         self._watcher: asyncio.Task[None] | None = None
         self._closed = True
+        self.unanswered = False
+        """A channel close went unanswered while closing (see close_channel)."""
+        self._sockets: _Sockets | None = None
 
     @property
     def connected(self) -> bool:
@@ -141,7 +145,12 @@ class Link:
         token = _connecting.set(True)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                conn = await aiormq.connect(self.url)
+                sockets = _Sockets.of(self.url)
+                if sockets is None:
+                    conn = await aiormq.connect(self.url)
+                else:
+                    conn = await aiormq.connect(self.url, transport_factory=sockets)
+                    self._sockets = sockets
         except (aexc.AMQPError, OSError, TimeoutError) as exc:
             raise TransportError(
                 f"cannot connect to RabbitMQ at {safe_url(self.url)}: {exc!r}"
@@ -224,6 +233,44 @@ class Link:
         version = props.get("version", b"") if props else b""
         return version.decode() if isinstance(version, bytes) else str(version)
 
+    async def close_channel(
+        self,
+        ch: aiormq.abc.AbstractChannel | None,
+        before: Callable[[], Awaitable[None]] | None = None,
+        bound: float = 1.0,
+    ) -> None:
+        """Close ``ch`` (after ``before``, a flush of its acks, say) within
+        ``bound`` seconds. Once one close went unanswered (a broker that
+        stopped answering, a blackholed link), the next are skipped and the
+        connection's own close is cut short: it ends every channel, and a
+        stop waited each bound out in turn (a worker's exit took 5.3 s)."""
+        if ch is None or ch.is_closed or self.unanswered:
+            return
+        try:
+            async with asyncio.timeout(bound):
+                if before is not None:
+                    await before()
+                await ch.close()
+        except TimeoutError:
+            self.unanswered = True
+            log.warning("amqp: the broker did not answer a channel close in %.1fs", bound)
+        except Exception as exc:  # a channel the broker closed meanwhile
+            log.debug("amqp: closing a channel: %r", exc)
+
+    def abort(self) -> None:
+        """End the link at once, as a killed process's: no reconnecting, the
+        socket dropped, nothing sent (the broker requeues what was held)."""
+        if self._closed and self._conn is None:
+            return
+        self._closed = True
+        self._up.set()  # waiters wake and see Closed
+        self._seen_down.set()
+        if self._watcher is not None:
+            self._watcher.cancel()
+        self._conn = None
+        if self._sockets is not None:
+            self._sockets.abort()
+
     async def close(self) -> None:
         if self._closed:
             return
@@ -236,6 +283,48 @@ class Link:
                 await self._watcher
         conn, self._conn = self._conn, None
         if conn is not None:
-            with contextlib.suppress(BaseException):
-                async with asyncio.timeout(2.0):  # a close never holds up a worker's exit
-                    await conn.close()
+            try:
+                with contextlib.suppress(Exception):
+                    # a close never holds up a worker's exit; after a channel
+                    # close went unanswered, this one will not be answered
+                    async with asyncio.timeout(0.2 if self.unanswered else 2.0):
+                        await conn.close()
+            finally:
+                # Cut short (its bound, or a stop's deadline cancelling it):
+                # the socket is dropped as a killed process's would be, or
+                # the client's writer waits forever to flush to a silent
+                # peer (a task no loop's end could cancel).
+                if self._sockets is not None:
+                    self._sockets.abort()
+
+
+class _Sockets:
+    """aiormq's transport factory (TCP or TLS), keeping the stream writers it
+    made, so that a close cut short can abort the socket (aiormq keeps its
+    writer to itself). None where this aiormq has no transport factories."""
+
+    def __init__(self, base: Any) -> None:
+        self._base = base
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @classmethod
+    def of(cls, url: str) -> _Sockets | None:
+        conn_mod = getattr(aiormq, "connection", None)
+        tcp = getattr(conn_mod, "TCPTransportFactory", None)
+        tls = getattr(conn_mod, "TLSTransportFactory", None)
+        if tcp is None or tls is None:
+            return None
+        return cls(tls() if url.startswith("amqps:") else tcp())
+
+    async def create(
+        self, url: Any, **kwargs: Any
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await self._base.create(url, **kwargs)
+        self._writers = [w for w in self._writers if not w.is_closing()]
+        self._writers.append(writer)
+        return reader, writer
+
+    def abort(self) -> None:
+        for w in self._writers:
+            w.transport.abort()
+        self._writers.clear()

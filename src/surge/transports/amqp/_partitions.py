@@ -156,10 +156,7 @@ class Members:
                 await self._task
             self._task = None
         ch, self._ch = self._ch, None
-        if ch is not None and not ch.is_closed:
-            with contextlib.suppress(BaseException):
-                async with asyncio.timeout(1.0):
-                    await ch.close()
+        await self.link.close_channel(ch)
 
 
 class Balancer:

@@ -302,7 +302,4 @@ class Publisher:
         for t in list(self._tasks):
             t.cancel()
         ch, self._ch = self._ch, None
-        if ch is not None and not ch.is_closed:
-            with contextlib.suppress(BaseException):
-                async with asyncio.timeout(1.0):
-                    await ch.close()
+        await self.link.close_channel(ch)

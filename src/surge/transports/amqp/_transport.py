@@ -468,13 +468,22 @@ class AmqpTransport:
     async def close(self) -> None:
         if self._closed:
             return
-        await self._pub.close(self.close_timeout)
-        readers, self._readers = self._readers, []
-        if readers:
-            await asyncio.gather(
-                *(r.close(self.close_timeout) for r in readers), return_exceptions=True
-            )
-        await self._members.close()
+        try:
+            await self._pub.close(self.close_timeout)
+            readers, self._readers = self._readers, []
+            if readers:
+                await asyncio.gather(
+                    *(r.close(self.close_timeout) for r in readers), return_exceptions=True
+                )
+            await self._members.close()
+        except BaseException:
+            # Cut short (a stop's deadline cancels the close it leaves
+            # behind): the rest is abandoned as by a killed process, and the
+            # connection still ends, or it reconnected forever behind the
+            # app's back (a blackholed broker: a loop that never finished).
+            self._closed = True
+            self._link.abort()
+            raise
         self._closed = True
         await self._link.close()
 
