@@ -2,8 +2,9 @@
 dead consumer's deliveries, and settling one delivery at a time.
 
 Reading is ``XREADGROUP COUNT <room> BLOCK`` over the shared stream and the
-partitions this consumer owns, with at most ``prefetch`` unsettled
-deliveries (plus one per owned partition, see ``_plan_read``). A delivery idle
+partitions this consumer owns (on a Redis Cluster, per master and per slot:
+``_start_reads``), with at most ``prefetch`` unsettled deliveries (plus one
+per owned partition). A delivery idle
 for longer than ``lease`` seconds belongs to a dead consumer: it is taken
 over (XPENDING IDLE + XCLAIM, which also yields its delivery count for
 ``attempt``). ``nack(delay)`` moves the entry atomically into the group's

@@ -47,7 +47,8 @@ Redis Cluster: found from a plain URL of any node (``INFO cluster``); the
 keys are laid out by slot (``_keys``): the prefix's own under one hash tag,
 each partition's under another, so a group's partitions spread over the
 shards while every script stays in one slot (a publish batch is one script
-per slot it touches, a consumer reads one stream per slot at once). Unkeyed
+per slot it touches, pipelined per master; a consumer reads per master, see
+``Group._start_reads``). Unkeyed
 events stay in the prefix's slot: spread those with several prefixes. Lost
 masters and moved slots are followed (see ``_connection``); ``wait=1``
 makes publishes and acks wait until a replica has them, so a failover
