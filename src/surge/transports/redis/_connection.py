@@ -446,10 +446,18 @@ class Connection:
                 by_client.setdefault(id(r), (r, []))[1].append(i)
             groups = list(by_client.values())
             outcomes = [None] * len(calls)
-            done = await asyncio.gather(
-                *(self._pipelined(script, r, [calls[i] for i in which]) for r, which in groups),
-                return_exceptions=True,
-            )
+            done: list[Any]
+            if len(groups) == 1:  # one master (a single server): no task
+                r, which = groups[0]
+                try:
+                    done = [await self._pipelined(script, r, [calls[i] for i in which])]
+                except (rexc.RedisError, OSError) as exc:
+                    done = [exc]
+            else:
+                done = await asyncio.gather(
+                    *(self._pipelined(script, r, [calls[i] for i in which]) for r, which in groups),
+                    return_exceptions=True,
+                )
             for (_, which), replies in zip(groups, done, strict=True):
                 for n, i in enumerate(which):
                     outcomes[i] = replies if isinstance(replies, BaseException) else replies[n]
