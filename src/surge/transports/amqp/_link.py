@@ -257,16 +257,23 @@ class Link:
         except Exception as exc:  # a channel the broker closed meanwhile
             log.debug("amqp: closing a channel: %r", exc)
 
+    def _end(self) -> asyncio.Task[None] | None:
+        """Closed from now on: waiters wake and see Closed, and the watcher
+        (returned, cancelled) reconnects no more."""
+        self._closed = True
+        self._up.set()
+        self._seen_down.set()
+        watcher = self._watcher
+        if watcher is not None:
+            watcher.cancel()
+        return watcher
+
     def abort(self) -> None:
         """End the link at once, as a killed process's: no reconnecting, the
         socket dropped, nothing sent (the broker requeues what was held)."""
         if self._closed and self._conn is None:
             return
-        self._closed = True
-        self._up.set()  # waiters wake and see Closed
-        self._seen_down.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        self._end()
         self._conn = None
         if self._sockets is not None:
             self._sockets.abort()
@@ -274,13 +281,10 @@ class Link:
     async def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
-        self._up.set()  # waiters wake and see Closed
-        self._seen_down.set()
-        if self._watcher is not None:
-            self._watcher.cancel()
+        watcher = self._end()
+        if watcher is not None:
             with contextlib.suppress(BaseException):
-                await self._watcher
+                await watcher
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
