@@ -274,6 +274,21 @@ async def test_long_handler_runs_once_thanks_to_lease_extension(
         assert runs == (["slow"] if heartbeat is None else ["slow", "peer"])
 
 
+def test_an_answer_to_a_request_sent_before_a_failure_restores_nothing() -> None:
+    """A read's reply can arrive before the broker went away and be taken
+    after another request failed: it must not mark the transport healthy
+    again (CI: 'connection restored' right after the first failure, and the
+    restart test found the transport healthy with the broker killed)."""
+    conn = RedisTransport("redis://127.0.0.1:1")._conn
+    conn.ok()
+    sent = conn.epoch
+    conn.failed(ConnectionError("reset"), "acknowledging")
+    conn.ok(sent)
+    assert not conn.healthy
+    conn.ok(conn.epoch)  # a request sent after the failure was answered
+    assert conn.healthy
+
+
 async def test_broker_restart_with_aof_loses_nothing(tmp_path: Path) -> None:
     """After a SIGKILL of an AOF broker, the consumer says so, resumes within 5 s
     of the broker's return, and every acknowledged publish is handled."""

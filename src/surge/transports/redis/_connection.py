@@ -113,6 +113,7 @@ class Connection:
         "_wait",
         "_wait_ms",
         "cluster",
+        "epoch",
         "healthy",
         "last_error",
     )
@@ -138,6 +139,8 @@ class Connection:
         self._closed = True
         self.healthy = False
         """False while the broker cannot be reached; see ``last_error``."""
+        self.epoch = 0
+        """Failures seen so far (see ``ok``)."""
         self.last_error: str | None = None
         self._said: set[str] = set()  # the failures logged since the last success
         self._public_url = options.url
@@ -487,6 +490,7 @@ class Connection:
         delay = 0.05
         while True:
             self.client()  # Closed, when it is
+            since = self.epoch
             try:
                 result = await op()
             except (rexc.RedisError, OSError) as exc:
@@ -500,7 +504,7 @@ class Connection:
                 self.failed(exc, doing)
                 delay = await self.backoff(delay)
                 continue
-            self.ok()
+            self.ok(since)
             return result
 
     # --- health --------------------------------------------------------------
@@ -509,7 +513,13 @@ class Connection:
         parts = urlsplit(self._public_url)
         return TransportError(f"redis at {parts.hostname}:{parts.port or 6379}: {doing}: {exc}")
 
-    def ok(self) -> None:
+    def ok(self, since: int | None = None) -> None:
+        """The broker answered. ``since``: the ``epoch`` when the request
+        was sent; an answer to a request sent before the last failure was
+        seen says nothing of the broker now (it was answered before it went
+        away, and read after), so it restores nothing."""
+        if since is not None and since != self.epoch:
+            return
         if not self.healthy:
             if self.last_error is not None:
                 log.warning("redis: connection restored")
@@ -520,6 +530,7 @@ class Connection:
         # redis-py's repr of its errors hides the server's words ("server:
         # ResponseError"): name the class and say the message. Each failure
         # once per outage, however many tasks meet it in turn.
+        self.epoch += 1
         msg = f"{doing}: {type(exc).__name__}: {exc}"
         if msg not in self._said:
             self._said.add(msg)

@@ -174,14 +174,21 @@ class Group:
                     continue
                 batch: list[Delivery] = []
                 error: BaseException | None = None
+                # the broker's answer to a request sent since the last failure
+                # (a read's reply can be read after the broker went away;
+                # waking for room is no answer at all)
+                answered: int | None = None
                 try:
                     if room > 0 and clock.monotonic() >= next_scan:
                         next_scan = clock.monotonic() + self._lease / 2
+                        answered = conn.epoch
                         batch = await self.reclaim(conn.client(self.keys.stream), room)
                     if not batch:
                         if room > 0:
                             self._start_reads(reads, room, prefetch)
-                        batch, error = await self._read_some(reads)
+                        batch, error, read_at = await self._read_some(reads)
+                        if read_at is not None:
+                            answered = read_at if answered is None else max(answered, read_at)
                 except (rexc.RedisError, OSError) as exc:
                     error = exc
                 if error is not None:
@@ -190,7 +197,8 @@ class Group:
                     delay = await self._read_failed(error, delay)
                 else:
                     delay = 0.05
-                    conn.ok()
+                    if answered is not None:
+                        conn.ok(answered)
                 if batch:
                     yield batch
         finally:
@@ -279,20 +287,23 @@ class Group:
     ) -> None:
         if self._owner is not None:
             self._owner.begin_read(parts)
+        since = self._conn.epoch
         task = asyncio.get_running_loop().create_task(read)
-        reads[key] = _Read(task, streams, parts, count * len(streams), idle)
+        reads[key] = _Read(task, streams, parts, count * len(streams), idle, since)
 
     async def _read_some(
         self, reads: dict[str, _Read]
-    ) -> tuple[list[Delivery], BaseException | None]:
+    ) -> tuple[list[Delivery], BaseException | None, int | None]:
         """Wait for a read to end (or for room, or a partition to read), and
-        take what the ended ones read; the first failure among them."""
+        take what the ended ones read; the first failure among them; the
+        latest ``epoch`` at which an ended read was sent (None: none ended)."""
         room = self._inflight.room()
         done, _ = await asyncio.wait(
             [room, *(rd.task for rd in reads.values())], return_when=asyncio.FIRST_COMPLETED
         )
         batch: list[Delivery] = []
         error: BaseException | None = None
+        answered: int | None = None
         owner = self._owner
         for lane, rd in list(reads.items()):
             if rd.task not in done:
@@ -308,6 +319,7 @@ class Group:
                     self._keeper.poke()
                 continue
             reply = rd.task.result()
+            answered = rd.since if answered is None else max(answered, rd.since)
             if reply:
                 self._spread = len(reply)
             if lane.startswith("m"):  # a cluster lane's pipeline: busy while it finds entries
@@ -320,7 +332,7 @@ class Group:
                 batch += await self._inflight.take(entries, None, prefix)
             if owner is not None:
                 owner.end_read(rd.parts, lost=False)
-        return batch, error
+        return batch, error, answered
 
     async def _read_failed(self, exc: BaseException, delay: float) -> float:
         """Say why a read failed and back off (never let the consumer die
@@ -623,7 +635,7 @@ class _Read:
     most it can take, and (a blocking read of an idle cluster lane) that
     lane."""
 
-    __slots__ = ("count", "idle", "parts", "streams", "task")
+    __slots__ = ("count", "idle", "parts", "since", "streams", "task")
 
     def __init__(
         self,
@@ -632,12 +644,15 @@ class _Read:
         parts: list[int],
         count: int,
         idle: str,
+        since: int,
     ) -> None:
         self.task = task
         self.streams = streams
         self.parts = parts
         self.count = count
         self.idle = idle
+        self.since = since
+        """The connection's ``epoch`` when it was sent."""
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:

@@ -324,6 +324,7 @@ class Publisher:
         later: list[float] = []
         rounds = 0  # refused as stale
         while True:
+            since = conn.epoch
             version = registry.version
             home, parts, later = self._route(items)
             calls: list[tuple[int, list[str], list[Any]]] = []
@@ -375,7 +376,7 @@ class Publisher:
                 conn.failed(exc, "publish")
                 delay = await conn.backoff(delay)
                 continue
-            conn.ok()
+            conn.ok(since)
             if later:
                 self._scheduled(min(later))
             return
