@@ -313,9 +313,14 @@ class Connection:
                 if role[0] not in (b"master", "master"):
                     raise rexc.ReadOnlyError(f"{master} is no master")
                 clients[master] = c
-        except (rexc.RedisError, OSError):
+        except BaseException as exc:
+            # also when cancelled (a close while a failover is being
+            # followed): a client made here and dropped is a socket nobody
+            # closes, met later by the garbage collector
             await self._close_clients(*made)
-            return None
+            if isinstance(exc, (rexc.RedisError, OSError)):
+                return None
+            raise
         await self._close_clients(*(c for c in made if c not in clients.values()))
         return ranges, clients
 
