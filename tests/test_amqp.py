@@ -417,3 +417,68 @@ async def test_a_dropped_connection_is_down_before_the_link_has_seen_it() -> Non
         await ch.close()
     finally:
         await link.close()
+
+
+@pytest.mark.parametrize("answers", [True, False])
+async def test_a_stop_lets_a_partition_being_taken_finish(
+    monkeypatch: pytest.MonkeyPatch, answers: bool
+) -> None:
+    """A stop while the balancer opens a partition's subscription lets that
+    open finish rather than cancel it mid-call (aiormq then closed the
+    channel with a warning, one or two a stop of 8 workers); a take that
+    does not finish within the bound is cancelled."""
+    from surge.transports.amqp import _partitions
+    from surge.transports.amqp._partitions import Balancer
+
+    monkeypatch.setattr(_partitions, "_TAKE_BOUND", 0.05, raising=False)
+    entered = asyncio.Event()
+    release: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    outcome: list[str] = []
+
+    class Own:
+        def plan(self, members: Any, me: str) -> tuple[list[int], list[int]]:
+            return [0], []
+
+    class FakeReader:
+        name = "g"
+        stopping = False
+        own = Own()
+
+        def give_up(self, part: int) -> None:
+            raise AssertionError
+
+        async def take(self, part: int) -> None:
+            entered.set()
+            try:
+                await release
+            except asyncio.CancelledError:
+                outcome.append("cancelled")
+                raise
+            outcome.append("taken")
+
+    class FakeMembers:
+        me = "me"
+        lease = 30.0
+
+        async def join(self, name: str) -> None: ...
+
+        async def leave(self, name: str) -> None:
+            outcome.append("left")
+
+        def changes(self) -> asyncio.Event:
+            return asyncio.Event()
+
+        def members(self, name: str) -> list[str]:
+            return ["me"]
+
+    reader = FakeReader()
+    balancer = Balancer(reader, FakeMembers())  # type: ignore[arg-type]
+    await balancer.start()
+    await entered.wait()
+    reader.stopping = True
+    stopping = asyncio.ensure_future(balancer.stop())
+    await asyncio.sleep(0)  # the stop is waiting now
+    if answers and not release.done():
+        release.set_result(None)
+    await stopping
+    assert outcome == (["taken", "left"] if answers else ["cancelled", "left"])

@@ -347,6 +347,14 @@ class GroupReader:
             raise
         if self.own is not None:
             self.own.acquired([part])
+        self._close_if_stopped(src)
+
+    def _close_if_stopped(self, src: Source) -> None:
+        """A source opened while the reader stopped (a stop lets a take
+        finish) closes as :meth:`stop` closes the others."""
+        if self.stopping and not src.giving_up:
+            src.giving_up = True
+            self.spawn(self._close_when_settled(src))
 
     def give_up(self, part: int) -> None:
         """Hand partition ``part`` over: nothing more of it is handed out,
