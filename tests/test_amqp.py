@@ -99,6 +99,26 @@ async def test_state_is_the_last_value_saved() -> None:
         await b.close()
 
 
+async def test_saves_racing_a_new_state_queue_are_not_refused() -> None:
+    """Eight processes save one key's state at once, its quorum queue new:
+    RabbitMQ nacks a publish to a quorum queue that another channel's
+    declare created and that is not running yet (seen: 22-53 'trigger could
+    not save its slot' a stop-soak run). Such a refusal is sent again, so
+    every save lands and the value is one of them."""
+    url = shared_amqp_url()
+    ts = [open_transport(url) for _ in range(8)]
+    await asyncio.gather(*(t.start() for t in ts))
+    try:
+        for round_ in range(15):
+            key = f"trigger:race{round_}"
+            await asyncio.gather(
+                *(t.save_state(key, b"%d" % i) for i, t in enumerate(ts))  # type: ignore[attr-defined]
+            )
+            assert await ts[0].load_state(key) in {b"%d" % i for i in range(8)}  # type: ignore[attr-defined]
+    finally:
+        await asyncio.gather(*(t.close() for t in ts))
+
+
 def test_bad_options_are_configuration_errors() -> None:
     """Options that cannot work are refused when the transport is made."""
     with pytest.raises(surge.ConfigurationError):

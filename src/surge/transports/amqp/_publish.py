@@ -197,12 +197,15 @@ class Publisher:
             await self._free(n)
 
     async def _confirmed(self, messages: Sequence[Outgoing]) -> None:
+        refusals: list[str] = []
         try:
             async with asyncio.timeout(self.publish_timeout):
-                await self._send(messages)
+                await self._send(messages, refusals)
         except TimeoutError:
+            why = f" (refused {len(refusals)} times, last: {refusals[-1]})" if refusals else ""
             raise TransportError(
-                f"RabbitMQ did not confirm {len(messages)} messages within {self.publish_timeout}s"
+                f"RabbitMQ did not confirm {len(messages)} messages within "
+                f"{self.publish_timeout}s{why}"
             ) from None
 
     async def _free(self, n: int) -> None:
@@ -210,8 +213,15 @@ class Publisher:
         async with self._room:
             self._room.notify_all()
 
-    async def _send(self, messages: Sequence[Outgoing]) -> None:
+    async def _send(self, messages: Sequence[Outgoing], refusals: list[str]) -> None:
+        """Send until every message is confirmed. A message the broker
+        nacks (not stored: a quorum queue with no leader yet, as one that
+        another channel's declare has just created; seen for 10-40 ms when
+        eight processes declare and publish to a new queue at once) is sent
+        again after a pause (10 ms, doubling to 0.5 s), within the caller's
+        ``publish_timeout``; a message is at least once in each queue."""
         todo = list(messages)
+        pause = 0.01
         while todo:
             await self.link.wait_up()
             try:
@@ -232,21 +242,28 @@ class Publisher:
                 await self._lost()
                 continue
             again: list[Outgoing] = []
+            lost = False
             for m, r in zip(todo, results, strict=True):
                 if isinstance(r, Basic.Ack):
                     continue
                 if isinstance(r, LOST):
-                    again.append(m)
-                elif isinstance(r, BaseException):
+                    lost = True
+                elif isinstance(r, aiormq.exceptions.DeliveryError) or not isinstance(
+                    r, BaseException
+                ):  # a nack: the broker did not store it
+                    refusals.append(f"{m.exchange or m.routing_key!r}: {r!r}")
+                else:
                     if self.link.closed:
                         raise Closed("transport is closed") from r
                     raise translate(r, f"publishing to {m.exchange!r}") from r
-                else:  # a nack: the broker could not store it (no quorum)
-                    raise TransportError(f"RabbitMQ refused a message on {m.exchange!r}: {r!r}")
-            if again:
-                if self.link.closed:
-                    raise Closed("transport is closed")
+                again.append(m)  # in their order
+            if again and self.link.closed:
+                raise Closed("transport is closed")
+            if lost:
                 await self._lost()
+            elif again:
+                await self.clock.sleep(pause)
+                pause = min(pause * 2, 0.5)
             todo = again
 
     async def _lost(self) -> None:
