@@ -154,6 +154,32 @@ async def test_a_newer_schema_version_is_refused(pg: PostgresServer, url: str) -
     await t.close()
 
 
+async def test_a_version_1_schema_is_migrated(pg: PostgresServer, url: str) -> None:
+    """A schema of surge's first version (no ``settled`` table) gets the
+    table and version 2 at start, keeping what it held; settles count from
+    then on."""
+    t = PostgresTransport(url)
+    await t.start()
+    await t.declare("g", ["conf.item"])
+    await t.publish([env(1)])
+    await t.close()
+    schema = _schema(url)
+    pg.psql(
+        f"DROP TABLE {schema}.settled; UPDATE {schema}.meta SET value = '1' WHERE key = 'version'"
+    )
+    t = PostgresTransport(url)
+    await t.start()
+    try:
+        assert pg.psql(f"SELECT value FROM {schema}.meta WHERE key = 'version'") == "2"
+        r = Reader(t, "g")
+        (d,) = await r.take(1)
+        await t.ack([d])
+        assert (await t.stats("g")).settled == 1
+        await r.aclose()
+    finally:
+        await t.close()
+
+
 async def test_the_partition_count_is_kept(url: str) -> None:
     """A schema keeps its first partition count; another count is refused."""
     t = PostgresTransport(url, partitions=4)

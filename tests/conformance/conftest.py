@@ -61,6 +61,9 @@ class Case:
     bounded_capacity: int = 0
     partitioned: bool = False
     """Keeps one key in order across consumers (partitions with owners)."""
+    counts_settled: bool = False
+    """``stats`` counts every process's settled attempts and its consumers
+    (``TransportStats.settled`` and ``consumers``; None elsewhere)."""
     order_options: dict[str, Any] = field(default_factory=dict)
     """Options for the cross-consumer order test: short leases, so that
     ownership moves quickly when a consumer joins or leaves."""
@@ -99,6 +102,7 @@ CASES: list[Case] = [
         lease_options={"lease": 2.0, "heartbeat": 0},
         partitioned=True,
         order_options={"lease": 1.0},
+        counts_settled=True,
     ),
 ]
 
@@ -224,6 +228,7 @@ CASES.append(
         lease_options={"lease": 1.0, "heartbeat": 0},
         partitioned=True,
         order_options={"lease": 1.0},
+        counts_settled=True,
         cleanup=drop_postgres_schema,
         transaction=_pg_transaction,
     )

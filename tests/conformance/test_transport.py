@@ -282,3 +282,74 @@ async def test_closed_transport_refuses_publish(transport_factory: Factory) -> N
     await t.close()
     with pytest.raises(surge.Closed):
         await t.publish([env(1)])
+
+
+async def test_stats_count_every_consumers_settled_attempts(
+    transport_factory: Factory, case: Case, clock: surge.Clock
+) -> None:
+    """Two transports (two processes) consume one group: each one's stats
+    count the attempts both finished (acks, a retry, a dead letter) and both
+    consumers, where the transport counts them (what
+    admission reads a stage's throughput from); None where it cannot."""
+    if not case.shared:
+        pytest.skip(f"{case.id}: one process per store")
+    async with transport_factory.started() as a, transport_factory.started() as b:
+        for t in (a, b):
+            await t.declare("g", ["conf.item"])
+        readers = {t: Reader(t, "g", prefetch=4).start() for t in (a, b)}
+        await a.publish([env(i) for i in range(20)])
+        waits = {t: r._pending() for t, r in readers.items()}
+        acked = 0
+        while acked < 19:
+            done, _ = await asyncio.wait(
+                waits.values(), timeout=30, return_when=asyncio.FIRST_COMPLETED
+            )
+            assert done, "no delivery within 30 s"
+            for t, task in list(waits.items()):
+                if task not in done:
+                    continue
+                readers[t]._next = None
+                batch = task.result()
+                for d in batch:
+                    n = number(d)
+                    if n == 0 and d.attempt == 1:
+                        await t.nack(d, 0.0)  # a retry: a finished attempt
+                    elif n == 1:
+                        await t.dead_letter(d, _dead(d, clock.time()))
+                    else:
+                        await t.ack([d])
+                        acked += 1
+                waits[t] = readers[t]._pending()
+
+        async def counted() -> tuple[int | None, int | None]:
+            stats = await t.stats("g")
+            return stats.settled, stats.consumers
+
+        for t in (a, b):
+            if not case.counts_settled:
+                assert (await t.stats("g")).settled is None
+                continue
+            for _ in range(200):  # a member's first round may still be under way
+                if (found := await counted()) == (21, 2):
+                    break
+                await asyncio.sleep(0.05)
+            assert found == (21, 2)
+        for r in readers.values():
+            await r.aclose()
+
+
+def _dead(d: surge.Delivery, now: float) -> surge.DeadLetter:
+    return surge.DeadLetter(
+        id=d.envelope.id,
+        group=d.group,
+        topic=d.envelope.topic,
+        key=None,
+        headers=None,
+        body=d.envelope.body or b"",
+        error_type="ValueError",
+        error="boom",
+        traceback="",
+        attempts=d.attempt,
+        first_attempt_at=d.first_time,
+        failed_at=now,
+    )

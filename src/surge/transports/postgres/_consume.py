@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -28,7 +29,7 @@ from ._db import Database, rowcount
 from ._partitions import Member
 from ._schema import Schema
 
-__all__ = ("Claimed", "Consumer", "Lease", "Queue")
+__all__ = ("COUNT_SETTLED", "Claimed", "Consumer", "Lease", "Queue", "slot")
 
 _decode_headers = msgspec.msgpack.Decoder(dict[str, str]).decode
 
@@ -92,9 +93,32 @@ _BUSY = "SELECT min(visible_at) FROM {s}.deliveries WHERE grp = ANY($1::int[])"
 _HELD = (
     "FROM unnest($1::bigint[], $2::bigint[]) AS u(id, tok) WHERE d.id = u.id AND d.token = u.tok"
 )
-_ACK = "DELETE FROM {s}.deliveries d USING unnest($1::bigint[], $2::bigint[]) AS u(id, tok) " + (
-    "WHERE d.id = u.id AND d.token = u.tok"
+# A settle that finishes attempts (an ack, a retry's release) adds them to
+# its groups' rows of ``settled`` in the same statement (no round trip of
+# its own): on the row of one of SLOTS, drawn per statement ($3), so that
+# settles running at once seldom wait for each other's row; in group order,
+# so two that touch the same rows never deadlock. The aggregate reads every
+# settled delivery before it writes a count.
+SLOTS = 16
+COUNT_SETTLED = (
+    "c AS (INSERT INTO {s}.settled AS t (grp, slot, n) SELECT grp, {slot}, count(*) "
+    "FROM done GROUP BY grp ORDER BY grp "
+    "ON CONFLICT (grp, slot) DO UPDATE SET n = t.n + excluded.n)"
 )
+_ACK = (
+    "WITH done AS (DELETE FROM {s}.deliveries d USING unnest($1::bigint[], $2::bigint[]) "
+    "AS u(id, tok) WHERE d.id = u.id AND d.token = u.tok RETURNING d.grp), "
+    + COUNT_SETTLED.replace("{slot}", "$3")
+    + " SELECT count(*) FROM done"
+)
+_RETRY = (
+    "WITH done AS (UPDATE {s}.deliveries d SET visible_at = $4, token = NULL "
+    + _HELD
+    + " RETURNING d.grp), "
+    + COUNT_SETTLED.replace("{slot}", "$3")
+    + " SELECT count(*) FROM done"
+)
+# handed back by a closing process: the attempts are not finished
 _RELEASE = "UPDATE {s}.deliveries d SET visible_at = $3, token = NULL " + _HELD
 _HAND_BACK = (
     "UPDATE {s}.deliveries d SET visible_at = $3, token = NULL, attempt = d.attempt - 1, "
@@ -109,16 +133,21 @@ _EXTEND = (
 )
 # a claimed delivery whose message no surge wrote, to the dead letters
 _FOREIGN = (
-    "WITH d AS (DELETE FROM {s}.deliveries WHERE id = $1 AND token = $2 RETURNING grp) "
-    "INSERT INTO {s}.dead_letters (grp, id, topic, key, headers, body, error_type, error, "
+    "WITH done AS (DELETE FROM {s}.deliveries WHERE id = $1 AND token = $2 RETURNING grp), "
+    + COUNT_SETTLED.replace("{slot}", "$11")
+    + " INSERT INTO {s}.dead_letters (grp, id, topic, key, headers, body, error_type, error, "
     "traceback, attempts, first_attempt_at, failed_at) "
-    "SELECT d.grp, $3, $4, $5, NULL, $6, 'DecodeError', $7, '', $8, $9, $10 FROM d "
+    "SELECT done.grp, $3, $4, $5, NULL, $6, 'DecodeError', $7, '', $8, $9, $10 FROM done "
     "ON CONFLICT (grp, id) DO NOTHING"
 )
+# (backlog, pending, scheduled, settled, consumers): the consumers are the
+# group's live members (a row per consuming transport, kept by _partitions)
 _STATS = (
     "SELECT count(*) FILTER (WHERE visible_at <= $2), "
     "count(*) FILTER (WHERE visible_at > $2 AND token IS NOT NULL), "
-    "count(*) FILTER (WHERE visible_at > $2 AND token IS NULL) "
+    "count(*) FILTER (WHERE visible_at > $2 AND token IS NULL), "
+    "(SELECT coalesce(sum(n), 0) FROM {s}.settled WHERE grp = $1), "
+    "(SELECT count(*) FROM {s}.members WHERE grp = $1 AND until > $2) "
     "FROM {s}.deliveries WHERE grp = $1"
 )
 
@@ -211,6 +240,7 @@ class Queue:
         self._parts_first = q(_claim_sql(("parts", "shared")))
         self._busy = q(_BUSY)
         self._ack = q(_ACK)
+        self._retry = q(_RETRY)
         self._release = q(_RELEASE)
         self._hand_back = q(_HAND_BACK)
         self._extend = q(_EXTEND)
@@ -277,7 +307,18 @@ class Queue:
         reason = f"message {eid!r}: its headers are not a map of strings ({exc})"
         log.error("postgres: %s; dead-lettered", reason)
         await self._db.execute(
-            self._foreign, did, token, eid, topic, key, body, reason, attempt, first or now, now
+            self._foreign,
+            did,
+            token,
+            eid,
+            topic,
+            key,
+            body,
+            reason,
+            attempt,
+            first or now,
+            now,
+            slot(),
         )
 
     async def busy(self, gids: list[int]) -> float | None:
@@ -290,10 +331,22 @@ class Queue:
         self.stale += len(held[0]) - n
         return n
 
+    async def _finish(self, sql: str, held: Held, *args: Any) -> int:
+        """A settle that finishes attempts: counted in ``settled``."""
+        n = int(await self._db.fetchval(sql, held[0], held[1], slot(), *args))
+        self.stale += len(held[0]) - n
+        return n
+
     async def ack(self, held: Held) -> int:
-        return await self._settle(self._ack, held)
+        return await self._finish(self._ack, held)
+
+    async def retry(self, held: Held, when: float) -> int:
+        """Make deliveries visible again at ``when``: their attempt failed."""
+        return await self._finish(self._retry, held, when)
 
     async def release(self, held: Held, when: float) -> int:
+        """Make deliveries visible again at ``when``, their attempts not
+        finished (handed back by a closing process)."""
         return await self._settle(self._release, held, when)
 
     async def hand_back(self, held: Held, now: float) -> int:
@@ -304,6 +357,12 @@ class Queue:
     async def extend(self, held: Held, until: float, now: float, me: str) -> int:
         return rowcount(await self._db.execute(self._extend, held[0], held[1], until, me, now))
 
-    async def stats(self, gid: int, now: float) -> tuple[int, int, int]:
+    async def stats(self, gid: int, now: float) -> tuple[int, int, int, int, int]:
+        """(backlog, pending, scheduled, settled, consumers) of ``gid``."""
         row = (await self._db.fetch(self._stats, gid, now))[0]
-        return int(row[0]), int(row[1]), int(row[2])
+        return int(row[0]), int(row[1]), int(row[2]), int(row[3]), int(row[4])
+
+
+def slot() -> int:
+    """The row of ``settled`` a settle adds to (see ``COUNT_SETTLED``)."""
+    return random.randrange(SLOTS)  # noqa: S311 - a spread, not a secret

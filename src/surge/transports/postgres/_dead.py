@@ -10,6 +10,7 @@ import msgspec
 
 from ..._transport import DeadLetter
 from .._partitions import partition_of
+from ._consume import COUNT_SETTLED, slot
 from ._db import Database
 from ._schema import Schema
 
@@ -33,9 +34,11 @@ class DeadLetters:
         q = schema.q
         # settled only by the lease's holder: a stale consumer moves nothing
         self._move = q(
-            "WITH d AS (DELETE FROM {s}.deliveries WHERE id = $1 AND token = $2 RETURNING grp) "
-            f"INSERT INTO {{s}}.dead_letters (grp, {_COLUMNS}) "
-            "SELECT d.grp, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 FROM d "
+            "WITH done AS (DELETE FROM {s}.deliveries WHERE id = $1 AND token = $2 "
+            "RETURNING grp), "
+            + COUNT_SETTLED.replace("{slot}", "$14")
+            + f" INSERT INTO {{s}}.dead_letters (grp, {_COLUMNS}) "
+            "SELECT done.grp, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 FROM done "
             "ON CONFLICT (grp, id) DO UPDATE SET topic = excluded.topic, key = excluded.key, "
             "headers = excluded.headers, body = excluded.body, error_type = excluded.error_type, "
             "error = excluded.error, traceback = excluded.traceback, "
@@ -80,6 +83,7 @@ class DeadLetters:
             rec.attempts,
             rec.first_attempt_at,
             rec.failed_at,
+            slot(),
         )
         return done is not None
 

@@ -44,7 +44,14 @@ class Groups:
         self._gone = q("SELECT id FROM {s}.groups WHERE ephemeral AND alive_until < $1")
         self._drop = [
             q(f"DELETE FROM {{s}}.{table} WHERE grp = ANY($1::int[])")
-            for table in ("deliveries", "patterns", "members", "owners", "dead_letters")
+            for table in (
+                "deliveries",
+                "patterns",
+                "members",
+                "owners",
+                "dead_letters",
+                "settled",
+            )
         ] + [q("DELETE FROM {s}.groups WHERE id = ANY($1::int[])")]
         self.ids: dict[str, int] = {}
 

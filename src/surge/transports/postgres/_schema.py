@@ -19,6 +19,9 @@ Tables (schema ``surge`` by default)::
     members       the live consumers of each group (_partitions)
     owners        who holds each partition of each group, until when
     state         small values shared by the app's processes (triggers)
+    settled       attempts finished per group (acked, retried, dead-lettered),
+                  summed over a few rows per group (``slot``) that settles
+                  add to, so concurrent settles seldom wait for one row
 
 and one function, ``publish``, which stores a batch of envelopes for every
 group whose patterns match (deduplicating derived ids) and NOTIFYs the
@@ -45,11 +48,24 @@ from ._db import translate
 __all__ = ("MAGIC", "VERSION", "Schema", "regex_of")
 
 MAGIC = "surge-postgres"
-VERSION = 1
+VERSION = 2
 
-# Statements that take a schema version n to n + 1 (none yet: version 1 is
-# the first). Each runs in the transaction that checked the version.
-MIGRATIONS: dict[int, str] = {}
+_SETTLED = """
+CREATE TABLE {s}.settled (
+    grp int NOT NULL,
+    slot int NOT NULL,
+    n bigint NOT NULL,
+    PRIMARY KEY (grp, slot)
+);
+"""
+
+# Statements that take a schema version n to n + 1. Each runs in the
+# transaction that checked the version.
+MIGRATIONS: dict[int, str] = {
+    # 1 -> 2: the settled attempts of each group (TransportStats.settled),
+    # counted from the upgrade on
+    1: _SETTLED,
+}
 
 _TABLES = """
 CREATE TABLE {s}.meta (key text PRIMARY KEY, value text NOT NULL);
@@ -214,7 +230,9 @@ class Schema:
         return sql.replace("{s}", self.quoted)
 
     def _ddl(self) -> str:
-        return self.q(_TABLES) + self.q(_PUBLISH).replace("{channel}", _literal(self.channel))
+        return self.q(_TABLES + _SETTLED) + self.q(_PUBLISH).replace(
+            "{channel}", _literal(self.channel)
+        )
 
     async def prepare(self, conn: asyncpg.Connection) -> None:
         """Create the schema and its tables, or check and migrate them, in

@@ -527,7 +527,7 @@ class PostgresTransport:
         self._activity += 1
         when = self.clock.time() + max(0.0, delay)
         h = held_of([lease])
-        await self._settling(lambda: self._queue.release(h, when))
+        await self._settling(lambda: self._queue.retry(h, when))
         self._wake_consumers([lease])
 
     async def dead_letter(self, delivery: Delivery, record: DeadLetter) -> None:
@@ -609,8 +609,11 @@ class PostgresTransport:
     async def stats(self, group: str) -> TransportStats:
         self._check_open()
         gid = await self._gid(group)
-        backlog, pending, scheduled = await self._queue.stats(gid, self.clock.time())
-        return TransportStats(backlog, pending, scheduled, await self._dead.count(gid))
+        backlog, pending, scheduled, settled, consumers = await self._queue.stats(
+            gid, self.clock.time()
+        )
+        dead = await self._dead.count(gid)
+        return TransportStats(backlog, pending, scheduled, dead, settled, consumers)
 
     @property
     def stale_settles(self) -> int:
