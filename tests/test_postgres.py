@@ -98,6 +98,31 @@ async def test_an_unreachable_server_is_a_transport_error() -> None:
     await t.close()
 
 
+async def test_a_backend_terminated_while_starting_is_tried_again(url: str) -> None:
+    """The server answered, then the start's connection was terminated (a
+    pg_terminate_backend, a restart): the start tries again, as a statement
+    would, rather than fail (it failed CI's terminate-backend test when the
+    first termination landed in its producer's start)."""
+    t = PostgresTransport(url)
+    prepare = t.schema.prepare
+    calls = 0
+
+    async def first_terminated(conn: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await conn.execute("SELECT pg_terminate_backend(pg_backend_pid())")
+        return await prepare(conn)
+
+    t.schema.prepare = first_terminated  # type: ignore[method-assign]
+    try:
+        await t.start()
+        assert calls == 2
+        await t.publish([env(1)])
+    finally:
+        await t.close()
+
+
 async def test_a_role_without_create_rights_is_told_what_to_grant(pg: PostgresServer) -> None:
     """A role that may not create the schema: ConfigurationError naming the
     GRANT, and nothing half-created."""

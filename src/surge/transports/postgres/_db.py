@@ -174,11 +174,20 @@ class Database:
     async def execute(self, sql: str, *args: Any) -> str:
         return await self.call(lambda c: c.execute(sql, *args))
 
-    async def retry(self, fn: Callable[[], Awaitable[T]], what: str) -> T:
+    @property
+    def reached(self) -> bool:
+        """A connection to the server has been opened (since :meth:`open`)."""
+        return self._pool is not None and self._pool.reached
+
+    async def retry(
+        self, fn: Callable[[], Awaitable[T]], what: str, *, once_reached: bool = False
+    ) -> T:
         """``fn()`` until it succeeds, while its error is transient and
         ``reconnect_timeout`` has not passed since the call began: it raises
         within ``reconnect_timeout`` plus the attempt under way then (at most
-        ``command_timeout`` waiting for an answer)."""
+        ``command_timeout`` waiting for an answer). ``once_reached``: only
+        after the server answered once (a server never reached is an error
+        at once: a wrong address should not take ``reconnect_timeout``)."""
         clock = self.clock
         # from the call's start, not its first failure: on a silent network
         # the first attempt alone takes command_timeout
@@ -189,6 +198,8 @@ class Database:
                 return await fn()
             except TransportError as exc:
                 if not retryable(exc) or self._pool is None:
+                    raise
+                if once_reached and not self._pool.reached:
                     raise
                 now = clock.monotonic()
                 if now >= deadline:
@@ -236,6 +247,8 @@ class _Pool:
         self._opening = 0
         self._waiters: deque[asyncio.Future[asyncpg.Connection | None]] = deque()
         self._closed = False
+        self.reached = False
+        """A connection has been opened."""
 
     async def acquire(self) -> asyncpg.Connection:
         while True:
@@ -282,6 +295,7 @@ class _Pool:
             raise
         finally:
             self._opening -= 1
+        self.reached = True
         if self._closed:
             conn.terminate()
             raise Closed("the postgres transport is closed")
