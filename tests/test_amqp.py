@@ -502,3 +502,71 @@ async def test_a_stop_lets_a_partition_being_taken_finish(
         release.set_result(None)
     await stopping
     assert outcome == (["taken", "left"] if answers else ["cancelled", "left"])
+
+
+async def test_stats_ask_the_queues_at_once_and_read_the_dead_letters_once() -> None:
+    """Admission asks every stage's stats ten times a second: the queues of
+    a group (a shared one, one per partition) are asked on several channels
+    at once, not one declare after another on one channel, and stats of
+    several groups at once read the dead-letter queue once; a dead letter
+    written here is counted at once."""
+    t = AmqpTransport(shared_amqp_url(), partitions=8)
+    await t.start()
+    try:
+        groups = ["a", "b", "c", "d"]
+        for g in groups:
+            await t.declare(g, [f"conf.{g}"])
+        await t.publish([env(i, topic="conf.a") for i in range(3)])
+        await t.flush()
+        channel = t._link.channel
+        in_flight = most = opened = 0
+
+        async def counting(**kwargs: Any) -> aiormq.abc.AbstractChannel:
+            nonlocal opened
+            ch = await channel(**kwargs)
+            opened += 1
+            declare = ch.queue_declare
+
+            async def timed(*args: Any, **kw: Any) -> Any:
+                nonlocal in_flight, most
+                in_flight += 1
+                most = max(most, in_flight)
+                try:
+                    return await declare(*args, **kw)
+                finally:
+                    in_flight -= 1
+
+            ch.queue_declare = timed  # type: ignore[method-assign]
+            return ch
+
+        t._link.channel = counting  # type: ignore[method-assign]
+        reads = 0
+        counts = t._dead.counts
+
+        async def counted() -> dict[str, int]:
+            nonlocal reads
+            reads += 1
+            return await counts()
+
+        t._dead.counts = counted  # type: ignore[method-assign]
+        found = await asyncio.gather(*(t.stats(g) for g in groups))
+        assert [s.backlog for s in found] == [3, 0, 0, 0]
+        assert 1 < most <= 8, most  # at once, on at most _PROBES channels
+        assert reads == 1
+        again = await asyncio.gather(*(t.stats(g) for g in groups))
+        assert [s.dead for s in again] == [0, 0, 0, 0]
+        assert reads == 1  # a second's worth of samples reads it once
+        assert opened <= 8 + 1  # the probe channels are kept (and the read's)
+        r = Reader(t, "a")
+        (d, *rest) = await r.take(3)
+        await t.ack(rest)
+        record = surge.DeadLetter(
+            id=d.envelope.id, group="a", topic=d.envelope.topic, key=None, headers=None,
+            body=d.envelope.body or b"", error_type="ValueError", error="boom", traceback="",
+            attempts=1, first_attempt_at=d.first_time, failed_at=0.0,
+        )  # fmt: skip
+        await t.dead_letter(d, record)
+        assert (await t.stats("a")).dead == 1
+        await r.aclose()
+    finally:
+        await t.close()

@@ -134,6 +134,13 @@ class DeadLetters:
     async def count(self, group: str) -> int:
         return len(await self.list(group))
 
+    async def counts(self) -> dict[str, int]:
+        """Dead letters per group, in one read of the queue."""
+        out: dict[str, int] = {}
+        for rec in await self.list(None):
+            out[rec.group] = out.get(rec.group, 0) + 1
+        return out
+
     async def purge(self, group: str, ids: Sequence[str] | None) -> int:
         wanted = None if ids is None else set(ids)
 

@@ -30,9 +30,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import re
 import urllib.parse
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 
 import aiormq
@@ -57,6 +59,8 @@ __all__ = ("AmqpTransport",)
 log = logging.getLogger("surge.amqp")
 
 _NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_PROBES = 8  # channels stats() asks queue lengths on at once
+_DEAD_FOR = 1.0  # seconds a read of the dead-letter queue serves stats()
 
 
 class AmqpTransport:
@@ -138,6 +142,12 @@ class AmqpTransport:
             self._link, self._topology, self.clock, uuid.uuid4().hex[:16], lease
         )
         self._readers: list[GroupReader] = []
+        self._probes: list[aiormq.abc.AbstractChannel] = []  # idle, for _ready
+        self._probes_open = 0  # probe channels opened (or opening), not seen closed
+        self._probe_waiters: deque[asyncio.Future[None]] = deque()
+        self._dead_counts: dict[str, int] = {}
+        self._dead_read_at = -math.inf
+        self._dead_reading: asyncio.Future[dict[str, int]] | None = None
         self._owners: dict[str, Ownership] = {}
         self._control: aiormq.abc.AbstractChannel | None = None
         self._busy = True
@@ -352,6 +362,7 @@ class AmqpTransport:
         # Stored (confirmed) before the delivery is settled: a crash in
         # between leaves the event delivered again, and a second record.
         await self._dead.store(record)
+        self._dead_changed()
         tag: Tag = delivery.token
         try:
             await self._settle(tag)
@@ -364,23 +375,65 @@ class AmqpTransport:
 
     async def replay(self, group: str, ids: Sequence[str] | None = None) -> int:
         self._busy = True
+        self._dead_changed()
         return await self._dead.replay(group, ids)
 
     async def purge(self, group: str, ids: Sequence[str] | None = None) -> int:
+        self._dead_changed()
         return await self._dead.purge(group, ids)
 
     # --- state ------------------------------------------------------------------------------
     async def _ready(self, queues: Sequence[str]) -> int:
-        """Messages ready in ``queues`` (those that exist)."""
-        n = 0
-        for q in queues:
-            try:
-                ok = await (await self._channel()).queue_declare(q, passive=True)
-            except aexc.ChannelNotFoundEntity:
-                self._control = None
-                continue
-            n += ok.message_count or 0
-        return n
+        """Messages ready in ``queues`` (those that exist), asked on up to
+        ``_PROBES`` channels at once: a channel answers one declare at a
+        time, and admission asks for every stage's queues (a shared one and
+        one per partition) ten times a second (the shop's four stages, one
+        after another on one channel: 146 ms a sample at load 14 with the
+        broker idle, 1.6 s between samples in the soak)."""
+        found = await asyncio.gather(*(self._probe(q) for q in queues))
+        return sum(found)
+
+    async def _probe(self, queue: str) -> int:
+        """Messages ready in ``queue`` (0: it does not exist)."""
+        idle = self._probes
+        while True:
+            while idle and idle[-1].is_closed:
+                idle.pop()
+                self._probes_open -= 1
+            if idle:
+                ch = idle.pop()
+                break
+            if self._probes_open < _PROBES:
+                self._probes_open += 1
+                try:
+                    await self._link.wait_up()
+                    ch = await self._link.channel()
+                except BaseException:
+                    self._probes_open -= 1
+                    self._wake_prober()
+                    raise
+                break
+            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._probe_waiters.append(fut)
+            await fut
+        try:
+            ok = await ch.queue_declare(queue, passive=True)
+        except aexc.ChannelNotFoundEntity:
+            return 0  # the broker closed the channel with the error
+        finally:
+            if ch.is_closed:
+                self._probes_open -= 1
+            else:
+                idle.append(ch)
+            self._wake_prober()
+        return ok.message_count or 0
+
+    def _wake_prober(self) -> None:
+        while self._probe_waiters:
+            waiter = self._probe_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     def _queues(self, group: str) -> list[str]:
         g = self._topology.groups.get(group)
@@ -395,14 +448,48 @@ class AmqpTransport:
     async def stats(self, group: str) -> TransportStats:
         """``backlog``: ready in the broker; ``pending``: held by this
         process (RabbitMQ does not say what others hold over AMQP);
-        ``scheduled``: retries and delayed events this process sent."""
+        ``scheduled``: retries and delayed events this process sent;
+        ``dead``: as of a read of the dead-letter queue at most
+        ``_DEAD_FOR`` seconds old (or this process's own dead-letter,
+        replay or purge since). ``settled`` and ``consumers`` are None:
+        RabbitMQ does not count acknowledgements over AMQP (the management
+        plugin's message rates are sampled every 5 s), and what the other
+        consumers hold unacknowledged is not in ``pending``, so each
+        process's admission reads its own held events and its own rate."""
         try:
-            backlog = await self._ready(self._queues(group))
-            dead = await self._dead.count(group)
+            backlog, dead = await asyncio.gather(
+                self._ready(self._queues(group)), self._dead_count(group)
+            )
         except LOST as exc:
             raise translate(exc, f"reading the state of {group!r}") from exc
         pending = sum(r.held for r in self._readers if r.name == group)
         return TransportStats(backlog, pending, self._pub.scheduled_count(group), dead)
+
+    async def _dead_count(self, group: str) -> int:
+        """Dead letters of ``group``: one read of the whole dead-letter
+        queue (a channel, a ``basic.get`` per message) serves every group's
+        count for ``_DEAD_FOR`` seconds; admission asks ten times a second
+        per stage, and the count is not what it reads."""
+        now = self.clock.monotonic()
+        if now - self._dead_read_at > _DEAD_FOR:
+            reading = self._dead_reading
+            if reading is None:
+                reading = self._dead_reading = asyncio.ensure_future(self._dead.counts())
+                reading.add_done_callback(self._dead_read)
+            counts = await asyncio.shield(reading)
+        else:
+            counts = self._dead_counts
+        return counts.get(group, 0)
+
+    def _dead_read(self, fut: asyncio.Future[dict[str, int]]) -> None:
+        self._dead_reading = None
+        if not fut.cancelled() and fut.exception() is None:
+            self._dead_counts = fut.result()
+            self._dead_read_at = self.clock.monotonic()
+
+    def _dead_changed(self) -> None:
+        """This process changed the dead letters: the next count reads them."""
+        self._dead_read_at = -math.inf
 
     @property
     def idle(self) -> bool:
@@ -476,6 +563,10 @@ class AmqpTransport:
                     *(r.close(self.close_timeout) for r in readers), return_exceptions=True
                 )
             await self._members.close()
+            probes, self._probes = self._probes, []
+            self._probes_open = 0
+            for ch in probes:
+                await self._link.close_channel(ch)
         except BaseException:
             # Cut short (a stop's deadline cancels the close it leaves
             # behind): the rest is abandoned as by a killed process, and the
