@@ -33,12 +33,28 @@ outstanding when the new owner starts pulling. Hence:
   straight back to it), each confirmed by the server, and before the lease
   is released, so they are the first redeliveries the next owner gets;
 - taking over: if the consumer has deliveries pending with someone else
-  (the previous owner died, or a late pull reached it) the new owner holds
-  what it reads from the partition until the expected redeliveries have
-  arrived (at most a lease: the dead owner's AckWait ran out by then), then
-  hands everything out sorted by stream sequence. A NAK with a delay
-  (retries, ``not_before``) is pending too: it can hold a takeover for up
-  to a lease, and a retried event may come after later ones of its key.
+  (the previous owner died, or its lease lapsed in an election while it
+  lived) or another pull waiting (the previous owner's, still open), the
+  new owner holds what it reads from the partition; and from the takeover
+  on it follows the consumer sequence of each delivery (``Group.follow``):
+  one skipped went to another pull (the consumer hands deliveries to the
+  waiting pulls in turn) or was lost on the way, and holds the partition
+  too. A hold ends once every delivery the consumer made is settled or in
+  this process's hands and no other pull waits on it (consumer info:
+  ``delivered.consumer_seq``, ``num_ack_pending``, ``num_waiting``, each
+  round), and hands everything out sorted by stream sequence; so a
+  redelivery an election delays is waited for, however long. A NAK with a
+  delay (a retry, a ``not_before`` deferral) is pending too, and JetStream
+  does not say which pending delivery is one: once the consumer's leader
+  has answered for a whole AckWait (a lease) since the hold began (or since
+  the last skip seen, or the last change of leader) and a pull asked for
+  after that has ended, whatever is still pending elsewhere can only be
+  such a NAK, and the hold ends; that retried event may come after later
+  ones of its key, as a retry may on one owner. That bound stands because
+  an owner whose lease may have lapsed (2/3 of a lease after its last
+  renewal was sent: ``Consumer.fenced``) neither pulls the partition nor
+  extends its deliveries' AckWait any more. A partition being given up
+  while held NAKs what its hold kept, in order, for the next owner.
 """
 
 from __future__ import annotations
@@ -50,6 +66,7 @@ from collections.abc import Sequence
 
 import nats.errors
 from nats.aio.msg import Msg
+from nats.js.api import ConsumerInfo
 
 from ..._clock import Clock
 from ._connection import Connection
@@ -219,23 +236,63 @@ class Balancer:
 
     async def _take_over(self, src: Source) -> None:
         """Hold the partition back if its consumer has deliveries pending
-        that this process does not hold (see the module docstring)."""
+        that this process does not hold, or another pull waiting (see the
+        module docstring); from here on, a delivery of it missing here
+        holds it too (``Group.follow``)."""
         info = await self._conn.js.consumer_info(self._stream, src.durable)
-        elsewhere = (info.num_ack_pending or 0) - src.held
-        if elsewhere > 0:
-            floor = info.delivered.stream_seq if info.delivered is not None else 0
-            src.hold = Hold(self._clock.monotonic() + self._lease, floor, elsewhere)
+        src.cseq = info.delivered.consumer_seq if info.delivered is not None else 0
+        if (info.num_ack_pending or 0) > src.held or (info.num_waiting or 0) > 0:
+            src.hold = Hold(self._clock.monotonic(), _leader(info))
 
     async def _check_holds(self, g: Group) -> None:
+        """End each hold whose deliveries have come back (every delivery its
+        consumer made is settled or here, and no other pull waits on it), or
+        that has waited out an AckWait of the consumer's leader and then a
+        pull: what is still pending elsewhere then can only be a NAK with a
+        delay (a retry, a ``not_before``), which may come after later events
+        of its key. A partition being given up hands its hold's back."""
+        own = g.own
+        assert own is not None
         for src in g.parts:
             hold = src.hold
             if hold is None:
                 continue
-            if self._clock.monotonic() < hold.until:
+            if src.part in own.releasing:
+                g.give_back_held(src)
+                continue
+            now = self._clock.monotonic()
+            # what this process had before asking: the answer may predate
+            # deliveries that arrive while it is on its way
+            cseq, held, pulling = src.cseq, src.held, src.outstanding > 0
+            try:
                 info = await self._conn.js.consumer_info(self._stream, src.durable)
-                if (info.num_ack_pending or 0) > src.held:
-                    continue
-            g.end_hold(src)
+            except (nats.errors.Error, TimeoutError):
+                hold.since = now  # its leader may be changing: its timers with it
+                raise
+            leader = _leader(info)
+            if hold.leader is not None and leader != hold.leader:
+                hold.since = now
+            hold.leader = leader
+            if src.hold is not hold:  # ended while we asked
+                continue
+            delivered = info.delivered.consumer_seq if info.delivered is not None else 0
+            pending = info.num_ack_pending or 0
+            if (
+                cseq is not None
+                and delivered <= cseq
+                and pending <= held
+                and (info.num_waiting or 0) <= (1 if pulling else 0)
+            ):
+                g.end_hold(src)
+            elif src.pull_ended >= hold.since + self._lease:
+                log.info(
+                    "%s: %d deliveries of %s still pending elsewhere after its AckWait: "
+                    "taken for NAKs with a delay; handing out what was held",
+                    g.name,
+                    pending - src.held,
+                    src.durable,
+                )
+                g.end_hold(src)
 
     async def _leave(self, g: Group) -> None:
         """At close: once the partitions' pulls ended, hand back what is left
@@ -256,6 +313,11 @@ class Balancer:
         for p in sorted(own.owned):
             await leases.release(g.durable, p)
         own.lost(list(own.owned))
+
+
+def _leader(info: ConsumerInfo) -> str | None:
+    """The server leading a consumer (None on a single server)."""
+    return info.cluster.leader if info.cluster is not None else None
 
 
 async def ended(tasks: list[asyncio.Task[None]], what: str) -> None:

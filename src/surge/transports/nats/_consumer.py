@@ -316,7 +316,9 @@ class Consumer:
         share = max(1, g.prefetch // len(readable))
         for p in readable:
             src = g.parts[p]
-            if not src.outstanding:  # one pull at a time (see _pull_from)
+            # one pull at a time (see _pull_from); none once the lease may
+            # have lapsed: what it brought would be another owner's
+            if not src.outstanding and self._leased(g, src):
                 await self._pull_from(nc, g, src, share)
 
     async def _pull_from(self, nc: Client, g: Group, src: Source, share: int = 0) -> None:
@@ -347,7 +349,7 @@ class Consumer:
             request = {"batch": free, "expires": int(self._part_expires * 1e9)}
             inbox = f"{g.inbox}.{src.token}"
         if not src.outstanding:
-            src.last_seen = self._clock.monotonic()  # silence counts from this pull
+            src.last_seen = src.pull_sent = self._clock.monotonic()  # silence counts from this pull
         src.outstanding += free
         await nc.publish(
             f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{src.durable}",
@@ -358,12 +360,14 @@ class Consumer:
     async def _on_delivery(self, g: Group, msg: Msg) -> None:
         reply = msg.reply
         try:
-            consumer, delivered, seq, stored = ack_info(reply)
+            consumer, delivered, seq, cseq, stored = ack_info(reply)
             src = g.by_durable[consumer]
         except (ValueError, IndexError, KeyError):
             log.error("unexpected JetStream ack subject %r on %s", reply, g.name)
             return
         src.last_seen = self._clock.monotonic()
+        if src.part is not None and g.consuming and g.own is not None and src.part in g.own.owned:
+            g.follow(src, cseq, src.last_seen)
         src.stalled = False
         g.errors = 0
         self._touched()
@@ -418,6 +422,7 @@ class Consumer:
         if src.outstanding:
             src.outstanding -= 1
             if not src.outstanding and src.part is not None:
+                src.pull_ended = src.pull_sent
                 g.rebalance.set()  # a partition being given up may be free now
 
     def _on_status(self, g: Group, src: Source, headers: dict[str, str]) -> None:
@@ -437,6 +442,7 @@ class Consumer:
                 src.recreate = True
             log.warning("pull for %s answered %s %s", src.durable, status, desc)
         if src.part is not None and not src.outstanding:
+            src.pull_ended = src.pull_sent
             g.rebalance.set()
         g.wake()
 
@@ -480,7 +486,7 @@ class Consumer:
             # handed out and not held was forgotten at a lapse.
             return self._of_partition(g, d.token)
         p = src.part
-        if p is None or (p in g.own.owned and self._clock.monotonic() < src.valid_until):
+        if p is None or self._leased(g, src):
             return False
         n = g.fence(src)
         g.own.lost((p,))
@@ -493,6 +499,14 @@ class Consumer:
             n,
         )
         return True
+
+    def _leased(self, g: Group, src: Source) -> bool:
+        """Partition ``src`` is this process's, its lease surely not lapsed."""
+        return (
+            g.own is not None
+            and src.part in g.own.owned
+            and self._clock.monotonic() < src.valid_until
+        )
 
     @staticmethod
     def _of_partition(g: Group, token: str) -> bool:
@@ -578,15 +592,17 @@ class Consumer:
 
     async def _keep_leases(self) -> None:
         """Send in-progress acks for every delivery this process holds (not
-        for a partition whose lease it lost: those go to the next owner)."""
+        for a partition whose lease it lost, or may have lost: those go to
+        the next owner, whose takeover waits for them until their AckWait
+        has run out, counted from the last of these; see ``_balancer``)."""
         while self._conn.open:
             await self._clock.sleep(self._options.lease / 3)
             for g in list(self._groups.values()):
-                owned = g.own.owned if g.own is not None else ()
-                held = [t for t, src in g.held.items() if src.part is None or src.part in owned]
+                held = list(g.held.items())
                 with CancelGuard():
-                    for reply in held:
-                        await self._conn.send(reply, b"+WPI")
+                    for reply, src in held:
+                        if src.part is None or self._leased(g, src):
+                            await self._conn.send(reply, b"+WPI")
 
     async def stop(self) -> None:
         """Stop extending leases."""

@@ -29,30 +29,34 @@ log = logging.getLogger("surge.nats")
 
 def ack_meta(reply: str) -> tuple[int, int, float]:
     """(num_delivered, stream sequence, stored time) from an ack subject."""
-    return ack_info(reply)[1:]
+    _, delivered, seq, _, stored = ack_info(reply)
+    return delivered, seq, stored
 
 
-def ack_info(reply: str) -> tuple[str, int, int, float]:
-    """(consumer, num_delivered, stream sequence, stored time) from an ack subject."""
+def ack_info(reply: str) -> tuple[str, int, int, int, float]:
+    """(consumer, num_delivered, stream sequence, consumer sequence, stored
+    time) from an ack subject."""
     # $JS.ACK.<stream>.<consumer>.<delivered>.<sseq>.<cseq>.<ts>.<pending>, or
     # the v2 form with domain and account hash tokens after ACK.
     t = reply.split(".")
-    if len(t) == 9:
-        return t[3], int(t[4]), int(t[5]), int(t[7]) / 1e9
-    return t[5], int(t[6]), int(t[7]), int(t[9]) / 1e9
+    i = 3 if len(t) == 9 else 5
+    return t[i], int(t[i + 1]), int(t[i + 2]), int(t[i + 3]), int(t[i + 4]) / 1e9
 
 
 class Hold:
-    """Deliveries of a newly acquired partition kept back until the previous
-    owner's pending ones have come back (or a lease has passed)."""
+    """Deliveries of a partition kept back, while some delivery of its
+    consumer may be in another process's hands (just taken over, or one of
+    its deliveries went to another pull), until they have come back (see
+    ``_balancer``)."""
 
-    __slots__ = ("expect", "floor", "items", "seen", "until")
+    __slots__ = ("items", "leader", "since")
 
-    def __init__(self, until: float, floor: int, expect: int) -> None:
-        self.until = until
-        self.floor = floor  # the consumer's last delivered stream seq at takeover
-        self.expect = expect  # deliveries pending elsewhere at takeover
-        self.seen: set[int] = set()
+    def __init__(self, since: float, leader: str | None) -> None:
+        # since when the consumer's leader (``leader``) has been answering:
+        # a delivery in another process's hands then is redelivered within
+        # its AckWait (a lease) of it
+        self.since = since
+        self.leader = leader
         self.items: list[tuple[int, Delivery]] = []
 
 
@@ -61,12 +65,15 @@ class Source:
     None) or one partition's."""
 
     __slots__ = (
+        "cseq",
         "durable",
         "held",
         "hold",
         "last_seen",
         "outstanding",
         "part",
+        "pull_ended",
+        "pull_sent",
         "recreate",
         "stalled",
         "token",
@@ -80,6 +87,12 @@ class Source:
         self.outstanding = 0  # messages asked for by open pulls
         self.held = 0  # deliveries read from it and not settled
         self.hold: Hold | None = None
+        # A partition's, while owned: the consumer sequence of the last
+        # delivery of it seen here (from the takeover's consumer info on);
+        # a delivery past the next one shows that one went to another pull.
+        self.cseq: int | None = None
+        self.pull_sent = 0.0  # when the last pull was asked for (monotonic)
+        self.pull_ended = 0.0  # when the last pull that ended was asked for
         self.last_seen = 0.0
         self.stalled = False
         self.recreate = False
@@ -181,6 +194,7 @@ class Group:
         back = set(self.returning)
         tokens = [t for t, s in self.held.items() if s is src and t not in back]
         src.hold = None
+        src.cseq = None
         if tokens:
             gone = set(tokens)
             self.buffer = deque(d for d in self.buffer if d.token not in gone)
@@ -194,11 +208,43 @@ class Group:
         if hold is None:
             return False
         hold.items.append((seq, d))
-        if seq <= hold.floor:
-            hold.seen.add(seq)
-            if len(hold.seen) >= hold.expect:
-                self.end_hold(src)
         return True
+
+    def follow(self, src: Source, cseq: int, now: float) -> None:
+        """A delivery of owned partition ``src`` with consumer sequence
+        ``cseq`` arrived: if one before it is missing here, the consumer
+        handed it to another pull (an old owner's still open) or it was lost
+        on the way; it comes back only once that process NAKs it or its
+        AckWait ends, so hold the partition until then."""
+        last = src.cseq
+        if last is not None and cseq <= last:
+            # a late one of a pull from before the takeover (or a consumer
+            # leader that lost its last deliveries' state): no news
+            return
+        src.cseq = cseq
+        if last is None or cseq == last + 1:
+            return
+        if src.hold is not None:
+            src.hold.since = now  # its AckWait runs from now
+        else:
+            src.hold = Hold(now, None)
+            self.rebalance.set()  # the balancer ends holds
+            log.info(
+                "%s: deliveries %d-%d of %s went elsewhere; holding the partition until "
+                "they come back",
+                self.name,
+                last + 1,
+                cseq - 1,
+                src.durable,
+            )
+
+    def give_back_held(self, src: Source) -> None:
+        """A held partition being given up: what its hold kept is NAKed once
+        its pull ended (``returning``), for the next owner, rather than
+        handed out here."""
+        hold, src.hold = src.hold, None
+        if hold is not None:
+            self.returning += [d.token for _, d in sorted(hold.items, key=lambda i: i[0])]
 
     def end_hold(self, src: Source) -> None:
         """Hand out what the hold kept, in stream order."""

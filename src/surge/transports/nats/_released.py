@@ -126,5 +126,5 @@ class Released:
         self._counts.clear()
 
     def _subject(self, token: str) -> str:
-        consumer, _, seq, _ = ack_info(token)
+        consumer, _, seq, _, _ = ack_info(token)
         return self._layout.released(consumer, seq)
