@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,6 +95,12 @@ def _is_rerun(violation: str) -> bool:
     return " reran " in violation or " went back from " in violation
 
 
+def phase(what: str) -> None:
+    """A failover test's step, with the wall time, on stdout: pytest shows
+    it with a failure, the timeout's included, so a slow step is named."""
+    print(f"{time.strftime('%H:%M:%S')}.{int(time.time() * 1000) % 1000:03d} {what}", flush=True)
+
+
 async def run_failover(
     url: str,
     tmp: Path,
@@ -139,13 +146,16 @@ async def run_failover(
     resumed = float("nan")
     try:
         await sup.wait_ready()
+        phase("workers ready")
         producing = loop.create_task(produce_keyed(url, names, per_key, acked, slow_when=hold))
         await wait_for(
             lambda: len(handled()) >= threshold * 0.9,
             timeout=resume_timeout,
             what="handling before the kill",
         )
+        phase("handling before the kill seen; killing")
         await kill()
+        phase("killed")
         at_kill = len(acked)
         kill_time = loop.time()
         killed.set_result(None)
@@ -156,7 +166,9 @@ async def run_failover(
 
         await wait_for(resumed_after, timeout=resume_timeout, what="handling after the kill")
         resumed = loop.time() - kill_time
+        phase("handling resumed")
         await producing
+        phase("every event published")
         stats = await drain(
             url,
             records,
@@ -166,12 +178,14 @@ async def run_failover(
             handled=lambda _: set(handled()),
             timeout=drain_timeout,
         )
+        phase("drained")
     finally:
         if not killed.done():
             killed.set_result(None)
         sup.request_stop()
         with contextlib.suppress(Exception):
             await running
+        phase("workers stopped")
     lines = read_keyed_records(records)
     crash = tally(
         [(k, seq) for k in names for seq in range(per_key)],

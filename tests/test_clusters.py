@@ -36,7 +36,7 @@ from surge.transports.nats._layout import PeersOffline
 from surge.transports.redis import RedisTransport
 from surge.transports.redis._connection import _slot_ranges
 
-from ._failover import FailoverResult, run_failover
+from ._failover import FailoverResult, phase, run_failover
 from ._jepsen import wait_for
 from ._servers import (
     NatsCluster,
@@ -314,12 +314,14 @@ async def _redis_failover(
             return len(masters) == len(cluster.nodes) // 2 and victim not in masters
 
         await wait_for(promoted, timeout=30, interval=0.1, what="a replica promoted")
+        phase("a replica promoted; restarting the dead master")
         await asyncio.to_thread(victim.start)
         # the next test may kill its master: a replica still syncing could
         # not take over
         await wait_for(
             lambda: _replica_synced(victim), timeout=30, interval=0.1, what="the replica synced"
         )
+        phase("the dead master is back, a synced replica")
 
     async def kill() -> None:
         if partition_master:
