@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis.asyncio as aredis
@@ -20,6 +21,7 @@ import surge
 from surge._event import Envelope
 from surge.transports._partitions import partition_of
 from surge.transports.redis import RedisTransport
+from surge.transports.redis._partitions import PartitionOwner
 
 from ._servers import redis_server
 from .conformance._helpers import Reader, balanced, body, number
@@ -262,3 +264,44 @@ async def test_a_stopping_consumer_keeps_a_partition_until_its_handler_ends(
             async with asyncio.timeout(10):
                 await handled_next.wait()
         assert events == ["b start 0", "b end 0", "a start 1", "a end 1"]
+
+
+async def test_entries_left_pending_to_another_consumer_are_claimed_by_the_owner(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries of an owned partition pending to another consumer (a former
+    owner that read them after this one's takeover claim, its lease
+    reverted by a failover, then fenced itself and left them) are claimed
+    by the owner within a round, not left for good."""
+    lease = 1.0
+    with redis_server(tmp_path) as (url, _):
+        t = await _started(url, lease=lease)
+        owner = t._group(GROUP)._owner
+        assert owner is not None
+        reader = Reader(t, GROUP).start()
+        try:
+            await _owning(t, set(range(t.partitions)))
+            paused = True  # t reads nothing meanwhile
+            readable = PartitionOwner.readable
+            monkeypatch.setattr(
+                PartitionOwner, "readable", lambda self: [] if paused else readable(self)
+            )
+            part = partition_of("k", t.partitions)
+            stream = t._group(GROUP).keys.pstreams[part]
+            await t.publish([_keyed(n, "k") for n in range(3)])
+            r = aredis.Redis.from_url(url)
+            try:
+                got: Any = await r.xreadgroup(GROUP, "ghost", {stream: ">"})
+                assert len(got[0][1]) == 3  # pending to the ghost now
+            finally:
+                await r.aclose()
+            paused = False
+            await t.publish([_keyed(n, "k") for n in range(3, 5)])
+            delivered = await reader.take(5, timeout=10 * lease)
+            assert sorted(number(d) for d in delivered) == list(range(5))
+            await t.ack(delivered)
+            stats = await t.stats(GROUP)
+            assert (stats.backlog, stats.pending) == (0, 0)
+        finally:
+            await reader.aclose()
+            await t.close()

@@ -254,7 +254,8 @@ class Group:
                 return
             room = max(1, min(room - sum(rd.count for rd in reads.values()), self._batch))
             count = room if self._spread <= 1 else max(1, room // len(streams))
-            self._start(reads, lane, streams, parts, count, self._read_group(streams, count))
+            read = self._read_group(streams, count, parts)
+            self._start(reads, lane, streams, parts, count, read)
             return
         reading = {s for rd in reads.values() for s in rd.streams}
         share = max(1, min(prefetch, self._batch) // sum(len(ln[1]) for ln in lanes))
@@ -272,7 +273,7 @@ class Group:
             for stream in free:
                 p = pindex.get(stream.encode())
                 parts = [] if p is None else [p]
-                read = self._read_group([stream], share)
+                read = self._read_group([stream], share, parts)
                 self._start(reads, stream, [stream], parts, share, read, idle=lane)
 
     def _start(
@@ -353,17 +354,23 @@ class Group:
             raise exc
         return await conn.backoff(delay)
 
-    async def _read_group(self, streams: list[str], count: int) -> Any:
+    async def _read_group(self, streams: list[str], count: int, parts: list[int]) -> Any:
         """XREADGROUP ... BLOCK, run in a task of its own, so that a cancel
         ends the consumer at once: redis-py can swallow one (while it opens a
         connection), and the read then runs its whole BLOCK, which held up
         a stop's intake past its bound. A read left running this way is
         awaited at close (``cancel``); what it took is pending to this
-        consumer, and close hands it back (``leave``)."""
+        consumer, and close hands it back (``leave``). It blocks no longer
+        than the leases of ``parts`` are safe: entries it takes are this
+        consumer's while the partitions are, and a next owner's takeover
+        claim finds them pending."""
         r = self._conn.client(streams[0])
+        block = self._block_ms
+        if parts and self._owner is not None:
+            block = min(block, self._owner.valid_ms(parts))
         return await self._conn.cmd(r,
             "XREADGROUP", "GROUP", self.name, self.consumer,
-            "COUNT", count, "BLOCK", self._block_ms,
+            "COUNT", count, "BLOCK", block,
             "STREAMS", *streams, *(">" for _ in streams),
         )  # fmt: skip
 

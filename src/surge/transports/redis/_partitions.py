@@ -100,9 +100,21 @@ class PartitionOwner:
 
     # --- reads -----------------------------------------------------------------
     def readable(self) -> list[int]:
-        """The partitions to read: owned, not being given up, and with
-        nothing pending to claim first."""
-        return sorted(self._own.readable - self._rescan)
+        """The partitions to read: owned, not being given up, with nothing
+        pending to claim first, and not fenced (a lease that may have
+        lapsed: what a read took then would be left pending to this
+        consumer, after the next owner's takeover claim)."""
+        now = self._clock.monotonic()
+        valid = self._valid
+        return sorted(p for p in self._own.readable - self._rescan if valid.get(p, 0.0) > now)
+
+    def valid_ms(self, parts: list[int]) -> int:
+        """Milliseconds until the first of ``parts`` is fenced: a blocking
+        read of them must end by then (at least 1; Redis reads BLOCK 0 as
+        for ever)."""
+        now = self._clock.monotonic()
+        valid = self._valid
+        return max(1, int(min(valid.get(p, 0.0) - now for p in parts) * 1000))
 
     def begin_read(self, parts: list[int]) -> None:
         """A read of ``parts`` is on its way (they are not given up meanwhile)."""
@@ -149,11 +161,17 @@ class PartitionOwner:
         if not ops:
             return False
         sent = self._clock.monotonic()
+        # With wait=N the leases are written as publishes and acks are: a
+        # renewal counts once N replicas have it. Else a master's failover
+        # can revert a lease to an older copy that runs out while its owner
+        # still starts deliveries, and the partition has two owners at once
+        # (seen: 8 per-key order violations through a slot master's kill).
         done = await conn.run(
             "own",
             keys=[self._keys.leases[p] for p, _ in ops],
             args=[me, self._lease_ms, *(op for _, op in ops)],
             client=r,
+            replicated=True,
         )
         results = list(zip(ops, done, strict=True))
         lost = [p for (p, op), ok in results if op != "a" and (op == "d" or not ok)]
@@ -174,6 +192,8 @@ class PartitionOwner:
             own.acquired((p,))
         if leaving:
             self._rescan.clear()  # nobody reads a backlog now: the next owner claims them
+        if not leaving:
+            self._rescan.update(await self._stranded(gained))
         for p in sorted(self._rescan):
             if p in own.owned and p not in own.releasing:
                 await self._claim_pending(p)
@@ -182,6 +202,35 @@ class PartitionOwner:
             # wake the consumer: there is work, or a partition to read
             self._inflight.make_room()
         return len(gained) < len(acquire) or bool(own.releasing)
+
+    async def _stranded(self, gained: list[int]) -> set[int]:
+        """Owned partitions with entries pending to another consumer (one
+        XPENDING summary each, pipelined per master). Only a partition's
+        owner reads it, and a new owner claims what was pending at its
+        takeover; but a previous owner that still believed in its lease
+        can read entries after that claim (a failover that reverted the
+        leases to an older copy), and, fenced, leave them pending to itself
+        and never run them: nobody would. Seen: a Redis Cluster slot
+        master killed under load, 8 entries of 4 partitions pending to the
+        other worker for good, the drain stuck (CI, load 16)."""
+        own = self._own
+        parts = [p for p in sorted(own.owned) if p not in own.releasing and p not in gained]
+        if not parts:
+            return set()
+        keys = self._keys
+        replies = await self._conn.each([("XPENDING", keys.pstreams[p], keys.name) for p in parts])
+        me = self._consumer.encode()
+        stranded: set[int] = set()
+        for p, reply in zip(parts, replies, strict=True):
+            if isinstance(reply, dict):  # as redis-py parses the summary
+                names = [c.get("name") for c in reply.get("consumers") or ()]
+            elif isinstance(reply, list) and len(reply) == 4:
+                names = [c[0] for c in reply[3] or ()]
+            else:  # an error (the keeper's next round asks again)
+                continue
+            if any(name != me for name in names):
+                stranded.add(p)
+        return stranded
 
     async def _claim_pending(self, p: int) -> None:
         """Every unsettled entry of partition ``p`` not held here, oldest first,
