@@ -17,7 +17,8 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import msgspec
 import nats
@@ -25,9 +26,14 @@ import pytest
 from nats.aio.client import Client
 
 import surge
+from surge._clock import RealClock
+from surge._codec import JsonCodec
 from surge._transport import capabilities_of
 from surge.transports.nats import NatsTransport
-from surge.transports.nats._layout import consumer_name, partition_durable
+from surge.transports.nats._consumer import Consumer
+from surge.transports.nats._groups import Group, Hold
+from surge.transports.nats._layout import Layout, consumer_name, partition_durable
+from surge.transports.nats._options import NatsOptions
 
 from ._jepsen import wait_for
 from ._servers import NatsServer, nats_server
@@ -762,6 +768,50 @@ async def test_a_delivery_to_another_pull_holds_the_partition_until_it_is_back(
             got += await _take(batches, 5 - len(got))
             assert [_number(d) for d in got] == list(range(5))
             await a.ack(got)
+
+
+async def test_a_partition_given_up_while_held_starts_nothing_its_open_pull_brings() -> None:
+    """A held partition being given up NAKs what its hold kept, for the next
+    owner; what its still open pull brings after that goes back too, after
+    them. Handed out here, it started before them: "k3: pid 25809 started
+    136 before 74 was ever started" (the nats keyed crash test, every kill
+    held: 3 of 25 runs broke so)."""
+    options = NatsOptions(stream="s", lease=2.0)
+    layout = Layout("s")
+    consumer = Consumer(
+        cast(Any, None),
+        layout,
+        options,
+        RealClock(),
+        JsonCodec(),
+        cast(Any, None),
+        cast(Any, None),
+        touched=lambda: None,
+    )
+    g = consumer._groups["g"] = Group("g", False, 2)
+    assert g.own is not None
+    g.consuming = True
+    src = g.parts[1]
+    g.own.acquired([1])
+    src.cseq = 0
+    src.hold = Hold(0.0, None)
+    src.outstanding = 3  # one pull of 3, open
+
+    def reply(n: int) -> str:
+        return f"$JS.ACK.s.{src.durable}.1.{10 * n}.{n}.0.0"
+
+    async def deliver(n: int) -> None:
+        msg = SimpleNamespace(reply=reply(n), subject="s_k.1.t", data=b"not an envelope")
+        await consumer._on_delivery(g, cast(Any, msg))
+
+    await deliver(1)
+    await deliver(2)
+    g.own.releasing = {1}  # given up: the balancer gives the hold back
+    g.give_back_held(src)
+    await deliver(3)  # the open pull's last
+    assert not g.buffer
+    assert g.returning == [reply(1), reply(2), reply(3)]
+    assert g.returnable() == [reply(1), reply(2), reply(3)]
 
 
 async def test_a_takeover_waits_out_a_retry_pending_elsewhere_for_one_ack_wait(

@@ -54,7 +54,9 @@ outstanding when the new owner starts pulling. Hence:
   an owner whose lease may have lapsed (2/3 of a lease after its last
   renewal was sent: ``Consumer.fenced``) neither pulls the partition nor
   extends its deliveries' AckWait any more. A partition being given up
-  while held NAKs what its hold kept, in order, for the next owner.
+  while held NAKs what its hold kept, in order, for the next owner, and
+  after it what its open pull still brings (handed out here, that would
+  start before them).
 """
 
 from __future__ import annotations
@@ -241,6 +243,7 @@ class Balancer:
         holds it too (``Group.follow``)."""
         info = await self._conn.js.consumer_info(self._stream, src.durable)
         src.cseq = info.delivered.consumer_seq if info.delivered is not None else 0
+        src.given_back = False
         if (info.num_ack_pending or 0) > src.held or (info.num_waiting or 0) > 0:
             src.hold = Hold(self._clock.monotonic(), _leader(info))
 

@@ -404,9 +404,14 @@ class Consumer:
         g.held[reply] = src
         src.held += 1
         if src.part is not None and (
-            not g.consuming or g.own is None or src.part not in g.own.owned
+            not g.consuming
+            or g.own is None
+            or src.part not in g.own.owned
+            or (src.given_back and src.part in g.own.releasing)
         ):
-            # Late: the consumer ended, or the partition is not ours now.
+            # Late: the consumer ended, or the partition is not ours now, or
+            # is being given up and what its hold kept was given back (the
+            # next owner gets those first: this one goes after them).
             # NAKed once this pull ended (a NAK now would come straight back
             # to it), before the lease goes.
             g.returning.append(reply)

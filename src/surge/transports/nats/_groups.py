@@ -67,6 +67,7 @@ class Source:
     __slots__ = (
         "cseq",
         "durable",
+        "given_back",
         "held",
         "hold",
         "last_seen",
@@ -91,6 +92,10 @@ class Source:
         # delivery of it seen here (from the takeover's consumer info on);
         # a delivery past the next one shows that one went to another pull.
         self.cseq: int | None = None
+        # A partition's, while being given up: its hold was given back
+        # (``Group.give_back_held``), so what its open pull still brings
+        # goes back too, after it.
+        self.given_back = False
         self.pull_sent = 0.0  # when the last pull was asked for (monotonic)
         self.pull_ended = 0.0  # when the last pull that ended was asked for
         self.last_seen = 0.0
@@ -244,6 +249,9 @@ class Group:
         handed out here."""
         hold, src.hold = src.hold, None
         if hold is not None:
+            # what the open pull still brings follows them (``Consumer._on_delivery``):
+            # handed out here, it would start before them
+            src.given_back = True
             self.returning += [d.token for _, d in sorted(hold.items, key=lambda i: i[0])]
 
     def end_hold(self, src: Source) -> None:
