@@ -581,7 +581,7 @@ async def test_reply_inboxes_of_killed_processes_are_swept(tmp_path: Path) -> No
                 msg["data"] != b"surge:a:inbox.dead"
             ):
                 pass
-        await expired.aclose()  # type: ignore[no-untyped-call]
+        await expired.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8
         assert await r.exists("surge:a:inbox.live")
         late = RedisTransport(url, lease=0.1)
         await late.start()
