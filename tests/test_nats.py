@@ -840,6 +840,48 @@ async def test_a_takeover_waits_out_a_retry_pending_elsewhere_for_one_ack_wait(
             await a.ack(got)
 
 
+async def test_a_takeover_waits_for_every_queued_redelivery_before_the_ack_wait_rule(
+    tmp_path: Path,
+) -> None:
+    """A dead owner's 25 deliveries expire and queue on the server as
+    redeliveries, more than one pull of the new owner takes (prefetch 4):
+    its hold takes them a pull at a time and ends only once every one is
+    back, however long the pulls take, so all 30 come out in stream order.
+    Before, the AckWait rule ended the hold at the first pull after one
+    AckWait that filled its batch, with the rest still queued behind it
+    and older than what the hold kept (the nats keyed crash test: "45
+    deliveries ... still pending elsewhere after its AckWait")."""
+    lease = 1.5
+    with nats_server(tmp_path) as srv:
+        a = await _partitioned(f"{srv.url}?stream=queued", "a", lease=lease)
+        nc = await nats.connect(srv.url)
+        try:
+            await a.publish([_keyed(n) for n in range(30)])
+            js = nc.jetstream()
+            dead = await js.pull_subscribe_bind(
+                partition_durable(consumer_name("g"), 0), stream="queued"
+            )
+            taken: list[Any] = []
+            async with asyncio.timeout(10):
+                while len(taken) < 25:
+                    taken += await dead.fetch(25 - len(taken), timeout=5)
+            # the dead owner's 25 are never settled: back after AckWait
+            batches = a.consume("g", prefetch=4)
+            got: list[int] = []
+            try:
+                async with asyncio.timeout(20):
+                    while len(got) < 30:
+                        batch = await anext(batches)
+                        got += [_number(d) for d in batch]
+                        await a.ack(batch)
+            finally:
+                await batches.aclose()  # type: ignore[attr-defined]
+            assert got == list(range(30))
+        finally:
+            await nc.close()
+            await a.close()
+
+
 async def test_a_close_cut_short_still_closes_the_connection(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -48,8 +48,13 @@ outstanding when the new owner starts pulling. Hence:
   does not say which pending delivery is one: once the consumer's leader
   has answered for a whole AckWait (a lease) since the hold began (or since
   the last skip seen, or the last change of leader) and a pull asked for
-  after that has ended, whatever is still pending elsewhere can only be
-  such a NAK, and the hold ends; that retried event may come after later
+  after that has expired before its batch was full, whatever is still
+  pending elsewhere can only be such a NAK, and the hold ends. (Expired
+  unfilled, not just ended: JetStream serves redeliveries before anything
+  new, so only such a pull says none is left queued on the server; one
+  that filled its batch may have left expired deliveries of the previous
+  owner queued behind it, older than what the hold kept, and ending the
+  hold then broke order: 45 queued in a crash run.) That retried event may come after later
   ones of its key, as a retry may on one owner. That bound stands because
   an owner whose lease may have lapsed (2/3 of a lease after its last
   renewal was sent: ``Consumer.fenced``) neither pulls the partition nor
@@ -222,21 +227,25 @@ class Balancer:
                 left,
             )
             own.lost(lost)
+        gone = []
         for p in give_up:
             if p in own.owned and g.parts[p].drained:
                 await leases.release(g.durable, p)
                 own.lost((p,))
+                gone.append(p)
+        if gone:
+            log.info("%s: gave partitions %s up", g.name, gone)
         for p in acquire:
             sent = clock.monotonic()
             if await leases.acquire(g.durable, p):
                 g.parts[p].valid_until = sent + safe
-                await self._take_over(g.parts[p])
+                await self._take_over(g, g.parts[p])
                 own.acquired((p,))
         if acquire:
             g.wake()
         await self._check_holds(g)
 
-    async def _take_over(self, src: Source) -> None:
+    async def _take_over(self, g: Group, src: Source) -> None:
         """Hold the partition back if its consumer has deliveries pending
         that this process does not hold, or another pull waiting (see the
         module docstring); from here on, a delivery of it missing here
@@ -244,14 +253,25 @@ class Balancer:
         info = await self._conn.js.consumer_info(self._stream, src.durable)
         src.cseq = info.delivered.consumer_seq if info.delivered is not None else 0
         src.given_back = False
-        if (info.num_ack_pending or 0) > src.held or (info.num_waiting or 0) > 0:
+        pending, waiting = info.num_ack_pending or 0, info.num_waiting or 0
+        if pending > src.held or waiting > 0:
             src.hold = Hold(self._clock.monotonic(), _leader(info))
+        log.info(
+            "%s: took partition %d (%d deliveries pending, %d here, %d pulls waiting%s)",
+            g.name,
+            src.part,
+            pending,
+            src.held,
+            waiting,
+            "; holding it until they are back" if src.hold is not None else "",
+        )
 
     async def _check_holds(self, g: Group) -> None:
         """End each hold whose deliveries have come back (every delivery its
         consumer made is settled or here, and no other pull waits on it), or
         that has waited out an AckWait of the consumer's leader and then a
-        pull: what is still pending elsewhere then can only be a NAK with a
+        pull that found nothing left to give (it expired before its batch
+        was full): what is still pending elsewhere then can only be a NAK with a
         delay (a retry, a ``not_before``), which may come after later events
         of its key. A partition being given up hands its hold's back."""
         own = g.own
@@ -286,8 +306,14 @@ class Balancer:
                 and pending <= held
                 and (info.num_waiting or 0) <= (1 if pulling else 0)
             ):
+                log.debug(
+                    "%s: partition %d's deliveries are back: handing out the %d held",
+                    g.name,
+                    src.part,
+                    len(hold.items),
+                )
                 g.end_hold(src)
-            elif src.pull_ended >= hold.since + self._lease:
+            elif src.pull_dry >= hold.since + self._lease:
                 log.info(
                     "%s: %d deliveries of %s still pending elsewhere after its AckWait: "
                     "taken for NAKs with a delay; handing out what was held",
@@ -313,9 +339,12 @@ class Balancer:
         if g.name in self._members:  # first: whoever sees a lease released must not count us
             await leases.leave(g.durable)
             self._members.discard(g.name)
-        for p in sorted(own.owned):
+        parts = sorted(own.owned)
+        for p in parts:
             await leases.release(g.durable, p)
-        own.lost(list(own.owned))
+        own.lost(parts)
+        if parts:
+            log.info("%s: released partitions %s at close", g.name, parts)
 
 
 def _leader(info: ConsumerInfo) -> str | None:

@@ -414,6 +414,7 @@ class Consumer:
             # next owner gets those first: this one goes after them).
             # NAKed once this pull ended (a NAK now would come straight back
             # to it), before the lease goes.
+            log.debug("%s: partition %d: delivery %d came late: handed back", g.name, src.part, seq)
             g.returning.append(reply)
             return
         if src.hold is not None and g.take(src, seq, d):
@@ -427,8 +428,8 @@ class Consumer:
         if src.outstanding:
             src.outstanding -= 1
             if not src.outstanding and src.part is not None:
-                src.pull_ended = src.pull_sent
                 g.rebalance.set()  # a partition being given up may be free now
+                g.wake()  # its next pull (a held one's own wake-up: it buffers nothing)
 
     def _on_status(self, g: Group, src: Source, headers: dict[str, str]) -> None:
         status = headers.get("Status", "")
@@ -447,7 +448,8 @@ class Consumer:
                 src.recreate = True
             log.warning("pull for %s answered %s %s", src.durable, status, desc)
         if src.part is not None and not src.outstanding:
-            src.pull_ended = src.pull_sent
+            if status in ("404", "408"):
+                src.pull_dry = src.pull_sent
             g.rebalance.set()
         g.wake()
 

@@ -73,7 +73,7 @@ class Source:
         "last_seen",
         "outstanding",
         "part",
-        "pull_ended",
+        "pull_dry",
         "pull_sent",
         "recreate",
         "stalled",
@@ -97,7 +97,10 @@ class Source:
         # goes back too, after it.
         self.given_back = False
         self.pull_sent = 0.0  # when the last pull was asked for (monotonic)
-        self.pull_ended = 0.0  # when the last pull that ended was asked for
+        # when the last pull that expired before its batch was full was
+        # asked for: the consumer had nothing left for it then, no
+        # redelivery either (JetStream serves those first)
+        self.pull_dry = 0.0
         self.last_seen = 0.0
         self.stalled = False
         self.recreate = False
