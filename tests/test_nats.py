@@ -29,6 +29,7 @@ import surge
 from surge._clock import RealClock
 from surge._codec import JsonCodec
 from surge._transport import capabilities_of
+from surge.transports._partitions import partition_of
 from surge.transports.nats import NatsTransport
 from surge.transports.nats._consumer import Consumer
 from surge.transports.nats._groups import Group, Hold
@@ -265,6 +266,61 @@ async def test_deleted_consumer_is_declared_again(tmp_path: Path, nats_log: _Log
             await asyncio.wait_for(back.wait(), 10)
             await app.publish(Numbered(n=5))
             assert await asyncio.wait_for(got, 10) == 5
+
+
+async def test_a_consumer_declared_again_holds_up_no_other(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A partition whose consumer answers pulls with 503 (gone, or its
+    leader dead with a cluster node and another not elected yet) is declared
+    again in the background: its declare, which waits out an election, does
+    not hold up the pulls of the group's other consumers. Here partition 0's
+    consumer is deleted and its declare hangs; partition 1's events still
+    come (before: nothing did; the NATS cluster test handled nothing for 10 s
+    after the stream leader's node died, every pull waiting on one declare)."""
+    with nats_server(tmp_path) as srv:
+        t = NatsTransport(f"{srv.url}?stream=stuck", partitions=2)
+        await t.start()
+        await t.declare("g", [Numbered.__topic__])
+        batches = t.consume("g", prefetch=10)
+        try:
+            first = asyncio.ensure_future(anext(batches))
+            await _owning(t, {0, 1})
+            p0 = partition_durable(consumer_name("g"), 0)
+            hung = asyncio.Event()
+            declare = t._conn.js.add_consumer
+
+            async def add_consumer(stream: str, config: Any, **kw: Any) -> Any:
+                if config.name == p0:
+                    hung.set()
+                    await asyncio.Event().wait()
+                return await declare(stream, config, **kw)
+
+            monkeypatch.setattr(t._conn.js, "add_consumer", add_consumer)
+            async with _jetstream(srv.url) as js:
+                await js.delete_consumer("stuck", p0)
+            keys = {partition_of(f"k{i}", 2): f"k{i}" for i in range(20)}
+            await t.publish(
+                [
+                    surge.Envelope(
+                        surge.new_id(), Numbered.__topic__, keys[0], 0.0, None, Numbered(n=0)
+                    )
+                ]
+            )  # its pull: 503, then the declare that hangs
+            await asyncio.wait_for(hung.wait(), 10)
+            await t.publish(
+                [
+                    surge.Envelope(
+                        surge.new_id(), Numbered.__topic__, keys[1], 0.0, None, Numbered(n=1)
+                    )
+                ]
+            )
+            got = await asyncio.wait_for(first, 10)
+            assert [_number(d) for d in got] == [1]
+            await t.ack(got)
+        finally:
+            await batches.aclose()  # type: ignore[attr-defined]
+            await t.close()
 
 
 async def test_workers_share_a_group(tmp_path: Path) -> None:

@@ -82,6 +82,7 @@ class Consumer:
         self._touched = touched
         self._groups: dict[str, Group] = {}
         self._keeper: asyncio.Task[None] | None = None
+        self._redeclaring: dict[str, asyncio.Task[None]] = {}  # durable -> its declare
 
     # --- groups ----------------------------------------------------------------------
     def get(self, name: str) -> Group | None:
@@ -323,8 +324,8 @@ class Consumer:
 
     async def _pull_from(self, nc: Client, g: Group, src: Source, share: int = 0) -> None:
         if src.recreate:
-            await self._ensure_consumer(g, src)
-            log.warning("consumer %s was gone from the server; declared it again", src.durable)
+            self._redeclare(g, src)
+            return
         if src.part is None:
             if g.sub is None:
                 return
@@ -355,6 +356,37 @@ class Consumer:
             f"$JS.API.CONSUMER.MSG.NEXT.{self._stream}.{src.durable}",
             json.dumps(request).encode(),
             reply=inbox,
+        )
+
+    def _redeclare(self, g: Group, src: Source) -> None:
+        """Declare ``src``'s consumer again, in the background; it is not
+        pulled meanwhile. Its pull was answered 503 (no responders: the
+        consumer is gone, or its leader died with a cluster node and another
+        is being elected) or said it was deleted. The declare waits out an
+        election, which must not hold up the pulls of the group's other
+        consumers, whose leaders live (before: the NATS cluster test handled
+        nothing for 10 s after the stream leader's node was killed, every
+        partition waiting on two 5 s declares of one consumer)."""
+        task = self._redeclaring.get(src.durable)
+        if task is not None and not task.done():
+            return
+
+        async def redeclare() -> None:
+            try:
+                await self._ensure_consumer(g, src)
+            except Exception as exc:  # said; tried again at the next pull
+                g.errors += 1
+                log.warning("declaring consumer %s again failed: %r; retrying", src.durable, exc)
+            else:
+                log.warning(
+                    "consumer %s did not answer a pull (gone, or its leader being elected); "
+                    "declared it again",
+                    src.durable,
+                )
+            g.wake()
+
+        self._redeclaring[src.durable] = asyncio.get_running_loop().create_task(
+            redeclare(), name=f"surge-nats-redeclare-{src.durable}"
         )
 
     async def _on_delivery(self, g: Group, msg: Msg) -> None:
@@ -672,6 +704,11 @@ class Consumer:
         """After the hand-over (the connection is closing): wake the consume
         loops, delete the ephemeral consumers (each bounded), forget the groups."""
         await self.stop()
+        redeclaring = list(self._redeclaring.values())
+        self._redeclaring.clear()
+        for task in redeclaring:
+            task.cancel()
+        await ended(redeclaring, "redeclaring")
         self._released.forget()
         for g in self._groups.values():
             g.wake()
