@@ -563,19 +563,28 @@ class Consumer:
         return g
 
     async def ack(self, deliveries: Sequence[Delivery]) -> None:
-        last: Group | None = None
+        """``+ACK`` each, then delete the hand-back counts of those that had
+        one, all at once. The acks go first: a count's delete is a round
+        trip, and waiting for each before the next ack left handled
+        deliveries unacknowledged for as long (the keyed crash test: a
+        worker that had just taken over two partitions, 317 redeliveries
+        with counts, handled 154 of them and acked a few before its kill,
+        so 154 were handled again elsewhere)."""
         released = self._released
+        groups: dict[str, Group] = {}
+        counted: list[str] = []
         with CancelGuard():
             for d in deliveries:
                 g = self._settled(d)
+                if g is not None:
+                    groups[g.name] = g
                 await self._conn.ack(d.token)
                 if released.has(d.token):
-                    await released.settled(d.token)
-                if g is not last and last is not None:
-                    last.wake()
-                last = g
-        if last is not None:
-            last.wake()
+                    counted.append(d.token)
+            for g in groups.values():
+                g.wake()
+            if counted:
+                await asyncio.gather(*(released.settled(t) for t in counted))
 
     async def nack(self, delivery: Delivery, delay: float) -> None:
         g = self._settled(delivery)
