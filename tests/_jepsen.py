@@ -472,7 +472,8 @@ async def kill_workers(
     held: 22-32 cuts a run, against 6-12; the nats keyed crash test broke
     per-key order so in 2 of 10 runs before the NATS takeover waited for
     the previous owner's pull and deliveries, 1 of 14 after, 1 of 8 once a
-    given-back hold's open pull followed it: see
+    given-back hold's open pull followed it, 0 of 61 once the AckWait rule
+    waited for a pull that found nothing: see
     docs/guarantees.md, "NATS JetStream cluster").
 
     Stops early when ``until`` (the producers, say) is done or at ``deadline``.
