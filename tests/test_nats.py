@@ -147,10 +147,15 @@ async def test_publish_nowait_bounded_by_outstanding_acks(tmp_path: Path) -> Non
             await t.close()
 
 
-async def test_publish_fails_when_server_stays_away(tmp_path: Path) -> None:
-    """A publish with no server to ack it raises TransportError after publish_timeout."""
+@pytest.mark.parametrize("in_url", [False, True], ids=["keywords", "url"])
+async def test_publish_fails_when_server_stays_away(tmp_path: Path, in_url: bool) -> None:
+    """A publish with no server to ack it raises TransportError after
+    publish_timeout, given as keywords or in the URL (a worker's only way)."""
     with nats_server(tmp_path) as srv:
-        t = NatsTransport(srv.url, publish_timeout=1.0, ack_timeout=0.2)
+        if in_url:
+            t = NatsTransport(f"{srv.url}?publish_timeout=1&ack_timeout=0.2")
+        else:
+            t = NatsTransport(srv.url, publish_timeout=1.0, ack_timeout=0.2)
         await t.start()
         try:
             await t.declare("g", [Numbered.__topic__])

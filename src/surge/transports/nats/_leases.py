@@ -36,7 +36,15 @@ class Leases:
         self.me = f"{os.getpid()}-{secrets.token_hex(4)}"
         """This consumer's member id (members are ordered by it)."""
         self._kv: Any = None
-        self._kv_js: Any = None  # the JetStream context _kv was opened with
+        self._kv_js: Any = None  # the connection's JetStream context when _kv was opened
+        self._js: Any = None  # the context the bucket's requests go through
+        # A request of the bucket is answered in milliseconds, or not at all
+        # while a cluster elects the bucket's leader: one that waited nats-py's
+        # 5 s was asked again only then, and keyed handling (fenced without a
+        # renewal) waited for it (the stream leader's node killed: 10 s).
+        # Bounded by the lease's own scale, a round asks again as soon as the
+        # bucket has a leader.
+        self.timeout = min(5.0, max(1.0, lease / 2))
         self._revs: dict[str, int] = {}
         self._known: dict[str, set[str]] = {}  # durable -> members seen last
 
@@ -50,25 +58,29 @@ class Leases:
         return member in self._known.get(durable, ())
 
     async def _open(self) -> Any:
-        js = self._conn.js
-        if self._kv is not None and self._kv_js is js:
+        conn_js = self._conn.js
+        if self._kv is not None and self._kv_js is conn_js:
             return self._kv
+        # the bucket made or fixed with the connection's timeouts (placing a
+        # replicated stream can take seconds), used with the short ones
         try:
-            kv = await js.key_value(self.bucket)
+            await conn_js.key_value(self.bucket)
         except nats.js.errors.BucketNotFoundError:
-            kv = await js.create_key_value(
+            await conn_js.create_key_value(
                 bucket=self.bucket,
                 ttl=self._lease,
                 history=1,
                 storage=StorageType.FILE,
                 replicas=self._replicas,
             )
-        info = await js.stream_info(self._kv_stream)
+        info = await conn_js.stream_info(self._kv_stream)
         if info.config.max_age != self._lease:
             info.config.max_age = self._lease
             info.config.duplicate_window = min(self._lease, 120.0)
-            await js.update_stream(info.config)
-        self._kv, self._kv_js = kv, js
+            await conn_js.update_stream(info.config)
+        js = self._js = self._conn.client().jetstream(timeout=self.timeout)
+        kv = await js.key_value(self.bucket)
+        self._kv, self._kv_js = kv, conn_js
         return kv
 
     def _lease_key(self, durable: str, part: int) -> str:
@@ -79,16 +91,14 @@ class Leases:
         kv = await self._open()
         await kv.put(f"m.{durable}.{self.me}", b"")
         prefix = f"{self.prefix}m.{durable}."
-        info = await self._conn.js.stream_info(self._kv_stream, subjects_filter=prefix + "*")
+        info = await self._js.stream_info(self._kv_stream, subjects_filter=prefix + "*")
         members = [s[len(prefix) :] for s in info.state.subjects or ()]
         self._known[durable] = set(members)
         return members
 
     async def leave(self, durable: str) -> None:
         await self._open()
-        await self._conn.js.purge_stream(
-            self._kv_stream, subject=f"{self.prefix}m.{durable}.{self.me}"
-        )
+        await self._js.purge_stream(self._kv_stream, subject=f"{self.prefix}m.{durable}.{self.me}")
 
     async def _mine(self, kv: Any, key: str) -> int | None:
         """The revision of ``key`` if it holds this consumer's lease: a write

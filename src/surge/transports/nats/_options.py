@@ -45,6 +45,8 @@ class NatsOptions:
             "lease": float,
             "dedup_window": float,
             "heartbeat": float,
+            "ack_timeout": float,
+            "publish_timeout": float,
             "max_pending": int,
             "max_deliver": int,
             "max_ack_pending": int,

@@ -48,6 +48,8 @@ class NatsTransport:
 
     Options: ``stream`` (name, and subject prefix), ``lease`` (AckWait, s),
     ``dedup_window`` (s), ``max_pending`` (publish acks outstanding),
+    ``ack_timeout`` (s: a publish not acknowledged within it is sent again),
+    ``publish_timeout`` (s: then it fails with ``TransportError``),
     ``max_deliver``, ``max_ack_pending`` (per consumer, all workers),
     ``heartbeat`` (s, idle heartbeat of pulls), ``max_age`` (s, the
     stream's retention limit; default none), ``partitions`` (of keyed
