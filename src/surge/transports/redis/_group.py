@@ -344,9 +344,12 @@ class Group:
             conn.failed(exc, f"reading {self.name!r}")
         elif isinstance(exc, rexc.ResponseError) and "NOGROUP" in str(exc):
             with contextlib.suppress(TransportError, *CONNECTION_ERRORS):
-                await self._registry.declare(self.keys, self.patterns)
+                names = await self._registry.declare_again()
                 log.warning(
-                    "redis: group %r was gone from the broker; declared it again", self.name
+                    "redis: group %r was gone from the broker (restarted without persistence?); "
+                    "declared this process's groups again: %s",
+                    self.name,
+                    ", ".join(repr(n) for n in names),
                 )
         elif isinstance(exc, rexc.RedisError):
             conn.failed(exc, f"reading {self.name!r}")

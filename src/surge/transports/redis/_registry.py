@@ -52,6 +52,7 @@ class Registry:
         "_alive_ms",
         "_asked",
         "_conn",
+        "_declared",
         "_groups",
         "_keyed_routes",
         "_parts",
@@ -70,6 +71,9 @@ class Registry:
         self._asked = options.partitions
         self.partitions = partitions
         self._groups: dict[str, list[str]] = {}
+        # the groups declared through this copy, to declare again at once
+        # when the broker lost them (restarted without persistence)
+        self._declared: dict[str, tuple[GroupKeys, list[str]]] = {}
         self._parts: dict[str, int] = {}  # group -> its partitions (0: none)
         self._version = b""
         self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -157,7 +161,19 @@ class Registry:
                 await self.raise_copies(range(self.partitions), version)
         except Exception as exc:
             raise self._conn.error(exc, f"declaring {keys.name!r}") from exc
+        self._declared[keys.name] = (keys, list(patterns))
         await self.load()
+
+    async def declare_again(self) -> list[str]:
+        """Declare every group declared here again (the broker lost them: one
+        read found its group gone); their names. All at once, so that a
+        publish right after routes to each of them, not only to the group
+        that noticed first (CI: an event published once one group was back
+        never reached the other, whose read was still backing off)."""
+        declared = list(self._declared.values())
+        for keys, patterns in declared:
+            await self.declare(keys, patterns)
+        return [keys.name for keys, _ in declared]
 
     async def raise_copies(
         self, parts: Iterable[int], version: bytes | str, *, force: bool = False
@@ -191,6 +207,7 @@ class Registry:
 
     async def drop(self, keys: GroupKeys) -> None:
         """Delete an inbox and what it holds (at close)."""
+        self._declared.pop(keys.name, None)
         pipe = self._conn.node().pipeline(transaction=True)
         pipe.hdel(self.keys.registry, keys.name)
         pipe.incr(self.keys.version)
