@@ -31,6 +31,7 @@ from surge._codec import JsonCodec
 from surge._transport import capabilities_of
 from surge.transports._partitions import partition_of
 from surge.transports.nats import NatsTransport
+from surge.transports.nats._balancer import Balancer
 from surge.transports.nats._consumer import Consumer
 from surge.transports.nats._groups import Group, Hold
 from surge.transports.nats._layout import Layout, consumer_name, partition_durable
@@ -311,7 +312,7 @@ async def test_a_consumer_declared_again_holds_up_no_other(
                         surge.new_id(), Numbered.__topic__, keys[0], 0.0, None, Numbered(n=0)
                     )
                 ]
-            )  # its pull: 503, then the declare that hangs
+            )  # routed nowhere (its consumer is gone); its pulls: 409/503, the declare hangs
             await asyncio.wait_for(hung.wait(), 10)
             await t.publish(
                 [
@@ -918,6 +919,87 @@ async def test_a_partition_given_up_while_held_starts_nothing_its_open_pull_brin
     assert not g.buffer
     assert g.returning == [reply(1), reply(2), reply(3)]
     assert g.returnable() == [reply(1), reply(2), reply(3)]
+
+
+async def test_the_ack_wait_rule_ends_a_hold_only_after_a_pull_that_found_none_queued() -> None:
+    """A hold with deliveries pending elsewhere past one AckWait ends by the
+    rule only once a pull showed no redelivery queued on the server: one
+    that came back short (any time after an AckWait), or one that brought a
+    first delivery (after two: the server's redelivery timer may be up to an
+    AckWait late). A pull that filled its batch with redeliveries shows
+    nothing: more may be queued behind it (before df8c55d such a pull ended
+    the hold, and the rest came after newer events: 45 queued in a crash
+    run)."""
+    lease = 2.0
+    since = 1000.0
+    info = SimpleNamespace(
+        delivered=SimpleNamespace(consumer_seq=100), num_ack_pending=50, num_waiting=0, cluster=None
+    )
+
+    class JetStream:
+        async def consumer_info(self, stream: str, durable: str) -> Any:
+            return info
+
+    class NoneHandedBack:
+        async def times(self, token: str) -> int:
+            return 0
+
+    options = NatsOptions(stream="s", lease=lease)
+    consumer = Consumer(
+        cast(Any, None),
+        Layout("s"),
+        options,
+        RealClock(),
+        JsonCodec(),
+        cast(Any, None),
+        cast(Any, NoneHandedBack()),
+        touched=lambda: None,
+    )
+    balancer = Balancer(
+        cast(Any, SimpleNamespace(js=JetStream())),
+        cast(Any, None),
+        options,
+        RealClock(),
+        cast(Any, None),
+    )
+
+    def held_group() -> tuple[Group, Any]:
+        g = consumer._groups["g"] = Group("g", False, 1)
+        assert g.own is not None
+        g.consuming = True
+        g.own.acquired([0])
+        src = g.parts[0]
+        src.cseq = 0
+        src.hold = Hold(since, None)
+        return g, src
+
+    async def pull(g: Group, src: Any, sent: float, *deliveries: tuple[int, int]) -> None:
+        """A pull asked for at ``sent`` that brings ``(number, delivered)``s and fills."""
+        src.pull_sent, src.outstanding = sent, len(deliveries)
+        for n, delivered in deliveries:
+            reply = f"$JS.ACK.s.{src.durable}.{delivered}.{n}.{n}.0.0"
+            msg = SimpleNamespace(reply=reply, subject="s_k.0.t", data=b"not an envelope")
+            await consumer._on_delivery(g, cast(Any, msg))
+        await balancer._check_holds(g)
+
+    g, src = held_group()
+    await pull(g, src, since + 0.5, (1, 2), (2, 2))  # redeliveries, within an AckWait
+    await pull(g, src, since + lease + 0.1, (3, 2), (4, 2))  # redeliveries, full: no proof
+    assert src.hold is not None
+    await pull(g, src, since + lease + 0.2, (5, 1))  # a first delivery, one AckWait on
+    assert src.hold is not None
+    await pull(g, src, since + 2 * lease + 0.1, (6, 1))  # and two AckWaits on: none queued
+    assert src.hold is None
+    assert [d.token.split(".")[5] for d in g.buffer] == ["1", "2", "3", "4", "5", "6"]
+
+    g, src = held_group()
+    await pull(g, src, since + lease + 0.1, (1, 2), (2, 2))
+    assert src.hold is not None
+    src.pull_sent, src.outstanding = since + lease + 0.2, 4
+    consumer._on_status(g, src, {"Status": "408", "Nats-Pending-Messages": "4"})  # came back short
+    await balancer._check_holds(g)
+    assert src.hold is None
+    assert [d.token.split(".")[5] for d in g.buffer] == ["1", "2"]
 
 
 async def test_a_takeover_waits_out_a_retry_pending_elsewhere_for_one_ack_wait(

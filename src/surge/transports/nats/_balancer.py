@@ -54,7 +54,12 @@ outstanding when the new owner starts pulling. Hence:
   new, so only such a pull says none is left queued on the server; one
   that filled its batch may have left expired deliveries of the previous
   owner queued behind it, older than what the hold kept, and ending the
-  hold then broke order: 45 queued in a crash run.) That retried event may come after later
+  hold then broke order: 45 queued in a crash run.) Under a backlog every
+  pull fills, so a pull that brought a first delivery (none was queued
+  when the server served it) counts too, once it was asked for a second
+  AckWait later: that margin covers the server's redelivery timer running
+  up to an AckWait late, and bounds such a hold at about two AckWaits
+  rather than ``max_ack_pending`` deliveries. That retried event may come after later
   ones of its key, as a retry may on one owner. That bound stands because
   an owner whose lease may have lapsed (2/3 of a lease after its last
   renewal was sent: ``Consumer.fenced``) neither pulls the partition nor
@@ -313,7 +318,10 @@ class Balancer:
                     len(hold.items),
                 )
                 g.end_hold(src)
-            elif src.pull_dry >= hold.since + self._lease:
+            elif (
+                src.pull_dry >= hold.since + self._lease
+                or src.pull_fresh >= hold.since + 2 * self._lease
+            ):
                 log.info(
                     "%s: %d deliveries of %s still pending elsewhere after its AckWait: "
                     "taken for NAKs with a delay; handing out what was held",

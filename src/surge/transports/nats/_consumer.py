@@ -400,6 +400,8 @@ class Consumer:
         src.last_seen = self._clock.monotonic()
         if src.part is not None and g.consuming and g.own is not None and src.part in g.own.owned:
             g.follow(src, cseq, src.last_seen)
+            if delivered == 1 and src.outstanding:
+                src.pull_fresh = src.pull_sent
         src.stalled = False
         g.errors = 0
         self._touched()
@@ -653,11 +655,16 @@ class Consumer:
                             await self._conn.send(reply, b"+WPI")
 
     async def stop(self) -> None:
-        """Stop extending leases."""
+        """Stop extending leases and declaring consumers again."""
         keeper, self._keeper = self._keeper, None
         if keeper is not None:
             keeper.cancel()
             await ended([keeper], "lease keeping")
+        redeclaring = list(self._redeclaring.values())
+        self._redeclaring.clear()
+        for task in redeclaring:
+            task.cancel()
+        await ended(redeclaring, "redeclaring")
 
     # --- state -----------------------------------------------------------------------
     @property
@@ -713,11 +720,6 @@ class Consumer:
         """After the hand-over (the connection is closing): wake the consume
         loops, delete the ephemeral consumers (each bounded), forget the groups."""
         await self.stop()
-        redeclaring = list(self._redeclaring.values())
-        self._redeclaring.clear()
-        for task in redeclaring:
-            task.cancel()
-        await ended(redeclaring, "redeclaring")
         self._released.forget()
         for g in self._groups.values():
             g.wake()

@@ -74,6 +74,7 @@ class Source:
         "outstanding",
         "part",
         "pull_dry",
+        "pull_fresh",
         "pull_sent",
         "recreate",
         "stalled",
@@ -101,6 +102,10 @@ class Source:
         # asked for: the consumer had nothing left for it then, no
         # redelivery either (JetStream serves those first)
         self.pull_dry = 0.0
+        # when the last pull that brought a first delivery was asked for: no
+        # redelivery was queued when the server served it (it serves those
+        # first), if its redelivery timer was on time
+        self.pull_fresh = 0.0
         self.last_seen = 0.0
         self.stalled = False
         self.recreate = False

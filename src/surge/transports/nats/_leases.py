@@ -147,6 +147,12 @@ class Leases:
             except (nats.js.errors.KeyWrongLastSequenceError, nats.js.errors.APIError):
                 rev = await self._mine(kv, key)
                 continue
+            except BaseException:
+                # unanswered (a timeout, an election): still ours as far as
+                # we know; the next round renews from the same revision, or
+                # finds it moved (a write whose answer was lost) and looks
+                self._revs.setdefault(key, rev)
+                raise
             return True
         return False
 

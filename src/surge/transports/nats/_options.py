@@ -67,8 +67,13 @@ class NatsOptions:
             raise ConfigurationError(
                 f"stream name {options.stream!r}: use letters, digits, _ and -"
             )
-        if options.lease <= 0 or options.heartbeat <= 0 or options.max_pending < 1:
-            raise ConfigurationError("lease, heartbeat and max_pending must be positive")
+        if (
+            min(options.lease, options.heartbeat, options.ack_timeout, options.publish_timeout) <= 0
+            or options.max_pending < 1
+        ):
+            raise ConfigurationError(
+                "lease, heartbeat, ack_timeout, publish_timeout and max_pending must be positive"
+            )
         if not 1 <= options.replicas <= 5:
             raise ConfigurationError("replicas must be 1 to 5 (JetStream's limit)")
         if options.partitions is not None and options.partitions < 1:

@@ -10,6 +10,7 @@ process to start delete the inboxes of processes that died.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
@@ -49,6 +50,7 @@ class Registry:
     """
 
     __slots__ = (
+        "_again",
         "_alive_ms",
         "_asked",
         "_conn",
@@ -74,6 +76,7 @@ class Registry:
         # the groups declared through this copy, to declare again at once
         # when the broker lost them (restarted without persistence)
         self._declared: dict[str, tuple[GroupKeys, list[str]]] = {}
+        self._again: asyncio.Future[list[str]] | None = None  # declare_again in flight
         self._parts: dict[str, int] = {}  # group -> its partitions (0: none)
         self._version = b""
         self._routes: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
@@ -170,9 +173,24 @@ class Registry:
         publish right after routes to each of them, not only to the group
         that noticed first (CI: an event published once one group was back
         never reached the other, whose read was still backing off)."""
+        again = self._again
+        if again is None or again.done():
+            # one for every group that noticed at once, not one each
+            again = self._again = asyncio.ensure_future(self._declare_all())
+            # retrieved even when every caller was cancelled meanwhile
+            again.add_done_callback(lambda f: f.cancelled() or f.exception())
+        return await asyncio.shield(again)
+
+    async def _declare_all(self) -> list[str]:
         declared = list(self._declared.values())
+        failed: list[Exception] = []
         for keys, patterns in declared:
-            await self.declare(keys, patterns)
+            try:
+                await self.declare(keys, patterns)
+            except Exception as exc:  # the others all the same; the first raised after
+                failed.append(exc)
+        if failed:
+            raise failed[0]
         return [keys.name for keys, _ in declared]
 
     async def raise_copies(
