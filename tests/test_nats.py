@@ -1097,6 +1097,35 @@ async def test_a_close_cut_short_still_closes_the_connection(
         assert nc.is_closed
 
 
+async def test_a_lease_renewal_left_unanswered_keeps_the_lease(tmp_path: Path) -> None:
+    """A renewal that times out (a cluster electing the bucket's leader)
+    raises, and the next renews from the revision it had: the lease is
+    still this process's. Before, the revision was dropped with the error,
+    and the next round took the lease for lost and fenced its deliveries."""
+    with nats_server(tmp_path) as srv:
+        a = await _partitioned(f"{srv.url}?stream=unanswered", "a")
+        try:
+            leases = a._leases
+            assert await leases.acquire("d", 0)
+            kv = await leases._open()
+            update = kv.update
+            calls: list[int] = []
+
+            async def unanswered(key: str, value: bytes, last: int | None = None) -> int:
+                calls.append(1)
+                if len(calls) == 1:
+                    raise nats.errors.TimeoutError
+                return int(await update(key, value, last=last))
+
+            kv.update = unanswered
+            with pytest.raises(nats.errors.TimeoutError):
+                await leases.renew("d", 0)
+            assert await leases.renew("d", 0)
+            assert (await kv.get("l.d.0")).value == b"a"
+        finally:
+            await a.close()
+
+
 async def test_a_lease_expiring_inside_create_is_taken(tmp_path: Path) -> None:
     """A partition lease that expires between nats-py's refused create and
     its look-up of the key (which then raises KeyNotFoundError) is free:
