@@ -276,9 +276,12 @@ class Balancer:
         consumer made is settled or here, and no other pull waits on it), or
         that has waited out an AckWait of the consumer's leader and then a
         pull that found nothing left to give (it expired before its batch
-        was full): what is still pending elsewhere then can only be a NAK with a
-        delay (a retry, a ``not_before``), which may come after later events
-        of its key. A partition being given up hands its hold's back."""
+        was full), or two AckWaits and then a pull that brought a first
+        delivery (JetStream serves expired deliveries before new ones, and
+        under a steady backlog every pull fills): what is still pending
+        elsewhere then can only be a NAK with a delay (a retry, a
+        ``not_before``), which may come after later events of its key. A
+        partition being given up hands its hold's back."""
         own = g.own
         assert own is not None
         for src in g.parts:
