@@ -184,3 +184,36 @@ async def test_groups_of_other_processes_count_as_receivers(kind: str, tmp_path:
     async with _shop(url, seen) as worker:
         await worker.drain()
     assert sorted(seen) == [1, 2]
+
+
+async def test_a_reply_that_only_its_requester_receives_is_not_unroutable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A handler answering a request with an event no group receives: the
+    requester gets it, and it is neither counted nor warned as dropped, nor
+    refused under mandatory=True (http_bench's reply route warned that its
+    replies were dropped while every request got its answer). Its output of
+    another topic nobody receives still is."""
+    for mandatory in (False, True):
+        caplog.clear()
+        app = surge.App("shop", mandatory=mandatory, retry=surge.Retry(attempts=1))
+
+        @app.on(Ordered)
+        async def ship(ev: Ordered) -> Shipped:
+            return Shipped(n=ev.n)
+
+        async with app:
+            with caplog.at_level(logging.WARNING, logger="surge"):
+                reply = await app.request(Ordered(n=5), expect=Shipped, timeout=5)
+                await app.drain()
+            assert reply == Shipped(n=5)
+            assert app.statistics().unroutable == {}
+            assert await app.dead_letters() == []
+        assert not [r for r in caplog.records if "shop.shipped" in r.getMessage()]
+        if not mandatory:
+            # the same output without a request waiting for it is dropped
+            async with app:
+                with caplog.at_level(logging.WARNING, logger="surge"):
+                    await app.publish(Ordered(n=6))
+                    await app.drain()
+            assert app.statistics().unroutable == {"shop.shipped": 1}

@@ -988,22 +988,36 @@ class App:
                 mw.before_publish(env)
         if mandatory is None:
             mandatory = self.mandatory
+        # A reply reaches its requester whoever else receives its topic: it
+        # is neither unroutable nor refused as such.
+        replies = [
+            env
+            for env in envs
+            if (h := env.headers) is not None
+            and h.get("surge-expect") == env.topic
+            and h.get("surge-reply-to")
+        ]
         routed = self._routing.routed
-        for env in envs:
+        if replies:
+            answered = {id(env) for env in replies}
+            checked = [env for env in envs if id(env) not in answered]
+        else:
+            checked = envs
+        for env in checked:
             if env.topic not in routed or (mandatory and self._routing.blind):
-                await self._check_routes(envs, mandatory)
+                await self._check_routes(checked, mandatory)
                 break
         extra: list[Envelope] = []
-        for env in envs:
+        for env in replies:
             h = env.headers
-            if h is not None and h.get("surge-expect") == env.topic:
-                reply_to = h.get("surge-reply-to")
-                if reply_to == self._inbox:
-                    self._resolve(env)
-                elif reply_to:
-                    extra.append(
-                        Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event)
-                    )
+            assert h is not None
+            reply_to = h["surge-reply-to"]
+            if reply_to == self._inbox:
+                self._resolve(env)
+            else:
+                extra.append(
+                    Envelope(derive_id(env.id, "reply"), reply_to, None, env.time, h, env.event)
+                )
         await self._publish(envs + extra if extra else envs)
         if self._observer is not None:
             self._observer.published(envs)
