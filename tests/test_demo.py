@@ -229,3 +229,19 @@ def test_demo_command_drives_http_and_writes_the_chart(tmp_path: Path) -> None:
     assert "lost: 0" in result.output
     assert str(chart) in result.output.replace("\n", "")
     assert chart.exists()
+
+
+@pytest.mark.realtime
+def test_demo_command_takes_the_ingress_target_latency(tmp_path: Path) -> None:
+    """`surge demo --target-latency S` runs the ingress's admission at that
+    target (the report says it); it is refused with --in-process, which has
+    no ingress, and when not positive."""
+    chart = tmp_path / "demo.html"
+    args = ["demo", "-n", "500", "-c", "20", "--no-progress", "--report", str(chart)]
+    result = CliRunner().invoke(main, [*args, "--target-latency", "0.05"])
+    assert result.exit_code == 0, result.output
+    assert "target 50.0 ms" in result.output
+    assert "lost: 0" in result.output
+    for bad in (["--in-process", "--target-latency", "0.1"], ["--target-latency", "0"]):
+        refused = CliRunner().invoke(main, ["demo", "-n", "10", "--no-progress", *bad])
+        assert refused.exit_code == 2, refused.output

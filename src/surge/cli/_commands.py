@@ -419,6 +419,13 @@ def _bind_error(exc: OSError, address: tuple[str, int], admin: tuple[str, int] |
     show_default=True,
     help="Producer coroutines (with --in-process).",
 )
+@click.option(
+    "--target-latency",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Queueing delay (seconds) the ingress admits up to [0.25]: lower sheds more "
+    "and ships sooner.",
+)
 @click.option("--transport", "-t", metavar="URL", default="memory://", show_default=True)
 @click.option("--progress/--no-progress", default=True, help="Show the live progress bars.")
 def demo(
@@ -428,6 +435,7 @@ def demo(
     report_path: pathlib.Path,
     in_process: bool,
     producers: int,
+    target_latency: float | None,
     transport: str,
     progress: bool,
 ) -> None:
@@ -436,6 +444,8 @@ def demo(
     real sockets, and report requests/s, latency, status codes and whether
     every accepted order was handled exactly once. --in-process floods it
     from coroutines in its own process instead."""
+    if in_process and target_latency is not None:
+        raise click.UsageError("--target-latency is the HTTP ingress's: not with --in-process")
     try:
         if in_process:
             from ..tools import run_demo
@@ -456,6 +466,7 @@ def demo(
                 chart=report_path,
                 progress=progress,
                 client=client,
+                target_latency=target_latency,
             ).ok
     except SurgeError as exc:
         raise _failed(exc) from None

@@ -140,15 +140,20 @@ async def http_demo(
     timeout: float = 30.0,
     client: str = "process",
     max_in_flight: int | None = None,
+    target_latency: float | None = None,
 ) -> HttpDemoReport:
     """Serve the shop app's ingress on 127.0.0.1 (a free port) and send it
     ``requests`` orders from ``concurrency`` keep-alive connections; what was
     measured. ``chart``: where to write the latency-over-time chart (HTML);
     ``client``: ``"process"`` or ``"loop"`` (where the load generator runs);
     ``max_in_flight``: the ingress's admission bound (by default at least
-    ``concurrency``, so nothing is refused)."""
+    ``concurrency``, so nothing is refused); ``target_latency``: the
+    queueing delay admission aims at (seconds; by default ``Limits``'s,
+    0.25 s): lower sheds more and ships sooner (BENCHMARKS.md)."""
     if requests < 1 or concurrency < 1:
         raise ValueError("requests and concurrency must be at least 1")
+    if target_latency is not None and not target_latency > 0:
+        raise ValueError("target_latency must be positive")
     if client not in MODES:
         raise ValueError(f"client must be one of {sorted(MODES)}, not {client!r}")
     console = console or Console(stderr=True)
@@ -167,6 +172,7 @@ async def http_demo(
             timeout,
             client,
             max_in_flight or max(1000, concurrency),
+            target_latency,
         )
     finally:
         surge_log.setLevel(level)
@@ -183,6 +189,7 @@ async def _http_demo(
     timeout: float,
     client: str,
     max_in_flight: int,
+    target_latency: float | None,
 ) -> HttpDemoReport:
     from ..http import Limits, Server
     from ._chart import write_chart
@@ -287,6 +294,8 @@ async def _http_demo(
     # Admit every connection the generator opens; a 503 (past max_in_flight)
     # is counted as refused, never as lost.
     limits = Limits(max_in_flight=max_in_flight, max_connections=concurrency + 256)
+    if target_latency is not None:
+        limits = msgspec.structs.replace(limits, target_latency=target_latency)
     async with app, Server(app, "127.0.0.1", 0, limits=limits) as server:
         drainable = app.capabilities.idle is not None  # App.drain needs IdleAware
         url = f"{server.url}/orders"
@@ -456,6 +465,7 @@ def run_http_demo(
     console: Console | None = None,
     progress: bool = True,
     client: str = "process",
+    target_latency: float | None = None,
 ) -> HttpDemoReport:
     """Run :func:`http_demo` on a new loop and print its report."""
     from .._app import run_loop
@@ -472,6 +482,7 @@ def run_http_demo(
             progress=progress,
             chart=chart,
             client=client,
+            target_latency=target_latency,
         )
     )
     print_http_report(report, console)
