@@ -1002,6 +1002,40 @@ async def test_the_ack_wait_rule_ends_a_hold_only_after_a_pull_that_found_none_q
     assert [d.token.split(".")[5] for d in g.buffer] == ["1", "2"]
 
 
+async def test_a_late_status_of_a_pull_given_up_does_not_count_for_the_next() -> None:
+    """A partition's pull answers on a reply subject of its own
+    (``<inbox>.<partition>.<pull number>``): a 408 of a pull that the
+    silence check gave up on, come late, neither ends the next pull's
+    credit nor counts as that pull finding nothing queued (the AckWait rule
+    of a hold); the next pull's own 408 does."""
+    consumer = Consumer(
+        cast(Any, None),
+        Layout("s"),
+        NatsOptions(stream="s", lease=2.0),
+        RealClock(),
+        JsonCodec(),
+        cast(Any, None),
+        cast(Any, None),
+        touched=lambda: None,
+    )
+    g = consumer._groups["g"] = Group("g", False, 1)
+    g.inbox = "_INBOX.test"
+    src = g.parts[0]
+    on_msg = consumer._on_msg(g, {f"{g.inbox}.{src.token}": src})
+
+    def status(pull: int, code: str, pending: int) -> Any:
+        headers = {"Status": code, "Nats-Pending-Messages": str(pending)}
+        return SimpleNamespace(reply="", subject=f"{g.inbox}.0.{pull}", headers=headers)
+
+    src.pull_no, src.pull_sent, src.outstanding = 1, 10.0, 4
+    src.outstanding = 0  # the silence check gave the first pull up
+    src.pull_no, src.pull_sent, src.outstanding = 2, 20.0, 4  # and pulled again
+    await on_msg(status(1, "408", 4))  # the first pull's expiry, late
+    assert (src.outstanding, src.pull_dry) == (4, 0.0)
+    await on_msg(status(2, "408", 4))  # the current one's
+    assert (src.outstanding, src.pull_dry) == (0, 20.0)
+
+
 async def test_a_takeover_waits_out_a_retry_pending_elsewhere_for_one_ack_wait(
     tmp_path: Path,
 ) -> None:

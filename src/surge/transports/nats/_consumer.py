@@ -214,9 +214,9 @@ class Consumer:
         try:
             # A message names its consumer in its ack subject; a status
             # message (heartbeat, expiry) comes on the reply subject of the
-            # pull it ends: ``<inbox>.<partition>`` for partitions. Those
-            # stay subscribed until close: a partition is handed over only
-            # once its last pull has ended.
+            # pull it ends: ``<inbox>.<partition>.<pull number>`` for
+            # partitions. Those stay subscribed until close: a partition is
+            # handed over only once its last pull has ended.
             inbox = nc.new_inbox()
             g.sub = await nc.subscribe(
                 inbox, cb=self._on_msg(g, {inbox: g.shared}), pending_msgs_limit=-1
@@ -225,7 +225,7 @@ class Consumer:
                 g.inbox = nc.new_inbox()
                 sources = {f"{g.inbox}.{src.token}": src for src in g.parts}
                 g.psub = await nc.subscribe(
-                    g.inbox + ".*", cb=self._on_msg(g, sources), pending_msgs_limit=-1
+                    g.inbox + ".*.*", cb=self._on_msg(g, sources), pending_msgs_limit=-1
                 )
         except nats.errors.Error as exc:
             raise translate(exc, f"consuming {group!r}") from exc
@@ -278,11 +278,22 @@ class Consumer:
             if msg.reply:
                 await self._on_delivery(g, msg)
                 return
-            src = by_reply.get(msg.subject)
-            if src is not None:
-                src.last_seen = self._clock.monotonic()
-                src.stalled = False
-                self._on_status(g, src, msg.headers or {})
+            subject, pull = msg.subject, None
+            src = by_reply.get(subject)
+            if src is None:  # a partition's pull: <inbox>.<partition>.<pull number>
+                subject, _, pull = subject.rpartition(".")
+                src = by_reply.get(subject)
+            if src is None:
+                return
+            if pull is not None and pull != str(src.pull_no):
+                # The status of a pull the silence check gave up on, come
+                # late: it says nothing of the current pull (a 408 of it
+                # would count as the current one's finding nothing queued).
+                log.debug("%s: a status of an earlier pull of %s: ignored", g.name, src.durable)
+                return
+            src.last_seen = self._clock.monotonic()
+            src.stalled = False
+            self._on_status(g, src, msg.headers or {})
 
         return on_msg
 
@@ -348,7 +359,8 @@ class Consumer:
             if free <= 0:
                 return
             request = {"batch": free, "expires": int(self._part_expires * 1e9)}
-            inbox = f"{g.inbox}.{src.token}"
+            src.pull_no += 1
+            inbox = f"{g.inbox}.{src.token}.{src.pull_no}"
         if not src.outstanding:
             src.last_seen = src.pull_sent = self._clock.monotonic()  # silence counts from this pull
         src.outstanding += free

@@ -75,6 +75,7 @@ class Source:
         "part",
         "pull_dry",
         "pull_fresh",
+        "pull_no",
         "pull_sent",
         "recreate",
         "stalled",
@@ -98,6 +99,10 @@ class Source:
         # goes back too, after it.
         self.given_back = False
         self.pull_sent = 0.0  # when the last pull was asked for (monotonic)
+        # A partition's: the number of its last pull, the last token of that
+        # pull's reply subject, so that the status of a pull given up (the
+        # silence check) is told from the current one's
+        self.pull_no = 0
         # when the last pull that expired before its batch was full was
         # asked for: the consumer had nothing left for it then, no
         # redelivery either (JetStream serves those first)
