@@ -47,6 +47,7 @@ class Options:
     max_pending: int
     maintenance: float
     partitions: int
+    wakeups: bool
     codec: Codec
 
     @classmethod
@@ -84,6 +85,13 @@ class Options:
         max_pending = int(_number(opts, "max_pending", 10_000, least=1))
         maintenance = _number(opts, "maintenance", 1.0, least=0.001)
         partitions = int(_number(opts, "partitions", DEFAULT_PARTITIONS, least=1))
+        wakeups = opts.pop("wakeups", True)
+        if isinstance(wakeups, str):
+            if wakeups.lower() not in ("true", "false", "1", "0", "on", "off"):
+                raise ConfigurationError(f"sqlite wakeups={wakeups!r}: use true or false")
+            wakeups = wakeups.lower() in ("true", "1", "on")
+        elif not isinstance(wakeups, bool):
+            raise ConfigurationError(f"sqlite wakeups={wakeups!r}: use true or false")
         codec = opts.pop("codec", None)
         if opts:
             raise ConfigurationError(f"unknown sqlite options: {sorted(opts)}")
@@ -101,6 +109,7 @@ class Options:
             max_pending=max_pending,
             maintenance=maintenance,
             partitions=partitions,
+            wakeups=wakeups,
             codec=codec if isinstance(codec, Codec) else MsgpackCodec(),
         )
 

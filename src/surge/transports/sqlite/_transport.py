@@ -41,6 +41,7 @@ from ._leases import Consumer, Lease, Leases
 from ._options import Options
 from ._ownership import Member
 from ._thread import DatabaseThread
+from ._wakeups import Wakeups
 
 __all__ = ("SqliteTransport",)
 
@@ -106,6 +107,8 @@ class SqliteTransport:
         self._checkpoints: deque[tuple[float, int]] = deque()
         self._batch_rows: list[Row] = []
         self._batch_waiters: list[asyncio.Future[Any]] = []
+        # other processes' commits wake this one's consumers (_wakeups.py)
+        self._wakeups = Wakeups(str(opts.path))
 
     @property
     def transactions(self) -> int:
@@ -171,6 +174,7 @@ class SqliteTransport:
 
     async def _stop_tasks(self) -> None:
         self._closed = True
+        self._wakeups.close()
         stopping: list[Awaitable[Any]] = [m.stop() for m in self._members.values()]
         if self._ticker is not None:
             self._ticker.cancel()
@@ -315,14 +319,24 @@ class SqliteTransport:
             fut = space.popleft()
             if not fut.done():
                 fut.set_result(None)
+        woke = False
         for gid in gids:
             self._wake_consumers(gid)
+            woke = True
+        if woke and not self._closed:
+            self._wakeups.notify()
         self._notify_changed()
 
     # --- consuming -----------------------------------------------------------
     def _wake_consumers(self, gid: int) -> None:
         for c in self._consumers.get(gid, ()):
             c.wake()
+
+    def _woken(self) -> None:
+        """Another process committed publishes: every consumer looks."""
+        for consumers in self._consumers.values():
+            for c in consumers:
+                c.wake()
 
     def _notify_changed(self) -> None:
         waiters = self._changed
@@ -342,6 +356,8 @@ class SqliteTransport:
             member = self._members[group] = self._member(group, gid)
         c = Consumer(gid, prefetch, member)
         self._consumers.setdefault(gid, []).append(c)
+        if not self._wakeups.listening and self.options.wakeups:
+            self._wakeups.listen(asyncio.get_running_loop(), self._woken)
         if member is not None:
             member.join()
         poll = _FIRST_POLL
