@@ -21,6 +21,10 @@ Three measurements, all through the real supervisor
              publish-to-handle latency p50 / p99 (the handler compares the
              wall time carried in the event with its own), same cases.
 
+The ``-poll`` cases run 1 worker with ``wakeups=false``: it learns of the
+publisher's commits only by polling, as every worker did before the
+wake-ups between processes (``surge/transports/sqlite/_wakeups.py``).
+
 Each handler appends ``pid,published_at,handled_at`` to a records file, which
 is what the figures are computed from. Rounds are interleaved (each round
 runs every case once) so drift on a shared machine hits every case alike;
@@ -303,6 +307,10 @@ CASES = [
     ("sqlite-normal-2w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 2),
     ("sqlite-normal-keyed-1w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 1),
     ("sqlite-normal-keyed-2w", "sqlite:///{tmp}/{case}.db?synchronous=normal", 2),
+    # the workers learn of the publisher's commits only by polling (before
+    # the wake-ups between processes; sqlite/_wakeups.py)
+    ("sqlite-full-1w-poll", "sqlite:///{tmp}/{case}.db?synchronous=full&wakeups=false", 1),
+    ("sqlite-normal-1w-poll", "sqlite:///{tmp}/{case}.db?synchronous=normal&wakeups=false", 1),
 ]
 
 
@@ -405,13 +413,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     if out["rate"] and out["latency"]:
         print(f"\nno-op events, median of {args.repeat}:")
-        head = f"  {'case':18} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
+        head = f"  {'case':21} {'events/s':>9} {'p50 ms':>8} {'p99 ms':>8}"
         print(f"{head}   (latency at {args.rate:g}/s)")
         for name, _, _ in CASES:
             rate = _median(out["rate"], "per_s", case=name)
+            if not any(row["case"] == name for row in out["latency"]):
+                print(f"  {name:21} {rate:9.0f} {'-':>8} {'-':>8}")  # keyed: rate only
+                continue
             p50 = _median(out["latency"], "p50_ms", case=name)
             p99 = _median(out["latency"], "p99_ms", case=name)
-            print(f"  {name:18} {rate:9.0f} {p50:8.1f} {p99:8.1f}")
+            print(f"  {name:21} {rate:9.0f} {p50:8.1f} {p99:8.1f}")
     out["args"] = vars(args)
     out["machine"] = {
         "cpus": os.cpu_count(),
