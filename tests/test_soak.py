@@ -21,6 +21,7 @@ bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import sqlite3
@@ -187,7 +188,7 @@ async def test_ci_soak_shop_on_sqlite(tmp_path: Path, capfd: pytest.CaptureFixtu
         f"sqlite:///{db}", rate=200, seconds=60, read_log=lambda: capfd.readouterr().err
     )
     _check(result, None)
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         dead = conn.execute("SELECT count(*) FROM dead_letters").fetchone()[0]
     assert dead == 0
 

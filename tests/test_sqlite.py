@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -38,13 +39,13 @@ async def started(path: Path, clock: surge.Clock, **options: Any) -> AsyncIterat
 
 
 def _count(path: Path, sql: str) -> int:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         n: int = conn.execute(sql).fetchone()[0]
     return n
 
 
 def _value(path: Path, sql: str) -> Any:
-    with sqlite3.connect(path) as conn:
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
         return conn.execute(sql).fetchone()[0]
 
 
@@ -161,7 +162,7 @@ async def test_a_file_that_is_not_sqlite_is_refused(tmp_path: Path, clock: surge
 async def test_a_foreign_sqlite_database_is_refused(tmp_path: Path, clock: surge.Clock) -> None:
     """An SQLite file with someone else's tables raises ConfigurationError."""
     db = tmp_path / "other.db"
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("CREATE TABLE users (name TEXT)")
     t = _open(db, clock)
     with pytest.raises(surge.ConfigurationError, match="not a surge database"):
@@ -174,7 +175,7 @@ async def test_a_newer_schema_is_refused(tmp_path: Path, clock: surge.Clock) -> 
     db = tmp_path / "d.db"
     async with started(db, clock):
         pass
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.execute("UPDATE meta SET value = 99 WHERE key = 'version'")
     t = _open(db, clock)
     with pytest.raises(surge.ConfigurationError, match="schema version 99"):
@@ -467,7 +468,7 @@ async def test_wal_and_synchronous_levels(tmp_path: Path) -> None:
         finally:
             await t.close()
         assert _count(tmp_path / f"{level}.db", "PRAGMA auto_vacuum") == 2
-        with sqlite3.connect(tmp_path / f"{level}.db") as conn:
+        with contextlib.closing(sqlite3.connect(tmp_path / f"{level}.db")) as conn, conn:
             assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
@@ -696,7 +697,7 @@ async def test_a_version_1_file_is_upgraded(tmp_path: Path, clock: surge.Clock) 
     """A file written before partitions is upgraded in place: what it holds
     is delivered (from the shared queue), keyed events go to partitions."""
     db = tmp_path / "old.db"
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         conn.executescript(_VERSION_1)
         conn.execute(
             "INSERT INTO messages VALUES (1, ?, 'conf.item', 'k', 0.0, NULL, ?, NULL)",
@@ -714,7 +715,7 @@ async def test_a_version_1_file_is_upgraded(tmp_path: Path, clock: surge.Clock) 
     assert _value(db, "SELECT value FROM meta WHERE key = 'version'") == 2
     assert _value(db, "SELECT value FROM meta WHERE key = 'partitions'") == 8
     assert _count(db, "SELECT count(*) FROM deliveries") == 0
-    with sqlite3.connect(db) as conn:
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
         parts = [r[0] for r in conn.execute("SELECT part FROM deliveries")]
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
     assert parts == []

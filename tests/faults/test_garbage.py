@@ -11,6 +11,7 @@ the garbage is handled.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -83,7 +84,7 @@ async def _nats_payloads(url: str) -> None:
 
 def _sqlite_rows(path: Path) -> Callable[[str], Awaitable[None]]:
     async def write(_url: str) -> None:
-        with sqlite3.connect(path) as conn:
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
             gid = conn.execute("SELECT id FROM groups WHERE name = ?", (GROUP,)).fetchone()[0]
             for i in range(GARBAGE):
                 seq = conn.execute(
