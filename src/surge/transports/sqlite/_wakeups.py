@@ -33,6 +33,13 @@ _RELIST = 1.0
 """Seconds after which the directory is read again even if its mtime did not
 change (a coarse mtime may hide a socket bound in the same tick)."""
 
+SPACING = 0.001
+"""The least seconds between two rounds of wake-ups from one transport; a
+commit inside it is told at its end. A consumer woken claims at once, so
+woken at every commit of a fast publisher it claimed a few events a time,
+each claim a write transaction beside the publisher's (the saturated rate
+case lost 10-15 % so); at 500 commits/s nothing waits."""
+
 
 def wake_dir(db_path: str) -> str:
     """The directory of the wake-up sockets of the database at ``db_path``."""
@@ -53,6 +60,8 @@ class Wakeups:
         self._peers: list[str] = []
         self._seen = -1  # the directory's mtime when _peers was read
         self._listed = -_RELIST
+        self._sent_at = -SPACING
+        self._later: asyncio.TimerHandle | None = None
         self.sent = 0
         """Wake-ups sent (for tests and diagnostics)."""
         self.received = 0
@@ -109,7 +118,21 @@ class Wakeups:
 
     def notify(self) -> None:
         """Wake the consumers of the other transports on the file (publishes
-        were committed). Never raises."""
+        were committed), now or at the end of ``SPACING``. Never raises."""
+        if self._later is not None:
+            return  # a round is due already
+        wait = self._sent_at + SPACING - time.monotonic()
+        if wait > 0:
+            self._later = asyncio.get_running_loop().call_later(wait, self._send_later)
+            return
+        self._send()
+
+    def _send_later(self) -> None:
+        self._later = None
+        self._send()
+
+    def _send(self) -> None:
+        self._sent_at = time.monotonic()
         try:
             mtime = os.stat(self.dir).st_mtime_ns
         except OSError:
@@ -150,6 +173,9 @@ class Wakeups:
     def close(self) -> None:
         """Unbind and remove this transport's socket (and the directory, if
         it was the last)."""
+        if self._later is not None:
+            self._later.cancel()
+            self._later = None
         sock, self._sock = self._sock, None
         if sock is not None:
             if self._loop is not None and not self._loop.is_closed():
