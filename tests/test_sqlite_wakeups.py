@@ -131,3 +131,30 @@ async def test_wakeups_can_be_turned_off(tmp_path: Path) -> None:
         await batches.aclose()
     with pytest.raises(surge.ConfigurationError, match="wakeups"):
         SqliteTransport(f"sqlite:///{tmp_path / 'e.db'}?wakeups=maybe")
+
+
+@pytest.mark.realtime
+async def test_commits_within_the_spacing_are_told_in_one_round_at_its_end(
+    tmp_path: Path,
+) -> None:
+    """A transport wakes the others at most once a SPACING: three commits in
+    a row send one round at once and one at the spacing's end, not three
+    (a worker woken at every commit of a fast publisher claimed a few events
+    a time)."""
+    db = str(tmp_path / "d.db")
+    woken = asyncio.Event()
+    live = Wakeups(db)
+    live.listen(asyncio.get_running_loop(), woken.set)
+    sender = Wakeups(db)
+    try:
+        for _ in range(3):
+            sender.notify()
+        assert sender.sent == 1
+        async with asyncio.timeout(5):
+            while sender.sent < 2:
+                await woken.wait()
+                woken.clear()
+        assert sender.sent == 2
+    finally:
+        live.close()
+        sender.close()
