@@ -242,6 +242,10 @@ def test_demo_command_takes_the_ingress_target_latency(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "target 50.0 ms" in result.output
     assert "lost: 0" in result.output
-    for bad in (["--in-process", "--target-latency", "0.1"], ["--target-latency", "0"]):
+    for bad in (
+        ["--in-process", "--target-latency", "0.1"],
+        ["--target-latency", "0"],
+        ["--target-latency", "nan"],
+    ):
         refused = CliRunner().invoke(main, ["demo", "-n", "10", "--no-progress", *bad])
         assert refused.exit_code == 2, refused.output

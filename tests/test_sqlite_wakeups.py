@@ -20,6 +20,7 @@ from surge._clock import RealClock
 from surge._transport import Delivery
 from surge.transports.sqlite import SqliteTransport
 from surge.transports.sqlite import _transport as sqlite_transport
+from surge.transports.sqlite import _wakeups as wakeups
 from surge.transports.sqlite._leases import Consumer
 from surge.transports.sqlite._wakeups import Wakeups
 
@@ -135,12 +136,13 @@ async def test_wakeups_can_be_turned_off(tmp_path: Path) -> None:
 
 @pytest.mark.realtime
 async def test_commits_within_the_spacing_are_told_in_one_round_at_its_end(
-    tmp_path: Path,
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A transport wakes the others at most once a SPACING: three commits in
     a row send one round at once and one at the spacing's end, not three
     (a worker woken at every commit of a fast publisher claimed a few events
     a time)."""
+    monkeypatch.setattr(wakeups, "SPACING", 0.5)  # wide enough for a loaded machine
     db = str(tmp_path / "d.db")
     woken = asyncio.Event()
     live = Wakeups(db)
@@ -158,3 +160,51 @@ async def test_commits_within_the_spacing_are_told_in_one_round_at_its_end(
     finally:
         live.close()
         sender.close()
+
+
+def _plant(tmp_path: Path, wake_dir: str) -> Path:
+    """Someone else's doing: the predictable directory is a link to a
+    directory of files."""
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep")
+    os.symlink(target, wake_dir)
+    return target / "notes.txt"
+
+
+@pytest.mark.realtime
+async def test_a_directory_that_is_not_only_ours_is_left_alone(tmp_path: Path) -> None:
+    """The directory's name is predictable: one that is a link, or that
+    others may write, is not used (no socket bound, nothing in it sent to
+    or removed); consumers then only poll."""
+    db = str(tmp_path / "d.db")
+    w = Wakeups(db)
+    notes = _plant(tmp_path, w.dir)
+    try:
+        w.listen(asyncio.get_running_loop(), lambda: None)
+        assert not w.listening
+        w.notify()
+        assert w.sent == 0
+        assert notes.read_text() == "keep"
+    finally:
+        w.close()
+        os.unlink(w.dir)
+    os.mkdir(w.dir)
+    try:
+        os.chmod(w.dir, 0o777)  # noqa: S103 - the case under test: others may write
+        shared = Wakeups(db)
+        shared.listen(asyncio.get_running_loop(), lambda: None)
+        assert not shared.listening
+        shared.close()
+    finally:
+        os.rmdir(w.dir)
+
+
+@pytest.mark.realtime
+async def test_a_consume_that_resumes_after_close_binds_nothing(tmp_path: Path) -> None:
+    """A closed transport's wake-ups do not listen again (a consume that was
+    looking its group up when close ran bound a socket nobody closed)."""
+    async with started(tmp_path / "d.db") as t:
+        await t.declare("g", ["conf.item"])
+    t._wakeups.listen(asyncio.get_running_loop(), lambda: None)
+    assert not t._wakeups.listening

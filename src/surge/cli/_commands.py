@@ -23,6 +23,7 @@ import importlib
 import importlib.util
 import ipaddress
 import logging
+import math
 import os
 import pathlib
 import sys
@@ -446,6 +447,8 @@ def demo(
     from coroutines in its own process instead."""
     if in_process and target_latency is not None:
         raise click.UsageError("--target-latency is the HTTP ingress's: not with --in-process")
+    if target_latency is not None and not math.isfinite(target_latency):
+        raise click.UsageError("--target-latency takes a finite number of seconds")
     try:
         if in_process:
             from ..tools import run_demo

@@ -65,9 +65,10 @@ Unkeyed envelopes go to the group's shared queue, read by every consumer.
 
 Several processes may share the file, each with its own transport: claims
 take the write lock (``BEGIN IMMEDIATE``), a process wakes its consumers at
-once when it publishes itself, and those of the other processes on the host
-through a Unix datagram socket each (``_wakeups``); a consumer also polls (5
-to ``poll`` ms), which is all it does where the sockets cannot be used. The
+once when it publishes itself, and those of the user's other processes on
+the host through a Unix datagram socket each (``_wakeups``); a consumer
+also polls (5 to ``poll`` ms), which is all it does where the sockets
+cannot be used. The
 host's writers take turns (``_writelock``): a write transaction waits for
 about one transaction of each other writer, never for luck, and a lock held
 by another process past ``busy_timeout`` raises ``TransportError``.

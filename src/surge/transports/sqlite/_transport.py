@@ -356,7 +356,7 @@ class SqliteTransport:
             member = self._members[group] = self._member(group, gid)
         c = Consumer(gid, prefetch, member)
         self._consumers.setdefault(gid, []).append(c)
-        if not self._wakeups.listening and self.options.wakeups:
+        if not self._wakeups.listening and self.options.wakeups and not self._closed:
             self._wakeups.listen(asyncio.get_running_loop(), self._woken)
         if member is not None:
             member.join()

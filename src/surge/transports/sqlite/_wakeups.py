@@ -23,6 +23,7 @@ import hashlib
 import logging
 import os
 import socket
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -48,6 +49,29 @@ def wake_dir(db_path: str) -> str:
     return os.path.join(tempfile.gettempdir(), f"surge-{uid}-{digest}")
 
 
+def _ours(path: str) -> bool:
+    """``path`` is a directory (not a link to one) that only this user can
+    write: its sockets can be trusted to be our processes', its files to be
+    ours to remove. The name is predictable, so another user may have made
+    it first; then nothing in it is touched and consumers only poll."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return (
+        stat.S_ISDIR(st.st_mode)
+        and (not hasattr(os, "getuid") or st.st_uid == os.getuid())
+        and not st.st_mode & 0o077
+    )
+
+
+def _is_socket(path: str) -> bool:
+    try:
+        return stat.S_ISSOCK(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 class Wakeups:
     """One transport's socket (once it consumes) and its sends."""
 
@@ -62,6 +86,7 @@ class Wakeups:
         self._listed = -_RELIST
         self._sent_at = -SPACING
         self._later: asyncio.TimerHandle | None = None
+        self._closed = False
         self.sent = 0
         """Wake-ups sent (for tests and diagnostics)."""
         self.received = 0
@@ -75,7 +100,7 @@ class Wakeups:
         """Bind this transport's socket and call ``on_wake`` on the loop when
         another process commits publishes; nothing (polling only) if it
         cannot be bound."""
-        if self._sock is not None or not hasattr(socket, "AF_UNIX"):
+        if self._sock is not None or self._closed or not hasattr(socket, "AF_UNIX"):
             return
         for _ in range(2):  # the directory may be removed by a last close meanwhile
             try:
@@ -103,8 +128,9 @@ class Wakeups:
 
     def _bind(self) -> socket.socket:
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        if hasattr(os, "getuid") and os.stat(self.dir).st_uid != os.getuid():
-            raise PermissionError(f"{self.dir} belongs to another user")
+        if not _ours(self.dir):
+            raise PermissionError(f"{self.dir} is not a directory only this user can write")
+        self._sweep()
         path = os.path.join(self.dir, f"{os.getpid()}-{os.urandom(4).hex()}")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         try:
@@ -115,6 +141,27 @@ class Wakeups:
             raise
         self._path = path
         return sock
+
+    def _sweep(self) -> None:
+        """Remove the sockets that killed processes left (they refuse a
+        byte); the live ones get a wake-up, which costs them a look."""
+        try:
+            with os.scandir(self.dir) as entries:
+                paths = [e.path for e in entries]
+        except OSError:
+            return
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as probe:
+            probe.setblocking(False)
+            for path in paths:
+                if not _is_socket(path):
+                    continue
+                try:
+                    probe.sendto(b"!", path)
+                except (ConnectionRefusedError, FileNotFoundError):
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                except OSError:
+                    pass  # alive, its buffer full
 
     def notify(self) -> None:
         """Wake the consumers of the other transports on the file (publishes
@@ -132,19 +179,26 @@ class Wakeups:
         self._send()
 
     def _send(self) -> None:
-        self._sent_at = time.monotonic()
         try:
-            mtime = os.stat(self.dir).st_mtime_ns
+            self._send_round()
+        finally:
+            self._sent_at = time.monotonic()  # the spacing counts from the round's end
+
+    def _send_round(self) -> None:
+        try:
+            mtime = os.lstat(self.dir).st_mtime_ns
         except OSError:
             return  # no one has listened yet
         now = time.monotonic()
         if mtime != self._seen or now - self._listed >= _RELIST:
             self._seen, self._listed = mtime, now
-            try:
-                with os.scandir(self.dir) as entries:
-                    self._peers = [e.path for e in entries if e.path != self._path]
-            except OSError:
-                self._peers = []
+            self._peers = []
+            if _ours(self.dir):
+                try:
+                    with os.scandir(self.dir) as entries:
+                        self._peers = [e.path for e in entries if e.path != self._path]
+                except OSError:
+                    pass
         if not self._peers:
             return
         out = self._out
@@ -167,12 +221,17 @@ class Wakeups:
                 log.debug("sqlite: could not wake %s: %s", path, exc)
         for path in gone:
             self._peers.remove(path)
+            if _is_socket(path):  # a socket its process left (SIGKILL), nothing else
+                with contextlib.suppress(OSError):
+                    os.unlink(path)
+        if gone and not self._peers and self._sock is None:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.rmdir(self.dir)  # the last listener was killed: nothing else is left
 
     def close(self) -> None:
         """Unbind and remove this transport's socket (and the directory, if
-        it was the last)."""
+        it was the last); for good: it does not listen again."""
+        self._closed = True
         if self._later is not None:
             self._later.cancel()
             self._later = None
