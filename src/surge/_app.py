@@ -1221,6 +1221,7 @@ class App:
             codec=self.codec,
             middleware=self._middleware,
             hands_back=caps.hands_back,
+            takes_now=caps.takes_now,
             fences=caps.fences,
             fenced_state=caps.fenced_state,
             state=caps.state or self._local_state,

@@ -24,7 +24,7 @@ import logging
 import pickle
 import traceback
 from collections import deque
-from collections.abc import Callable, Coroutine, Hashable
+from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -81,8 +81,10 @@ class Runner:
         "_idle",
         "_lanes",
         "_queue",
+        "_settle_now",
         "_starting",
         "_stopping",
+        "_take",
         "_tasks",
         "_thread_slots",
         "_virtual_clock",
@@ -133,6 +135,11 @@ class Runner:
         self._idle: asyncio.Future[None] | None = None
         self._consumer: asyncio.Task[None] | None = None
         self._acker: asyncio.Task[None] | None = None
+        # A transport that takes and settles without awaiting (TakesNow):
+        # shared workers refill themselves (_more) and settle as they end
+        # (_worker_done), with no ack loop; set by start().
+        self._take: Callable[[int, Sequence[Delivery]], list[Delivery]] | None = None
+        self._settle_now: Callable[[Sequence[Delivery]], None] | None = None
         self._stopping = False
         # counters, read by statistics()
         self.received = 0
@@ -167,8 +174,15 @@ class Runner:
     # --- lifecycle -----------------------------------------------------------
     def start(self) -> None:
         loop = asyncio.get_running_loop()
+        takes_now = self.runtime.takes_now
+        taker = None
+        if takes_now is not None and not self.keyed and not self.batch and not self._chunked:
+            taker = takes_now.taker(self.group)
+        if taker is not None:
+            self._take, self._settle_now = taker
         self._consumer = loop.create_task(self._consume(), name=f"surge-consume-{self.group}")
-        self._acker = loop.create_task(self._ack_loop(), name=f"surge-ack-{self.group}")
+        if self._settle_now is None:
+            self._acker = loop.create_task(self._ack_loop(), name=f"surge-ack-{self.group}")
 
     async def stop_intake(self) -> None:
         """Stop fetching; hand back deliveries fetched but not started."""
@@ -297,24 +311,61 @@ class Runner:
                     for d in batch:
                         self._push_keyed(d)
                 else:
-                    # An envelope key (publish(key=...)) orders too, even
-                    # when the subscription itself names no key. Most
-                    # batches have none: checked in C, then one extend.
-                    keys = [d.envelope.key for d in batch]  # half of a dotted attrgetter
-                    if keys.count(None) == len(keys):
-                        queue.extend(batch)
-                    else:
-                        for d, key in zip(batch, keys, strict=True):
-                            if key is None:
+                    if self._chunked:
+                        # Chunks cross to the pool unordered: an envelope
+                        # key (publish(key=...)), which orders too even when
+                        # the subscription itself names none, takes its lane
+                        # here; the other workers check each delivery.
+                        for d in batch:
+                            if d.envelope.key is None:
                                 queue.append(d)
                             else:
                                 self._push_keyed(d)
+                    else:
+                        queue.extend(batch)
                     if queue and not self._starting and self._workers < self.concurrency:
                         self._spawn(self._work_shared)
         finally:
             aclose = getattr(batches, "aclose", None)
             if aclose is not None:
                 await aclose()
+
+    async def _more(self) -> bool:
+        """Whether a shared worker that emptied its queue has work again:
+        with ``TakesNow``, it lets the loop run (as the consume loop's turn
+        between batches did), settles what was handled and takes the next
+        batch itself, instead of ending and leaving the refill to the
+        consume loop (a task switch or four per batch, about a third of
+        in-process dispatch's cost: BENCHMARKS.md, issue 17). The consume
+        loop still waits for deliveries when none are left."""
+        take = self._take
+        if take is None or self._stopping:
+            return False
+        await asyncio.sleep(0)
+        if self.stopping:  # (a stop began meanwhile) stop_intake hands back the queue
+            return False
+        queue = self._queue
+        if queue:  # the consume loop queued some meanwhile
+            return True
+        acks = self._acks
+        if acks:
+            self._acks = []
+            self._acked += len(acks)
+        batch = take(self.sub.prefetch, acks)
+        if not batch:
+            return False
+        self.received += len(batch)
+        queue.extend(batch)
+        return True
+
+    def _settle_acks(self) -> None:
+        """Settle the handled deliveries at once (``TakesNow``)."""
+        acks = self._acks
+        if acks:
+            assert self._settle_now is not None
+            self._acks = []
+            self._acked += len(acks)
+            self._settle_now(acks)
 
     def _feed_batches(self) -> None:
         queue = self._queue
@@ -419,14 +470,18 @@ class Runner:
             await self._work_plain(fn, inline, loop)
             return
         try:
-            while queue:
+            while queue or await self._more():
                 d = popleft()
                 if queue and not self._growing:
                     # Work is waiting: once this worker lets the loop run
                     # (its handler awaits), more may be needed (_grow).
                     self._growing = True
                     loop.call_soon(self._grow)
-                ev = d.envelope.event
+                env = d.envelope
+                if env.key is not None:  # publish(key=...): in order, in its lane
+                    self._push_keyed(d)
+                    continue
+                ev = env.event
                 if not fast or ev is None:
                     await handle(d)
                     continue
@@ -501,44 +556,55 @@ class Runner:
         observer = self.runtime.observer
         group = self.group
         counted = False
+        more = self._more
         try:
-            if queue:
-                self.running += 1
-                counted = True
-            while queue:
-                d = popleft()
-                if queue and not self._growing:
-                    self._growing = True
-                    loop.call_soon(self._grow)
-                ev = d.envelope.event
-                try:
-                    if ev is None:  # off a wire: decoded here, once
-                        ev = self._event(d)
-                    if observer is not None:
-                        observer.handling(group, d)
-                    result = fn(ev) if inline else await fn(ev)
-                    if result is not None:
-                        await self._publish_children(d, result, None)
-                except Exception as exc:
-                    self.running -= 1
-                    counted = False
-                    await self._failed(d, exc, None)
+            while True:
+                if queue:
                     self.running += 1
                     counted = True
-                    continue
-                except asyncio.CancelledError:
+                while queue:
+                    d = popleft()
+                    if queue and not self._growing:
+                        self._growing = True
+                        loop.call_soon(self._grow)
+                    env = d.envelope
+                    if env.key is not None:  # publish(key=...): in order, in its lane
+                        self._push_keyed(d)
+                        continue
+                    ev = env.event
+                    try:
+                        if ev is None:  # off a wire: decoded here, once
+                            ev = self._event(d)
+                        if observer is not None:
+                            observer.handling(group, d)
+                        result = fn(ev) if inline else await fn(ev)
+                        if result is not None:
+                            await self._publish_children(d, result, None)
+                    except Exception as exc:
+                        self.running -= 1
+                        counted = False
+                        await self._failed(d, exc, None)
+                        self.running += 1
+                        counted = True
+                        continue
+                    except asyncio.CancelledError:
+                        self.running -= 1
+                        counted = False
+                        if self._stopping:
+                            await asyncio.shield(self.transport.nack(d, 0.0))
+                        raise
+                    if observer is not None:
+                        observer.handled(group, d)
+                    self._acks.append(d)
+                    waiter = self._ack_waiter
+                    if waiter is not None:
+                        self._ack_waiter = None
+                        waiter.set_result(None)
+                if counted:
                     self.running -= 1
                     counted = False
-                    if self._stopping:
-                        await asyncio.shield(self.transport.nack(d, 0.0))
-                    raise
-                if observer is not None:
-                    observer.handled(group, d)
-                self._acks.append(d)
-                waiter = self._ack_waiter
-                if waiter is not None:
-                    self._ack_waiter = None
-                    waiter.set_result(None)
+                if not await more():
+                    break
         finally:
             if counted:
                 self.running -= 1
@@ -614,6 +680,8 @@ class Runner:
 
     def _worker_done(self) -> None:
         self._workers -= 1
+        if self._settle_now is not None:
+            self._settle_acks()
         if not self._stopping:
             # A freed slot goes to a lane waiting for one, else to unkeyed
             # work that found every slot taken by lanes.

@@ -19,7 +19,7 @@ from ._clock import Clock
 from ._codec import Codec
 from ._event import Envelope, Event
 from ._middleware import Middleware
-from ._transport import Delivery, FencedState, Fences, HandsBack, StateStore, Transport
+from ._transport import Delivery, FencedState, Fences, HandsBack, StateStore, TakesNow, Transport
 
 if TYPE_CHECKING:
     from ._app import App, Subscription
@@ -87,6 +87,8 @@ class Runtime:
     middleware: tuple[Middleware, ...]
     hands_back: HandsBack | None
     """The transport's ``release``, when it has one (else: ``nack(d, 0)``)."""
+    takes_now: TakesNow | None
+    """The transport's ``taker``, when it has one: workers refill themselves."""
     fences: Fences | None = None
     """The transport's ``fenced``, asked before each keyed delivery starts."""
     fenced_state: FencedState | None = None

@@ -29,6 +29,7 @@ __all__ = (
     "KnowsGroups",
     "Outbox",
     "StateStore",
+    "TakesNow",
     "TopicPut",
     "Transport",
     "TransportStats",
@@ -301,6 +302,31 @@ class TopicPut(Protocol):
         ...
 
 
+Taker = tuple[
+    Callable[[int, Sequence[Delivery]], list[Delivery]], Callable[[Sequence[Delivery]], None]
+]
+
+
+@runtime_checkable
+class TakesNow(Protocol):
+    """A group's deliveries taken and settled without awaiting (in-process
+    transports): a worker that runs out of deliveries settles what its
+    runner handled and takes the next batch itself, instead of ending and
+    leaving the refill to the consume loop (task switches per batch that
+    cost in-process dispatch about a third of its speed; BENCHMARKS.md,
+    issue 17). ``consume`` still waits for deliveries when there are none.
+    """
+
+    def taker(self, group: str) -> Taker | None:
+        """``(settle_take, settle)`` for ``group`` (declared), or None where
+        there is none. ``settle_take(prefetch, deliveries)`` acknowledges
+        ``deliveries`` (of ``group``) and returns at once what
+        ``consume(group, prefetch=prefetch)`` would yield next, or an empty
+        list where it would wait; ``settle(deliveries)`` is ``ack`` done
+        before it returns."""
+        ...
+
+
 @runtime_checkable
 class Outbox(Protocol):
     """Envelopes written through the caller's own database connection,
@@ -345,6 +371,7 @@ class Capabilities:
     state: StateStore | None = None
     direct_put: DirectPut | None = None
     topic_put: TopicPut | None = None
+    takes_now: TakesNow | None = None
     outbox: Outbox | None = None
     groups: KnowsGroups | None = None
     fences: Fences | None = None
@@ -366,6 +393,7 @@ def capabilities_of(transport: Transport) -> Capabilities:
         state=transport if isinstance(transport, StateStore) else None,
         direct_put=transport if isinstance(transport, DirectPut) else None,
         topic_put=transport if isinstance(transport, TopicPut) else None,
+        takes_now=transport if isinstance(transport, TakesNow) else None,
         outbox=transport if isinstance(transport, Outbox) else None,
         groups=transport if isinstance(transport, KnowsGroups) else None,
         fences=transport if isinstance(transport, Fences) else None,

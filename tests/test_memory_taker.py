@@ -1,0 +1,170 @@
+"""memory://'s taker (TakesNow): a worker settles and takes its next batch
+itself, without awaiting, instead of ending and leaving it to the consume loop."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+
+import surge
+from surge._event import Envelope, new_id
+from surge._transport import capabilities_of
+from surge.testing import Faults, FaultyTransport
+from surge.transports import MemoryTransport
+
+from .conformance._helpers import Reader
+
+
+class Tick(surge.Event):
+    __topic__ = "take.tick"
+    n: int
+
+
+def _env(n: int) -> Envelope:
+    return Envelope(new_id(), Tick.__topic__, None, 0.0, None, Tick(n=n))
+
+
+def _ns(ds: list[surge.Delivery]) -> list[int]:
+    return [d.envelope.event.n for d in ds]
+
+
+async def test_memory_offers_a_taker_and_a_subclass_that_consumes_its_own_way_none(
+    clock: surge.Clock,
+) -> None:
+    """memory:// offers TakesNow; FaultyTransport, whose consume duplicates and
+    delays deliveries, has no taker, so that every delivery passes its consume."""
+    t = MemoryTransport(clock=clock)
+    assert capabilities_of(t).takes_now is not None
+    await t.start()
+    await t.declare("g", [Tick.__topic__])
+    assert t.taker("g") is not None
+    faulty = FaultyTransport(faults=Faults(), rng=random.Random(1), clock=clock)
+    await faulty.start()
+    await faulty.declare("g", [Tick.__topic__])
+    assert faulty.taker("g") is None
+
+
+async def test_settle_take_acks_and_takes_what_consume_would(clock: surge.Clock) -> None:
+    """settle_take acknowledges what it is given and returns, at once, what
+    consume would yield next: up to prefetch less what is unsettled, in
+    order, and nothing when nothing is queued; settle is ack."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("g", [Tick.__topic__])
+    taker = t.taker("g")
+    assert taker is not None
+    settle_take, settle = taker
+    assert settle_take(3, []) == []
+    await t.publish([_env(n) for n in range(5)])
+    first = settle_take(3, [])
+    assert _ns(first) == [0, 1, 2]
+    assert settle_take(3, []) == []  # prefetch reached: none until something settles
+    assert await t.stats("g") == surge.TransportStats(2, 3, 0, 0)
+    second = settle_take(3, first[:2])
+    assert _ns(second) == [3, 4]
+    assert await t.stats("g") == surge.TransportStats(0, 3, 0, 0)
+    assert not t.idle
+    settle([first[2], *second])
+    assert await t.stats("g") == surge.TransportStats(0, 0, 0, 0)
+    assert t.idle
+
+
+async def test_a_consumer_waiting_for_room_wakes_when_a_take_leaves_the_queue_empty(
+    clock: surge.Clock,
+) -> None:
+    """A consume waiting for room (its prefetch unsettled) is woken by a
+    settle_take that leaves nothing queued, so it waits for publishes
+    again: left asleep, it would never see the next one."""
+    t = MemoryTransport(clock=clock)
+    await t.start()
+    await t.declare("g", [Tick.__topic__])
+    taker = t.taker("g")
+    assert taker is not None
+    settle_take, _ = taker
+    await t.publish([_env(0), _env(1), _env(2)])
+    reader = Reader(t, "g", prefetch=2)
+    try:
+        held = await reader.take(2)
+        assert _ns(held) == [0, 1]
+        # the reader's consume waits for room (its prefetch is held) ...
+        assert await reader.quiet(1)
+        # ... and the take settles its two and takes the last, leaving the
+        # queue empty
+        assert _ns(settle_take(2, held)) == [2]
+        await t.publish([_env(3)])
+        assert _ns(await reader.take(1, timeout=5)) == [3]
+    finally:
+        await reader.aclose()
+        await t.close()
+
+
+async def test_a_worker_lets_the_loop_run_between_batches(clock: surge.Clock) -> None:
+    """A worker whose handler never awaits still lets the loop run after each
+    batch (as the consume loop's turn did): a callback that runs at every
+    turn of the loop sees at most one batch handled between two turns."""
+    app = surge.App("t", clock=clock)
+    handled = 0
+
+    @app.on(Tick, executor="inline", prefetch=40)
+    def handle(ev: Tick) -> None:
+        nonlocal handled
+        handled += 1
+
+    seen: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def look() -> None:
+        seen.append(handled)
+        if handled < 1000:
+            loop.call_soon(look)
+
+    async with app:
+        for n in range(1000):
+            await app.publish(Tick(n=n))
+        loop.call_soon(look)
+        async with asyncio.timeout(60):
+            await app.drain()
+    assert handled == 1000
+    steps = [b - a for a, b in itertools.pairwise(seen)]
+    assert max(steps) <= 40
+    assert seen[-1] == 1000
+
+
+async def test_a_stop_hands_back_what_a_worker_took_and_did_not_start(
+    clock: surge.VirtualClock,
+) -> None:
+    """Stopped while its worker holds a batch it took itself, a runner hands
+    back what no handler started: each event is handled once across the
+    stop and a restart, and none costs an attempt."""
+    transport = MemoryTransport(clock=clock)
+    handled: list[int] = []
+    attempts: list[int] = []
+    stopped = asyncio.Event()
+
+    def make() -> surge.App:
+        app = surge.App("t", transport=transport, clock=clock)
+
+        @app.on(Tick, prefetch=10, concurrency=1)
+        async def handle(ev: Tick, ctx: surge.Context) -> None:
+            handled.append(ev.n)
+            attempts.append(ctx.attempt)
+            if ev.n == 25:
+                stopped.set()  # the worker is three batches in
+                await clock.sleep(1)
+
+        return app
+
+    first = make()
+    await first.start()
+    for n in range(100):
+        await first.publish(Tick(n=n))
+    async with asyncio.timeout(60):
+        await stopped.wait()
+        await first.stop()
+    assert handled == list(range(26))
+    second = make()
+    async with second, asyncio.timeout(60):
+        await second.drain()
+    assert handled == list(range(100))
+    assert set(attempts) == {1}
