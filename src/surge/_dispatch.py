@@ -136,8 +136,11 @@ class Runner:
         self._consumer: asyncio.Task[None] | None = None
         self._acker: asyncio.Task[None] | None = None
         # A transport that takes and settles without awaiting (TakesNow):
-        # shared workers refill themselves (_more) and settle as they end
-        # (_worker_done), with no ack loop; set by start().
+        # shared workers refill themselves (_more), and everything is
+        # settled at once (_settle_acks), by the ack loop as ever (at the
+        # loop's next turn: a stage's pending count stays true, which
+        # admission reads) and by a worker before it takes or ends; set by
+        # start().
         self._take: Callable[[int, Sequence[Delivery]], list[Delivery]] | None = None
         self._settle_now: Callable[[Sequence[Delivery]], None] | None = None
         self._stopping = False
@@ -181,8 +184,7 @@ class Runner:
         if taker is not None:
             self._take, self._settle_now = taker
         self._consumer = loop.create_task(self._consume(), name=f"surge-consume-{self.group}")
-        if self._settle_now is None:
-            self._acker = loop.create_task(self._ack_loop(), name=f"surge-ack-{self.group}")
+        self._acker = loop.create_task(self._ack_loop(), name=f"surge-ack-{self.group}")
 
     async def stop_intake(self) -> None:
         """Stop fetching; hand back deliveries fetched but not started."""
@@ -1170,7 +1172,11 @@ class Runner:
             await self._flush_acks()
 
     async def _flush_acks(self, *, closing: bool = False) -> None:
-        if self._acks:
+        if self._settle_now is not None:
+            self._settle_acks()  # at once: nothing to await or retry
+            if not self._workers and self._idle is not None and not self._idle.done():
+                self._idle.set_result(None)
+        elif self._acks:
             batch = self._acks
             self._acks = []
             self._acked += len(batch)
