@@ -146,7 +146,7 @@ async def test_many_handlers_in_flight_at_once(clock: surge.VirtualClock) -> Non
         await app.drain()
 
 
-async def test_handlers_that_never_wait_take_one_worker_per_batch(
+async def test_handlers_that_never_wait_take_one_worker_for_a_burst(
     clock: surge.VirtualClock,
 ) -> None:
     """A burst for a handler that never awaits is handled by one worker task: it

@@ -168,3 +168,57 @@ async def test_a_stop_hands_back_what_a_worker_took_and_did_not_start(
         await second.drain()
     assert handled == list(range(100))
     assert set(attempts) == {1}
+
+
+async def test_a_keyed_delivery_does_not_wait_behind_a_stream(clock: surge.Clock) -> None:
+    """An envelope-keyed delivery that found every worker slot taken gets the
+    next one to end: a shared worker hands its slot over instead of taking
+    another batch, so the keyed event is not left until the stream ends."""
+    app = surge.App("t", clock=clock)
+    order: list[int] = []
+
+    @app.on(Tick, concurrency=1)  # prefetch 256
+    async def handle(ev: Tick) -> None:
+        order.append(ev.n)
+
+    async with app, asyncio.timeout(60):
+        await app.publish(Tick(n=-1), key="k")
+        for n in range(3000):
+            await app.publish(Tick(n=n))
+        await app.drain()
+    assert sorted(order) == [-1, *range(3000)]
+    assert order.index(-1) <= 256, order.index(-1)
+
+
+async def test_a_keys_order_holds_across_a_stop(clock: surge.VirtualClock) -> None:
+    """Stopped while one of a key's events waits in its lane and a later one
+    of that key is still in the shared queue, a runner hands the lane's back
+    first: the next app handles the key in order."""
+    transport = MemoryTransport(clock=clock)
+    handled: list[int] = []
+    busy = asyncio.Event()
+
+    def make() -> surge.App:
+        app = surge.App("t", transport=transport, clock=clock)
+
+        @app.on(Tick, prefetch=10, concurrency=1)
+        async def handle(ev: Tick) -> None:
+            handled.append(ev.n)
+            if ev.n == 0 and not busy.is_set():
+                busy.set()
+                await clock.sleep(1)
+
+        return app
+
+    first = make()
+    async with asyncio.timeout(60):
+        await first.start()
+        await first.publish(Tick(n=1), key="k")  # to its lane: no slot is free
+        await first.publish(Tick(n=0))  # slow, holding the one slot
+        await first.publish(Tick(n=2), key="k")  # still queued when the stop comes
+        await busy.wait()
+        await first.stop()
+        assert handled == [0]
+        async with make() as second:
+            await second.drain()
+    assert handled == [0, 1, 2]

@@ -4,9 +4,10 @@ A runner pulls batches from its transport group (at most ``prefetch``
 unsettled) and hands each delivery to a worker coroutine. Without a key any
 idle worker takes the next delivery; with a key, ``hash(key) % concurrency``
 picks a lane and one worker drains a lane in order. Workers are started on
-demand (doubling while work waits) and stop when their queue is empty, so an
-idle subscription costs nothing and a no-op handler runs without a task per
-event. After the handler succeeds its events are published, then the
+demand (doubling while work waits) and stop when their queue is empty (on a
+``TakesNow`` transport, a shared worker first takes the next batch itself),
+so an idle subscription costs nothing and a no-op handler runs without a
+task per event. After the handler succeeds its events are published, then the
 delivery is acknowledged in a batch; a failure is retried with a delayed
 nack or dead-lettered.
 
@@ -199,12 +200,16 @@ class Runner:
             await asyncio.wait((self._consumer,))
             if not self._consumer.cancelled() and (exc := self._consumer.exception()):
                 log.error("%s: the consumer failed: %r", self.group, exc)
-        waiting = list(self._queue)
-        self._queue.clear()
+        # Lanes first: a key's deliveries in its lane came before any of that
+        # key's still in the shared queue (shared workers divert each as they
+        # pop it), and the hand-back keeps the order it is given.
+        waiting: list[Delivery] = []
         for lane in self._lanes.values():
             waiting.extend(lane)
             lane.clear()
         self._waiting_lanes.clear()
+        waiting.extend(self._queue)
+        self._queue.clear()
         # Untouched deliveries go back in their place where the transport
         # can (a partition's next owner reads them before later entries);
         # elsewhere a nack, which counts an attempt.
@@ -341,10 +346,10 @@ class Runner:
         in-process dispatch's cost: BENCHMARKS.md, issue 17). The consume
         loop still waits for deliveries when none are left."""
         take = self._take
-        if take is None or self._stopping:
-            return False
+        if take is None or self._stopping or self._waiting_lanes:
+            return False  # (a lane waiting for a slot gets this worker's as it ends)
         await asyncio.sleep(0)
-        if self.stopping:  # (a stop began meanwhile) stop_intake hands back the queue
+        if self.stopping or self._waiting_lanes:  # (they came meanwhile)
             return False
         queue = self._queue
         if queue:  # the consume loop queued some meanwhile

@@ -318,8 +318,9 @@ class TakesNow(Protocol):
     """
 
     def taker(self, group: str) -> Taker | None:
-        """``(settle_take, settle)`` for ``group`` (declared), or None where
-        there is none. ``settle_take(prefetch, deliveries)`` acknowledges
+        """``(settle_take, settle)`` for ``group``, or None where there is
+        none (the app asks only for groups it declared).
+        ``settle_take(prefetch, deliveries)`` acknowledges
         ``deliveries`` (of ``group``) and returns at once what
         ``consume(group, prefetch=prefetch)`` would yield next, or an empty
         list where it would wait; ``settle(deliveries)`` is ``ack`` done
