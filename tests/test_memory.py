@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 import surge
@@ -227,3 +229,75 @@ async def test_only_events_that_may_not_fit_are_measured(clock: surge.Clock, now
                 await publish(big)
         await app.drain()
     assert len(got) == 25
+
+
+class _Order(surge.Event):
+    __topic__ = "loop.order"
+    n: int
+
+
+class _Done(surge.Event):
+    __topic__ = "loop.done"
+    n: int
+
+
+async def test_a_subscription_fed_by_its_own_outputs_does_not_deadlock(
+    clock: surge.VirtualClock,
+) -> None:
+    """A subscription on ``loop.>`` that emits ``loop.done`` for each order gets
+    its own outputs: under a burst past its group's capacity its handlers'
+    outputs go in past the bound (only its own consumer could make room, and
+    its workers are the ones publishing), while outside publishers still
+    wait for room."""
+    transport = MemoryTransport(capacity=8, clock=clock)
+    app = surge.App("t", transport=transport, clock=clock)
+    orders: list[int] = []
+    dones: list[int] = []
+    peak = 0
+
+    @app.on("loop.>", concurrency=2, prefetch=4)
+    async def handle(ev: surge.Event) -> list[_Done] | None:
+        nonlocal peak
+        peak = max(peak, (await transport.stats("t.handle")).backlog)
+        if isinstance(ev, _Order):
+            orders.append(ev.n)
+            return [_Done(n=ev.n), _Done(n=-ev.n)]
+        assert isinstance(ev, _Done)
+        dones.append(ev.n)
+        return None
+
+    async with app, asyncio.timeout(60):
+        for n in range(1, 201):
+            await app.publish(_Order(n=n))
+        await app.drain()
+    assert sorted(orders) == list(range(1, 201))
+    assert sorted(dones) == sorted([*range(1, 201), *range(-200, 0)])
+    # past the bound, by at most two outputs for each order queued or fetched
+    assert 8 < peak <= 2 * (8 + 4)
+
+
+async def test_a_stage_fed_by_another_holds_its_bound(clock: surge.VirtualClock) -> None:
+    """Outputs into another subscription's group wait for room there, as any
+    publish does: backpressure reaches the stage before a slow one."""
+    transport = MemoryTransport(capacity=8, clock=clock)
+    app = surge.App("t", transport=transport, clock=clock)
+    peak = 0
+    done = 0
+
+    @app.on(_Order, concurrency=4)
+    async def first(ev: _Order) -> _Done:
+        return _Done(n=ev.n)
+
+    @app.on(_Done, concurrency=1)
+    async def slow(ev: _Done) -> None:
+        nonlocal peak, done
+        peak = max(peak, (await transport.stats("t.slow")).backlog)
+        await clock.sleep(0.01)
+        done += 1
+
+    async with app, asyncio.timeout(60):
+        for n in range(200):
+            await app.publish(_Order(n=n))
+        await app.drain()
+    assert done == 200
+    assert peak == 8

@@ -43,7 +43,7 @@ from ._errors import (
     TransportError,
 )
 from ._event import Envelope, Event, derive_id
-from ._transport import DeadLetter, Delivery
+from ._transport import DeadLetter, Delivery, publishing_group
 
 if TYPE_CHECKING:
     from ._app import Subscription
@@ -1065,22 +1065,26 @@ class Runner:
         wait, and the delivery is handed back as for any handler still running.
         """
         delay = _TRANSIENT_FIRST
-        while True:
-            try:
-                await self.runtime.publish(envs)
-                return
-            except TransportError as exc:
-                log.warning(
-                    "handler %s succeeded on event %s but publishing its outputs failed: %s; "
-                    "publishing again in %.2fs (the attempt is not counted)",
-                    self.group,
-                    d.envelope.id,
-                    exc,
-                    delay,
-                    extra={"event_id": d.envelope.id, "subscription": self.group},
-                )
-            await self.runtime.clock.sleep(delay)
-            delay = min(_TRANSIENT_LAST, delay * 2)
+        token = publishing_group.set(self.group)
+        try:
+            while True:
+                try:
+                    await self.runtime.publish(envs)
+                    return
+                except TransportError as exc:
+                    log.warning(
+                        "handler %s succeeded on event %s but publishing its outputs failed: "
+                        "%s; publishing again in %.2fs (the attempt is not counted)",
+                        self.group,
+                        d.envelope.id,
+                        exc,
+                        delay,
+                        extra={"event_id": d.envelope.id, "subscription": self.group},
+                    )
+                await self.runtime.clock.sleep(delay)
+                delay = min(_TRANSIENT_LAST, delay * 2)
+        finally:
+            publishing_group.reset(token)
 
     async def _failed(self, d: Delivery, exc: Exception, ctx: Context | None) -> None:
         sub = self.sub

@@ -8,6 +8,7 @@ time and stays pending until it is acknowledged (at-least-once).
 
 from __future__ import annotations
 
+import contextvars
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -34,6 +35,7 @@ __all__ = (
     "Transport",
     "TransportStats",
     "capabilities_of",
+    "publishing_group",
     "topic_matches",
 )
 
@@ -300,6 +302,17 @@ class TopicPut(Protocol):
         transport's life: after routes change or the transport closes, it
         hands each envelope to ``put_one``."""
         ...
+
+
+publishing_group: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "surge_publishing_group", default=None
+)
+"""While a handler's outputs are published, the group whose handler made
+them (else None). A transport with a bounded buffer lets such outputs into
+that same group past its bound rather than wait: room there is made only by
+that group's consumer, whose workers may all be waiting on this publish (a
+subscription that receives its own outputs, such as one on ``shop.>``
+emitting ``shop.done``, would deadlock under a burst)."""
 
 
 Taker = tuple[

@@ -31,7 +31,14 @@ from .._clock import Clock, RealClock
 from .._codec import Codec, MsgpackCodec
 from .._errors import Closed, ConfigurationError, Overloaded
 from .._event import Envelope
-from .._transport import DeadLetter, Delivery, Taker, TransportStats, topic_matches
+from .._transport import (
+    DeadLetter,
+    Delivery,
+    Taker,
+    TransportStats,
+    publishing_group,
+    topic_matches,
+)
 
 __all__ = ("MemoryTransport",)
 
@@ -226,7 +233,7 @@ class MemoryTransport:
             if env.not_before is not None and self._later(env, groups):
                 continue
             for g in groups:
-                while len(g.queue) >= g.capacity:
+                while len(g.queue) >= g.capacity and g.name != publishing_group.get():
                     fut = asyncio.get_running_loop().create_future()
                     g.space_waiters.append(fut)
                     await fut
