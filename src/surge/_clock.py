@@ -104,6 +104,17 @@ class VirtualClock:
             def time(self) -> float:
                 return clock._now
 
+            async def shutdown_default_executor(self, *args: Any) -> None:
+                # Joining the default executor's threads is real work in a
+                # thread: hold the clock, or the 300 s asyncio.Runner gives
+                # it (timed on the loop's clock since Python 3.13) expire at
+                # once in virtual time and the close fail with a RuntimeWarning.
+                clock.hold()
+                try:
+                    await super().shutdown_default_executor(*args)
+                finally:
+                    clock.release()
+
         return _VirtualLoop(_JumpingSelector(self))
 
     def run(self, main: Coroutine[Any, Any, T]) -> T:

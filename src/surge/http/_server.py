@@ -285,7 +285,7 @@ class Server:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
         self._stopping: asyncio.Task[None] | None = None
-        self._idle = asyncio.Event()
+        self._lost = asyncio.Event()  # set as each connection closes
         self._unhook: Callable[[], None] | None = None
 
     @property
@@ -372,14 +372,19 @@ class Server:
                     conn.transport.close()
 
     def _connection_lost(self) -> None:
-        if self._uvicorn is not None and not self._uvicorn.server_state.connections:
-            self._idle.set()
+        self._lost.set()
 
     async def wait_idle(self) -> None:
         """Wait until no connection is open."""
-        while self.connections:
-            self._idle.clear()
-            await self._idle.wait()
+        await self.wait_connections(0)
+
+    async def wait_connections(self, at_most: int) -> None:
+        """Wait until at most ``at_most`` connections are open (refused
+        ones are given back as their clients close, or ``LINGER`` seconds
+        after the refusal)."""
+        while self.connections > at_most:
+            self._lost.clear()
+            await self._lost.wait()
 
     async def stop(self) -> None:
         """Stop accepting, let requests in flight finish (within
