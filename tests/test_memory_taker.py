@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import time
 
 import surge
 from surge._event import Envelope, new_id
@@ -100,15 +101,19 @@ async def test_a_consumer_waiting_for_room_wakes_when_a_take_leaves_the_queue_em
 
 
 async def test_a_worker_lets_the_loop_run_between_batches(clock: surge.Clock) -> None:
-    """A worker whose handler never awaits still lets the loop run after each
-    batch (as the consume loop's turn did): a callback that runs at every
-    turn of the loop sees at most one batch handled between two turns."""
+    """A worker whose handler never awaits and has held the loop for a
+    millisecond lets it run before its next batch: with handlers that work
+    for 0.1 ms each (of real time, spent here), a callback that runs at
+    every turn of the loop sees at most one batch handled between two turns."""
     app = surge.App("t", clock=clock)
     handled = 0
 
     @app.on(Tick, executor="inline", prefetch=40)
     def handle(ev: Tick) -> None:
         nonlocal handled
+        until = time.perf_counter() + 0.0001
+        while time.perf_counter() < until:
+            pass
         handled += 1
 
     seen: list[int] = []

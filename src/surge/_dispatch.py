@@ -27,6 +27,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable, Coroutine, Hashable, Sequence
 from concurrent.futures import Executor
+from time import perf_counter as _perf_counter
 from typing import TYPE_CHECKING, Any
 
 from ._clock import VirtualClock, virtual_clock_of
@@ -61,6 +62,11 @@ _TRANSIENT_FIRST, _TRANSIENT_LAST = 0.05, 2.0
 # At most this many events of a per-event process handler cross to the pool
 # in one round trip (fewer when the queue is shared by several workers).
 _PROCESS_CHUNK = 64
+# A shared worker that takes its next batch itself (TakesNow) lets the loop
+# run once it has held it this long (seconds of real time) since it last did:
+# fast handlers run many batches a turn, slow ones that never await still
+# let others in after each batch.
+_SLICE = 0.001
 
 
 class Runner:
@@ -337,33 +343,37 @@ class Runner:
             if aclose is not None:
                 await aclose()
 
-    async def _more(self) -> bool:
-        """Whether a shared worker that emptied its queue has work again:
-        with ``TakesNow``, it lets the loop run (as the consume loop's turn
-        between batches did), settles what was handled and takes the next
-        batch itself, instead of ending and leaving the refill to the
-        consume loop (a task switch or four per batch, about a third of
-        in-process dispatch's cost: BENCHMARKS.md, issue 17). The consume
-        loop still waits for deliveries when none are left."""
+    async def _more(self, since: float) -> float | None:
+        """Whether a shared worker that emptied its queue has work again
+        (None: it has not, and ends): with ``TakesNow``, it settles what was
+        handled and takes the next batch itself, instead of ending and
+        leaving the refill to the consume loop (a task switch or four per
+        batch, about a third of in-process dispatch's cost: BENCHMARKS.md,
+        issue 17); the consume loop still waits for deliveries when none
+        are left. A worker that has held the loop for ``_SLICE`` since
+        ``since`` (when it last let the loop run, as far as it knows) lets
+        it run first; it returns when it last did."""
         take = self._take
         if take is None or self._stopping or self._waiting_lanes:
-            return False  # (a lane waiting for a slot gets this worker's as it ends)
-        await asyncio.sleep(0)
-        if self.stopping or self._waiting_lanes:  # (they came meanwhile)
-            return False
+            return None  # (a lane waiting for a slot gets this worker's as it ends)
+        if _perf_counter() - since >= _SLICE:
+            await asyncio.sleep(0)
+            since = _perf_counter()
+            if self.stopping or self._waiting_lanes:  # (they came meanwhile)
+                return None
         queue = self._queue
         if queue:  # the consume loop queued some meanwhile
-            return True
+            return since
         acks = self._acks
         if acks:
             self._acks = []
             self._acked += len(acks)
         batch = take(self.sub.prefetch, acks)
         if not batch:
-            return False
+            return None
         self.received += len(batch)
         queue.extend(batch)
-        return True
+        return since
 
     def _settle_acks(self) -> None:
         """Settle the handled deliveries at once (``TakesNow``)."""
@@ -477,7 +487,13 @@ class Runner:
             await self._work_plain(fn, inline, loop)
             return
         try:
-            while queue or await self._more():
+            since = _perf_counter()
+            while True:
+                if not queue:
+                    more = await self._more(since)
+                    if more is None:
+                        break
+                    since = more
                 d = popleft()
                 if queue and not self._growing:
                     # Work is waiting: once this worker lets the loop run
@@ -564,6 +580,7 @@ class Runner:
         group = self.group
         counted = False
         more = self._more
+        since = _perf_counter()
         try:
             while True:
                 if queue:
@@ -610,8 +627,9 @@ class Runner:
                 if counted:
                     self.running -= 1
                     counted = False
-                if not await more():
+                if (more_since := await more(since)) is None:
                     break
+                since = more_since
         finally:
             if counted:
                 self.running -= 1
