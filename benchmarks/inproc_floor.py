@@ -12,8 +12,8 @@ each publish, a consumer task):
 ``floor``   the objects surge's API needs and nothing else: a coroutine with
             ``App.publish``'s signature returning a fresh event id (surge's
             own id blocks), an ``Envelope`` with the wall-clock time, a
-            ``Delivery`` in a bounded deque (surge's default capacity,
-            10,000), a consumer taking batches of up to 256 (the default
+            ``Delivery`` in a bounded deque (memory://'s default
+            capacity), a consumer taking batches of up to 256 (the default
             prefetch), awaiting the handler and keeping an ack list;
 ``surge``   ``await app.publish(ev)`` on memory:// and ``app.drain()``.
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import inspect
 import os
 import statistics
 import time
@@ -40,14 +41,18 @@ import surge
 from surge._event import Envelope, refill_ids
 from surge._event import ids as _ids
 from surge._transport import Delivery
+from surge.transports import MemoryTransport
 
 from .inproc import Tick, _noop, _queue_once
+
+# memory://'s default capacity, which surge runs with here
+_CAPACITY: int = inspect.signature(MemoryTransport).parameters["capacity"].default
 
 
 class _Floor:
     """A publish and a consumer with surge's objects and no other work."""
 
-    def __init__(self, capacity: int = 10_000, prefetch: int = 256) -> None:
+    def __init__(self, capacity: int = _CAPACITY, prefetch: int = 256) -> None:
         self.queue: deque[Delivery] = deque()
         self.capacity = capacity
         self.prefetch = prefetch
