@@ -301,3 +301,47 @@ async def test_a_stage_fed_by_another_holds_its_bound(clock: surge.VirtualClock)
         await app.drain()
     assert done == 200
     assert peak == 8
+
+
+class _Audit(surge.Event):
+    __topic__ = "loop.audit"
+    n: int
+
+
+async def test_a_task_started_while_outputs_are_published_waits_for_room(
+    clock: surge.VirtualClock,
+) -> None:
+    """A task started while a handler's outputs are published (here by
+    middleware) inherits the context but not the outputs' pass: its
+    publishes into that group wait for room like any outside publisher's."""
+    transport = MemoryTransport(capacity=8, clock=clock)
+    app = surge.App("t", transport=transport, clock=clock)
+    pumped = asyncio.Event()
+    peak = 0
+
+    async def pump() -> None:
+        for n in range(100):
+            await app.publish(_Audit(n=n))
+        pumped.set()
+
+    class StartsAPump(surge.Middleware):
+        task: asyncio.Task[None] | None = None
+
+        def after_publish(self, env: surge.Envelope) -> None:
+            if self.task is None and env.topic == _Done.__topic__:
+                self.task = asyncio.get_running_loop().create_task(pump())
+
+    app.add_middleware(StartsAPump())
+
+    @app.on("loop.>", concurrency=1)
+    async def handle(ev: surge.Event) -> _Done | None:
+        nonlocal peak
+        peak = max(peak, (await transport.stats("t.handle")).backlog)
+        await clock.sleep(0.001)
+        return _Done(n=ev.n) if isinstance(ev, _Order) else None
+
+    async with app, asyncio.timeout(60):
+        await app.publish(_Order(n=1))
+        await pumped.wait()
+        await app.drain()
+    assert peak <= 8

@@ -8,6 +8,8 @@ import itertools
 import random
 import time
 
+import pytest
+
 import surge
 from surge._event import Envelope, new_id
 from surge._transport import capabilities_of
@@ -100,40 +102,63 @@ async def test_a_consumer_waiting_for_room_wakes_when_a_take_leaves_the_queue_em
         await t.close()
 
 
-async def test_a_worker_lets_the_loop_run_between_batches(clock: surge.Clock) -> None:
-    """A worker whose handler never awaits and has held the loop for a
-    millisecond lets it run before its next batch: with handlers that work
-    for 0.1 ms each (of real time, spent here), a callback that runs at
-    every turn of the loop sees at most one batch handled between two turns."""
-    app = surge.App("t", clock=clock)
-    handled = 0
-
-    @app.on(Tick, executor="inline", prefetch=40)
-    def handle(ev: Tick) -> None:
-        nonlocal handled
-        until = time.perf_counter() + 0.0001
-        while time.perf_counter() < until:
-            pass
-        handled += 1
-
+async def _turns(app: surge.App, events: int) -> list[int]:
+    """Publish ``events`` Ticks and drain; the number handled at each turn of
+    the loop meanwhile (a callback that runs at every turn looks)."""
+    stats = app.statistics
     seen: list[int] = []
     loop = asyncio.get_running_loop()
 
     def look() -> None:
+        handled = sum(s.succeeded for s in stats().subscriptions.values())
         seen.append(handled)
-        if handled < 1000:
+        if handled < events:
             loop.call_soon(look)
 
+    for n in range(events):
+        await app.publish(Tick(n=n))
+    loop.call_soon(look)
+    async with asyncio.timeout(60):
+        await app.drain()
+    assert seen[-1] == events
+    return [b - a for a, b in itertools.pairwise(seen)]
+
+
+async def test_under_a_virtual_clock_a_worker_lets_the_loop_run_after_each_batch(
+    clock: surge.Clock,
+) -> None:
+    """Under a virtual clock a worker lets the loop run after every batch it
+    handled, whatever the real time it took: a seeded run interleaves the
+    same way each time. A callback at every turn of the loop sees at most
+    one batch (40) handled between two turns."""
+    app = surge.App("t", clock=clock)
+
+    @app.on(Tick, executor="inline", prefetch=40)
+    def handle(ev: Tick) -> None:
+        return None
+
     async with app:
-        for n in range(1000):
-            await app.publish(Tick(n=n))
-        loop.call_soon(look)
-        async with asyncio.timeout(60):
-            await app.drain()
-    assert handled == 1000
-    steps = [b - a for a, b in itertools.pairwise(seen)]
+        steps = await _turns(app, 1000)
     assert max(steps) <= 40
-    assert seen[-1] == 1000
+
+
+@pytest.mark.realtime
+async def test_a_worker_that_held_the_loop_a_millisecond_lets_it_run() -> None:
+    """In real time, a worker whose handlers never await lets the loop run
+    before its next batch once it has held it for 1 ms: with handlers that
+    work 0.1 ms each (spent here), at most one batch of 40 is handled
+    between two turns of the loop."""
+    app = surge.App("t")
+
+    @app.on(Tick, executor="inline", prefetch=40)
+    def handle(ev: Tick) -> None:
+        until = time.perf_counter() + 0.0001
+        while time.perf_counter() < until:
+            pass
+
+    async with app:
+        steps = await _turns(app, 400)
+    assert max(steps) <= 40
 
 
 async def test_a_stop_hands_back_what_a_worker_took_and_did_not_start(

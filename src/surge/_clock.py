@@ -107,8 +107,10 @@ class VirtualClock:
             async def shutdown_default_executor(self, *args: Any) -> None:
                 # Joining the default executor's threads is real work in a
                 # thread: hold the clock, or the 300 s asyncio.Runner gives
-                # it (timed on the loop's clock since Python 3.13) expire at
-                # once in virtual time and the close fail with a RuntimeWarning.
+                # it (timed on the loop's clock in 3.13.0; 3.12.1 times it in
+                # real time) expire at once in virtual time and the close fail
+                # with a RuntimeWarning. A thread that never ends now hangs
+                # the close, as it did before 3.12 gave it a bound.
                 clock.hold()
                 try:
                     await super().shutdown_default_executor(*args)

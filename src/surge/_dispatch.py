@@ -352,11 +352,13 @@ class Runner:
         issue 17); the consume loop still waits for deliveries when none
         are left. A worker that has held the loop for ``_SLICE`` since
         ``since`` (when it last let the loop run, as far as it knows) lets
-        it run first; it returns when it last did."""
+        it run first, and under a virtual clock always does (real time
+        would make a seeded run's interleaving differ from one run to the
+        next); it returns when it last did."""
         take = self._take
         if take is None or self._stopping or self._waiting_lanes:
             return None  # (a lane waiting for a slot gets this worker's as it ends)
-        if _perf_counter() - since >= _SLICE:
+        if self._virtual_clock is not None or _perf_counter() - since >= _SLICE:
             await asyncio.sleep(0)
             since = _perf_counter()
             if self.stopping or self._waiting_lanes:  # (they came meanwhile)
@@ -1083,7 +1085,9 @@ class Runner:
         wait, and the delivery is handed back as for any handler still running.
         """
         delay = _TRANSIENT_FIRST
-        token = publishing_group.set(self.group)
+        # this task's publishes only: a task started meanwhile (by middleware,
+        # say) inherits the variable but is not this task
+        token = publishing_group.set((self.group, asyncio.current_task()))
         try:
             while True:
                 try:

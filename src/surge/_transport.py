@@ -8,6 +8,7 @@ time and stays pending until it is acknowledged (at-least-once).
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
@@ -304,13 +305,15 @@ class TopicPut(Protocol):
         ...
 
 
-publishing_group: contextvars.ContextVar[str | None] = contextvars.ContextVar(
-    "surge_publishing_group", default=None
+publishing_group: contextvars.ContextVar[tuple[str, asyncio.Task[Any] | None] | None] = (
+    contextvars.ContextVar("surge_publishing_group", default=None)
 )
 """While a handler's outputs are published, the group whose handler made
-them (else None). A transport with a bounded buffer lets such outputs into
-that same group past its bound rather than wait: room there is made only by
-that group's consumer, whose workers may all be waiting on this publish (a
+them and the task publishing them (else None: a task started meanwhile
+inherits the variable, and is told apart by not being that task). A
+transport with a bounded buffer lets such outputs into that same group past
+its bound rather than wait: room there is made only by that group's
+consumer, whose workers may all be waiting on this publish (a
 subscription that receives its own outputs, such as one on ``shop.>``
 emitting ``shop.done``, would deadlock under a burst)."""
 

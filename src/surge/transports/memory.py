@@ -45,6 +45,17 @@ __all__ = ("MemoryTransport",)
 _GROUP_OF = operator.attrgetter("group")
 
 
+def _own_output(group: str) -> bool:
+    """Whether this task is publishing the outputs of a handler of
+    ``group`` (``publishing_group``): they go in past the group's bound."""
+    publishing = publishing_group.get()
+    return (
+        publishing is not None
+        and publishing[0] == group
+        and publishing[1] is asyncio.current_task()
+    )
+
+
 class _Group:
     __slots__ = (
         "capacity",
@@ -233,7 +244,7 @@ class MemoryTransport:
             if env.not_before is not None and self._later(env, groups):
                 continue
             for g in groups:
-                while len(g.queue) >= g.capacity and g.name != publishing_group.get():
+                while len(g.queue) >= g.capacity and not _own_output(g.name):
                     fut = asyncio.get_running_loop().create_future()
                     g.space_waiters.append(fut)
                     await fut
