@@ -120,9 +120,10 @@ class MemoryTransport:
     """Groups as bounded in-process queues.
 
     ``capacity`` bounds each group's queue of undelivered envelopes
-    (1,024 by default: publishers that run ahead of their consumers by
-    more wait, and what is queued stays in the CPU's caches, where 10,000
-    events a group did not; BENCHMARKS.md, issue 17); ``dedup_window`` is
+    (4,096 by default: a producer runs at most that far ahead of its
+    consumers, so what is queued mostly stays in the CPU's caches, where
+    10,000 events a group did not; 1,024 kept them closer still and cost the
+    shop demo a sixth of its rate: BENCHMARKS.md, issue 17); ``dedup_window`` is
     how many recent event ids are remembered to drop duplicates (between
     half of it and all of it, at any moment);
     ``codec`` (the app's) measures events against its ``max_message_size``.
@@ -134,7 +135,7 @@ class MemoryTransport:
         self,
         url: str = "memory://",
         *,
-        capacity: int = 1_024,
+        capacity: int = 4_096,
         dedup_window: int = 100_000,
         clock: Clock | None = None,
         codec: Codec | None = None,
