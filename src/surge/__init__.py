@@ -52,6 +52,7 @@ from ._transport import (
     Transport,
     TransportStats,
     capabilities_of,
+    publishing_group,
     topic_matches,
 )
 from .triggers import Condition, ConditionMet, Tick, absence, count, sequence
@@ -123,6 +124,7 @@ __all__ = (
     "id_for",
     "is_derived",
     "new_id",
+    "publishing_group",
     "sequence",
     "topic_matches",
     "upcaster",

@@ -371,8 +371,8 @@ class MemoryTransport:
             await fut
 
     def taker(self, group: str) -> Taker | None:
-        """``(take, settle)`` for ``group`` (``TakesNow``): ``ack`` and what
-        ``consume`` yields next, without awaiting. None for a subclass that
+        """``(settle_take, settle)`` for ``group`` (``TakesNow``): ``ack``
+        and what ``consume`` yields next, without awaiting. None for a subclass that
         overrides ``consume`` or ``ack`` (surge.testing.FaultyTransport):
         its own see every delivery."""
         cls = type(self)
@@ -385,8 +385,8 @@ class MemoryTransport:
         def settle_take(prefetch: int, deliveries: Sequence[Delivery]) -> list[Delivery]:
             g.unacked -= len(deliveries)
             batch = take(prefetch)
-            # A consumer waiting for room is woken only if the take left
-            # some: a worker that took a whole batch keeps the stream.
+            # A consumer waiting for room is woken only when the take left
+            # nothing queued: a worker that took a batch keeps the stream.
             if not g.queue:
                 settled(g)
             return batch
