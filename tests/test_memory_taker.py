@@ -12,7 +12,7 @@ import pytest
 
 import surge
 from surge._event import Envelope, new_id
-from surge._transport import capabilities_of
+from surge._transport import Taker, capabilities_of
 from surge.testing import Faults, FaultyTransport
 from surge.transports import MemoryTransport
 
@@ -48,16 +48,21 @@ async def test_memory_offers_a_taker_and_a_subclass_that_consumes_its_own_way_no
     assert faulty.taker("g") is None
 
 
-async def test_settle_take_acks_and_takes_what_consume_would(clock: surge.Clock) -> None:
-    """settle_take acknowledges what it is given and returns, at once, what
-    consume would yield next: up to prefetch less what is unsettled, in
-    order, and nothing when nothing is queued; settle is ack."""
+async def _taking(clock: surge.Clock) -> tuple[MemoryTransport, Taker]:
+    """A started memory:// with group "g" on Ticks, and its taker."""
     t = MemoryTransport(clock=clock)
     await t.start()
     await t.declare("g", [Tick.__topic__])
     taker = t.taker("g")
     assert taker is not None
-    settle_take, settle = taker
+    return t, taker
+
+
+async def test_settle_take_acks_and_takes_what_consume_would(clock: surge.Clock) -> None:
+    """settle_take acknowledges what it is given and returns, at once, what
+    consume would yield next: up to prefetch less what is unsettled, in
+    order, and nothing when nothing is queued; settle is ack."""
+    t, (settle_take, settle) = await _taking(clock)
     assert settle_take(3, []) == []
     await t.publish([_env(n) for n in range(5)])
     first = settle_take(3, [])
@@ -79,12 +84,7 @@ async def test_a_consumer_waiting_for_room_wakes_when_a_take_leaves_the_queue_em
     """A consume waiting for room (its prefetch unsettled) is woken by a
     settle_take that leaves nothing queued, so it waits for publishes
     again: left asleep, it would never see the next one."""
-    t = MemoryTransport(clock=clock)
-    await t.start()
-    await t.declare("g", [Tick.__topic__])
-    taker = t.taker("g")
-    assert taker is not None
-    settle_take, _ = taker
+    t, (settle_take, _) = await _taking(clock)
     await t.publish([_env(0), _env(1), _env(2)])
     reader = Reader(t, "g", prefetch=2)
     try:
